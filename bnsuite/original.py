@@ -1,0 +1,60 @@
+"""The study's original input pipeline: torchvision Dataset + transforms + DataLoader.
+
+Kept so that bnsuite's tensor path can be checked against it, number for
+number (same batches, same arithmetic) and timed against it (how much of the
+original's time was spent feeding data rather than training). The loop is the
+original code's: zero_grad, forward, loss, backward, step, `loss.item()`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, Subset
+from torchvision import datasets, transforms
+
+from bnsuite.data import dataset_info, default_data_dir, split_indices
+from bnsuite.spec import TRAINING_IMAGES, RunSpec
+from bnsuite.train import make_optimizer
+
+STUDY_TRANSFORM = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5,), (0.5,))])
+
+
+def original_loader(spec: RunSpec, generator: torch.Generator, *, data_dir: Path | str | None = None) -> DataLoader:
+    """The study's training DataLoader over the same images bnsuite's tensor path trains on.
+
+    Expects the raw files in place (bnsuite.data.load_splits puts them there).
+    """
+    root = Path(data_dir) if data_dir else default_data_dir()
+    dataset_class = getattr(datasets, dataset_info(spec.dataset).torchvision_class)
+    full = dataset_class(str(root), train=True, download=False, transform=STUDY_TRANSFORM)
+    kept, _ = split_indices(TRAINING_IMAGES, spec.validation_size, split_seed=0)
+    dataset = full if spec.train_size == TRAINING_IMAGES else Subset(full, kept[: spec.train_size].tolist())
+    return DataLoader(dataset, batch_size=spec.batch_size, shuffle=True, generator=generator)
+
+
+class OriginalEpochs:
+    """One training epoch per call, through the DataLoader, on the CPU as the original ran."""
+
+    def __init__(self, spec: RunSpec, model: nn.Module, shuffle: torch.Generator, *, data_dir=None):
+        self.model = model
+        self.loader = original_loader(spec, shuffle, data_dir=data_dir)
+        self.optimizer = make_optimizer(model, spec, fused=False)
+        self.device = next(model.parameters()).device
+
+    def __call__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        self.model.train()
+        losses, correct = [], 0
+        for images, labels in self.loader:
+            images, labels = images.to(self.device), labels.to(self.device)
+            self.optimizer.zero_grad()
+            outputs = self.model(images)
+            loss = F.cross_entropy(outputs, labels)
+            loss.backward()
+            self.optimizer.step()
+            losses.append(loss.item())
+            correct += (outputs.argmax(dim=1) == labels).sum().item()
+        return torch.tensor(losses), torch.tensor(correct)
