@@ -15,6 +15,7 @@ Every file is checked against a pinned MD5 before use.
 
 from __future__ import annotations
 
+import codecs
 import functools
 import gzip
 import hashlib
@@ -321,7 +322,8 @@ class NumpyOnlyUnpickler(pickle.Unpickler):
     """Unpickles numpy arrays and nothing else.
 
     A pickle can name any callable and have it run on load; this one resolves
-    only the three globals a pickled ndarray needs, so a crafted file that names
+    only the globals a pickled ndarray needs (plus `_codecs.encode`, which
+    Python 3 uses for byte buffers in protocol 2), so a crafted file that names
     anything else (os.system, builtins.eval, ...) is refused before it runs.
     """
 
@@ -330,6 +332,7 @@ class NumpyOnlyUnpickler(pickle.Unpickler):
         ("numpy._core.multiarray", "_reconstruct"): np.ndarray(0).__reduce__()[0],
         ("numpy", "ndarray"): np.ndarray,
         ("numpy", "dtype"): np.dtype,
+        ("_codecs", "encode"): codecs.encode,
     }
 
     def find_class(self, module: str, name: str):

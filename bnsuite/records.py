@@ -63,7 +63,7 @@ class RunRecord:
     test_accuracy: float
     train_time_s: float  # sum of epoch times: training only, evaluation excluded
     steps: int  # optimizer steps taken
-    diverged_at_epoch: int | None  # first epoch whose loss was not finite; the run stopped there
+    diverged_at_epoch: int | None  # first epoch whose loss blew up; the run stopped there
     environment: Environment
     started_at: str
     profile: str | None = None  # the benchmark profile that made it, if any

@@ -33,6 +33,15 @@ from bnsuite.spec import RunSpec
 
 EpochCallback = Callable[[RunSpec, EpochRecord], None]
 EVALUATION_BATCH = 10_000  # evaluation has no gradients: big batches are exact and fast
+# A cross-entropy of 1,000 nats means logit gaps of 1,000: the weights have blown up.
+# Training from default init starts near ln(10) = 2.3; a run past this never recovers
+# (at lr 5.0, plain reaches 1e15 and then sits at chance with a finite loss).
+DIVERGED_LOSS = 1_000.0
+
+
+def has_diverged(batch_losses: torch.Tensor) -> bool:
+    """True when any batch loss is not finite or above DIVERGED_LOSS."""
+    return not bool(torch.isfinite(batch_losses).all() and batch_losses.max() <= DIVERGED_LOSS)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -53,8 +62,9 @@ def train(
 ) -> RunRecord:
     """Train one model as `spec` says and return what happened, epoch by epoch.
 
-    A loss that stops being finite ends the run: the record says so
-    (`diverged_at_epoch`) instead of raising, so a study keeps going.
+    A loss that blows up (not finite, or above DIVERGED_LOSS) ends the run at the
+    end of that epoch: the record says so (`diverged_at_epoch`) instead of
+    raising, so a study keeps going.
     """
     device = resolve_device(spec.device)
     splits = load_splits(spec.dataset, validation_size=spec.validation_size, data_dir=data_dir)
@@ -84,7 +94,7 @@ def train(
         steps += spec.steps_per_epoch
 
         train_loss = batch_losses.mean().item()
-        if not torch.isfinite(batch_losses).all():
+        if has_diverged(batch_losses):
             diverged_at_epoch = epoch
             break
         validation = evaluate(model, splits.validation_images, splits.validation_labels)

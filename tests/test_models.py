@@ -1,0 +1,41 @@
+import pytest
+import torch
+from torch import nn
+
+from bnsuite.models import VARIANTS, SimpleNN, SimpleNNWithBN, build_model, parameter_count
+
+
+def test_parameter_counts_are_the_studys():
+    assert parameter_count(build_model("plain")) == 235_146
+    assert parameter_count(build_model("bn")) == 235_914
+    assert parameter_count(build_model("bn-scratch")) == 235_914
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_every_variant_maps_a_batch_of_images_to_ten_logits(variant):
+    model = build_model(variant)
+    assert model(torch.zeros(5, 1, 28, 28)).shape == (5, 10)
+
+
+def test_layers_have_the_studys_names_and_shapes():
+    plain = dict(SimpleNN().named_parameters())
+    assert {name: tuple(p.shape) for name, p in plain.items()} == {
+        "fc1.weight": (256, 784), "fc1.bias": (256,), "fc2.weight": (128, 256), "fc2.bias": (128,),
+        "fc3.weight": (10, 128), "fc3.bias": (10,),
+    }
+    with_bn = SimpleNNWithBN()
+    assert isinstance(with_bn.bn1, nn.BatchNorm1d) and with_bn.bn1.num_features == 256
+    assert isinstance(with_bn.bn2, nn.BatchNorm1d) and with_bn.bn2.num_features == 128
+
+
+def test_same_seed_gives_the_same_default_initialization():
+    torch.manual_seed(3)
+    first = build_model("bn").state_dict()
+    torch.manual_seed(3)
+    second = build_model("bn").state_dict()
+    assert all(torch.equal(first[name], second[name]) for name in first)
+
+
+def test_unknown_variant_lists_the_known_ones():
+    with pytest.raises(ValueError, match="unknown variant 'resnet'; choose one of: plain, bn, bn-scratch"):
+        build_model("resnet")

@@ -1,0 +1,99 @@
+import math
+
+import pytest
+import torch
+
+from bnsuite.records import RunRecord
+from bnsuite.spec import RunSpec, SpecError
+from bnsuite.train import epoch_order, train
+
+SMALL = dict(epochs=2, train_subset=2_000, validation_size=10_000)
+
+
+def test_same_spec_gives_the_same_trajectory_bit_for_bit(mnist_dir):
+    spec = RunSpec(variant="bn", seed=4, **SMALL)
+    first, second = train(spec, data_dir=mnist_dir), train(spec, data_dir=mnist_dir)
+    assert first.train_losses == second.train_losses
+    assert [e.validation_accuracy for e in first.epochs] == [e.validation_accuracy for e in second.epochs]
+    assert first.test_accuracy == second.test_accuracy
+
+
+def test_different_seeds_give_different_trajectories(mnist_dir):
+    zero = train(RunSpec(variant="plain", seed=0, **SMALL), data_dir=mnist_dir)
+    one = train(RunSpec(variant="plain", seed=1, **SMALL), data_dir=mnist_dir)
+    assert zero.train_losses != one.train_losses
+
+
+@pytest.mark.parametrize("variant", ["plain", "bn"])
+def test_fast_step_matches_the_eager_autograd_step(mnist_dir, variant):
+    fast = train(RunSpec(variant=variant, pipeline="fast", **SMALL), data_dir=mnist_dir)
+    eager = train(RunSpec(variant=variant, pipeline="eager", **SMALL), data_dir=mnist_dir)
+    for ours, reference in zip(fast.epochs, eager.epochs):
+        assert ours.train_loss == pytest.approx(reference.train_loss, rel=1e-5)
+        assert ours.validation_loss == pytest.approx(reference.validation_loss, rel=1e-4)
+    assert fast.test_accuracy == pytest.approx(eager.test_accuracy, abs=0.05)
+
+
+@pytest.mark.parametrize("variant", ["plain", "bn"])
+def test_tensor_batches_match_the_original_dataloader_pipeline(mnist_dir, variant):
+    spec = dict(variant=variant, epochs=2, train_subset=1_000, validation_size=0, batch_size=64)
+    ours = train(RunSpec(pipeline="fast", **spec), data_dir=mnist_dir)
+    original = train(RunSpec(pipeline="original", **spec), data_dir=mnist_dir)
+    assert ours.train_losses == pytest.approx(original.train_losses, rel=1e-6)
+    assert ours.test_accuracy == original.test_accuracy
+
+
+def test_shuffle_draws_as_dataloader_does_epoch_after_epoch():
+    loader = torch.utils.data.DataLoader(range(10), batch_size=10, shuffle=True,
+                                         generator=torch.Generator().manual_seed(7))
+    ours = torch.Generator().manual_seed(7)
+    for _ in range(3):  # each epoch consumed in full, as a training loop does
+        assert [i for batch in loader for i in batch.tolist()] == epoch_order(10, ours).tolist()
+
+
+def test_last_partial_batch_is_kept_and_steps_are_counted(mnist_dir):
+    record = train(RunSpec(variant="plain", batch_size=64, epochs=2, train_subset=1_000), data_dir=mnist_dir)
+    assert record.steps == 2 * 16  # 15 full batches and one of 40 images, per epoch
+
+
+def test_seed_protocol_run_has_no_validation_but_reports_test_per_epoch(mnist_dir):
+    record = train(RunSpec(variant="plain", epochs=1, train_subset=1_000, validation_size=0), data_dir=mnist_dir)
+    assert record.epochs[0].validation_loss is None
+    assert 0 < record.epochs[0].test_accuracy <= 100
+
+
+def test_a_loss_that_blows_up_is_recorded_as_diverged_not_raised(mnist_dir):
+    record = train(RunSpec(variant="plain", lr=5.0, epochs=3, train_subset=2_000), data_dir=mnist_dir)
+    assert record.diverged and record.diverged_at_epoch == 1
+    assert record.epochs == ()
+    assert math.isinf(record.final_train_loss)
+    RunRecord.from_json(record.to_json())  # still a valid, storable record
+
+
+def test_record_carries_timings_and_environment(mnist_dir):
+    record = train(RunSpec(variant="bn", **SMALL), data_dir=mnist_dir)
+    assert record.train_time_s == pytest.approx(sum(e.epoch_time_s for e in record.epochs))
+    assert record.environment.device == "cpu"
+    assert record.environment.torch_version == torch.__version__
+    assert len(record.environment.dataset_checksum) == 32
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(batch_size=0), "batch size must be at least 1"),
+    (dict(batch_size=-3), "batch size must be at least 1"),
+    (dict(batch_size="64"), "batch size must be a whole number"),
+    (dict(batch_size=70_000), "larger than the training set"),
+    (dict(epochs=0), "epochs must be at least 1"),
+    (dict(epochs=-1), "epochs must be at least 1"),
+    (dict(lr=0.0), "learning rate must be a finite number > 0"),
+    (dict(lr=-0.1), "learning rate must be a finite number > 0"),
+    (dict(lr=float("nan")), "learning rate must be a finite number > 0"),
+    (dict(lr=float("inf")), "learning rate must be a finite number > 0"),
+    (dict(variant="resnet"), "unknown variant 'resnet'"),
+    (dict(dataset="cifar10"), "unknown dataset 'cifar10'"),
+    (dict(device="tpu"), "unknown device 'tpu'"),
+    (dict(variant="bn", train_subset=129, batch_size=64), "single image"),
+])
+def test_a_spec_that_cannot_run_is_refused_with_what_to_change(fields, message):
+    with pytest.raises(SpecError, match=message):
+        RunSpec(**fields)
