@@ -1,0 +1,104 @@
+"""pytest options of the bnsuite study, mapped onto a bnsuite.study.StudySpec.
+
+`pytest benchmarks/` runs the study; these options choose which one. Every
+value is checked when pytest starts, so a typo fails in a second with a
+message, not an hour into a run.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from bnsuite.spec import SpecError
+from bnsuite.study import PROFILES, StudySession, study_from_options
+
+OPTIONS = {
+    "profile": "study profile: full (the study exactly, default), quick, or smoke (CI, about a minute)",
+    "dataset": "dataset: mnist or fashion-mnist (default: the profile's, mnist)",
+    "variants": "comma-separated model variants, e.g. plain,bn,bn-scratch (default: plain,bn)",
+    "batch-sizes": "comma-separated batch sizes (default: 32,64,128)",
+    "seeds": "comma-separated seeds (default: 0,1,2)",
+    "epochs": "epochs per run (default: the profile's; full: 10)",
+    "device": "auto, cpu or cuda (default: auto)",
+    "target-loss": "training loss for the epochs-to-target claims (default: the profile's)",
+}
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("bnsuite", "bnsuite study")
+    for name, help_text in OPTIONS.items():
+        group.addoption(f"--bn-{name}", default=None, help=help_text)
+    group.addoption("--bn-results-dir", default=None,
+                    help="where run records are saved (default: results/ beside this file, or $BNSUITE_RESULTS_DIR)")
+    group.addoption("--bn-data-dir", default=None,
+                    help="data directory (default: $BNSUITE_DATA_DIR, else ~/.cache/bnsuite)")
+
+
+def pytest_configure(config):
+    try:
+        config.bnsuite_study = study_from_options(
+            config.getoption("--bn-profile") or "full",
+            **{name.replace("-", "_"): config.getoption(f"--bn-{name}") for name in OPTIONS if name != "profile"},
+        )
+    except SpecError as error:
+        raise pytest.UsageError(f"bnsuite: {error}") from None
+    results_dir = config.getoption("--bn-results-dir") or os.environ.get("BNSUITE_RESULTS_DIR")
+    config.bnsuite_results_dir = Path(results_dir) if results_dir else Path(__file__).parent / "results"
+    config.bnsuite_data_dir = config.getoption("--bn-data-dir")
+
+
+def pytest_generate_tests(metafunc):
+    """Parametrize `run_spec` over the study's matrix, with ids like `bn-bs64-seed0`."""
+    if "run_spec" in metafunc.fixturenames:
+        specs = metafunc.config.bnsuite_study.run_specs()
+        metafunc.parametrize("run_spec", specs, ids=[spec.case_id for spec in specs])
+
+
+@pytest.fixture(scope="session")
+def study(pytestconfig):
+    return pytestconfig.bnsuite_study
+
+
+@pytest.fixture(scope="session")
+def study_session(pytestconfig, study):
+    capture = pytestconfig.pluginmanager.getplugin("capturemanager")
+    terminal = pytestconfig.pluginmanager.getplugin("terminalreporter")
+
+    def progress(line: str) -> None:
+        # Shown live with plain `pytest benchmarks/`, not only with -s.
+        with capture.global_and_fixture_disabled():
+            terminal.write_line(f"  {line}")
+
+    session = StudySession(
+        study, results_dir=pytestconfig.bnsuite_results_dir, data_dir=pytestconfig.bnsuite_data_dir, progress=progress
+    )
+    pytestconfig.bnsuite_session = session
+    return session
+
+
+def pytest_report_header(config):
+    study = getattr(config, "bnsuite_study", None)
+    if study is None or not any("benchmarks" in str(arg) for arg in config.args):
+        return None
+    runs = len(study.run_specs())
+    protocol = "seed protocol (all 60,000 train)" if study.validation_size == 0 else (
+        f"{study.train_subset or 60_000 - study.validation_size} training images, "
+        f"{study.validation_size} held out for validation")
+    return [
+        f"bnsuite study: profile {study.profile}, {study.dataset}, {study.epochs} epochs, {protocol}",
+        f"  {runs} runs: variants {','.join(study.variants)} x batch sizes "
+        f"{','.join(map(str, study.batch_sizes))} x seeds {','.join(map(str, study.seeds))}; "
+        f"records -> {config.bnsuite_results_dir}",
+    ]
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    results = getattr(config, "bnsuite_claim_results", None)
+    if not results:
+        return
+    terminalreporter.section("bnsuite claims")
+    for result in results:
+        terminalreporter.write_line(f"{result.verdict.upper():>12}  {result.name}: {result.evidence}")
