@@ -32,7 +32,7 @@ def pytest_addoption(parser):
     for name, help_text in OPTIONS.items():
         group.addoption(f"--bn-{name}", default=None, help=help_text)
     group.addoption("--bn-results-dir", default=None,
-                    help="where run records are saved (default: results/ beside this file, or $BNSUITE_RESULTS_DIR)")
+                    help="where run records are saved (default: $BNSUITE_RESULTS_DIR, else results/ for the full profile, results/PROFILE/ for others)")
     group.addoption("--bn-data-dir", default=None,
                     help="data directory (default: $BNSUITE_DATA_DIR, else ~/.cache/bnsuite)")
 
@@ -46,7 +46,11 @@ def pytest_configure(config):
     except SpecError as error:
         raise pytest.UsageError(f"bnsuite: {error}") from None
     results_dir = config.getoption("--bn-results-dir") or os.environ.get("BNSUITE_RESULTS_DIR")
-    config.bnsuite_results_dir = Path(results_dir) if results_dir else Path(__file__).parent / "results"
+    if results_dir:
+        config.bnsuite_results_dir = Path(results_dir)
+    else:  # the full study is the reference in results/; smaller profiles never mix into it
+        profile = config.bnsuite_study.profile
+        config.bnsuite_results_dir = Path(__file__).parent / "results" / ("" if profile == "full" else profile)
     config.bnsuite_data_dir = config.getoption("--bn-data-dir")
 
 
@@ -55,6 +59,14 @@ def pytest_generate_tests(metafunc):
     if "run_spec" in metafunc.fixturenames:
         specs = metafunc.config.bnsuite_study.run_specs()
         metafunc.parametrize("run_spec", specs, ids=[spec.case_id for spec in specs])
+
+
+MODULE_ORDER = {"test_study.py": 0, "test_claims.py": 1, "test_speed.py": 2}
+
+
+def pytest_collection_modifyitems(items):
+    """The matrix first, so the claims reuse its runs instead of training them again; speed last."""
+    items.sort(key=lambda item: MODULE_ORDER.get(item.path.name, len(MODULE_ORDER)))
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,358 @@
+"""`python -m bnsuite.report`: the study's records as markdown tables, plots and a discussion.
+
+Every number comes from the records in the results directory, and every
+sentence of the discussion from those numbers and the claims' verdicts.
+Records made under different protocols (dataset, epochs, training images,
+profile) are never pooled: each protocol gets its own section, and the report
+says when there is more than one. A study with missing runs is reported as
+incomplete, with what is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import pandas as pd
+
+from bnsuite import plots
+from bnsuite.claims import CONTRADICTED, SUPPORTED, ClaimResult, study_claims
+from bnsuite.files import write_atomically
+from bnsuite.records import RecordError, RunRecord, epochs_frame, load_records, runs_frame
+from bnsuite.study import PROFILES
+
+DEFAULT_RESULTS = Path("results")
+DEFAULT_BENCHMARKS = Path(".benchmarks")
+
+
+class ReportError(Exception):
+    """The results cannot be reported; the message says why and what to do."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bnsuite.report", description=__doc__.splitlines()[0])
+    parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS,
+                        help="results directory holding runs/*.json (default: results)")
+    parser.add_argument("--out", type=Path, default=None, help="markdown file to write (default: RESULTS/REPORT.md)")
+    parser.add_argument("--benchmarks", type=Path, default=DEFAULT_BENCHMARKS,
+                        help="pytest-benchmark storage to read timings from (default: .benchmarks)")
+    parser.add_argument("--no-plots", action="store_true", help="write tables only, no PNG figures")
+    args = parser.parse_args(argv)
+    out = args.out or args.results / "REPORT.md"
+    try:
+        markdown = build_report(args.results, out=out, benchmarks=args.benchmarks, with_plots=not args.no_plots)
+        write_atomically(out, markdown.encode())
+    except (ReportError, RecordError, FileNotFoundError) as error:
+        print(f"bnsuite.report: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        print(f"bnsuite.report: cannot write {out} ({error.strerror or error}); choose another --out", file=sys.stderr)
+        return 2
+    print(markdown)
+    print(f"\nReport written to {out}", file=sys.stderr)
+    return 0
+
+
+def build_report(results: Path, *, out: Path, benchmarks: Path | None = None, with_plots: bool = True) -> str:
+    records = load_records(results)
+    protocols = group_by_protocol(records)
+    lines = ["# bnsuite report: Batch Normalization study", ""]
+    if len(protocols) > 1:
+        lines += [f"> The results hold runs of {len(protocols)} different protocols. They are reported in separate "
+                  "sections and never pooled into one table.", ""]
+    for index, (protocol, group) in enumerate(protocols.items(), start=1):
+        prefix = "" if len(protocols) == 1 else f"protocol{index}-"
+        lines += protocol_section(protocol, group, out=out, prefix=prefix, with_plots=with_plots,
+                                  heading_level=2 if len(protocols) == 1 else 3)
+    lines += benchmark_section(benchmarks)
+    lines += environment_section(records)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def protocol_key(record: RunRecord) -> str:
+    protocol = record.spec.protocol()
+    train = protocol["train_subset"] or 60_000 - protocol["validation_size"]
+    held_out = "seed protocol, no validation split" if protocol["validation_size"] == 0 else (
+        f"{protocol['validation_size']} validation images")
+    return (f"profile {record.profile or 'none'}: {protocol['dataset']}, {protocol['epochs']} epochs, "
+            f"{train} training images ({held_out}), SGD lr {protocol['lr']} momentum {protocol['momentum']}")
+
+
+def group_by_protocol(records: list[RunRecord]) -> dict[str, list[RunRecord]]:
+    groups: dict[str, list[RunRecord]] = defaultdict(list)
+    for record in records:
+        groups[protocol_key(record)].append(record)
+    return dict(groups)
+
+
+def protocol_section(protocol: str, records: list[RunRecord], *, out: Path, prefix: str, with_plots: bool,
+                     heading_level: int) -> list[str]:
+    h = "#" * heading_level
+    runs, epochs = runs_frame(records), epochs_frame(records)
+    held_out_column, held_out_label = (
+        ("validation", "validation") if runs["validation_size"].iloc[0] > 0 else ("test", "test (per epoch)")
+    )
+    lines = [f"{h} Protocol", "", f"{protocol}.", ""]
+    lines += completeness(records)
+    if held_out_column == "test":
+        lines += ["Under the seed protocol all 60,000 training images train the model, so the held-out curve per "
+                  "epoch is measured on the official 10,000 test images.", ""]
+
+    lines += [f"{h} Test accuracy without and with BN", "", headline_table(runs), ""]
+    claims = evaluate_claims(records)
+    lines += [f"{h} Discussion", ""] + discussion(runs, claims) + [""]
+    if with_plots:
+        lines += figures(runs, epochs, out=out, prefix=prefix, held_out_column=held_out_column,
+                         held_out_label=held_out_label, heading=h)
+    lines += [f"{h} Training loss per epoch (mean of per-batch losses, mean over seeds)", "",
+              per_epoch_table(epochs, "train_loss", digits=4), ""]
+    lines += [f"{h} Held-out loss per epoch: {held_out_label}", "",
+              per_epoch_table(epochs, f"{held_out_column}_loss", digits=4), ""]
+    lines += [f"{h} Held-out accuracy per epoch (%): {held_out_label}", "",
+              per_epoch_table(epochs, f"{held_out_column}_accuracy", digits=2), ""]
+    lines += [f"{h} Final epoch: training and held-out side by side", "",
+              final_epoch_table(runs, held_out_column), ""]
+    lines += [f"{h} Training time (evaluation excluded)", "", timing_table(runs), ""]
+    lines += [f"{h} Claims", "", claims_table(claims), ""]
+    return lines
+
+
+def completeness(records: list[RunRecord]) -> list[str]:
+    profile = records[0].profile
+    present = {(r.spec.variant, r.spec.batch_size, r.spec.seed) for r in records}
+    if profile in PROFILES:
+        expected = {(s.variant, s.batch_size, s.seed) for s in PROFILES[profile].run_specs()}
+        expected |= present  # runs beyond the profile's defaults were asked for on purpose
+    else:
+        variants = {v for v, _, _ in present}
+        batches = {b for _, b, _ in present}
+        seeds = {s for _, _, s in present}
+        expected = {(v, b, s) for v in variants for b in batches for s in seeds}
+    missing = sorted(expected - present)
+    diverged = [r.spec.case_id for r in records if r.diverged]
+    lines = []
+    if missing:
+        names = ", ".join(f"{v}-bs{b}-seed{s}" for v, b, s in missing)
+        lines += [f"> **The study is incomplete:** {len(present)} of {len(expected)} runs are present; "
+                  f"missing: {names}. Numbers below use the runs that finished.", ""]
+    if diverged:
+        lines += [f"> **Diverged runs:** {', '.join(diverged)} (training loss blew up; they stop at that epoch, "
+                  "count as the worst outcome in the claims, and are left out of means).", ""]
+    return lines
+
+
+def mean_std(values) -> str:
+    values = [v for v in values if v is not None and pd.notna(v)]
+    if not values:
+        return "n/a"
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.2f} ± {spread:.2f} (n={len(values)})"
+
+
+def headline_table(runs: pd.DataFrame) -> str:
+    finished = runs[~runs["diverged"]]
+    rows = []
+    for batch_size in sorted(runs["batch_size"].unique()):
+        at_batch = finished[finished["batch_size"] == batch_size]
+        row = {"batch size": batch_size}
+        for variant in sorted(runs["variant"].unique(), key=_variant_order):
+            row[f"{variant} test acc %"] = mean_std(at_batch[at_batch["variant"] == variant]["test_accuracy"])
+        plain = at_batch[at_batch["variant"] == "plain"]["test_accuracy"]
+        bn = at_batch[at_batch["variant"] == "bn"]["test_accuracy"]
+        if len(plain) and len(bn):
+            row["bn - plain (points)"] = f"{bn.mean() - plain.mean():+.2f}"
+        rows.append(row)
+    return pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True)
+
+
+def _variant_order(variant: str) -> tuple[int, str]:
+    return ({"plain": 0, "bn": 1}.get(variant, 2), variant)
+
+
+def per_epoch_table(epochs: pd.DataFrame, column: str, *, digits: int) -> str:
+    if epochs.empty or epochs[column].isna().all():
+        return "_No per-epoch values recorded._"
+    table = epochs.pivot_table(index="epoch", columns=["variant", "batch_size"], values=column, aggfunc="mean")
+    table = table[sorted(table.columns, key=lambda c: (_variant_order(c[0]), c[1]))]
+    table.columns = [f"{variant} bs{batch}" for variant, batch in table.columns]
+    return table.round(digits).to_markdown()
+
+
+def final_epoch_table(runs: pd.DataFrame, held_out: str) -> str:
+    finished = runs[~runs["diverged"]]
+    rows = []
+    for (variant, batch_size), group in sorted(finished.groupby(["variant", "batch_size"]),
+                                               key=lambda item: (_variant_order(item[0][0]), item[0][1])):
+        held_loss = group[f"final_{held_out}_loss"] if held_out == "validation" else group["test_loss"]
+        held_acc = group[f"final_{held_out}_accuracy"] if held_out == "validation" else group["test_accuracy"]
+        rows.append({
+            "variant": variant, "batch size": batch_size,
+            "train loss": f"{group['final_train_loss'].mean():.4f}",
+            "held-out loss": f"{held_loss.mean():.4f}",
+            "train acc %": f"{group['final_train_accuracy'].mean():.2f}",
+            "held-out acc %": f"{held_acc.mean():.2f}",
+            "gap (train - held-out acc)": f"{group['final_train_accuracy'].mean() - held_acc.mean():+.2f}",
+        })
+    return pd.DataFrame(rows).to_markdown(index=False)
+
+
+def timing_table(runs: pd.DataFrame) -> str:
+    rows = []
+    for (variant, batch_size), group in sorted(runs.groupby(["variant", "batch_size"]),
+                                               key=lambda item: (_variant_order(item[0][0]), item[0][1])):
+        per_epoch = group["train_time_s"] / group["epochs_run"].clip(lower=1)
+        rows.append({
+            "variant": variant, "batch size": batch_size,
+            "train time per run (s)": mean_std(group["train_time_s"]),
+            "time per epoch (s)": f"{per_epoch.mean():.2f}",
+            "samples/s": f"{group['samples_per_s'].mean():,.0f}",
+            "steps per run": int(group["steps"].max()),
+        })
+    return pd.DataFrame(rows).to_markdown(index=False)
+
+
+def evaluate_claims(records: list[RunRecord]) -> list[ClaimResult]:
+    variants = tuple(sorted({r.spec.variant for r in records}, key=_variant_order))
+    batch_sizes = tuple(sorted({r.spec.batch_size for r in records}))
+    profile = records[0].profile
+    target = PROFILES[profile].target_loss if profile in PROFILES else PROFILES["full"].target_loss
+    return [claim.evaluate(records) for claim in study_claims(variants, batch_sizes, target)]
+
+
+def claims_table(claims: list[ClaimResult]) -> str:
+    if not claims:
+        return "_No claim applies to these runs (they need both plain and bn)._"
+    rows = [{"claim": c.name, "statement": c.statement, "evidence": c.evidence, "rule": c.rule,
+             "verdict": f"**{c.verdict}**"} for c in claims]
+    return pd.DataFrame(rows).to_markdown(index=False)
+
+
+def discussion(runs: pd.DataFrame, claims: list[ClaimResult]) -> list[str]:
+    """Sentences that each restate a measured number or a claim verdict, nothing else."""
+    by_name = {claim.name: claim for claim in claims}
+    sentences = []
+    batch_sizes = sorted(runs["batch_size"].unique())
+
+    def verdicts(kind: str) -> dict[int, str]:
+        return {b: by_name[f"{kind}-bs{b}"].verdict for b in batch_sizes if f"{kind}-bs{b}" in by_name}
+
+    def phrase(kind: str, shown: str, not_shown: str) -> str | None:
+        found = verdicts(kind)
+        if not found:
+            return None
+        supported = [str(b) for b, v in found.items() if v == SUPPORTED]
+        other = [f"{b}" + (f" ({v})" if v == CONTRADICTED else "") for b, v in found.items() if v != SUPPORTED]
+        text = f"{shown} at batch size{'s' if len(supported) != 1 else ''} {', '.join(supported)}" if supported else ""
+        if other:
+            text += ("; " if text else "") + f"{not_shown} at batch size {', '.join(other)}"
+        return f"- {text}."
+
+    for kind, shown, not_shown in [
+        ("bn-converges-faster", "**Convergence speed:** BN reached the target training loss in fewer epochs than "
+         "plain in every seed", "it was not shown"),
+        ("bn-lower-final-loss", "**Final training loss:** BN ended lower than plain in every seed",
+         "this was not shown"),
+        ("bn-accuracy-at-least-plain", "**Test accuracy:** BN's was at least plain's (within 0.1 points)",
+         "this was not shown"),
+    ]:
+        sentence = phrase(kind, shown, not_shown)
+        if sentence:
+            sentences.append(sentence)
+
+    finished = runs[~runs["diverged"]]
+    spreads = finished.groupby(["variant", "batch_size"])["test_accuracy"].std().dropna()
+    if {"plain", "bn"} <= set(finished["variant"]) and not spreads.empty:
+        parts = []
+        for batch_size in batch_sizes:
+            plain_spread = spreads.get(("plain", batch_size))
+            bn_spread = spreads.get(("bn", batch_size))
+            if plain_spread is not None and bn_spread is not None:
+                parts.append(f"bs{batch_size}: plain {plain_spread:.2f}, bn {bn_spread:.2f}")
+        if parts:
+            sentences.append("- **Stability over seeds** (standard deviation of test accuracy, points): "
+                             + "; ".join(parts) + ". With a handful of seeds this is descriptive, not a tested claim.")
+        gaps = []
+        for batch_size in batch_sizes:
+            at = finished[finished["batch_size"] == batch_size]
+            plain, bn = at[at["variant"] == "plain"], at[at["variant"] == "bn"]
+            if len(plain) and len(bn):
+                gaps.append(f"{bn['test_accuracy'].mean() - plain['test_accuracy'].mean():+.2f} points at "
+                            f"batch size {batch_size}")
+        if gaps:
+            sentences.append("- **Performance:** mean test accuracy with BN minus without: " + ", ".join(gaps) + ".")
+    for claim in claims:
+        if claim.name.endswith("final-loss-rises-with-batch-size"):
+            variant = claim.name.removesuffix("-final-loss-rises-with-batch-size")
+            sentences.append(f"- **Batch size, {variant}:** a larger batch ending with a higher training loss was "
+                             f"{claim.verdict} ({claim.evidence}).")
+    diverged = runs[runs["diverged"]]
+    if not diverged.empty:
+        sentences.append(f"- **Divergence:** {len(diverged)} run(s) diverged: {', '.join(diverged['case'])}.")
+    return sentences or ["_Not enough runs for a discussion._"]
+
+
+def figures(runs, epochs, *, out: Path, prefix: str, held_out_column: str, held_out_label: str,
+            heading: str) -> list[str]:
+    if epochs.empty:
+        return []
+    directory = out.parent
+    drawn = {
+        f"{prefix}training_loss.png": ("Training loss per epoch", plots.training_loss_plot(epochs)),
+        f"{prefix}held_out_accuracy.png": (
+            f"{held_out_label.capitalize()} accuracy per epoch",
+            plots.held_out_accuracy_plot(epochs, f"{held_out_column}_accuracy", held_out_label)),
+        f"{prefix}accuracy_vs_batch_size.png": ("Test accuracy against batch size",
+                                                plots.accuracy_by_batch_size_plot(runs)),
+    }
+    lines = [f"{heading} Figures", ""]
+    for name, (title, png) in drawn.items():
+        write_atomically(directory / name, png)
+        lines += [f"![{title}]({name})", ""]
+    return lines
+
+
+def benchmark_section(benchmarks: Path | None) -> list[str]:
+    """pytest-benchmark's own timing of each case, from its newest saved run, if there is one."""
+    if benchmarks is None or not benchmarks.is_dir():
+        return []
+    saved = sorted(benchmarks.glob("*/*.json"), key=lambda path: path.stat().st_mtime)
+    for path in reversed(saved):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        rows = [
+            {"case": bench.get("extra_info", {}).get("case") or bench["name"],
+             "profile": bench.get("extra_info", {}).get("profile"),
+             "wall time per run (s)": f"{bench['stats']['median']:.2f}",
+             "rounds": bench["stats"]["rounds"]}
+            for bench in data.get("benchmarks", []) if bench.get("name", "").startswith("test_training_run")
+        ]
+        if rows:
+            return ["## pytest-benchmark timings", "",
+                    f"From `{path}` ({data.get('datetime', 'unknown time')}); one round per case, "
+                    "training and per-epoch evaluation included.", "",
+                    pd.DataFrame(rows).to_markdown(index=False), ""]
+    return []
+
+
+def environment_section(records: list[RunRecord]) -> list[str]:
+    rows = {}
+    for record in records:
+        env = record.environment
+        key = (env.torch_version, env.device, env.device_name, env.threads, env.git_commit, env.dataset_checksum)
+        rows.setdefault(key, 0)
+        rows[key] += 1
+    table = pd.DataFrame(
+        [{"torch": k[0], "device": k[1], "device name": k[2], "threads": k[3], "commit": k[4] or "unknown",
+          "dataset MD5 (combined)": k[5], "runs": count} for k, count in rows.items()]
+    )
+    return ["## Environment the records came from", "", table.to_markdown(index=False), ""]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,218 @@
+"""Bad input, interruption, concurrency, divergence and untrusted files: nothing lies, nothing is lost."""
+
+import dataclasses
+import json
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from bnsuite import data, report
+from bnsuite.claims import NOT_SHOWN, SUPPORTED, bn_lower_final_loss
+from bnsuite.idx import IdxFormatError, encode_idx, md5_of
+from bnsuite.records import RUNS_SUBDIR, RunRecord, load_records, save_record
+from bnsuite.spec import RunSpec, SpecError
+from bnsuite.study import StudySession, study_from_options
+
+from conftest import write_small_idx_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(epochs=1, train_subset=512, validation_size=10_000, batch_size=128)
+
+
+def _register_small_dataset(monkeypatch, raw_dir, arrays):
+    """Point the mnist entry at small files with their own MD5s, so checks behind the MD5 can be reached."""
+    info = dataclasses.replace(data.DATASETS["mnist"], md5={n: md5_of(encode_idx(a)) for n, a in arrays.items()})
+    monkeypatch.setitem(data.DATASETS, "mnist", info)
+    data._cached_read.cache_clear()
+
+
+def test_image_and_label_counts_that_disagree_are_refused(tmp_path, monkeypatch):
+    raw_dir = tmp_path / "MNIST" / "raw"
+    arrays = write_small_idx_dir(raw_dir)
+    arrays["train-labels-idx1-ubyte"] = arrays["train-labels-idx1-ubyte"][:-1]
+    (raw_dir / "train-labels-idx1-ubyte").write_bytes(encode_idx(arrays["train-labels-idx1-ubyte"]))
+    _register_small_dataset(monkeypatch, raw_dir, arrays)
+    with pytest.raises(IdxFormatError, match="train split has 20 images but 19 labels"):
+        data.load_raw("mnist", data_dir=tmp_path, sources=("local",))
+
+
+def test_wrong_magic_number_in_a_data_file_is_refused(tmp_path, monkeypatch):
+    raw_dir = tmp_path / "MNIST" / "raw"
+    arrays = write_small_idx_dir(raw_dir)
+    broken = bytearray(encode_idx(arrays["t10k-labels-idx1-ubyte"]))
+    broken[3] = 3  # claims 3 dimensions
+    (raw_dir / "t10k-labels-idx1-ubyte").write_bytes(bytes(broken))
+    _register_small_dataset(monkeypatch, raw_dir, arrays)
+    monkeypatch.setitem(data.DATASETS["mnist"].md5, "t10k-labels-idx1-ubyte", md5_of(bytes(broken)))
+    with pytest.raises(IdxFormatError, match="3 dimensions, expected 1"):
+        data.load_raw("mnist", data_dir=tmp_path, sources=("local",))
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(profile="huge"), "unknown profile 'huge'"),
+    (dict(dataset="cifar10"), "unknown dataset 'cifar10'"),
+    (dict(variants="plain,resnet"), "unknown variant 'resnet'"),
+    (dict(device="tpu"), "unknown device 'tpu'"),
+    (dict(batch_sizes="0"), "batch size must be at least 1"),
+    (dict(batch_sizes="-8"), "batch size must be at least 1"),
+    (dict(batch_sizes="sixty"), "batch size must be a whole number"),
+    (dict(batch_sizes="32,32"), "repeat a value"),
+    (dict(batch_sizes="5000", profile="smoke"), "larger than the training set"),
+    (dict(epochs="0"), "epochs must be at least 1"),
+    (dict(epochs="-2"), "epochs must be at least 1"),
+    (dict(seeds=""), "no seeds given"),
+    (dict(target_loss="nan"), "target loss must be a finite number > 0"),
+])
+def test_bad_study_options_fail_before_anything_trains(options, message):
+    with pytest.raises(SpecError, match=message):
+        study_from_options(**options)
+
+
+def test_bad_option_on_the_command_line_is_one_message_and_no_traceback():
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "benchmarks/", "--bn-batch-sizes", "0", "-p", "no:cacheprovider"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 4  # pytest's usage error
+    assert "bnsuite: batch size must be at least 1, got 0" in result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_unwritable_results_directory_is_a_clear_error(tmp_path, mnist_dir):
+    from bnsuite.train import train
+
+    record = train(RunSpec(variant="plain", **TINY), data_dir=mnist_dir)
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("a file where the results directory should be")
+    with pytest.raises(OSError, match="cannot write the record .* choose a writable results directory"):
+        save_record(record, blocker)
+
+
+@pytest.mark.parametrize("layout, message", [
+    ("missing", "does not exist. Run the study first"),
+    ("empty", "no records in"),
+    ("malformed", "not valid JSON"),
+    ("future", "schema version 99 is not supported"),
+])
+def test_report_cli_gives_one_message_and_exit_2_for_unusable_results(tmp_path, capsys, layout, message):
+    results = tmp_path / "results"
+    if layout != "missing":
+        (results / RUNS_SUBDIR).mkdir(parents=True)
+    if layout == "malformed":
+        (results / RUNS_SUBDIR / "a.json").write_text("{")
+    if layout == "future":
+        (results / RUNS_SUBDIR / "a.json").write_text(json.dumps({"schema_version": 99}))
+    assert report.main(["--results", str(results), "--no-plots"]) == 2
+    error = capsys.readouterr().err
+    assert message in error and "Traceback" not in error
+    assert not (results / "REPORT.md").exists()
+
+
+WRITER = textwrap.dedent("""
+    import sys
+    from bnsuite.records import RunRecord, save_record
+    template = open(sys.argv[1]).read()
+    i = 0
+    while True:  # rewrite the same record with a growing payload until killed
+        i += 1
+        save_record(RunRecord.from_json(template.replace('"started_at": "', f'"started_at": "{i}-')), sys.argv[2])
+""")
+
+
+def test_a_record_write_killed_at_any_moment_leaves_the_old_or_the_complete_new_record(tmp_path, mnist_dir):
+    from bnsuite.train import train
+
+    record = train(RunSpec(variant="bn", **TINY), data_dir=mnist_dir)
+    template = tmp_path / "template.json"
+    template.write_text(record.to_json())
+    results = tmp_path / "results"
+    save_record(record, results)  # the old state
+    for delay in (0.3, 0.45, 0.6, 0.8, 1.1):
+        writer = subprocess.Popen([sys.executable, "-c", WRITER, str(template), str(results)], cwd=ROOT)
+        time.sleep(delay)
+        writer.send_signal(signal.SIGKILL)
+        writer.wait()
+        records = load_records(results)  # raises on any partial or malformed record
+        assert len(records) == 1 and records[0].spec == record.spec
+        assert [p.name for p in (results / RUNS_SUBDIR).glob("*.json")] == [record.filename]
+
+
+def test_an_interrupted_study_keeps_its_finished_records_and_the_report_says_it_is_incomplete(
+        tmp_path, mnist_dir, monkeypatch):
+    import bnsuite.study as study_module
+
+    study = study_from_options("smoke", variants="plain,bn", batch_sizes="128", seeds="0,1", epochs="1")
+    session = StudySession(study, results_dir=tmp_path, data_dir=mnist_dir)
+    specs = study.run_specs()
+    for spec in specs[:3]:
+        session.run(spec)
+    real_train = study_module.train
+
+    def interrupted_in_first_epoch(spec, **kwargs):
+        def stop(spec, epoch):
+            raise KeyboardInterrupt  # what Ctrl-C does half-way through a run
+
+        return real_train(spec, **{**kwargs, "on_epoch": stop})
+
+    monkeypatch.setattr(study_module, "train", interrupted_in_first_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        session.run(specs[3])
+    assert len(load_records(tmp_path)) == 3
+    markdown = report.build_report(tmp_path, out=tmp_path / "REPORT.md", with_plots=False)
+    assert "The study is incomplete" in markdown and "bn-bs128-seed1" in markdown
+
+
+def _pytest_study(results, *extra):
+    return [sys.executable, "-m", "pytest", "benchmarks/test_study.py", "--bn-profile", "smoke", "--bn-epochs", "1",
+            "--bn-batch-sizes", "128", "--bn-results-dir", str(results), "-q", "-p", "no:cacheprovider", *extra]
+
+
+def test_two_pytest_processes_writing_one_results_directory_keep_every_record(tmp_path, mnist_dir):
+    results = tmp_path / "shared"
+    first = subprocess.Popen(_pytest_study(results, "--bn-seeds", "0,1"), cwd=ROOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    second = subprocess.Popen(_pytest_study(results, "--bn-seeds", "2,3"), cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    outputs = [first.communicate(timeout=300)[0], second.communicate(timeout=300)[0]]
+    assert first.returncode == 0 and second.returncode == 0, outputs
+    records = load_records(results)
+    assert sorted(r.spec.case_id for r in records) == sorted(
+        f"{v}-bs128-seed{s}" for v in ("plain", "bn") for s in range(4))
+
+
+def test_xdist_workers_writing_one_results_directory_keep_every_record(tmp_path, mnist_dir):
+    results = tmp_path / "xdist"
+    run = subprocess.run(_pytest_study(results, "--bn-seeds", "0,1", "-n", "2"), cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "4 passed" in run.stdout
+    assert len(load_records(results)) == 4
+
+
+def test_a_diverging_run_is_recorded_the_study_goes_on_and_claims_and_report_say_so(tmp_path, mnist_dir):
+    study = study_from_options("smoke", variants="plain,bn", batch_sizes="128", seeds="0,1,2", epochs="2")
+    lines = []
+    session = StudySession(study, results_dir=tmp_path, data_dir=mnist_dir, progress=lines.append)
+    exploding = dataclasses.replace(study.run_spec("plain", 128, 0), lr=5.0)
+    assert session.run(exploding).diverged_at_epoch == 1
+    assert any("diverged in epoch 1; the study goes on" in line for line in lines)
+    records = [session.record(exploding)] + [session.run(spec) for spec in study.run_specs() if spec.seed or
+                                             spec.variant == "bn"]
+    verdict = bn_lower_final_loss(128).evaluate(records)
+    assert "1 diverged" in verdict.evidence and verdict.verdict in (SUPPORTED, NOT_SHOWN)
+    markdown = report.build_report(tmp_path, out=tmp_path / "REPORT.md", with_plots=False)
+    assert "Diverged runs:** plain-bs128-seed0" in markdown
+
+
+def test_no_torch_load_without_weights_only_and_no_archive_extraction_in_bnsuite():
+    sources = {path: path.read_text() for path in (ROOT / "bnsuite").glob("*.py")}
+    for path, text in sources.items():
+        for call in re.findall(r"torch\.load\([^)]*\)", text):
+            assert "weights_only=True" in call, f"{path.name}: {call}"
+        assert "extractall" not in text and ".extract(" not in text, f"{path.name} extracts an archive"
