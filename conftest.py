@@ -22,6 +22,7 @@ OPTIONS = {
     "batch-sizes": "comma-separated batch sizes (default: 32,64,128)",
     "seeds": "comma-separated seeds (default: 0,1,2)",
     "epochs": "epochs per run (default: the profile's; full: 10)",
+    "lr": "SGD learning rate (default: 0.01, the study's)",
     "device": "auto, cpu or cuda (default: auto)",
     "target-loss": "training loss for the epochs-to-target claims (default: the profile's)",
 }
@@ -52,6 +53,22 @@ def pytest_configure(config):
         profile = config.bnsuite_study.profile
         config.bnsuite_results_dir = Path(__file__).parent / "results" / ("" if profile == "full" else profile)
     config.bnsuite_data_dir = config.getoption("--bn-data-dir")
+    if any("benchmarks" in str(arg) for arg in config.args):
+        _check_writable(config.bnsuite_results_dir)
+
+
+def _check_writable(results_dir: Path) -> None:
+    """Fail at start-up, not after the first hour of training, when records could not be saved."""
+    probe = results_dir / "runs" / f".write-check-{os.getpid()}"
+    try:
+        probe.parent.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise pytest.UsageError(
+            f"bnsuite: cannot write records to {results_dir} ({error.strerror or error}); "
+            "choose a writable directory with --bn-results-dir"
+        ) from None
 
 
 def pytest_generate_tests(metafunc):

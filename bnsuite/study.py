@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 from bnsuite.data import DATASETS
 from bnsuite.models import VARIANTS
 from bnsuite.records import EpochRecord, RunRecord, save_record
@@ -33,6 +35,7 @@ class StudySpec:
     batch_sizes: tuple[int, ...] = (32, 64, 128)
     seeds: tuple[int, ...] = (0, 1, 2)
     epochs: int = 10
+    lr: float = 0.01
     device: str = "auto"
     validation_size: int = 0  # 0: the seed protocol (train on all 60,000)
     train_subset: int | None = None
@@ -40,7 +43,7 @@ class StudySpec:
 
     def run_spec(self, variant: str, batch_size: int, seed: int) -> RunSpec:
         return RunSpec(
-            dataset=self.dataset, variant=variant, batch_size=batch_size, epochs=self.epochs, seed=seed,
+            dataset=self.dataset, variant=variant, batch_size=batch_size, epochs=self.epochs, seed=seed, lr=self.lr,
             device=self.device, validation_size=self.validation_size, train_subset=self.train_subset,
         )
 
@@ -69,6 +72,7 @@ def study_from_options(
     batch_sizes: str | None = None,
     seeds: str | None = None,
     epochs: str | int | None = None,
+    lr: str | float | None = None,
     device: str | None = None,
     target_loss: str | float | None = None,
 ) -> StudySpec:
@@ -91,8 +95,12 @@ def study_from_options(
         changes["seeds"] = tuple(_positive_int(v, "seed", minimum=0) for v in _split_list(seeds, "seeds"))
     if epochs is not None:
         changes["epochs"] = _positive_int(str(epochs), "epochs")
+    if lr is not None:
+        changes["lr"] = _positive_float(str(lr), "learning rate")
     if device is not None:
         _check_choice(device, DEVICES, "device")
+        if device == "cuda" and not torch.cuda.is_available():
+            raise SpecError("device 'cuda' was asked for, but torch sees no CUDA GPU here; use --bn-device cpu or auto")
         changes["device"] = device
     if target_loss is not None:
         changes["target_loss"] = _positive_float(str(target_loss), "target loss")

@@ -68,20 +68,34 @@ def test_wrong_magic_number_in_a_data_file_is_refused(tmp_path, monkeypatch):
     (dict(epochs="-2"), "epochs must be at least 1"),
     (dict(seeds=""), "no seeds given"),
     (dict(target_loss="nan"), "target loss must be a finite number > 0"),
+    (dict(lr="0"), "learning rate must be a finite number > 0"),
+    (dict(lr="-0.1"), "learning rate must be a finite number > 0"),
+    (dict(lr="inf"), "learning rate must be a finite number > 0"),
+    (dict(lr="fast"), "learning rate must be a number"),
 ])
 def test_bad_study_options_fail_before_anything_trains(options, message):
     with pytest.raises(SpecError, match=message):
         study_from_options(**options)
 
 
-def test_bad_option_on_the_command_line_is_one_message_and_no_traceback():
+@pytest.mark.parametrize("option, message", [
+    (["--bn-batch-sizes", "0"], "bnsuite: batch size must be at least 1, got 0"),
+    (["--bn-results-dir", "/dev/null/results"], "bnsuite: cannot write records to /dev/null/results"),
+])
+def test_bad_option_on_the_command_line_is_one_message_and_no_traceback(option, message):
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "benchmarks/", "--bn-batch-sizes", "0", "-p", "no:cacheprovider"],
+        [sys.executable, "-m", "pytest", "benchmarks/", *option, "-p", "no:cacheprovider"],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
-    assert result.returncode == 4  # pytest's usage error
-    assert "bnsuite: batch size must be at least 1, got 0" in result.stderr
+    assert result.returncode == 4  # pytest's usage error: nothing ran
+    assert message in result.stderr
     assert "Traceback" not in result.stdout + result.stderr
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU")
+def test_cuda_without_a_gpu_fails_before_anything_trains():
+    with pytest.raises(SpecError, match="torch sees no CUDA GPU here; use --bn-device cpu"):
+        study_from_options(device="cuda")
 
 
 def test_unwritable_results_directory_is_a_clear_error(tmp_path, mnist_dir):
@@ -119,9 +133,11 @@ WRITER = textwrap.dedent("""
     from bnsuite.records import RunRecord, save_record
     template = open(sys.argv[1]).read()
     i = 0
-    while True:  # rewrite the same record with a growing payload until killed
+    while True:  # rewrite the same record, a new version each time, until killed
         i += 1
         save_record(RunRecord.from_json(template.replace('"started_at": "', f'"started_at": "{i}-')), sys.argv[2])
+        if i == 1:
+            print("writing", flush=True)
 """)
 
 
@@ -133,13 +149,17 @@ def test_a_record_write_killed_at_any_moment_leaves_the_old_or_the_complete_new_
     template.write_text(record.to_json())
     results = tmp_path / "results"
     save_record(record, results)  # the old state
-    for delay in (0.3, 0.45, 0.6, 0.8, 1.1):
-        writer = subprocess.Popen([sys.executable, "-c", WRITER, str(template), str(results)], cwd=ROOT)
+    for delay in (0.0, 0.007, 0.031):
+        writer = subprocess.Popen([sys.executable, "-c", WRITER, str(template), str(results)], cwd=ROOT,
+                                  stdout=subprocess.PIPE, text=True)
+        assert writer.stdout.readline().strip() == "writing"  # killed mid-loop, not before the first write
         time.sleep(delay)
         writer.send_signal(signal.SIGKILL)
         writer.wait()
+        writer.stdout.close()
         records = load_records(results)  # raises on any partial or malformed record
         assert len(records) == 1 and records[0].spec == record.spec
+        assert re.match(r"\d+-", records[0].started_at)  # a complete record from the killed writer
         assert [p.name for p in (results / RUNS_SUBDIR).glob("*.json")] == [record.filename]
 
 
