@@ -33,6 +33,16 @@ SUPPORTED, CONTRADICTED, NOT_SHOWN = "supported", "contradicted", "not shown"
 
 Group = tuple[str, int]  # (variant, batch size)
 
+# Claims that our own measurements do not support under a profile, and why. The
+# benchmark reports them as expected failures with their evidence; if one starts
+# to hold, the run fails until it is taken off this list. Never loosen a rule instead.
+NOT_SUPPORTED_IN_OUR_MEASUREMENTS: dict[tuple[str, str], str] = {
+    ("smoke", "bn-converges-faster-bs32"): (
+        "in 2 epochs on 4,000 images both variants first reach loss 0.5 in epoch 2 of 2, "
+        "so the epoch counts tie; the full study's 10 epochs separate them"
+    ),
+}
+
 
 @dataclass(frozen=True)
 class ClaimResult:
