@@ -20,7 +20,9 @@ from pathlib import Path
 import pandas as pd
 
 from bnsuite import plots
-from bnsuite.claims import CONTRADICTED, SUPPORTED, ClaimResult, study_claims
+from bnsuite.claims import (
+    CONTRADICTED, NOT_SUPPORTED_IN_OUR_MEASUREMENTS, SUPPORTED, ClaimResult, study_claims,
+)
 from bnsuite.files import write_atomically
 from bnsuite.records import RecordError, RunRecord, epochs_frame, load_records, runs_frame
 from bnsuite.study import PROFILES
@@ -104,6 +106,7 @@ def protocol_section(protocol: str, records: list[RunRecord], *, out: Path, pref
 
     lines += [f"{h} Test accuracy without and with BN", "", headline_table(runs), ""]
     claims = evaluate_claims(records)
+    profile = records[0].profile
     lines += [f"{h} Discussion", ""] + discussion(runs, claims) + [""]
     if with_plots:
         lines += figures(runs, epochs, out=out, prefix=prefix, held_out_column=held_out_column,
@@ -117,7 +120,7 @@ def protocol_section(protocol: str, records: list[RunRecord], *, out: Path, pref
     lines += [f"{h} Final epoch: training and held-out side by side", "",
               final_epoch_table(runs, held_out_column), ""]
     lines += [f"{h} Training time (evaluation excluded)", "", timing_table(runs), ""]
-    lines += [f"{h} Claims", "", claims_table(claims), ""]
+    lines += [f"{h} Claims", "", claims_table(claims, profile), ""]
     return lines
 
 
@@ -223,11 +226,12 @@ def evaluate_claims(records: list[RunRecord]) -> list[ClaimResult]:
     return [claim.evaluate(records) for claim in study_claims(variants, batch_sizes, target)]
 
 
-def claims_table(claims: list[ClaimResult]) -> str:
+def claims_table(claims: list[ClaimResult], profile: str | None) -> str:
     if not claims:
         return "_No claim applies to these runs (they need both plain and bn)._"
     rows = [{"claim": c.name, "statement": c.statement, "evidence": c.evidence, "rule": c.rule,
-             "verdict": f"**{c.verdict}**"} for c in claims]
+             "verdict": f"**{c.verdict}**",
+             "known exception": NOT_SUPPORTED_IN_OUR_MEASUREMENTS.get((profile, c.name), "")} for c in claims]
     return pd.DataFrame(rows).to_markdown(index=False)
 
 
@@ -303,8 +307,8 @@ def figures(runs, epochs, *, out: Path, prefix: str, held_out_column: str, held_
     drawn = {
         f"{prefix}training_loss.png": ("Training loss per epoch", plots.training_loss_plot(epochs)),
         f"{prefix}held_out_accuracy.png": (
-            f"{held_out_label.capitalize()} accuracy per epoch",
-            plots.held_out_accuracy_plot(epochs, f"{held_out_column}_accuracy", held_out_label)),
+            f"{held_out_column.capitalize()} accuracy per epoch",
+            plots.held_out_accuracy_plot(epochs, f"{held_out_column}_accuracy", held_out_column)),
         f"{prefix}accuracy_vs_batch_size.png": ("Test accuracy against batch size",
                                                 plots.accuracy_by_batch_size_plot(runs)),
     }
@@ -336,8 +340,29 @@ def benchmark_section(benchmarks: Path | None) -> list[str]:
             return ["## pytest-benchmark timings", "",
                     f"From `{path}` ({data.get('datetime', 'unknown time')}); one round per case, "
                     "training and per-epoch evaluation included.", "",
-                    pd.DataFrame(rows).to_markdown(index=False), ""]
+                    pd.DataFrame(rows).to_markdown(index=False), ""] + speed_rows(data)
     return []
+
+
+def speed_rows(data: dict) -> list[str]:
+    """The speed benchmark's ratios (benchmarks/test_speed.py), measured side by side in that same run."""
+    rows = []
+    for bench in data.get("benchmarks", []):
+        info = bench.get("extra_info", {})
+        if bench["name"].startswith("test_fast_path_epoch"):
+            rows.append({"benchmark": bench["name"], "epoch (s)": f"{info['epoch_s']:.2f}",
+                         "GFLOP/s": f"{info['achieved_gflops']:.1f}",
+                         "fraction of matmul peak": f"{info.get('fraction_of_matmul_peak', float('nan')):.2f}",
+                         "speed-up vs original pipeline": f"{info['speedup_vs_original']:.1f}x"
+                         if "speedup_vs_original" in info else ""})
+        elif bench["name"].startswith(("test_original_pipeline_epoch", "test_eager_autograd_epoch")):
+            rows.append({"benchmark": bench["name"], "epoch (s)": f"{info['epoch_s']:.2f}"})
+        elif bench["name"] == "test_matmul_peak":
+            rows.append({"benchmark": "float32 matmul peak", "GFLOP/s": f"{info['peak_gflops']:.1f}"})
+    if not rows:
+        return []
+    return ["### Speed (benchmarks/test_speed.py, same run)", "",
+            pd.DataFrame(rows).fillna("").to_markdown(index=False, disable_numparse=True), ""]
 
 
 def environment_section(records: list[RunRecord]) -> list[str]:
