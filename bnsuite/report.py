@@ -354,7 +354,9 @@ def speed_rows(data: dict) -> list[str]:
                          "GFLOP/s": f"{info['achieved_gflops']:.1f}",
                          "fraction of matmul peak": f"{info.get('fraction_of_matmul_peak', float('nan')):.2f}",
                          "speed-up vs original pipeline": f"{info['speedup_vs_original']:.1f}x"
-                         if "speedup_vs_original" in info else ""})
+                         if "speedup_vs_original" in info else "",
+                         "speed-up vs eager autograd": f"{info['speedup_vs_eager']:.2f}x"
+                         if "speedup_vs_eager" in info else ""})
         elif bench["name"].startswith(("test_original_pipeline_epoch", "test_eager_autograd_epoch")):
             rows.append({"benchmark": bench["name"], "epoch (s)": f"{info['epoch_s']:.2f}"})
         elif bench["name"] == "test_matmul_peak":
