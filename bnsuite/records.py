@@ -150,14 +150,18 @@ def describe_environment(device: torch.device, dataset_checksum: str) -> Environ
 
 
 def git_commit() -> str | None:
-    """The commit of the bnsuite checkout, with `+dirty` if it has local changes; None outside git."""
+    """The commit of the bnsuite checkout, `+dirty` if its code has local changes; None outside git.
+
+    Changes under `results/` do not count: a study rewrites the committed
+    reference records there as it runs, and that says nothing about the code.
+    """
     here = Path(__file__).resolve().parent
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10, check=True
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ":/", ":(top,exclude)results"],
             cwd=here, capture_output=True, text=True, timeout=10, check=True,
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):

@@ -64,3 +64,25 @@ def test_results_directory_without_records_is_a_clear_error(tmp_path):
     (tmp_path / RUNS_SUBDIR).mkdir()
     with pytest.raises(FileNotFoundError, match="no records"):
         load_records(tmp_path)
+
+
+def test_commit_is_dirty_only_for_code_changes_not_for_results(tmp_path, monkeypatch):
+    import subprocess
+
+    from bnsuite import records
+
+    repo = tmp_path / "repo"
+    (repo / "bnsuite").mkdir(parents=True)
+    (repo / "results").mkdir()
+    (repo / "bnsuite" / "code.py").write_text("x = 1\n")
+    (repo / "results" / "REPORT.md").write_text("old\n")
+    for command in (["init", "-q"], ["add", "-A"],
+                    ["-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "init"]):
+        subprocess.run(["git", *command], cwd=repo, check=True)
+    monkeypatch.setattr(records, "__file__", str(repo / "bnsuite" / "records.py"))
+    clean = records.git_commit()
+    assert clean and not clean.endswith("+dirty")
+    (repo / "results" / "REPORT.md").write_text("new\n")
+    assert records.git_commit() == clean
+    (repo / "bnsuite" / "code.py").write_text("x = 2\n")
+    assert records.git_commit() == clean + "+dirty"
