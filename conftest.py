@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from bnsuite.spec import SpecError
-from bnsuite.study import PROFILES, StudySession, study_from_options
+from bnsuite.study import StudySession, study_from_options
 
 OPTIONS = {
     "profile": "study profile: full (the study exactly, default), quick, or smoke (CI, about a minute)",

@@ -31,10 +31,6 @@ DEFAULT_RESULTS = Path("results")
 DEFAULT_BENCHMARKS = Path(".benchmarks")
 
 
-class ReportError(Exception):
-    """The results cannot be reported; the message says why and what to do."""
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bnsuite.report", description=__doc__.splitlines()[0])
     parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS,
@@ -48,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         markdown = build_report(args.results, out=out, benchmarks=args.benchmarks, with_plots=not args.no_plots)
         write_atomically(out, markdown.encode())
-    except (ReportError, RecordError, FileNotFoundError) as error:
+    except (RecordError, FileNotFoundError) as error:
         print(f"bnsuite.report: {error}", file=sys.stderr)
         return 2
     except OSError as error:

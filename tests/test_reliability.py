@@ -15,7 +15,7 @@ import pytest
 from bnsuite import data, report
 from bnsuite.claims import NOT_SHOWN, SUPPORTED, bn_lower_final_loss
 from bnsuite.idx import IdxFormatError, encode_idx, md5_of
-from bnsuite.records import RUNS_SUBDIR, RunRecord, load_records, save_record
+from bnsuite.records import RUNS_SUBDIR, load_records, save_record
 from bnsuite.spec import RunSpec, SpecError
 from bnsuite.study import StudySession, study_from_options
 
