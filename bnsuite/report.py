@@ -105,8 +105,7 @@ def protocol_section(protocol: str, records: list[RunRecord], *, out: Path, pref
     profile = records[0].profile
     lines += [f"{h} Discussion", ""] + discussion(runs, claims) + [""]
     if with_plots:
-        lines += figures(runs, epochs, out=out, prefix=prefix, held_out_column=held_out_column,
-                         held_out_label=held_out_label, heading=h)
+        lines += figures(runs, epochs, out=out, prefix=prefix, held_out_column=held_out_column, heading=h)
     lines += [f"{h} Training loss per epoch (mean of per-batch losses, mean over seeds)", "",
               per_epoch_table(epochs, "train_loss", digits=4), ""]
     lines += [f"{h} Held-out loss per epoch: {held_out_label}", "",
@@ -295,8 +294,7 @@ def discussion(runs: pd.DataFrame, claims: list[ClaimResult]) -> list[str]:
     return sentences or ["_Not enough runs for a discussion._"]
 
 
-def figures(runs, epochs, *, out: Path, prefix: str, held_out_column: str, held_out_label: str,
-            heading: str) -> list[str]:
+def figures(runs, epochs, *, out: Path, prefix: str, held_out_column: str, heading: str) -> list[str]:
     if epochs.empty:
         return []
     directory = out.parent

@@ -44,7 +44,7 @@ def test_malformed_record_is_refused_with_its_path(tmp_path):
         load_records(tmp_path)
 
 
-def test_record_missing_fields_is_refused(record, tmp_path):
+def test_record_missing_fields_is_refused(record):
     raw = json.loads(record.to_json())
     del raw["environment"]
     with pytest.raises(RecordError, match="malformed record"):

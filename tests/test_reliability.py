@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(epochs=1, train_subset=512, validation_size=10_000, batch_size=128)
 
 
-def _register_small_dataset(monkeypatch, raw_dir, arrays):
+def _register_small_dataset(monkeypatch, arrays):
     """Point the mnist entry at small files with their own MD5s, so checks behind the MD5 can be reached."""
     info = dataclasses.replace(data.DATASETS["mnist"], md5={n: md5_of(encode_idx(a)) for n, a in arrays.items()})
     monkeypatch.setitem(data.DATASETS, "mnist", info)
@@ -37,7 +37,7 @@ def test_image_and_label_counts_that_disagree_are_refused(tmp_path, monkeypatch)
     arrays = write_small_idx_dir(raw_dir)
     arrays["train-labels-idx1-ubyte"] = arrays["train-labels-idx1-ubyte"][:-1]
     (raw_dir / "train-labels-idx1-ubyte").write_bytes(encode_idx(arrays["train-labels-idx1-ubyte"]))
-    _register_small_dataset(monkeypatch, raw_dir, arrays)
+    _register_small_dataset(monkeypatch, arrays)
     with pytest.raises(IdxFormatError, match="train split has 20 images but 19 labels"):
         data.load_raw("mnist", data_dir=tmp_path, sources=("local",))
 
@@ -48,7 +48,7 @@ def test_wrong_magic_number_in_a_data_file_is_refused(tmp_path, monkeypatch):
     broken = bytearray(encode_idx(arrays["t10k-labels-idx1-ubyte"]))
     broken[3] = 3  # claims 3 dimensions
     (raw_dir / "t10k-labels-idx1-ubyte").write_bytes(bytes(broken))
-    _register_small_dataset(monkeypatch, raw_dir, arrays)
+    _register_small_dataset(monkeypatch, arrays)
     monkeypatch.setitem(data.DATASETS["mnist"].md5, "t10k-labels-idx1-ubyte", md5_of(bytes(broken)))
     with pytest.raises(IdxFormatError, match="3 dimensions, expected 1"):
         data.load_raw("mnist", data_dir=tmp_path, sources=("local",))

@@ -51,7 +51,7 @@ def test_headline_and_discussion_restate_the_measured_numbers(results, records):
     assert "**not shown**" in markdown
 
 
-def test_records_of_different_protocols_are_reported_separately(results, records, mnist_dir):
+def test_records_of_different_protocols_are_reported_separately(results, mnist_dir):
     other = train(RunSpec(variant="plain", seed=0, **{**SMALL, "epochs": 1}), data_dir=mnist_dir, profile="smoke")
     save_record(other, results)
     markdown = report.build_report(results, out=results / "REPORT.md", with_plots=False)
