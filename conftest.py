@@ -72,10 +72,14 @@ def _check_writable(results_dir: Path) -> None:
 
 
 def pytest_generate_tests(metafunc):
-    """Parametrize `run_spec` over the study's matrix, with ids like `bn-bs64-seed0`."""
-    if "run_spec" in metafunc.fixturenames:
-        specs = metafunc.config.bnsuite_study.run_specs()
-        metafunc.parametrize("run_spec", specs, ids=[spec.case_id for spec in specs])
+    """Parametrize `seed_group` over the study's matrix, one case per variant and batch size (`bn-bs64`).
+
+    A case trains all the study's seeds of its variant and batch size as one
+    batched computation (bnsuite.train.train_seeds): one record per seed.
+    """
+    if "seed_group" in metafunc.fixturenames:
+        groups = metafunc.config.bnsuite_study.seed_groups()
+        metafunc.parametrize("seed_group", groups, ids=[f"{g[0].variant}-bs{g[0].batch_size}" for g in groups])
 
 
 MODULE_ORDER = {"test_study.py": 0, "test_claims.py": 1, "test_speed.py": 2}
@@ -113,14 +117,15 @@ def pytest_report_header(config):
     if study is None or not any("benchmarks" in str(arg) for arg in config.args):
         return None
     runs = len(study.run_specs())
+    cases = len(study.seed_groups())
     protocol = "seed protocol (all 60,000 train)" if study.validation_size == 0 else (
         f"{study.train_subset or 60_000 - study.validation_size} training images, "
         f"{study.validation_size} held out for validation")
     return [
         f"bnsuite study: profile {study.profile}, {study.dataset}, {study.epochs} epochs, {protocol}",
         f"  {runs} runs: variants {','.join(study.variants)} x batch sizes "
-        f"{','.join(map(str, study.batch_sizes))} x seeds {','.join(map(str, study.seeds))}; "
-        f"records -> {config.bnsuite_results_dir}",
+        f"{','.join(map(str, study.batch_sizes))} x seeds {','.join(map(str, study.seeds))}, "
+        f"in {cases} cases (a case trains its seeds together); records -> {config.bnsuite_results_dir}",
     ]
 
 

@@ -1,26 +1,33 @@
-"""The study's matrix: one real training run per case, timed by pytest-benchmark.
+"""The study's matrix: one case per variant and batch size, timed by pytest-benchmark.
 
-Each case trains exactly once (one round, one iteration, no warm-up run), so
-the benchmark's time is one full training run, evaluation included; the
-record's own `train_time_s` excludes evaluation. The record is saved to the
-results directory and kept for the claims in test_claims.py.
+A case trains every seed of its variant and batch size once, as one batched
+computation (one round, one iteration, no warm-up run), so the benchmark's
+time is those runs' training, evaluation included; each record's own
+`train_time_s` is its share of the training alone. The records are saved to
+the results directory and kept for the claims in test_claims.py.
 """
 
 
-def test_training_run(benchmark, run_spec, study, study_session):
-    record = benchmark.pedantic(study_session.run, args=(run_spec,), rounds=1, iterations=1, warmup_rounds=0)
+def test_training_runs(benchmark, seed_group, study, study_session):
+    records = benchmark.pedantic(study_session.run_seeds, args=(seed_group,), rounds=1, iterations=1,
+                                 warmup_rounds=0)
+    by_seed = {record.spec.seed: record for record in records}
     benchmark.extra_info.update({
-        "case": run_spec.case_id,
+        "cases": [record.spec.case_id for record in records],
         "profile": study.profile,
-        "train_loss": record.train_losses,
-        "validation_loss": [e.validation_loss for e in record.epochs],
-        "validation_accuracy": [e.validation_accuracy for e in record.epochs],
-        "test_accuracy": record.test_accuracy,
-        "train_time_s": record.train_time_s,
-        "steps": record.steps,
+        "seeds": list(by_seed),
+        "train_loss": {seed: r.train_losses for seed, r in by_seed.items()},
+        "validation_accuracy": {seed: [e.validation_accuracy for e in r.epochs] for seed, r in by_seed.items()},
+        "test_accuracy": {seed: r.test_accuracy for seed, r in by_seed.items()},
+        "train_time_s": sum(r.train_time_s for r in records),
+        "steps_per_run": [r.steps for r in records],
         "target_loss": study.target_loss,
-        "epochs_to_target": record.epochs_to_target(study.target_loss),
-        "diverged_at_epoch": record.diverged_at_epoch,
+        "epochs_to_target": {seed: r.epochs_to_target(study.target_loss) for seed, r in by_seed.items()},
+        "diverged_at_epoch": {seed: r.diverged_at_epoch for seed, r in by_seed.items()},
     })
-    assert record.steps == run_spec.steps_per_epoch * (record.diverged_at_epoch or run_spec.epochs)
-    assert len(record.epochs) == (record.diverged_at_epoch - 1 if record.diverged else run_spec.epochs)
+    assert [record.spec for record in records] == list(seed_group)
+    for record in records:
+        spec = record.spec
+        assert record.steps == spec.steps_per_epoch * (record.diverged_at_epoch or spec.epochs)
+        assert len(record.epochs) == (record.diverged_at_epoch - 1 if record.diverged else spec.epochs)
+        assert record.runs_trained_together == len(seed_group)

@@ -57,4 +57,4 @@ class OriginalEpochs:
             self.optimizer.step()
             losses.append(loss.item())
             correct += (outputs.argmax(dim=1) == labels).sum().item()
-        return torch.tensor(losses), torch.tensor(correct)
+        return torch.tensor([losses]), torch.tensor([correct])  # (1, steps), (1,): one run

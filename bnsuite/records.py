@@ -40,7 +40,7 @@ class EpochRecord:
     validation_accuracy: float | None
     test_loss: float
     test_accuracy: float
-    epoch_time_s: float  # training only, evaluation excluded
+    epoch_time_s: float  # training only, evaluation excluded; a share when runs train together
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,8 @@ class RunRecord:
     environment: Environment
     started_at: str
     profile: str | None = None  # the benchmark profile that made it, if any
+    # Runs (this one included) trained as one batched computation; times are this run's share of it.
+    runs_trained_together: int = 1
     schema_version: int = SCHEMA_VERSION
 
     @property
@@ -112,6 +114,7 @@ class RunRecord:
                 epochs=tuple(EpochRecord(**epoch) for epoch in raw["epochs"]),
                 environment=Environment(**raw["environment"]),
                 **{key: raw[key] for key in _SCALAR_FIELDS},
+                runs_trained_together=raw.get("runs_trained_together", 1),  # absent from older records
             )
         except (KeyError, TypeError, SpecError) as error:
             raise RecordError(f"{source}: malformed record ({type(error).__name__}: {error})") from error
@@ -212,6 +215,7 @@ def runs_frame(records: list[RunRecord]) -> pd.DataFrame:
             "test_loss": record.test_loss,
             "test_accuracy": record.test_accuracy,
             "train_time_s": record.train_time_s,
+            "runs_trained_together": record.runs_trained_together,
             "steps": record.steps,
             "samples_per_s": record.spec.train_size * len(record.epochs) / record.train_time_s
             if record.train_time_s > 0 else None,

@@ -4,8 +4,9 @@ A `StudySpec` says which runs make up the study (variant x batch size x seed
 under one protocol). `PROFILES` are its presets: `full` is the study exactly
 (the seed protocol, 10 epochs, all 60,000 training images), `smoke` is small
 enough for CI, `quick` is in between. A `StudySession` trains each run once,
-saves its record, reports progress epoch by epoch, and hands the records on
-to the claims, so the claims reuse the runs the benchmarks already made.
+the seeds of a (variant, batch size) together, saves every record, reports
+progress epoch by epoch, and hands the records on to the claims, so the
+claims reuse the runs the benchmarks already made.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from bnsuite.data import DATASETS
 from bnsuite.models import VARIANTS
 from bnsuite.records import EpochRecord, RunRecord, save_record
 from bnsuite.spec import RunSpec, SpecError
-from bnsuite.train import train
+from bnsuite.train import train_seeds
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -49,12 +50,19 @@ class StudySpec:
 
     def run_specs(self) -> list[RunSpec]:
         """Every run of the study, ordered batch size, then variant, then seed."""
+        return [spec for group in self.seed_groups() for spec in group]
+
+    def seed_groups(self) -> list[tuple[RunSpec, ...]]:
+        """The study's runs by (variant, batch size), each group its seeds: what trains as one computation."""
         return [
-            self.run_spec(variant, batch_size, seed)
+            tuple(self.run_spec(variant, batch_size, seed) for seed in self.seeds)
             for batch_size in self.batch_sizes
             for variant in self.variants
-            for seed in self.seeds
         ]
+
+    def seed_group_of(self, spec: RunSpec) -> tuple[RunSpec, ...]:
+        """The group `spec` trains in: its variant and batch size with every seed of the study."""
+        return tuple(self.run_spec(spec.variant, spec.batch_size, seed) for seed in self.seeds)
 
 
 PROFILES = {
@@ -164,23 +172,31 @@ class StudySession:
         self.progress = progress or (lambda line: None)
         self.records: dict[RunSpec, RunRecord] = {}
 
-    def run(self, spec: RunSpec) -> RunRecord:
-        """Train `spec` (always), save its record and remember it for the claims."""
+    def run_seeds(self, specs: tuple[RunSpec, ...]) -> list[RunRecord]:
+        """Train `specs` (runs that differ only in seed) together, save each record and remember it."""
         started = time.perf_counter()
 
         def report_epoch(run: RunSpec, epoch: EpochRecord) -> None:
             self.progress(progress_line(run, epoch, time.perf_counter() - started))
 
-        record = train(spec, data_dir=self.data_dir, profile=self.study.profile, on_epoch=report_epoch)
-        if record.diverged:
-            self.progress(f"{spec.case_id}: diverged in epoch {record.diverged_at_epoch}; the study goes on")
-        save_record(record, self.results_dir)
-        self.records[spec] = record
-        return record
+        records = train_seeds(specs, data_dir=self.data_dir, profile=self.study.profile, on_epoch=report_epoch)
+        for record in records:
+            if record.diverged:
+                self.progress(f"{record.spec.case_id}: diverged in epoch {record.diverged_at_epoch}; the study goes on")
+            save_record(record, self.results_dir)
+            self.records[record.spec] = record
+        return records
+
+    def run(self, spec: RunSpec) -> RunRecord:
+        """Train `spec` alone (always), save its record and remember it."""
+        return self.run_seeds((spec,))[0]
 
     def record(self, spec: RunSpec) -> RunRecord:
-        """The record of `spec` from this session, training it first if no case did."""
-        return self.records[spec] if spec in self.records else self.run(spec)
+        """The record of `spec` from this session, training its seed group first if no case did."""
+        if spec not in self.records:
+            group = self.study.seed_group_of(spec)
+            self.run_seeds(group if spec in group else (spec,))
+        return self.records[spec]
 
 
 def progress_line(spec: RunSpec, epoch: EpochRecord, elapsed_s: float) -> str:

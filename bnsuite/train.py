@@ -1,4 +1,4 @@
-"""train(spec) -> RunRecord: the study's training protocol, on whole-dataset tensors.
+"""train(spec) -> RunRecord and train_seeds(specs): the study's training protocol, on whole-dataset tensors.
 
 The arithmetic is the study's: default init, CrossEntropyLoss, SGD with
 momentum, a fresh shuffle every epoch, the last partial batch kept, and the
@@ -11,13 +11,19 @@ in the loop waits for the device (losses and hit counts accumulate on it).
 The permutation is drawn exactly as `DataLoader(shuffle=True, generator=g)`
 draws it, so the `original` pipeline (bnsuite.original) sees the same batches
 and the two can be compared number for number.
+
+A study trains every (variant, batch size) with several seeds; `train_seeds`
+trains those runs as one batched computation, each run as it trains alone
+(to float rounding), so the per-op overhead that dominates small batches on a CPU
+is paid once for all the seeds.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -66,97 +72,152 @@ def train(
     end of that epoch: the record says so (`diverged_at_epoch`) instead of
     raising, so a study keeps going.
     """
+    return train_seeds([spec], data_dir=data_dir, profile=profile, on_epoch=on_epoch)[0]
+
+
+def trains_seeds_together(spec: RunSpec) -> bool:
+    """Whether runs like `spec` with other seeds train as one batched computation (the fast step's variants)."""
+    return spec.pipeline == "fast" and spec.variant in fastpath.VARIANTS
+
+
+def train_seeds(
+    specs: Sequence[RunSpec],
+    *,
+    data_dir: Path | str | None = None,
+    profile: str | None = None,
+    on_epoch: EpochCallback | None = None,
+) -> list[RunRecord]:
+    """Train runs that differ only in their seed; one record each, in the order given.
+
+    Where the fast step covers the variant, the runs train as one batched
+    computation (bnsuite.fastpath), each on its own init and its own shuffle,
+    as when trained alone; otherwise one after another. A run that
+    diverges stops being recorded at that epoch while the others go on.
+    """
+    specs = list(specs)
+    _check_same_but_seed(specs)
+    if len(specs) > 1 and not trains_seeds_together(specs[0]):
+        return [train(spec, data_dir=data_dir, profile=profile, on_epoch=on_epoch) for spec in specs]
+    spec = specs[0]
     device = resolve_device(spec.device)
     splits = load_splits(spec.dataset, validation_size=spec.validation_size, data_dir=data_dir)
     environment = describe_environment(device, splits.checksum)
     started_at = now_utc()
     splits = splits.to(device)
 
-    torch.manual_seed(spec.seed)  # the model's default init draws from the global generator
-    model = build_model(spec.variant).to(device)
-    shuffle = torch.Generator().manual_seed(spec.seed)
+    models, shuffles = [], []
+    for run in specs:
+        torch.manual_seed(run.seed)  # the model's default init draws from the global generator
+        models.append(build_model(run.variant).to(device))
+        shuffles.append(torch.Generator().manual_seed(run.seed))
     if spec.pipeline == "original":
         from bnsuite.original import OriginalEpochs
 
-        run_epoch = OriginalEpochs(spec, model, shuffle, data_dir=data_dir)
+        run_epoch = OriginalEpochs(spec, models[0], shuffles[0], data_dir=data_dir)
     else:
-        run_epoch = TensorEpochs(spec, model, shuffle, splits)
+        run_epoch = TensorEpochs(specs, models, shuffles, splits)
 
-    epochs: list[EpochRecord] = []
-    diverged_at_epoch = None
-    steps = 0
+    epochs: list[list[EpochRecord]] = [[] for _ in specs]
+    diverged_at_epoch: list[int | None] = [None for _ in specs]
     for epoch in range(1, spec.epochs + 1):
         _synchronize(device)
         started = time.perf_counter()
         batch_losses, correct = run_epoch()
         _synchronize(device)
-        epoch_time = time.perf_counter() - started
-        steps += spec.steps_per_epoch
+        epoch_time = (time.perf_counter() - started) / len(specs)  # each run's share of the computation
 
-        train_loss = batch_losses.mean().item()
-        if has_diverged(batch_losses):
-            diverged_at_epoch = epoch
+        for index, (run, model) in enumerate(zip(specs, models)):
+            if diverged_at_epoch[index] is not None:
+                continue
+            if has_diverged(batch_losses[index]):
+                diverged_at_epoch[index] = epoch
+                continue
+            validation = evaluate(model, splits.validation_images, splits.validation_labels)
+            test = evaluate(model, splits.test_images, splits.test_labels)
+            record = EpochRecord(
+                epoch=epoch,
+                train_loss=batch_losses[index].mean().item(),
+                train_accuracy=100.0 * correct[index].item() / run.train_size,
+                validation_loss=validation[0],
+                validation_accuracy=validation[1],
+                test_loss=test[0],
+                test_accuracy=test[1],
+                epoch_time_s=epoch_time,
+            )
+            epochs[index].append(record)
+            if on_epoch is not None:
+                on_epoch(run, record)
+        if all(diverged is not None for diverged in diverged_at_epoch):
             break
-        validation = evaluate(model, splits.validation_images, splits.validation_labels)
-        test = evaluate(model, splits.test_images, splits.test_labels)
-        record = EpochRecord(
-            epoch=epoch,
-            train_loss=train_loss,
-            train_accuracy=100.0 * correct.item() / spec.train_size,
-            validation_loss=validation[0],
-            validation_accuracy=validation[1],
-            test_loss=test[0],
-            test_accuracy=test[1],
-            epoch_time_s=epoch_time,
-        )
-        epochs.append(record)
-        if on_epoch is not None:
-            on_epoch(spec, record)
 
-    test_loss, test_accuracy = evaluate(model, splits.test_images, splits.test_labels)
-    return RunRecord(
-        spec=spec,
-        epochs=tuple(epochs),
-        test_loss=finite_or_none(test_loss),
-        test_accuracy=test_accuracy,
-        train_time_s=sum(epoch.epoch_time_s for epoch in epochs),
-        steps=steps,
-        diverged_at_epoch=diverged_at_epoch,
-        environment=environment,
-        started_at=started_at,
-        profile=profile,
-    )
+    records = []
+    for run, model, run_epochs, diverged in zip(specs, models, epochs, diverged_at_epoch):
+        test_loss, test_accuracy = evaluate(model, splits.test_images, splits.test_labels)
+        records.append(RunRecord(
+            spec=run,
+            epochs=tuple(run_epochs),
+            test_loss=finite_or_none(test_loss),
+            test_accuracy=test_accuracy,
+            train_time_s=sum(epoch.epoch_time_s for epoch in run_epochs),
+            steps=run.steps_per_epoch * (diverged or len(run_epochs)),
+            diverged_at_epoch=diverged,
+            environment=environment,
+            started_at=started_at,
+            profile=profile,
+            runs_trained_together=len(specs),
+        ))
+    return records
+
+
+def _check_same_but_seed(specs: list[RunSpec]) -> None:
+    if not specs:
+        raise ValueError("train_seeds needs at least one RunSpec")
+    seedless = {dataclasses.replace(spec, seed=0) for spec in specs}
+    if len(seedless) != 1:
+        raise ValueError("train_seeds trains runs that differ only in their seed; these differ in more")
+    if len({spec.seed for spec in specs}) != len(specs):
+        raise ValueError("train_seeds was given the same seed twice; give each seed once")
 
 
 class TensorEpochs:
-    """One training epoch per call, batches sliced from device-resident tensors."""
+    """One training epoch per call for S runs, batches sliced from device-resident tensors."""
 
-    def __init__(self, spec: RunSpec, model: nn.Module, shuffle: torch.Generator, splits: Splits):
+    def __init__(self, specs: list[RunSpec], models: list[nn.Module], shuffles: list[torch.Generator],
+                 splits: Splits):
+        spec = specs[0]
         self.spec = spec
-        self.shuffle = shuffle
-        self.images, self.labels = training_set(splits, spec)
-        if spec.pipeline == "fast" and fastpath.supports(model):
-            self.step = fastpath.FastStep(model, lr=spec.lr, momentum=spec.momentum)
+        self.models = models
+        self.shuffles = shuffles
+        images, self.labels = training_set(splits, spec)
+        self.images = images.view(len(images), -1)
+        if spec.pipeline == "fast" and fastpath.supports(models[0]):
+            self.step = fastpath.FastStep(models, lr=spec.lr, momentum=spec.momentum)
+        elif len(models) == 1:
+            self.step = EagerStep(models[0], spec)
         else:
-            self.step = EagerStep(model, spec)
-        self.model = model
+            raise ValueError(f"only the fast step trains several seeds at once, not {spec.pipeline} {spec.variant}")
         device = self.images.device
-        # Reused every epoch: per-batch losses and the hit count live on the device.
-        self.batch_losses = torch.empty(spec.steps_per_epoch, device=device)
-        self.correct = torch.zeros((), dtype=torch.long, device=device)
+        # Reused every epoch: per-batch losses and the hit counts live on the device.
+        self.batch_losses = torch.empty(len(models), spec.steps_per_epoch, device=device)
+        self.correct = torch.zeros(len(models), dtype=torch.long, device=device)
 
     def __call__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        order = epoch_order(self.spec.train_size, self.shuffle).to(self.images.device, non_blocking=True)
-        # One gather per epoch; every batch is then a contiguous view, with no copy per step.
-        images = self.images.index_select(0, order)
-        labels = self.labels.index_select(0, order)
+        """(per-batch losses (S, steps), correct predictions (S,)) of one epoch."""
+        size = self.spec.train_size
+        orders = torch.cat([epoch_order(size, shuffle) for shuffle in self.shuffles])
+        orders = orders.to(self.images.device, non_blocking=True)
+        # One gather per epoch; every batch is then a view, with no copy per step.
+        images = self.images.index_select(0, orders).view(len(self.models), size, -1)
+        labels = self.labels.index_select(0, orders).view(len(self.models), size)
         self.correct.zero_()
-        self.model.train()
-        batches = zip(images.split(self.spec.batch_size), labels.split(self.spec.batch_size))
-        for step, (batch_images, batch_labels) in enumerate(batches):
-            loss, logits = self.step(batch_images, batch_labels)
-            self.batch_losses[step] = loss
-            self.correct += (logits.argmax(dim=1) == batch_labels).sum()
+        for model in self.models:
+            model.train()
+        batch_size = self.spec.batch_size
+        for step, start in enumerate(range(0, size, batch_size)):
+            batch_labels = labels[:, start:start + batch_size]
+            losses, logits = self.step(images[:, start:start + batch_size], batch_labels)
+            self.batch_losses[:, step] = losses
+            self.correct += (logits.argmax(dim=2) == batch_labels).sum(dim=1)
         return self.batch_losses, self.correct
 
 
@@ -168,12 +229,13 @@ class EagerStep:
         self.optimizer = make_optimizer(model, spec, fused=True)
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.model(images)
-        loss = F.cross_entropy(logits, labels)
+        """Same shapes as FastStep with one model: images (1, B, ...), labels (1, B)."""
+        logits = self.model(images[0])
+        loss = F.cross_entropy(logits, labels[0])
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        return loss.detach(), logits.detach()
+        return loss.detach().view(1), logits.detach().unsqueeze(0)
 
 
 def make_optimizer(model: nn.Module, spec: RunSpec, *, fused: bool) -> torch.optim.Optimizer:

@@ -44,6 +44,12 @@ def test_malformed_record_is_refused_with_its_path(tmp_path):
         load_records(tmp_path)
 
 
+def test_record_written_before_runs_were_trained_together_loads_as_trained_alone(record):
+    raw = json.loads(record.to_json())
+    del raw["runs_trained_together"]
+    assert RunRecord.from_json(json.dumps(raw)).runs_trained_together == 1
+
+
 def test_record_missing_fields_is_refused(record):
     raw = json.loads(record.to_json())
     del raw["environment"]

@@ -5,7 +5,7 @@ import torch
 
 from bnsuite.records import RunRecord
 from bnsuite.spec import RunSpec, SpecError
-from bnsuite.train import epoch_order, train
+from bnsuite.train import epoch_order, train, train_seeds
 
 SMALL = dict(epochs=2, train_subset=2_000, validation_size=10_000)
 
@@ -41,6 +41,46 @@ def test_tensor_batches_match_the_original_dataloader_pipeline(mnist_dir, varian
     original = train(RunSpec(pipeline="original", **spec), data_dir=mnist_dir)
     assert ours.train_losses == pytest.approx(original.train_losses, rel=1e-6)
     assert ours.test_accuracy == original.test_accuracy
+
+
+@pytest.mark.parametrize("variant", ["plain", "bn"])
+def test_seeds_trained_together_match_each_seed_trained_alone(mnist_dir, variant):
+    specs = [RunSpec(variant=variant, seed=seed, **SMALL) for seed in (0, 1, 2)]
+    together = train_seeds(specs, data_dir=mnist_dir)
+    assert [record.spec for record in together] == specs
+    for ours, spec in zip(together, specs):
+        alone = train(spec, data_dir=mnist_dir)
+        assert ours.train_losses == pytest.approx(alone.train_losses, rel=1e-5)
+        assert [e.validation_loss for e in ours.epochs] == pytest.approx(
+            [e.validation_loss for e in alone.epochs], rel=1e-4)
+        assert ours.test_accuracy == pytest.approx(alone.test_accuracy, abs=0.05)
+        assert (ours.runs_trained_together, alone.runs_trained_together) == (3, 1)
+
+
+def test_seeds_trained_together_record_each_run_s_share_of_the_time(mnist_dir):
+    records = train_seeds([RunSpec(variant="bn", seed=seed, **SMALL) for seed in (5, 6)], data_dir=mnist_dir)
+    assert records[0].epochs[0].epoch_time_s == records[1].epochs[0].epoch_time_s > 0
+    assert records[0].train_losses != records[1].train_losses
+
+
+def test_runs_without_a_batched_step_train_one_after_another(mnist_dir):
+    specs = [RunSpec(variant="bn-scratch", seed=seed, epochs=1, train_subset=1_000) for seed in (0, 1)]
+    records = train_seeds(specs, data_dir=mnist_dir)
+    assert [r.runs_trained_together for r in records] == [1, 1]
+    assert records[0].train_losses == train(specs[0], data_dir=mnist_dir).train_losses
+
+
+@pytest.mark.parametrize("seeds, change, message", [
+    ((0, 1), dict(lr=0.1), "differ only in their seed"),
+    ((0, 0), {}, "same seed twice"),
+    ((), {}, "at least one RunSpec"),
+])
+def test_train_seeds_refuses_runs_that_are_not_one_seed_group(seeds, change, message):
+    specs = [RunSpec(seed=seed, **SMALL) for seed in seeds]
+    if change:
+        specs[-1] = RunSpec(seed=seeds[-1], **SMALL, **change)
+    with pytest.raises(ValueError, match=message):
+        train_seeds(specs)
 
 
 def test_shuffle_draws_as_dataloader_does_epoch_after_epoch():
