@@ -11,9 +11,10 @@ Runs that differ only in their seed train as one computation: S models'
 weights are stacked into (S, ...) tensors, every matmul is a batched matmul
 over the S models, and batch norm sees the S models' features side by side,
 (B, S * features), so each feature is still normalized over its own model's
-batch. Every op is independent per model, so a run's trajectory is the one
-it has when trained alone, to float rounding (tested); what the S runs
-share is the per-op overhead, paid once per step instead of S times.
+batch. Every op is independent per model and rounds as it does for one
+model, so a run's trajectory is the one it has when trained alone, bit for
+bit (tested); what the S runs share is the per-op overhead, paid once per
+step instead of S times.
 
 For logits z = a2 W3^T + b3 and loss L = mean_i -log softmax(z_i)[y_i]:
 
@@ -34,7 +35,10 @@ from bnsuite.models import SimpleNN, SimpleNNWithBN
 BN_EPS = 1e-5  # nn.BatchNorm1d's defaults, which the bn variant uses
 BN_MOMENTUM = 0.1
 VARIANTS = ("plain", "bn")  # the variants whose networks the fast step covers
-LINEAR_LAYERS = ("fc1", "fc2", "fc3")
+# A batched matmul of several 10-row products (fc3's weight gradient) rounds differently from the same
+# product done alone (measured with this torch's MKL); one matmul per model keeps each run's arithmetic
+# independent of how many seeds it trains with. Every other matmul here is the same either way (tested).
+PER_MODEL_WEIGHT_GRADIENTS = ("fc3",)
 
 
 def supports(model: nn.Module) -> bool:
@@ -68,7 +72,14 @@ class FastStep:
         self.use_bn = isinstance(models[0], SimpleNNWithBN)
         self.weights = {name: _stack_into(models, name) for name, _ in models[0].named_parameters()}
         self.gradients = {name: torch.zeros_like(weight) for name, weight in self.weights.items()}
-        self.momentum_buffers = [torch.zeros_like(weight) for weight in self.weights.values()]
+        momentum_buffers = [torch.zeros_like(weight) for weight in self.weights.values()]
+        # The SGD update takes each model's slice as a tensor of its own: the kernel's vectorized body and
+        # scalar tail then split every tensor as they do for one model, so no run's rounding depends on
+        # how many seeds it trains with.
+        self.update_lists = [
+            [tensor[index] for tensor in stacked for index in range(len(models))]
+            for stacked in (list(self.weights.values()), list(self.gradients.values()), momentum_buffers)
+        ]
         if self.use_bn:
             self.running = {name: _stack_into(models, name) for name in (
                 "bn1.running_mean", "bn1.running_var", "bn2.running_mean", "bn2.running_var")}
@@ -101,7 +112,7 @@ class FastStep:
         torch.sum(grad_h1, dim=1, out=g["fc1.bias"])
 
         torch._fused_sgd_(
-            list(w.values()), list(g.values()), self.momentum_buffers,
+            *self.update_lists,
             weight_decay=0.0, momentum=self.momentum, lr=self.lr, dampening=0.0,
             nesterov=False, maximize=False, is_first_step=self.first_step,
         )
@@ -140,7 +151,12 @@ class FastStep:
         return grad_input.view(batch, models, features).transpose(0, 1)
 
     def _linear_backward(self, grad_out, layer_input, name):
-        torch.bmm(grad_out.transpose(1, 2), layer_input, out=self.gradients[f"{name}.weight"])
+        grad_weight = self.gradients[f"{name}.weight"]
+        if name in PER_MODEL_WEIGHT_GRADIENTS:
+            for index in range(len(self.models)):
+                torch.mm(grad_out[index].t(), layer_input[index], out=grad_weight[index])
+        else:
+            torch.bmm(grad_out.transpose(1, 2), layer_input, out=grad_weight)
         torch.sum(grad_out, dim=1, out=self.gradients[f"{name}.bias"])
         return torch.bmm(grad_out, self.weights[f"{name}.weight"])
 

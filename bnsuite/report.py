@@ -328,7 +328,7 @@ def benchmark_section(benchmarks: Path | None) -> list[str]:
         except (OSError, json.JSONDecodeError):
             continue
         rows = [
-            {"case": bench["name"].removeprefix("test_training_runs"),
+            {"case": bench.get("param") or bench["name"],
              "profile": bench.get("extra_info", {}).get("profile"),
              "runs": len(bench.get("extra_info", {}).get("cases", [])),
              "wall time for the case (s)": f"{bench['stats']['median']:.2f}",

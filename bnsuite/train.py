@@ -13,8 +13,8 @@ draws it, so the `original` pipeline (bnsuite.original) sees the same batches
 and the two can be compared number for number.
 
 A study trains every (variant, batch size) with several seeds; `train_seeds`
-trains those runs as one batched computation, each run as it trains alone
-(to float rounding), so the per-op overhead that dominates small batches on a CPU
+trains those runs as one batched computation, each run bit for bit as it
+trains alone, so the per-op overhead that dominates small batches on a CPU
 is paid once for all the seeds.
 """
 
@@ -91,7 +91,7 @@ def train_seeds(
 
     Where the fast step covers the variant, the runs train as one batched
     computation (bnsuite.fastpath), each on its own init and its own shuffle,
-    as when trained alone; otherwise one after another. A run that
+    bit for bit as when trained alone; otherwise one after another. A run that
     diverges stops being recorded at that epoch while the others go on.
     """
     specs = list(specs)

@@ -44,16 +44,19 @@ def test_tensor_batches_match_the_original_dataloader_pipeline(mnist_dir, varian
 
 
 @pytest.mark.parametrize("variant", ["plain", "bn"])
-def test_seeds_trained_together_match_each_seed_trained_alone(mnist_dir, variant):
-    specs = [RunSpec(variant=variant, seed=seed, **SMALL) for seed in (0, 1, 2)]
+def test_seeds_trained_together_match_each_seed_trained_alone_bit_for_bit(mnist_dir, variant):
+    # SGD amplifies any rounding difference within a few hundred steps, so only exact equality shows
+    # that a run's result does not depend on the seeds it trained with. 40 steps per epoch, the last
+    # batch partial (2,500 = 39 x 64 + 4).
+    specs = [RunSpec(variant=variant, seed=seed, epochs=2, train_subset=2_500, validation_size=10_000)
+             for seed in (0, 1, 2)]
     together = train_seeds(specs, data_dir=mnist_dir)
     assert [record.spec for record in together] == specs
     for ours, spec in zip(together, specs):
         alone = train(spec, data_dir=mnist_dir)
-        assert ours.train_losses == pytest.approx(alone.train_losses, rel=1e-5)
-        assert [e.validation_loss for e in ours.epochs] == pytest.approx(
-            [e.validation_loss for e in alone.epochs], rel=1e-4)
-        assert ours.test_accuracy == pytest.approx(alone.test_accuracy, abs=0.05)
+        assert ours.train_losses == alone.train_losses
+        assert [e.validation_loss for e in ours.epochs] == [e.validation_loss for e in alone.epochs]
+        assert ours.test_accuracy == alone.test_accuracy
         assert (ours.runs_trained_together, alone.runs_trained_together) == (3, 1)
 
 
