@@ -1,17 +1,21 @@
-"""Speed of bnsuite's training path, measured side by side in one run.
+"""Speed of bnsuite's training paths, measured side by side in one run.
 
-- one training epoch through the original pipeline (torchvision Dataset +
-  transforms + DataLoader), through the eager autograd step on tensor batches,
-  through bnsuite's fast step on one run alone, and the study's way: the fast
-  step with the study's seeds trained together (per run: the computation's
-  time over the number of seeds), same batches and arithmetic, at batch 64:
-  their ratios are the speed-ups;
-- the study's way at batch 32, 64 and 128 against the machine's float32
-  matmul peak measured here: achieved training FLOP/s / peak FLOP/s;
-- the per-step cost of plain and bn (forward, backward, update) at each batch size.
+- `test_training_paths_side_by_side`: one training epoch at batch 64 through
+  each path in turn, round after round: the original pipeline (torchvision
+  Dataset + transforms + DataLoader), the eager autograd step on tensor
+  batches, bnsuite's fast step on one run alone, and the study's way (the
+  fast step with the study's seeds trained together; its time is per run).
+  Same batches, same arithmetic. Each round gives a time ratio per path; the
+  speed-up reported is the median of those ratios, so a slow moment of the
+  machine hits both sides of a ratio rather than one figure;
+- `test_fast_path_epoch`: the study's way at batch 32, 64 and 128 against the
+  machine's float32 matmul peak measured here: achieved FLOP/s / peak FLOP/s;
+- `test_training_step_cost`: the per-step cost of plain and bn (forward,
+  backward, update) at each batch size.
 
 Ratios, not absolute times, are the figures to compare: these machines are
-shared and the same command can vary by 1.7x within minutes.
+shared and the same command can vary by 1.7x within minutes. Every benchmark
+names its kind in extra_info["bnsuite"], which is how bnsuite.report reads it.
 """
 
 import statistics
@@ -26,21 +30,8 @@ from bnsuite.spec import RunSpec
 from bnsuite.speed import matmul_peak_flops, training_flops_per_sample
 from bnsuite.train import resolve_device, train_seeds
 
-MEASURED: dict = {}  # filled in file order: peak, original, one run alone (eager, fast), the study's way
-ROUNDS = 3  # single CPU epochs vary by up to 1.7x here; the median of 3 steadies the ratios
-
-
-def _median_epoch_time(benchmark, specs, data_dir, rounds):
-    """Median over `rounds` of one epoch of `specs` trained together (training only), timed by the benchmark too."""
-    times = []
-
-    def one_epoch():
-        records = train_seeds(specs, data_dir=data_dir)
-        assert all(record.steps == record.spec.steps_per_epoch for record in records)
-        times.append(sum(record.train_time_s for record in records))  # the runs' shares add up to the whole
-
-    benchmark.pedantic(one_epoch, rounds=rounds, iterations=1)
-    return statistics.median(times)
+PEAK: dict = {}  # the best matmul rate seen in this run, FLOP/s
+ROUNDS = 3  # rounds of the side-by-side comparison: the median of 3 ratios steadies it
 
 
 def _epoch_specs(study, variant, batch_size, pipeline, seeds=(0,)):
@@ -49,34 +40,51 @@ def _epoch_specs(study, variant, batch_size, pipeline, seeds=(0,)):
                     device="cpu" if pipeline == "original" else study.device) for seed in seeds]
 
 
+def _epoch_time_per_run(specs, data_dir) -> float:
+    """One epoch of `specs` trained together: each run's share of the training time (evaluation excluded)."""
+    records = train_seeds(specs, data_dir=data_dir)
+    assert all(record.steps == record.spec.steps_per_epoch for record in records)
+    return sum(record.train_time_s for record in records) / len(records)
+
+
 def test_matmul_peak(benchmark, study, study_session):
     device = resolve_device(study.device)
     peak = benchmark.pedantic(matmul_peak_flops, args=(device,), rounds=1, iterations=1)
-    MEASURED["peak"] = peak
-    benchmark.extra_info.update({"device": str(device), "peak_gflops": peak / 1e9})
+    PEAK["flops"] = peak
+    benchmark.extra_info.update({"bnsuite": "matmul-peak", "device": str(device), "peak_gflops": peak / 1e9})
     study_session.progress(f"speed: float32 matmul peak on {device}: {peak / 1e9:.1f} GFLOP/s")
 
 
 @pytest.mark.parametrize("variant", ["plain", "bn"])
-def test_original_pipeline_epoch(benchmark, study, study_session, variant):
-    specs = _epoch_specs(study, variant, 64, "original")
-    epoch_s = _median_epoch_time(benchmark, specs, study_session.data_dir, rounds=1)  # 10x slower: 1 round
-    MEASURED[("original", variant)] = epoch_s
-    benchmark.extra_info.update({"epoch_s": epoch_s, "images": specs[0].train_size})
-    study_session.progress(f"speed: original pipeline, {variant} bs64: {epoch_s:.2f} s per epoch")
+def test_training_paths_side_by_side(benchmark, study, study_session, variant):
+    """Every path once per round, in an order that alternates between rounds; ratios taken within a round."""
+    paths = {
+        "original": _epoch_specs(study, variant, 64, "original"),
+        "eager": _epoch_specs(study, variant, 64, "eager"),
+        "one_run": _epoch_specs(study, variant, 64, "fast"),
+        "study": _epoch_specs(study, variant, 64, "fast", seeds=study.seeds),
+    }
+    times: dict[str, list[float]] = {path: [] for path in paths}
 
+    def one_round():
+        order = list(paths) if len(times["study"]) % 2 == 0 else list(reversed(paths))
+        for path in order:
+            times[path].append(_epoch_time_per_run(paths[path], study_session.data_dir))
 
-@pytest.mark.parametrize("pipeline", ["eager", "fast"])
-@pytest.mark.parametrize("variant", ["plain", "bn"])
-def test_one_run_tensor_epoch(benchmark, study, study_session, variant, pipeline):
-    """One run alone on tensor batches at batch 64. Through autograd + torch.optim (eager): what the
-    hand-written step saves. Through the fast step: what training the seeds together adds on top."""
-    specs = _epoch_specs(study, variant, 64, pipeline)
-    epoch_s = _median_epoch_time(benchmark, specs, study_session.data_dir, rounds=ROUNDS)
-    MEASURED[(pipeline, variant)] = epoch_s
-    benchmark.extra_info.update({"epoch_s": epoch_s, "images": specs[0].train_size})
-    step = "eager autograd step" if pipeline == "eager" else "fast step"
-    study_session.progress(f"speed: {step}, one run alone, {variant} bs64: {epoch_s:.2f} s per epoch (median)")
+    benchmark.pedantic(one_round, rounds=ROUNDS, iterations=1)
+    ratios = {path: [alone / ours for alone, ours in zip(times[path], times["study"], strict=True)] for path in paths}
+    speedup = {path: statistics.median(ratios[path]) for path in paths if path != "study"}
+    benchmark.extra_info.update({
+        "bnsuite": "paths", "variant": variant, "batch_size": 64, "rounds": ROUNDS,
+        "runs_together": len(paths["study"]), "images": paths["study"][0].train_size,
+        "epoch_s": {path: statistics.median(values) for path, values in times.items()},
+        "epoch_s_by_round": times, "ratios_by_round": {p: r for p, r in ratios.items() if p != "study"},
+        "speedup": speedup,
+    })
+    study_session.progress(
+        f"speed: {variant} bs64, the study's way ({len(paths['study'])} seeds together) vs: "
+        + ", ".join(f"{path} {value:.2f}x" for path, value in speedup.items())
+        + f" (median of {ROUNDS} interleaved rounds)")
 
 
 @pytest.mark.parametrize("batch_size", [32, 64, 128])
@@ -84,30 +92,19 @@ def test_one_run_tensor_epoch(benchmark, study, study_session, variant, pipeline
 def test_fast_path_epoch(benchmark, study, study_session, variant, batch_size):
     """The study's training path: the study's seeds trained together; figures per run."""
     specs = _epoch_specs(study, variant, batch_size, "fast", seeds=study.seeds)
-    # One round: each already trains len(seeds) runs, and the study's own matrix times 10 epochs of the same.
-    together_s = _median_epoch_time(benchmark, specs, study_session.data_dir, rounds=1)
-    epoch_s = together_s / len(specs)
-    flops = training_flops_per_sample(build_model(variant)) * specs[0].train_size
-    achieved = flops / epoch_s
-    info = {"epoch_s_per_run": epoch_s, "runs_together": len(specs), "images": specs[0].train_size,
-            "achieved_gflops": achieved / 1e9}
-    line = (f"speed: fast path, {variant} bs{batch_size}, {len(specs)} seeds together: "
-            f"{epoch_s:.2f} s per run-epoch")
-    if "peak" in MEASURED:
-        # The peak is measured again next to each figure and the best rate seen is kept: a peak caught
-        # in a slow moment would flatter every fraction after it.
-        MEASURED["peak"] = max(MEASURED["peak"], matmul_peak_flops(resolve_device(study.device), seconds=0.5))
-        info["peak_gflops"] = MEASURED["peak"] / 1e9
-        info["fraction_of_matmul_peak"] = achieved / MEASURED["peak"]
-        line += f", {achieved / 1e9:.1f} GFLOP/s = {info['fraction_of_matmul_peak']:.2f} of matmul peak"
-    for baseline, key, label in (("original", "speedup_vs_original", "the original pipeline"),
-                                 ("eager", "speedup_vs_eager", "the eager autograd step"),
-                                 ("fast", "speedup_vs_one_run_alone", "the fast step on one run alone")):
-        if batch_size == 64 and (baseline, variant) in MEASURED:
-            info[key] = MEASURED[(baseline, variant)] / epoch_s
-            line += f", {info[key]:.2f}x {label}"
+    epoch_s = benchmark.pedantic(_epoch_time_per_run, args=(specs, study_session.data_dir), rounds=1, iterations=1)
+    achieved = training_flops_per_sample(build_model(variant)) * specs[0].train_size / epoch_s
+    # The peak is measured again next to each figure and the best rate seen is kept: a peak caught
+    # in a slow moment would flatter every fraction after it.
+    device = resolve_device(study.device)
+    PEAK["flops"] = max(PEAK.get("flops", 0.0), matmul_peak_flops(device, seconds=0.5))
+    info = {"bnsuite": "fraction", "variant": variant, "batch_size": batch_size, "runs_together": len(specs),
+            "images": specs[0].train_size, "epoch_s_per_run": epoch_s, "achieved_gflops": achieved / 1e9,
+            "peak_gflops": PEAK["flops"] / 1e9, "fraction_of_matmul_peak": achieved / PEAK["flops"]}
     benchmark.extra_info.update(info)
-    study_session.progress(line)
+    study_session.progress(
+        f"speed: fast path, {variant} bs{batch_size}, {len(specs)} seeds together: {epoch_s:.2f} s per run-epoch, "
+        f"{achieved / 1e9:.1f} GFLOP/s = {info['fraction_of_matmul_peak']:.2f} of matmul peak")
 
 
 @pytest.mark.parametrize("batch_size", [32, 64, 128])
@@ -129,4 +126,4 @@ def test_training_step_cost(benchmark, study, study_session, variant, batch_size
             torch.cuda.synchronize(device)
 
     benchmark.pedantic(hundred_steps, rounds=5, warmup_rounds=1)
-    benchmark.extra_info.update({"steps_per_round": 100, "batch_size": batch_size})
+    benchmark.extra_info.update({"bnsuite": "step-cost", "steps_per_round": 100, "batch_size": batch_size})

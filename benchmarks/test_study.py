@@ -12,8 +12,11 @@ def test_training_runs(benchmark, seed_group, study, study_session):
     records = benchmark.pedantic(study_session.run_seeds, args=(seed_group,), rounds=1, iterations=1,
                                  warmup_rounds=0)
     by_seed = {record.spec.seed: record for record in records}
+    first = seed_group[0]
     benchmark.extra_info.update({
-        "cases": [record.spec.case_id for record in records],
+        "bnsuite": "case",  # what bnsuite.report reads this benchmark as
+        "case": f"{first.variant}-bs{first.batch_size}",
+        "runs": [record.spec.case_id for record in records],
         "profile": study.profile,
         "seeds": list(by_seed),
         "train_loss": {seed: r.train_losses for seed, r in by_seed.items()},
@@ -21,13 +24,15 @@ def test_training_runs(benchmark, seed_group, study, study_session):
         "test_accuracy": {seed: r.test_accuracy for seed, r in by_seed.items()},
         "train_time_s": sum(r.train_time_s for r in records),
         "steps_per_run": [r.steps for r in records],
-        "target_loss": study.target_loss,
-        "epochs_to_target": {seed: r.epochs_to_target(study.target_loss) for seed, r in by_seed.items()},
+        "target_loss": study.claims.target_loss,
+        "epochs_to_target": {seed: r.epochs_to_target(study.claims.target_loss) for seed, r in by_seed.items()},
         "diverged_at_epoch": {seed: r.diverged_at_epoch for seed, r in by_seed.items()},
     })
     assert [record.spec for record in records] == list(seed_group)
     for record in records:
         spec = record.spec
+        # Steps are counted by the training loop as it runs, so a dropped batch shows here.
         assert record.steps == spec.steps_per_epoch * (record.diverged_at_epoch or spec.epochs)
         assert len(record.epochs) == (record.diverged_at_epoch - 1 if record.diverged else spec.epochs)
-        assert record.runs_trained_together == len(seed_group)
+        assert record.group_seeds == tuple(s.seed for s in seed_group)
+        assert record.study == study

@@ -97,7 +97,7 @@ class Splits:
     test_labels: torch.Tensor
     checksum: str
 
-    def to(self, device: torch.device | str) -> "Splits":
+    def to(self, device: torch.device | str) -> Splits:
         moved = {name: getattr(self, name).to(device) for name in _TENSOR_FIELDS}
         return Splits(dataset=self.dataset, checksum=self.checksum, **moved)
 

@@ -7,14 +7,31 @@ native_batch_norm and its backward, threshold_backward, fused SGD) with the
 gradients derived by hand, so the arithmetic is the study's and the
 bookkeeping is gone. tests/test_train.py checks it against the eager path.
 
-Runs that differ only in their seed train as one computation: S models'
-weights are stacked into (S, ...) tensors, every matmul is a batched matmul
-over the S models, and batch norm sees the S models' features side by side,
-(B, S * features), so each feature is still normalized over its own model's
-batch. Every op is independent per model and rounds as it does for one
-model, so a run's trajectory is the one it has when trained alone, bit for
-bit (tested); what the S runs share is the per-op overhead, paid once per
-step instead of S times.
+Runs that differ only in their seed train as one step over S models whose
+weights are stacked into (S, ...) tensors. A run's arithmetic must not
+depend on which runs it trains with, on any CPU, so the step is built from
+three kinds of op only:
+
+- **once per model, on that model's own tensors**: every matmul (one GEMM
+  per model, never a batched matmul, whose kernel choice depends on the
+  batch count), every sum over the batch (bias gradients), log_softmax and
+  exp. Each call gets exactly the shapes, strides and 64-byte alignment it
+  gets when the model trains alone, so BLAS has nothing to choose
+  differently (MKL documents that results may depend on alignment);
+- **over all models at once, element by element**: ReLU, its backward,
+  scaling, the one-hot subtraction, in which no element's result depends on
+  another's or on where it lies in memory;
+- **over all models at once, feature by feature**: batch norm sees the S
+  models' features side by side, (B, S * features); ATen's CPU kernel
+  computes each feature's statistics, output and gradients in the same
+  order whatever the number of features, so each model's features come out
+  as they do alone. The fused SGD update takes each model's slice as a
+  tensor of its own, so its vector body and scalar tail split every tensor
+  as they do for one model.
+
+tests/test_train.py pins the result: a run trained with others equals, bit
+for bit, the run trained alone, including batch sizes whose last batch is
+ragged.
 
 For logits z = a2 W3^T + b3 and loss L = mean_i -log softmax(z_i)[y_i]:
 
@@ -25,7 +42,8 @@ For logits z = a2 W3^T + b3 and loss L = mean_i -log softmax(z_i)[y_i]:
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -35,10 +53,7 @@ from bnsuite.models import SimpleNN, SimpleNNWithBN
 BN_EPS = 1e-5  # nn.BatchNorm1d's defaults, which the bn variant uses
 BN_MOMENTUM = 0.1
 VARIANTS = ("plain", "bn")  # the variants whose networks the fast step covers
-# A batched matmul of several 10-row products (fc3's weight gradient) rounds differently from the same
-# product done alone (measured with this torch's MKL); one matmul per model keeps each run's arithmetic
-# independent of how many seeds it trains with. Every other matmul here is the same either way (tested).
-PER_MODEL_WEIGHT_GRADIENTS = ("fc3",)
+ALIGNMENT = 64  # bytes: every model's block of an activation starts on a cache line, as a fresh tensor does
 
 
 def supports(model: nn.Module) -> bool:
@@ -72,10 +87,13 @@ class FastStep:
         self.use_bn = isinstance(models[0], SimpleNNWithBN)
         self.weights = {name: _stack_into(models, name) for name, _ in models[0].named_parameters()}
         self.gradients = {name: torch.zeros_like(weight) for name, weight in self.weights.items()}
+        # Each model's slices, made once: the step's per-model calls index nothing.
+        self.per_model = {name: tensor.unbind(0) for name, tensor in self.weights.items()}
+        self.per_model_t = {name: [weight.t() for weight in self.per_model[name]]
+                            for name in self.weights if name.endswith("weight")}
+        self.per_model_grad = {name: tensor.unbind(0) for name, tensor in self.gradients.items()}
         momentum_buffers = [torch.zeros_like(weight) for weight in self.weights.values()]
-        # The SGD update takes each model's slice as a tensor of its own: the kernel's vectorized body and
-        # scalar tail then split every tensor as they do for one model, so no run's rounding depends on
-        # how many seeds it trains with.
+        # Each model's slice is a tensor of its own in the update (see the module docstring).
         self.update_lists = [
             [tensor[index] for tensor in stacked for index in range(len(models))]
             for stacked in (list(self.weights.values()), list(self.gradients.values()), momentum_buffers)
@@ -89,27 +107,30 @@ class FastStep:
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Update every model on its own batch: images (S, B, ...), labels (S, B) -> losses (S,), logits (S, B, 10)."""
-        w, g = self.weights, self.gradients
         models, batch = labels.shape
         x = images.reshape(models, batch, -1)
-        h1 = _linear(x, w, "fc1")
+        x = Blocks(x, x.unbind(0))
+        h1 = self._linear(x, "fc1")
         a1, bn1_saved = self._normalize_relu(h1, "bn1")
-        h2 = _linear(a1, w, "fc2")
+        h2 = self._linear(a1, "fc2")
         a2, bn2_saved = self._normalize_relu(h2, "bn2")
-        logits = _linear(a2, w, "fc3")
-        log_probabilities = torch.log_softmax(logits, dim=2)
+        logits = self._linear(a2, "fc3")
+        log_probabilities = _per_model_empty(models, batch, logits.all.shape[2], like=logits.all)
+        grad_logits = _per_model_empty(models, batch, logits.all.shape[2], like=logits.all)
+        for logits_i, log_probabilities_i, grad_logits_i in zip(logits.each, log_probabilities.each,
+                                                                 grad_logits.each, strict=True):
+            torch.log_softmax(logits_i, 1, out=log_probabilities_i)
+            torch.exp(log_probabilities_i, out=grad_logits_i)
         label_index = labels.unsqueeze(2)
-        losses = log_probabilities.gather(2, label_index).mean(dim=(1, 2)).neg_()
+        losses = log_probabilities.all.gather(2, label_index).mean(dim=(1, 2)).neg_()
 
-        grad_logits = log_probabilities.exp()
-        grad_logits.scatter_add_(2, label_index, _minus_ones(models, batch, logits))
-        grad_logits.mul_(1.0 / batch)
+        grad_logits.all.scatter_add_(2, label_index, _minus_ones(models, batch, logits.all))
+        grad_logits.all.mul_(1.0 / batch)
         grad_a2 = self._linear_backward(grad_logits, a2, "fc3")
         grad_h2 = self._relu_normalize_backward(grad_a2, a2, bn2_saved, "bn2")
         grad_a1 = self._linear_backward(grad_h2, a1, "fc2")
         grad_h1 = self._relu_normalize_backward(grad_a1, a1, bn1_saved, "bn1")
-        torch.bmm(grad_h1.transpose(1, 2), x, out=g["fc1.weight"])  # fc1's input needs no gradient
-        torch.sum(grad_h1, dim=1, out=g["fc1.bias"])
+        self._linear_backward(grad_h1, x, "fc1", input_gradient=False)  # the images need no gradient
 
         torch._fused_sgd_(
             *self.update_lists,
@@ -117,27 +138,57 @@ class FastStep:
             nesterov=False, maximize=False, is_first_step=self.first_step,
         )
         self.first_step = False
-        return losses, logits
+        return losses, logits.all
 
-    def _normalize_relu(self, h: torch.Tensor, name: str):
+    def _linear(self, x: Blocks, name: str) -> Blocks:
+        """x (S, B, in) -> (S, B, out): one GEMM per model, bias added as nn.Linear adds it."""
+        weight_t, bias = self.per_model_t[f"{name}.weight"], self.per_model[f"{name}.bias"]
+        models, batch, _ = x.all.shape
+        out = _per_model_empty(models, batch, weight_t[0].shape[1], like=x.all)
+        for x_i, weight_t_i, bias_i, out_i in zip(x.each, weight_t, bias, out.each, strict=True):
+            torch.addmm(bias_i, x_i, weight_t_i, out=out_i)
+        return out
+
+    def _linear_backward(self, grad_out: Blocks, layer_input: Blocks, name: str, *,
+                         input_gradient: bool = True) -> Blocks | None:
+        """Weight and bias gradients into self.gradients; returns the input gradient. One GEMM per model."""
+        weight = self.per_model[f"{name}.weight"]
+        grad_weight, grad_bias = self.per_model_grad[f"{name}.weight"], self.per_model_grad[f"{name}.bias"]
+        for grad_out_i, input_i, grad_weight_i, grad_bias_i in zip(grad_out.each, layer_input.each, grad_weight,
+                                                                   grad_bias, strict=True):
+            torch.mm(grad_out_i.t(), input_i, out=grad_weight_i)
+            torch.sum(grad_out_i, dim=0, out=grad_bias_i)
+        if not input_gradient:
+            return None
+        models, batch, _ = grad_out.all.shape
+        grad_input = _per_model_empty(models, batch, weight[0].shape[1], like=grad_out.all)
+        for grad_out_i, weight_i, grad_input_i in zip(grad_out.each, weight, grad_input.each, strict=True):
+            torch.mm(grad_out_i, weight_i, out=grad_input_i)
+        return grad_input
+
+    def _normalize_relu(self, h: Blocks, name: str):
         """ReLU(BN(h)) for bn (the S models' features side by side), ReLU(h) for plain."""
         if not self.use_bn:
-            return h.relu_(), None  # the ReLU output alone decides its gradient mask
-        models, batch, features = h.shape
+            h.all.relu_()  # the ReLU output alone decides its gradient mask
+            return h, None
+        models, batch, features = h.all.shape
         self.batches_tracked[0 if name == "bn1" else 1].add_(1)
-        side_by_side = h.transpose(0, 1).reshape(batch, models * features)
+        side_by_side = h.all.transpose(0, 1).reshape(batch, models * features)
         normalized, saved_mean, saved_invstd = torch.native_batch_norm(
             side_by_side, self.weights[f"{name}.weight"].view(-1), self.weights[f"{name}.bias"].view(-1),
             self.running[f"{name}.running_mean"].view(-1), self.running[f"{name}.running_var"].view(-1),
             True, BN_MOMENTUM, BN_EPS,
         )
-        activation = normalized.relu_().view(batch, models, features).transpose(0, 1)
+        # ReLU writes each model's activations back into a block of its own, as the next GEMM needs them.
+        activation = _per_model_empty(models, batch, features, like=h.all)
+        torch.clamp_min(normalized.view(batch, models, features).transpose(0, 1), 0, out=activation.all)
         return activation, (side_by_side, saved_mean, saved_invstd)
 
-    def _relu_normalize_backward(self, grad_out, activation, saved, name):
-        grad = torch.ops.aten.threshold_backward(grad_out, activation, 0)
+    def _relu_normalize_backward(self, grad_out: Blocks, activation: Blocks, saved, name: str) -> Blocks:
         if saved is None:
-            return grad
+            grad = torch.ops.aten.threshold_backward(grad_out.all, activation.all, 0)
+            return Blocks(grad, grad.unbind(0))  # grad_out's block layout, element by element
+        grad = torch.ops.aten.threshold_backward(grad_out.all, activation.all, 0)
         side_by_side, saved_mean, saved_invstd = saved
         models, batch, features = grad.shape
         grad_input, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
@@ -148,22 +199,29 @@ class FastStep:
         )
         self.gradients[f"{name}.weight"].view(-1).copy_(grad_weight)
         self.gradients[f"{name}.bias"].view(-1).copy_(grad_bias)
-        return grad_input.view(batch, models, features).transpose(0, 1)
-
-    def _linear_backward(self, grad_out, layer_input, name):
-        grad_weight = self.gradients[f"{name}.weight"]
-        if name in PER_MODEL_WEIGHT_GRADIENTS:
-            for index in range(len(self.models)):
-                torch.mm(grad_out[index].t(), layer_input[index], out=grad_weight[index])
-        else:
-            torch.bmm(grad_out.transpose(1, 2), layer_input, out=grad_weight)
-        torch.sum(grad_out, dim=1, out=self.gradients[f"{name}.bias"])
-        return torch.bmm(grad_out, self.weights[f"{name}.weight"])
+        per_model = _per_model_empty(models, batch, features, like=grad)
+        per_model.all.copy_(grad_input.view(batch, models, features).transpose(0, 1))
+        return per_model
 
 
-def _linear(x: torch.Tensor, weights: dict[str, torch.Tensor], name: str) -> torch.Tensor:
-    """x (S, B, in) -> (S, B, out), each model through its own layer."""
-    return torch.baddbmm(weights[f"{name}.bias"].unsqueeze(1), x, weights[f"{name}.weight"].transpose(1, 2))
+class Blocks(NamedTuple):
+    """A (S, rows, columns) tensor and its S per-model (rows, columns) views, made once."""
+
+    all: torch.Tensor
+    each: tuple[torch.Tensor, ...]
+
+
+def _per_model_empty(models: int, rows: int, columns: int, *, like: torch.Tensor) -> Blocks:
+    """An uninitialized (models, rows, columns) tensor, each model's block contiguous and 64-byte aligned.
+
+    Blocks are padded to a whole number of cache lines, so model i's block is
+    aligned as a freshly allocated tensor is, whatever i and the batch size.
+    """
+    per_line = ALIGNMENT // like.element_size()
+    block = -(-rows * columns // per_line) * per_line
+    storage = torch.empty(models * block, device=like.device, dtype=like.dtype)
+    stacked = storage.as_strided((models, rows, columns), (block, columns, 1))
+    return Blocks(stacked, stacked.unbind(0))
 
 
 def _stack_into(models: list[nn.Module], *names: str) -> torch.Tensor:

@@ -16,9 +16,9 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Subset
 from torchvision import datasets, transforms
 
-from bnsuite.data import dataset_info, default_data_dir, split_indices
+from bnsuite.data import Splits, dataset_info, default_data_dir, split_indices
+from bnsuite.models import make_optimizer
 from bnsuite.spec import TRAINING_IMAGES, RunSpec
-from bnsuite.train import make_optimizer
 
 STUDY_TRANSFORM = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5,), (0.5,))])
 
@@ -37,15 +37,18 @@ def original_loader(spec: RunSpec, generator: torch.Generator, *, data_dir: Path
 
 
 class OriginalEpochs:
-    """One training epoch per call, through the DataLoader, on the CPU as the original ran."""
+    """One training epoch per call, through the DataLoader, as the original ran; one run at a time."""
 
-    def __init__(self, spec: RunSpec, model: nn.Module, shuffle: torch.Generator, *, data_dir=None):
-        self.model = model
-        self.loader = original_loader(spec, shuffle, data_dir=data_dir)
-        self.optimizer = make_optimizer(model, spec, fused=False)
-        self.device = next(model.parameters()).device
+    def __init__(self, specs: list[RunSpec], models: list[nn.Module], shuffles: list[torch.Generator],
+                 splits: Splits, *, data_dir: Path | str | None = None):
+        if len(specs) != 1:
+            raise ValueError("the original pipeline trains one run at a time")
+        spec, self.model = specs[0], models[0]
+        self.loader = original_loader(spec, shuffles[0], data_dir=data_dir)
+        self.optimizer = make_optimizer(self.model, lr=spec.lr, momentum=spec.momentum, fused=False)
+        self.device = next(self.model.parameters()).device
 
-    def __call__(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self) -> tuple[torch.Tensor, torch.Tensor, int]:
         self.model.train()
         losses, correct = [], 0
         for images, labels in self.loader:
@@ -57,4 +60,4 @@ class OriginalEpochs:
             self.optimizer.step()
             losses.append(loss.item())
             correct += (outputs.argmax(dim=1) == labels).sum().item()
-        return torch.tensor([losses]), torch.tensor([correct])  # (1, steps), (1,): one run
+        return torch.tensor([losses]), torch.tensor([correct]), len(losses)  # (1, steps), (1,), steps: one run

@@ -33,7 +33,7 @@ def _png(figure) -> bytes:
 def _per_epoch_panels(epochs: pd.DataFrame, column: str, ylabel: str, title: str, *, log: bool) -> bytes:
     batch_sizes = sorted(epochs["batch_size"].unique())
     figure, axes = plt.subplots(1, len(batch_sizes), figsize=(4.2 * len(batch_sizes), 3.6), sharey=True, squeeze=False)
-    for axis, batch_size in zip(axes[0], batch_sizes):
+    for axis, batch_size in zip(axes[0], batch_sizes, strict=True):
         for variant, runs in epochs[epochs["batch_size"] == batch_size].groupby("variant"):
             by_epoch = runs.groupby("epoch")[column]
             mean, low, high = by_epoch.mean(), by_epoch.min(), by_epoch.max()

@@ -1,9 +1,17 @@
 """RunRecord: what one training run did, as JSON on disk and as pandas tables.
 
-A record carries its own context (the spec, the environment, the dataset
-checksum, the commit), so a table built from records never has to guess how
-a number was made. Records are written atomically: a crash, a kill or a
-concurrent writer leaves either no file or a complete one.
+A record carries its own context: the run's spec, the study it belonged to
+(what that study asked for: profile, matrix, epochs, claim settings), the
+seeds it trained together with, and the environment that produced it (CPU
+model and flags, BLAS, torch, threads, device, dataset checksum, commit). A
+report built from records never has to guess how a number was made.
+
+Records are written atomically: a crash, a kill or a concurrent writer leaves
+either no file or a complete one. Every field is validated when a record is
+read (type, range, and the fields that must agree with each other); a bad
+record is one `RecordError` naming the file and the field, and no field is
+ever filled with a default, except by the documented migration of schema-1
+records (`migrate_schema_1`).
 """
 
 from __future__ import annotations
@@ -11,69 +19,111 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import platform
-import subprocess
+import types
+import typing
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
+from typing import Annotated, Any, Union
 
 import pandas as pd
-import torch
+from pydantic import Field, TypeAdapter, ValidationError, with_config
 
 from bnsuite.files import write_atomically
-from bnsuite.spec import RunSpec, SpecError
+from bnsuite.spec import CONTRADICTED, NOT_SHOWN, STRICT, RunSpec, StudySpec
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 RUNS_SUBDIR = "runs"
+
+Percent = Annotated[float, Field(ge=0, le=100)]
+NonNegative = Annotated[float, Field(ge=0)]
 
 
 class RecordError(ValueError):
-    """A record file is malformed or of a schema this version cannot read."""
+    """A record file is malformed, inconsistent, duplicated or of a schema this version cannot read."""
 
 
+@with_config(STRICT)
 @dataclass(frozen=True)
 class EpochRecord:
-    epoch: int  # 1-based
-    train_loss: float  # mean of the per-batch losses, as the study prints it
-    train_accuracy: float  # percent, over the epoch's training batches (train mode)
-    validation_loss: float | None  # None under the seed protocol (no validation split)
-    validation_accuracy: float | None
-    test_loss: float
-    test_accuracy: float
-    epoch_time_s: float  # training only, evaluation excluded; a share when runs train together
+    epoch: Annotated[int, Field(ge=1)]  # 1-based
+    train_loss: NonNegative  # mean of the per-batch losses, as the study prints it
+    train_accuracy: Percent  # over the epoch's training batches (train mode)
+    validation_loss: NonNegative | None  # None under the seed protocol (no validation split)
+    validation_accuracy: Percent | None
+    test_loss: NonNegative
+    test_accuracy: Percent
+    epoch_time_s: NonNegative  # training only, evaluation excluded; a share when runs train together
 
 
+@with_config(STRICT)
 @dataclass(frozen=True)
 class Environment:
+    """What produced a record. The fields up to `threads` decide which kernels ran, hence the exact numbers."""
+
     torch_version: str
-    device: str
-    device_name: str
-    threads: int
+    device: str  # cpu, cuda:0, ...
+    device_name: str  # the CPU model on a CPU, the GPU's name on a GPU
+    cpu_model: str | None  # None only in records migrated from schema 1, which did not record it
+    cpu_flags: tuple[str, ...] | None  # the CPU's vector extensions (avx2, avx512f, amx_tile, ...)
+    cpu_capability: str | None  # the instruction set ATen's CPU kernels dispatch to (AVX2, AVX512, ...)
+    blas: str | None  # the BLAS library torch was built with, and its version
+    threads: Annotated[int, Field(ge=1)]
     python_version: str
     platform: str
     git_commit: str | None
-    dataset_checksum: str
+    dataset_checksum: Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
+
+    def fingerprint(self) -> dict:
+        """The fields that must agree for two runs of one spec to be expected bit for bit equal."""
+        return {key: getattr(self, key) for key in (
+            "torch_version", "device", "device_name", "cpu_model", "cpu_flags", "cpu_capability", "blas", "threads",
+            "dataset_checksum")}
 
 
+@with_config(STRICT)
 @dataclass(frozen=True)
 class RunRecord:
     spec: RunSpec
+    study: StudySpec | None  # what the study asked for; None for a run made outside a study
+    # The runs trained as one computation with this one (itself included): times are this run's share of it.
+    runs_trained_together: Annotated[int, Field(ge=1)]
+    # Their seeds (the runs differ only in the seed); None only in migrated schema-1 records of several runs.
+    group_seeds: tuple[int, ...] | None
     epochs: tuple[EpochRecord, ...]
-    test_loss: float | None
-    test_accuracy: float
-    train_time_s: float  # sum of epoch times: training only, evaluation excluded
-    steps: int  # optimizer steps taken
-    diverged_at_epoch: int | None  # first epoch whose loss blew up; the run stopped there
+    test_loss: NonNegative | None  # None when the model's loss is not finite (a diverged run)
+    test_accuracy: Percent
+    train_time_s: NonNegative  # sum of epoch times: training only, evaluation excluded
+    steps: Annotated[int, Field(ge=0)]  # optimizer steps the training loop took, counted as it ran
+    diverged_at_epoch: Annotated[int, Field(ge=1)] | None  # first epoch whose loss blew up; the run stopped there
     environment: Environment
     started_at: str
-    profile: str | None = None  # the benchmark profile that made it, if any
-    # Runs (this one included) trained as one batched computation; times are this run's share of it.
-    runs_trained_together: int = 1
     schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        """The fields that must agree with each other; a record that breaks one is refused, never repaired."""
+        expected = (self.diverged_at_epoch - 1 if self.diverged else self.spec.epochs)
+        _check(self.diverged_at_epoch is None or self.diverged_at_epoch <= self.spec.epochs,
+               "diverged_at_epoch", f"is {self.diverged_at_epoch}, after the run's last epoch {self.spec.epochs}")
+        _check([e.epoch for e in self.epochs] == list(range(1, expected + 1)), "epochs",
+               f"must number 1 to {expected} in order ({'diverged' if self.diverged else 'finished'} run of "
+               f"{self.spec.epochs} epochs), got {[e.epoch for e in self.epochs]}")
+        if self.group_seeds is not None:
+            _check(len(self.group_seeds) == self.runs_trained_together and self.spec.seed in self.group_seeds
+                   and len(set(self.group_seeds)) == len(self.group_seeds), "group_seeds",
+                   f"{list(self.group_seeds)} must be {self.runs_trained_together} distinct seeds, "
+                   f"this run's seed {self.spec.seed} among them")
+        if self.study is not None:
+            _check(self.spec in self.study.run_specs(), "study",
+                   f"does not include this run ({self.spec.case_id}, {self.spec.epochs} epochs, lr {self.spec.lr})")
+        _check(self.schema_version == SCHEMA_VERSION, "schema_version", f"must be {SCHEMA_VERSION}")
 
     @property
     def diverged(self) -> bool:
         return self.diverged_at_epoch is not None
+
+    @property
+    def profile(self) -> str | None:
+        return self.study.profile if self.study else None
 
     @property
     def train_losses(self) -> list[float]:
@@ -84,7 +134,12 @@ class RunRecord:
         return self.epochs[-1].train_loss if self.epochs and not self.diverged else math.inf
 
     def epochs_to_target(self, target_loss: float) -> int | None:
-        """The first epoch whose mean training loss is at or below `target_loss`, or None."""
+        """The first epoch whose mean training loss is at or below `target_loss`; None if never, or if diverged.
+
+        A run that blows up later has not reached a training loss it could not keep.
+        """
+        if self.diverged:
+            return None
         return next((epoch.epoch for epoch in self.epochs if epoch.train_loss <= target_loss), None)
 
     @property
@@ -95,7 +150,8 @@ class RunRecord:
         return json.dumps(dataclasses.asdict(self), indent=1, allow_nan=False)
 
     @classmethod
-    def from_json(cls, text: str, *, source: str = "record") -> "RunRecord":
+    def from_json(cls, text: str, *, source: str = "record") -> RunRecord:
+        """Parse and validate a record, migrating schema 1; RecordError names `source` and the bad field."""
         try:
             raw = json.loads(text)
         except json.JSONDecodeError as error:
@@ -103,73 +159,132 @@ class RunRecord:
         if not isinstance(raw, dict):
             raise RecordError(f"{source}: expected a JSON object, got {type(raw).__name__}")
         version = raw.get("schema_version")
-        if version != SCHEMA_VERSION:
+        if version == 1:
+            raw = migrate_schema_1(raw, source=source)
+        elif version != SCHEMA_VERSION:
             raise RecordError(
-                f"{source}: schema version {version!r} is not supported (this bnsuite reads version "
+                f"{source}: schema version {version!r} is not supported (this bnsuite reads versions 1 and "
                 f"{SCHEMA_VERSION}); re-run the study with this version or use the bnsuite that wrote it"
             )
+        missing = _missing_fields(raw, cls)
+        if missing:
+            raise RecordError(f"{source}: field {missing} is missing; a record is never completed with defaults. "
+                              "Delete it or re-run that case")
         try:
-            return cls(
-                spec=RunSpec(**raw["spec"]),
-                epochs=tuple(EpochRecord(**epoch) for epoch in raw["epochs"]),
-                environment=Environment(**raw["environment"]),
-                **{key: raw[key] for key in _SCALAR_FIELDS},
-                runs_trained_together=raw.get("runs_trained_together", 1),  # absent from older records
-            )
-        except (KeyError, TypeError, SpecError) as error:
-            raise RecordError(f"{source}: malformed record ({type(error).__name__}: {error})") from error
+            return _RECORD.validate_json(json.dumps(raw))
+        except ValidationError as error:
+            raise RecordError(f"{source}: {_describe(error)}; delete it or re-run that case") from None
 
 
-_SCALAR_FIELDS = (
-    "test_loss", "test_accuracy", "train_time_s", "steps", "diverged_at_epoch",
-    "started_at", "profile", "schema_version",
-)
+_RECORD = TypeAdapter(RunRecord)
+
+
+class _Inconsistent(ValueError):
+    pass
+
+
+def _check(condition: bool, field: str, problem: str) -> None:
+    if not condition:
+        raise _Inconsistent(f"field {field} {problem}")
+
+
+def _describe(error: ValidationError) -> str:
+    """One line: the first bad field, where it is, what was wrong, and how many more there are."""
+    first = error.errors()[0]
+    place = ".".join(str(part) for part in first["loc"])
+    message = first["msg"].removeprefix("Value error, ")
+    if isinstance(first.get("ctx", {}).get("error"), _Inconsistent) or not place:
+        text = message  # a check of several fields names its own field
+    else:
+        text = f"field {place}: {message}, got {first.get('input')!r}"
+    more = error.error_count() - 1
+    return text + (f" (and {more} more problem{'s' if more > 1 else ''})" if more else "")
+
+
+def _missing_fields(raw: Any, cls: Any, path: str = "") -> str | None:
+    """The dotted name of the first dataclass field absent from `raw`, or None."""
+    if not isinstance(raw, dict):
+        return None  # a wrong type is the validator's to report
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        name = f"{path}{field.name}"
+        if field.name not in raw:
+            return name
+        for place, value, inner in _nested(name, raw[field.name], hints[field.name]):
+            missing = _missing_fields(value, inner, f"{place}.")
+            if missing:
+                return missing
+    return None
+
+
+def _nested(name: str, value: Any, hint: Any):
+    """(place, value, dataclass) under a field whose type is a dataclass, an optional one, or a tuple of them."""
+    if dataclasses.is_dataclass(hint):
+        yield name, value, hint
+    elif typing.get_origin(hint) in (Union, types.UnionType):
+        yield from ((name, value, option) for option in typing.get_args(hint) if dataclasses.is_dataclass(option))
+    elif typing.get_origin(hint) is tuple and isinstance(value, list):
+        inner = typing.get_args(hint)[0]
+        if dataclasses.is_dataclass(inner):
+            yield from ((f"{name}.{index}", item, inner) for index, item in enumerate(value))
+
+
+# What a schema-1 record's profile meant when bnsuite wrote schema 1; frozen here so a later change to a
+# profile never changes what an old record says. Schema 1 recorded neither the matrix nor the claim settings.
+_SCHEMA_1_CLAIMS = {
+    "full": {"target_loss": 0.1, "known_exceptions": [
+        {"claim": "bn-final-loss-rises-with-batch-size", "verdict": CONTRADICTED,
+         "reason": "over 10 full epochs BN's final training loss falls as the batch grows from 32 to 128; "
+                   "the rise holds only in short runs (smoke), where larger batches mean too few steps"},
+        {"claim": "plain-final-loss-rises-with-batch-size", "verdict": NOT_SHOWN,
+         "reason": "plain's final loss rises from batch 64 to 128, but at 32 and 64 the seeds overlap"},
+    ]},
+    "quick": {"target_loss": 0.15, "known_exceptions": []},
+    "smoke": {"target_loss": 0.5, "known_exceptions": [
+        {"claim": "bn-converges-faster-bs32", "verdict": NOT_SHOWN,
+         "reason": "in 2 epochs on 4,000 images both variants first reach loss 0.5 in epoch 2 of 2, "
+                   "so the epoch counts tie; the full study's 10 epochs separate them"},
+    ]},
+}
+
+
+def migrate_schema_1(raw: dict, *, source: str = "record") -> dict:
+    """A schema-1 record as schema 2, filling only what schema 1 did not record, as documented here.
+
+    - `study`: for a record of a profile (full, quick, smoke), that profile's protocol as the run's spec gives it,
+      its claim settings as they were under schema 1 (target loss, alpha 0.05, margin 0.1, known exceptions),
+      and, since schema 1 did not record the matrix, a matrix of this run alone. A record of no profile: None.
+    - `runs_trained_together`: as recorded, 1 where absent (records older than training seeds together).
+    - `group_seeds`: this run's seed when it trained alone; None (not recorded) when it trained with others.
+    - `environment`: cpu_model, cpu_flags, cpu_capability and blas are None (not recorded).
+    """
+    raw = dict(raw)
+    profile = raw.pop("profile", None)
+    if profile is not None and profile not in _SCHEMA_1_CLAIMS:
+        raise RecordError(f"{source}: schema-1 field profile is {profile!r}; schema 1 knew full, quick and smoke")
+    spec = raw.get("spec")
+    if profile is not None and isinstance(spec, dict):
+        raw["study"] = {
+            "profile": profile, "dataset": spec.get("dataset"), "variants": [spec.get("variant")],
+            "batch_sizes": [spec.get("batch_size")], "seeds": [spec.get("seed")], "epochs": spec.get("epochs"),
+            "lr": spec.get("lr"), "device": spec.get("device"), "validation_size": spec.get("validation_size"),
+            "train_subset": spec.get("train_subset"),
+            "claims": {**_SCHEMA_1_CLAIMS[profile], "alpha": 0.05, "accuracy_margin": 0.1},
+        }
+    else:
+        raw["study"] = None
+    together = raw.setdefault("runs_trained_together", 1)
+    raw["group_seeds"] = [spec.get("seed")] if together == 1 and isinstance(spec, dict) else None
+    if isinstance(raw.get("environment"), dict):
+        raw["environment"] = {**raw["environment"], "cpu_model": None, "cpu_flags": None,
+                              "cpu_capability": None, "blas": None}
+    raw["schema_version"] = SCHEMA_VERSION
+    return raw
 
 
 def finite_or_none(value: float) -> float | None:
     """JSON has no NaN: a diverged run's non-finite loss is stored as null."""
     return value if math.isfinite(value) else None
-
-
-def now_utc() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def describe_environment(device: torch.device, dataset_checksum: str) -> Environment:
-    if device.type == "cuda":
-        device_name = torch.cuda.get_device_name(device)
-    else:
-        device_name = platform.processor() or platform.machine()
-    return Environment(
-        torch_version=torch.__version__,
-        device=str(device),
-        device_name=device_name,
-        threads=torch.get_num_threads(),
-        python_version=platform.python_version(),
-        platform=platform.platform(),
-        git_commit=git_commit(),
-        dataset_checksum=dataset_checksum,
-    )
-
-
-def git_commit() -> str | None:
-    """The commit of the bnsuite checkout, `+dirty` if its code has local changes; None outside git.
-
-    Changes under `results/` do not count: a study rewrites the committed
-    reference records there as it runs, and that says nothing about the code.
-    """
-    here = Path(__file__).resolve().parent
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no", "--", ":/", ":(top,exclude)results"],
-            cwd=here, capture_output=True, text=True, timeout=10, check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return commit + ("+dirty" if dirty else "")
 
 
 def save_record(record: RunRecord, results_dir: Path | str) -> Path:
@@ -186,15 +301,29 @@ def save_record(record: RunRecord, results_dir: Path | str) -> Path:
 
 
 def load_records(results_dir: Path | str) -> list[RunRecord]:
-    """Every record under `<results_dir>/runs/`, sorted by case; a malformed file raises RecordError."""
+    """Every record under `<results_dir>/runs/`, sorted by case.
+
+    A malformed record raises RecordError naming its file; so do two records
+    of the same run (same spec), naming both files: which one is right is for
+    the user to decide, never for the loader.
+    """
     runs = Path(results_dir) / RUNS_SUBDIR
     if not runs.is_dir():
         raise FileNotFoundError(
             f"no results in {results_dir}: {runs} does not exist. Run the study first: pytest benchmarks/"
         )
-    records = [RunRecord.from_json(path.read_text(), source=str(path)) for path in sorted(runs.glob("*.json"))]
+    paths = sorted(runs.glob("*.json"))
+    records = [RunRecord.from_json(path.read_text(), source=str(path)) for path in paths]
     if not records:
         raise FileNotFoundError(f"no records in {runs}. Run the study first: pytest benchmarks/")
+    seen: dict[RunSpec, Path] = {}
+    for path, record in zip(paths, records, strict=True):
+        if record.spec in seen:
+            raise RecordError(
+                f"{seen[record.spec]} and {path} are records of the same run ({record.spec.case_id}, "
+                f"spec {record.spec.fingerprint}); keep one of them and move the other out of {runs}"
+            )
+        seen[record.spec] = path
     return sorted(records, key=lambda r: (r.spec.dataset, r.spec.variant, r.spec.batch_size, r.spec.seed))
 
 
@@ -236,4 +365,3 @@ def epochs_frame(records: list[RunRecord]) -> pd.DataFrame:
         for epoch in record.epochs
     ]
     return pd.DataFrame(rows)
-

@@ -1,11 +1,14 @@
 """`python -m bnsuite.report`: the study's records as markdown tables, plots and a discussion.
 
-Every number comes from the records in the results directory, and every
-sentence of the discussion from those numbers and the claims' verdicts.
+Every number comes from the records in the results directory and the
+pytest-benchmark JSON the report is pointed at, and every sentence of the
+discussion from those numbers and the claims' verdicts. What a study asked
+for (its matrix, its claim settings, its known exceptions) is read from the
+records too: the report imports neither the profiles nor the training stack.
 Records made under different protocols (dataset, epochs, training images,
-profile) are never pooled: each protocol gets its own section, and the report
-says when there is more than one. A study with missing runs is reported as
-incomplete, with what is missing.
+profile, claim settings) are never pooled: each protocol gets its own section,
+and the report says when there is more than one. A study with missing runs
+is reported as incomplete, with what is missing.
 """
 
 from __future__ import annotations
@@ -20,12 +23,10 @@ from pathlib import Path
 import pandas as pd
 
 from bnsuite import plots
-from bnsuite.claims import (
-    CONTRADICTED, NOT_SUPPORTED_IN_OUR_MEASUREMENTS, SUPPORTED, ClaimResult, study_claims,
-)
+from bnsuite.claims import ClaimResult, study_claims
 from bnsuite.files import write_atomically
 from bnsuite.records import RecordError, RunRecord, epochs_frame, load_records, runs_frame
-from bnsuite.study import PROFILES
+from bnsuite.spec import CONTRADICTED, SUPPORTED, ClaimSettings
 
 DEFAULT_RESULTS = Path("results")
 DEFAULT_BENCHMARKS = Path(".benchmarks")
@@ -72,19 +73,31 @@ def build_report(results: Path, *, out: Path, benchmarks: Path | None = None, wi
 
 
 def protocol_key(record: RunRecord) -> str:
+    """The protocol a record was made under, as one line; records with different lines are never pooled."""
     protocol = record.spec.protocol()
     train = protocol["train_subset"] or 60_000 - protocol["validation_size"]
     held_out = "seed protocol, no validation split" if protocol["validation_size"] == 0 else (
         f"{protocol['validation_size']} validation images")
-    return (f"profile {record.profile or 'none'}: {protocol['dataset']}, {protocol['epochs']} epochs, "
+    line = (f"profile {record.profile or 'none'}: {protocol['dataset']}, {protocol['epochs']} epochs, "
             f"{train} training images ({held_out}), SGD lr {protocol['lr']} momentum {protocol['momentum']}")
+    return line
 
 
 def group_by_protocol(records: list[RunRecord]) -> dict[str, list[RunRecord]]:
-    groups: dict[str, list[RunRecord]] = defaultdict(list)
+    """Records by protocol and claim settings; the claim settings are named only where they tell sections apart."""
+    groups: dict[tuple[str, ClaimSettings | None], list[RunRecord]] = defaultdict(list)
     for record in records:
-        groups[protocol_key(record)].append(record)
-    return dict(groups)
+        groups[(protocol_key(record), record.study.claims if record.study else None)].append(record)
+    lines = [line for line, _ in groups]
+    return {(line if lines.count(line) == 1 else f"{line}, {_describe_settings(settings)}"): group
+            for (line, settings), group in groups.items()}
+
+
+def _describe_settings(settings: ClaimSettings | None) -> str:
+    if settings is None:
+        return "made outside a study (no claim settings)"
+    return (f"claims at target loss {settings.target_loss}, alpha {settings.alpha}, "
+            f"margin {settings.accuracy_margin} points")
 
 
 def protocol_section(protocol: str, records: list[RunRecord], *, out: Path, prefix: str, with_plots: bool,
@@ -101,9 +114,9 @@ def protocol_section(protocol: str, records: list[RunRecord], *, out: Path, pref
                   "epoch is measured on the official 10,000 test images.", ""]
 
     lines += [f"{h} Test accuracy without and with BN", "", headline_table(runs), ""]
-    claims = evaluate_claims(records)
-    profile = records[0].profile
-    lines += [f"{h} Discussion", ""] + discussion(runs, claims) + [""]
+    settings = records[0].study.claims if records[0].study else None
+    claims = evaluate_claims(records, settings)
+    lines += [f"{h} Discussion", ""] + discussion(runs, claims, settings) + [""]
     if with_plots:
         lines += figures(runs, epochs, out=out, prefix=prefix, held_out_column=held_out_column, heading=h)
     lines += [f"{h} Training loss per epoch (mean of per-batch losses, mean over seeds)", "",
@@ -118,21 +131,16 @@ def protocol_section(protocol: str, records: list[RunRecord], *, out: Path, pref
     if runs["runs_trained_together"].max() > 1:
         lines += ["Runs trained together (the seeds of a variant and batch size, as one batched "
                   "computation) are each given their share of its time.", ""]
-    lines += [f"{h} Claims", "", claims_table(claims, profile), ""]
+    lines += [f"{h} Claims", "", claims_table(claims, settings), ""]
     return lines
 
 
 def completeness(records: list[RunRecord]) -> list[str]:
-    profile = records[0].profile
+    """Which runs the records' studies asked for and are missing, and which runs diverged."""
     present = {(r.spec.variant, r.spec.batch_size, r.spec.seed) for r in records}
-    if profile in PROFILES:
-        expected = {(s.variant, s.batch_size, s.seed) for s in PROFILES[profile].run_specs()}
-        expected |= present  # runs beyond the profile's defaults were asked for on purpose
-    else:
-        variants = {v for v, _, _ in present}
-        batches = {b for _, b, _ in present}
-        seeds = {s for _, _, s in present}
-        expected = {(v, b, s) for v in variants for b in batches for s in seeds}
+    expected = set(present)  # a run made outside a study asked for itself only
+    for study in {record.study for record in records if record.study is not None}:
+        expected |= {(s.variant, s.batch_size, s.seed) for s in study.run_specs()}
     missing = sorted(expected - present)
     diverged = [r.spec.case_id for r in records if r.diverged]
     lines = []
@@ -217,24 +225,30 @@ def timing_table(runs: pd.DataFrame) -> str:
     return pd.DataFrame(rows).to_markdown(index=False)
 
 
-def evaluate_claims(records: list[RunRecord]) -> list[ClaimResult]:
+def evaluate_claims(records: list[RunRecord], settings: ClaimSettings | None) -> list[ClaimResult]:
+    """The claims these runs allow, judged with the settings their study recorded; none without a study."""
+    if settings is None:
+        return []
     variants = tuple(sorted({r.spec.variant for r in records}, key=_variant_order))
     batch_sizes = tuple(sorted({r.spec.batch_size for r in records}))
-    profile = records[0].profile
-    target = PROFILES[profile].target_loss if profile in PROFILES else PROFILES["full"].target_loss
-    return [claim.evaluate(records) for claim in study_claims(variants, batch_sizes, target)]
+    return [claim.evaluate(records) for claim in study_claims(variants, batch_sizes, settings)]
 
 
-def claims_table(claims: list[ClaimResult], profile: str | None) -> str:
+def claims_table(claims: list[ClaimResult], settings: ClaimSettings | None) -> str:
+    if settings is None:
+        return "_These runs were made outside a study, so they carry no claim settings and no claim is judged._"
     if not claims:
         return "_No claim applies to these runs (they need both plain and bn)._"
-    rows = [{"claim": c.name, "statement": c.statement, "evidence": c.evidence, "rule": c.rule,
-             "verdict": f"**{c.verdict}**",
-             "known exception": NOT_SUPPORTED_IN_OUR_MEASUREMENTS.get((profile, c.name), "")} for c in claims]
+    rows = []
+    for c in claims:
+        known = settings.known_exception(c.name)
+        rows.append({"claim": c.name, "statement": c.statement, "evidence": c.evidence, "rule": c.rule,
+                     "verdict": f"**{c.verdict}**",
+                     "known exception": f"{known.verdict}: {known.reason}" if known else ""})
     return pd.DataFrame(rows).to_markdown(index=False)
 
 
-def discussion(runs: pd.DataFrame, claims: list[ClaimResult]) -> list[str]:
+def discussion(runs: pd.DataFrame, claims: list[ClaimResult], settings: ClaimSettings | None) -> list[str]:
     """Sentences that each restate a measured number or a claim verdict, nothing else."""
     by_name = {claim.name: claim for claim in claims}
     sentences = []
@@ -259,8 +273,8 @@ def discussion(runs: pd.DataFrame, claims: list[ClaimResult]) -> list[str]:
          "plain in every seed", "it was not shown"),
         ("bn-lower-final-loss", "**Final training loss:** BN ended lower than plain in every seed",
          "this was not shown"),
-        ("bn-accuracy-at-least-plain", "**Test accuracy:** BN's was at least plain's (within 0.1 points)",
-         "this was not shown"),
+        ("bn-accuracy-at-least-plain", "**Test accuracy:** BN's was at least plain's (within "
+         f"{settings.accuracy_margin if settings else ''} points)", "this was not shown"),
     ]:
         sentence = phrase(kind, shown, not_shown)
         if sentence:
@@ -318,65 +332,101 @@ def figures(runs, epochs, *, out: Path, prefix: str, held_out_column: str, headi
 
 
 def benchmark_section(benchmarks: Path | None) -> list[str]:
-    """pytest-benchmark's own timing of each case, from its newest saved run, if there is one."""
-    if benchmarks is None or not benchmarks.is_dir():
+    """pytest-benchmark's timing of each case and the speed benchmark's figures, from one saved run.
+
+    `benchmarks` is a pytest-benchmark JSON file, or a storage directory whose
+    newest run (by pytest-benchmark's run counter) that timed study cases is
+    used. Benchmarks are recognised by the `bnsuite` kind their extra_info
+    carries (benchmarks/), never by test names.
+    """
+    if benchmarks is None or not benchmarks.exists():
         return []
-    saved = sorted(benchmarks.glob("*/*.json"), key=lambda path: path.stat().st_mtime)
-    for path in reversed(saved):
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
+    paths = [benchmarks] if benchmarks.is_file() else sorted(benchmarks.glob("*/*.json"), key=lambda p: p.name)
+    for path in reversed(paths):
+        data = read_benchmark_json(path)
+        cases = [bench for bench in data.get("benchmarks", []) if _kind(bench) == "case"]
+        if not cases:
             continue
-        rows = [
-            {"case": bench.get("param") or bench["name"],
-             "profile": bench.get("extra_info", {}).get("profile"),
-             "runs": len(bench.get("extra_info", {}).get("cases", [])),
-             "wall time for the case (s)": f"{bench['stats']['median']:.2f}",
-             "rounds": bench["stats"]["rounds"]}
-            for bench in data.get("benchmarks", []) if bench.get("name", "").startswith("test_training_runs[")
-        ]
-        if rows:
-            return ["## pytest-benchmark timings", "",
-                    f"From `{path}` ({data.get('datetime', 'unknown time')}); one round per case, each case "
-                    "training its seeds together, training and per-epoch evaluation included.", "",
-                    pd.DataFrame(rows).to_markdown(index=False), ""] + speed_rows(data)
+        rows = [{"case": bench["extra_info"]["case"],
+                 "profile": bench["extra_info"]["profile"],
+                 "runs": len(bench["extra_info"]["runs"]),
+                 "wall time for the case (s)": f"{bench['stats']['median']:.2f}",
+                 "rounds": bench["stats"]["rounds"]} for bench in cases]
+        return ["## pytest-benchmark timings", "",
+                f"From `{path}` ({data.get('datetime', 'unknown time')}); one round per case, each case "
+                "training its seeds together, training and per-epoch evaluation included.", "",
+                pd.DataFrame(rows).to_markdown(index=False), ""] + speed_rows(data)
     return []
 
 
+def read_benchmark_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise RecordError(f"{path}: not a readable pytest-benchmark JSON file ({error}); "
+                          "delete it or point --benchmarks elsewhere") from error
+    if not isinstance(data, dict) or not isinstance(data.get("benchmarks", []), list):
+        raise RecordError(f"{path}: not a pytest-benchmark JSON file (no list of benchmarks)")
+    return data
+
+
+def _kind(bench: dict) -> str | None:
+    info = bench.get("extra_info") if isinstance(bench, dict) else None
+    return info.get("bnsuite") if isinstance(info, dict) else None
+
+
 def speed_rows(data: dict) -> list[str]:
-    """The speed benchmark's ratios (benchmarks/test_speed.py), measured side by side in that same run."""
-    rows = []
+    """The speed benchmark's figures (benchmarks/test_speed.py), measured side by side in that same run."""
+    paths, fractions, peak = [], [], None
     for bench in data.get("benchmarks", []):
         info = bench.get("extra_info", {})
-        if bench["name"].startswith("test_fast_path_epoch"):
-            rows.append({"benchmark": f"{bench['name']}, {info['runs_together']} seeds together",
-                         "epoch (s)": f"{info['epoch_s_per_run']:.2f} per run",
-                         "GFLOP/s": f"{info['achieved_gflops']:.1f}",
-                         "fraction of matmul peak": f"{info.get('fraction_of_matmul_peak', float('nan')):.2f}",
-                         **{f"speed-up vs {label}": f"{info[key]:.2f}x" if key in info else ""
-                            for key, label in (("speedup_vs_original", "original pipeline"),
-                                               ("speedup_vs_eager", "eager autograd"),
-                                               ("speedup_vs_one_run_alone", "one run alone"))}})
-        elif bench["name"].startswith(("test_original_pipeline_epoch", "test_one_run_tensor_epoch")):
-            rows.append({"benchmark": bench["name"], "epoch (s)": f"{info['epoch_s']:.2f}"})
-        elif bench["name"] == "test_matmul_peak":
-            rows.append({"benchmark": "float32 matmul peak", "GFLOP/s": f"{info['peak_gflops']:.1f}"})
-    if not rows:
-        return []
-    return ["### Speed (benchmarks/test_speed.py, same run)", "",
-            pd.DataFrame(rows).fillna("").to_markdown(index=False, disable_numparse=True), ""]
+        if _kind(bench) == "paths":
+            epoch_s, speedup = info["epoch_s"], info["speedup"]
+            paths.append({
+                "variant": info["variant"], "batch size": info["batch_size"],
+                **{f"{label} (s/epoch)": f"{epoch_s[key]:.2f}" for key, label in PATH_LABELS},
+                "speed-up vs original": f"{speedup['original']:.2f}x",
+                "vs eager": f"{speedup['eager']:.2f}x",
+                "vs fast step alone": f"{speedup['one_run']:.2f}x",
+                "rounds": info["rounds"],
+            })
+        elif _kind(bench) == "fraction":
+            fractions.append({
+                "variant": info["variant"], "batch size": info["batch_size"],
+                "runs together": info["runs_together"], "epoch (s per run)": f"{info['epoch_s_per_run']:.2f}",
+                "GFLOP/s": f"{info['achieved_gflops']:.1f}",
+                "fraction of matmul peak": f"{info['fraction_of_matmul_peak']:.2f}",
+            })
+        elif _kind(bench) == "matmul-peak":
+            peak = info["peak_gflops"]
+    lines = []
+    if paths:
+        lines += ["### Speed: one epoch at batch 64 through each training path (benchmarks/test_speed.py)", "",
+                  "Each round trains one epoch through every path in turn; a speed-up is the median over rounds "
+                  "of the round's time ratio. The study's way trains the seeds together; its time is per run.", "",
+                  pd.DataFrame(paths).to_markdown(index=False, disable_numparse=True), ""]
+    if fractions:
+        lines += ["### Speed: the study's way against the float32 matmul peak"
+                  + (f" ({peak:.1f} GFLOP/s)" if peak else ""), "",
+                  pd.DataFrame(fractions).to_markdown(index=False, disable_numparse=True), ""]
+    return lines
+
+
+PATH_LABELS = (("original", "original pipeline"), ("eager", "eager autograd"), ("one_run", "fast step, one run"),
+               ("study", "the study's way"))
 
 
 def environment_section(records: list[RunRecord]) -> list[str]:
-    rows = {}
+    rows: dict[tuple, int] = {}
     for record in records:
         env = record.environment
-        key = (env.torch_version, env.device, env.device_name, env.threads, env.git_commit, env.dataset_checksum)
-        rows.setdefault(key, 0)
-        rows[key] += 1
+        key = (env.torch_version, env.device, env.device_name, env.threads, env.git_commit, env.dataset_checksum,
+               env.cpu_capability, env.blas)
+        rows[key] = rows.get(key, 0) + 1
     table = pd.DataFrame(
         [{"torch": k[0], "device": k[1], "device name": k[2], "threads": k[3], "commit": k[4] or "unknown",
-          "dataset MD5 (combined)": k[5], "runs": count} for k, count in rows.items()]
+          "dataset MD5 (combined)": k[5], "runs": count,
+          "CPU kernels": k[6] or "not recorded", "BLAS": k[7] or "not recorded"} for k, count in rows.items()]
     )
     return ["## Environment the records came from", "", table.to_markdown(index=False), ""]
 

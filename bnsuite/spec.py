@@ -1,9 +1,12 @@
-"""RunSpec: what one training run is, checked when it is made.
+"""What a run is (RunSpec) and what a study asks for (StudySpec, ClaimSettings), checked when made.
 
 The defaults are the study's (SGD lr 0.01, momentum 0.9, 10 epochs, batch 64,
 MNIST). A spec that cannot run (unknown variant, batch size 0, lr of nan...)
 is refused at construction with a message saying what to change, so a long
 study never fails half-way on a value it could have rejected at the start.
+
+Every record carries its RunSpec and the StudySpec it was made under, so the
+report and the claims read what a study asked for from the records alone.
 """
 
 from __future__ import annotations
@@ -12,19 +15,26 @@ import dataclasses
 import hashlib
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from pydantic import ConfigDict, with_config
 
 from bnsuite.data import DATASETS
 from bnsuite.models import VARIANTS
 
 TRAINING_IMAGES = 60_000  # both MNIST and Fashion-MNIST
 PIPELINES = ("fast", "eager", "original")
+SUPPORTED, CONTRADICTED, NOT_SHOWN = "supported", "contradicted", "not shown"
+VERDICTS = (SUPPORTED, CONTRADICTED, NOT_SHOWN)
+# How records are read back (bnsuite.records): types exact, no NaN or infinity, no unknown field.
+STRICT = ConfigDict(strict=True, allow_inf_nan=False, extra="forbid")
 
 
 class SpecError(ValueError):
     """A run specification has a value that cannot run; the message says which and why."""
 
 
+@with_config(STRICT)
 @dataclass(frozen=True)
 class RunSpec:
     dataset: str = "mnist"
@@ -44,7 +54,8 @@ class RunSpec:
     def __post_init__(self) -> None:
         _require(self.dataset in DATASETS, f"unknown dataset {self.dataset!r}; choose one of: {', '.join(DATASETS)}")
         _require(self.variant in VARIANTS, f"unknown variant {self.variant!r}; choose one of: {', '.join(VARIANTS)}")
-        _require(self.pipeline in PIPELINES, f"unknown pipeline {self.pipeline!r}; choose one of: {', '.join(PIPELINES)}")
+        _require(self.pipeline in PIPELINES,
+                 f"unknown pipeline {self.pipeline!r}; choose one of: {', '.join(PIPELINES)}")
         _require(_is_device_name(self.device), f"unknown device {self.device!r}; choose auto, cpu, cuda or cuda:N")
         _require_int(self.batch_size, "batch size", minimum=1)
         _require_int(self.epochs, "epochs", minimum=1)
@@ -106,6 +117,105 @@ class RunSpec:
         for varying in ("variant", "batch_size", "seed", "device", "pipeline"):
             fields.pop(varying)
         return fields
+
+
+@with_config(STRICT)
+@dataclass(frozen=True)
+class KnownException:
+    """A claim our own measurements do not support under one study protocol, and the verdict they give.
+
+    The claims gate reports it as an expected failure only while the verdict
+    stays this one: a claim that starts to hold, or moves from "not shown" to
+    "contradicted", fails the run until the entry is updated.
+    """
+
+    claim: str  # the claim's name, e.g. bn-final-loss-rises-with-batch-size
+    verdict: str  # "not shown" or "contradicted"
+    reason: str
+
+    def __post_init__(self) -> None:
+        _require(self.verdict in (NOT_SHOWN, CONTRADICTED),
+                 f"a known exception's verdict is 'not shown' or 'contradicted', got {self.verdict!r}")
+
+
+@with_config(STRICT)
+@dataclass(frozen=True)
+class ClaimSettings:
+    """Everything the claims' decision rule depends on, recorded with every run of a study."""
+
+    target_loss: float  # training loss for "epochs to reach the target"
+    alpha: float = 0.05  # one-sided exact permutation test at p <= alpha
+    accuracy_margin: float = 0.1  # percentage points: "at least" tolerates a difference smaller than this
+    known_exceptions: tuple[KnownException, ...] = ()
+
+    def __post_init__(self) -> None:
+        _require(_is_positive_number(self.target_loss),
+                 f"target loss must be a finite number > 0, got {self.target_loss!r}")
+        _require(_is_positive_number(self.alpha) and self.alpha < 1, f"alpha must be in (0, 1), got {self.alpha!r}")
+        _require(isinstance(self.accuracy_margin, (int, float)) and 0 <= self.accuracy_margin < 100,
+                 f"accuracy margin must be in [0, 100) points, got {self.accuracy_margin!r}")
+        names = [exception.claim for exception in self.known_exceptions]
+        _require(len(set(names)) == len(names), f"known exceptions name a claim twice: {names}")
+
+    def known_exception(self, claim: str) -> KnownException | None:
+        return next((exception for exception in self.known_exceptions if exception.claim == claim), None)
+
+
+@with_config(STRICT)
+@dataclass(frozen=True)
+class StudySpec:
+    """A study: the matrix of runs (variant x batch size x seed) under one protocol, and its claim settings."""
+
+    profile: str
+    dataset: str = "mnist"
+    variants: tuple[str, ...] = ("plain", "bn")
+    batch_sizes: tuple[int, ...] = (32, 64, 128)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    epochs: int = 10
+    lr: float = 0.01
+    device: str = "auto"
+    validation_size: int = 0  # 0: the seed protocol (train on all 60,000)
+    train_subset: int | None = None
+    claims: ClaimSettings = field(default_factory=lambda: ClaimSettings(target_loss=0.1))
+
+    def __post_init__(self) -> None:
+        for name, values in (("variants", self.variants), ("batch sizes", self.batch_sizes), ("seeds", self.seeds)):
+            _require(len(values) > 0, f"a study needs at least one of its {name}")
+            _require(len(set(values)) == len(values), f"{name} {values} repeat a value; give each once")
+        self.run_specs()  # every combination must make a valid RunSpec
+
+    def run_spec(self, variant: str, batch_size: int, seed: int) -> RunSpec:
+        return RunSpec(
+            dataset=self.dataset, variant=variant, batch_size=batch_size, epochs=self.epochs, seed=seed, lr=self.lr,
+            device=self.device, validation_size=self.validation_size, train_subset=self.train_subset,
+        )
+
+    def run_specs(self) -> list[RunSpec]:
+        """Every run of the study, ordered batch size, then variant, then seed."""
+        return [spec for group in self.seed_groups() for spec in group]
+
+    def seed_groups(self) -> list[tuple[RunSpec, ...]]:
+        """The study's runs by (variant, batch size), each group its seeds: what trains as one computation."""
+        return [
+            tuple(self.run_spec(variant, batch_size, seed) for seed in self.seeds)
+            for batch_size in self.batch_sizes
+            for variant in self.variants
+        ]
+
+    def seed_group_of(self, spec: RunSpec) -> tuple[RunSpec, ...]:
+        """The group `spec` trains in: its variant and batch size with every seed of the study."""
+        return tuple(self.run_spec(spec.variant, spec.batch_size, seed) for seed in self.seeds)
+
+    def protocol(self) -> dict:
+        """What must agree for results to be compared: everything but the matrix and the device."""
+        fields = dataclasses.asdict(self)
+        for varying in ("variants", "batch_sizes", "seeds", "device"):
+            fields.pop(varying)
+        return fields
+
+
+def _is_positive_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
 def _is_device_name(device: object) -> bool:

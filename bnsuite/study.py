@@ -1,74 +1,49 @@
-"""The study as a matrix of runs: profiles, the options that override them, and a session that runs them.
+"""The study's profiles, the options that override them, and a session that runs a study's cases.
 
-A `StudySpec` says which runs make up the study (variant x batch size x seed
-under one protocol). `PROFILES` are its presets: `full` is the study exactly
-(the seed protocol, 10 epochs, all 60,000 training images), `smoke` is small
-enough for CI, `quick` is in between. A `StudySession` trains each run once,
-the seeds of a (variant, batch size) together, saves every record, reports
-progress epoch by epoch, and hands the records on to the claims, so the
-claims reuse the runs the benchmarks already made.
+A `StudySpec` (bnsuite.spec) says which runs make up a study (variant x batch
+size x seed under one protocol) and how its claims are judged. `PROFILES` are
+its presets: `full` is the study exactly (the seed protocol, 10 epochs, all
+60,000 training images), `smoke` is small enough for CI, `quick` is in
+between. A `StudySession` trains each case once, the seeds of a (variant,
+batch size) together, saves every record, reports progress epoch by epoch,
+and hands the records on to the claims, so the claims reuse the runs the
+benchmarks already made.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
+from bnsuite.claims import study_claims
 from bnsuite.data import DATASETS
 from bnsuite.models import VARIANTS
 from bnsuite.records import EpochRecord, RunRecord, save_record
-from bnsuite.spec import RunSpec, SpecError
+from bnsuite.spec import CONTRADICTED, NOT_SHOWN, ClaimSettings, KnownException, RunSpec, SpecError, StudySpec
 from bnsuite.train import train_seeds
 
 DEVICES = ("auto", "cpu", "cuda")
 
-
-@dataclass(frozen=True)
-class StudySpec:
-    profile: str
-    dataset: str = "mnist"
-    variants: tuple[str, ...] = ("plain", "bn")
-    batch_sizes: tuple[int, ...] = (32, 64, 128)
-    seeds: tuple[int, ...] = (0, 1, 2)
-    epochs: int = 10
-    lr: float = 0.01
-    device: str = "auto"
-    validation_size: int = 0  # 0: the seed protocol (train on all 60,000)
-    train_subset: int | None = None
-    target_loss: float = 0.1  # for "epochs to reach the target training loss"
-
-    def run_spec(self, variant: str, batch_size: int, seed: int) -> RunSpec:
-        return RunSpec(
-            dataset=self.dataset, variant=variant, batch_size=batch_size, epochs=self.epochs, seed=seed, lr=self.lr,
-            device=self.device, validation_size=self.validation_size, train_subset=self.train_subset,
-        )
-
-    def run_specs(self) -> list[RunSpec]:
-        """Every run of the study, ordered batch size, then variant, then seed."""
-        return [spec for group in self.seed_groups() for spec in group]
-
-    def seed_groups(self) -> list[tuple[RunSpec, ...]]:
-        """The study's runs by (variant, batch size), each group its seeds: what trains as one computation."""
-        return [
-            tuple(self.run_spec(variant, batch_size, seed) for seed in self.seeds)
-            for batch_size in self.batch_sizes
-            for variant in self.variants
-        ]
-
-    def seed_group_of(self, spec: RunSpec) -> tuple[RunSpec, ...]:
-        """The group `spec` trains in: its variant and batch size with every seed of the study."""
-        return tuple(self.run_spec(spec.variant, spec.batch_size, seed) for seed in self.seeds)
-
-
 PROFILES = {
-    "full": StudySpec(profile="full"),
-    "quick": StudySpec(profile="quick", epochs=4, train_subset=20_000, validation_size=10_000, target_loss=0.15),
-    "smoke": StudySpec(profile="smoke", epochs=2, train_subset=4_000, validation_size=10_000, target_loss=0.5),
+    "full": StudySpec(profile="full", claims=ClaimSettings(target_loss=0.1, known_exceptions=(
+        KnownException("bn-final-loss-rises-with-batch-size", CONTRADICTED,
+                       "over 10 full epochs BN's final training loss falls as the batch grows from 32 to 128; "
+                       "the rise holds only in short runs (smoke), where larger batches mean too few steps"),
+        KnownException("plain-final-loss-rises-with-batch-size", NOT_SHOWN,
+                       "plain's final loss rises from batch 64 to 128, but at 32 and 64 the seeds overlap"),
+    ))),
+    "quick": StudySpec(profile="quick", epochs=4, train_subset=20_000, validation_size=10_000,
+                       claims=ClaimSettings(target_loss=0.15)),
+    "smoke": StudySpec(profile="smoke", epochs=2, train_subset=4_000, validation_size=10_000,
+                       claims=ClaimSettings(target_loss=0.5, known_exceptions=(
+                           KnownException("bn-converges-faster-bs32", NOT_SHOWN,
+                                          "in 2 epochs on 4,000 images both variants first reach loss 0.5 in epoch 2 "
+                                          "of 2, so the epoch counts tie; the full study's 10 epochs separate them"),
+                       ))),
 }
 
 
@@ -87,10 +62,13 @@ def study_from_options(
     """A StudySpec from a profile and command-line style overrides (comma-separated lists).
 
     Every value is checked here, before anything trains, and a bad one raises
-    SpecError saying what is wrong and what is allowed.
+    SpecError saying what is wrong and what is allowed. The profile's known
+    exceptions carry over only to claims whose runs the overrides leave as the
+    profile measured them (same protocol, same seeds, same batch sizes in the claim).
     """
     if profile not in PROFILES:
         raise SpecError(f"unknown profile {profile!r}; choose one of: {', '.join(PROFILES)}")
+    base = PROFILES[profile]
     changes: dict = {}
     if dataset is not None:
         _check_choice(dataset, DATASETS, "dataset")
@@ -110,11 +88,28 @@ def study_from_options(
         if device == "cuda" and not torch.cuda.is_available():
             raise SpecError("device 'cuda' was asked for, but torch sees no CUDA GPU here; use --bn-device cpu or auto")
         changes["device"] = device
+    claims = base.claims
     if target_loss is not None:
-        changes["target_loss"] = _positive_float(str(target_loss), "target loss")
-    study = dataclasses.replace(PROFILES[profile], **changes)
-    study.run_specs()  # every combination must make a valid RunSpec (batch size vs training set, ...)
-    return study
+        claims = dataclasses.replace(claims, target_loss=_positive_float(str(target_loss), "target loss"))
+    study = dataclasses.replace(base, **changes, claims=dataclasses.replace(claims, known_exceptions=()))
+    return dataclasses.replace(study, claims=dataclasses.replace(
+        study.claims, known_exceptions=_exceptions_that_still_apply(base, study)))
+
+
+def _exceptions_that_still_apply(profile: StudySpec, study: StudySpec) -> tuple[KnownException, ...]:
+    """The profile's known exceptions whose claims the study judges on the runs the profile measured."""
+    unchanged = dataclasses.replace(profile.claims, known_exceptions=())
+    if study.protocol() != dataclasses.replace(profile, claims=unchanged).protocol() or study.seeds != profile.seeds:
+        return ()
+    measured = {claim.name: claim.needs for claim in claims_of(profile)}
+    judged = {claim.name: claim.needs for claim in claims_of(study)}
+    return tuple(exception for exception in profile.claims.known_exceptions
+                 if exception.claim in judged and judged[exception.claim] == measured.get(exception.claim))
+
+
+def claims_of(study: StudySpec):
+    """The claims a study checks: those its variants and batch sizes allow."""
+    return study_claims(study.variants, study.batch_sizes, study.claims)
 
 
 def _split_list(text: str, what: str) -> list[str]:
@@ -179,7 +174,9 @@ class StudySession:
         def report_epoch(run: RunSpec, epoch: EpochRecord) -> None:
             self.progress(progress_line(run, epoch, time.perf_counter() - started))
 
-        records = train_seeds(specs, data_dir=self.data_dir, profile=self.study.profile, on_epoch=report_epoch)
+        # Runs outside the study's matrix (a changed learning rate, say) are recorded without its settings.
+        study = self.study if set(specs) <= set(self.study.run_specs()) else None
+        records = train_seeds(specs, data_dir=self.data_dir, study=study, on_epoch=report_epoch)
         for record in records:
             if record.diverged:
                 self.progress(f"{record.spec.case_id}: diverged in epoch {record.diverged_at_epoch}; the study goes on")

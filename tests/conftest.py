@@ -28,3 +28,5 @@ def write_small_idx_dir(directory, *, train=20, test=10, seed=0):
     for name, array in arrays.items():
         (directory / name).write_bytes(encode_idx(array))
     return arrays
+
+pytest_plugins = ("pytester",)  # the study plugin's behaviour is tested in pytest runs of its own

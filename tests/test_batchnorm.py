@@ -68,7 +68,7 @@ def test_bn_scratch_variant_trains_on_the_same_trajectory_as_bn(mnist_dir):
     common = dict(epochs=2, train_subset=2_000, batch_size=64, seed=1)
     torch_bn = train(RunSpec(variant="bn", pipeline="eager", **common), data_dir=mnist_dir)
     scratch_bn = train(RunSpec(variant="bn-scratch", **common), data_dir=mnist_dir)
-    for ours, theirs in zip(scratch_bn.epochs, torch_bn.epochs):
+    for ours, theirs in zip(scratch_bn.epochs, torch_bn.epochs, strict=True):
         assert ours.train_loss == pytest.approx(theirs.train_loss, rel=1e-4)
         assert ours.validation_loss == pytest.approx(theirs.validation_loss, rel=1e-4)
     assert scratch_bn.test_accuracy == pytest.approx(torch_bn.test_accuracy, abs=0.05)

@@ -9,10 +9,14 @@ from torchvision import datasets, transforms
 
 from bnsuite import data
 from bnsuite.data import (
-    DATASETS, DataUnavailableError, load_numpy_pickle, load_raw, load_splits, normalize,
+    DATASETS,
+    DataUnavailableError,
+    load_numpy_pickle,
+    load_raw,
+    load_splits,
+    normalize,
 )
 from bnsuite.idx import IdxFormatError, encode_idx, md5_of
-
 from conftest import write_small_idx_dir
 
 

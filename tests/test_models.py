@@ -3,6 +3,7 @@ import torch
 from torch import nn
 
 from bnsuite.models import VARIANTS, SimpleNN, SimpleNNWithBN, build_model, parameter_count
+from bnsuite.speed import training_flops_per_sample
 
 
 def test_parameter_counts_are_the_studys():
@@ -39,3 +40,13 @@ def test_same_seed_gives_the_same_default_initialization():
 def test_unknown_variant_lists_the_known_ones():
     with pytest.raises(ValueError, match="unknown variant 'resnet'; choose one of: plain, bn, bn-scratch"):
         build_model("resnet")
+
+
+def test_training_flops_per_image_are_the_matmuls_of_forward_and_backward():
+    layers = [(784, 256), (256, 128), (128, 10)]
+    forward = sum(2 * fan_in * fan_out for fan_in, fan_out in layers)
+    weight_gradients = forward
+    input_gradients = sum(2 * fan_in * fan_out for fan_in, fan_out in layers[1:])  # the image needs none
+    assert forward + weight_gradients + input_gradients == 1_007_104
+    assert training_flops_per_sample(build_model("plain")) == 1_007_104
+    assert training_flops_per_sample(build_model("bn")) == 1_007_104  # BN's elementwise work is not counted

@@ -1,25 +1,57 @@
+"""Records: what a run carries, how it is read back, and how a bad or old record is handled."""
+
+import dataclasses
 import json
+import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 
+from bnsuite import environment
 from bnsuite.records import (
-    RUNS_SUBDIR, SCHEMA_VERSION, RecordError, RunRecord, epochs_frame, load_records, runs_frame, save_record,
+    RUNS_SUBDIR,
+    SCHEMA_VERSION,
+    RecordError,
+    RunRecord,
+    epochs_frame,
+    load_records,
+    runs_frame,
+    save_record,
 )
-from bnsuite.spec import RunSpec
+from bnsuite.spec import ClaimSettings, StudySpec
 from bnsuite.train import train
+
+SCHEMA_1 = Path(__file__).parent / "data" / "schema1-full"
+STUDY = StudySpec(profile="smoke", variants=("bn",), batch_sizes=(64,), seeds=(0, 1), epochs=2, train_subset=1_000,
+                  validation_size=10_000, claims=ClaimSettings(target_loss=0.5))
 
 
 @pytest.fixture(scope="module")
 def record(mnist_dir):
-    return train(RunSpec(variant="bn", epochs=2, train_subset=1_000), data_dir=mnist_dir, profile="test")
+    return train(STUDY.run_spec("bn", 64, 0), data_dir=mnist_dir, study=STUDY)
+
+
+def _raw(record) -> dict:
+    return json.loads(record.to_json())
 
 
 def test_record_survives_a_json_round_trip_unchanged(record):
     assert RunRecord.from_json(record.to_json()) == record
 
 
+def test_record_carries_its_study_group_and_environment(record):
+    assert record.study == STUDY and record.profile == "smoke"
+    assert record.group_seeds == (0,) and record.runs_trained_together == 1
+    env = record.environment
+    assert env.cpu_model and env.cpu_capability and env.blas and env.threads >= 1
+    assert env.cpu_flags == tuple(sorted(env.cpu_flags))
+    assert all(flag.startswith(environment.VECTOR_FLAG_PREFIXES) for flag in env.cpu_flags)
+    assert set(env.fingerprint()) >= {"cpu_model", "cpu_flags", "blas", "torch_version", "threads", "device"}
+
+
 def test_saved_records_load_back_as_one_row_per_run_and_per_epoch(record, tmp_path):
-    other = RunRecord.from_json(record.to_json().replace('"seed": 0', '"seed": 1'))
+    other = RunRecord.from_json(json.dumps(_with(_raw(record), ["spec", "seed"], 1, ["group_seeds"], [1])))
     save_record(record, tmp_path)
     save_record(other, tmp_path)
     loaded = load_records(tmp_path)
@@ -36,32 +68,104 @@ def test_saving_leaves_no_temporary_file_behind(record, tmp_path):
     assert path.name == f"bn-bs64-seed0-{record.spec.fingerprint}.json"
 
 
+def _with(raw: dict, *changes) -> dict:
+    """`raw` with each (path, value) pair of `changes` set; a value of ... deletes the field."""
+    raw = json.loads(json.dumps(raw))
+    for path, value in zip(changes[::2], changes[1::2], strict=True):
+        target = raw
+        for key in path[:-1]:
+            target = target[key]
+        if value is ...:
+            del target[path[-1]]
+        else:
+            target[path[-1]] = value
+    return raw
+
+
+@pytest.mark.parametrize("change, message", [
+    ((["test_accuracy"], "NaN"), "field test_accuracy: Input should be a valid number, got 'NaN'"),
+    ((["epochs", 1, "test_accuracy"], 100.5), "field epochs.1.test_accuracy: Input should be less than or equal"),
+    ((["epochs", 0, "train_loss"], -1.0), "field epochs.0.train_loss: Input should be greater than or equal to 0"),
+    ((["steps"], "64"), "field steps: Input should be a valid integer"),
+    ((["spec", "batch_size"], 0), "batch size must be at least 1"),
+    ((["spec", "variant"], "resnet"), "unknown variant 'resnet'"),
+    ((["spec", "variant"], ...), "field spec.variant is missing"),
+    ((["environment", "threads"], ...), "field environment.threads is missing"),
+    ((["epochs", 1, "epoch_time_s"], ...), "field epochs.1.epoch_time_s is missing"),
+    ((["study", "claims", "target_loss"], ...), "field study.claims.target_loss is missing"),
+    ((["spec", "colour"], "red"), "field spec.colour: Unexpected keyword argument"),
+    ((["environment", "dataset_checksum"], "abc"), "field environment.dataset_checksum: String should match"),
+    ((["epochs", 1, "epoch"], 3), "field epochs must number 1 to 2 in order"),
+    ((["group_seeds"], [1, 2]), "field group_seeds [1, 2] must be 1 distinct seeds"),
+    ((["study", "epochs"], 3), "field study does not include this run"),
+])
+def test_a_bad_field_is_refused_with_the_file_and_the_field(record, change, message):
+    text = json.dumps(_with(_raw(record), *change))
+    with pytest.raises(RecordError) as error:
+        RunRecord.from_json(text, source="runs/a.json")
+    assert str(error.value).startswith("runs/a.json: ") and message in str(error.value), str(error.value)
+
+
 def test_malformed_record_is_refused_with_its_path(tmp_path):
     runs = tmp_path / RUNS_SUBDIR
     runs.mkdir()
-    (runs / "broken.json").write_text('{"schema_version": 1, "spec": ')
+    (runs / "broken.json").write_text('{"schema_version": 2, "spec": ')
     with pytest.raises(RecordError, match="broken.json: not valid JSON"):
         load_records(tmp_path)
 
 
-def test_record_written_before_runs_were_trained_together_loads_as_trained_alone(record):
-    raw = json.loads(record.to_json())
-    del raw["runs_trained_together"]
-    assert RunRecord.from_json(json.dumps(raw)).runs_trained_together == 1
-
-
-def test_record_missing_fields_is_refused(record):
-    raw = json.loads(record.to_json())
-    del raw["environment"]
-    with pytest.raises(RecordError, match="malformed record"):
-        RunRecord.from_json(json.dumps(raw))
+def test_two_records_of_the_same_run_are_an_error_naming_both_files(record, tmp_path):
+    path = save_record(record, tmp_path)
+    shutil.copy(path, path.with_name("copy-of-the-same-run.json"))
+    with pytest.raises(RecordError, match=r"bn-bs64-seed0-\w+\.json and .*copy-of-the-same-run.json are records "
+                                          r"of the same run \(bn-bs64-seed0"):
+        load_records(tmp_path)
 
 
 def test_record_of_an_unknown_schema_version_is_refused(record):
-    raw = json.loads(record.to_json())
+    raw = _raw(record)
     raw["schema_version"] = SCHEMA_VERSION + 1
-    with pytest.raises(RecordError, match="schema version 2 is not supported"):
+    with pytest.raises(RecordError, match="schema version 3 is not supported"):
         RunRecord.from_json(json.dumps(raw))
+
+
+def test_schema_1_records_load_migrated_as_documented():
+    records = load_records(SCHEMA_1)
+    assert len(records) == 18
+    record = next(r for r in records if r.spec.case_id == "bn-bs64-seed1")
+    assert record.schema_version == 2
+    assert record.study.profile == "full" and record.study.claims.target_loss == 0.1
+    assert (record.study.variants, record.study.batch_sizes, record.study.seeds) == (("bn",), (64,), (1,))
+    assert record.study.claims.known_exception("bn-final-loss-rises-with-batch-size").verdict == "contradicted"
+    assert record.runs_trained_together == 3 and record.group_seeds is None  # schema 1 did not name the group
+    assert record.environment.cpu_model is None and record.environment.blas is None
+    assert len(record.epochs) == 10 and record.test_accuracy == pytest.approx(98.22, abs=0.5)
+
+
+def test_schema_1_record_of_a_run_trained_alone_names_its_own_seed_as_its_group():
+    raw = json.loads(next((SCHEMA_1 / RUNS_SUBDIR).glob("plain-bs32-seed2-*.json")).read_text())
+    raw["runs_trained_together"] = 1
+    migrated = RunRecord.from_json(json.dumps(raw))
+    assert migrated.group_seeds == (2,)
+    del raw["runs_trained_together"]  # records older than training seeds together
+    assert RunRecord.from_json(json.dumps(raw)).group_seeds == (2,)
+
+
+def test_schema_1_record_of_no_profile_has_no_study():
+    raw = json.loads(next((SCHEMA_1 / RUNS_SUBDIR).glob("plain-bs32-seed2-*.json")).read_text())
+    raw["profile"] = None
+    assert RunRecord.from_json(json.dumps(raw)).study is None
+    raw["profile"] = "huge"
+    with pytest.raises(RecordError, match="schema-1 field profile is 'huge'"):
+        RunRecord.from_json(json.dumps(raw))
+
+
+def test_epochs_to_target_of_a_run_that_diverged_later_is_never(record):
+    reached = record.epochs_to_target(10.0)
+    assert reached == 1
+    diverged = dataclasses.replace(record, epochs=record.epochs[:1], diverged_at_epoch=2)
+    assert diverged.epochs_to_target(10.0) is None
+    assert diverged.final_train_loss == float("inf")
 
 
 def test_results_directory_without_records_is_a_clear_error(tmp_path):
@@ -73,10 +177,6 @@ def test_results_directory_without_records_is_a_clear_error(tmp_path):
 
 
 def test_commit_is_dirty_only_for_code_changes_not_for_results(tmp_path, monkeypatch):
-    import subprocess
-
-    from bnsuite import records
-
     repo = tmp_path / "repo"
     (repo / "bnsuite").mkdir(parents=True)
     (repo / "results").mkdir()
@@ -85,10 +185,18 @@ def test_commit_is_dirty_only_for_code_changes_not_for_results(tmp_path, monkeyp
     for command in (["init", "-q"], ["add", "-A"],
                     ["-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "init"]):
         subprocess.run(["git", *command], cwd=repo, check=True)
-    monkeypatch.setattr(records, "__file__", str(repo / "bnsuite" / "records.py"))
-    clean = records.git_commit()
+    monkeypatch.setattr(environment, "__file__", str(repo / "bnsuite" / "environment.py"))
+    clean = environment.git_commit()
     assert clean and not clean.endswith("+dirty")
     (repo / "results" / "REPORT.md").write_text("new\n")
-    assert records.git_commit() == clean
+    assert environment.git_commit() == clean
     (repo / "bnsuite" / "code.py").write_text("x = 2\n")
-    assert records.git_commit() == clean + "+dirty"
+    assert environment.git_commit() == clean + "+dirty"
+
+
+def test_cpu_model_and_vector_flags_are_read_from_cpuinfo(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: AMD EPYC 9B14\nflags\t\t: fpu avx2 fma sse4_2 avx512f amx_tile "
+                       "rdrand\n\nprocessor\t: 1\nmodel name\t: AMD EPYC 9B14\n")
+    assert environment.cpu_model_and_flags(cpuinfo) == ("AMD EPYC 9B14",
+                                                        ("amx_tile", "avx2", "avx512f", "fma", "sse4_2"))

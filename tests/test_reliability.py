@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 
 from bnsuite import data, report
-from bnsuite.claims import NOT_SHOWN, SUPPORTED, bn_lower_final_loss
+from bnsuite.claims import bn_lower_final_loss
 from bnsuite.idx import IdxFormatError, encode_idx, md5_of
 from bnsuite.records import RUNS_SUBDIR, load_records, save_record
-from bnsuite.spec import RunSpec, SpecError
+from bnsuite.spec import SUPPORTED, RunSpec, SpecError
 from bnsuite.study import StudySession, study_from_options
-
+from bnsuite.train import train
 from conftest import write_small_idx_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,18 +78,67 @@ def test_bad_study_options_fail_before_anything_trains(options, message):
         study_from_options(**options)
 
 
+STUDY_TEST = """
+def test_a_case(study_session):
+    pass
+"""
+PLAIN_TEST = """
+def test_nothing_to_do_with_the_study():
+    pass
+"""
+
+
+def _run_plugin(pytester, *args):
+    # In process: a subprocess would spend most of its time importing torch again.
+    return pytester.runpytest_inprocess("-p", "bnsuite.plugin", "-p", "no:cacheprovider", *args)
+
+
 @pytest.mark.parametrize("option, message", [
     (["--bn-batch-sizes", "0"], "bnsuite: batch size must be at least 1, got 0"),
-    (["--bn-results-dir", "/dev/null/results"], "bnsuite: cannot write records to /dev/null/results"),
+    (["--bn-profile", "huge"], "bnsuite: unknown profile 'huge'; choose one of: full, quick, smoke"),
+    (["--bn-results-dir", "/dev/null/results"], "bnsuite: cannot write records to /dev/null/results (Not a directory)"),
 ])
-def test_bad_option_on_the_command_line_is_one_message_and_no_traceback(option, message):
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "benchmarks/", *option, "-p", "no:cacheprovider"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 4  # pytest's usage error: nothing ran
-    assert message in result.stderr
-    assert "Traceback" not in result.stdout + result.stderr
+def test_bad_option_on_the_command_line_is_one_message_and_no_traceback(pytester, option, message):
+    pytester.makepyfile(test_plugin_case=STUDY_TEST)
+    result = _run_plugin(pytester, *option)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR  # nothing ran
+    assert message in result.stderr.str()
+    assert "Traceback" not in result.stdout.str() + result.stderr.str()
+
+
+def test_results_and_data_are_checked_only_when_the_run_collects_a_study_case(pytester, tmp_path):
+    corrupt = tmp_path / "data"
+    (corrupt / "MNIST" / "raw").mkdir(parents=True)
+    (corrupt / "MNIST" / "raw" / "train-images-idx3-ubyte").write_bytes(b"not an image file")
+    pytester.makepyfile(test_plugin_plain=PLAIN_TEST, test_plugin_case=STUDY_TEST)
+    options = ["--bn-results-dir", "/dev/null/results", "--bn-data-dir", str(corrupt)]
+    assert _run_plugin(pytester, "test_plugin_plain.py", *options).ret == pytest.ExitCode.OK
+    assert _run_plugin(pytester, "-k", "nothing_to_do", *options).ret == pytest.ExitCode.OK  # deselected
+    unwritable = _run_plugin(pytester, *options)
+    assert unwritable.ret == pytest.ExitCode.USAGE_ERROR
+    assert "cannot write records to /dev/null/results" in unwritable.stderr.str()
+    bad_data = _run_plugin(pytester, "--bn-results-dir", str(tmp_path / "results"), "--bn-data-dir", str(corrupt))
+    assert bad_data.ret == pytest.ExitCode.USAGE_ERROR
+    bad_data.stderr.fnmatch_lines(["*train-images-idx3-ubyte: * does not match the expected 6bbc9ace*"])
+    assert not list((tmp_path / "results").glob("runs/*.json"))
+
+
+def test_a_benchmark_run_describes_its_study_and_lists_the_claims_judged(pytester, tmp_path, mnist_dir):
+    pytester.makepyfile(test_plugin_claims="""
+        from bnsuite.claims import ClaimResult
+
+        def test_claim(study_session, record_claim):
+            record_claim(ClaimResult("a-claim", "A statement.", "a rule", "the evidence", "supported", 0.05))
+    """)
+    result = _run_plugin(pytester, "--bn-profile", "smoke", "--bn-batch-sizes", "128", "--bn-results-dir",
+                         str(tmp_path), "--bn-data-dir", str(mnist_dir))
+    assert result.ret == pytest.ExitCode.OK
+    result.stdout.fnmatch_lines([
+        "bnsuite study: profile smoke, mnist, 2 epochs, 4000 training images, 10000 held out for validation",
+        "*6 runs: variants plain,bn x batch sizes 128 x seeds 0,1,2, in 2 cases*",
+        "*bnsuite claims*",
+        "*SUPPORTED  a-claim: the evidence",
+    ])
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU")
@@ -99,8 +148,6 @@ def test_cuda_without_a_gpu_fails_before_anything_trains():
 
 
 def test_unwritable_results_directory_is_a_clear_error(tmp_path, mnist_dir):
-    from bnsuite.train import train
-
     record = train(RunSpec(variant="plain", **TINY), data_dir=mnist_dir)
     blocker = tmp_path / "not-a-directory"
     blocker.write_text("a file where the results directory should be")
@@ -142,25 +189,26 @@ WRITER = textwrap.dedent("""
 
 
 def test_a_record_write_killed_at_any_moment_leaves_the_old_or_the_complete_new_record(tmp_path, mnist_dir):
-    from bnsuite.train import train
-
     record = train(RunSpec(variant="bn", **TINY), data_dir=mnist_dir)
     template = tmp_path / "template.json"
     template.write_text(record.to_json())
-    results = tmp_path / "results"
-    save_record(record, results)  # the old state
-    for delay in (0.0, 0.007, 0.031):
-        writer = subprocess.Popen([sys.executable, "-c", WRITER, str(template), str(results)], cwd=ROOT,
-                                  stdout=subprocess.PIPE, text=True)
+    delays = (0.0, 0.007, 0.031)
+    results = [tmp_path / f"results-{index}" for index in range(len(delays))]
+    for directory in results:
+        save_record(record, directory)  # the old state
+    # One writer per directory, started together: they pay their imports side by side.
+    writers = [subprocess.Popen([sys.executable, "-c", WRITER, str(template), str(directory)], cwd=ROOT,
+                                stdout=subprocess.PIPE, text=True) for directory in results]
+    for writer, directory, delay in zip(writers, results, delays, strict=True):
         assert writer.stdout.readline().strip() == "writing"  # killed mid-loop, not before the first write
         time.sleep(delay)
         writer.send_signal(signal.SIGKILL)
         writer.wait()
         writer.stdout.close()
-        records = load_records(results)  # raises on any partial or malformed record
+        records = load_records(directory)  # raises on any partial or malformed record
         assert len(records) == 1 and records[0].spec == record.spec
         assert re.match(r"\d+-", records[0].started_at)  # a complete record from the killed writer
-        assert [p.name for p in (results / RUNS_SUBDIR).glob("*.json")] == [record.filename]
+        assert [p.name for p in (directory / RUNS_SUBDIR).glob("*.json")] == [record.filename]
 
 
 def test_an_interrupted_study_keeps_its_finished_records_and_the_report_says_it_is_incomplete(
@@ -224,8 +272,10 @@ def test_a_diverging_run_is_recorded_the_study_goes_on_and_claims_and_report_say
     assert any("diverged in epoch 1; the study goes on" in line for line in lines)
     records = [session.record(exploding)] + [session.run(spec) for spec in study.run_specs() if spec.seed or
                                              spec.variant == "bn"]
-    verdict = bn_lower_final_loss(128).evaluate(records)
-    assert "1 diverged" in verdict.evidence and verdict.verdict in (SUPPORTED, NOT_SHOWN)
+    verdict = bn_lower_final_loss(128, study.claims).evaluate(records)
+    # The diverged run counts as plain's worst, so bn beats all 9 pairs: p = 1/20. Dropping it (p = 1/10)
+    # or counting it best would leave the claim not shown.
+    assert "1 diverged" in verdict.evidence and verdict.verdict == SUPPORTED
     markdown = report.build_report(tmp_path, out=tmp_path / "REPORT.md", with_plots=False)
     assert "Diverged runs:** plain-bs128-seed0" in markdown
 

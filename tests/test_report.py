@@ -1,30 +1,44 @@
 """The report: every table, figure and discussion sentence from real records; protocols never pooled."""
 
+import ast
 import dataclasses
+import json
 from importlib.metadata import entry_points
+from pathlib import Path
 
 import pytest
 
 from bnsuite import report
-from bnsuite.records import save_record
-from bnsuite.spec import RunSpec
+from bnsuite.records import RUNS_SUBDIR, save_record
+from bnsuite.spec import ClaimSettings, KnownException, StudySpec
 from bnsuite.train import train
 
-SMALL = dict(epochs=2, train_subset=1_024, validation_size=10_000, batch_size=128)
+STUDY = StudySpec(profile="smoke", variants=("plain", "bn"), batch_sizes=(128,), seeds=(0, 1), epochs=2,
+                  train_subset=1_024, validation_size=10_000, claims=ClaimSettings(target_loss=0.5))
+SCHEMA_1 = Path(__file__).parent / "data" / "schema1-full"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
 def records(mnist_dir):
-    return [train(RunSpec(variant=variant, seed=seed, **SMALL), data_dir=mnist_dir, profile="smoke")
-            for variant in ("plain", "bn") for seed in (0, 1)]
+    return [train(spec, data_dir=mnist_dir, study=STUDY) for spec in STUDY.run_specs()]
+
+
+def _save(records, directory):
+    for record in records:
+        save_record(record, directory)
+    return directory
 
 
 @pytest.fixture
 def results(tmp_path, records):
-    for record in records:
-        save_record(record, tmp_path)
-    return tmp_path
+    return _save(records, tmp_path)
+
+
+def _restudied(records, **changes):
+    """The same runs as recorded by a study that asked for something else."""
+    study = dataclasses.replace(STUDY, **changes)
+    return [dataclasses.replace(record, study=study) for record in records]
 
 
 def test_report_has_every_table_figure_and_the_environment(results):
@@ -51,13 +65,116 @@ def test_headline_and_discussion_restate_the_measured_numbers(results, records):
     assert "**not shown**" in markdown
 
 
+def test_claims_use_the_target_loss_the_study_recorded(tmp_path, records):
+    markdown = report.build_report(_save(_restudied(records, claims=ClaimSettings(target_loss=0.37)), tmp_path),
+                                   out=tmp_path / "REPORT.md", with_plots=False)
+    assert "reaches a training loss of 0.37 in fewer epochs" in markdown
+    assert "epochs to training loss <= 0.37" in markdown and "<= 0.5" not in markdown
+
+
+def test_known_exceptions_come_from_the_records_with_their_verdict(tmp_path, records):
+    known = KnownException("bn-lower-final-loss-bs128", "not shown", "two seeds are too few")
+    study_claims = ClaimSettings(target_loss=0.5, known_exceptions=(known,))
+    markdown = report.build_report(_save(_restudied(records, claims=study_claims), tmp_path),
+                                   out=tmp_path / "REPORT.md", with_plots=False)
+    assert "not shown: two seeds are too few" in markdown
+
+
+def test_a_deliberately_narrowed_study_is_complete_and_a_missing_run_is_named(tmp_path, records):
+    markdown = report.build_report(_save(records, tmp_path), out=tmp_path / "REPORT.md", with_plots=False)
+    assert "incomplete" not in markdown  # the study asked for batch size 128 only
+    next((tmp_path / RUNS_SUBDIR).glob("bn-bs128-seed1-*.json")).unlink()
+    markdown = report.build_report(tmp_path, out=tmp_path / "REPORT.md", with_plots=False)
+    assert "The study is incomplete:** 3 of 4 runs are present; missing: bn-bs128-seed1" in markdown
+
+
 def test_records_of_different_protocols_are_reported_separately(results, mnist_dir):
-    other = train(RunSpec(variant="plain", seed=0, **{**SMALL, "epochs": 1}), data_dir=mnist_dir, profile="smoke")
+    study = dataclasses.replace(STUDY, variants=("plain",), seeds=(0,), epochs=1)
+    other = train(study.run_spec("plain", 128, 0), data_dir=mnist_dir, study=study)
     save_record(other, results)
     markdown = report.build_report(results, out=results / "REPORT.md", with_plots=False)
     assert "runs of 2 different protocols" in markdown
     assert markdown.count("### Protocol") == 2
     assert "2 epochs" in markdown and "1 epochs" in markdown
+
+
+def test_studies_of_one_protocol_with_other_claim_settings_are_not_pooled(results, records, tmp_path):
+    _save(_restudied(records[:2], claims=ClaimSettings(target_loss=0.2), seeds=(0, 1, 2)), tmp_path)
+    _save(records[2:], tmp_path)
+    markdown = report.build_report(tmp_path, out=tmp_path / "REPORT.md", with_plots=False)
+    assert markdown.count("### Protocol") == 2 and "claims at target loss 0.2" in markdown
+
+
+def test_runs_made_outside_a_study_are_reported_without_claims(tmp_path, records):
+    for record in records:
+        save_record(dataclasses.replace(record, study=None), tmp_path / "none")
+    markdown = report.build_report(tmp_path / "none", out=tmp_path / "REPORT.md", with_plots=False)
+    assert "made outside a study, so they carry no claim settings" in markdown
+    assert "profile none" in markdown
+
+
+def test_report_from_schema_1_records_equals_the_report_that_version_wrote(tmp_path):
+    markdown = report.build_report(SCHEMA_1, out=tmp_path / "REPORT.md", benchmarks=None, with_plots=True)
+    written = (SCHEMA_1 / "REPORT.md").read_text()
+    # Everything but the timing tables from pytest-benchmark (not kept here) and the environment table,
+    # which now also says which CPU kernels and BLAS ran (schema 1 did not record them).
+    assert markdown.split("## Environment")[0] == written.split("## pytest-benchmark")[0]
+    assert "| 2.13.0+cu130 | cpu      | x86_64        |         2 | daae40a12e2d7b6307a0a04fb60f4763acd1a7dd" \
+        in markdown
+
+
+def _bnsuite_imports(module: str, seen: set[str] | None = None) -> set[str]:
+    """Every bnsuite module `module` imports, directly or through others, wherever the import statement is."""
+    seen = set() if seen is None else seen
+    path = Path(report.__file__).parent / f"{module.removeprefix('bnsuite.')}.py"
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else (
+            [node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
+        for name in names:
+            if name.startswith("bnsuite.") and name not in seen:
+                seen.add(name)
+                _bnsuite_imports(name, seen)
+    return seen
+
+
+def test_report_imports_neither_the_profiles_nor_the_training_stack():
+    imported = _bnsuite_imports("bnsuite.report")
+    assert {"bnsuite.records", "bnsuite.claims", "bnsuite.spec"} <= imported  # the walk does find imports
+    training_stack = {"bnsuite.study", "bnsuite.train", "bnsuite.fastpath", "bnsuite.epochs", "bnsuite.original",
+                      "bnsuite.plugin", "bnsuite.environment"}
+    assert not imported & training_stack
+
+
+def _benchmark_json(path, benchmarks):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"datetime": "2026-11-28T00:00:00", "benchmarks": benchmarks}))
+    return path
+
+
+def test_timings_come_from_the_benchmarks_bnsuite_kind_not_their_names(results, tmp_path):
+    stats = {"median": 12.5, "rounds": 1}
+    storage = tmp_path / "benchmarks"
+    _benchmark_json(storage / "Linux" / "0001_old.json", [
+        {"name": "test_training_runs[bn-bs128]", "stats": stats, "extra_info": {}}])  # no kind: not read
+    markdown = report.build_report(results, out=results / "REPORT.md", benchmarks=storage, with_plots=False)
+    assert "pytest-benchmark timings" not in markdown
+    _benchmark_json(storage / "Linux" / "0002_new.json", [
+        {"name": "anything", "stats": stats,
+         "extra_info": {"bnsuite": "case", "case": "bn-bs128", "profile": "smoke", "runs": ["a", "b"]}},
+        {"name": "other", "stats": stats,
+         "extra_info": {"bnsuite": "fraction", "variant": "bn", "batch_size": 128, "runs_together": 2,
+                        "epoch_s_per_run": 1.5, "achieved_gflops": 40.0, "fraction_of_matmul_peak": 0.25}}])
+    markdown = report.build_report(results, out=results / "REPORT.md", benchmarks=storage, with_plots=False)
+    assert "| bn-bs128 | smoke     |      2 |                         12.5 |" in markdown
+    assert "| bn        | 128          | 2               | 1.50" in markdown
+
+
+def test_a_corrupt_benchmark_file_is_one_message_and_exit_2(results, tmp_path, capsys):
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    assert report.main(["--results", str(results), "--benchmarks", str(broken), "--no-plots"]) == 2
+    error = capsys.readouterr().err
+    assert "broken.json: not a readable pytest-benchmark JSON file" in error and "Traceback" not in error
 
 
 def test_report_cli_writes_the_report_and_the_console_script_points_at_it(results, capsys):
@@ -71,6 +188,8 @@ def test_report_cli_writes_the_report_and_the_console_script_points_at_it(result
 
 def test_report_names_the_held_out_set_under_the_seed_protocol(tmp_path, records):
     for record in records:
-        save_record(dataclasses.replace(record, spec=dataclasses.replace(record.spec, validation_size=0)), tmp_path)
+        spec = dataclasses.replace(record.spec, validation_size=0)
+        study = dataclasses.replace(record.study, validation_size=0)
+        save_record(dataclasses.replace(record, spec=spec, study=study), tmp_path)
     markdown = report.build_report(tmp_path, out=tmp_path / "REPORT.md", with_plots=False)
     assert "measured on the official 10,000 test images" in markdown

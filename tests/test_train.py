@@ -1,21 +1,37 @@
+import dataclasses
 import math
 
 import pytest
 import torch
 
+from bnsuite import fastpath
+from bnsuite import train as train_module
+from bnsuite.epochs import TensorEpochs, epoch_order
+from bnsuite.models import build_model
 from bnsuite.records import RunRecord
-from bnsuite.spec import RunSpec, SpecError
-from bnsuite.train import epoch_order, train, train_seeds
+from bnsuite.spec import PIPELINES, RunSpec, SpecError
+from bnsuite.train import EPOCH_RUNNERS, train, train_seeds
 
 SMALL = dict(epochs=2, train_subset=2_000, validation_size=10_000)
 
 
+def _results(record: RunRecord) -> tuple:
+    """Everything a record says about what the run did, without when it ran and how long it took."""
+    epochs = [dataclasses.replace(epoch, epoch_time_s=0.0) for epoch in record.epochs]
+    return (record.spec, epochs, record.test_loss, record.test_accuracy, record.steps, record.diverged_at_epoch,
+            record.group_seeds)
+
+
 def test_same_spec_gives_the_same_trajectory_bit_for_bit(mnist_dir):
     spec = RunSpec(variant="bn", seed=4, **SMALL)
-    first, second = train(spec, data_dir=mnist_dir), train(spec, data_dir=mnist_dir)
-    assert first.train_losses == second.train_losses
-    assert [e.validation_accuracy for e in first.epochs] == [e.validation_accuracy for e in second.epochs]
-    assert first.test_accuracy == second.test_accuracy
+    assert _results(train(spec, data_dir=mnist_dir)) == _results(train(spec, data_dir=mnist_dir))
+
+
+@pytest.mark.parametrize("variant", ["plain", "bn"])
+def test_the_same_group_trained_twice_gives_identical_records(mnist_dir, variant):
+    specs = [RunSpec(variant=variant, seed=seed, **SMALL) for seed in (3, 1)]
+    first, second = train_seeds(specs, data_dir=mnist_dir), train_seeds(specs, data_dir=mnist_dir)
+    assert [_results(record) for record in first] == [_results(record) for record in second]
 
 
 def test_different_seeds_give_different_trajectories(mnist_dir):
@@ -28,7 +44,7 @@ def test_different_seeds_give_different_trajectories(mnist_dir):
 def test_fast_step_matches_the_eager_autograd_step(mnist_dir, variant):
     fast = train(RunSpec(variant=variant, pipeline="fast", **SMALL), data_dir=mnist_dir)
     eager = train(RunSpec(variant=variant, pipeline="eager", **SMALL), data_dir=mnist_dir)
-    for ours, reference in zip(fast.epochs, eager.epochs):
+    for ours, reference in zip(fast.epochs, eager.epochs, strict=True):
         assert ours.train_loss == pytest.approx(reference.train_loss, rel=1e-5)
         assert ours.validation_loss == pytest.approx(reference.validation_loss, rel=1e-4)
     assert fast.test_accuracy == pytest.approx(eager.test_accuracy, abs=0.05)
@@ -52,12 +68,48 @@ def test_seeds_trained_together_match_each_seed_trained_alone_bit_for_bit(mnist_
              for seed in (0, 1, 2)]
     together = train_seeds(specs, data_dir=mnist_dir)
     assert [record.spec for record in together] == specs
-    for ours, spec in zip(together, specs):
+    for ours, spec in zip(together, specs, strict=True):
         alone = train(spec, data_dir=mnist_dir)
-        assert ours.train_losses == alone.train_losses
-        assert [e.validation_loss for e in ours.epochs] == [e.validation_loss for e in alone.epochs]
-        assert ours.test_accuracy == alone.test_accuracy
+        assert _results(ours)[:-1] == _results(alone)[:-1]
+        assert (ours.group_seeds, alone.group_seeds) == ((0, 1, 2), (spec.seed,))
         assert (ours.runs_trained_together, alone.runs_trained_together) == (3, 1)
+
+
+def _models(variant, seeds):
+    models = []
+    for seed in seeds:
+        torch.manual_seed(seed)
+        models.append(build_model(variant))
+    return models
+
+
+@pytest.mark.parametrize("variant", ["plain", "bn"])
+@pytest.mark.parametrize("batch_size", [2, 5, 33, 100, 128])
+def test_a_model_steps_the_same_in_any_group_at_any_batch_size(variant, batch_size):
+    """Groups of 1, 2 and 5 on random data, ragged batch sizes included: every parameter and buffer equal."""
+    generator = torch.Generator().manual_seed(batch_size)
+    images = torch.randn(5, 4 * batch_size, 784, generator=generator)
+    labels = torch.randint(0, 10, (5, 4 * batch_size), generator=generator)
+    steps = {size: fastpath.FastStep(_models(variant, range(size)), lr=0.05, momentum=0.9) for size in (1, 2, 5)}
+    for start in range(0, 4 * batch_size, batch_size):
+        losses = {size: step(images[:size, start:start + batch_size], labels[:size, start:start + batch_size])[0]
+                  for size, step in steps.items()}
+        assert losses[1][0] == losses[2][0] == losses[5][0]
+        assert torch.equal(losses[2], losses[5][:2])
+    alone, *grouped = (step.models[0].state_dict() for step in steps.values())
+    for state in grouped:
+        assert all(torch.equal(alone[name], state[name]) for name in alone)
+
+
+def test_a_model_s_block_of_each_activation_starts_on_a_cache_line():
+    # 4 images x 10 logits = 160 bytes: unpadded, the second model's logits would start mid-line.
+    blocks = fastpath._per_model_empty(3, 4, 10, like=torch.empty(0))
+    assert [block.data_ptr() % fastpath.ALIGNMENT for block in blocks.each] == [0, 0, 0]
+    assert all(block.is_contiguous() for block in blocks.each)
+
+
+def test_every_pipeline_has_one_epoch_runner():
+    assert set(EPOCH_RUNNERS) == set(PIPELINES)
 
 
 def test_seeds_trained_together_record_each_run_s_share_of_the_time(mnist_dir):
@@ -99,6 +151,21 @@ def test_last_partial_batch_is_kept_and_steps_are_counted(mnist_dir):
     assert record.steps == 2 * 16  # 15 full batches and one of 40 images, per epoch
 
 
+class _DroppingTheLastBatch(TensorEpochs):
+    """A faulty loop: trains on the whole batches only."""
+
+    def __init__(self, specs, *args, **kwargs):
+        super().__init__(specs, *args, **kwargs)
+        self.spec = dataclasses.replace(self.spec, train_subset=self.spec.train_size // self.spec.batch_size
+                                        * self.spec.batch_size)
+
+
+def test_steps_are_what_the_loop_took_so_a_dropped_batch_shows(mnist_dir, monkeypatch):
+    monkeypatch.setitem(EPOCH_RUNNERS, "fast", _DroppingTheLastBatch)
+    spec = RunSpec(variant="plain", batch_size=64, epochs=2, train_subset=1_000)
+    assert train(spec, data_dir=mnist_dir).steps == 2 * 15 != spec.steps_per_epoch * spec.epochs
+
+
 def test_seed_protocol_run_has_no_validation_but_reports_test_per_epoch(mnist_dir):
     record = train(RunSpec(variant="plain", epochs=1, train_subset=1_000, validation_size=0), data_dir=mnist_dir)
     assert record.epochs[0].validation_loss is None
@@ -111,6 +178,30 @@ def test_a_loss_that_blows_up_is_recorded_as_diverged_not_raised(mnist_dir):
     assert record.epochs == ()
     assert math.isinf(record.final_train_loss)
     RunRecord.from_json(record.to_json())  # still a valid, storable record
+
+
+def test_a_run_that_diverges_stops_counting_steps_at_that_epoch(mnist_dir):
+    record = train(RunSpec(variant="plain", lr=5.0, epochs=3, train_subset=2_000), data_dir=mnist_dir)
+    assert record.steps == RunSpec(train_subset=2_000).steps_per_epoch  # the diverged epoch ran in full
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_a_gpu_the_same_group_is_identical_and_a_run_alone_agrees_to_rounding(mnist_dir):
+    specs = [RunSpec(variant="bn", seed=seed, device="cuda", **SMALL) for seed in (0, 1, 2)]
+    first, second = train_seeds(specs, data_dir=mnist_dir), train_seeds(specs, data_dir=mnist_dir)
+    assert [_results(record) for record in first] == [_results(record) for record in second]
+    alone = train(specs[0], data_dir=mnist_dir)
+    # Rounding differences grow through SGD; after the first epoch's 20 steps they stay near float precision.
+    assert alone.epochs[0].train_loss == pytest.approx(first[0].epochs[0].train_loss, rel=1e-4)
+
+
+def test_cuda_turns_deterministic_algorithms_on_only_while_it_trains():
+    before = torch.are_deterministic_algorithms_enabled()
+    with train_module._deterministic(torch.device("cuda")):
+        assert torch.are_deterministic_algorithms_enabled()
+    assert torch.are_deterministic_algorithms_enabled() == before
+    with train_module._deterministic(torch.device("cpu")):
+        assert torch.are_deterministic_algorithms_enabled() == before
 
 
 def test_record_carries_timings_and_environment(mnist_dir):

@@ -1,0 +1,88 @@
+"""What produced a record: the machine, the libraries and the code, as a bnsuite.records.Environment.
+
+The exact numbers a run produces depend on which kernels ran: the CPU's
+vector extensions and the instruction set ATen dispatches to, the BLAS
+library and its version, torch, the thread count, the device. A record
+carries all of them, so two records can be told apart as "same machine and
+software, so bit for bit equal" or "another environment, so equal only up to
+the rounding the kernels do differently".
+"""
+
+from __future__ import annotations
+
+import platform
+import re
+import subprocess
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+
+from bnsuite.records import Environment
+
+# The flags in /proc/cpuinfo that name vector extensions, the ones kernel choice depends on.
+VECTOR_FLAG_PREFIXES = ("sse", "ssse", "avx", "fma", "f16c", "amx")
+
+
+def describe_environment(device: torch.device, dataset_checksum: str) -> Environment:
+    cpu_model, cpu_flags = cpu_model_and_flags()
+    return Environment(
+        torch_version=torch.__version__,
+        device=str(device),
+        device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model,
+        cpu_model=cpu_model,
+        cpu_flags=cpu_flags,
+        cpu_capability=torch.backends.cpu.get_cpu_capability(),
+        blas=blas_library(),
+        threads=torch.get_num_threads(),
+        python_version=platform.python_version(),
+        platform=platform.platform(),
+        git_commit=git_commit(),
+        dataset_checksum=dataset_checksum,
+    )
+
+
+def cpu_model_and_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> tuple[str, tuple[str, ...]]:
+    """The CPU's model name and its vector-extension flags (Linux); elsewhere what `platform` says, no flags."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return platform.processor() or platform.machine(), ()
+    model = re.search(r"^model name\s*:\s*(.+)$", text, re.MULTILINE)
+    flags = re.search(r"^flags\s*:\s*(.+)$", text, re.MULTILINE)
+    vector_flags = sorted({flag for flag in (flags.group(1).split() if flags else ())
+                           if flag.startswith(VECTOR_FLAG_PREFIXES)})
+    return (model.group(1).strip() if model else platform.processor() or platform.machine()), tuple(vector_flags)
+
+
+def blas_library() -> str:
+    """The BLAS torch was built with, as its build configuration names it, with the MKL version if it is MKL."""
+    config = torch.__config__.show()
+    name = re.search(r"BLAS_INFO=(\w+)", config)
+    version = re.search(r"Math Kernel Library Version ([\d.]+)", config)
+    text = name.group(1) if name else "unknown"
+    return f"{text} {version.group(1)}" if version and text == "mkl" else text
+
+
+def git_commit() -> str | None:
+    """The commit of the bnsuite checkout, `+dirty` if its code has local changes; None outside git.
+
+    Changes under `results/` do not count: a study rewrites the committed
+    reference records there as it runs, and that says nothing about the code.
+    """
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ":/", ":(top,exclude)results"],
+            cwd=here, capture_output=True, text=True, timeout=10, check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+dirty" if dirty else "")
+
+
+def now_utc() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")

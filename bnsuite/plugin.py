@@ -1,0 +1,180 @@
+"""The bnsuite pytest plugin: `--bn-*` options, the study they choose, and the fixtures the benchmarks use.
+
+One `StudyPlugin` object per pytest run owns all of the plugin's state (the
+study, where records go, the session that trains cases, the claims judged so
+far); pytest's hooks and the fixtures delegate to it, and the claims report
+through an injected callback (`record_claim`), so no test writes plugin state.
+
+Every option is checked when pytest starts, so a typo fails in a second with
+a message, not an hour into a run. Whether this is a benchmark run is decided
+from what pytest collected (a test that uses the study session), and only
+then are the results directory and the data checked: a unit-test run never
+touches either.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from bnsuite.data import DataUnavailableError, default_data_dir, load_raw
+from bnsuite.idx import IdxFormatError
+from bnsuite.spec import SpecError, StudySpec
+from bnsuite.study import StudySession, claims_of, study_from_options
+
+OPTIONS = {
+    "profile": "study profile: full (the study exactly, default), quick, or smoke (CI, about a minute)",
+    "dataset": "dataset: mnist or fashion-mnist (default: the profile's, mnist)",
+    "variants": "comma-separated model variants, e.g. plain,bn,bn-scratch (default: plain,bn)",
+    "batch-sizes": "comma-separated batch sizes (default: 32,64,128)",
+    "seeds": "comma-separated seeds (default: 0,1,2)",
+    "epochs": "epochs per run (default: the profile's; full: 10)",
+    "lr": "SGD learning rate (default: 0.01, the study's)",
+    "device": "auto, cpu or cuda (default: auto)",
+    "target-loss": "training loss for the epochs-to-target claims (default: the profile's)",
+}
+# Modules of benchmarks/ in the order they run: the matrix first, so the claims reuse its runs; speed last.
+MODULE_ORDER = {"test_study.py": 0, "test_claims.py": 1, "test_speed.py": 2}
+PLUGIN_NAME = "bnsuite-study"
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("bnsuite", "bnsuite study")
+    for name, help_text in OPTIONS.items():
+        group.addoption(f"--bn-{name}", default=None, help=help_text)
+    group.addoption("--bn-results-dir", default=None,
+                    help="where run records are saved (default: $BNSUITE_RESULTS_DIR, else results/ for the full "
+                         "profile, results/PROFILE/ for others)")
+    group.addoption("--bn-data-dir", default=None,
+                    help="data directory (default: $BNSUITE_DATA_DIR, else ~/.cache/bnsuite)")
+
+
+def pytest_configure(config):
+    config.pluginmanager.register(StudyPlugin(config), PLUGIN_NAME)
+
+
+class StudyPlugin:
+    """The plugin's state for one pytest run, and the hooks and fixtures that use it."""
+
+    def __init__(self, config: pytest.Config):
+        try:
+            self.study_spec: StudySpec = study_from_options(
+                config.getoption("--bn-profile") or "full",
+                **{name.replace("-", "_"): config.getoption(f"--bn-{name}") for name in OPTIONS if name != "profile"},
+            )
+        except SpecError as error:
+            raise pytest.UsageError(f"bnsuite: {error}") from None
+        results_dir = config.getoption("--bn-results-dir") or os.environ.get("BNSUITE_RESULTS_DIR")
+        # The full study is the reference in results/; smaller profiles never mix into it.
+        profile = self.study_spec.profile
+        self.results_dir = Path(results_dir) if results_dir else (
+            Path(config.rootpath) / "results" / ("" if profile == "full" else profile))
+        self.data_dir = config.getoption("--bn-data-dir")
+        self.benchmark_run = False
+        self.claim_results: list = []
+        self._session: StudySession | None = None
+
+    # --- collection: the matrix, the claims, and whether this run trains anything ---
+
+    def pytest_generate_tests(self, metafunc):
+        """`seed_group`: one case per variant and batch size (`bn-bs64`); `claim`: each claim the study checks."""
+        if "seed_group" in metafunc.fixturenames:
+            groups = self.study_spec.seed_groups()
+            metafunc.parametrize("seed_group", groups, ids=[f"{g[0].variant}-bs{g[0].batch_size}" for g in groups])
+        if "claim" in metafunc.fixturenames:
+            claims = claims_of(self.study_spec)
+            metafunc.parametrize("claim", claims, ids=[claim.name for claim in claims])
+
+    @pytest.hookimpl(trylast=True)  # after -k and -m have deselected: what is left is what will run
+    def pytest_collection_modifyitems(self, items):
+        items.sort(key=lambda item: MODULE_ORDER.get(item.path.name, len(MODULE_ORDER)))
+        self.benchmark_run = any("study_session" in getattr(item, "fixturenames", ()) for item in items)
+        if self.benchmark_run:
+            self._check_results_dir()
+            self._check_data()
+
+    def pytest_collection_finish(self, session):
+        terminal = session.config.pluginmanager.get_plugin("terminalreporter")
+        if self.benchmark_run and terminal is not None:
+            for line in self.describe():
+                terminal.write_line(line)
+
+    def describe(self) -> list[str]:
+        study = self.study_spec
+        protocol = "seed protocol (all 60,000 train)" if study.validation_size == 0 else (
+            f"{study.train_subset or 60_000 - study.validation_size} training images, "
+            f"{study.validation_size} held out for validation")
+        return [
+            f"bnsuite study: profile {study.profile}, {study.dataset}, {study.epochs} epochs, {protocol}",
+            f"  {len(study.run_specs())} runs: variants {','.join(study.variants)} x batch sizes "
+            f"{','.join(map(str, study.batch_sizes))} x seeds {','.join(map(str, study.seeds))}, "
+            f"in {len(study.seed_groups())} cases (a case trains its seeds together); records -> {self.results_dir}",
+        ]
+
+    def _check_results_dir(self) -> None:
+        """Fail at start-up, not after the first hour of training, when records could not be saved."""
+        probe = self.results_dir / "runs" / f".write-check-{os.getpid()}"
+        try:
+            probe.parent.mkdir(parents=True, exist_ok=True)
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as error:
+            raise pytest.UsageError(
+                f"bnsuite: cannot write records to {self.results_dir} ({error.strerror or error}); "
+                "choose a writable directory with --bn-results-dir"
+            ) from None
+
+    def _check_data(self) -> None:
+        """The dataset, verified (and obtained if need be) before any case trains."""
+        try:
+            load_raw(self.study_spec.dataset, data_dir=Path(self.data_dir) if self.data_dir else default_data_dir())
+        except (DataUnavailableError, IdxFormatError, OSError) as error:
+            raise pytest.UsageError(f"bnsuite: {error}") from None
+
+    def session(self, config: pytest.Config) -> StudySession:
+        """The session that trains this run's cases, made on first use; its progress lines show live."""
+        if self._session is None:
+            capture = config.pluginmanager.getplugin("capturemanager")
+            terminal = config.pluginmanager.getplugin("terminalreporter")
+
+            def progress(line: str) -> None:
+                # Shown live with plain `pytest benchmarks/`, not only with -s.
+                with capture.global_and_fixture_disabled():
+                    terminal.write_line(f"  {line}")
+
+            self._session = StudySession(self.study_spec, results_dir=self.results_dir, data_dir=self.data_dir,
+                                         progress=progress)
+        return self._session
+
+    # --- reporting ---
+
+    def pytest_terminal_summary(self, terminalreporter):
+        if not self.claim_results:
+            return
+        terminalreporter.section("bnsuite claims")
+        for result in self.claim_results:
+            terminalreporter.write_line(f"{result.verdict.upper():>12}  {result.name}: {result.evidence}")
+
+
+def _plugin(config: pytest.Config) -> StudyPlugin:
+    return config.pluginmanager.get_plugin(PLUGIN_NAME)
+
+
+@pytest.fixture(scope="session")
+def study(pytestconfig) -> StudySpec:
+    """The study this run's options chose."""
+    return _plugin(pytestconfig).study_spec
+
+
+@pytest.fixture(scope="session")
+def study_session(pytestconfig) -> StudySession:
+    """Trains the study's cases, each at most once per run, and saves every record."""
+    return _plugin(pytestconfig).session(pytestconfig)
+
+
+@pytest.fixture(scope="session")
+def record_claim(pytestconfig):
+    """Hands a claim's result to the plugin, which lists every verdict at the end of the run."""
+    return _plugin(pytestconfig).claim_results.append
