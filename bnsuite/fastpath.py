@@ -5,7 +5,7 @@ which at batch 64 on a CPU is as much time as the matmuls themselves. This
 module runs the same ATen kernels the eager path runs (matmuls, log_softmax,
 native_batch_norm and its backward, threshold_backward, fused SGD) with the
 gradients derived by hand, so the arithmetic is the study's and the
-bookkeeping is gone. tests/test_train.py checks it against the eager path.
+bookkeeping is gone.
 
 Runs that differ only in their seed train as one step over S models whose
 weights are stacked into (S, ...) tensors. A run's arithmetic must not
@@ -14,10 +14,11 @@ three kinds of op only:
 
 - **once per model, on that model's own tensors**: every matmul (one GEMM
   per model, never a batched matmul, whose kernel choice depends on the
-  batch count), every sum over the batch (bias gradients), log_softmax and
-  exp. Each call gets exactly the shapes, strides and 64-byte alignment it
-  gets when the model trains alone, so BLAS has nothing to choose
-  differently (MKL documents that results may depend on alignment);
+  batch count), every sum over the batch (bias gradients, the loss),
+  log_softmax and exp. Each call gets exactly the shapes, strides and
+  64-byte alignment it gets when the model trains alone, so BLAS has
+  nothing to choose differently (MKL documents that results may depend on
+  alignment);
 - **over all models at once, element by element**: ReLU, its backward,
   scaling, the one-hot subtraction, in which no element's result depends on
   another's or on where it lies in memory;
@@ -29,9 +30,8 @@ three kinds of op only:
   tensor of its own, so its vector body and scalar tail split every tensor
   as they do for one model.
 
-tests/test_train.py pins the result: a run trained with others equals, bit
-for bit, the run trained alone, including batch sizes whose last batch is
-ragged.
+So a run trained with others equals, bit for bit, the run trained alone,
+ragged last batches included.
 
 For logits z = a2 W3^T + b3 and loss L = mean_i -log softmax(z_i)[y_i]:
 
@@ -47,6 +47,7 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from bnsuite.models import SimpleNN, SimpleNNWithBN
 
@@ -117,12 +118,13 @@ class FastStep:
         logits = self._linear(a2, "fc3")
         log_probabilities = _per_model_empty(models, batch, logits.all.shape[2], like=logits.all)
         grad_logits = _per_model_empty(models, batch, logits.all.shape[2], like=logits.all)
-        for logits_i, log_probabilities_i, grad_logits_i in zip(logits.each, log_probabilities.each,
-                                                                 grad_logits.each, strict=True):
+        losses = []
+        for logits_i, log_probabilities_i, grad_logits_i, labels_i in zip(
+                logits.each, log_probabilities.each, grad_logits.each, labels.unbind(0), strict=True):
             torch.log_softmax(logits_i, 1, out=log_probabilities_i)
             torch.exp(log_probabilities_i, out=grad_logits_i)
+            losses.append(F.nll_loss(log_probabilities_i, labels_i))  # cross_entropy's mean, as eager computes it
         label_index = labels.unsqueeze(2)
-        losses = log_probabilities.all.gather(2, label_index).mean(dim=(1, 2)).neg_()
 
         grad_logits.all.scatter_add_(2, label_index, _minus_ones(models, batch, logits.all))
         grad_logits.all.mul_(1.0 / batch)
@@ -138,7 +140,7 @@ class FastStep:
             nesterov=False, maximize=False, is_first_step=self.first_step,
         )
         self.first_step = False
-        return losses, logits.all
+        return torch.stack(losses), logits.all
 
     def _linear(self, x: Blocks, name: str) -> Blocks:
         """x (S, B, in) -> (S, B, out): one GEMM per model, bias added as nn.Linear adds it."""
