@@ -1,38 +1,35 @@
-"""The study's matrix: one case per variant and batch size, timed by pytest-benchmark.
+"""The studies' runs: one case per group of runs that train together, timed by pytest-benchmark.
 
-A case trains every seed of its variant and batch size once, as one batched
-computation (one round, one iteration, no warm-up run), so the benchmark's
-time is those runs' training, evaluation included; each record's own
-`train_time_s` is its share of the training alone. The records are saved to
-the results directory and kept for the claims in test_claims.py.
+A case trains its runs once (one round, one iteration, no warm-up run): the
+seeds of a variant and batch size, and in the learning-rate and init studies
+every point of the sweep too, as one batched computation where the fast step
+covers the variant. The benchmark's time is the case's training, evaluation
+included; each record's own `train_time_s` is its share of the training
+alone. The records are saved to the results directory and kept for the
+claims in test_claims.py.
 """
 
 
-def test_training_runs(benchmark, seed_group, study, study_session):
-    records = benchmark.pedantic(study_session.run_seeds, args=(seed_group,), rounds=1, iterations=1,
-                                 warmup_rounds=0)
-    by_seed = {record.spec.seed: record for record in records}
-    first = seed_group[0]
+def test_training_runs(benchmark, case, study, study_session):
+    records = benchmark.pedantic(study_session.run_seeds, args=(case,), rounds=1, iterations=1, warmup_rounds=0)
     benchmark.extra_info.update({
         "bnsuite": "case",  # what bnsuite.report reads this benchmark as
-        "case": f"{first.variant}-bs{first.batch_size}",
+        "case": study.case_name(case),
         "runs": [record.spec.case_id for record in records],
         "profile": study.profile,
-        "seeds": list(by_seed),
-        "train_loss": {seed: r.train_losses for seed, r in by_seed.items()},
-        "validation_accuracy": {seed: [e.validation_accuracy for e in r.epochs] for seed, r in by_seed.items()},
-        "test_accuracy": {seed: r.test_accuracy for seed, r in by_seed.items()},
+        "train_loss": {r.spec.case_id: r.train_losses for r in records},
+        "held_out_accuracy": {r.spec.case_id: [e.validation_accuracy if e.validation_accuracy is not None
+                                               else e.test_accuracy for e in r.epochs] for r in records},
+        "test_accuracy": {r.spec.case_id: r.test_accuracy for r in records},
         "train_time_s": sum(r.train_time_s for r in records),
         "steps_per_run": [r.steps for r in records],
-        "target_loss": study.claims.target_loss,
-        "epochs_to_target": {seed: r.epochs_to_target(study.claims.target_loss) for seed, r in by_seed.items()},
-        "diverged_at_epoch": {seed: r.diverged_at_epoch for seed, r in by_seed.items()},
+        "diverged_at_epoch": {r.spec.case_id: r.diverged_at_epoch for r in records},
     })
-    assert [record.spec for record in records] == list(seed_group)
+    assert [record.spec for record in records] == list(case)
     for record in records:
         spec = record.spec
         # Steps are counted by the training loop as it runs, so a dropped batch shows here.
         assert record.steps == spec.steps_per_epoch * (record.diverged_at_epoch or spec.epochs)
         assert len(record.epochs) == (record.diverged_at_epoch - 1 if record.diverged else spec.epochs)
-        assert record.group_seeds == tuple(s.seed for s in seed_group)
         assert record.study == study
+        assert record.spec.case_id in record.trained_with

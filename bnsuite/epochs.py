@@ -33,7 +33,7 @@ class TensorEpochs:
     """One training epoch per call for S runs, batches sliced from device-resident tensors."""
 
     def __init__(self, specs: list[RunSpec], models: list[nn.Module], shuffles: list[torch.Generator],
-                 splits: Splits, *, data_dir: Path | str | None = None):
+                 splits: Splits, *, dropout_generators: list[torch.Generator], data_dir: Path | str | None = None):
         spec = specs[0]
         self.spec = spec
         self.models = models
@@ -41,11 +41,12 @@ class TensorEpochs:
         images, self.labels = training_set(splits, spec)
         self.images = images.view(len(images), -1)
         if spec.pipeline == "fast" and fastpath.supports(models[0]):
-            self.step = fastpath.FastStep(models, lr=spec.lr, momentum=spec.momentum)
+            self.step = fastpath.FastStep(models, lr=[run.lr for run in specs], momentum=spec.momentum,
+                                          dropout_generators=dropout_generators)
         elif len(models) == 1:
             self.step = EagerStep(models[0], spec)
         else:
-            raise ValueError(f"only the fast step trains several seeds at once, not {spec.pipeline} {spec.variant}")
+            raise ValueError(f"only the fast step trains several runs at once, not {spec.pipeline} {spec.variant}")
         device = self.images.device
         # Reused every epoch: per-batch losses and the hit counts live on the device.
         self.batch_losses = torch.empty(len(models), spec.steps_per_epoch, device=device)

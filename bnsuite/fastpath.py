@@ -7,8 +7,8 @@ native_batch_norm and its backward, threshold_backward, fused SGD) with the
 gradients derived by hand, so the arithmetic is the study's and the
 bookkeeping is gone.
 
-Runs that differ only in their seed train as one step over S models whose
-weights are stacked into (S, ...) tensors. A run's arithmetic must not
+Runs that differ only in their seed, learning rate or init scale train as
+one step over S models whose weights are stacked into (S, ...) tensors. A run's arithmetic must not
 depend on which runs it trains with, on any CPU, so the step is built from
 three kinds of op only:
 
@@ -26,9 +26,9 @@ three kinds of op only:
   models' features side by side, (B, S * features); ATen's CPU kernel
   computes each feature's statistics, output and gradients in the same
   order whatever the number of features, so each model's features come out
-  as they do alone. The fused SGD update takes each model's slice as a
-  tensor of its own, so its vector body and scalar tail split every tensor
-  as they do for one model.
+  as they do alone. The fused SGD update (one call per learning rate)
+  takes each model's slice as a tensor of its own, so its vector body and
+  scalar tail split every tensor as they do for one model.
 
 So a run trained with others equals, bit for bit, the run trained alone,
 ragged last batches included.
@@ -49,19 +49,21 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from bnsuite.models import SimpleNN, SimpleNNWithBN
+from bnsuite.models import SimpleNN, SimpleNNWithBN, SimpleNNWithDropout
 
 BN_EPS = 1e-5  # nn.BatchNorm1d's defaults, which the bn variant uses
 BN_MOMENTUM = 0.1
-VARIANTS = ("plain", "bn")  # the variants whose networks the fast step covers
+VARIANTS = ("plain", "bn", "plain-dropout", "bn-dropout")  # the variants whose networks the fast step covers
 ALIGNMENT = 64  # bytes: every model's block of an activation starts on a cache line, as a fresh tensor does
 
 
 def supports(model: nn.Module) -> bool:
-    """The fast step covers exactly the study's two networks (with torch's own BatchNorm1d)."""
+    """The fast step covers the study's two networks (with torch's own BatchNorm1d) and their dropout variants."""
     if type(model) is SimpleNN:
         return True
-    return type(model) is SimpleNNWithBN and all(
+    if type(model) is SimpleNNWithDropout and all(type(layer) is nn.Identity for layer in (model.bn1, model.bn2)):
+        return True
+    return type(model) in (SimpleNNWithBN, SimpleNNWithDropout) and all(
         type(layer) is nn.BatchNorm1d and layer.eps == BN_EPS and layer.momentum == BN_MOMENTUM
         for layer in (model.bn1, model.bn2)
     )
@@ -75,17 +77,26 @@ class FastStep:
     evaluating a model or reading its state_dict needs no copy back.
     """
 
-    def __init__(self, models: Sequence[nn.Module], *, lr: float, momentum: float):
+    def __init__(self, models: Sequence[nn.Module], *, lr: float | Sequence[float], momentum: float,
+                 dropout_generators: Sequence[torch.Generator] | None = None):
+        """`dropout_generators`: one per model, for the dropout variants' masks (drawn as F.dropout draws them)."""
         models = list(models)
         for model in models:
             if not supports(model):
-                raise TypeError(f"FastStep supports SimpleNN and SimpleNNWithBN, not {type(model).__name__}")
-        if not models or len({type(model) for model in models}) != 1:
+                raise TypeError(f"FastStep supports the study's networks and their dropout variants, "
+                                f"not {type(model).__name__}")
+        if not models or len({(type(model), type(getattr(model, "bn1", None))) for model in models}) != 1:
             raise ValueError("FastStep needs one or more models of the same class")
+        self.dropout = models[0].dropout.p if isinstance(models[0], SimpleNNWithDropout) else 0.0
+        if self.dropout and (dropout_generators is None or len(dropout_generators) != len(models)):
+            raise ValueError("FastStep needs one dropout generator per model for a dropout variant")
+        self.dropout_generators = list(dropout_generators or [])
+        lrs = [lr] * len(models) if isinstance(lr, (int, float)) else list(lr)
+        if len(lrs) != len(models):
+            raise ValueError(f"FastStep got {len(lrs)} learning rates for {len(models)} models")
         self.models = models
-        self.lr = lr
         self.momentum = momentum
-        self.use_bn = isinstance(models[0], SimpleNNWithBN)
+        self.use_bn = isinstance(getattr(models[0], "bn1", None), nn.BatchNorm1d)
         self.weights = {name: _stack_into(models, name) for name, _ in models[0].named_parameters()}
         self.gradients = {name: torch.zeros_like(weight) for name, weight in self.weights.items()}
         # Each model's slices, made once: the step's per-model calls index nothing.
@@ -94,11 +105,12 @@ class FastStep:
                             for name in self.weights if name.endswith("weight")}
         self.per_model_grad = {name: tensor.unbind(0) for name, tensor in self.gradients.items()}
         momentum_buffers = [torch.zeros_like(weight) for weight in self.weights.values()]
-        # Each model's slice is a tensor of its own in the update (see the module docstring).
-        self.update_lists = [
-            [tensor[index] for tensor in stacked for index in range(len(models))]
-            for stacked in (list(self.weights.values()), list(self.gradients.values()), momentum_buffers)
-        ]
+        # One fused update per learning rate, each model's slice a tensor of its own (see the module docstring).
+        self.updates: dict[float, list[list[torch.Tensor]]] = {}
+        for index, model_lr in enumerate(lrs):
+            lists = self.updates.setdefault(float(model_lr), [[], [], []])
+            for slot, stacked in enumerate((self.weights.values(), self.gradients.values(), momentum_buffers)):
+                lists[slot] += [tensor[index] for tensor in stacked]
         if self.use_bn:
             self.running = {name: _stack_into(models, name) for name in (
                 "bn1.running_mean", "bn1.running_var", "bn2.running_mean", "bn2.running_var")}
@@ -113,9 +125,11 @@ class FastStep:
         x = Blocks(x, x.unbind(0))
         h1 = self._linear(x, "fc1")
         a1, bn1_saved = self._normalize_relu(h1, "bn1")
-        h2 = self._linear(a1, "fc2")
+        d1, noise1 = self._drop(a1)
+        h2 = self._linear(d1, "fc2")
         a2, bn2_saved = self._normalize_relu(h2, "bn2")
-        logits = self._linear(a2, "fc3")
+        d2, noise2 = self._drop(a2)
+        logits = self._linear(d2, "fc3")
         log_probabilities = _per_model_empty(models, batch, logits.all.shape[2], like=logits.all)
         grad_logits = _per_model_empty(models, batch, logits.all.shape[2], like=logits.all)
         losses = []
@@ -128,17 +142,18 @@ class FastStep:
 
         grad_logits.all.scatter_add_(2, label_index, _minus_ones(models, batch, logits.all))
         grad_logits.all.mul_(1.0 / batch)
-        grad_a2 = self._linear_backward(grad_logits, a2, "fc3")
-        grad_h2 = self._relu_normalize_backward(grad_a2, a2, bn2_saved, "bn2")
-        grad_a1 = self._linear_backward(grad_h2, a1, "fc2")
-        grad_h1 = self._relu_normalize_backward(grad_a1, a1, bn1_saved, "bn1")
+        grad_d2 = self._linear_backward(grad_logits, d2, "fc3")
+        grad_h2 = self._relu_normalize_backward(self._drop_backward(grad_d2, noise2), a2, bn2_saved, "bn2")
+        grad_d1 = self._linear_backward(grad_h2, d1, "fc2")
+        grad_h1 = self._relu_normalize_backward(self._drop_backward(grad_d1, noise1), a1, bn1_saved, "bn1")
         self._linear_backward(grad_h1, x, "fc1", input_gradient=False)  # the images need no gradient
 
-        torch._fused_sgd_(
-            *self.update_lists,
-            weight_decay=0.0, momentum=self.momentum, lr=self.lr, dampening=0.0,
-            nesterov=False, maximize=False, is_first_step=self.first_step,
-        )
+        for lr, lists in self.updates.items():
+            torch._fused_sgd_(
+                *lists,
+                weight_decay=0.0, momentum=self.momentum, lr=lr, dampening=0.0,
+                nesterov=False, maximize=False, is_first_step=self.first_step,
+            )
         self.first_step = False
         return torch.stack(losses), logits.all
 
@@ -167,6 +182,25 @@ class FastStep:
         for grad_out_i, weight_i, grad_input_i in zip(grad_out.each, weight, grad_input.each, strict=True):
             torch.mm(grad_out_i, weight_i, out=grad_input_i)
         return grad_input
+
+    def _drop(self, activation: Blocks) -> tuple[Blocks, Blocks | None]:
+        """Dropout as F.dropout computes it: a Bernoulli(1 - p) mask from each model's generator, over 1 - p."""
+        if not self.dropout:
+            return activation, None
+        noise = _per_model_empty(*activation.all.shape, like=activation.all)
+        for noise_i, generator in zip(noise.each, self.dropout_generators, strict=True):
+            noise_i.bernoulli_(1 - self.dropout, generator=generator)
+        noise.all.div_(1 - self.dropout)
+        dropped = _per_model_empty(*activation.all.shape, like=activation.all)
+        torch.mul(activation.all, noise.all, out=dropped.all)
+        return dropped, noise
+
+    @staticmethod
+    def _drop_backward(grad: Blocks, noise: Blocks | None) -> Blocks:
+        if noise is None:
+            return grad
+        grad.all.mul_(noise.all)
+        return grad
 
     def _normalize_relu(self, h: Blocks, name: str):
         """ReLU(BN(h)) for bn (the S models' features side by side), ReLU(h) for plain."""

@@ -40,7 +40,8 @@ class OriginalEpochs:
     """One training epoch per call, through the DataLoader, as the original ran; one run at a time."""
 
     def __init__(self, specs: list[RunSpec], models: list[nn.Module], shuffles: list[torch.Generator],
-                 splits: Splits, *, data_dir: Path | str | None = None):
+                 splits: Splits, *, dropout_generators: list[torch.Generator], data_dir: Path | str | None = None):
+        """`dropout_generators` are the fast step's: the original loop's dropout draws from torch's own RNG."""
         if len(specs) != 1:
             raise ValueError("the original pipeline trains one run at a time")
         spec, self.model = specs[0], models[0]

@@ -16,7 +16,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-COLORS = {"plain": "tab:orange", "bn": "tab:blue", "bn-scratch": "tab:green"}
+COLORS = {"plain": "tab:orange", "bn": "tab:blue", "bn-scratch": "tab:green", "plain-dropout": "tab:orange",
+          "bn-dropout": "tab:blue"}
 
 
 def _color(variant: str) -> str:
@@ -77,4 +78,73 @@ def accuracy_by_batch_size_plot(runs: pd.DataFrame) -> bytes:
     axis.set_title("Final test accuracy against batch size")
     axis.grid(True, alpha=0.3)
     axis.legend(loc="best", fontsize=8)
+    return _png(figure)
+
+
+def _seed_points(axis, x, y, color, *, marker="o") -> None:
+    axis.scatter(x, y, color=color, s=14, alpha=0.7, marker=marker, linewidths=1)
+
+
+def learning_rate_plot(runs: pd.DataFrame, trained_accuracy: float) -> bytes:
+    """Held-out accuracy and final training loss against the learning rate (log axis); diverged runs marked x."""
+    figure, (accuracy_axis, loss_axis) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for variant, group in runs.groupby("variant"):
+        color = _color(variant)
+        finished, diverged = group[~group["diverged"]], group[group["diverged"]]
+        means = finished.groupby("lr")[["held_out_accuracy", "final_train_loss"]].mean()
+        accuracy_axis.plot(means.index, means["held_out_accuracy"], color=color, marker="o", label=variant)
+        loss_axis.plot(means.index, means["final_train_loss"], color=color, marker="o", label=variant)
+        _seed_points(accuracy_axis, finished["lr"], finished["held_out_accuracy"], color)
+        _seed_points(loss_axis, finished["lr"], finished["final_train_loss"], color)
+        if not diverged.empty:  # no accuracy or loss to plot: marked at the bottom of the accuracy axis
+            _seed_points(accuracy_axis, diverged["lr"], [0.0] * len(diverged), color, marker="x")
+    accuracy_axis.axhline(trained_accuracy, color="gray", linestyle=":", linewidth=1,
+                          label=f"trained: >= {trained_accuracy:g}%")
+    for axis, label in ((accuracy_axis, "final held-out accuracy (%); x: diverged"),
+                        (loss_axis, "final training loss (log scale)")):
+        axis.set_xscale("log")
+        axis.set_xlabel("learning rate (log scale)")
+        axis.set_ylabel(label)
+        axis.grid(True, which="both", alpha=0.3)
+    loss_axis.set_yscale("log")
+    accuracy_axis.legend(loc="best", fontsize=8)
+    figure.suptitle("Learning-rate study (lines: mean of the seeds that did not diverge; points: seeds)")
+    return _png(figure)
+
+
+def init_scale_plot(runs: pd.DataFrame) -> bytes:
+    """Held-out accuracy against the init scale (log axis), one line per variant, seeds as points."""
+    figure, axis = plt.subplots(figsize=(5.5, 3.8))
+    for variant, group in runs.groupby("variant"):
+        means = group.groupby("init_scale")["held_out_accuracy"].mean()
+        axis.plot(means.index, means.values, color=_color(variant), marker="o", label=f"{variant} (mean of seeds)")
+        _seed_points(axis, group["init_scale"], group["held_out_accuracy"], _color(variant))
+    axis.set_xscale("log")
+    axis.set_xlabel("init scale: default Linear weights x k (log scale)")
+    axis.set_ylabel("final held-out accuracy (%)")
+    axis.set_title("Initialization study")
+    axis.grid(True, which="both", alpha=0.3)
+    axis.legend(loc="best", fontsize=8)
+    return _png(figure)
+
+
+def dropout_plot(runs: pd.DataFrame, order: tuple[str, ...]) -> bytes:
+    """Held-out accuracy and generalization gap per variant, with and without dropout; seeds as points."""
+    variants = [variant for variant in order if variant in set(runs["variant"])]
+    figure, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    finished = runs[~runs["diverged"]]
+    for axis, column, label in ((axes[0], "held_out_accuracy", "final held-out accuracy (%)"),
+                                (axes[1], "gap", "gap: training - held-out accuracy (points)")):
+        for position, variant in enumerate(variants):
+            values = finished[finished["variant"] == variant][column]
+            color = _color(variant.removesuffix("-dropout"))
+            axis.bar(position, values.mean(), color=color, alpha=0.35 if variant.endswith("-dropout") else 0.6)
+            _seed_points(axis, [position] * len(values), values, color)
+        axis.set_xticks(range(len(variants)), variants, rotation=15)
+        axis.set_ylabel(label)
+        axis.grid(True, axis="y", alpha=0.3)
+    accuracies = finished["held_out_accuracy"]
+    if len(accuracies):
+        axes[0].set_ylim(max(0.0, accuracies.min() - 1.0), min(100.0, accuracies.max() + 0.5))
+    figure.suptitle("Dropout study (bars: mean over seeds; points: seeds)")
     return _png(figure)

@@ -19,19 +19,21 @@ from pathlib import Path
 
 import pytest
 
+from bnsuite.claims import study_claims
 from bnsuite.data import DataUnavailableError, default_data_dir, load_raw
 from bnsuite.idx import IdxFormatError
-from bnsuite.spec import SpecError, StudySpec
-from bnsuite.study import StudySession, claims_of, study_from_options
+from bnsuite.spec import DEFAULT_LR, SpecError, StudySpec
+from bnsuite.study import StudySession, study_from_options
 
 OPTIONS = {
     "profile": "study profile: full (the study exactly, default), quick, or smoke (CI, about a minute)",
+    "studies": "comma-separated studies to run: batch, lr, init, dropout (default: all of them)",
     "dataset": "dataset: mnist or fashion-mnist (default: the profile's, mnist)",
-    "variants": "comma-separated model variants, e.g. plain,bn,bn-scratch (default: plain,bn)",
-    "batch-sizes": "comma-separated batch sizes (default: 32,64,128)",
+    "variants": "the batch study's comma-separated model variants, e.g. plain,bn,bn-scratch (default: plain,bn)",
+    "batch-sizes": "the batch study's comma-separated batch sizes (default: 32,64,128)",
     "seeds": "comma-separated seeds (default: 0,1,2)",
-    "epochs": "epochs per run (default: the profile's; full: 10)",
-    "lr": "SGD learning rate (default: 0.01, the study's)",
+    "epochs": "epochs per run, every study (default: the profile's; full: 10, and 3 for the lr and init studies)",
+    "lr": "SGD learning rate of every study but the lr study's grid (default: 0.01, the study's)",
     "device": "auto, cpu or cuda (default: auto)",
     "target-loss": "training loss for the epochs-to-target claims (default: the profile's)",
 }
@@ -79,12 +81,12 @@ class StudyPlugin:
     # --- collection: the matrix, the claims, and whether this run trains anything ---
 
     def pytest_generate_tests(self, metafunc):
-        """`seed_group`: one case per variant and batch size (`bn-bs64`); `claim`: each claim the study checks."""
-        if "seed_group" in metafunc.fixturenames:
-            groups = self.study_spec.seed_groups()
-            metafunc.parametrize("seed_group", groups, ids=[f"{g[0].variant}-bs{g[0].batch_size}" for g in groups])
+        """`case`: each group of runs that trains together (`bn-bs64`, `plain-bs64-lr-sweep`); `claim`: each claim."""
+        if "case" in metafunc.fixturenames:
+            groups = self.study_spec.groups()
+            metafunc.parametrize("case", groups, ids=[self.study_spec.case_name(group) for group in groups])
         if "claim" in metafunc.fixturenames:
-            claims = claims_of(self.study_spec)
+            claims = study_claims(self.study_spec)
             metafunc.parametrize("claim", claims, ids=[claim.name for claim in claims])
 
     @pytest.hookimpl(trylast=True)  # after -k and -m have deselected: what is left is what will run
@@ -102,16 +104,21 @@ class StudyPlugin:
                 terminal.write_line(line)
 
     def describe(self) -> list[str]:
-        study = self.study_spec
-        protocol = "seed protocol (all 60,000 train)" if study.validation_size == 0 else (
-            f"{study.train_subset or 60_000 - study.validation_size} training images, "
-            f"{study.validation_size} held out for validation")
-        return [
-            f"bnsuite study: profile {study.profile}, {study.dataset}, {study.epochs} epochs, {protocol}",
-            f"  {len(study.run_specs())} runs: variants {','.join(study.variants)} x batch sizes "
-            f"{','.join(map(str, study.batch_sizes))} x seeds {','.join(map(str, study.seeds))}, "
-            f"in {len(study.seed_groups())} cases (a case trains its seeds together); records -> {self.results_dir}",
-        ]
+        spec = self.study_spec
+        protocol = "seed protocol (all 60,000 train)" if spec.validation_size == 0 else (
+            f"{spec.train_subset or 60_000 - spec.validation_size} training images, "
+            f"{spec.validation_size} held out for validation")
+        lines = [f"bnsuite study: profile {spec.profile}, {spec.dataset}, {protocol}, seeds "
+                 f"{','.join(map(str, spec.seeds))}; {len(spec.run_specs())} runs in {len(spec.groups())} cases "
+                 f"(a case trains its runs together); records -> {self.results_dir}"]
+        for study in spec.studies:
+            axes = [f"variants {','.join(study.variants)}", f"batch sizes {','.join(map(str, study.batch_sizes))}"]
+            if len(study.lrs) > 1 or study.lrs[0] != DEFAULT_LR:
+                axes.append(f"learning rates {','.join(f'{lr:g}' for lr in study.lrs)}")
+            if len(study.init_scales) > 1:
+                axes.append(f"init scales {','.join(f'{k:g}' for k in study.init_scales)}")
+            lines.append(f"  {study.name} study: {' x '.join(axes)}, {study.epochs} epochs")
+        return lines
 
     def _check_results_dir(self) -> None:
         """Fail at start-up, not after the first hour of training, when records could not be saved."""

@@ -29,7 +29,7 @@ import pandas as pd
 from pydantic import Field, TypeAdapter, ValidationError, with_config
 
 from bnsuite.files import write_atomically
-from bnsuite.spec import CONTRADICTED, NOT_SHOWN, STRICT, RunSpec, StudySpec
+from bnsuite.spec import CONTRADICTED, NOT_SHOWN, STRICT, RunSpec, SpecError, StudySpec
 
 SCHEMA_VERSION = 2
 RUNS_SUBDIR = "runs"
@@ -87,11 +87,16 @@ class RunRecord:
     study: StudySpec | None  # what the study asked for; None for a run made outside a study
     # The runs trained as one computation with this one (itself included): times are this run's share of it.
     runs_trained_together: Annotated[int, Field(ge=1)]
-    # Their seeds (the runs differ only in the seed); None only in migrated schema-1 records of several runs.
-    group_seeds: tuple[int, ...] | None
+    # Their names (spec.case_id: the runs differ only in seed, learning rate or init scale), this run's among
+    # them; None only in migrated schema-1 records of several runs, which did not name them.
+    trained_with: tuple[str, ...] | None
     epochs: tuple[EpochRecord, ...]
     test_loss: NonNegative | None  # None when the model's loss is not finite (a diverged run)
     test_accuracy: Percent
+    # The final model on its own training images, in eval mode (unlike the epochs' train-mode running figures):
+    # the training side of a generalization gap. None only in migrated schema-1 records, which did not measure it.
+    final_train_loss_eval: NonNegative | None
+    final_train_accuracy_eval: Percent | None
     train_time_s: NonNegative  # sum of epoch times: training only, evaluation excluded
     steps: Annotated[int, Field(ge=0)]  # optimizer steps the training loop took, counted as it ran
     diverged_at_epoch: Annotated[int, Field(ge=1)] | None  # first epoch whose loss blew up; the run stopped there
@@ -107,11 +112,11 @@ class RunRecord:
         _check([e.epoch for e in self.epochs] == list(range(1, expected + 1)), "epochs",
                f"must number 1 to {expected} in order ({'diverged' if self.diverged else 'finished'} run of "
                f"{self.spec.epochs} epochs), got {[e.epoch for e in self.epochs]}")
-        if self.group_seeds is not None:
-            _check(len(self.group_seeds) == self.runs_trained_together and self.spec.seed in self.group_seeds
-                   and len(set(self.group_seeds)) == len(self.group_seeds), "group_seeds",
-                   f"{list(self.group_seeds)} must be {self.runs_trained_together} distinct seeds, "
-                   f"this run's seed {self.spec.seed} among them")
+        if self.trained_with is not None:
+            _check(len(self.trained_with) == self.runs_trained_together and self.spec.case_id in self.trained_with
+                   and len(set(self.trained_with)) == len(self.trained_with), "trained_with",
+                   f"{list(self.trained_with)} must be {self.runs_trained_together} distinct runs, "
+                   f"this run ({self.spec.case_id}) among them")
         if self.study is not None:
             _check(self.spec in self.study.run_specs(), "study",
                    f"does not include this run ({self.spec.case_id}, {self.spec.epochs} epochs, lr {self.spec.lr})")
@@ -251,11 +256,15 @@ _SCHEMA_1_CLAIMS = {
 def migrate_schema_1(raw: dict, *, source: str = "record") -> dict:
     """A schema-1 record as schema 2, filling only what schema 1 did not record, as documented here.
 
-    - `study`: for a record of a profile (full, quick, smoke), that profile's protocol as the run's spec gives it,
-      its claim settings as they were under schema 1 (target loss, alpha 0.05, margin 0.1, known exceptions),
-      and, since schema 1 did not record the matrix, a matrix of this run alone. A record of no profile: None.
+    - `study`: for a record of a profile (full, quick, smoke), that profile's batch-size study as schema 1 ran
+      it by default (plain and bn, batch sizes 32, 64 and 128, seeds 0, 1 and 2; this run's own variant, batch
+      size and seed added if they are others), with the protocol the run's spec gives and the claim settings
+      schema 1 had (target loss, alpha 0.05, margin 0.1, known exceptions; no learning-rate study, so the
+      trained-accuracy floor is unused). A record of no profile: None.
     - `runs_trained_together`: as recorded, 1 where absent (records older than training seeds together).
-    - `group_seeds`: this run's seed when it trained alone; None (not recorded) when it trained with others.
+    - `trained_with`: this run alone when it trained alone; None (not recorded) when it trained with others.
+    - `spec.init_scale`: 1 (schema 1 had only PyTorch's default init).
+    - `final_train_loss_eval`, `final_train_accuracy_eval`: None (not measured).
     - `environment`: cpu_model, cpu_flags, cpu_capability and blas are None (not recorded).
     """
     raw = dict(raw)
@@ -263,23 +272,39 @@ def migrate_schema_1(raw: dict, *, source: str = "record") -> dict:
     if profile is not None and profile not in _SCHEMA_1_CLAIMS:
         raise RecordError(f"{source}: schema-1 field profile is {profile!r}; schema 1 knew full, quick and smoke")
     spec = raw.get("spec")
+    if isinstance(spec, dict):
+        raw["spec"] = spec = {**spec, "init_scale": 1.0}
+    raw["study"] = None
     if profile is not None and isinstance(spec, dict):
+        def with_own(defaults: list, value) -> list:
+            return defaults + ([value] if value not in defaults else [])
+
         raw["study"] = {
-            "profile": profile, "dataset": spec.get("dataset"), "variants": [spec.get("variant")],
-            "batch_sizes": [spec.get("batch_size")], "seeds": [spec.get("seed")], "epochs": spec.get("epochs"),
-            "lr": spec.get("lr"), "device": spec.get("device"), "validation_size": spec.get("validation_size"),
+            "profile": profile,
+            "studies": [{"name": "batch", "variants": with_own(["plain", "bn"], spec.get("variant")),
+                         "batch_sizes": with_own([32, 64, 128], spec.get("batch_size")),
+                         "epochs": spec.get("epochs"), "lrs": [spec.get("lr")], "init_scales": [1.0]}],
+            "claims": {**_SCHEMA_1_CLAIMS[profile], "alpha": 0.05, "accuracy_margin": 0.1, "trained_accuracy": 90.0},
+            "dataset": spec.get("dataset"), "seeds": with_own([0, 1, 2], spec.get("seed")),
+            "device": spec.get("device"), "validation_size": spec.get("validation_size"),
             "train_subset": spec.get("train_subset"),
-            "claims": {**_SCHEMA_1_CLAIMS[profile], "alpha": 0.05, "accuracy_margin": 0.1},
         }
-    else:
-        raw["study"] = None
+    raw["final_train_loss_eval"] = raw["final_train_accuracy_eval"] = None
     together = raw.setdefault("runs_trained_together", 1)
-    raw["group_seeds"] = [spec.get("seed")] if together == 1 and isinstance(spec, dict) else None
+    raw["trained_with"] = [_case_id(spec)] if together == 1 and _case_id(spec) else None
     if isinstance(raw.get("environment"), dict):
         raw["environment"] = {**raw["environment"], "cpu_model": None, "cpu_flags": None,
                               "cpu_capability": None, "blas": None}
     raw["schema_version"] = SCHEMA_VERSION
     return raw
+
+
+def _case_id(spec: Any) -> str | None:
+    """The case id of a raw spec, or None if it is not one (validation then says what is wrong with it)."""
+    try:
+        return RunSpec(**spec).case_id
+    except (TypeError, SpecError):
+        return None
 
 
 def finite_or_none(value: float) -> float | None:

@@ -23,10 +23,11 @@ from pathlib import Path
 import pandas as pd
 
 from bnsuite import plots
-from bnsuite.claims import ClaimResult, study_claims
+from bnsuite.claims import REASONS, ClaimResult, study_claims
 from bnsuite.files import write_atomically
 from bnsuite.records import RecordError, RunRecord, epochs_frame, load_records, runs_frame
-from bnsuite.spec import CONTRADICTED, SUPPORTED, ClaimSettings
+from bnsuite.report_studies import SECTIONS, claims_table
+from bnsuite.spec import CONTRADICTED, SUPPORTED, ClaimSettings, StudySpec
 
 DEFAULT_RESULTS = Path("results")
 DEFAULT_BENCHMARKS = Path(".benchmarks")
@@ -58,15 +59,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def build_report(results: Path, *, out: Path, benchmarks: Path | None = None, with_plots: bool = True) -> str:
     records = load_records(results)
-    protocols = group_by_protocol(records)
+    sections = group_records(records)
     lines = ["# bnsuite report: Batch Normalization study", ""]
-    if len(protocols) > 1:
-        lines += [f"> The results hold runs of {len(protocols)} different protocols. They are reported in separate "
+    if len(sections) > 1:
+        lines += [f"> The results hold runs of {len(sections)} different protocols. They are reported in separate "
                   "sections and never pooled into one table.", ""]
-    for index, (protocol, group) in enumerate(protocols.items(), start=1):
-        prefix = "" if len(protocols) == 1 else f"protocol{index}-"
-        lines += protocol_section(protocol, group, out=out, prefix=prefix, with_plots=with_plots,
-                                  heading_level=2 if len(protocols) == 1 else 3)
+    for index, (title, (spec, group)) in enumerate(sections.items(), start=1):
+        prefix = "" if len(sections) == 1 else f"protocol{index}-"
+        lines += plan_section(title, spec, group, out=out, prefix=prefix, with_plots=with_plots,
+                              heading_level=2 if len(sections) == 1 else 3)
     lines += benchmark_section(benchmarks)
     lines += environment_section(records)
     return "\n".join(lines).rstrip() + "\n"
@@ -78,19 +79,33 @@ def protocol_key(record: RunRecord) -> str:
     train = protocol["train_subset"] or 60_000 - protocol["validation_size"]
     held_out = "seed protocol, no validation split" if protocol["validation_size"] == 0 else (
         f"{protocol['validation_size']} validation images")
-    line = (f"profile {record.profile or 'none'}: {protocol['dataset']}, {protocol['epochs']} epochs, "
-            f"{train} training images ({held_out}), SGD lr {protocol['lr']} momentum {protocol['momentum']}")
-    return line
+    first = record.study.studies[0] if record.study else None
+    epochs, lr = (first.epochs, first.lrs[0]) if first and first.name == "batch" else (None, None)
+    if record.study is None:
+        epochs, lr = record.spec.epochs, record.spec.lr
+    line = f"profile {record.profile or 'none'}: {protocol['dataset']}, "
+    line += f"{epochs} epochs, " if epochs is not None else ""
+    line += f"{train} training images ({held_out}), SGD "
+    line += f"lr {lr} " if lr is not None else ""
+    return line + f"momentum {protocol['momentum']}"
 
 
-def group_by_protocol(records: list[RunRecord]) -> dict[str, list[RunRecord]]:
-    """Records by protocol and claim settings; the claim settings are named only where they tell sections apart."""
-    groups: dict[tuple[str, ClaimSettings | None], list[RunRecord]] = defaultdict(list)
+def group_records(records: list[RunRecord]) -> dict[str, tuple[StudySpec | None, list[RunRecord]]]:
+    """Records by what their study asked for (or, made outside a study, by their protocol), one section each.
+
+    A section's title is its protocol; the claim settings are named only where they tell sections apart.
+    """
+    groups: dict[tuple[str, StudySpec | None], list[RunRecord]] = defaultdict(list)
     for record in records:
-        groups[(protocol_key(record), record.study.claims if record.study else None)].append(record)
+        groups[(protocol_key(record), record.study)].append(record)
     lines = [line for line, _ in groups]
-    return {(line if lines.count(line) == 1 else f"{line}, {_describe_settings(settings)}"): group
-            for (line, settings), group in groups.items()}
+    titled = {}
+    for (line, spec), group in groups.items():
+        title = line if lines.count(line) == 1 else f"{line}, {_describe_settings(spec.claims if spec else None)}"
+        while title in titled:  # same protocol and claim settings, other matrices
+            title += " (another study)"
+        titled[title] = (spec, group)
+    return titled
 
 
 def _describe_settings(settings: ClaimSettings | None) -> str:
@@ -100,22 +115,41 @@ def _describe_settings(settings: ClaimSettings | None) -> str:
             f"margin {settings.accuracy_margin} points")
 
 
-def protocol_section(protocol: str, records: list[RunRecord], *, out: Path, prefix: str, with_plots: bool,
-                     heading_level: int) -> list[str]:
+def plan_section(title: str, spec: StudySpec | None, records: list[RunRecord], *, out: Path, prefix: str,
+                 with_plots: bool, heading_level: int) -> list[str]:
+    """One section: the protocol, what is missing, the batch-size study, then the studies of BN's reasons."""
     h = "#" * heading_level
+    lines = [f"{h} Protocol", "", f"{title}.", ""]
+    lines += completeness(records, spec)
+    claims = evaluate_claims(records, spec)
+    settings = spec.claims if spec else None
+    batch = spec.study("batch") if spec else None
+    batch_records = [r for r in records if spec is None or r.spec in set(spec.study_runs(batch))] if (
+        batch or spec is None) else []
+    if batch_records:
+        lines += batch_section(batch_records, claims, settings, out=out, prefix=prefix, with_plots=with_plots, h=h)
+    else:
+        lines += [f"{h} Discussion", ""] + discussion(None, claims, settings) + [""]
+    for study in (spec.studies if spec else ()):
+        if study.name in SECTIONS:
+            study_records = [r for r in records if r.spec in set(spec.study_runs(study))]
+            lines += SECTIONS[study.name](spec, study, study_records, claims, out=out, prefix=prefix,
+                                          with_plots=with_plots, h=h)
+    return lines
+
+
+def batch_section(records: list[RunRecord], claims: list[ClaimResult], settings: ClaimSettings | None, *,
+                  out: Path, prefix: str, with_plots: bool, h: str) -> list[str]:
+    """The original study: plain against BN at each batch size."""
     runs, epochs = runs_frame(records), epochs_frame(records)
     held_out_column, held_out_label = (
         ("validation", "validation") if runs["validation_size"].iloc[0] > 0 else ("test", "test (per epoch)")
     )
-    lines = [f"{h} Protocol", "", f"{protocol}.", ""]
-    lines += completeness(records)
+    lines = []
     if held_out_column == "test":
         lines += ["Under the seed protocol all 60,000 training images train the model, so the held-out curve per "
                   "epoch is measured on the official 10,000 test images.", ""]
-
     lines += [f"{h} Test accuracy without and with BN", "", headline_table(runs), ""]
-    settings = records[0].study.claims if records[0].study else None
-    claims = evaluate_claims(records, settings)
     lines += [f"{h} Discussion", ""] + discussion(runs, claims, settings) + [""]
     if with_plots:
         lines += figures(runs, epochs, out=out, prefix=prefix, held_out_column=held_out_column, heading=h)
@@ -131,25 +165,26 @@ def protocol_section(protocol: str, records: list[RunRecord], *, out: Path, pref
     if runs["runs_trained_together"].max() > 1:
         lines += ["Runs trained together (the seeds of a variant and batch size, as one batched "
                   "computation) are each given their share of its time.", ""]
-    lines += [f"{h} Claims", "", claims_table(claims, settings), ""]
+    batch_claims = [claim for claim in claims if claim.study == "batch"]
+    lines += [f"{h} Claims", "", claims_table(batch_claims, settings), ""]
     return lines
 
 
-def completeness(records: list[RunRecord]) -> list[str]:
-    """Which runs the records' studies asked for and are missing, and which runs diverged."""
-    present = {(r.spec.variant, r.spec.batch_size, r.spec.seed) for r in records}
-    expected = set(present)  # a run made outside a study asked for itself only
-    for study in {record.study for record in records if record.study is not None}:
-        expected |= {(s.variant, s.batch_size, s.seed) for s in study.run_specs()}
-    missing = sorted(expected - present)
+def completeness(records: list[RunRecord], spec: StudySpec | None) -> list[str]:
+    """Which runs the section's study asked for and are missing, and which runs diverged."""
+    present = {record.spec for record in records}
+    expected = set(spec.run_specs()) if spec else set()
+    missing = [run for run in (spec.run_specs() if spec else []) if run not in present]
     diverged = [r.spec.case_id for r in records if r.diverged]
     lines = []
     if missing:
-        names = ", ".join(f"{v}-bs{b}-seed{s}" for v, b, s in missing)
-        lines += [f"> **The study is incomplete:** {len(present)} of {len(expected)} runs are present; "
+        names = ", ".join(run.case_id for run in missing[:12]) + (
+            f" and {len(missing) - 12} more" if len(missing) > 12 else "")
+        lines += [f"> **The study is incomplete:** {len(present & expected)} of {len(expected)} runs are present; "
                   f"missing: {names}. Numbers below use the runs that finished.", ""]
     if diverged:
-        lines += [f"> **Diverged runs:** {', '.join(diverged)} (training loss blew up; they stop at that epoch, "
+        shown = ", ".join(diverged[:12]) + (f" and {len(diverged) - 12} more" if len(diverged) > 12 else "")
+        lines += [f"> **Diverged runs:** {shown} (training loss blew up; they stop at that epoch, "
                   "count as the worst outcome in the claims, and are left out of means).", ""]
     return lines
 
@@ -225,61 +260,71 @@ def timing_table(runs: pd.DataFrame) -> str:
     return pd.DataFrame(rows).to_markdown(index=False)
 
 
-def evaluate_claims(records: list[RunRecord], settings: ClaimSettings | None) -> list[ClaimResult]:
-    """The claims these runs allow, judged with the settings their study recorded; none without a study."""
-    if settings is None:
-        return []
-    variants = tuple(sorted({r.spec.variant for r in records}, key=_variant_order))
-    batch_sizes = tuple(sorted({r.spec.batch_size for r in records}))
-    return [claim.evaluate(records) for claim in study_claims(variants, batch_sizes, settings)]
+def evaluate_claims(records: list[RunRecord], spec: StudySpec | None) -> list[ClaimResult]:
+    """The claims of the section's studies, judged with the settings they recorded; none without a study."""
+    return [claim.evaluate(records) for claim in study_claims(spec)] if spec else []
 
 
-def claims_table(claims: list[ClaimResult], settings: ClaimSettings | None) -> str:
-    if settings is None:
-        return "_These runs were made outside a study, so they carry no claim settings and no claim is judged._"
-    if not claims:
-        return "_No claim applies to these runs (they need both plain and bn)._"
-    rows = []
-    for c in claims:
-        known = settings.known_exception(c.name)
-        rows.append({"claim": c.name, "statement": c.statement, "evidence": c.evidence, "rule": c.rule,
-                     "verdict": f"**{c.verdict}**",
-                     "known exception": f"{known.verdict}: {known.reason}" if known else ""})
-    return pd.DataFrame(rows).to_markdown(index=False)
+STUDY_TITLES = {"lr": "learning-rate study", "init": "initialization study", "dropout": "dropout study",
+                "batch": "batch-size study"}
 
 
-def discussion(runs: pd.DataFrame, claims: list[ClaimResult], settings: ClaimSettings | None) -> list[str]:
-    """Sentences that each restate a measured number or a claim verdict, nothing else."""
-    by_name = {claim.name: claim for claim in claims}
+def discussion(runs: pd.DataFrame | None, claims: list[ClaimResult], settings: ClaimSettings | None) -> list[str]:
+    """Sentences that each restate a measured number or a claim verdict, nothing else.
+
+    The batch-size study's claims per batch size first, then what it measured,
+    then one line per reason the study gives for BN, naming the claims that
+    check it and their verdicts.
+    """
+    sentences = []
+    per_batch: dict[str, dict[int, ClaimResult]] = defaultdict(dict)
+    for claim in claims:
+        if claim.study == "batch" and claim.batch_size is not None:
+            per_batch[claim.kind][claim.batch_size] = claim
+    for kind, label in (("bn-converges-faster", "Convergence speed"), ("bn-lower-final-loss", "Final training loss"),
+                        ("bn-accuracy-at-least-plain", "Test accuracy"),
+                        ("bn-train-accuracy-at-least-plain", "Training accuracy"),
+                        ("bn-held-out-accuracy-at-least-plain", "Validation accuracy")):
+        if kind in per_batch:
+            sentences.append(_per_batch_sentence(label, per_batch[kind]))
+    if runs is not None:
+        sentences += _measured_sentences(runs)
+    for reason in REASONS:
+        if reason in ("faster", "accuracy"):
+            continue  # said per batch size above
+        checked = [claim for claim in claims if claim.reason == reason and not (
+            claim.study == "batch" and claim.batch_size is not None)]
+        if checked:
+            study = STUDY_TITLES[checked[0].study]
+            verdicts = "; ".join(f"{claim.short}{_at(claim)}: **{claim.verdict}**" for claim in checked)
+            sentences.append(f"- **{REASONS[reason][0].upper()}{REASONS[reason][1:]}** ({study}): {verdicts}.")
+    if runs is not None:
+        diverged = runs[runs["diverged"]]
+        if not diverged.empty:
+            sentences.append(f"- **Divergence:** {len(diverged)} run(s) diverged: {', '.join(diverged['case'])}.")
+    return sentences or ["_Not enough runs for a discussion._"]
+
+
+def _at(claim: ClaimResult) -> str:
+    return f" (batch size {claim.batch_size})" if claim.batch_size is not None and claim.study != "batch" else ""
+
+
+def _per_batch_sentence(label: str, found: dict[int, ClaimResult]) -> str:
+    first = next(iter(found.values()))
+    supported = [str(b) for b, c in sorted(found.items()) if c.verdict == SUPPORTED]
+    other = [f"{b}" + (f" ({c.verdict})" if c.verdict == CONTRADICTED else "") for b, c in sorted(found.items())
+             if c.verdict != SUPPORTED]
+    text = (f"{first.short} in every seed at batch size{'s' if len(supported) != 1 else ''} {', '.join(supported)}"
+            if supported else "")
+    if other:
+        text += ("; " if text else "") + f"this was not shown at batch size {', '.join(other)}"
+    return f"- **{label}:** {text}."
+
+
+def _measured_sentences(runs: pd.DataFrame) -> list[str]:
+    """What the batch-size study measured that no claim tests: spread over seeds, the accuracy difference."""
     sentences = []
     batch_sizes = sorted(runs["batch_size"].unique())
-
-    def verdicts(kind: str) -> dict[int, str]:
-        return {b: by_name[f"{kind}-bs{b}"].verdict for b in batch_sizes if f"{kind}-bs{b}" in by_name}
-
-    def phrase(kind: str, shown: str, not_shown: str) -> str | None:
-        found = verdicts(kind)
-        if not found:
-            return None
-        supported = [str(b) for b, v in found.items() if v == SUPPORTED]
-        other = [f"{b}" + (f" ({v})" if v == CONTRADICTED else "") for b, v in found.items() if v != SUPPORTED]
-        text = f"{shown} at batch size{'s' if len(supported) != 1 else ''} {', '.join(supported)}" if supported else ""
-        if other:
-            text += ("; " if text else "") + f"{not_shown} at batch size {', '.join(other)}"
-        return f"- {text}."
-
-    for kind, shown, not_shown in [
-        ("bn-converges-faster", "**Convergence speed:** BN reached the target training loss in fewer epochs than "
-         "plain in every seed", "it was not shown"),
-        ("bn-lower-final-loss", "**Final training loss:** BN ended lower than plain in every seed",
-         "this was not shown"),
-        ("bn-accuracy-at-least-plain", "**Test accuracy:** BN's was at least plain's (within "
-         f"{settings.accuracy_margin if settings else ''} points)", "this was not shown"),
-    ]:
-        sentence = phrase(kind, shown, not_shown)
-        if sentence:
-            sentences.append(sentence)
-
     finished = runs[~runs["diverged"]]
     spreads = finished.groupby(["variant", "batch_size"])["test_accuracy"].std().dropna()
     if {"plain", "bn"} <= set(finished["variant"]) and not spreads.empty:
@@ -301,15 +346,7 @@ def discussion(runs: pd.DataFrame, claims: list[ClaimResult], settings: ClaimSet
                             f"batch size {batch_size}")
         if gaps:
             sentences.append("- **Performance:** mean test accuracy with BN minus without: " + ", ".join(gaps) + ".")
-    for claim in claims:
-        if claim.name.endswith("final-loss-rises-with-batch-size"):
-            variant = claim.name.removesuffix("-final-loss-rises-with-batch-size")
-            sentences.append(f"- **Batch size, {variant}:** a larger batch ending with a higher training loss was "
-                             f"{claim.verdict} ({claim.evidence}).")
-    diverged = runs[runs["diverged"]]
-    if not diverged.empty:
-        sentences.append(f"- **Divergence:** {len(diverged)} run(s) diverged: {', '.join(diverged['case'])}.")
-    return sentences or ["_Not enough runs for a discussion._"]
+    return sentences
 
 
 def figures(runs, epochs, *, out: Path, prefix: str, held_out_column: str, heading: str) -> list[str]:
@@ -383,7 +420,7 @@ def speed_rows(data: dict) -> list[str]:
         if _kind(bench) == "paths":
             epoch_s, speedup = info["epoch_s"], info["speedup"]
             paths.append({
-                "variant": info["variant"], "batch size": info["batch_size"],
+                "variant": info["variant"], "batch size": info["batch_size"], "images": info["images"],
                 **{f"{label} (s/epoch)": f"{epoch_s[key]:.2f}" for key, label in PATH_LABELS},
                 "speed-up vs original": f"{speedup['original']:.2f}x",
                 "vs eager": f"{speedup['eager']:.2f}x",
@@ -401,9 +438,13 @@ def speed_rows(data: dict) -> list[str]:
             peak = info["peak_gflops"]
     lines = []
     if paths:
+        images = {row["images"] for row in paths}
+        for row in paths:
+            del row["images"]
         lines += ["### Speed: one epoch at batch 64 through each training path (benchmarks/test_speed.py)", "",
-                  "Each round trains one epoch through every path in turn; a speed-up is the median over rounds "
-                  "of the round's time ratio. The study's way trains the seeds together; its time is per run.", "",
+                  f"Each round trains one epoch over {' or '.join(f'{n:,}' for n in sorted(images))} training "
+                  "images through every path in turn; a speed-up is the median over rounds of the round's time "
+                  "ratio. The study's way trains the seeds together; its time is per run.", "",
                   pd.DataFrame(paths).to_markdown(index=False, disable_numparse=True), ""]
     if fractions:
         lines += ["### Speed: the study's way against the float32 matmul peak"

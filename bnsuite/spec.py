@@ -15,7 +15,7 @@ import dataclasses
 import hashlib
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from pydantic import ConfigDict, with_config
 
@@ -23,6 +23,7 @@ from bnsuite.data import DATASETS
 from bnsuite.models import VARIANTS
 
 TRAINING_IMAGES = 60_000  # both MNIST and Fashion-MNIST
+DEFAULT_LR = 0.01  # the study's SGD learning rate
 PIPELINES = ("fast", "eager", "original")
 SUPPORTED, CONTRADICTED, NOT_SHOWN = "supported", "contradicted", "not shown"
 VERDICTS = (SUPPORTED, CONTRADICTED, NOT_SHOWN)
@@ -40,10 +41,13 @@ class RunSpec:
     dataset: str = "mnist"
     variant: str = "bn"
     batch_size: int = 64
-    lr: float = 0.01
+    lr: float = DEFAULT_LR
     momentum: float = 0.9
     epochs: int = 10
     seed: int = 0
+    # Every Linear weight of PyTorch's default init multiplied by this after initialization
+    # (biases and batch-norm parameters unchanged): the init study's knob.
+    init_scale: float = 1.0
     device: str = "auto"  # "auto" picks cuda when available, else cpu
     validation_size: int = 10_000  # 0: the seed protocol, all 60,000 images train
     train_subset: int | None = None  # first N training images, for quick runs
@@ -69,6 +73,8 @@ class RunSpec:
             isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0,
             f"learning rate must be a finite number > 0, got {self.lr!r}",
         )
+        _require(_is_positive_number(self.init_scale),
+                 f"init scale must be a finite number > 0, got {self.init_scale!r}")
         _require(
             isinstance(self.momentum, (int, float)) and 0 <= self.momentum < 1,
             f"momentum must be in [0, 1), got {self.momentum!r}",
@@ -102,19 +108,30 @@ class RunSpec:
 
     @property
     def case_id(self) -> str:
-        """Readable name of the case within a study, as in test ids: `bn-bs64-seed0`."""
-        return f"{self.variant}-bs{self.batch_size}-seed{self.seed}"
+        """Readable name of the run: `bn-bs64-seed0`, `bn-bs64-lr0.3-seed0`, `plain-bs64-init10-seed2`.
+
+        The learning rate and init scale appear only where they differ from the study's defaults.
+        """
+        return (f"{self.variant}-bs{self.batch_size}" + (f"-lr{self.lr:g}" if self.lr != DEFAULT_LR else "")
+                + (f"-init{self.init_scale:g}" if self.init_scale != 1.0 else "") + f"-seed{self.seed}")
 
     @property
     def fingerprint(self) -> str:
-        """A short hash of every field: runs with equal fingerprints are the same experiment."""
-        text = json.dumps(dataclasses.asdict(self), sort_keys=True)
+        """A short hash of every field: runs with equal fingerprints are the same experiment.
+
+        A field added after schema 1 enters the hash only where it differs from the value every earlier
+        run had (init_scale 1), so a run's fingerprint, hence its file name, never changes.
+        """
+        fields = dataclasses.asdict(self)
+        if fields["init_scale"] == 1.0:
+            del fields["init_scale"]
+        text = json.dumps(fields, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:10]
 
     def protocol(self) -> dict:
-        """The fields that must agree for runs to be compared in one table (all but variant, batch size, seed)."""
+        """The fields that must agree for runs to be compared in one table (all but what a study varies)."""
         fields = dataclasses.asdict(self)
-        for varying in ("variant", "batch_size", "seed", "device", "pipeline"):
+        for varying in ("variant", "batch_size", "seed", "device", "pipeline", "lr", "init_scale"):
             fields.pop(varying)
         return fields
 
@@ -146,6 +163,8 @@ class ClaimSettings:
     target_loss: float  # training loss for "epochs to reach the target"
     alpha: float = 0.05  # one-sided exact permutation test at p <= alpha
     accuracy_margin: float = 0.1  # percentage points: "at least" tolerates a difference smaller than this
+    # Held-out accuracy (%) at or above which a run that did not diverge counts as having trained (lr study).
+    trained_accuracy: float = 90.0
     known_exceptions: tuple[KnownException, ...] = ()
 
     def __post_init__(self) -> None:
@@ -154,6 +173,8 @@ class ClaimSettings:
         _require(_is_positive_number(self.alpha) and self.alpha < 1, f"alpha must be in (0, 1), got {self.alpha!r}")
         _require(isinstance(self.accuracy_margin, (int, float)) and 0 <= self.accuracy_margin < 100,
                  f"accuracy margin must be in [0, 100) points, got {self.accuracy_margin!r}")
+        _require(_is_positive_number(self.trained_accuracy) and self.trained_accuracy <= 100,
+                 f"trained accuracy must be in (0, 100] percent, got {self.trained_accuracy!r}")
         names = [exception.claim for exception in self.known_exceptions]
         _require(len(set(names)) == len(names), f"known exceptions name a claim twice: {names}")
 
@@ -161,55 +182,118 @@ class ClaimSettings:
         return next((exception for exception in self.known_exceptions if exception.claim == claim), None)
 
 
+# The studies a StudySpec can hold, in the order they run and are reported.
+STUDIES = ("batch", "lr", "init", "dropout")
+
+
+@with_config(STRICT)
+@dataclass(frozen=True)
+class Study:
+    """One study: a matrix of runs, every variant x batch size x learning rate x init scale x seed.
+
+    `batch` is the original study (variants and batch sizes); `lr`, `init` and
+    `dropout` test the reasons the study gives for BN (higher learning rates,
+    less sensitivity to initialization, regularization).
+    """
+
+    name: str
+    variants: tuple[str, ...]
+    batch_sizes: tuple[int, ...]
+    epochs: int
+    lrs: tuple[float, ...] = (DEFAULT_LR,)
+    init_scales: tuple[float, ...] = (1.0,)
+
+    def __post_init__(self) -> None:
+        _require(self.name in STUDIES, f"unknown study {self.name!r}; choose from: {', '.join(STUDIES)}")
+        for what, values in (("variants", self.variants), ("batch sizes", self.batch_sizes),
+                             ("learning rates", self.lrs), ("init scales", self.init_scales)):
+            _require(len(values) > 0, f"the {self.name} study needs at least one of its {what}")
+            _require(len(set(values)) == len(values), f"{what} {values} repeat a value; give each once")
+
+
 @with_config(STRICT)
 @dataclass(frozen=True)
 class StudySpec:
-    """A study: the matrix of runs (variant x batch size x seed) under one protocol, and its claim settings."""
+    """What a benchmark session asks for: its studies, their shared seeds and protocol, and the claim settings.
+
+    Every record of the session carries it, so the report knows from the
+    records alone which runs each study wanted and how its claims are judged.
+    """
 
     profile: str
+    studies: tuple[Study, ...]
+    claims: ClaimSettings
     dataset: str = "mnist"
-    variants: tuple[str, ...] = ("plain", "bn")
-    batch_sizes: tuple[int, ...] = (32, 64, 128)
     seeds: tuple[int, ...] = (0, 1, 2)
-    epochs: int = 10
-    lr: float = 0.01
     device: str = "auto"
     validation_size: int = 0  # 0: the seed protocol (train on all 60,000)
     train_subset: int | None = None
-    claims: ClaimSettings = field(default_factory=lambda: ClaimSettings(target_loss=0.1))
 
     def __post_init__(self) -> None:
-        for name, values in (("variants", self.variants), ("batch sizes", self.batch_sizes), ("seeds", self.seeds)):
-            _require(len(values) > 0, f"a study needs at least one of its {name}")
-            _require(len(set(values)) == len(values), f"{name} {values} repeat a value; give each once")
+        names = [study.name for study in self.studies]
+        _require(len(names) > 0, "a study spec needs at least one study")
+        _require(names == [name for name in STUDIES if name in names],
+                 f"studies {names} repeat or are out of order; give each once, in the order {', '.join(STUDIES)}")
+        _require(len(self.seeds) > 0, "a study needs at least one seed")
+        _require(len(set(self.seeds)) == len(self.seeds), f"seeds {self.seeds} repeat a value; give each once")
         self.run_specs()  # every combination must make a valid RunSpec
 
-    def run_spec(self, variant: str, batch_size: int, seed: int) -> RunSpec:
+    def study(self, name: str) -> Study | None:
+        return next((study for study in self.studies if study.name == name), None)
+
+    def run_spec(self, study: Study, variant: str, batch_size: int, seed: int, *, lr: float | None = None,
+                 init_scale: float = 1.0) -> RunSpec:
         return RunSpec(
-            dataset=self.dataset, variant=variant, batch_size=batch_size, epochs=self.epochs, seed=seed, lr=self.lr,
-            device=self.device, validation_size=self.validation_size, train_subset=self.train_subset,
+            dataset=self.dataset, variant=variant, batch_size=batch_size, epochs=study.epochs, seed=seed,
+            lr=study.lrs[0] if lr is None else lr, init_scale=init_scale, device=self.device,
+            validation_size=self.validation_size, train_subset=self.train_subset,
         )
 
-    def run_specs(self) -> list[RunSpec]:
-        """Every run of the study, ordered batch size, then variant, then seed."""
-        return [spec for group in self.seed_groups() for spec in group]
-
-    def seed_groups(self) -> list[tuple[RunSpec, ...]]:
-        """The study's runs by (variant, batch size), each group its seeds: what trains as one computation."""
+    def study_groups(self, study: Study) -> list[tuple[RunSpec, ...]]:
+        """One study's runs by (variant, batch size): every learning rate, init scale and seed of each."""
         return [
-            tuple(self.run_spec(variant, batch_size, seed) for seed in self.seeds)
-            for batch_size in self.batch_sizes
-            for variant in self.variants
+            tuple(self.run_spec(study, variant, batch_size, seed, lr=lr, init_scale=scale)
+                  for lr in study.lrs for scale in study.init_scales for seed in self.seeds)
+            for batch_size in study.batch_sizes
+            for variant in study.variants
         ]
 
-    def seed_group_of(self, spec: RunSpec) -> tuple[RunSpec, ...]:
-        """The group `spec` trains in: its variant and batch size with every seed of the study."""
-        return tuple(self.run_spec(spec.variant, spec.batch_size, seed) for seed in self.seeds)
+    def study_runs(self, study: Study) -> list[RunSpec]:
+        return [spec for group in self.study_groups(study) for spec in group]
+
+    def groups(self) -> list[tuple[RunSpec, ...]]:
+        """What trains as one computation, each run once: the studies' groups, less runs an earlier one has."""
+        seen: set[RunSpec] = set()
+        groups = []
+        for study in self.studies:
+            for group in self.study_groups(study):
+                new = tuple(spec for spec in group if spec not in seen)
+                seen.update(new)
+                if new:
+                    groups.append(new)
+        return groups
+
+    def run_specs(self) -> list[RunSpec]:
+        """Every run of every study, once, in the order the groups train them."""
+        return [spec for group in self.groups() for spec in group]
+
+    def case_name(self, group: tuple[RunSpec, ...]) -> str:
+        """A group's name, as in test ids: `bn-bs64`, `plain-bs64-lr-sweep`, `bn-dropout-bs64`."""
+        first = group[0]
+        lrs, scales = {spec.lr for spec in group}, {spec.init_scale for spec in group}
+        name = f"{first.variant}-bs{first.batch_size}"
+        name += "-lr-sweep" if len(lrs) > 1 else (f"-lr{first.lr:g}" if first.lr != DEFAULT_LR else "")
+        name += "-init-sweep" if len(scales) > 1 else (f"-init{first.init_scale:g}" if first.init_scale != 1 else "")
+        return name
+
+    def group_of(self, spec: RunSpec) -> tuple[RunSpec, ...]:
+        """The group `spec` trains in, or `spec` alone if no study of this spec has it."""
+        return next((group for group in self.groups() if spec in group), (spec,))
 
     def protocol(self) -> dict:
-        """What must agree for results to be compared: everything but the matrix and the device."""
+        """What must agree for results to be compared: everything but the studies' matrices, seeds and device."""
         fields = dataclasses.asdict(self)
-        for varying in ("variants", "batch_sizes", "seeds", "device"):
+        for varying in ("studies", "seeds", "device"):
             fields.pop(varying)
         return fields
 

@@ -7,11 +7,11 @@ stepped is the pipeline's: `EPOCH_RUNNERS` maps each pipeline to its runner
 (bnsuite.epochs for `fast` and `eager`, bnsuite.original for `original`),
 and the loop here never knows which one it drives.
 
-A study trains every (variant, batch size) with several seeds; `train_seeds`
-trains those runs as one batched computation where the fast step covers the
-variant, each run bit for bit as it trains alone (bnsuite.fastpath says how),
-so the per-op overhead that dominates small batches on a CPU is paid once
-for all the seeds.
+A study trains every (variant, batch size) with several seeds, and sweeps
+learning rates and init scales; `train_seeds` trains runs that differ only in
+those as one batched computation where the fast step covers the variant, each
+run bit for bit as it trains alone (bnsuite.fastpath says how), so the per-op
+overhead that dominates small batches on a CPU is paid once for the group.
 
 Determinism: on a CPU the same spec and the same group give the same record,
 bit for bit. On a GPU that needs torch's deterministic algorithms, which
@@ -35,7 +35,7 @@ from torch.nn import functional as F
 from bnsuite import fastpath
 from bnsuite.data import load_splits
 from bnsuite.environment import describe_environment, now_utc
-from bnsuite.epochs import TensorEpochs
+from bnsuite.epochs import TensorEpochs, training_set
 from bnsuite.models import build_model
 from bnsuite.records import EpochRecord, RunRecord, finite_or_none
 from bnsuite.spec import RunSpec, StudySpec
@@ -92,8 +92,8 @@ def train(
     return train_seeds([spec], data_dir=data_dir, study=study, on_epoch=on_epoch)[0]
 
 
-def trains_seeds_together(spec: RunSpec) -> bool:
-    """Whether runs like `spec` with other seeds train as one batched computation (the fast step's variants)."""
+def trains_together(spec: RunSpec) -> bool:
+    """Whether runs like `spec` with other seeds, learning rates or init scales train as one computation."""
     return spec.pipeline == "fast" and spec.variant in fastpath.VARIANTS
 
 
@@ -104,7 +104,7 @@ def train_seeds(
     study: StudySpec | None = None,
     on_epoch: EpochCallback | None = None,
 ) -> list[RunRecord]:
-    """Train runs that differ only in their seed; one record each, in the order given.
+    """Train runs that differ only in seed, learning rate or init scale; one record each, in the order given.
 
     Where the fast step covers the variant, the runs train as one batched
     computation (bnsuite.fastpath), each on its own init and its own shuffle,
@@ -113,8 +113,8 @@ def train_seeds(
     recorded at that epoch while the others go on.
     """
     specs = list(specs)
-    _check_same_but_seed(specs)
-    if len(specs) > 1 and not trains_seeds_together(specs[0]):
+    _check_one_group(specs)
+    if len(specs) > 1 and not trains_together(specs[0]):
         return [train(spec, data_dir=data_dir, study=study, on_epoch=on_epoch) for spec in specs]
     spec = specs[0]
     device = resolve_device(spec.device)
@@ -124,12 +124,14 @@ def train_seeds(
     splits = splits.to(device)
 
     with _deterministic(device):
-        models, shuffles = [], []
+        models, shuffles, dropouts = [], [], []
         for run in specs:
             torch.manual_seed(run.seed)  # the model's default init draws from the global generator
-            models.append(build_model(run.variant).to(device))
+            models.append(build_model(run.variant, run.init_scale).to(device))
             shuffles.append(torch.Generator().manual_seed(run.seed))
-        run_epoch = EPOCH_RUNNERS[spec.pipeline](specs, models, shuffles, splits, data_dir=data_dir)
+            dropouts.append(_generator_after_init(device))
+        run_epoch = EPOCH_RUNNERS[spec.pipeline](specs, models, shuffles, splits, dropout_generators=dropouts,
+                                                 data_dir=data_dir)
 
         epochs: list[list[EpochRecord]] = [[] for _ in specs]
         steps = [0 for _ in specs]
@@ -170,14 +172,17 @@ def train_seeds(
         finished = zip(specs, models, epochs, steps, diverged_at_epoch, strict=True)
         for run, model, run_epochs, run_steps, diverged in finished:
             test_loss, test_accuracy = evaluate(model, splits.test_images, splits.test_labels)
+            train_loss_eval, train_accuracy_eval = evaluate(model, *training_set(splits, run))
             records.append(RunRecord(
                 spec=run,
                 study=study,
                 runs_trained_together=len(specs),
-                group_seeds=tuple(other.seed for other in specs),
+                trained_with=tuple(other.case_id for other in specs),
                 epochs=tuple(run_epochs),
                 test_loss=finite_or_none(test_loss),
                 test_accuracy=test_accuracy,
+                final_train_loss_eval=finite_or_none(train_loss_eval),
+                final_train_accuracy_eval=train_accuracy_eval,
                 train_time_s=sum(epoch.epoch_time_s for epoch in run_epochs),
                 steps=run_steps,
                 diverged_at_epoch=diverged,
@@ -185,6 +190,14 @@ def train_seeds(
                 started_at=started_at,
             ))
     return records
+
+
+def _generator_after_init(device: torch.device) -> torch.Generator:
+    """A generator where torch's own stands after a model's init: dropout masks drawn from it are the ones
+    F.dropout would draw for that run trained alone through autograd."""
+    generator = torch.Generator(device=device)
+    generator.set_state(torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state())
+    return generator
 
 
 @contextlib.contextmanager
@@ -201,14 +214,15 @@ def _deterministic(device: torch.device) -> Iterator[None]:
         torch.use_deterministic_algorithms(before)
 
 
-def _check_same_but_seed(specs: list[RunSpec]) -> None:
+def _check_one_group(specs: list[RunSpec]) -> None:
     if not specs:
         raise ValueError("train_seeds needs at least one RunSpec")
-    seedless = {dataclasses.replace(spec, seed=0) for spec in specs}
-    if len(seedless) != 1:
-        raise ValueError("train_seeds trains runs that differ only in their seed; these differ in more")
-    if len({spec.seed for spec in specs}) != len(specs):
-        raise ValueError("train_seeds was given the same seed twice; give each seed once")
+    shared = {dataclasses.replace(spec, seed=0, lr=0.01, init_scale=1.0) for spec in specs}
+    if len(shared) != 1:
+        raise ValueError("train_seeds trains runs that differ only in seed, learning rate or init scale; "
+                         "these differ in more")
+    if len(set(specs)) != len(specs):
+        raise ValueError("train_seeds was given the same run twice; give each run once")
 
 
 @torch.no_grad()

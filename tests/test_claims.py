@@ -1,49 +1,134 @@
-"""The claims' decision rule, the gate, and the known exceptions a study carries."""
+"""The claims' decision rule, each study's claims on made-up runs, the gate, and the known exceptions."""
 
 import pytest
 
-from bnsuite.claims import bn_converges_faster, bn_lower_final_loss, gate, p_smaller
+from bnsuite.claims import gate, p_smaller, study_claims
 from bnsuite.records import Environment, EpochRecord, RunRecord
-from bnsuite.spec import CONTRADICTED, NOT_SHOWN, SUPPORTED, ClaimSettings, KnownException, RunSpec
+from bnsuite.spec import CONTRADICTED, NOT_SHOWN, SUPPORTED, ClaimSettings, KnownException, Study, StudySpec
 from bnsuite.study import PROFILES, study_from_options
 
-SETTINGS = ClaimSettings(target_loss=0.5)
 ENVIRONMENT = Environment(torch_version="2", device="cpu", device_name="cpu", cpu_model="cpu", cpu_flags=(),
                           cpu_capability="AVX2", blas="mkl", threads=2, python_version="3.11", platform="linux",
                           git_commit=None, dataset_checksum="0" * 32)
+SPEC = StudySpec(profile="test", seeds=(0, 1, 2), validation_size=10_000, train_subset=2_000,
+                 claims=ClaimSettings(target_loss=0.5, trained_accuracy=90.0), studies=(
+                     Study("batch", variants=("plain", "bn"), batch_sizes=(64, 128), epochs=2),
+                     Study("lr", variants=("plain", "bn"), batch_sizes=(64,), epochs=2, lrs=(0.01, 0.03, 0.1, 0.3)),
+                     Study("init", variants=("plain", "bn"), batch_sizes=(64,), epochs=2, init_scales=(0.1, 1.0, 10.0)),
+                     Study("dropout", variants=("plain", "bn", "plain-dropout", "bn-dropout"), batch_sizes=(64,),
+                           epochs=2),
+                 ))
 
 
-def _run(variant, seed, losses, *, diverged_at=None):
-    """A record of `variant` at batch 128 whose epochs end at `losses`, diverging at `diverged_at` if given."""
-    spec = RunSpec(variant=variant, seed=seed, batch_size=128, epochs=len(losses) + (diverged_at is not None))
+def _run(study, variant, seed, *, batch_size=64, losses=(0.9, 0.5), accuracy=95.0, train_accuracy=None,
+         diverged_at=None, **axes):
+    """A record of SPEC's `study` whose epochs end at `losses` and whose held-out accuracy is `accuracy`."""
+    spec = SPEC.run_spec(SPEC.study(study), variant, batch_size, seed, **axes)
+    kept = losses if diverged_at is None else losses[:diverged_at - 1]
     epochs = tuple(EpochRecord(epoch=i + 1, train_loss=loss, train_accuracy=90.0, validation_loss=0.3,
-                               validation_accuracy=90.0, test_loss=0.3, test_accuracy=90.0, epoch_time_s=1.0)
-                   for i, loss in enumerate(losses))
-    return RunRecord(spec=spec, study=None, runs_trained_together=1, group_seeds=(seed,), epochs=epochs,
-                     test_loss=0.3, test_accuracy=90.0, train_time_s=1.0, steps=10, diverged_at_epoch=diverged_at,
-                     environment=ENVIRONMENT, started_at="now")
+                               validation_accuracy=accuracy, test_loss=0.3, test_accuracy=accuracy, epoch_time_s=1.0)
+                   for i, loss in enumerate(kept))
+    return RunRecord(spec=spec, study=SPEC, runs_trained_together=1, trained_with=(spec.case_id,), epochs=epochs,
+                     test_loss=0.3, test_accuracy=accuracy, final_train_loss_eval=0.1,
+                     final_train_accuracy_eval=accuracy + 1.0 if train_accuracy is None else train_accuracy,
+                     train_time_s=1.0, steps=10, diverged_at_epoch=diverged_at, environment=ENVIRONMENT,
+                     started_at="now")
+
+
+def _claim(name):
+    return next(claim for claim in study_claims(SPEC) if claim.name == name)
 
 
 def test_a_diverged_run_counts_as_the_worst_outcome():
     # bn beats both finished plain runs; the diverged plain run must count as worse than every bn run.
-    bn = [_run("bn", seed, [0.9, loss]) for seed, loss in enumerate([0.10, 0.12, 0.11])]
-    plain = [_run("plain", 0, [0.9, 0.30]), _run("plain", 1, [0.9, 0.31]), _run("plain", 2, [0.9], diverged_at=2)]
-    result = bn_lower_final_loss(128, SETTINGS).evaluate(bn + plain)
+    bn = [_run("batch", "bn", seed, losses=(0.9, loss)) for seed, loss in enumerate([0.10, 0.12, 0.11])]
+    plain = [_run("batch", "plain", 0, losses=(0.9, 0.30)), _run("batch", "plain", 1, losses=(0.9, 0.31)),
+             _run("batch", "plain", 2, losses=(0.9, 0.3), diverged_at=2)]
+    result = _claim("bn-lower-final-loss-bs64").evaluate(bn + plain)
     # Counted worst: 9 of 9 pairs favour bn, p = 1/20. Dropped (p = 1/10) or counted best: not shown.
     assert result.verdict == SUPPORTED and result.p_value == pytest.approx(0.05)
     assert "1 diverged" in result.evidence
 
 
 def test_a_run_that_reached_the_target_and_then_diverged_never_converged():
-    bn = [_run("bn", seed, [0.4, 0.3]) for seed in range(3)]
-    plain = [_run("plain", seed, [0.45], diverged_at=2) for seed in range(3)]  # reached 0.5 in epoch 1, then blew up
-    result = bn_converges_faster(128, SETTINGS).evaluate(bn + plain)
+    bn = [_run("batch", "bn", seed, losses=(0.4, 0.3)) for seed in range(3)]
+    plain = [_run("batch", "plain", seed, losses=(0.45, 0.3), diverged_at=2) for seed in range(3)]  # 0.45 <= 0.5
+    result = _claim("bn-converges-faster-bs64").evaluate(bn + plain)
     assert "plain [never, never, never]" in result.evidence and result.verdict == SUPPORTED
+
+
+def test_a_claim_missing_a_run_is_not_shown_and_names_it():
+    bn = [_run("batch", "bn", seed) for seed in range(3)]
+    result = _claim("bn-lower-final-loss-bs64").evaluate(bn + [_run("batch", "plain", 0)])
+    assert result.verdict == NOT_SHOWN and "no runs of plain-bs64-seed1, plain-bs64-seed2" in result.evidence
 
 
 def test_p_value_is_one_twentieth_when_every_run_of_one_group_of_three_beats_every_run_of_the_other():
     assert p_smaller([1, 2, 3], [4, 5, 6]) == pytest.approx(0.05)
     assert p_smaller([1, 5, 3], [4, 2, 6]) > 0.05
+
+
+def _lr_runs(trained_up_to: dict[str, float]):
+    """Every lr-study run: a variant trains (96%) up to its learning rate in `trained_up_to`, collapses above."""
+    return [_run("lr", variant, seed, lr=lr, accuracy=96.0 if lr <= trained_up_to[variant] else 11.0)
+            for variant in ("plain", "bn") for lr in (0.01, 0.03, 0.1, 0.3) for seed in range(3)]
+
+
+def test_learning_rate_claims_find_where_bn_trains_and_plain_does_not():
+    runs = _lr_runs({"plain": 0.03, "bn": 0.3})
+    verdicts = {name: _claim(name).evaluate(runs) for name in (
+        "bn-trains-where-plain-does-not-bs64", "bn-highest-trainable-lr-3x-plain-bs64",
+        "bn-best-accuracy-over-lrs-at-least-plain-bs64")}
+    assert {name: result.verdict for name, result in verdicts.items()} == dict.fromkeys(verdicts, SUPPORTED)
+    assert "lr 0.1: bn 3/3, plain 0/3" in verdicts["bn-trains-where-plain-does-not-bs64"].evidence
+    highest = verdicts["bn-highest-trainable-lr-3x-plain-bs64"]
+    assert "bn [0.3, 0.3, 0.3] vs plain [0.03, 0.03, 0.03]" in highest.evidence
+
+
+def test_a_grid_step_of_exactly_three_counts_as_three_times_and_less_does_not():
+    assert _claim("bn-highest-trainable-lr-3x-plain-bs64").evaluate(
+        _lr_runs({"plain": 0.01, "bn": 0.03})).verdict == SUPPORTED
+    assert _claim("bn-highest-trainable-lr-3x-plain-bs64").evaluate(
+        _lr_runs({"plain": 0.03, "bn": 0.03})).verdict != SUPPORTED
+    assert _claim("bn-trains-where-plain-does-not-bs64").evaluate(
+        _lr_runs({"plain": 0.3, "bn": 0.3})).verdict == NOT_SHOWN
+
+
+def test_a_diverged_run_never_trains_at_its_learning_rate():
+    runs = [run if not (run.spec.variant == "bn" and run.spec.lr == 0.3 and run.spec.seed == 2)
+            else _run("lr", "bn", 2, lr=0.3, losses=(0.9, 0.5), diverged_at=2) for run in
+            _lr_runs({"plain": 0.03, "bn": 0.3})]
+    result = _claim("bn-highest-trainable-lr-3x-plain-bs64").evaluate(runs)
+    assert "bn [0.3, 0.3, 0.1]" in result.evidence
+
+
+def test_init_claims_compare_the_spread_over_scales_and_each_end():
+    accuracy = {("plain", 0.1): 60.0, ("plain", 1.0): 95.0, ("plain", 10.0): 40.0,
+                ("bn", 0.1): 97.0, ("bn", 1.0): 97.5, ("bn", 10.0): 95.0}
+    runs = [_run("init", variant, seed, init_scale=scale, accuracy=accuracy[variant, scale] + 0.1 * seed)
+            for (variant, scale) in accuracy for seed in range(3)]
+    spread = _claim("bn-less-sensitive-to-init-scale-bs64").evaluate(runs)
+    assert spread.verdict == SUPPORTED and "bn 2.50 vs plain 55.00 points" in spread.evidence
+    assert _claim("bn-accuracy-at-least-plain-at-smallest-init-bs64").evaluate(runs).verdict == SUPPORTED
+    assert _claim("bn-accuracy-at-least-plain-at-largest-init-bs64").evaluate(runs).verdict == SUPPORTED
+
+
+def test_dropout_claims_use_the_final_models_training_accuracy_and_pair_seeds():
+    held_out = {"plain": 96.0, "bn": 97.0, "plain-dropout": 97.0, "bn-dropout": 97.1}
+    runs = [_run("dropout", variant, seed, accuracy=held_out[variant] + 0.01 * seed,
+                 train_accuracy=held_out[variant] + (3.0 if variant == "bn" else 1.0))
+            for variant in held_out for seed in range(3)]
+    assert _claim("bn-smaller-generalization-gap-bs64").evaluate(runs).verdict == CONTRADICTED  # 3 points vs 1
+    gains = _claim("dropout-gains-bn-less-than-plain-bs64").evaluate(runs)
+    assert gains.verdict == SUPPORTED and "bn 0.10 ± 0.00 (n=3) vs plain 1.00 ± 0.00 (n=3)" in gains.evidence
+
+
+def test_bn_s_loss_advantage_growing_with_the_batch_is_judged_seed_by_seed():
+    runs = [_run("batch", variant, seed, batch_size=batch_size, losses=(0.9, loss + 0.001 * seed))
+            for batch_size, losses in ((64, {"plain": 0.04, "bn": 0.02}), (128, {"plain": 0.05, "bn": 0.01}))
+            for variant, loss in losses.items() for seed in range(3)]
+    result = _claim("bn-loss-advantage-grows-with-batch-size").evaluate(runs)
+    assert result.verdict == SUPPORTED and "bs64 0.51" in result.evidence
 
 
 @pytest.mark.parametrize("verdict, known, outcome", [
@@ -56,24 +141,25 @@ def test_p_value_is_one_twentieth_when_every_run_of_one_group_of_three_beats_eve
     (SUPPORTED, NOT_SHOWN, "fail"),  # the claim now holds: take it off the list
 ])
 def test_the_gate_expects_a_failure_only_with_the_verdict_the_exception_records(verdict, known, outcome):
-    result = bn_lower_final_loss(128, SETTINGS).evaluate([])
+    result = _claim("bn-lower-final-loss-bs64").evaluate([])
     result = type(result)(result.name, result.statement, result.rule, "evidence", verdict, 0.5)
     exception = KnownException(result.name, known, "why") if known else None
     assert gate(result, exception)[0] == outcome
 
 
 def test_known_exceptions_carry_over_only_to_the_runs_the_profile_measured():
-    full = PROFILES["full"].claims.known_exceptions
-    assert study_from_options("full").claims.known_exceptions == full
+    smoke = PROFILES["smoke"].claims.known_exceptions
+    assert smoke and study_from_options("smoke").claims.known_exceptions == smoke
     # Other epochs, seeds, learning rate or target loss: the profile's measurements say nothing about them.
     for changed in (dict(epochs="3"), dict(seeds="0,1,2,3"), dict(lr="0.1"), dict(target_loss="0.2")):
-        assert study_from_options("full", **changed).claims.known_exceptions == (), changed
-    # A narrower matrix keeps the exceptions of the claims it still judges on the same runs.
-    assert study_from_options("full", variants="plain,bn", batch_sizes="32,64,128").claims.known_exceptions == full
-    assert study_from_options("full", batch_sizes="64,128").claims.known_exceptions == ()
-    smoke = study_from_options("smoke", batch_sizes="32").claims.known_exceptions
-    assert [exception.claim for exception in smoke] == ["bn-converges-faster-bs32"]
-    assert study_from_options("smoke", batch_sizes="64").claims.known_exceptions == ()
+        assert study_from_options("smoke", **changed).claims.known_exceptions == (), changed
+    # A narrower study keeps the exceptions of the claims it still judges on the same runs, and only those.
+    kept = study_from_options("smoke", batch_sizes="32").claims.known_exceptions  # no claim across batch sizes
+    assert [exception.claim for exception in kept] == [exception.claim for exception in smoke
+                                                       if "grows-with-batch-size" not in exception.claim]
+    assert study_from_options("smoke", studies="dropout").claims.known_exceptions == tuple(
+        exception for exception in smoke if exception.claim.endswith("generalization-gap-bs64")
+        or exception.claim.startswith("dropout-"))
 
 
 def test_a_known_exception_must_name_a_verdict_that_is_not_supported():

@@ -50,3 +50,30 @@ def test_training_flops_per_image_are_the_matmuls_of_forward_and_backward():
     assert forward + weight_gradients + input_gradients == 1_007_104
     assert training_flops_per_sample(build_model("plain")) == 1_007_104
     assert training_flops_per_sample(build_model("bn")) == 1_007_104  # BN's elementwise work is not counted
+
+
+@pytest.mark.parametrize("variant", ["plain", "bn", "bn-dropout"])
+def test_init_scale_multiplies_every_linear_weight_of_the_default_init_and_nothing_else(variant):
+    torch.manual_seed(3)
+    default = build_model(variant)
+    torch.manual_seed(3)
+    scaled = build_model(variant, init_scale=10.0)
+    for (name, ours), (_, theirs) in zip(scaled.state_dict().items(), default.state_dict().items(), strict=True):
+        is_linear_weight = name.startswith("fc") and name.endswith("weight")
+        assert torch.equal(ours, theirs * 10.0 if is_linear_weight else theirs), name
+
+
+def test_dropout_variants_are_the_networks_with_dropout_after_each_hidden_relu():
+    torch.manual_seed(0)
+    with_dropout = build_model("bn-dropout")
+    torch.manual_seed(0)
+    without = build_model("bn")
+    assert parameter_count(with_dropout) == parameter_count(without)  # dropout has no parameters: same init
+    assert all(torch.equal(a, b) for a, b in zip(with_dropout.state_dict().values(), without.state_dict().values(),
+                                                 strict=True))
+    images = torch.randn(8, 1, 28, 28)
+    with_dropout.eval()
+    without.eval()
+    assert torch.equal(with_dropout(images), without(images))  # eval mode: dropout is the identity
+    with_dropout.train()
+    assert not torch.equal(with_dropout(images), with_dropout(images))  # train mode: a fresh mask each call

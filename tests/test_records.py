@@ -19,17 +19,17 @@ from bnsuite.records import (
     runs_frame,
     save_record,
 )
-from bnsuite.spec import ClaimSettings, StudySpec
+from bnsuite.spec import ClaimSettings, Study, StudySpec
 from bnsuite.train import train
 
 SCHEMA_1 = Path(__file__).parent / "data" / "schema1-full"
-STUDY = StudySpec(profile="smoke", variants=("bn",), batch_sizes=(64,), seeds=(0, 1), epochs=2, train_subset=1_000,
-                  validation_size=10_000, claims=ClaimSettings(target_loss=0.5))
+STUDY = StudySpec(profile="smoke", studies=(Study("batch", variants=("bn",), batch_sizes=(64,), epochs=2),),
+                  seeds=(0, 1), train_subset=1_000, validation_size=10_000, claims=ClaimSettings(target_loss=0.5))
 
 
 @pytest.fixture(scope="module")
 def record(mnist_dir):
-    return train(STUDY.run_spec("bn", 64, 0), data_dir=mnist_dir, study=STUDY)
+    return train(STUDY.run_spec(STUDY.studies[0], "bn", 64, 0), data_dir=mnist_dir, study=STUDY)
 
 
 def _raw(record) -> dict:
@@ -42,7 +42,8 @@ def test_record_survives_a_json_round_trip_unchanged(record):
 
 def test_record_carries_its_study_group_and_environment(record):
     assert record.study == STUDY and record.profile == "smoke"
-    assert record.group_seeds == (0,) and record.runs_trained_together == 1
+    assert record.trained_with == ("bn-bs64-seed0",) and record.runs_trained_together == 1
+    assert 0 < record.final_train_accuracy_eval <= 100 and record.final_train_loss_eval > 0
     env = record.environment
     assert env.cpu_model and env.cpu_capability and env.blas and env.threads >= 1
     assert env.cpu_flags == tuple(sorted(env.cpu_flags))
@@ -51,7 +52,8 @@ def test_record_carries_its_study_group_and_environment(record):
 
 
 def test_saved_records_load_back_as_one_row_per_run_and_per_epoch(record, tmp_path):
-    other = RunRecord.from_json(json.dumps(_with(_raw(record), ["spec", "seed"], 1, ["group_seeds"], [1])))
+    other = RunRecord.from_json(json.dumps(_with(_raw(record), ["spec", "seed"], 1, ["trained_with"],
+                                                 ["bn-bs64-seed1"])))
     save_record(record, tmp_path)
     save_record(other, tmp_path)
     loaded = load_records(tmp_path)
@@ -96,8 +98,11 @@ def _with(raw: dict, *changes) -> dict:
     ((["spec", "colour"], "red"), "field spec.colour: Unexpected keyword argument"),
     ((["environment", "dataset_checksum"], "abc"), "field environment.dataset_checksum: String should match"),
     ((["epochs", 1, "epoch"], 3), "field epochs must number 1 to 2 in order"),
-    ((["group_seeds"], [1, 2]), "field group_seeds [1, 2] must be 1 distinct seeds"),
-    ((["study", "epochs"], 3), "field study does not include this run"),
+    ((["trained_with"], ["bn-bs64-seed1"]), "field trained_with ['bn-bs64-seed1'] must be 1 distinct runs, "
+                                            "this run (bn-bs64-seed0) among them"),
+    ((["study", "studies", 0, "epochs"], 3), "field study does not include this run"),
+    ((["study", "studies", 0, "name"], "momentum"), "unknown study 'momentum'"),
+    ((["final_train_accuracy_eval"], ...), "field final_train_accuracy_eval is missing"),
 ])
 def test_a_bad_field_is_refused_with_the_file_and_the_field(record, change, message):
     text = json.dumps(_with(_raw(record), *change))
@@ -135,10 +140,13 @@ def test_schema_1_records_load_migrated_as_documented():
     record = next(r for r in records if r.spec.case_id == "bn-bs64-seed1")
     assert record.schema_version == 2
     assert record.study.profile == "full" and record.study.claims.target_loss == 0.1
-    assert (record.study.variants, record.study.batch_sizes, record.study.seeds) == (("bn",), (64,), (1,))
+    batch = record.study.study("batch")
+    assert (batch.variants, batch.batch_sizes, record.study.seeds) == (("plain", "bn"), (32, 64, 128), (0, 1, 2))
     assert record.study.claims.known_exception("bn-final-loss-rises-with-batch-size").verdict == "contradicted"
-    assert record.runs_trained_together == 3 and record.group_seeds is None  # schema 1 did not name the group
+    assert record.runs_trained_together == 3 and record.trained_with is None  # schema 1 did not name the group
     assert record.environment.cpu_model is None and record.environment.blas is None
+    assert record.spec.init_scale == 1.0 and record.final_train_accuracy_eval is None
+    assert len({r.study for r in records}) == 1  # one study, as schema 1 ran it
     assert len(record.epochs) == 10 and record.test_accuracy == pytest.approx(98.22, abs=0.5)
 
 
@@ -146,9 +154,15 @@ def test_schema_1_record_of_a_run_trained_alone_names_its_own_seed_as_its_group(
     raw = json.loads(next((SCHEMA_1 / RUNS_SUBDIR).glob("plain-bs32-seed2-*.json")).read_text())
     raw["runs_trained_together"] = 1
     migrated = RunRecord.from_json(json.dumps(raw))
-    assert migrated.group_seeds == (2,)
+    assert migrated.trained_with == ("plain-bs32-seed2",)
     del raw["runs_trained_together"]  # records older than training seeds together
-    assert RunRecord.from_json(json.dumps(raw)).group_seeds == (2,)
+    assert RunRecord.from_json(json.dumps(raw)).trained_with == ("plain-bs32-seed2",)
+
+
+def test_schema_1_record_of_a_seed_outside_the_default_matrix_joins_it():
+    raw = json.loads(next((SCHEMA_1 / RUNS_SUBDIR).glob("plain-bs32-seed2-*.json")).read_text())
+    raw["spec"]["seed"] = 7
+    assert RunRecord.from_json(json.dumps(raw)).study.seeds == (0, 1, 2, 7)
 
 
 def test_schema_1_record_of_no_profile_has_no_study():

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from bnsuite import data, report
-from bnsuite.claims import bn_lower_final_loss
+from bnsuite.claims import study_claims
 from bnsuite.idx import IdxFormatError, encode_idx, md5_of
 from bnsuite.records import RUNS_SUBDIR, load_records, save_record
 from bnsuite.spec import SUPPORTED, RunSpec, SpecError
@@ -130,12 +130,14 @@ def test_a_benchmark_run_describes_its_study_and_lists_the_claims_judged(pyteste
         def test_claim(study_session, record_claim):
             record_claim(ClaimResult("a-claim", "A statement.", "a rule", "the evidence", "supported", 0.05))
     """)
-    result = _run_plugin(pytester, "--bn-profile", "smoke", "--bn-batch-sizes", "128", "--bn-results-dir",
-                         str(tmp_path), "--bn-data-dir", str(mnist_dir))
+    result = _run_plugin(pytester, "--bn-profile", "smoke", "--bn-batch-sizes", "128", "--bn-studies", "batch,lr",
+                         "--bn-results-dir", str(tmp_path), "--bn-data-dir", str(mnist_dir))
     assert result.ret == pytest.ExitCode.OK
     result.stdout.fnmatch_lines([
-        "bnsuite study: profile smoke, mnist, 2 epochs, 4000 training images, 10000 held out for validation",
-        "*6 runs: variants plain,bn x batch sizes 128 x seeds 0,1,2, in 2 cases*",
+        "bnsuite study: profile smoke, mnist, 4000 training images, 10000 held out for validation, seeds 0,1,2; "
+        "24 runs in 4 cases*",
+        "  batch study: variants plain,bn x batch sizes 128, 2 epochs",
+        "  lr study: variants plain,bn x batch sizes 64 x learning rates 0.01,0.1,1, 2 epochs",
         "*bnsuite claims*",
         "*SUPPORTED  a-claim: the evidence",
     ])
@@ -215,7 +217,7 @@ def test_an_interrupted_study_keeps_its_finished_records_and_the_report_says_it_
         tmp_path, mnist_dir, monkeypatch):
     import bnsuite.study as study_module
 
-    study = study_from_options("smoke", variants="plain,bn", batch_sizes="128", seeds="0,1", epochs="1")
+    study = study_from_options("smoke", studies="batch", batch_sizes="128", seeds="0,1", epochs="1")
     session = StudySession(study, results_dir=tmp_path, data_dir=mnist_dir)
     specs = study.run_specs()
     for spec in specs[:3]:
@@ -238,7 +240,8 @@ def test_an_interrupted_study_keeps_its_finished_records_and_the_report_says_it_
 
 def _pytest_study(results, *extra):
     return [sys.executable, "-m", "pytest", "benchmarks/test_study.py", "--bn-profile", "smoke", "--bn-epochs", "1",
-            "--bn-batch-sizes", "128", "--bn-results-dir", str(results), "-q", "-p", "no:cacheprovider", *extra]
+            "--bn-studies", "batch", "--bn-batch-sizes", "128", "--bn-results-dir", str(results), "-q",
+            "-p", "no:cacheprovider", *extra]
 
 
 def test_two_pytest_processes_writing_one_results_directory_keep_every_record(tmp_path, mnist_dir):
@@ -264,20 +267,24 @@ def test_xdist_workers_writing_one_results_directory_keep_every_record(tmp_path,
 
 
 def test_a_diverging_run_is_recorded_the_study_goes_on_and_claims_and_report_say_so(tmp_path, mnist_dir):
-    study = study_from_options("smoke", variants="plain,bn", batch_sizes="128", seeds="0,1,2", epochs="2")
+    study = study_from_options("smoke", studies="batch", batch_sizes="128", seeds="0,1,2", epochs="2")
     lines = []
     session = StudySession(study, results_dir=tmp_path, data_dir=mnist_dir, progress=lines.append)
-    exploding = dataclasses.replace(study.run_spec("plain", 128, 0), lr=5.0)
+    plain_seed0 = study.run_spec(study.study("batch"), "plain", 128, 0)
+    exploding = dataclasses.replace(plain_seed0, lr=5.0)
     assert session.run(exploding).diverged_at_epoch == 1
-    assert any("diverged in epoch 1; the study goes on" in line for line in lines)
-    records = [session.record(exploding)] + [session.run(spec) for spec in study.run_specs() if spec.seed or
-                                             spec.variant == "bn"]
-    verdict = bn_lower_final_loss(128, study.claims).evaluate(records)
+    assert any("plain-bs128-lr5-seed0: diverged in epoch 1; the study goes on" in line for line in lines)
+    records = [session.record(spec) for spec in study.run_specs()]
+    # The claim judged with the diverged run in plain seed 0's place.
+    in_its_place = dataclasses.replace(session.record(exploding), spec=plain_seed0, trained_with=(plain_seed0.case_id,))
+    records = [in_its_place if r.spec == plain_seed0 else r for r in records]
+    claim = next(c for c in study_claims(study) if c.name == "bn-lower-final-loss-bs128")
+    verdict = claim.evaluate(records)
     # The diverged run counts as plain's worst, so bn beats all 9 pairs: p = 1/20. Dropping it (p = 1/10)
     # or counting it best would leave the claim not shown.
     assert "1 diverged" in verdict.evidence and verdict.verdict == SUPPORTED
     markdown = report.build_report(tmp_path, out=tmp_path / "REPORT.md", with_plots=False)
-    assert "Diverged runs:** plain-bs128-seed0" in markdown
+    assert "Diverged runs:** plain-bs128-lr5-seed0" in markdown
 
 
 def test_no_torch_load_without_weights_only_and_no_archive_extraction_in_bnsuite():

@@ -19,7 +19,7 @@ def _results(record: RunRecord) -> tuple:
     """Everything a record says about what the run did, without when it ran and how long it took."""
     epochs = [dataclasses.replace(epoch, epoch_time_s=0.0) for epoch in record.epochs]
     return (record.spec, epochs, record.test_loss, record.test_accuracy, record.steps, record.diverged_at_epoch,
-            record.group_seeds)
+            record.trained_with)
 
 
 def test_same_spec_gives_the_same_trajectory_bit_for_bit(mnist_dir):
@@ -40,8 +40,10 @@ def test_different_seeds_give_different_trajectories(mnist_dir):
     assert zero.train_losses != one.train_losses
 
 
-@pytest.mark.parametrize("variant", ["plain", "bn"])
+@pytest.mark.parametrize("variant", ["plain", "bn", "plain-dropout", "bn-dropout"])
 def test_fast_step_matches_the_eager_autograd_step(mnist_dir, variant):
+    # Dropout variants too: the fast step draws each model's masks from where torch's RNG stood after its init,
+    # exactly as F.dropout draws them in the eager step.
     fast = train(RunSpec(variant=variant, pipeline="fast", **SMALL), data_dir=mnist_dir)
     eager = train(RunSpec(variant=variant, pipeline="eager", **SMALL), data_dir=mnist_dir)
     for ours, reference in zip(fast.epochs, eager.epochs, strict=True):
@@ -60,7 +62,7 @@ def test_tensor_batches_match_the_original_dataloader_pipeline(mnist_dir, varian
     assert ours.test_accuracy == pytest.approx(original.test_accuracy, abs=0.05)
 
 
-@pytest.mark.parametrize("variant", ["plain", "bn"])
+@pytest.mark.parametrize("variant", ["plain", "bn", "bn-dropout"])
 def test_seeds_trained_together_match_each_seed_trained_alone_bit_for_bit(mnist_dir, variant):
     # SGD amplifies any rounding difference within a few hundred steps, so only exact equality shows
     # that a run's result does not depend on the seeds it trained with. 40 steps per epoch, the last
@@ -72,8 +74,22 @@ def test_seeds_trained_together_match_each_seed_trained_alone_bit_for_bit(mnist_
     for ours, spec in zip(together, specs, strict=True):
         alone = train(spec, data_dir=mnist_dir)
         assert _results(ours)[:-1] == _results(alone)[:-1]
-        assert (ours.group_seeds, alone.group_seeds) == ((0, 1, 2), (spec.seed,))
+        assert (ours.trained_with, alone.trained_with) == (tuple(s.case_id for s in specs), (spec.case_id,))
         assert (ours.runs_trained_together, alone.runs_trained_together) == (3, 1)
+
+
+@pytest.mark.parametrize("variant", ["plain", "bn"])
+def test_a_sweep_of_learning_rates_and_init_scales_trains_each_run_as_it_trains_alone(mnist_dir, variant):
+    base = dict(variant=variant, epochs=1, train_subset=1_000, validation_size=10_000)
+    specs = [RunSpec(seed=seed, lr=lr, init_scale=scale, **base)
+             for lr, scale in ((0.01, 1.0), (0.3, 1.0), (0.01, 3.0)) for seed in (0, 1)]
+    together = train_seeds(specs, data_dir=mnist_dir)
+    for ours, spec in zip(together, specs, strict=True):
+        alone = train(spec, data_dir=mnist_dir)
+        assert _results(ours)[:-1] == _results(alone)[:-1], spec.case_id
+        assert ours.trained_with == tuple(run.case_id for run in specs)
+    # Each run really has its own learning rate and scale: no two trajectories are the same.
+    assert len({record.train_losses[0] for record in together}) == len(specs)
 
 
 def _models(variant, seeds):
@@ -127,14 +143,15 @@ def test_runs_without_a_batched_step_train_one_after_another(mnist_dir):
 
 
 @pytest.mark.parametrize("seeds, change, message", [
-    ((0, 1), dict(lr=0.1), "differ only in their seed"),
-    ((0, 0), {}, "same seed twice"),
+    ((0, 1), dict(batch_size=128), "differ only in seed, learning rate or init scale"),
+    ((0, 1), dict(epochs=3), "differ only in seed, learning rate or init scale"),
+    ((0, 0), {}, "same run twice"),
     ((), {}, "at least one RunSpec"),
 ])
-def test_train_seeds_refuses_runs_that_are_not_one_seed_group(seeds, change, message):
+def test_train_seeds_refuses_runs_that_are_not_one_group(seeds, change, message):
     specs = [RunSpec(seed=seed, **SMALL) for seed in seeds]
     if change:
-        specs[-1] = RunSpec(seed=seeds[-1], **SMALL, **change)
+        specs[-1] = RunSpec(seed=seeds[-1], **{**SMALL, **change})
     with pytest.raises(ValueError, match=message):
         train_seeds(specs)
 
