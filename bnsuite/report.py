@@ -391,7 +391,7 @@ def benchmark_section(benchmarks: Path | None) -> list[str]:
                  "rounds": bench["stats"]["rounds"]} for bench in cases]
         return ["## pytest-benchmark timings", "",
                 f"From `{path}` ({data.get('datetime', 'unknown time')}); one round per case, each case "
-                "training its seeds together, training and per-epoch evaluation included.", "",
+                "training its runs together, training and per-epoch evaluation included.", "",
                 pd.DataFrame(rows).to_markdown(index=False), ""] + speed_rows(data)
     return []
 

@@ -256,6 +256,6 @@ def progress_line(spec: RunSpec, epoch: EpochRecord, elapsed_s: float) -> str:
         else f"test acc {epoch.test_accuracy:6.2f}%"
     )
     return (
-        f"{spec.variant:>10} bs {spec.batch_size:<4} seed {spec.seed:<2} epoch {epoch.epoch:>2}/{spec.epochs:<2} "
+        f"{spec.case_id:>28} epoch {epoch.epoch:>2}/{spec.epochs:<2} "
         f"loss {epoch.train_loss:.4f}  {held_out}  {elapsed_s:6.1f}s"
     )
