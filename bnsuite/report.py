@@ -27,7 +27,7 @@ from bnsuite.claims import REASONS, ClaimResult, study_claims
 from bnsuite.files import write_atomically
 from bnsuite.records import RecordError, RunRecord, epochs_frame, load_records, runs_frame
 from bnsuite.report_studies import SECTIONS, claims_table
-from bnsuite.spec import CONTRADICTED, SUPPORTED, ClaimSettings, StudySpec
+from bnsuite.spec import CONTRADICTED, SUPPORTED, ClaimSettings, Study, StudySpec
 
 DEFAULT_RESULTS = Path("results")
 DEFAULT_BENCHMARKS = Path(".benchmarks")
@@ -123,19 +123,25 @@ def plan_section(title: str, spec: StudySpec | None, records: list[RunRecord], *
     lines += completeness(records, spec)
     claims = evaluate_claims(records, spec)
     settings = spec.claims if spec else None
-    batch = spec.study("batch") if spec else None
-    batch_records = [r for r in records if spec is None or r.spec in set(spec.study_runs(batch))] if (
-        batch or spec is None) else []
+    # Runs made outside a study are reported as a batch-size study without claims.
+    batch_records = records if spec is None else _records_of(spec, spec.study("batch"), records)
     if batch_records:
         lines += batch_section(batch_records, claims, settings, out=out, prefix=prefix, with_plots=with_plots, h=h)
     else:
         lines += [f"{h} Discussion", ""] + discussion(None, claims, settings) + [""]
     for study in (spec.studies if spec else ()):
         if study.name in SECTIONS:
-            study_records = [r for r in records if r.spec in set(spec.study_runs(study))]
-            lines += SECTIONS[study.name](spec, study, study_records, claims, out=out, prefix=prefix,
-                                          with_plots=with_plots, h=h)
+            lines += SECTIONS[study.name](spec, study, _records_of(spec, study, records), claims, out=out,
+                                          prefix=prefix, with_plots=with_plots, h=h)
     return lines
+
+
+def _records_of(spec: StudySpec, study: Study | None, records: list[RunRecord]) -> list[RunRecord]:
+    """The records of one study of `spec` (none if the spec has no such study)."""
+    if study is None:
+        return []
+    wanted = set(spec.study_runs(study))
+    return [record for record in records if record.spec in wanted]
 
 
 def batch_section(records: list[RunRecord], claims: list[ClaimResult], settings: ClaimSettings | None, *,
