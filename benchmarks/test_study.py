@@ -6,11 +6,13 @@ every point of the sweep too, as one batched computation where the fast step
 covers the variant. The benchmark's time is the case's training, evaluation
 included; each record's own `train_time_s` is its share of the training
 alone. The records are saved to the results directory and kept for the
-claims in test_claims.py.
+claims in test_claims.py. With `--bn-baseline`, a case fails when its numbers
+moved from the baseline's (bnsuite.baseline: exactly where the machine and
+group are the same, beyond a margin over seeds where not).
 """
 
 
-def test_training_runs(benchmark, case, study, study_session):
+def test_training_runs(benchmark, case, study, study_session, check_baseline):
     records = benchmark.pedantic(study_session.run_seeds, args=(case,), rounds=1, iterations=1, warmup_rounds=0)
     benchmark.extra_info.update({
         "bnsuite": "case",  # what bnsuite.report reads this benchmark as
@@ -33,3 +35,5 @@ def test_training_runs(benchmark, case, study, study_session):
         assert len(record.epochs) == (record.diverged_at_epoch - 1 if record.diverged else spec.epochs)
         assert record.study == study
         assert record.spec.case_id in record.trained_with
+    failed = [comparison.describe() for comparison in check_baseline(records) if comparison.failed]
+    assert not failed, "against the baseline: " + "; ".join(failed)

@@ -31,10 +31,18 @@ def _png(figure) -> bytes:
     return buffer.getvalue()
 
 
-def _per_epoch_panels(epochs: pd.DataFrame, column: str, ylabel: str, title: str, *, log: bool) -> bytes:
+def _per_epoch_panels(epochs: pd.DataFrame, column: str, ylabel: str, title: str, *, log: bool,
+                      baseline: pd.DataFrame | None = None) -> bytes:
+    """One panel per batch size, one line per variant (mean over seeds, band min to max); a baseline's
+    curves, if given, dashed over them."""
     batch_sizes = sorted(epochs["batch_size"].unique())
     figure, axes = plt.subplots(1, len(batch_sizes), figsize=(4.2 * len(batch_sizes), 3.6), sharey=True, squeeze=False)
     for axis, batch_size in zip(axes[0], batch_sizes, strict=True):
+        if baseline is not None:
+            for variant, runs in baseline[baseline["batch_size"] == batch_size].groupby("variant"):
+                mean = runs.groupby("epoch")[column].mean()
+                axis.plot(mean.index, mean.values, linestyle="--", color=_color(variant), alpha=0.8,
+                          label=f"{variant}, baseline (mean of {runs['seed'].nunique()} seeds)")
         for variant, runs in epochs[epochs["batch_size"] == batch_size].groupby("variant"):
             by_epoch = runs.groupby("epoch")[column]
             mean, low, high = by_epoch.mean(), by_epoch.min(), by_epoch.max()
@@ -62,6 +70,12 @@ def training_loss_plot(epochs: pd.DataFrame) -> bytes:
 def held_out_accuracy_plot(epochs: pd.DataFrame, column: str, label: str) -> bytes:
     return _per_epoch_panels(epochs, column, f"{label} accuracy (%)", f"{label.capitalize()} accuracy per epoch",
                              log=False)
+
+
+def baseline_plot(epochs: pd.DataFrame, baseline: pd.DataFrame, column: str, label: str) -> bytes:
+    return _per_epoch_panels(epochs, column, f"{label} accuracy (%)",
+                             f"{label.capitalize()} accuracy per epoch, now (solid) and baseline (dashed)",
+                             log=False, baseline=baseline)
 
 
 def accuracy_by_batch_size_plot(runs: pd.DataFrame) -> bytes:

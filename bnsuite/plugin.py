@@ -19,6 +19,16 @@ from pathlib import Path
 
 import pytest
 
+from bnsuite.baseline import (
+    REFERENCE_DIR,
+    Baseline,
+    BaselineError,
+    Comparison,
+    check_protocol,
+    compare,
+    configuration,
+    unmatched,
+)
 from bnsuite.claims import study_claims
 from bnsuite.data import DataUnavailableError, default_data_dir, load_raw
 from bnsuite.idx import IdxFormatError
@@ -47,8 +57,10 @@ def pytest_addoption(parser):
     for name, help_text in OPTIONS.items():
         group.addoption(f"--bn-{name}", default=None, help=help_text)
     group.addoption("--bn-results-dir", default=None,
-                    help="where run records are saved (default: $BNSUITE_RESULTS_DIR, else results/ for the full "
-                         "profile, results/PROFILE/ for others)")
+                    help="where run records are saved (default: $BNSUITE_RESULTS_DIR, else results/PROFILE/)")
+    group.addoption("--bn-baseline", default=None,
+                    help=f"gate every case's numbers against this results directory's records of the same runs; "
+                         f"'reference' is the committed {REFERENCE_DIR}/PROFILE (default: no baseline)")
     group.addoption("--bn-data-dir", default=None,
                     help="data directory (default: $BNSUITE_DATA_DIR, else ~/.cache/bnsuite)")
 
@@ -69,10 +81,15 @@ class StudyPlugin:
         except SpecError as error:
             raise pytest.UsageError(f"bnsuite: {error}") from None
         results_dir = config.getoption("--bn-results-dir") or os.environ.get("BNSUITE_RESULTS_DIR")
-        # The full study is the reference in results/; smaller profiles never mix into it.
+        # A user's runs go to results/PROFILE; the committed reference, in results/reference/PROFILE, is
+        # changed only by accepting new numbers (python -m bnsuite.baseline accept).
         profile = self.study_spec.profile
-        self.results_dir = Path(results_dir) if results_dir else (
-            Path(config.rootpath) / "results" / ("" if profile == "full" else profile))
+        self.results_dir = Path(results_dir) if results_dir else Path(config.rootpath) / "results" / profile
+        baseline = config.getoption("--bn-baseline")
+        self.baseline_dir = None if baseline is None else (
+            Path(config.rootpath) / REFERENCE_DIR / profile if baseline == "reference" else Path(baseline))
+        self.baseline: Baseline | None = None
+        self.comparisons: list[Comparison] = []
         self.data_dir = config.getoption("--bn-data-dir")
         self.benchmark_run = False
         self.claim_results: list = []
@@ -95,6 +112,7 @@ class StudyPlugin:
         self.benchmark_run = any("study_session" in getattr(item, "fixturenames", ()) for item in items)
         if self.benchmark_run:
             self._check_results_dir()
+            self._load_baseline()
             self._check_data()
 
     def pytest_collection_finish(self, session):
@@ -118,6 +136,12 @@ class StudyPlugin:
             if len(study.init_scales) > 1:
                 axes.append(f"init scales {','.join(f'{k:g}' for k in study.init_scales)}")
             lines.append(f"  {study.name} study: {' x '.join(axes)}, {study.epochs} epochs")
+        if self.baseline is not None:
+            only_now, only_baseline = unmatched(spec.run_specs(), self.baseline)
+            lines.append(f"  against the baseline {self.baseline.directory}: "
+                         f"{len({*map(configuration, spec.run_specs())}) - len(only_now)} configurations gated")
+            lines += [f"  {label}, not gated: {', '.join(names)}" for label, names in
+                      (("not in the baseline", only_now), ("in the baseline only", only_baseline)) if names]
         return lines
 
     def _check_results_dir(self) -> None:
@@ -132,6 +156,26 @@ class StudyPlugin:
                 f"bnsuite: cannot write records to {self.results_dir} ({error.strerror or error}); "
                 "choose a writable directory with --bn-results-dir"
             ) from None
+
+    def _load_baseline(self) -> None:
+        """The baseline's records, refused at start-up if unreadable, of another protocol, or this run's output."""
+        if self.baseline_dir is None:
+            return
+        if self.baseline_dir.resolve() == self.results_dir.resolve():
+            raise pytest.UsageError(
+                f"bnsuite: the baseline {self.baseline_dir} is also where this run saves its records; a baseline "
+                "is never overwritten by the run it gates: choose another --bn-results-dir")
+        try:
+            self.baseline = Baseline.load(self.baseline_dir)
+            check_protocol(self.baseline, self.study_spec)
+        except BaselineError as error:
+            raise pytest.UsageError(f"bnsuite: {error}") from None
+
+    def check_baseline(self, records: list) -> list[Comparison]:
+        """The case's configurations against the baseline (none without one); every comparison is summarized."""
+        comparisons = compare(records, self.baseline) if self.baseline is not None else []
+        self.comparisons += comparisons
+        return comparisons
 
     def _check_data(self) -> None:
         """The dataset, verified (and obtained if need be) before any case trains."""
@@ -158,11 +202,15 @@ class StudyPlugin:
     # --- reporting ---
 
     def pytest_terminal_summary(self, terminalreporter):
-        if not self.claim_results:
-            return
-        terminalreporter.section("bnsuite claims")
-        for result in self.claim_results:
-            terminalreporter.write_line(f"{result.verdict.upper():>12}  {result.name}: {result.evidence}")
+        if self.claim_results:
+            terminalreporter.section("bnsuite claims")
+            for result in self.claim_results:
+                terminalreporter.write_line(f"{result.verdict.upper():>12}  {result.name}: {result.evidence}")
+        if self.comparisons:
+            terminalreporter.section(f"bnsuite against the baseline {self.baseline.directory}")
+            for comparison in self.comparisons:
+                terminalreporter.write_line(
+                    f"{comparison.verdict.upper():>17}  {comparison.name} ({comparison.rule}): {comparison.detail}")
 
 
 def _plugin(config: pytest.Config) -> StudyPlugin:
@@ -179,6 +227,12 @@ def study(pytestconfig) -> StudySpec:
 def study_session(pytestconfig) -> StudySession:
     """Trains the study's cases, each at most once per run, and saves every record."""
     return _plugin(pytestconfig).session(pytestconfig)
+
+
+@pytest.fixture(scope="session")
+def check_baseline(pytestconfig):
+    """Compares a case's records with the baseline's (--bn-baseline); returns the comparisons, none without one."""
+    return _plugin(pytestconfig).check_baseline
 
 
 @pytest.fixture(scope="session")

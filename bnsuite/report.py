@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 from collections import defaultdict
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from bnsuite import baseline as gate
 from bnsuite import plots
 from bnsuite.claims import REASONS, ClaimResult, study_claims
 from bnsuite.files import write_atomically
@@ -29,24 +31,28 @@ from bnsuite.records import RecordError, RunRecord, epochs_frame, load_records, 
 from bnsuite.report_studies import SECTIONS, claims_table
 from bnsuite.spec import CONTRADICTED, SUPPORTED, ClaimSettings, Study, StudySpec
 
-DEFAULT_RESULTS = Path("results")
+DEFAULT_RESULTS = Path("results") / "full"  # where `pytest benchmarks/` saves the full profile's records
 DEFAULT_BENCHMARKS = Path(".benchmarks")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bnsuite.report", description=__doc__.splitlines()[0])
     parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS,
-                        help="results directory holding runs/*.json (default: results)")
+                        help=f"results directory holding runs/*.json (default: {DEFAULT_RESULTS})")
     parser.add_argument("--out", type=Path, default=None, help="markdown file to write (default: RESULTS/REPORT.md)")
     parser.add_argument("--benchmarks", type=Path, default=DEFAULT_BENCHMARKS,
                         help="pytest-benchmark storage to read timings from (default: .benchmarks)")
+    parser.add_argument("--baseline", default="auto",
+                        help=f"results directory to report the numbers against; auto: the committed "
+                             f"{gate.REFERENCE_DIR}/PROFILE when there is one; none: no such section")
     parser.add_argument("--no-plots", action="store_true", help="write tables only, no PNG figures")
     args = parser.parse_args(argv)
     out = args.out or args.results / "REPORT.md"
     try:
-        markdown = build_report(args.results, out=out, benchmarks=args.benchmarks, with_plots=not args.no_plots)
+        markdown = build_report(args.results, out=out, benchmarks=args.benchmarks, with_plots=not args.no_plots,
+                                baseline=args.baseline)
         write_atomically(out, markdown.encode())
-    except (RecordError, FileNotFoundError) as error:
+    except (RecordError, FileNotFoundError, gate.BaselineError) as error:
         print(f"bnsuite.report: {error}", file=sys.stderr)
         return 2
     except OSError as error:
@@ -57,7 +63,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def build_report(results: Path, *, out: Path, benchmarks: Path | None = None, with_plots: bool = True) -> str:
+def build_report(results: Path, *, out: Path, benchmarks: Path | None = None, with_plots: bool = True,
+                 baseline: Path | str | None = None) -> str:
+    """The report of the records in `results`; `baseline` (a directory, "auto" or None) adds "Against the
+    baseline"."""
     records = load_records(results)
     sections = group_records(records)
     lines = ["# bnsuite report: Batch Normalization study", ""]
@@ -68,9 +77,85 @@ def build_report(results: Path, *, out: Path, benchmarks: Path | None = None, wi
         prefix = "" if len(sections) == 1 else f"protocol{index}-"
         lines += plan_section(title, spec, group, out=out, prefix=prefix, with_plots=with_plots,
                               heading_level=2 if len(sections) == 1 else 3)
+    baseline_dir = _baseline_dir(baseline, results, records)
+    if baseline_dir is not None:
+        lines += baseline_section(records, gate.Baseline.load(baseline_dir), out=out, with_plots=with_plots)
     lines += benchmark_section(benchmarks)
     lines += environment_section(records)
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _baseline_dir(baseline: Path | str | None, results: Path, records: list[RunRecord]) -> Path | None:
+    """The baseline to report against: as given, or with "auto" the committed reference of the records' profile
+    when one exists (never the results directory itself)."""
+    if baseline is None or str(baseline) == "none":
+        return None
+    if str(baseline) != "auto":
+        return Path(baseline)
+    profiles = {record.profile for record in records} - {None}
+    candidate = gate.reference_dir(profiles.pop()) if len(profiles) == 1 else None
+    if candidate is None or not candidate.is_dir() or candidate.resolve() == Path(results).resolve():
+        return None
+    return candidate
+
+
+def baseline_section(records: list[RunRecord], baseline: gate.Baseline, *, out: Path, with_plots: bool) -> list[str]:
+    """Per configuration: the baseline's numbers and now's, the change and the gate's verdict; a figure."""
+    gate.check_protocol(baseline, _one_study(records, baseline))
+    comparisons = {c.name: c for c in gate.compare(records, baseline)}
+    mine, theirs = gate.by_configuration(records), baseline.configurations()
+    rows = []
+    for config, runs in mine.items():
+        if config not in theirs:
+            continue
+        name = gate.configuration_name(config)
+        accuracy, loss = gate.measure(runs, theirs[config])
+        comparison = comparisons[name]
+        row = {"configuration": name, "rule": comparison.rule, "verdict": comparison.verdict}
+        loss_change = f"{loss.change:+.1%}" if math.isfinite(loss.change) else "n/a (a diverged run)"
+        for metric, change in ((accuracy, f"{accuracy.change:+.2f} points"), (loss, loss_change)):
+            row[f"{metric.metric}: baseline"] = gate.summary(metric.baseline)
+            row[f"{metric.metric}: now"] = gate.summary(metric.now)
+            row[f"{metric.metric}: change"] = change
+        rows.append(row)
+    only_now, only_baseline = gate.unmatched([r.spec for r in records], baseline)
+    lines = ["## Against the baseline", "",
+             f"Baseline: `{baseline.directory}` ({len(baseline.records)} runs). Where a run's environment "
+             "fingerprint and group equal its baseline run's, the exact rule requires every figure to be equal bit "
+             "for bit; elsewhere the statistical rule compares final held-out accuracy and final training loss over "
+             f"seeds: worse fails when a one-sided permutation test gives p <= {gate.ALPHA} after the new runs are "
+             f"given a margin (the larger of {gate.ACCURACY_MARGIN} points or {gate.LOSS_MARGIN:.0%} and "
+             f"{gate.SPREAD_FACTOR:g} times the baseline's seed standard deviation); better is reported, not failed.",
+             ""]
+    if rows:
+        lines += [pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True), ""]
+    failed = [c for c in comparisons.values() if c.failed]
+    lines += [f"{len(failed)} of {len(comparisons)} configurations fail the gate"
+              + (": " + "; ".join(c.describe() for c in failed) if failed else "") + ".", ""]
+    for label, names in (("Not in the baseline", only_now), ("In the baseline only", only_baseline)):
+        if names:
+            lines += [f"{label} (not compared): {', '.join(names)}.", ""]
+    if with_plots and rows:
+        spec = records[0].study
+        batch = _records_of(spec, spec.study("batch"), records) if spec and spec.study("batch") else records
+        wanted = {gate.configuration(r.spec) for r in batch}
+        theirs_batch = [r for r in baseline.records.values() if gate.configuration(r.spec) in wanted]
+        if theirs_batch:
+            epochs = epochs_frame(batch)
+            column, label = (("validation_accuracy", "validation") if epochs["validation_accuracy"].notna().any()
+                             else ("test_accuracy", "test"))
+            name = "against_baseline.png"
+            write_atomically(out.parent / name, plots.baseline_plot(epochs, epochs_frame(theirs_batch), column, label))
+            lines += [f"![{label.capitalize()} accuracy per epoch against the baseline]({name})", ""]
+    return lines
+
+
+def _one_study(records: list[RunRecord], baseline: gate.Baseline) -> StudySpec:
+    studies = {record.study for record in records} - {None}
+    if len(studies) != 1:
+        raise gate.BaselineError("a report against a baseline needs the results of one study run; these records "
+                                 f"come from {len(studies)} studies")
+    return studies.pop()
 
 
 def protocol_key(record: RunRecord) -> str:
