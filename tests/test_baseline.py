@@ -8,6 +8,7 @@ record's environment fingerprint tells apart and which makes MKL round different
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from bnsuite.models import build_model
 from bnsuite.records import RUNS_SUBDIR, load_records
 from bnsuite.study import StudySession, study_from_options
 
+ROOT = Path(__file__).resolve().parents[1]
 SEEDS = ",".join(map(str, range(8)))
 
 
@@ -77,7 +79,8 @@ def test_an_unchanged_rerun_in_another_environment_passes_the_statistical_rule(r
     assert not [c.describe() for c in comparisons if c.failed]
 
 
-def test_a_scaled_initialization_is_caught_by_both_rules_and_the_reverse_is_reported_better(reference, tmp_path, mnist_dir, monkeypatch):
+def test_a_scaled_init_is_caught_by_both_rules_and_the_reverse_is_reported_better(reference, tmp_path, mnist_dir,
+                                                                                  monkeypatch):
     _scaled_init(monkeypatch, 0.5)
     same_machine = gate.compare(_run(_study(), tmp_path / "same", mnist_dir), reference)
     assert [(c.rule, c.verdict) for c in same_machine] == [(gate.EXACT, gate.DIFFERS)] * 2
@@ -164,7 +167,8 @@ def test_the_plugin_gates_each_case_and_refuses_to_overwrite_its_baseline(pytest
     assert {r.spec for r in load_records(reference.directory)} == set(reference.records)
 
 
-def test_the_report_shows_each_configuration_against_the_baseline(reference, tmp_path, mnist_dir):
+def test_the_report_shows_each_configuration_against_the_baseline(reference, tmp_path, mnist_dir, monkeypatch):
+    monkeypatch.chdir(ROOT)  # where "auto" looks for results/reference/
     _run(_study(), tmp_path, mnist_dir)
     markdown = report.build_report(tmp_path, out=tmp_path / "REPORT.md", baseline=reference.directory)
     section = markdown.split("## Against the baseline")[1].split("\n## ")[0]
@@ -172,6 +176,9 @@ def test_the_report_shows_each_configuration_against_the_baseline(reference, tmp
     assert ["plain-bs128 (1 epoch)", "exact", "identical"] in rows and len(rows) == 2
     assert "0 of 2 configurations fail the gate." in section
     assert (tmp_path / "against_baseline.png").read_bytes().startswith(b"\x89PNG")
-    # "auto" finds no committed reference for this directory's records, so no section.
-    assert "Against the baseline" not in report.build_report(tmp_path, out=tmp_path / "R.md", baseline="auto",
+    # "auto" finds the committed smoke reference, of another protocol than this narrowed study: said, not compared.
+    auto = report.build_report(tmp_path, out=tmp_path / "R.md", baseline="auto", with_plots=False)
+    assert "Not compared: baseline results/reference/smoke was made under another protocol (batch study epochs: " \
+           "baseline 2, this study 1)" in auto
+    assert "Against the baseline" not in report.build_report(tmp_path, out=tmp_path / "R.md", baseline=None,
                                                              with_plots=False)
