@@ -11,10 +11,16 @@ be compared number for number.
 Every runner is called the same way (bnsuite.train.EPOCH_RUNNERS) and returns
 the per-batch losses (S, steps), the correct predictions (S,) and the number
 of steps it took, counted as it ran.
+
+On a GPU the fast step of these small networks is bound by kernel launches,
+not arithmetic, so it is captured once as a CUDA graph and replayed
+(`GraphedStep`); the last, shorter batch of an epoch and the dropout variants
+(whose masks draw from per-run generators) run uncaptured.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -27,6 +33,8 @@ from bnsuite.models import make_optimizer
 from bnsuite.spec import RunSpec
 
 EpochResult = tuple[torch.Tensor, torch.Tensor, int]  # (batch losses (S, steps), correct (S,), steps taken)
+# BNSUITE_CUDA_GRAPHS=0 turns the capture off, to measure what it gains (bnsuite.speed, the GPU check).
+CUDA_GRAPHS = os.environ.get("BNSUITE_CUDA_GRAPHS", "1") != "0"
 
 
 class TensorEpochs:
@@ -43,6 +51,9 @@ class TensorEpochs:
         if spec.pipeline == "fast" and fastpath.supports(models[0]):
             self.step = fastpath.FastStep(models, lr=[run.lr for run in specs], momentum=spec.momentum,
                                           dropout_generators=dropout_generators)
+            if self.images.is_cuda and CUDA_GRAPHS and not self.step.dropout:
+                self.step = GraphedStep(self.step, len(models), spec.batch_size, self.images.shape[1],
+                                        device=self.images.device)
         elif len(models) == 1:
             self.step = EagerStep(models[0], spec)
         else:
@@ -71,6 +82,48 @@ class TensorEpochs:
             self.correct += (logits.argmax(dim=2) == batch_labels).sum(dim=1)
             steps += 1
         return self.batch_losses[:, :steps], self.correct, steps
+
+
+class GraphedStep:
+    """A CUDA step captured as one CUDA graph for full batches and replayed: one launch instead of hundreds.
+
+    The batch is copied into static buffers the graph reads; the outputs are
+    the graph's own static tensors, read before the next step overwrites them
+    (the epoch loop copies them at once, in stream order). The first
+    `WARMUP` full steps run uncaptured on a side stream, as torch asks before
+    a capture; they are real training steps, so every step trains exactly
+    once. A batch of another size (an epoch's last) runs uncaptured.
+    """
+
+    WARMUP = 3
+
+    def __init__(self, step, models: int, batch_size: int, features: int, *, device: torch.device):
+        self.step = step
+        self.images = torch.empty(models, batch_size, features, device=device)
+        self.labels = torch.empty(models, batch_size, dtype=torch.long, device=device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.outputs: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.full_steps = 0
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if images.shape[1] != self.images.shape[1]:
+            return self.step(images, labels)
+        self.images.copy_(images.reshape(self.images.shape))
+        self.labels.copy_(labels)
+        self.full_steps += 1
+        if self.graph is None and self.full_steps <= self.WARMUP:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                outputs = self.step(self.images, self.labels)
+            torch.cuda.current_stream().wait_stream(side)
+            return outputs
+        if self.graph is None:
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.outputs = self.step(self.images, self.labels)
+        self.graph.replay()
+        return self.outputs
 
 
 class EagerStep:

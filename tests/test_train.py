@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from bnsuite import epochs as epochs_module
 from bnsuite import fastpath
 from bnsuite import train as train_module
 from bnsuite.epochs import TensorEpochs, epoch_order
@@ -211,6 +212,16 @@ def test_on_a_gpu_the_same_group_is_identical_and_a_run_alone_agrees_to_rounding
     alone = train(specs[0], data_dir=mnist_dir)
     # Rounding differences grow through SGD; after the first epoch's 20 steps they stay near float precision.
     assert alone.epochs[0].train_loss == pytest.approx(first[0].epochs[0].train_loss, rel=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("variant", ["plain", "bn", "bn-dropout"])
+def test_on_a_gpu_the_captured_step_trains_exactly_as_the_uncaptured_one(variant, mnist_dir, monkeypatch):
+    specs = [RunSpec(variant=variant, seed=seed, device="cuda", batch_size=128, **SMALL) for seed in (0, 1)]
+    captured = train_seeds(specs, data_dir=mnist_dir)  # 15 full steps and one short one per epoch
+    monkeypatch.setattr(epochs_module, "CUDA_GRAPHS", False)
+    uncaptured = train_seeds(specs, data_dir=mnist_dir)
+    assert [_results(record) for record in captured] == [_results(record) for record in uncaptured]
 
 
 def test_cuda_turns_deterministic_algorithms_on_only_while_it_trains():
