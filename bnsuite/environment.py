@@ -10,6 +10,7 @@ the rounding the kernels do differently".
 
 from __future__ import annotations
 
+import os
 import platform
 import re
 import subprocess
@@ -22,6 +23,7 @@ from bnsuite.records import Environment
 
 # The flags in /proc/cpuinfo that name vector extensions, the ones kernel choice depends on.
 VECTOR_FLAG_PREFIXES = ("sse", "ssse", "avx", "fma", "f16c", "amx")
+GIT_COMMIT_VARIABLE = "BNSUITE_GIT_COMMIT"
 
 
 def describe_environment(device: torch.device, dataset_checksum: str) -> Environment:
@@ -39,6 +41,7 @@ def describe_environment(device: torch.device, dataset_checksum: str) -> Environ
         platform=platform.platform(),
         git_commit=git_commit(),
         dataset_checksum=dataset_checksum,
+        hostname=platform.node() or None,
     )
 
 
@@ -67,9 +70,13 @@ def blas_library() -> str:
 def git_commit() -> str | None:
     """The commit of the bnsuite checkout, `+dirty` if its code has local changes; None outside git.
 
-    Changes under `results/` do not count: a study rewrites the committed
-    reference records there as it runs, and that says nothing about the code.
+    Changes under `results/` do not count: a study writes its records there as
+    it runs, and that says nothing about the code. A Ray worker runs a copy of
+    the checkout without its git history: the driver passes its own answer in
+    `BNSUITE_GIT_COMMIT` (bnsuite.executor).
     """
+    if os.environ.get(GIT_COMMIT_VARIABLE):
+        return os.environ[GIT_COMMIT_VARIABLE]
     here = Path(__file__).resolve().parent
     try:
         commit = subprocess.run(

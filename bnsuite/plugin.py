@@ -31,7 +31,9 @@ from bnsuite.baseline import (
 )
 from bnsuite.claims import study_claims
 from bnsuite.data import DataUnavailableError, default_data_dir, load_raw
+from bnsuite.executor import EXECUTORS, ExecutorError, RayExecutor
 from bnsuite.idx import IdxFormatError
+from bnsuite.records import save_record
 from bnsuite.spec import DEFAULT_LR, SpecError, StudySpec
 from bnsuite.study import StudySession, study_from_options
 
@@ -63,6 +65,12 @@ def pytest_addoption(parser):
                          f"'reference' is the committed {REFERENCE_DIR}/PROFILE (default: no baseline)")
     group.addoption("--bn-data-dir", default=None,
                     help="data directory (default: $BNSUITE_DATA_DIR, else ~/.cache/bnsuite)")
+    group.addoption("--bn-executor", default="local", choices=EXECUTORS,
+                    help="where cases train: local (this process, default) or ray (every case a Ray task, all "
+                         "submitted at start; needs the ray extra)")
+    group.addoption("--bn-ray-address", default=None,
+                    help="with --bn-executor ray: 'auto' or ray://HOST:PORT joins a running cluster (default: start "
+                         "a local Ray instance on this machine)")
 
 
 def pytest_configure(config):
@@ -91,6 +99,13 @@ class StudyPlugin:
         self.baseline: Baseline | None = None
         self.comparisons: list[Comparison] = []
         self.data_dir = config.getoption("--bn-data-dir")
+        self.executor_name = config.getoption("--bn-executor")
+        self.ray_address = config.getoption("--bn-ray-address")
+        if self.ray_address and self.executor_name != "ray":
+            raise pytest.UsageError("bnsuite: --bn-ray-address needs --bn-executor ray")
+        self.executor: RayExecutor | None = None
+        self.dataset_checksum: str | None = None
+        self._terminal = None
         self.benchmark_run = False
         self.claim_results: list = []
         self._session: StudySession | None = None
@@ -114,9 +129,11 @@ class StudyPlugin:
             self._check_results_dir()
             self._load_baseline()
             self._check_data()
+            if self.executor_name == "ray":
+                self._start_ray(items)
 
     def pytest_collection_finish(self, session):
-        terminal = session.config.pluginmanager.get_plugin("terminalreporter")
+        terminal = self._terminal = session.config.pluginmanager.get_plugin("terminalreporter")
         if self.benchmark_run and terminal is not None:
             for line in self.describe():
                 terminal.write_line(line)
@@ -129,6 +146,10 @@ class StudyPlugin:
         lines = [f"bnsuite study: profile {spec.profile}, {spec.dataset}, {protocol}, seeds "
                  f"{','.join(map(str, spec.seeds))}; {len(spec.run_specs())} runs in {len(spec.groups())} cases "
                  f"(a case trains its runs together); records -> {self.results_dir}"]
+        if self.executor is not None:
+            lines.append(f"  executor: {self.executor.name}, {len(self.executor.pending)} cases submitted as Ray "
+                         "tasks; pytest-benchmark's timing is off (it would time the waiting, not the training): each "
+                         "record keeps the training time its worker measured")
         for study in spec.studies:
             axes = [f"variants {','.join(study.variants)}", f"batch sizes {','.join(map(str, study.batch_sizes))}"]
             if len(study.lrs) > 1 or study.lrs[0] != DEFAULT_LR:
@@ -180,9 +201,43 @@ class StudyPlugin:
     def _check_data(self) -> None:
         """The dataset, verified (and obtained if need be) before any case trains."""
         try:
-            load_raw(self.study_spec.dataset, data_dir=Path(self.data_dir) if self.data_dir else default_data_dir())
+            self.dataset_checksum = load_raw(
+                self.study_spec.dataset, data_dir=Path(self.data_dir) if self.data_dir else default_data_dir()).checksum
         except (DataUnavailableError, IdxFormatError, OSError) as error:
             raise pytest.UsageError(f"bnsuite: {error}") from None
+
+    def _start_ray(self, items) -> None:
+        """Every collected case submitted as a Ray task now, so they run in parallel while the tests wait."""
+        cases = list(dict.fromkeys(item.callspec.params["case"] for item in items
+                                   if "case" in getattr(getattr(item, "callspec", None), "params", {})))
+        self.executor = RayExecutor(self.study_spec, address=self.ray_address, data_dir=self.data_dir,
+                                    dataset_checksum=self.dataset_checksum)
+        try:
+            self.executor.start(cases)
+        except ExecutorError as error:
+            self.executor = None
+            raise pytest.UsageError(f"bnsuite: {error}") from None
+        benchmarks = getattr(items[0].config, "_benchmarksession", None) if items else None
+        if benchmarks is not None:
+            # As pytest-benchmark does under xdist: the wall time it would see here is waiting for a worker.
+            benchmarks.disabled = True
+
+    def pytest_keyboard_interrupt(self, excinfo):
+        """Ctrl-C: cancel the Ray tasks still running, save the records of the cases that finished."""
+        if self.executor is not None:
+            finished = self.executor.stop(interrupted=True)
+            for record in finished:
+                save_record(record, self.results_dir)
+            self.executor = None
+            terminal = self._terminal
+            if terminal is not None:
+                terminal.write_line(f"bnsuite: interrupted; Ray tasks cancelled, {len(finished)} finished records "
+                                    f"saved to {self.results_dir}")
+
+    def pytest_sessionfinish(self, session):
+        if self.executor is not None:
+            self.executor.stop()
+            self.executor = None
 
     def session(self, config: pytest.Config) -> StudySession:
         """The session that trains this run's cases, made on first use; its progress lines show live."""
@@ -196,7 +251,7 @@ class StudyPlugin:
                     terminal.write_line(f"  {line}")
 
             self._session = StudySession(self.study_spec, results_dir=self.results_dir, data_dir=self.data_dir,
-                                         progress=progress)
+                                         progress=progress, executor=self.executor)
         return self._session
 
     # --- reporting ---

@@ -10,8 +10,8 @@ Records are written atomically: a crash, a kill or a concurrent writer leaves
 either no file or a complete one. Every field is validated when a record is
 read (type, range, and the fields that must agree with each other); a bad
 record is one `RecordError` naming the file and the field, and no field is
-ever filled with a default, except by the documented migration of schema-1
-records (`migrate_schema_1`).
+ever filled with a default, except by the documented migrations of schema-1
+and schema-2 records (`migrate_schema_1`, `migrate_schema_2`).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from pydantic import Field, TypeAdapter, ValidationError, with_config
 from bnsuite.files import write_atomically
 from bnsuite.spec import CONTRADICTED, NOT_SHOWN, STRICT, RunSpec, SpecError, StudySpec
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 RUNS_SUBDIR = "runs"
 
 Percent = Annotated[float, Field(ge=0, le=100)]
@@ -72,6 +72,7 @@ class Environment:
     platform: str
     git_commit: str | None
     dataset_checksum: Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
+    hostname: str | None  # the machine the run trained on; None only in records migrated from schemas 1 and 2
 
     def fingerprint(self) -> dict:
         """The fields that must agree for two runs of one spec to be expected bit for bit equal."""
@@ -102,6 +103,9 @@ class RunRecord:
     diverged_at_epoch: Annotated[int, Field(ge=1)] | None  # first epoch whose loss blew up; the run stopped there
     environment: Environment
     started_at: str
+    # What ran it: "local" (the pytest process), or "ray at ADDRESS" (a task on a Ray cluster; the environment
+    # says which machine). Schema 2 and earlier ran locally only.
+    executor: str
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -166,9 +170,11 @@ class RunRecord:
         version = raw.get("schema_version")
         if version == 1:
             raw = migrate_schema_1(raw, source=source)
+        if raw.get("schema_version") == 2:
+            raw = migrate_schema_2(raw)
         elif version != SCHEMA_VERSION:
             raise RecordError(
-                f"{source}: schema version {version!r} is not supported (this bnsuite reads versions 1 and "
+                f"{source}: schema version {version!r} is not supported (this bnsuite reads versions 1 to "
                 f"{SCHEMA_VERSION}); re-run the study with this version or use the bnsuite that wrote it"
             )
         missing = _missing_fields(raw, cls)
@@ -253,8 +259,17 @@ _SCHEMA_1_CLAIMS = {
 }
 
 
+def migrate_schema_2(raw: dict) -> dict:
+    """A schema-2 record as schema 3: `executor` "local" (the only one schema 2 had), `environment.hostname`
+    None (not recorded)."""
+    raw = {**raw, "executor": "local", "schema_version": 3}
+    if isinstance(raw.get("environment"), dict):
+        raw["environment"] = {**raw["environment"], "hostname": None}
+    return raw
+
+
 def migrate_schema_1(raw: dict, *, source: str = "record") -> dict:
-    """A schema-1 record as schema 2, filling only what schema 1 did not record, as documented here.
+    """A schema-1 record as schema 2 (then 3: `migrate_schema_2`), filling only what schema 1 did not record:
 
     - `study`: for a record of a profile (full, quick, smoke), that profile's batch-size study as schema 1 ran
       it by default (plain and bn, batch sizes 32, 64 and 128, seeds 0, 1 and 2; this run's own variant, batch
@@ -295,7 +310,7 @@ def migrate_schema_1(raw: dict, *, source: str = "record") -> dict:
     if isinstance(raw.get("environment"), dict):
         raw["environment"] = {**raw["environment"], "cpu_model": None, "cpu_flags": None,
                               "cpu_capability": None, "blas": None}
-    raw["schema_version"] = SCHEMA_VERSION
+    raw["schema_version"] = 2
     return raw
 
 
@@ -377,6 +392,7 @@ def runs_frame(records: list[RunRecord]) -> pd.DataFrame:
             "diverged_at_epoch": record.diverged_at_epoch,
             **{f"env_{key}": value for key, value in dataclasses.asdict(record.environment).items()},
             "started_at": record.started_at,
+            "executor": record.executor,
         })
     return pd.DataFrame(rows)
 

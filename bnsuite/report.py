@@ -561,12 +561,13 @@ def environment_section(records: list[RunRecord]) -> list[str]:
     for record in records:
         env = record.environment
         key = (env.torch_version, env.device, env.device_name, env.threads, env.git_commit, env.dataset_checksum,
-               env.cpu_capability, env.blas)
+               env.cpu_capability, env.blas, record.executor, env.hostname)
         rows[key] = rows.get(key, 0) + 1
     table = pd.DataFrame(
         [{"torch": k[0], "device": k[1], "device name": k[2], "threads": k[3], "commit": k[4] or "unknown",
           "dataset MD5 (combined)": k[5], "runs": count,
-          "CPU kernels": k[6] or "not recorded", "BLAS": k[7] or "not recorded"} for k, count in rows.items()]
+          "CPU kernels": k[6] or "not recorded", "BLAS": k[7] or "not recorded",
+          "ran by": k[8], "on host": k[9] or "not recorded"} for k, count in rows.items()]
     )
     return ["## Environment the records came from", "", table.to_markdown(index=False), ""]
 

@@ -22,6 +22,7 @@ import torch
 
 from bnsuite.claims import study_claims
 from bnsuite.data import DATASETS
+from bnsuite.executor import RayExecutor
 from bnsuite.models import VARIANTS
 from bnsuite.records import EpochRecord, RunRecord, save_record
 from bnsuite.spec import (
@@ -215,11 +216,14 @@ class StudySession:
         results_dir: Path | str,
         data_dir: Path | str | None = None,
         progress: ProgressLine | None = None,
+        executor: RayExecutor | None = None,
     ):
+        """`executor`: a started bnsuite.executor.RayExecutor to take each case's records from; None trains here."""
         self.study = study
         self.results_dir = Path(results_dir)
         self.data_dir = data_dir
         self.progress = progress or (lambda line: None)
+        self.executor = executor
         self.records: dict[RunSpec, RunRecord] = {}
 
     def run_seeds(self, specs: tuple[RunSpec, ...]) -> list[RunRecord]:
@@ -229,9 +233,17 @@ class StudySession:
         def report_epoch(run: RunSpec, epoch: EpochRecord) -> None:
             self.progress(progress_line(run, epoch, time.perf_counter() - started))
 
-        # Runs outside the study's matrix (a changed learning rate, say) are recorded without its settings.
-        study = self.study if set(specs) <= set(self.study.run_specs()) else None
-        records = train_seeds(specs, data_dir=self.data_dir, study=study, on_epoch=report_epoch)
+        if self.executor is not None:
+            records = self.executor.result(tuple(specs))
+            for record in records:  # after the fact, with the case's training time on its worker
+                trained = 0.0
+                for epoch in record.epochs:
+                    trained += epoch.epoch_time_s * record.runs_trained_together
+                    self.progress(progress_line(record.spec, epoch, trained))
+        else:
+            # Runs outside the study's matrix (a changed learning rate, say) are recorded without its settings.
+            study = self.study if set(specs) <= set(self.study.run_specs()) else None
+            records = train_seeds(specs, data_dir=self.data_dir, study=study, on_epoch=report_epoch)
         for record in records:
             if record.diverged:
                 self.progress(f"{record.spec.case_id}: diverged in epoch {record.diverged_at_epoch}; the study goes on")

@@ -103,6 +103,7 @@ def train_seeds(
     data_dir: Path | str | None = None,
     study: StudySpec | None = None,
     on_epoch: EpochCallback | None = None,
+    executor: str = "local",
 ) -> list[RunRecord]:
     """Train runs that differ only in seed, learning rate or init scale; one record each, in the order given.
 
@@ -110,12 +111,14 @@ def train_seeds(
     computation (bnsuite.fastpath), each on its own init and its own shuffle,
     bit for bit as when trained alone, and each record names the seeds it
     trained with; otherwise one after another. A run that diverges stops being
-    recorded at that epoch while the others go on.
+    recorded at that epoch while the others go on. `executor` is recorded as
+    what ran them ("local", or "ray at ADDRESS" in a Ray task).
     """
     specs = list(specs)
     _check_one_group(specs)
     if len(specs) > 1 and not trains_together(specs[0]):
-        return [train(spec, data_dir=data_dir, study=study, on_epoch=on_epoch) for spec in specs]
+        return [train_seeds((spec,), data_dir=data_dir, study=study, on_epoch=on_epoch, executor=executor)[0]
+                for spec in specs]
     spec = specs[0]
     device = resolve_device(spec.device)
     splits = load_splits(spec.dataset, validation_size=spec.validation_size, data_dir=data_dir)
@@ -188,6 +191,7 @@ def train_seeds(
                 diverged_at_epoch=diverged,
                 environment=environment,
                 started_at=started_at,
+                executor=executor,
             ))
     return records
 

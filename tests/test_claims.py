@@ -9,7 +9,7 @@ from bnsuite.study import PROFILES, study_from_options
 
 ENVIRONMENT = Environment(torch_version="2", device="cpu", device_name="cpu", cpu_model="cpu", cpu_flags=(),
                           cpu_capability="AVX2", blas="mkl", threads=2, python_version="3.11", platform="linux",
-                          git_commit=None, dataset_checksum="0" * 32)
+                          git_commit=None, dataset_checksum="0" * 32, hostname="test")
 SPEC = StudySpec(profile="test", seeds=(0, 1, 2), validation_size=10_000, train_subset=2_000,
                  claims=ClaimSettings(target_loss=0.5, trained_accuracy=90.0), studies=(
                      Study("batch", variants=("plain", "bn"), batch_sizes=(64, 128), epochs=2),
@@ -32,7 +32,7 @@ def _run(study, variant, seed, *, batch_size=64, losses=(0.9, 0.5), accuracy=95.
                      test_loss=0.3, test_accuracy=accuracy, final_train_loss_eval=0.1,
                      final_train_accuracy_eval=accuracy + 1.0 if train_accuracy is None else train_accuracy,
                      train_time_s=1.0, steps=10, diverged_at_epoch=diverged_at, environment=ENVIRONMENT,
-                     started_at="now")
+                     started_at="now", executor="local")
 
 
 def _claim(name):

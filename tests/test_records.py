@@ -130,7 +130,7 @@ def test_two_records_of_the_same_run_are_an_error_naming_both_files(record, tmp_
 def test_record_of_an_unknown_schema_version_is_refused(record):
     raw = _raw(record)
     raw["schema_version"] = SCHEMA_VERSION + 1
-    with pytest.raises(RecordError, match="schema version 3 is not supported"):
+    with pytest.raises(RecordError, match="schema version 4 is not supported"):
         RunRecord.from_json(json.dumps(raw))
 
 
@@ -138,7 +138,7 @@ def test_schema_1_records_load_migrated_as_documented():
     records = load_records(SCHEMA_1)
     assert len(records) == 18
     record = next(r for r in records if r.spec.case_id == "bn-bs64-seed1")
-    assert record.schema_version == 2
+    assert record.schema_version == 3 and record.executor == "local" and record.environment.hostname is None
     assert record.study.profile == "full" and record.study.claims.target_loss == 0.1
     batch = record.study.study("batch")
     assert (batch.variants, batch.batch_sizes, record.study.seeds) == (("plain", "bn"), (32, 64, 128), (0, 1, 2))
@@ -214,3 +214,12 @@ def test_cpu_model_and_vector_flags_are_read_from_cpuinfo(tmp_path):
                        "rdrand\n\nprocessor\t: 1\nmodel name\t: AMD EPYC 9B14\n")
     assert environment.cpu_model_and_flags(cpuinfo) == ("AMD EPYC 9B14",
                                                         ("amx_tile", "avx2", "avx512f", "fma", "sse4_2"))
+
+
+def test_schema_2_records_load_as_local_runs_on_an_unrecorded_host():
+    smoke = Path(__file__).resolve().parents[1] / "results" / "reference" / "smoke"
+    raw = json.loads(next((smoke / RUNS_SUBDIR).glob("bn-bs64-seed0-*.json")).read_text())
+    assert raw["schema_version"] == 2 and "executor" not in raw
+    records = load_records(smoke)
+    assert len(records) == 48
+    assert {(r.schema_version, r.executor, r.environment.hostname) for r in records} == {(3, "local", None)}

@@ -1,0 +1,156 @@
+"""Where a study's cases train: in the pytest process (`local`), or as tasks on a Ray cluster (`ray`).
+
+Under `ray`, each case (a group of runs that train together) is one Ray
+task, and every task is submitted when the session starts, so the cases run
+in parallel on as many CPUs as the instance or cluster has; each benchmark
+test then waits for its own case. Ray is the engine machine-learning sweeps
+already run on (Ray Tune is built on it); bnsuite adds no scheduler of its
+own. Only the driver writes records (atomically, as locally), so workers
+never need the results directory; they read the dataset from their own
+cache or the offline source, and a record whose dataset checksum differs
+from the driver's fails its case. Faults: a worker that dies is retried by
+Ray (`max_retries`); a task that raises fails its own case with the worker's
+message while the others go on; an interrupted session cancels what is
+still running and hands back the records of the cases already finished.
+
+Ray is an optional extra (`uv run --extra ray ...`): nothing here imports it
+until a Ray executor starts.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from bnsuite.environment import GIT_COMMIT_VARIABLE, git_commit
+from bnsuite.records import RunRecord
+from bnsuite.spec import RunSpec, StudySpec
+
+EXECUTORS = ("local", "ray")
+RETRIES = 3  # Ray's retries of a task whose worker died (a task that raises is not retried)
+Group = tuple[RunSpec, ...]
+Trainer = Callable[..., list[RunRecord]]
+
+
+class ExecutorError(RuntimeError):
+    """A case could not be trained by the executor: the message says which and why (the worker's own words)."""
+
+
+def import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise ExecutorError("--bn-executor ray needs Ray, an optional extra: run with "
+                            "`python3 -m uv run --extra ray pytest benchmarks/ --bn-executor ray`") from None
+    return ray
+
+
+def _train_case(specs: Sequence[RunSpec], data_dir: str | None, study: StudySpec | None, executor: str,
+                trainer: Trainer | None) -> list[RunRecord]:
+    """The body of a Ray task: train one case on the worker, return its records (the driver saves them)."""
+    if trainer is None:
+        from bnsuite.train import train_seeds as trainer
+    return trainer(tuple(specs), data_dir=data_dir, study=study, executor=executor)
+
+
+class RayExecutor:
+    """Runs every case of a study as a Ray task; one instance per pytest session, driven by the plugin.
+
+    `address`: None starts a local Ray instance on this machine (`cpus` CPUs, all of them by default); "auto"
+    or "ray://host:port" joins a running cluster. `trainer` replaces bnsuite.train.train_seeds in the tasks
+    (the tests use it to make a task fail or its worker die).
+    """
+
+    def __init__(self, study: StudySpec, *, address: str | None = None, data_dir: Path | str | None = None,
+                 dataset_checksum: str, cpus: int | None = None, trainer: Trainer | None = None,
+                 retries: int = RETRIES):
+        self.study = study
+        self.address = address
+        self.data_dir = str(data_dir) if data_dir is not None else None
+        self.dataset_checksum = dataset_checksum
+        self.cpus = cpus
+        self.trainer = trainer
+        self.retries = retries
+        self.pending: dict[Group, object] = {}  # case -> its task's ObjectRef, until the case's test claims it
+        self.ray = None
+        self.task = None
+
+    @property
+    def name(self) -> str:
+        return f"ray at {self.address or 'a local instance'}"
+
+    def start(self, groups: Sequence[Group]) -> None:
+        """Start or join Ray and submit every case; returns at once, the tasks run in the background."""
+        ray = self.ray = import_ray()
+        env_vars = {GIT_COMMIT_VARIABLE: git_commit() or ""}
+        if self.address is None:
+            ray.init(num_cpus=self.cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False,
+                     runtime_env={"env_vars": env_vars})
+        else:
+            ray.init(address=self.address, log_to_driver=False, runtime_env={"env_vars": env_vars})
+        # One CPU per case: Ray then sets the worker's OMP_NUM_THREADS, hence torch's threads, to 1.
+        self.task = ray.remote(num_cpus=1, max_retries=self.retries, retry_exceptions=False)(_train_case)
+        self.submit(groups)
+
+    def _study_of(self, group: Group) -> StudySpec | None:
+        return self.study if set(group) <= set(self.study.run_specs()) else None
+
+    def result(self, group: Group) -> list[RunRecord]:
+        """The case's records, waiting for its task (submitting it first if the session did not)."""
+        if group not in self.pending:
+            self.submit([group])
+        reference = self.pending.pop(group)
+        try:
+            records = self.ray.get(reference)
+        except self.ray.exceptions.RayTaskError as error:
+            cause = error.cause if getattr(error, "cause", None) is not None else error
+            raise ExecutorError(f"case {_case(group)} failed on its Ray worker: {type(cause).__name__}: "
+                                f"{cause}") from None
+        except self.ray.exceptions.RayError as error:
+            raise ExecutorError(f"case {_case(group)} was lost by Ray after {self.retries} retries: "
+                                f"{type(error).__name__}: {error}") from None
+        self._check_dataset(group, records)
+        return records
+
+    def submit(self, groups: Sequence[Group]) -> None:
+        for group in groups:
+            self.pending[group] = self.task.remote(group, self.data_dir, self._study_of(group), self.name,
+                                                   self.trainer)
+
+    def _check_dataset(self, group: Group, records: list[RunRecord]) -> None:
+        for record in records:
+            if record.environment.dataset_checksum != self.dataset_checksum:
+                raise ExecutorError(
+                    f"case {_case(group)}: its worker ({record.environment.hostname}) trained on a dataset with "
+                    f"checksum {record.environment.dataset_checksum}, not the driver's {self.dataset_checksum}; "
+                    "give every node the same verified dataset (see the README, Running on a cluster)")
+
+    def stop(self, *, interrupted: bool = False) -> list[RunRecord]:
+        """Shut Ray down. Interrupted: cancel the cases still running and return the finished cases' records."""
+        if self.ray is None:
+            return []
+        finished: list[RunRecord] = []
+        try:
+            if interrupted and self.pending:
+                references = list(self.pending.values())
+                ready, running = self.ray.wait(references, num_returns=len(references), timeout=0)
+                for reference in running:
+                    self.ray.cancel(reference, force=True)
+                for group, reference in list(self.pending.items()):
+                    if reference in ready:
+                        try:
+                            records = self.ray.get(reference)
+                            self._check_dataset(group, records)
+                            finished += records
+                        except (self.ray.exceptions.RayError, ExecutorError):
+                            pass  # a failed case has no records to keep
+            self.pending.clear()
+        finally:
+            self.ray.shutdown()
+            self.ray = None
+        return finished
+
+
+def _case(group: Group) -> str:
+    return group[0].case_id if len(group) == 1 else f"{group[0].case_id} and {len(group) - 1} more runs"

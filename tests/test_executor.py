@@ -1,0 +1,134 @@
+"""Cases as Ray tasks (--bn-executor ray): the same records as locally, and the faults a cluster has.
+
+Needs the optional extra: `python3 -m uv run --extra ray pytest tests/test_executor.py` (.ci/run runs it so);
+skipped without Ray. Each test starts its own local Ray instance of 2 CPUs (about 8 s) and stops it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from bnsuite import baseline as gate
+from bnsuite.data import load_raw
+from bnsuite.executor import ExecutorError, RayExecutor
+from bnsuite.records import load_records
+from bnsuite.study import StudySession, study_from_options
+
+ray = pytest.importorskip("ray")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _study(**options):
+    return study_from_options("smoke", studies="batch", variants="plain,bn", batch_sizes="128", seeds="0,1",
+                              epochs=options.pop("epochs", 1), **options)
+
+
+def _executor(study, mnist_dir, **options) -> RayExecutor:
+    return RayExecutor(study, data_dir=mnist_dir, dataset_checksum=load_raw("mnist", data_dir=mnist_dir).checksum,
+                       cpus=2, **options)
+
+
+def test_a_smoke_study_on_two_ray_workers_gives_the_records_the_local_executor_gives(tmp_path, mnist_dir):
+    study = study_from_options("smoke", studies="batch")  # 6 cases of 3 seeds, 2 epochs on 4,000 images
+    executor = _executor(study, mnist_dir)
+    executor.start(study.groups())
+    try:
+        on_ray = StudySession(study, results_dir=tmp_path / "ray", executor=executor)
+        ray_records = [record for group in study.groups() for record in on_ray.run_seeds(group)]
+    finally:
+        executor.stop()
+    assert {r.executor for r in ray_records} == {"ray at a local instance"}
+    # A Ray task has one CPU, so one torch thread: the local run that is the same environment has one too.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        local = StudySession(study, results_dir=tmp_path / "local", data_dir=mnist_dir)
+        for group in study.groups():
+            local.run_seeds(group)
+    finally:
+        torch.set_num_threads(before)
+    comparisons = gate.compare(ray_records, gate.Baseline.load(tmp_path / "local"))
+    assert [(c.rule, c.verdict) for c in comparisons] == [(gate.EXACT, gate.IDENTICAL)] * 6
+    assert len(load_records(tmp_path / "ray")) == 18  # the driver wrote every record
+
+
+def test_a_killed_worker_is_retried_and_a_raising_task_fails_only_its_own_case(tmp_path, mnist_dir):
+    marker = tmp_path / "killed-once"
+
+    def trainer(specs, **options):
+        from bnsuite.train import train_seeds
+
+        if specs[0].variant == "plain":
+            raise ValueError("planted failure in the plain case")
+
+        def die_once(spec, epoch):
+            if not marker.exists():
+                marker.write_text(str(os.getpid()))
+                os.kill(os.getpid(), signal.SIGKILL)  # the worker dies in the middle of its task
+
+        return train_seeds(specs, on_epoch=die_once, **options)
+
+    study = _study()
+    executor = _executor(study, mnist_dir, trainer=trainer)
+    executor.start(study.groups())
+    try:
+        plain, bn = study.groups()
+        with pytest.raises(ExecutorError, match=r"case plain-bs128-seed0 and 1 more runs failed on its Ray worker: "
+                                                r"ValueError: planted failure in the plain case"):
+            executor.result(plain)
+        records = executor.result(bn)
+    finally:
+        executor.stop()
+    assert marker.exists()  # a worker was killed, and the retry still delivered every record
+    assert [r.spec for r in records] == list(bn) and all(len(r.epochs) == 1 for r in records)
+
+
+def test_a_dataset_checksum_other_than_the_drivers_fails_the_case(tmp_path, mnist_dir):
+    study = _study()
+    executor = RayExecutor(study, data_dir=mnist_dir, dataset_checksum="0" * 32, cpus=2)
+    executor.start(study.groups()[:1])
+    try:
+        with pytest.raises(ExecutorError, match=r"trained on a dataset with checksum \w{32}, not the driver's 0{32}"):
+            executor.result(study.groups()[0])
+    finally:
+        executor.stop()
+
+
+def test_ctrl_c_cancels_the_running_tasks_and_keeps_the_finished_records(tmp_path, mnist_dir):
+    """A real pytest run of the plugin, interrupted with SIGINT once a quick case has finished on its worker."""
+    results = tmp_path / "results"
+    command = [sys.executable, "-m", "pytest", "benchmarks/test_study.py", "-p", "no:cacheprovider", "-s",
+               "--bn-profile", "smoke", "--bn-studies", "batch", "--bn-variants", "plain,bn",
+               "--bn-batch-sizes", "128,2", "--bn-seeds", "0", "--bn-epochs", "60", "--bn-executor", "ray",
+               "--bn-results-dir", str(results), "--bn-data-dir", str(mnist_dir)]
+    # 2 CPUs: plain-bs128 and plain-bs2 start, then bn-bs128 once plain-bs128 is done; batch size 2 (120,000
+    # steps) is still running when the signal comes, and bn-bs2 waits for a CPU.
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+    try:
+        output = []
+        deadline = time.monotonic() + 120
+        for line in process.stdout:
+            output.append(line)
+            if "plain-bs128-seed0 epoch 60/60" in line or time.monotonic() > deadline:
+                break
+        time.sleep(12)  # bn-bs128 finishes on its worker meanwhile
+        process.send_signal(signal.SIGINT)
+        rest, _ = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    text = "".join(output) + rest
+    assert process.returncode == pytest.ExitCode.INTERRUPTED, text
+    assert "Ray tasks cancelled" in text
+    saved = {record.spec.case_id for record in load_records(results)}
+    assert {"plain-bs128-seed0", "bn-bs128-seed0"} <= saved  # finished cases kept
+    assert "plain-bs2-seed0" not in saved and "bn-bs2-seed0" not in saved  # cancelled, never half-written
