@@ -45,6 +45,7 @@ REASONS = {
     "lr": "BN allows higher learning rates",
     "init": "BN reduces the sensitivity to initialization",
     "regularizer": "BN acts as a regularizer, reducing the need for dropout",
+    "activations": "BN reduces internal covariate shift: a layer's inputs keep a steadier distribution",
 }
 
 
@@ -154,9 +155,9 @@ def summary(values: list[float], digits: int = 4) -> str:
     return text + (f", {diverged} diverged" if diverged else "")
 
 
-def _not_recorded(claim: Claim, what: str) -> ClaimResult:
+def _not_recorded(claim: Claim, what: str, *, why: str = "records migrated from schema 1") -> ClaimResult:
     return ClaimResult(claim.name, claim.statement, "needs the measure in every run",
-                       f"{what} not recorded in some runs (records migrated from schema 1)", NOT_SHOWN, None)
+                       f"{what} not recorded in some runs ({why})", NOT_SHOWN, None)
 
 
 def _rule(direction: str, alpha: float) -> str:
@@ -241,6 +242,14 @@ def batch_study_claims(spec: StudySpec, study: Study) -> list[Claim]:
             "bn-converges-faster", statement=at + f"BN reaches a training loss of {settings.target_loss} in fewer "
             "epochs than plain.", short=f"BN reached training loss {settings.target_loss} in fewer epochs",
             reason="faster", judge=_converges_faster(batch_size, settings.target_loss), **common))
+    if 64 in study.batch_sizes:  # Ioffe & Szegedy's Fig. 1, at the study's own batch size
+        claims.append(Claim(
+            "bn-steadier-activations", batch_size=64, study=study.name, reason="activations",
+            needs=_needs(spec, study, ("bn", "plain"), 64), alpha=settings.alpha,
+            statement="At batch size 64, the percentiles (15th, 50th, 85th) of the last hidden layer's inputs to its "
+            "ReLU move less over training, relative to their spread, with BN than without (Ioffe & Szegedy 2015, "
+            "Fig. 1).", short="BN's hidden-layer input distribution drifted less over training",
+            judge=_steadier_activations(64)))
     if len(study.batch_sizes) > 1:
         ordered = tuple(sorted(study.batch_sizes))
         needs = tuple(run for batch_size in ordered for run in _needs(spec, study, ("bn", "plain"), batch_size))
@@ -490,6 +499,28 @@ def dropout_study_claims(spec: StudySpec, study: Study) -> list[Claim]:
                 needs=_needs(spec, study, ("bn", "plain", "bn-dropout", "plain-dropout"), batch_size),
                 judge=_dropout_gains_less(batch_size), **common))
     return claims
+
+
+def activation_drift(record: RunRecord) -> float:
+    """The drift of the last hidden layer's input percentiles (ActivationTrace.drift); infinite if diverged
+    (worst), NaN if not probed."""
+    if record.diverged:
+        return math.inf
+    return math.nan if record.activations is None else record.activations.drift()
+
+
+def _steadier_activations(batch_size: int):
+    def judge(claim: Claim, runs: Runs) -> ClaimResult:
+        bn = [activation_drift(r) for r in runs.of("bn", batch_size)]
+        plain = [activation_drift(r) for r in runs.of("plain", batch_size)]
+        if any(math.isnan(value) for value in bn + plain):
+            return _not_recorded(claim, "the activation probe", why="records of schema 2 or earlier, or the "
+                                 "original pipeline, are not probed")
+        p, q = p_smaller(bn, plain), p_smaller(plain, bn)
+        return _result(claim, "bn smaller", f"drift (mean move between checkpoints / spread) bn {summary(bn, 3)} vs "
+                       f"plain {summary(plain, 3)}; p={p:.3f}", p, q)
+
+    return judge
 
 
 def generalization_gap(record: RunRecord) -> float:

@@ -30,11 +30,13 @@ from torch.nn import functional as F
 from bnsuite import fastpath
 from bnsuite.data import Splits
 from bnsuite.models import make_optimizer
+from bnsuite.probe import Prober
 from bnsuite.spec import RunSpec
 
 EpochResult = tuple[torch.Tensor, torch.Tensor, int]  # (batch losses (S, steps), correct (S,), steps taken)
 # BNSUITE_CUDA_GRAPHS=0 turns the capture off, to measure what it gains (bnsuite.speed, the GPU check).
 CUDA_GRAPHS = os.environ.get("BNSUITE_CUDA_GRAPHS", "1") != "0"
+PROBES = True  # activation probes (bnsuite.probe); off only to show that they change nothing
 
 
 class TensorEpochs:
@@ -62,6 +64,10 @@ class TensorEpochs:
         # Reused every epoch: per-batch losses and the hit counts live on the device.
         self.batch_losses = torch.empty(len(models), spec.steps_per_epoch, device=device)
         self.correct = torch.zeros(len(models), dtype=torch.long, device=device)
+        self.steps_taken = 0
+        self.prober = Prober(models, splits.test_images) if PROBES else None
+        if self.prober is not None:
+            self.prober(0)
 
     def __call__(self) -> EpochResult:
         size = self.spec.train_size
@@ -81,6 +87,11 @@ class TensorEpochs:
             self.batch_losses[:, steps] = losses
             self.correct += (logits.argmax(dim=2) == batch_labels).sum(dim=1)
             steps += 1
+            self.steps_taken += 1
+            if self.prober is not None:
+                self.prober.after_step(self.steps_taken)
+        if self.prober is not None:
+            self.prober(self.steps_taken)  # every epoch end
         return self.batch_losses[:, :steps], self.correct, steps
 
 

@@ -85,8 +85,18 @@ class RayExecutor:
         ray = self.ray = import_ray()
         env_vars = {GIT_COMMIT_VARIABLE: git_commit() or ""}
         if self.address is None:
-            ray.init(num_cpus=self.cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False,
-                     runtime_env={"env_vars": env_vars})
+            # A local instance's workers run this interpreter and its environment. Ray's default under `uv run`
+            # instead rebuilds the environment from the driver's uv command line, which lacks the ray extra
+            # when the driver was started without it (`uv run pytest tests/` after an earlier `--extra ray`),
+            # and its workers then never start. The switch is the one Ray's own messages name.
+            from ray._private import ray_constants
+
+            uv_hook, ray_constants.RAY_ENABLE_UV_RUN_RUNTIME_ENV = ray_constants.RAY_ENABLE_UV_RUN_RUNTIME_ENV, False
+            try:
+                ray.init(num_cpus=self.cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False,
+                         runtime_env={"env_vars": env_vars})
+            finally:
+                ray_constants.RAY_ENABLE_UV_RUN_RUNTIME_ENV = uv_hook
         else:
             ray.init(address=self.address, log_to_driver=False, runtime_env={"env_vars": env_vars})
         # One CPU per case: Ray then sets the worker's OMP_NUM_THREADS, hence torch's threads, to 1.

@@ -74,6 +74,22 @@ class SimpleNNWithBN(nn.Module):
         return self.fc3(x)
 
 
+def last_hidden_input(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The input to the last hidden ReLU for `images`, as a training step computes it, without changing the model.
+
+    BN variants: after bn2, normalized with this batch's own statistics (running statistics untouched). Plain:
+    fc2's output. Dropout is off: the probe measures the distribution, not one draw of masks.
+    """
+    x = F.relu(_normalized(getattr(model, "bn1", None), model.fc1(images.view(len(images), -1))))
+    return _normalized(getattr(model, "bn2", None), model.fc2(x))
+
+
+def _normalized(layer: nn.Module | None, h: torch.Tensor) -> torch.Tensor:
+    if isinstance(layer, (nn.BatchNorm1d, ScratchBatchNorm1d)):
+        return F.batch_norm(h, None, None, layer.weight, layer.bias, training=True, eps=layer.eps)
+    return h  # plain: no layer, or nn.Identity in the dropout variant
+
+
 VARIANTS: dict[str, Callable[[], nn.Module]] = {
     "plain": SimpleNN,
     "bn": SimpleNNWithBN,

@@ -162,3 +162,22 @@ def dropout_plot(runs: pd.DataFrame, order: tuple[str, ...]) -> bytes:
         axes[0].set_ylim(max(0.0, accuracies.min() - 1.0), min(100.0, accuracies.max() + 0.5))
     figure.suptitle("Dropout study (bars: mean over seeds; points: seeds)")
     return _png(figure)
+
+
+def activation_plot(traces: pd.DataFrame) -> bytes:
+    """Ioffe & Szegedy's Fig. 1 for the study's networks: one unit's 15th, 50th and 85th input percentiles
+    against training steps, plain and BN side by side. `traces`: variant, step, percentile, value."""
+    variants = [v for v in ("plain", "bn") if v in set(traces["variant"])]
+    figure, axes = plt.subplots(1, len(variants), figsize=(4.6 * len(variants), 3.6), squeeze=False)
+    for axis, variant in zip(axes[0], variants, strict=True):
+        mine = traces[traces["variant"] == variant]
+        for percentile, line in mine.groupby("percentile"):
+            axis.plot(line["step"], line["value"], color=_color(variant), alpha=0.45 + 0.35 * (percentile == 50),
+                      linewidth=1.2, label=f"{percentile:g}th percentile")
+        axis.set_title(f"{variant}: {'after bn2' if variant == 'bn' else 'fc2 output'}")
+        axis.set_xlabel("training step")
+        axis.grid(True, alpha=0.3)
+        axis.legend(loc="best", fontsize=8)
+    axes[0][0].set_ylabel("input to the last hidden ReLU")
+    figure.suptitle("One hidden unit's input distribution over training (probe batch of held-out images)")
+    return _png(figure)

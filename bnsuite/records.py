@@ -17,8 +17,10 @@ and schema-2 records (`migrate_schema_1`, `migrate_schema_2`).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
+import statistics
 import types
 import typing
 from dataclasses import dataclass
@@ -53,6 +55,44 @@ class EpochRecord:
     test_loss: NonNegative
     test_accuracy: Percent
     epoch_time_s: NonNegative  # training only, evaluation excluded; a share when runs train together
+
+
+@with_config(STRICT)
+@dataclass(frozen=True)
+class ActivationTrace:
+    """Percentiles of the inputs to the last hidden ReLU over training (Ioffe & Szegedy 2015, Fig. 1).
+
+    Measured on a fixed probe batch of held-out images for a fixed set of units (bnsuite.probe): after bn2,
+    with the probe batch's own statistics, in the BN variants; fc2's output in plain.
+    """
+
+    every: Annotated[int, Field(ge=1)]  # steps between regular checkpoints (the others are epoch ends)
+    steps: tuple[Annotated[int, Field(ge=0)], ...]  # optimizer steps taken at each checkpoint (0: before training)
+    units: tuple[Annotated[int, Field(ge=0)], ...]
+    percentiles: tuple[Percent, ...]
+    values: tuple[tuple[tuple[float, ...], ...], ...]  # [checkpoint][unit][percentile]
+
+    def __post_init__(self) -> None:
+        _check(list(self.steps) == sorted(set(self.steps)), "activations.steps", "must increase")
+        _check(len(self.values) == len(self.steps) and all(
+            len(at) == len(self.units) and all(len(unit) == len(self.percentiles) for unit in at)
+            for at in self.values), "activations.values", "must be [checkpoint][unit][percentile]")
+
+    def drift(self) -> float:
+        """How far the percentiles move between regular checkpoints, relative to their spread.
+
+        The mean, over units, percentiles and consecutive checkpoints `every` steps apart, of |p(t+1) - p(t)|
+        divided by the unit's mean 85th-minus-15th percentile spread over training: scale-free, so a network
+        whose activations grow is not called unsteady for that alone. 0 for a distribution that never moves.
+        """
+        regular = [index for index, step in enumerate(self.steps) if step % self.every == 0]
+        moves = []
+        for unit in range(len(self.units)):
+            spread = statistics.fmean(self.values[c][unit][-1] - self.values[c][unit][0] for c in regular)
+            for k in range(len(self.percentiles)):
+                path = [self.values[c][unit][k] for c in regular]
+                moves += [abs(b - a) / spread if spread > 0 else math.inf for a, b in itertools.pairwise(path)]
+        return statistics.fmean(moves) if moves else math.nan
 
 
 @with_config(STRICT)
@@ -106,6 +146,9 @@ class RunRecord:
     # What ran it: "local" (the pytest process), or "ray at ADDRESS" (a task on a Ray cluster; the environment
     # says which machine). Schema 2 and earlier ran locally only.
     executor: str
+    # The last hidden layer's pre-activation percentiles over training; None where the run was not probed (the
+    # original pipeline, a diverged run's probe with non-finite values, and records of schemas 1 and 2).
+    activations: ActivationTrace | None
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -260,9 +303,9 @@ _SCHEMA_1_CLAIMS = {
 
 
 def migrate_schema_2(raw: dict) -> dict:
-    """A schema-2 record as schema 3: `executor` "local" (the only one schema 2 had), `environment.hostname`
-    None (not recorded)."""
-    raw = {**raw, "executor": "local", "schema_version": 3}
+    """A schema-2 record as schema 3: `executor` "local" (the only one schema 2 had); `environment.hostname`
+    and `activations` None (not recorded)."""
+    raw = {**raw, "executor": "local", "activations": None, "schema_version": 3}
     if isinstance(raw.get("environment"), dict):
         raw["environment"] = {**raw["environment"], "hostname": None}
     return raw

@@ -25,7 +25,7 @@ import pandas as pd
 
 from bnsuite import baseline as gate
 from bnsuite import plots
-from bnsuite.claims import REASONS, ClaimResult, study_claims
+from bnsuite.claims import REASONS, ClaimResult, activation_drift, study_claims
 from bnsuite.files import write_atomically
 from bnsuite.records import RecordError, RunRecord, epochs_frame, load_records, runs_frame
 from bnsuite.report_studies import SECTIONS, claims_table
@@ -264,8 +264,42 @@ def batch_section(records: list[RunRecord], claims: list[ClaimResult], settings:
     if runs["runs_trained_together"].max() > 1:
         lines += ["Runs trained together (the seeds of a variant and batch size, as one batched "
                   "computation) are each given their share of its time.", ""]
+    lines += activations_lines(records, out=out, prefix=prefix, with_plots=with_plots, h=h)
     batch_claims = [claim for claim in claims if claim.study == "batch"]
     lines += [f"{h} Claims", "", claims_table(batch_claims, settings), ""]
+    return lines
+
+
+def activations_lines(records: list[RunRecord], *, out: Path, prefix: str, with_plots: bool, h: str) -> list[str]:
+    """Ioffe & Szegedy's Fig. 1 on the study's networks: how much the last hidden layer's inputs drift."""
+    probed = [r for r in records if r.spec.batch_size == 64 and r.activations is not None
+              and r.spec.variant in ("plain", "bn")]
+    if not probed:
+        return []
+    trace = probed[0].activations
+    rows = []
+    for variant in ("plain", "bn"):
+        mine = [r for r in probed if r.spec.variant == variant]
+        if mine:
+            rows.append({"variant": variant, "drift (mean move between checkpoints / spread)":
+                         mean_std([activation_drift(r) for r in mine]), "checkpoints": len(mine[0].activations.steps)})
+    lines = [f"{h} Steadier activations (Ioffe & Szegedy 2015, Fig. 1)", "",
+             f"At batch size 64, the {', '.join(f'{p:g}th' for p in trace.percentiles)} percentiles of units "
+             f"{', '.join(map(str, trace.units))} of the last hidden layer's input to its ReLU (after bn2 for BN, "
+             "with the probe batch's own statistics; fc2's output for plain), on a fixed probe batch of held-out "
+             f"test images, before training, every {trace.every} steps and at every epoch end. Drift: the mean "
+             "move of a percentile between checkpoints divided by the unit's 85th-15th percentile spread.", "",
+             pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True), ""]
+    if with_plots:
+        seed = min(r.spec.seed for r in probed)
+        frame = pd.DataFrame([
+            {"variant": r.spec.variant, "step": step, "percentile": percentile, "value": at[0][k]}
+            for r in probed if r.spec.seed == seed
+            for step, at in zip(r.activations.steps, r.activations.values, strict=True)
+            for k, percentile in enumerate(r.activations.percentiles)])
+        name = f"{prefix}activations.png"
+        write_atomically(out.parent / name, plots.activation_plot(frame))
+        lines += [f"![Unit {trace.units[0]}'s input percentiles over training, seed {seed}]({name})", ""]
     return lines
 
 

@@ -172,8 +172,10 @@ def train_seeds(
                 break
 
         records = []
-        finished = zip(specs, models, epochs, steps, diverged_at_epoch, strict=True)
-        for run, model, run_epochs, run_steps, diverged in finished:
+        prober = getattr(run_epoch, "prober", None)  # the original pipeline is not probed
+        traces = prober.traces() if prober is not None else [None] * len(specs)
+        finished = zip(specs, models, epochs, steps, diverged_at_epoch, traces, strict=True)
+        for run, model, run_epochs, run_steps, diverged, trace in finished:
             test_loss, test_accuracy = evaluate(model, splits.test_images, splits.test_labels)
             train_loss_eval, train_accuracy_eval = evaluate(model, *training_set(splits, run))
             records.append(RunRecord(
@@ -192,6 +194,7 @@ def train_seeds(
                 environment=environment,
                 started_at=started_at,
                 executor=executor,
+                activations=None if diverged else trace,  # past divergence the probe measures a broken model
             ))
     return records
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from bnsuite.models import VARIANTS, SimpleNN, SimpleNNWithBN, build_model, parameter_count
+from bnsuite.models import VARIANTS, SimpleNN, SimpleNNWithBN, build_model, last_hidden_input, parameter_count
 from bnsuite.speed import training_flops_per_sample
 
 
@@ -77,3 +77,24 @@ def test_dropout_variants_are_the_networks_with_dropout_after_each_hidden_relu()
     assert torch.equal(with_dropout(images), without(images))  # eval mode: dropout is the identity
     with_dropout.train()
     assert not torch.equal(with_dropout(images), with_dropout(images))  # train mode: a fresh mask each call
+
+
+def test_last_hidden_input_is_what_a_training_step_feeds_the_last_relu_and_changes_no_buffer():
+    torch.manual_seed(0)
+    images = torch.randn(32, 1, 28, 28)
+    plain = build_model("plain")
+    expected = plain.fc2(torch.relu(plain.fc1(images.view(32, -1))))
+    assert torch.equal(last_hidden_input(plain, images), expected)
+    for variant in ("bn", "bn-scratch", "bn-dropout"):
+        model = build_model(variant)
+        before = {name: buffer.clone() for name, buffer in model.named_buffers()}
+        seen = {}
+        model.bn2.register_forward_hook(lambda module, args, output, seen=seen: seen.update(out=output))
+        model.train()
+        if hasattr(model, "dropout"):
+            model.dropout.p = 0.0
+        model(images)
+        for name, buffer in model.named_buffers():
+            buffer.copy_(before[name])
+        torch.testing.assert_close(last_hidden_input(model, images), seen["out"], rtol=1e-5, atol=1e-6)
+        assert all(torch.equal(buffer, before[name]) for name, buffer in model.named_buffers())

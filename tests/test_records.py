@@ -223,3 +223,18 @@ def test_schema_2_records_load_as_local_runs_on_an_unrecorded_host():
     records = load_records(smoke)
     assert len(records) == 48
     assert {(r.schema_version, r.executor, r.environment.hostname) for r in records} == {(3, "local", None)}
+
+
+def test_activation_drift_is_the_mean_move_between_regular_checkpoints_relative_to_the_spread(record):
+    from bnsuite.records import ActivationTrace
+
+    def trace(paths, steps=(0, 100, 150, 200)):
+        # one unit: 15th/50th/85th percentiles per checkpoint
+        return ActivationTrace(every=100, steps=steps, units=(0,), percentiles=(15.0, 50.0, 85.0),
+                               values=tuple(((p - 1.0, p, p + 1.0),) for p in paths))
+
+    assert trace([0.0, 0.0, 5.0, 0.0]).drift() == 0.0  # the epoch-end checkpoint at step 150 is not regular
+    assert trace([0.0, 1.0, 9.0, 3.0]).drift() == pytest.approx((1.0 + 2.0) / 2 / 2.0)  # moves 1, 2; spread 2
+    with pytest.raises(RecordError, match="activations.steps must increase"):
+        RunRecord.from_json(json.dumps({**_raw(record), "activations": {
+            "every": 100, "steps": [0, 0], "units": [0], "percentiles": [50.0], "values": [[[1.0]], [[1.0]]]}}))

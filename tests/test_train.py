@@ -260,3 +260,16 @@ def test_record_carries_timings_and_environment(mnist_dir):
 def test_a_spec_that_cannot_run_is_refused_with_what_to_change(fields, message):
     with pytest.raises(SpecError, match=message):
         RunSpec(**fields)
+
+
+@pytest.mark.parametrize("variant", ["plain", "bn"])
+def test_probing_the_activations_changes_nothing_in_training(variant, mnist_dir, monkeypatch):
+    specs = [RunSpec(variant=variant, seed=seed, batch_size=16, **SMALL) for seed in (0, 1)]
+    probed = train_seeds(specs, data_dir=mnist_dir)
+    monkeypatch.setattr(epochs_module, "PROBES", False)
+    unprobed = train_seeds(specs, data_dir=mnist_dir)
+    assert [_results(record) for record in probed] == [_results(record) for record in unprobed]
+    assert all(record.activations is None for record in unprobed)
+    # 125 steps an epoch: before training, every 100 steps, and every epoch end.
+    assert probed[0].activations.steps == (0, 100, 125, 200, 250)
+    assert probed[0].activations.values != probed[1].activations.values  # each run probed on its own model
