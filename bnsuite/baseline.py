@@ -340,8 +340,10 @@ def accept(results: Path, target: Path | None = None, *, benchmarks: Path | None
             shutil.copy2(extra, staging / extra.name)
     if benchmarks is not None:
         newest = _newest_benchmark(benchmarks)
-        (staging / "pytest-benchmark").mkdir()
-        shutil.copy2(newest, staging / "pytest-benchmark" / newest.name)
+        # pytest-benchmark's storage layout (a folder per machine), so the report and --benchmark-compare read it.
+        machine = staging / "pytest-benchmark" / (newest.parent.name if Path(benchmarks).is_dir() else "saved")
+        machine.mkdir(parents=True)
+        shutil.copy2(newest, machine / newest.name)
     old = target.with_name(target.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
     if target.exists():

@@ -120,8 +120,16 @@ def test_accept_replaces_the_baseline_whole_and_refuses_a_partial_study(referenc
     target = tmp_path / "reference" / "smoke"
     (target / RUNS_SUBDIR).mkdir(parents=True)
     (target / RUNS_SUBDIR / "stale-record.json").write_text("{}")
-    assert gate.main(["accept", str(reference.directory), "--to", str(target)]) == 0
+    storage = tmp_path / "benchmarks" / "Linux-CPython-3.11-64bit"
+    storage.mkdir(parents=True)
+    (storage / "0001_old.json").write_text("{}")
+    (storage / "0002_new.json").write_text("{}")
+    assert gate.main(["accept", str(reference.directory), "--to", str(target),
+                      "--benchmarks", str(tmp_path / "benchmarks")]) == 0
     assert {r.spec for r in load_records(target)} == set(reference.records)
+    # The newest benchmark JSON, in pytest-benchmark's layout (a folder per machine) that the report reads.
+    assert [p.relative_to(target).as_posix() for p in (target / "pytest-benchmark").rglob("*.json")] == [
+        "pytest-benchmark/Linux-CPython-3.11-64bit/0002_new.json"]
     assert not (target / RUNS_SUBDIR / "stale-record.json").exists()
     assert sorted(p.name for p in target.parent.iterdir()) == ["smoke"]  # no staging directory left behind
 
