@@ -217,12 +217,13 @@ def test_cpu_model_and_vector_flags_are_read_from_cpuinfo(tmp_path):
 
 
 def test_schema_2_records_load_as_local_runs_on_an_unrecorded_host():
-    smoke = Path(__file__).resolve().parents[1] / "results" / "reference" / "smoke"
-    raw = json.loads(next((smoke / RUNS_SUBDIR).glob("bn-bs64-seed0-*.json")).read_text())
-    assert raw["schema_version"] == 2 and "executor" not in raw
-    records = load_records(smoke)
-    assert len(records) == 48
-    assert {(r.schema_version, r.executor, r.environment.hostname) for r in records} == {(3, "local", None)}
+    schema_2 = Path(__file__).parent / "data" / "schema2"  # a record of the smoke reference as schema 2 saved it
+    raw = json.loads(next((schema_2 / RUNS_SUBDIR).glob("*.json")).read_text())
+    assert raw["schema_version"] == 2 and "executor" not in raw and "activations" not in raw
+    (record,) = load_records(schema_2)
+    assert (record.schema_version, record.executor, record.environment.hostname, record.activations) == (
+        3, "local", None, None)
+    assert record.spec.case_id == "bn-bs64-seed0" and record.test_accuracy == raw["test_accuracy"]
 
 
 def test_activation_drift_is_the_mean_move_between_regular_checkpoints_relative_to_the_spread(record):
