@@ -103,9 +103,6 @@ class RayExecutor:
         self.task = ray.remote(num_cpus=1, max_retries=self.retries, retry_exceptions=False)(_train_case)
         self.submit(groups)
 
-    def _study_of(self, group: Group) -> StudySpec | None:
-        return self.study if set(group) <= set(self.study.run_specs()) else None
-
     def result(self, group: Group) -> list[RunRecord]:
         """The case's records, waiting for its task (submitting it first if the session did not)."""
         if group not in self.pending:
@@ -125,7 +122,7 @@ class RayExecutor:
 
     def submit(self, groups: Sequence[Group]) -> None:
         for group in groups:
-            self.pending[group] = self.task.remote(group, self.data_dir, self._study_of(group), self.name,
+            self.pending[group] = self.task.remote(group, self.data_dir, self.study.recorded_study(group), self.name,
                                                    self.trainer)
 
     def _check_dataset(self, group: Group, records: list[RunRecord]) -> None:

@@ -286,6 +286,11 @@ class StudySpec:
         name += "-init-sweep" if len(scales) > 1 else (f"-init{first.init_scale:g}" if first.init_scale != 1 else "")
         return name
 
+    def recorded_study(self, runs) -> StudySpec | None:
+        """This study, as the records of `runs` carry it; None for runs outside its matrix (a changed learning
+        rate, say), which are recorded without its settings."""
+        return self if set(runs) <= set(self.run_specs()) else None
+
     def group_of(self, spec: RunSpec) -> tuple[RunSpec, ...]:
         """The group `spec` trains in, or `spec` alone if no study of this spec has it."""
         return next((group for group in self.groups() if spec in group), (spec,))

@@ -241,9 +241,8 @@ class StudySession:
                     trained += epoch.epoch_time_s * record.runs_trained_together
                     self.progress(progress_line(record.spec, epoch, trained))
         else:
-            # Runs outside the study's matrix (a changed learning rate, say) are recorded without its settings.
-            study = self.study if set(specs) <= set(self.study.run_specs()) else None
-            records = train_seeds(specs, data_dir=self.data_dir, study=study, on_epoch=report_epoch)
+            records = train_seeds(specs, data_dir=self.data_dir, study=self.study.recorded_study(specs),
+                                  on_epoch=report_epoch)
         for record in records:
             if record.diverged:
                 self.progress(f"{record.spec.case_id}: diverged in epoch {record.diverged_at_epoch}; the study goes on")
