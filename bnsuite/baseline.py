@@ -99,7 +99,7 @@ class Comparison:
     rule: str
     verdict: str
     detail: str
-    metrics: tuple[MetricComparison, ...] = ()
+    metrics: tuple[MetricComparison, ...] = ()  # both metrics under either rule; only the statistical judges them
 
     @property
     def failed(self) -> bool:
@@ -195,14 +195,14 @@ def compare_configuration(now: list[RunRecord], baseline: list[RunRecord]) -> Co
     name = configuration_name(now[0].spec)
     by_seed = {record.spec.seed: record for record in baseline}
     pairs = [(record, by_seed.get(record.spec.seed)) for record in now]
+    metrics = measure(now, baseline)  # the report shows them under either rule
     if all(theirs is not None and _exactly_comparable(mine, theirs) for mine, theirs in pairs):
         for mine, theirs in pairs:
             difference = first_difference(mine, theirs)
             if difference:
-                return Comparison(name, EXACT, DIFFERS, f"{mine.spec.case_id}: {difference}")
+                return Comparison(name, EXACT, DIFFERS, f"{mine.spec.case_id}: {difference}", metrics)
         return Comparison(name, EXACT, IDENTICAL,
-                          f"{len(pairs)} run{'s' if len(pairs) > 1 else ''} equal bit for bit, every epoch")
-    metrics = measure(now, baseline)
+                          f"{len(pairs)} run{'s' if len(pairs) > 1 else ''} equal bit for bit, every epoch", metrics)
     verdict = WORSE if any(m.verdict == WORSE for m in metrics) else (
         BETTER if any(m.verdict == BETTER for m in metrics) else WITHIN)
     detail = "; ".join(_describe_metric(m) for m in metrics)

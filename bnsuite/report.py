@@ -110,16 +110,11 @@ def _baseline_dir(baseline: Path | str | None, results: Path, records: list[RunR
 
 def baseline_section(records: list[RunRecord], baseline: gate.Baseline, *, out: Path, with_plots: bool) -> list[str]:
     """Per configuration: the baseline's numbers and now's, the change and the gate's verdict; a figure."""
-    comparisons = {c.name: c for c in gate.compare(records, baseline)}
-    mine, theirs = gate.by_configuration(records), baseline.configurations()
+    comparisons = gate.compare(records, baseline)
     rows = []
-    for config, runs in mine.items():
-        if config not in theirs:
-            continue
-        name = gate.configuration_name(config)
-        accuracy, loss = gate.measure(runs, theirs[config])
-        comparison = comparisons[name]
-        row = {"configuration": name, "rule": comparison.rule, "verdict": comparison.verdict}
+    for comparison in comparisons:
+        accuracy, loss = comparison.metrics
+        row = {"configuration": comparison.name, "rule": comparison.rule, "verdict": comparison.verdict}
         loss_change = f"{loss.change:+.1%}" if math.isfinite(loss.change) else "n/a (a diverged run)"
         for metric, change in ((accuracy, f"{accuracy.change:+.2f} points"), (loss, loss_change)):
             row[f"{metric.metric}: baseline"] = gate.summary(metric.baseline)
@@ -137,7 +132,7 @@ def baseline_section(records: list[RunRecord], baseline: gate.Baseline, *, out: 
              ""]
     if rows:
         lines += [pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True), ""]
-    failed = [c for c in comparisons.values() if c.failed]
+    failed = [c for c in comparisons if c.failed]
     lines += [f"{len(failed)} of {len(comparisons)} configurations fail the gate"
               + (": " + "; ".join(c.describe() for c in failed) if failed else "") + ".", ""]
     for label, names in (("Not in the baseline", only_now), ("In the baseline only", only_baseline)):
