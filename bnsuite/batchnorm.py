@@ -1,4 +1,4 @@
-"""Batch Normalization over a mini-batch, written out with tensor operations.
+"""Batch Normalization, its ghost-batch form and Group/Layer Normalization, written out with tensor operations.
 
 For each feature j of a batch x of shape (N, C), in training:
 
@@ -15,6 +15,20 @@ estimates that replace batch statistics at inference are updated as
 
 with the unbiased variance, exactly as `torch.nn.BatchNorm1d` does. Autograd
 differentiates the expression above, so the gradients are BN's real ones.
+
+`GhostBatchNorm1d` computes the same statistics over groups of g images
+within the batch instead of over all of it: a batch of B with ghost size g
+computes what data-parallel training on B/g devices computes without
+synchronized BN (each device normalizes its own g images; the gradients are
+averaged over devices, which for the batch's mean loss is what autograd
+gives here). Its running estimates follow the first group only, as under
+PyTorch's DistributedDataParallel, which broadcasts rank 0's buffers before
+every forward.
+
+`ScratchGroupNorm` computes each image's statistics over groups of its own
+features (Wu & He 2018), so no image's output depends on another's: with one
+group it is LayerNorm over the features (Ba et al. 2016). Neither keeps
+running estimates; training and inference compute the same thing.
 """
 
 from __future__ import annotations
@@ -60,3 +74,95 @@ class ScratchBatchNorm1d(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"
+
+
+class GhostBatchNorm1d(ScratchBatchNorm1d):
+    """Batch norm with statistics over groups of `ghost_size` images within the batch, for (N, C) inputs.
+
+    The groups are consecutive images: [0, g), [g, 2g), ...; a batch that is
+    not a multiple of g ends with one shorter group (or, when a single image
+    would be left over, one group of g + 1). With g at least the batch size,
+    this is `ScratchBatchNorm1d`.
+    """
+
+    def __init__(self, num_features: int, ghost_size: int, eps: float = 1e-5, momentum: float = 0.1):
+        if isinstance(ghost_size, bool) or not isinstance(ghost_size, int) or ghost_size < 2:
+            raise ValueError(f"ghost size must be a whole number of at least 2 images, got {ghost_size!r}")
+        super().__init__(num_features, eps, momentum)  # the same parameters and running estimates
+        self.ghost_size = ghost_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 2 or x.shape[1] != self.num_features:
+            raise ValueError(f"expected input of shape (N, {self.num_features}), got {tuple(x.shape)}")
+        if not self.training:
+            x_hat = (x - self.running_mean) / torch.sqrt(self.running_var + self.eps)
+            return self.weight * x_hat + self.bias
+        output, first_mean, first_var, first_size = self._normalize(x)
+        with torch.no_grad():
+            self.running_mean.lerp_(first_mean, self.momentum)
+            self.running_var.lerp_(first_var * (first_size / (first_size - 1)), self.momentum)
+            self.num_batches_tracked += 1
+        return output
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """What training computes for `x` (ghost-group statistics), leaving the running estimates untouched."""
+        return self._normalize(x)[0]
+
+    def _normalize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """The normalized batch and the first group's mean, biased variance and size."""
+        size, g = x.shape[0], self.ghost_size
+        if size < 2:
+            raise ValueError("batch normalization needs more than 1 value per feature in training")
+        whole = size - size % g
+        if size - whole == 1:
+            whole -= g  # a single image left over joins the last whole group: no group of one
+        parts, firsts = [], None
+        if whole:
+            groups = x[:whole].view(whole // g, g, self.num_features)
+            parts.append(groups)
+        if whole < size:
+            parts.append(x[whole:].unsqueeze(0))  # the uneven last group (the whole batch when it is at most g)
+        outputs = []
+        for groups in parts:
+            mean = groups.mean(dim=1, keepdim=True)
+            var = (groups - mean).pow(2).mean(dim=1, keepdim=True)
+            outputs.append(((groups - mean) / torch.sqrt(var + self.eps)).reshape(-1, self.num_features))
+            if firsts is None:
+                firsts = (mean[0, 0], var[0, 0], groups.shape[1])
+        x_hat = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+        return (self.weight * x_hat + self.bias, *firsts)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, ghost_size={self.ghost_size}, eps={self.eps}, momentum={self.momentum}"
+
+
+class ScratchGroupNorm(nn.Module):
+    """`torch.nn.GroupNorm(num_groups, num_channels)` for (N, C) inputs; one group is `torch.nn.LayerNorm(C)`.
+
+    For each image i and group G of C / num_groups consecutive features:
+
+        mean_iG = mean of x_ij over j in G,  var_iG = biased variance over j in G
+        y_ij    = gamma_j * (x_ij - mean_iG) / sqrt(var_iG + eps) + beta_j
+    """
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5):
+        super().__init__()
+        if num_groups < 1 or num_channels % num_groups:
+            raise ValueError(f"{num_channels} features do not split into {num_groups} equal groups")
+        self.num_groups = num_groups
+        self.num_channels = num_channels
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(num_channels))
+        self.bias = nn.Parameter(torch.zeros(num_channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 2 or x.shape[1] != self.num_channels:
+            raise ValueError(f"expected input of shape (N, {self.num_channels}), got {tuple(x.shape)}")
+        groups = x.view(x.shape[0], self.num_groups, -1)
+        mean = groups.mean(dim=2, keepdim=True)
+        var = (groups - mean).pow(2).mean(dim=2, keepdim=True)
+        x_hat = ((groups - mean) / torch.sqrt(var + self.eps)).view_as(x)
+        return self.weight * x_hat + self.bias
+
+    def extra_repr(self) -> str:
+        return f"{self.num_groups}, {self.num_channels}, eps={self.eps}"

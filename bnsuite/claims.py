@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
+from bnsuite.models import ghost_size
 from bnsuite.records import RunRecord
 from bnsuite.spec import CONTRADICTED, NOT_SHOWN, SUPPORTED, KnownException, RunSpec, Study, StudySpec
 
@@ -46,6 +47,7 @@ REASONS = {
     "init": "BN reduces the sensitivity to initialization",
     "regularizer": "BN acts as a regularizer, reducing the need for dropout",
     "activations": "BN reduces internal covariate shift: a layer's inputs keep a steadier distribution",
+    "inference": "BN normalizes over the mini-batch; at inference, running estimates replace the batch statistics",
 }
 
 
@@ -242,6 +244,13 @@ def batch_study_claims(spec: StudySpec, study: Study) -> list[Claim]:
             "bn-converges-faster", statement=at + f"BN reaches a training loss of {settings.target_loss} in fewer "
             "epochs than plain.", short=f"BN reached training loss {settings.target_loss} in fewer epochs",
             reason="faster", judge=_converges_faster(batch_size, settings.target_loss), **common))
+        claims.append(Claim(
+            "bn-running-estimates-at-least-batch-statistics", statement=at + "BN's final held-out accuracy with its "
+            "running estimates (eval mode, what the study reports) is at least its accuracy with each held-out batch "
+            f"of {batch_size} normalized by its own statistics.",
+            short=f"BN's running estimates did at least as well as batch statistics (within {margin} points)",
+            reason="inference", judge=_running_at_least_batch(batch_size, margin),
+            **{**common, "needs": _needs(spec, study, ("bn",), batch_size)}))
     if 64 in study.batch_sizes:  # Ioffe & Szegedy's Fig. 1, at the study's own batch size
         claims.append(Claim(
             "bn-steadier-activations", batch_size=64, study=study.name, reason="activations",
@@ -523,6 +532,28 @@ def _steadier_activations(batch_size: int):
     return judge
 
 
+def batch_statistics_accuracy(record: RunRecord) -> float:
+    """Final held-out accuracy with each held-out batch's own statistics; 0 if diverged, NaN if not recorded."""
+    if record.diverged:
+        return 0.0
+    value = record.epochs[-1].batch_statistics_accuracy if record.epochs else None
+    return math.nan if value is None else value
+
+
+def _running_at_least_batch(batch_size: int, margin: float):
+    def judge(claim: Claim, runs: Runs) -> ClaimResult:
+        bn = runs.of("bn", batch_size)
+        running, batch = [held_out_accuracy(r) for r in bn], [batch_statistics_accuracy(r) for r in bn]
+        if any(math.isnan(value) for value in batch):
+            return _not_recorded(claim, "the accuracy with batch statistics", why="records of schema 3 or earlier")
+        p, q = p_smaller(batch, [v + margin for v in running]), p_smaller([v + margin for v in running], batch)
+        evidence = (f"final held-out accuracy % with running estimates {summary(running, 2)} vs with batch statistics "
+                    f"{summary(batch, 2)}; p={p:.3f}")
+        return _result(claim, f"batch statistics below running estimates + {margin} points", evidence, p, q)
+
+    return judge
+
+
 def generalization_gap(record: RunRecord) -> float:
     """The final model's training accuracy minus its held-out accuracy, in points; infinite if diverged (worst)."""
     return math.inf if record.diverged else train_accuracy(record) - held_out_accuracy(record)
@@ -557,8 +588,97 @@ def _dropout_gains_less(batch_size: int):
     return judge
 
 
+# --- the ghost-batch study: how BN depends on the images its statistics see (Wu & He 2018, Fig. 1) ---
+
+
+def ghost_sizes(study: Study, batch_size: int) -> dict[int, str]:
+    """The study's BN variants by the number of images their statistics see: {ghost size: variant}; plain `bn`
+    sees the whole batch."""
+    sizes = {ghost_size(variant): variant for variant in study.variants if ghost_size(variant) is not None}
+    if "bn" in study.variants:
+        sizes[batch_size] = "bn"
+    return dict(sorted(sizes.items()))
+
+
+def against_layernorm(runs: Runs, sizes: dict[int, str], batch_size: int, alpha: float) -> list[tuple[int, str, float]]:
+    """(ghost size, verdict, p) of BN at each ghost size against LayerNorm, held-out accuracy: "behind" (BN
+    below LN at p <= alpha), "ahead" (above at p <= alpha) or "not shown"."""
+    ln = [held_out_accuracy(r) for r in runs.of("ln", batch_size)]
+    rows = []
+    for g, variant in sizes.items():
+        bn = [held_out_accuracy(r) for r in runs.of(variant, batch_size)]
+        p, q = p_smaller(bn, ln), p_smaller(ln, bn)
+        rows.append((g, "behind" if p <= alpha else "ahead" if q <= alpha else "not shown", p))
+    return rows
+
+
+def falls_behind_below(rows: list[tuple[int, str, float]]) -> int | None:
+    """The ghost size below which BN falls behind LayerNorm: the smallest one from which on BN is never behind;
+    None if BN is behind at every size measured."""
+    behind = [g for g, verdict, _ in rows if verdict == "behind"]
+    return next((g for g, _, _ in rows if g > max(behind, default=0)), None)
+
+
+def ghost_study_claims(spec: StudySpec, study: Study) -> list[Claim]:
+    settings = spec.claims
+    claims = []
+    for batch_size in sorted(study.batch_sizes):
+        sizes = ghost_sizes(study, batch_size)
+        ghosts = [g for g in sizes if g < batch_size]
+        common = dict(batch_size=batch_size, study=study.name, reason="batch", alpha=settings.alpha)
+        at = f"In batches of {batch_size}, "
+        if len(ghosts) >= 2:
+            small, large = ghosts[0], ghosts[-1]
+            claims.append(Claim(
+                "bn-accuracy-falls-at-small-ghost-batches",
+                statement=at + f"BN's held-out accuracy with statistics over ghost batches of {small} images is below "
+                f"its accuracy with ghost batches of {large} (Wu & He 2018, Fig. 1: BN's error rises as the images "
+                "per device fall).", short=f"BN with ghost batches of {small} was less accurate than with {large}",
+                needs=_needs(spec, study, (sizes[small], sizes[large]), batch_size),
+                judge=_ghost_falls(sizes[small], sizes[large], batch_size), **common))
+        if ghosts and "ln" in study.variants:
+            claims.append(Claim(
+                "bn-behind-layernorm-at-smallest-ghost-batch",
+                statement=at + f"BN with statistics over ghost batches of {ghosts[0]} images has a lower held-out "
+                "accuracy than LayerNorm, whose statistics do not involve the batch (Wu & He 2018, Fig. 1: GN stays "
+                "flat where BN falls); the evidence names the ghost size below which BN falls behind.",
+                short=f"BN with ghost batches of {ghosts[0]} fell behind LayerNorm",
+                needs=_needs(spec, study, (*sizes.values(), "ln"), batch_size),
+                judge=_behind_layernorm(sizes, batch_size), **common))
+    return claims
+
+
+def _ghost_falls(small: str, large: str, batch_size: int):
+    def judge(claim: Claim, runs: Runs) -> ClaimResult:
+        a = [held_out_accuracy(r) for r in runs.of(small, batch_size)]
+        b = [held_out_accuracy(r) for r in runs.of(large, batch_size)]
+        p, q = p_smaller(a, b), p_smaller(b, a)
+        evidence = f"held-out accuracy % {small} {summary(a, 2)} vs {large} {summary(b, 2)}; p={p:.3f}"
+        return _result(claim, f"{small} lower", evidence, p, q)
+
+    return judge
+
+
+def _behind_layernorm(sizes: dict[int, str], batch_size: int):
+    def judge(claim: Claim, runs: Runs) -> ClaimResult:
+        rows = against_layernorm(runs, sizes, batch_size, claim.alpha)
+        ln = [held_out_accuracy(r) for r in runs.of("ln", batch_size)]
+        below = falls_behind_below(rows)
+        where = ("BN is behind LayerNorm at every ghost size measured" if below is None else
+                 f"BN falls behind LayerNorm below ghost size {below}" if below > min(sizes) else
+                 "BN is not behind LayerNorm at any ghost size measured")
+        per_size = "; ".join(
+            f"g={g} {summary([held_out_accuracy(r) for r in runs.of(sizes[g], batch_size)], 2)} {verdict} (p={p:.3f})"
+            for g, verdict, p in rows)
+        p, q = rows[0][2], p_smaller(ln, [held_out_accuracy(r) for r in runs.of(sizes[rows[0][0]], batch_size)])
+        evidence = f"held-out accuracy % LayerNorm {summary(ln, 2)}; BN {per_size}; {where}"
+        return _result(claim, f"BN at ghost size {rows[0][0]} below LayerNorm", evidence, p, q)
+
+    return judge
+
+
 STUDY_CLAIMS = {"batch": batch_study_claims, "lr": lr_study_claims, "init": init_study_claims,
-                "dropout": dropout_study_claims}
+                "dropout": dropout_study_claims, "ghost": ghost_study_claims}
 
 
 def study_claims(spec: StudySpec) -> list[Claim]:

@@ -69,6 +69,11 @@ class TensorEpochs:
         if self.prober is not None:
             self.prober(0)
 
+    @property
+    def step_name(self) -> str:
+        """What steps the training, as records say it (RunRecord.training_step)."""
+        return self.step.NAME
+
     def __call__(self) -> EpochResult:
         size = self.spec.train_size
         orders = torch.cat([epoch_order(size, shuffle) for shuffle in self.shuffles])
@@ -107,6 +112,7 @@ class GraphedStep:
     """
 
     WARMUP = 3
+    NAME = "fast, CUDA graph"
 
     def __init__(self, step, models: int, batch_size: int, features: int, *, device: torch.device):
         self.step = step
@@ -139,6 +145,8 @@ class GraphedStep:
 
 class EagerStep:
     """One training step through autograd and torch.optim: the reference the fast step is checked against."""
+
+    NAME = "eager"
 
     def __init__(self, model: nn.Module, spec: RunSpec):
         self.model = model

@@ -77,6 +77,8 @@ class FastStep:
     evaluating a model or reading its state_dict needs no copy back.
     """
 
+    NAME = "fast"
+
     def __init__(self, models: Sequence[nn.Module], *, lr: float | Sequence[float], momentum: float,
                  dropout_generators: Sequence[torch.Generator] | None = None):
         """`dropout_generators`: one per model, for the dropout variants' masks (drawn as F.dropout draws them)."""

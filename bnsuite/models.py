@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from bnsuite.batchnorm import ScratchBatchNorm1d
+from bnsuite.batchnorm import GhostBatchNorm1d, ScratchBatchNorm1d
 
 # Dropout after each hidden ReLU in the regularization study: 0.2, the mild rate usual for small MLPs on MNIST.
 # Srivastava et al.'s 0.5 for hidden units goes with much longer training than the study's 10 epochs.
@@ -57,14 +57,18 @@ class SimpleNNWithDropout(nn.Module):
 
 
 class SimpleNNWithBN(nn.Module):
-    """The same network with BatchNorm1d after fc1 and fc2, before each ReLU."""
+    """The same network with BatchNorm1d after fc1 and fc2, before each ReLU.
 
-    def __init__(self, batch_norm: Callable[[int], nn.Module] = nn.BatchNorm1d):
+    `norm` puts another normalization there (ghost-batch BN, LayerNorm); the layers keep the study's names
+    bn1 and bn2, so every normalized variant's state dict lines up with the study's.
+    """
+
+    def __init__(self, norm: Callable[[int], nn.Module] = nn.BatchNorm1d):
         super().__init__()
         self.fc1 = nn.Linear(784, 256)
-        self.bn1 = batch_norm(256)
+        self.bn1 = norm(256)
         self.fc2 = nn.Linear(256, 128)
-        self.bn2 = batch_norm(128)
+        self.bn2 = norm(128)
         self.fc3 = nn.Linear(128, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -85,17 +89,41 @@ def last_hidden_input(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
 
 
 def _normalized(layer: nn.Module | None, h: torch.Tensor) -> torch.Tensor:
+    if isinstance(layer, GhostBatchNorm1d):  # before its base class, ScratchBatchNorm1d
+        return layer.normalize(h)  # ghost-group statistics, running estimates untouched
     if isinstance(layer, (nn.BatchNorm1d, ScratchBatchNorm1d)):
         return F.batch_norm(h, None, None, layer.weight, layer.bias, training=True, eps=layer.eps)
-    return h  # plain: no layer, or nn.Identity in the dropout variant
+    if layer is None or isinstance(layer, nn.Identity):
+        return h  # plain, and the plain dropout variant
+    return layer(h)  # LayerNorm: no batch statistics, no buffers
+
+
+def has_batch_statistics(model: nn.Module) -> bool:
+    """Whether `model` normalizes with its batch's statistics in training (and running estimates at inference)."""
+    return any(isinstance(layer, (nn.BatchNorm1d, ScratchBatchNorm1d)) for layer in model.modules())  # ghost too
+
+
+# Ghost sizes a `bn-ghostG` variant can take: the study's (Wu & He's 2 to 32 images per device) and 64.
+GHOST_SIZES = (2, 4, 8, 16, 32, 64)
+
+
+def ghost_size(variant: str) -> int | None:
+    """G of a `bn-ghostG` variant; None for any other variant."""
+    prefix = "bn-ghost"
+    return int(variant.removeprefix(prefix)) if variant.startswith(prefix) else None
 
 
 VARIANTS: dict[str, Callable[[], nn.Module]] = {
     "plain": SimpleNN,
     "bn": SimpleNNWithBN,
-    "bn-scratch": lambda: SimpleNNWithBN(batch_norm=ScratchBatchNorm1d),
+    "bn-scratch": lambda: SimpleNNWithBN(norm=ScratchBatchNorm1d),
     "plain-dropout": lambda: SimpleNNWithDropout(batch_norm=False),
     "bn-dropout": lambda: SimpleNNWithDropout(batch_norm=True),
+    # Statistics over ghost groups of G images within each training batch (bnsuite.batchnorm.GhostBatchNorm1d).
+    **{f"bn-ghost{g}": (lambda g=g: SimpleNNWithBN(norm=lambda features: GhostBatchNorm1d(features, g)))
+       for g in GHOST_SIZES},
+    # LayerNorm over each image's features: no batch statistics (torch's kernel, checked against ScratchGroupNorm).
+    "ln": lambda: SimpleNNWithBN(norm=nn.LayerNorm),
 }
 
 

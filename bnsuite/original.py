@@ -39,6 +39,8 @@ def original_loader(spec: RunSpec, generator: torch.Generator, *, data_dir: Path
 class OriginalEpochs:
     """One training epoch per call, through the DataLoader, as the original ran; one run at a time."""
 
+    step_name = "original"  # RunRecord.training_step
+
     def __init__(self, specs: list[RunSpec], models: list[nn.Module], shuffles: list[torch.Generator],
                  splits: Splits, *, dropout_generators: list[torch.Generator], data_dir: Path | str | None = None):
         """`dropout_generators` are the fast step's: the original loop's dropout draws from torch's own RNG."""

@@ -17,7 +17,7 @@ import pandas as pd  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 COLORS = {"plain": "tab:orange", "bn": "tab:blue", "bn-scratch": "tab:green", "plain-dropout": "tab:orange",
-          "bn-dropout": "tab:blue"}
+          "bn-dropout": "tab:blue", "ln": "tab:purple"}
 
 
 def _color(variant: str) -> str:
@@ -180,4 +180,53 @@ def activation_plot(traces: pd.DataFrame) -> bytes:
         axis.legend(loc="best", fontsize=8)
     axes[0][0].set_ylabel("input to the last hidden ReLU")
     figure.suptitle("One hidden unit's input distribution over training (probe batch of held-out images)")
+    return _png(figure)
+
+
+def ghost_plot(runs: pd.DataFrame, batch_size: int) -> bytes:
+    """Held-out accuracy against the images BN's statistics see (ghost size, log axis), with running estimates
+    (solid) and with batch statistics (dashed); LayerNorm, which sees no other image, as a horizontal reference.
+    `runs`: ghost (None for ln), seed, held_out_accuracy, batch_statistics_accuracy."""
+    figure, axis = plt.subplots(figsize=(6.2, 4.0))
+    bn = runs[runs["ghost"].notna()]
+    means = bn.groupby("ghost")[["held_out_accuracy", "batch_statistics_accuracy"]].mean()
+    axis.plot(means.index, means["held_out_accuracy"], color=_color("bn"), marker="o",
+              label="BN, running estimates (eval mode; mean of seeds)")
+    _seed_points(axis, bn["ghost"], bn["held_out_accuracy"], _color("bn"))
+    axis.plot(means.index, means["batch_statistics_accuracy"], color=_color("bn"), marker="s", linestyle="--",
+              alpha=0.7, label="BN, each held-out batch's own statistics")
+    ln = runs[runs["ghost"].isna()]["held_out_accuracy"]
+    if len(ln):
+        axis.axhline(ln.mean(), color=_color("ln"), label="LayerNorm (mean of seeds; band: min to max)")
+        axis.axhspan(ln.min(), ln.max(), color=_color("ln"), alpha=0.15, linewidth=0)
+    axis.set_xscale("log", base=2)
+    sizes = sorted(int(g) for g in means.index)
+    axis.set_xticks(sizes, [str(g) for g in sizes])
+    axis.set_xlabel(f"images per BN statistic (ghost batch size, within batches of {batch_size})")
+    axis.set_ylabel("final held-out accuracy (%)")
+    axis.set_title("BN against the images its statistics see (Wu & He 2018, Fig. 1)")
+    axis.grid(True, which="both", alpha=0.3)
+    axis.legend(loc="best", fontsize=8)
+    return _png(figure)
+
+
+def running_vs_batch_plot(epochs: pd.DataFrame) -> bytes:
+    """BN's held-out accuracy per epoch with running estimates (solid) and with batch statistics (dashed), one
+    panel per batch size, mean over seeds. `epochs`: batch_size, epoch, seed, running, batch."""
+    batch_sizes = sorted(epochs["batch_size"].unique())
+    figure, axes = plt.subplots(1, len(batch_sizes), figsize=(4.2 * len(batch_sizes), 3.6), sharey=True,
+                                squeeze=False)
+    for axis, batch_size in zip(axes[0], batch_sizes, strict=True):
+        means = epochs[epochs["batch_size"] == batch_size].groupby("epoch")[["running", "batch"]].mean()
+        axis.plot(means.index, means["running"], color=_color("bn"), marker="o", markersize=3,
+                  label="running estimates (eval mode)")
+        axis.plot(means.index, means["batch"], color=_color("bn"), marker="s", markersize=3, linestyle="--",
+                  alpha=0.7, label="each held-out batch's own statistics")
+        axis.set_title(f"batch size {batch_size}")
+        axis.set_xlabel("epoch")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axis.grid(True, alpha=0.3)
+    axes[0][0].set_ylabel("held-out accuracy (%)")
+    axes[0][-1].legend(loc="best", fontsize=8)
+    figure.suptitle("BN at inference: running estimates against batch statistics (mean over seeds)")
     return _png(figure)

@@ -39,12 +39,12 @@ from bnsuite.study import StudySession, study_from_options
 
 OPTIONS = {
     "profile": "study profile: full (the study exactly, default), quick, or smoke (CI, about a minute)",
-    "studies": "comma-separated studies to run: batch, lr, init, dropout (default: all of them)",
+    "studies": "comma-separated studies to run: batch, lr, init, dropout, ghost (default: all of them)",
     "dataset": "dataset: mnist or fashion-mnist (default: the profile's, mnist)",
     "variants": "the batch study's comma-separated model variants, e.g. plain,bn,bn-scratch (default: plain,bn)",
     "batch-sizes": "the batch study's comma-separated batch sizes (default: 32,64,128)",
     "seeds": "comma-separated seeds (default: 0,1,2)",
-    "epochs": "epochs per run, every study (default: the profile's; full: 10, and 3 for the lr and init studies)",
+    "epochs": "epochs per run, every study (default: the profile's; full: 10, and 2 for the lr and init studies)",
     "lr": "SGD learning rate of every study but the lr study's grid (default: 0.01, the study's)",
     "device": "auto, cpu or cuda (default: auto)",
     "target-loss": "training loss for the epochs-to-target claims (default: the profile's)",

@@ -10,8 +10,8 @@ Records are written atomically: a crash, a kill or a concurrent writer leaves
 either no file or a complete one. Every field is validated when a record is
 read (type, range, and the fields that must agree with each other); a bad
 record is one `RecordError` naming the file and the field, and no field is
-ever filled with a default, except by the documented migrations of schema-1
-and schema-2 records (`migrate_schema_1`, `migrate_schema_2`).
+ever filled with a default, except by the documented migrations of records
+of schemas 1 to 3 (`migrate_schema_1`, `migrate_schema_2`, `migrate_schema_3`).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from pydantic import Field, TypeAdapter, ValidationError, with_config
 from bnsuite.files import write_atomically
 from bnsuite.spec import CONTRADICTED, NOT_SHOWN, STRICT, RunSpec, SpecError, StudySpec
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 RUNS_SUBDIR = "runs"
 
 Percent = Annotated[float, Field(ge=0, le=100)]
@@ -55,6 +55,11 @@ class EpochRecord:
     test_loss: NonNegative
     test_accuracy: Percent
     epoch_time_s: NonNegative  # training only, evaluation excluded; a share when runs train together
+    # Held-out accuracy (validation if the run has a split, else test) with every BN layer normalizing each held-out
+    # batch of the run's batch size by that batch's own statistics, as in training, instead of by its running
+    # estimates (train_accuracy's counterpart on held-out images). None for variants without batch statistics
+    # (plain, ln) and in records of schema 3 and earlier.
+    batch_statistics_accuracy: Percent | None
 
 
 @with_config(STRICT)
@@ -149,6 +154,10 @@ class RunRecord:
     # The last hidden layer's pre-activation percentiles over training; None where the run was not probed (the
     # original pipeline, a diverged run's probe with non-finite values, and records of schemas 1 and 2).
     activations: ActivationTrace | None
+    # What stepped the training: "fast" (bnsuite.fastpath), "fast, CUDA graph" (the fast step replayed as a
+    # graph), "eager" (autograd + torch.optim: the eager pipeline, and the fallback for variants the fast step does
+    # not cover) or "original" (the notebook's DataLoader loop). None only in records of schema 3 and earlier.
+    training_step: str | None
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -215,6 +224,8 @@ class RunRecord:
             raw = migrate_schema_1(raw, source=source)
         if raw.get("schema_version") == 2:
             raw = migrate_schema_2(raw)
+        if raw.get("schema_version") == 3:
+            raw = migrate_schema_3(raw)
         elif version != SCHEMA_VERSION:
             raise RecordError(
                 f"{source}: schema version {version!r} is not supported (this bnsuite reads versions 1 to "
@@ -302,9 +313,19 @@ _SCHEMA_1_CLAIMS = {
 }
 
 
+def migrate_schema_3(raw: dict) -> dict:
+    """A schema-3 record as schema 4: `training_step` and every epoch's `batch_statistics_accuracy` None (not
+    recorded)."""
+    raw = {**raw, "training_step": None, "schema_version": 4}
+    if isinstance(raw.get("epochs"), list):
+        raw["epochs"] = [{**epoch, "batch_statistics_accuracy": None} if isinstance(epoch, dict) else epoch
+                         for epoch in raw["epochs"]]
+    return raw
+
+
 def migrate_schema_2(raw: dict) -> dict:
-    """A schema-2 record as schema 3: `executor` "local" (the only one schema 2 had); `environment.hostname`
-    and `activations` None (not recorded)."""
+    """A schema-2 record as schema 3 (then 4: `migrate_schema_3`): `executor` "local" (the only one schema 2
+    had); `environment.hostname` and `activations` None (not recorded)."""
     raw = {**raw, "executor": "local", "activations": None, "schema_version": 3}
     if isinstance(raw.get("environment"), dict):
         raw["environment"] = {**raw["environment"], "hostname": None}

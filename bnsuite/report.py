@@ -260,6 +260,7 @@ def batch_section(records: list[RunRecord], claims: list[ClaimResult], settings:
         lines += ["Runs trained together (the seeds of a variant and batch size, as one batched "
                   "computation) are each given their share of its time.", ""]
     lines += activations_lines(records, out=out, prefix=prefix, with_plots=with_plots, h=h)
+    lines += running_vs_batch_lines(records, out=out, prefix=prefix, with_plots=with_plots, h=h)
     batch_claims = [claim for claim in claims if claim.study == "batch"]
     lines += [f"{h} Claims", "", claims_table(batch_claims, settings), ""]
     return lines
@@ -295,6 +296,35 @@ def activations_lines(records: list[RunRecord], *, out: Path, prefix: str, with_
         name = f"{prefix}activations.png"
         write_atomically(out.parent / name, plots.activation_plot(frame))
         lines += [f"![Unit {trace.units[0]}'s input percentiles over training, seed {seed}]({name})", ""]
+    return lines
+
+
+def running_vs_batch_lines(records: list[RunRecord], *, out: Path, prefix: str, with_plots: bool,
+                           h: str) -> list[str]:
+    """BN at inference: held-out accuracy per epoch with the running estimates against each batch's own statistics."""
+    frame = pd.DataFrame([
+        {"batch_size": r.spec.batch_size, "seed": r.spec.seed, "epoch": e.epoch,
+         "running": e.validation_accuracy if e.validation_accuracy is not None else e.test_accuracy,
+         "batch": e.batch_statistics_accuracy}
+        for r in records if r.spec.variant == "bn" for e in r.epochs if e.batch_statistics_accuracy is not None])
+    if frame.empty:
+        return []
+    frame["gap"] = frame["running"] - frame["batch"]
+    held_out = "validation" if records[0].spec.validation_size > 0 else "test"
+    table = frame.pivot_table(index="epoch", columns="batch_size", values="gap", aggfunc=mean_std)
+    table.columns = [f"bs{batch_size} gap (points)" for batch_size in table.columns]
+    final = frame[frame["epoch"] == frame.groupby(["batch_size", "seed"])["epoch"].transform("max")]
+    ends = "; ".join(f"batch {b}: {mean_std(at['running'])} with running estimates, {mean_std(at['batch'])} with "
+                     "batch statistics" for b, at in final.groupby("batch_size"))
+    lines = [f"{h} Running estimates against batch statistics", "",
+             f"BN's {held_out} accuracy at every epoch end, in eval mode (running estimates, what the study reports) "
+             f"and with each held-out batch of the run's batch size normalized by its own statistics, as in training "
+             f"(running estimates untouched). Gap: running minus batch statistics, mean ± std over seeds. Final "
+             f"epoch: {ends}.", "", table.to_markdown(), ""]
+    if with_plots:
+        name = f"{prefix}running_vs_batch_statistics.png"
+        write_atomically(out.parent / name, plots.running_vs_batch_plot(frame))
+        lines += [f"![BN's held-out accuracy per epoch: running estimates against batch statistics]({name})", ""]
     return lines
 
 
@@ -394,7 +424,13 @@ def evaluate_claims(records: list[RunRecord], spec: StudySpec | None) -> list[Cl
 
 
 STUDY_TITLES = {"lr": "learning-rate study", "init": "initialization study", "dropout": "dropout study",
-                "batch": "batch-size study"}
+                "batch": "batch-size study", "ghost": "ghost-batch study"}
+# The batch-size study's claims said once per batch size, in the discussion's first lines.
+PER_BATCH_SIZE = (("bn-converges-faster", "Convergence speed"), ("bn-lower-final-loss", "Final training loss"),
+                  ("bn-accuracy-at-least-plain", "Test accuracy"),
+                  ("bn-train-accuracy-at-least-plain", "Training accuracy"),
+                  ("bn-held-out-accuracy-at-least-plain", "Validation accuracy"),
+                  ("bn-running-estimates-at-least-batch-statistics", "Running estimates against batch statistics"))
 
 
 def discussion(runs: pd.DataFrame | None, claims: list[ClaimResult], settings: ClaimSettings | None) -> list[str]:
@@ -409,10 +445,7 @@ def discussion(runs: pd.DataFrame | None, claims: list[ClaimResult], settings: C
     for claim in claims:
         if claim.study == "batch" and claim.batch_size is not None:
             per_batch[claim.kind][claim.batch_size] = claim
-    for kind, label in (("bn-converges-faster", "Convergence speed"), ("bn-lower-final-loss", "Final training loss"),
-                        ("bn-accuracy-at-least-plain", "Test accuracy"),
-                        ("bn-train-accuracy-at-least-plain", "Training accuracy"),
-                        ("bn-held-out-accuracy-at-least-plain", "Validation accuracy")):
+    for kind, label in PER_BATCH_SIZE:
         if kind in per_batch:
             sentences.append(_per_batch_sentence(label, per_batch[kind]))
     if runs is not None:
@@ -421,9 +454,9 @@ def discussion(runs: pd.DataFrame | None, claims: list[ClaimResult], settings: C
         if reason in ("faster", "accuracy"):
             continue  # said per batch size above
         checked = [claim for claim in claims if claim.reason == reason and not (
-            claim.study == "batch" and claim.batch_size is not None)]
+            claim.study == "batch" and claim.kind in dict(PER_BATCH_SIZE))]
         if checked:
-            study = STUDY_TITLES[checked[0].study]
+            study = ", ".join(dict.fromkeys(STUDY_TITLES[claim.study] for claim in checked))
             verdicts = "; ".join(f"{claim.short}{_at(claim)}: **{claim.verdict}**" for claim in checked)
             sentences.append(f"- **{REASONS[reason][0].upper()}{REASONS[reason][1:]}** ({study}): {verdicts}.")
     if runs is not None:
@@ -434,7 +467,7 @@ def discussion(runs: pd.DataFrame | None, claims: list[ClaimResult], settings: C
 
 
 def _at(claim: ClaimResult) -> str:
-    return f" (batch size {claim.batch_size})" if claim.batch_size is not None and claim.study != "batch" else ""
+    return f" (batch size {claim.batch_size})" if claim.batch_size is not None else ""
 
 
 def _per_batch_sentence(label: str, found: dict[int, ClaimResult]) -> str:

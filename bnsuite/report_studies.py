@@ -1,4 +1,5 @@
-"""Report sections for the studies that test the reasons given for BN: learning rate, initialization, dropout.
+"""Report sections for the studies that test the reasons given for BN (learning rate, initialization, dropout)
+and how BN depends on the batch (ghost batches against LayerNorm).
 
 Each section is a table of what was measured, a figure, and the study's
 claims with their evidence; bnsuite.report places them after the batch-size
@@ -14,7 +15,12 @@ import pandas as pd
 from bnsuite import plots
 from bnsuite.claims import (
     ClaimResult,
+    Runs,
+    against_layernorm,
+    batch_statistics_accuracy,
+    falls_behind_below,
     generalization_gap,
+    ghost_sizes,
     held_out_accuracy,
     highest_trained_lr,
     summary,
@@ -168,8 +174,65 @@ def dropout_section(spec: StudySpec, study: Study, records: list[RunRecord], cla
     return lines + [f"{h} Claims: regularization", "", claims_table(_study_claims(claims, study), settings), ""]
 
 
+def ghost_section(spec: StudySpec, study: Study, records: list[RunRecord], claims: list[ClaimResult], *,
+                  out: Path, prefix: str, with_plots: bool, h: str) -> list[str]:
+    settings = spec.claims
+    lines = [f"{h} Batch statistics at small batches: ghost-batch BN against LayerNorm", "",
+             f"Batches of {', '.join(map(str, study.batch_sizes))}, {study.epochs} epochs; BN's statistics computed "
+             "over ghost batches of g consecutive images within each training batch (`bn-ghostG`; `bn` is g = the "
+             "batch). A batch of B with ghost size g computes what data-parallel training on B/g devices computes "
+             "without synchronized BN, so this is Wu & He's per-device effect (2018, Fig. 1) without a cluster; the "
+             "running estimates follow the first ghost batch, as DistributedDataParallel's broadcast of rank 0's "
+             "buffers makes them. LayerNorm (`ln`) normalizes each image over its own features: no statistic "
+             "involves another image.", ""]
+    if not records:
+        return lines + ["_No runs of this study yet._", ""]
+    steps = {r.spec.variant: r.training_step for r in records if r.training_step not in (None, "fast")}
+    steps = [f"{variant}: {steps[variant]}" for variant in study.variants if variant in steps]
+    if steps:
+        lines += ["Not covered by the fast step, so trained by the eager step (autograd + torch.optim), as their "
+                  "records say: " + ", ".join(steps) + ".", ""]
+    runs = Runs({record.spec: record for record in records})
+    for batch_size in study.batch_sizes:
+        sizes = ghost_sizes(study, batch_size)
+        rows = []
+        verdicts = ({g: (verdict, p) for g, verdict, p in against_layernorm(runs, sizes, batch_size, settings.alpha)}
+                    if runs.of("ln", batch_size) and all(runs.of(v, batch_size) for v in sizes.values()) else {})
+        for g, variant in [*sizes.items(), (None, "ln")]:
+            mine = runs.of(variant, batch_size)
+            if not mine:
+                continue
+            row = {"variant": variant, "images per statistic": str(g) if g else "1 (its own features)",
+                   "held-out acc % (running estimates)": _cell([held_out_accuracy(r) for r in mine]),
+                   "held-out acc % (batch statistics)": _cell([v for v in map(batch_statistics_accuracy, mine)
+                                                               if v == v]) if g else "",
+                   "final train loss": _cell([r.final_train_loss for r in mine], 4)}
+            if g in verdicts:
+                verdict, p = verdicts[g]
+                row["against LayerNorm (p: BN behind)"] = f"{verdict} (p={p:.3f})"
+            rows.append(row)
+        lines += [pd.DataFrame(rows).fillna("").to_markdown(index=False, disable_numparse=True), ""]
+        if verdicts:
+            below = falls_behind_below(sorted((g, *vp) for g, vp in verdicts.items()))
+            lines += [("BN is behind LayerNorm at every ghost size measured." if below is None else
+                       f"**BN falls behind LayerNorm below a ghost batch of {below} images** (behind at p <= "
+                       f"{settings.alpha} at every smaller ghost size, never from {below} on)." if below > min(sizes)
+                       else "BN is not behind LayerNorm at any ghost size measured."), ""]
+        if with_plots:
+            frame = pd.DataFrame([{"ghost": g, "seed": r.spec.seed, "held_out_accuracy": held_out_accuracy(r),
+                                   "batch_statistics_accuracy": r.epochs[-1].batch_statistics_accuracy
+                                   if r.epochs and not r.diverged else None}
+                                  for g, variant in [*sizes.items(), (None, "ln")]
+                                  for r in runs.of(variant, batch_size)])
+            name = f"{prefix}ghost_batch{'' if len(study.batch_sizes) == 1 else f'_bs{batch_size}'}.png"
+            lines += _write_figure(out, name, "Held-out accuracy against the ghost batch "
+                                   "size, LayerNorm as reference", plots.ghost_plot(frame, batch_size))
+    return lines + [f"{h} Claims: batch statistics at small batches", "",
+                    claims_table(_study_claims(claims, study), settings), ""]
+
+
 def _order(variant: str) -> int:
     return VARIANT_ORDER.index(variant) if variant in VARIANT_ORDER else len(VARIANT_ORDER)
 
 
-SECTIONS = {"lr": lr_section, "init": init_section, "dropout": dropout_section}
+SECTIONS = {"lr": lr_section, "init": init_section, "dropout": dropout_section, "ghost": ghost_section}

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pydantic import ConfigDict, with_config
 
 from bnsuite.data import DATASETS
-from bnsuite.models import VARIANTS
+from bnsuite.models import VARIANTS, ghost_size
 
 TRAINING_IMAGES = 60_000  # both MNIST and Fashion-MNIST
 DEFAULT_LR = 0.01  # the study's SGD learning rate
@@ -91,12 +91,17 @@ class RunSpec:
             f"batch size {self.batch_size} is larger than the training set ({self.train_size} images); "
             "use a smaller batch size",
         )
-        if self.variant != "plain":
+        if self.variant.startswith("bn"):  # every variant with batch statistics
             _require(
                 self.batch_size > 1 and self.train_size % self.batch_size != 1,
                 f"batch size {self.batch_size} leaves a batch of a single image ({self.train_size} training images), "
                 "and batch normalization needs at least 2 per batch; choose another batch size or train subset",
             )
+        ghost = ghost_size(self.variant)
+        if ghost is not None:
+            _require(self.batch_size % ghost == 0,
+                     f"batch size {self.batch_size} does not split into ghost batches of {ghost} ({self.variant}); "
+                     f"use a batch size that is a multiple of {ghost}")
 
     @property
     def train_size(self) -> int:
@@ -183,7 +188,7 @@ class ClaimSettings:
 
 
 # The studies a StudySpec can hold, in the order they run and are reported.
-STUDIES = ("batch", "lr", "init", "dropout")
+STUDIES = ("batch", "lr", "init", "dropout", "ghost")
 
 
 @with_config(STRICT)
@@ -193,7 +198,9 @@ class Study:
 
     `batch` is the original study (variants and batch sizes); `lr`, `init` and
     `dropout` test the reasons the study gives for BN (higher learning rates,
-    less sensitivity to initialization, regularization).
+    less sensitivity to initialization, regularization); `ghost` measures how
+    BN depends on the number of images its statistics see (ghost-batch BN
+    against LayerNorm, Wu & He 2018).
     """
 
     name: str

@@ -41,16 +41,21 @@ from bnsuite.train import train_seeds
 DEVICES = ("auto", "cpu", "cuda")
 LR_GRID = (0.01, 0.03, 0.1, 0.3, 1.0)  # the study's 0.01 up in steps of about 3x, past where plain stops training
 INIT_SCALES = (0.1, 0.3, 1.0, 3.0, 10.0)
+# Wu & He (2018, Fig. 1) go from 32 images per device down to 2; a ghost batch of the whole batch (128) is bn.
+GHOST_VARIANTS = ("bn-ghost2", "bn-ghost4", "bn-ghost8", "bn-ghost16", "bn-ghost32", "bn", "ln")
+GHOST_BATCH = 128
 
 
 def _studies(epochs: int, short_epochs: int, *, lrs=LR_GRID, init_scales=INIT_SCALES) -> tuple[Study, ...]:
-    """A profile's four studies. The dropout study shares the batch study's epochs, so plain and bn at batch
-    64 are the same runs in both; the learning-rate and init studies settle sooner (`short_epochs`)."""
+    """A profile's five studies. The dropout and ghost studies share the batch study's epochs, so plain and bn
+    at batch 64 (dropout) and bn at batch 128 (ghost) are the same runs in both; the learning-rate and init
+    studies settle sooner (`short_epochs`)."""
     return (
         Study("batch", variants=("plain", "bn"), batch_sizes=(32, 64, 128), epochs=epochs),
         Study("lr", variants=("plain", "bn"), batch_sizes=(64,), epochs=short_epochs, lrs=lrs),
         Study("init", variants=("plain", "bn"), batch_sizes=(64,), epochs=short_epochs, init_scales=init_scales),
         Study("dropout", variants=("plain", "bn", "plain-dropout", "bn-dropout"), batch_sizes=(64,), epochs=epochs),
+        Study("ghost", variants=GHOST_VARIANTS, batch_sizes=(GHOST_BATCH,), epochs=epochs),
     )
 
 

@@ -36,7 +36,7 @@ from bnsuite import fastpath
 from bnsuite.data import load_splits
 from bnsuite.environment import describe_environment, now_utc
 from bnsuite.epochs import TensorEpochs, training_set
-from bnsuite.models import build_model
+from bnsuite.models import build_model, has_batch_statistics
 from bnsuite.records import EpochRecord, RunRecord, finite_or_none
 from bnsuite.spec import RunSpec, StudySpec
 
@@ -155,6 +155,8 @@ def train_seeds(
                     continue
                 validation = evaluate(model, splits.validation_images, splits.validation_labels)
                 test = evaluate(model, splits.test_images, splits.test_labels)
+                held_out = ((splits.validation_images, splits.validation_labels) if run.validation_size > 0
+                            else (splits.test_images, splits.test_labels))
                 record = EpochRecord(
                     epoch=epoch,
                     train_loss=batch_losses[index].mean().item(),
@@ -164,6 +166,7 @@ def train_seeds(
                     test_loss=test[0],
                     test_accuracy=test[1],
                     epoch_time_s=epoch_time,
+                    batch_statistics_accuracy=evaluate_with_batch_statistics(model, *held_out, run.batch_size),
                 )
                 epochs[index].append(record)
                 if on_epoch is not None:
@@ -195,6 +198,7 @@ def train_seeds(
                 started_at=started_at,
                 executor=executor,
                 activations=None if diverged else trace,  # past divergence the probe measures a broken model
+                training_step=run_epoch.step_name,
             ))
     return records
 
@@ -248,6 +252,38 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> tu
         correct += (logits.argmax(dim=1) == batch_labels).sum()
     model.train(was_training)
     return loss_sum.item() / len(labels), 100.0 * correct.item() / len(labels)
+
+
+@torch.no_grad()
+def evaluate_with_batch_statistics(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                                   batch_size: int) -> float | None:
+    """Accuracy (%) with every BN layer normalizing each batch of `batch_size` images by its own statistics.
+
+    What the network computes in training mode, on held-out images: the counterpart of `evaluate`'s running
+    estimates. The model's buffers are swapped for copies for the call, so its running estimates are untouched;
+    dropout stays off. Batches are consecutive, the last one shorter (merged into the one before if it would hold
+    a single image). None for a model without batch statistics, or an empty split.
+    """
+    if not has_batch_statistics(model) or len(labels) == 0:
+        return None
+    copies = {name: buffer.clone() for name, buffer in model.named_buffers()}
+    modes = {module: module.training for module in model.modules()}
+    model.train()
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.eval()
+    starts = list(range(0, len(labels), batch_size))
+    if len(starts) > 1 and len(labels) - starts[-1] == 1:
+        starts.pop()  # a batch of one image has no batch statistics
+    correct = torch.zeros((), dtype=torch.long, device=images.device)
+    try:
+        for start, end in zip(starts, starts[1:] + [len(labels)], strict=True):
+            logits = torch.func.functional_call(model, copies, (images[start:end],))
+            correct += (logits.argmax(dim=1) == labels[start:end]).sum()
+    finally:
+        for module, training in modes.items():
+            module.train(training)
+    return 100.0 * correct.item() / len(labels)
 
 
 def _synchronize(device: torch.device) -> None:

@@ -1,8 +1,9 @@
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
-from bnsuite.batchnorm import ScratchBatchNorm1d
+from bnsuite.batchnorm import GhostBatchNorm1d, ScratchBatchNorm1d, ScratchGroupNorm
 from bnsuite.spec import RunSpec
 from bnsuite.train import train
 
@@ -72,3 +73,101 @@ def test_bn_scratch_variant_trains_on_the_same_trajectory_as_bn(mnist_dir):
         assert ours.train_loss == pytest.approx(theirs.train_loss, rel=1e-4)
         assert ours.validation_loss == pytest.approx(theirs.validation_loss, rel=1e-4)
     assert scratch_bn.test_accuracy == pytest.approx(torch_bn.test_accuracy, abs=0.05)
+
+
+def _ghost_pair(features=16, ghost=4, seed=0):
+    torch.manual_seed(seed)
+    ghost_bn = GhostBatchNorm1d(features, ghost)
+    with torch.no_grad():
+        ghost_bn.weight.uniform_(0.5, 1.5)
+        ghost_bn.bias.uniform_(-0.5, 0.5)
+    return ghost_bn
+
+
+@pytest.mark.parametrize("size, groups", [(16, [4, 4, 4, 4]), (14, [4, 4, 4, 2]), (9, [4, 5]), (3, [3])])
+def test_ghost_bn_normalizes_each_ghost_batch_as_torch_bn_normalizes_a_batch(size, groups):
+    ghost_bn = _ghost_pair()
+    x = (torch.randn(size, 16) * 3 + 1).requires_grad_()
+    x_copy = x.detach().clone().requires_grad_()
+    weight, bias = ghost_bn.weight.detach().clone().requires_grad_(), ghost_bn.bias.detach().clone().requires_grad_()
+    # torch's own batch norm on each group on its own: what B/g devices compute without synchronized BN.
+    reference = torch.cat([F.batch_norm(part, None, None, weight, bias, training=True)
+                           for part in x.split(groups)])
+    upstream = torch.randn(size, 16)
+    (reference * upstream).sum().backward()
+    out = ghost_bn(x_copy)
+    (out * upstream).sum().backward()
+    torch.testing.assert_close(out, reference.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x_copy.grad, x.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ghost_bn.weight.grad, weight.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ghost_bn.bias.grad, bias.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_ghost_bn_running_estimates_follow_the_first_ghost_batch_as_under_distributed_data_parallel():
+    ghost_bn, rank_0 = _ghost_pair(), nn.BatchNorm1d(16)
+    for step in range(20):
+        x = torch.randn(16, 16) * (1 + step % 3) + step
+        ghost_bn(x)
+        rank_0(x[:4])  # the device that holds the first 4 images; DDP broadcasts its buffers to the others
+    torch.testing.assert_close(ghost_bn.running_mean, rank_0.running_mean)
+    torch.testing.assert_close(ghost_bn.running_var, rank_0.running_var)
+    ghost_bn.eval()
+    rank_0.eval()
+    with torch.no_grad():
+        rank_0.weight.copy_(ghost_bn.weight)
+        rank_0.bias.copy_(ghost_bn.bias)
+    probe = torch.randn(5, 16)
+    torch.testing.assert_close(ghost_bn(probe), rank_0(probe), rtol=1e-5, atol=1e-6)
+
+
+def test_ghost_bn_over_the_whole_batch_is_batch_norm_and_normalize_touches_no_buffer():
+    ghost_bn, scratch = _ghost_pair(ghost=32), ScratchBatchNorm1d(16)
+    with torch.no_grad():
+        scratch.weight.copy_(ghost_bn.weight)
+        scratch.bias.copy_(ghost_bn.bias)
+    x = torch.randn(32, 16) * 2
+    torch.testing.assert_close(ghost_bn.normalize(x), scratch(x), rtol=1e-5, atol=1e-6)
+    assert torch.equal(ghost_bn.running_mean, torch.zeros(16)) and ghost_bn.num_batches_tracked.item() == 0
+    ghost_bn(x)
+    torch.testing.assert_close(ghost_bn.running_var, scratch.running_var)
+
+
+def test_ghost_bn_refuses_what_it_cannot_normalize():
+    with pytest.raises(ValueError, match="more than 1 value"):
+        GhostBatchNorm1d(4, 2)(torch.randn(1, 4))
+    with pytest.raises(ValueError, match="ghost size must be a whole number of at least 2"):
+        GhostBatchNorm1d(4, 1)
+
+
+@pytest.mark.parametrize("groups", [1, 4, 8])
+def test_scratch_group_norm_matches_torch_group_norm_and_with_one_group_layer_norm(groups):
+    torch.manual_seed(groups)
+    # In float64, so the check is of the formula: groups of 2 features cancel too much for float32's rounding.
+    scratch = ScratchGroupNorm(groups, 16).double()
+    references = [nn.GroupNorm(groups, 16).double()] + ([nn.LayerNorm(16).double()] if groups == 1 else [])
+    with torch.no_grad():
+        scratch.weight.uniform_(0.5, 1.5)
+        scratch.bias.uniform_(-0.5, 0.5)
+        for reference in references:
+            reference.weight.copy_(scratch.weight)
+            reference.bias.copy_(scratch.bias)
+    upstream = torch.randn(8, 16, dtype=torch.float64)
+    x = torch.randn(8, 16, dtype=torch.float64) * 3 + 1
+    x_scratch = x.clone().requires_grad_()
+    out = scratch(x_scratch)
+    (out * upstream).sum().backward()
+    for reference in references:
+        x_reference = x.clone().requires_grad_()
+        expected = reference(x_reference)
+        (expected * upstream).sum().backward()
+        torch.testing.assert_close(out, expected.detach(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(x_scratch.grad, x_reference.grad, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(scratch.weight.grad, reference.weight.grad, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(scratch.bias.grad, reference.bias.grad, rtol=1e-4, atol=1e-5)
+    assert torch.equal(out, scratch(x))  # no image's output depends on another image: no batch statistics
+
+
+def test_an_image_s_layer_norm_output_does_not_depend_on_the_rest_of_the_batch():
+    layer = ScratchGroupNorm(1, 16)
+    x = torch.randn(8, 16)
+    torch.testing.assert_close(layer(x)[:3], layer(x[:3]))

@@ -17,22 +17,26 @@ SPEC = StudySpec(profile="test", seeds=(0, 1, 2), validation_size=10_000, train_
                      Study("init", variants=("plain", "bn"), batch_sizes=(64,), epochs=2, init_scales=(0.1, 1.0, 10.0)),
                      Study("dropout", variants=("plain", "bn", "plain-dropout", "bn-dropout"), batch_sizes=(64,),
                            epochs=2),
+                     Study("ghost", variants=("bn-ghost2", "bn-ghost4", "bn-ghost8", "bn", "ln"), batch_sizes=(128,),
+                           epochs=2),
                  ))
 
 
 def _run(study, variant, seed, *, batch_size=64, losses=(0.9, 0.5), accuracy=95.0, train_accuracy=None,
-         diverged_at=None, **axes):
+         diverged_at=None, batch_statistics=None, **axes):
     """A record of SPEC's `study` whose epochs end at `losses` and whose held-out accuracy is `accuracy`."""
     spec = SPEC.run_spec(SPEC.study(study), variant, batch_size, seed, **axes)
     kept = losses if diverged_at is None else losses[:diverged_at - 1]
     epochs = tuple(EpochRecord(epoch=i + 1, train_loss=loss, train_accuracy=90.0, validation_loss=0.3,
-                               validation_accuracy=accuracy, test_loss=0.3, test_accuracy=accuracy, epoch_time_s=1.0)
+                               validation_accuracy=accuracy, test_loss=0.3, test_accuracy=accuracy, epoch_time_s=1.0,
+                               batch_statistics_accuracy=batch_statistics)
                    for i, loss in enumerate(kept))
     return RunRecord(spec=spec, study=SPEC, runs_trained_together=1, trained_with=(spec.case_id,), epochs=epochs,
                      test_loss=0.3, test_accuracy=accuracy, final_train_loss_eval=0.1,
                      final_train_accuracy_eval=accuracy + 1.0 if train_accuracy is None else train_accuracy,
                      train_time_s=1.0, steps=10, diverged_at_epoch=diverged_at, environment=ENVIRONMENT,
-                     started_at="now", executor="local", activations=None)
+                     started_at="now", executor="local", activations=None,
+                     training_step="fast")
 
 
 def _claim(name):
@@ -165,3 +169,38 @@ def test_known_exceptions_carry_over_only_to_the_runs_the_profile_measured():
 def test_a_known_exception_must_name_a_verdict_that_is_not_supported():
     with pytest.raises(ValueError, match="'not shown' or 'contradicted'"):
         KnownException("bn-lower-final-loss-bs64", SUPPORTED, "why")
+
+
+def test_running_estimates_claim_compares_the_final_held_out_accuracy_with_batch_statistics():
+    claim = _claim("bn-running-estimates-at-least-batch-statistics-bs64")
+    assert {spec.variant for spec in claim.needs} == {"bn"}
+    better = [_run("batch", "bn", seed, accuracy=95.0, batch_statistics=93.0 + seed / 10) for seed in range(3)]
+    assert claim.evaluate(better).verdict == SUPPORTED
+    worse = [_run("batch", "bn", seed, accuracy=95.0, batch_statistics=96.0 + seed / 10) for seed in range(3)]
+    assert claim.evaluate(worse).verdict == CONTRADICTED
+    unrecorded = claim.evaluate([_run("batch", "bn", seed) for seed in range(3)])
+    assert unrecorded.verdict == NOT_SHOWN and "batch statistics not recorded" in unrecorded.evidence
+
+
+def _ghost_runs(accuracy: dict[str, float]):
+    return [_run("ghost", variant, seed, batch_size=128, accuracy=value + seed / 10)
+            for variant, value in accuracy.items() for seed in range(3)]
+
+
+def test_ghost_claims_compare_the_smallest_ghost_batch_with_the_largest_and_with_layernorm():
+    runs = _ghost_runs({"bn-ghost2": 80.0, "bn-ghost4": 88.0, "bn-ghost8": 95.0, "bn": 96.0, "ln": 90.0})
+    falls = _claim("bn-accuracy-falls-at-small-ghost-batches-bs128")
+    assert {spec.variant for spec in falls.needs} == {"bn-ghost2", "bn-ghost8"}
+    assert falls.evaluate(runs).verdict == SUPPORTED
+    behind = _claim("bn-behind-layernorm-at-smallest-ghost-batch-bs128").evaluate(runs)
+    assert behind.verdict == SUPPORTED
+    assert "g=4 88.10 ± 0.10 (n=3) behind" in behind.evidence and "g=8 95.10 ± 0.10 (n=3) ahead" in behind.evidence
+    assert behind.evidence.endswith("BN falls behind LayerNorm below ghost size 8")
+
+
+def test_ghost_claims_say_so_when_small_ghost_batches_do_not_hurt():
+    runs = _ghost_runs({"bn-ghost2": 95.0, "bn-ghost4": 95.0, "bn-ghost8": 95.0, "bn": 95.0, "ln": 90.0})
+    assert _claim("bn-accuracy-falls-at-small-ghost-batches-bs128").evaluate(runs).verdict == NOT_SHOWN
+    behind = _claim("bn-behind-layernorm-at-smallest-ghost-batch-bs128").evaluate(runs)
+    assert behind.verdict == CONTRADICTED
+    assert behind.evidence.endswith("BN is not behind LayerNorm at any ghost size measured")

@@ -10,12 +10,13 @@ def test_parameter_counts_are_the_studys():
     assert parameter_count(build_model("plain")) == 235_146
     assert parameter_count(build_model("bn")) == 235_914
     assert parameter_count(build_model("bn-scratch")) == 235_914
+    assert parameter_count(build_model("bn-ghost2")) == parameter_count(build_model("ln")) == 235_914
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_every_variant_maps_a_batch_of_images_to_ten_logits(variant):
     model = build_model(variant)
-    assert model(torch.zeros(5, 1, 28, 28)).shape == (5, 10)
+    assert model(torch.zeros(8, 1, 28, 28)).shape == (8, 10)
 
 
 def test_layers_have_the_studys_names_and_shapes():
@@ -85,7 +86,7 @@ def test_last_hidden_input_is_what_a_training_step_feeds_the_last_relu_and_chang
     plain = build_model("plain")
     expected = plain.fc2(torch.relu(plain.fc1(images.view(32, -1))))
     assert torch.equal(last_hidden_input(plain, images), expected)
-    for variant in ("bn", "bn-scratch", "bn-dropout"):
+    for variant in ("bn", "bn-scratch", "bn-dropout", "bn-ghost4", "ln"):
         model = build_model(variant)
         before = {name: buffer.clone() for name, buffer in model.named_buffers()}
         seen = {}

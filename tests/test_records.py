@@ -130,7 +130,7 @@ def test_two_records_of_the_same_run_are_an_error_naming_both_files(record, tmp_
 def test_record_of_an_unknown_schema_version_is_refused(record):
     raw = _raw(record)
     raw["schema_version"] = SCHEMA_VERSION + 1
-    with pytest.raises(RecordError, match="schema version 4 is not supported"):
+    with pytest.raises(RecordError, match=f"schema version {SCHEMA_VERSION + 1} is not supported"):
         RunRecord.from_json(json.dumps(raw))
 
 
@@ -138,7 +138,7 @@ def test_schema_1_records_load_migrated_as_documented():
     records = load_records(SCHEMA_1)
     assert len(records) == 18
     record = next(r for r in records if r.spec.case_id == "bn-bs64-seed1")
-    assert record.schema_version == 3 and record.executor == "local" and record.environment.hostname is None
+    assert record.schema_version == 4 and record.executor == "local" and record.environment.hostname is None
     assert record.study.profile == "full" and record.study.claims.target_loss == 0.1
     batch = record.study.study("batch")
     assert (batch.variants, batch.batch_sizes, record.study.seeds) == (("plain", "bn"), (32, 64, 128), (0, 1, 2))
@@ -222,8 +222,19 @@ def test_schema_2_records_load_as_local_runs_on_an_unrecorded_host():
     assert raw["schema_version"] == 2 and "executor" not in raw and "activations" not in raw
     (record,) = load_records(schema_2)
     assert (record.schema_version, record.executor, record.environment.hostname, record.activations) == (
-        3, "local", None, None)
+        4, "local", None, None)
     assert record.spec.case_id == "bn-bs64-seed0" and record.test_accuracy == raw["test_accuracy"]
+
+
+def test_schema_3_records_load_with_the_training_step_and_batch_statistics_unrecorded():
+    schema_3 = Path(__file__).parent / "data" / "schema3"  # a record of the smoke reference as schema 3 saved it
+    raw = json.loads(next((schema_3 / RUNS_SUBDIR).glob("*.json")).read_text())
+    assert raw["schema_version"] == 3 and "training_step" not in raw
+    (record,) = load_records(schema_3)
+    assert (record.schema_version, record.training_step) == (4, None)
+    assert [epoch.batch_statistics_accuracy for epoch in record.epochs] == [None] * len(raw["epochs"])
+    assert record.activations is not None and record.executor == "local"
+    assert [epoch.train_loss for epoch in record.epochs] == [epoch["train_loss"] for epoch in raw["epochs"]]
 
 
 def test_activation_drift_is_the_mean_move_between_regular_checkpoints_relative_to_the_spread(record):

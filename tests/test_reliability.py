@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import os
 import re
 import signal
 import subprocess
@@ -246,9 +247,11 @@ def _pytest_study(results, *extra):
 
 def test_two_pytest_processes_writing_one_results_directory_keep_every_record(tmp_path, mnist_dir):
     results = tmp_path / "shared"
-    first = subprocess.Popen(_pytest_study(results, "--bn-seeds", "0,1"), cwd=ROOT,
+    # One thread each: two torch processes that each spread over every core slow each other down many times over.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen(_pytest_study(results, "--bn-seeds", "0,1"), cwd=ROOT, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    second = subprocess.Popen(_pytest_study(results, "--bn-seeds", "2,3"), cwd=ROOT,
+    second = subprocess.Popen(_pytest_study(results, "--bn-seeds", "2,3"), cwd=ROOT, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     outputs = [first.communicate(timeout=300)[0], second.communicate(timeout=300)[0]]
     assert first.returncode == 0 and second.returncode == 0, outputs

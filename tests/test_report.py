@@ -47,9 +47,10 @@ def test_report_has_every_table_figure_and_the_environment(results):
     for heading in ("Test accuracy without and with BN", "Discussion", "Training loss per epoch",
                     "Held-out loss per epoch: validation", "Held-out accuracy per epoch",
                     "Final epoch: training and held-out side by side", "Training time", "Claims",
-                    "Environment the records came from"):
+                    "Running estimates against batch statistics", "Environment the records came from"):
         assert heading in markdown, heading
-    for figure in ("training_loss.png", "held_out_accuracy.png", "accuracy_vs_batch_size.png"):
+    for figure in ("training_loss.png", "held_out_accuracy.png", "accuracy_vs_batch_size.png",
+                   "running_vs_batch_statistics.png"):
         assert f"]({figure})" in markdown
         assert (results / figure).read_bytes().startswith(PNG_MAGIC)
 
@@ -221,6 +222,8 @@ REASONS_STUDY = StudySpec(profile="smoke", seeds=(0, 1), train_subset=512, valid
                                     init_scales=(0.1, 10.0)),
                               Study("dropout", variants=("plain", "bn", "plain-dropout", "bn-dropout"),
                                     batch_sizes=(64,), epochs=1),
+                              Study("ghost", variants=("bn-ghost2", "bn-ghost8", "bn", "ln"), batch_sizes=(128,),
+                                    epochs=1),
                           ))
 
 
@@ -235,12 +238,17 @@ def test_each_study_of_a_reason_for_bn_has_its_table_figure_claims_and_discussio
             ("## Initialization: is BN less sensitive to it?", "init_scale.png",
              "bn-less-sensitive-to-init-scale-bs64"),
             ("## Regularization: does BN reduce the need for dropout?", "dropout.png",
-             "dropout-gains-bn-less-than-plain-bs64")):
+             "dropout-gains-bn-less-than-plain-bs64"),
+            ("## Batch statistics at small batches: ghost-batch BN against LayerNorm", "ghost_batch.png",
+             "bn-behind-layernorm-at-smallest-ghost-batch-bs128")):
         assert heading in markdown and f"]({figure})" in markdown and f"| {claim} " in markdown
         assert (tmp_path / figure).read_bytes().startswith(PNG_MAGIC)
     for reason in ("**BN allows higher learning rates** (learning-rate study)",
                    "**BN reduces the sensitivity to initialization** (initialization study)",
-                   "**BN acts as a regularizer, reducing the need for dropout** (dropout study)"):
+                   "**BN acts as a regularizer, reducing the need for dropout** (dropout study)",
+                   "**How BN's effect depends on the batch size** (ghost-batch study)"):
         assert reason in markdown
+    assert "trained by the eager step (autograd + torch.optim), as their records say: bn-ghost2: eager, " \
+           "bn-ghost8: eager, ln: eager." in markdown
     assert "Test accuracy without and with BN" not in markdown  # no batch-size study was asked for
     assert "incomplete" not in markdown

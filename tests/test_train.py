@@ -1,3 +1,4 @@
+import copy
 import dataclasses
 import math
 
@@ -11,7 +12,7 @@ from bnsuite.epochs import TensorEpochs, epoch_order
 from bnsuite.models import build_model
 from bnsuite.records import RunRecord
 from bnsuite.spec import PIPELINES, RunSpec, SpecError
-from bnsuite.train import EPOCH_RUNNERS, train, train_seeds
+from bnsuite.train import EPOCH_RUNNERS, evaluate_with_batch_statistics, train, train_seeds
 
 SMALL = dict(epochs=2, train_subset=2_000, validation_size=10_000)
 
@@ -256,6 +257,7 @@ def test_record_carries_timings_and_environment(mnist_dir):
     (dict(dataset="cifar10"), "unknown dataset 'cifar10'"),
     (dict(device="tpu"), "unknown device 'tpu'"),
     (dict(variant="bn", train_subset=129, batch_size=64), "single image"),
+    (dict(variant="bn-ghost32", batch_size=48), "does not split into ghost batches of 32"),
 ])
 def test_a_spec_that_cannot_run_is_refused_with_what_to_change(fields, message):
     with pytest.raises(SpecError, match=message):
@@ -273,3 +275,43 @@ def test_probing_the_activations_changes_nothing_in_training(variant, mnist_dir,
     # 125 steps an epoch: before training, every 100 steps, and every epoch end.
     assert probed[0].activations.steps == (0, 100, 125, 200, 250)
     assert probed[0].activations.values != probed[1].activations.values  # each run probed on its own model
+
+
+def test_ghost_bn_and_layernorm_fall_back_to_the_eager_step_and_their_records_say_so(mnist_dir):
+    for variant, step in (("bn-ghost4", "eager"), ("ln", "eager"), ("bn", "fast")):
+        records = train_seeds([RunSpec(variant=variant, seed=seed, batch_size=32, **SMALL) for seed in (0, 1)],
+                              data_dir=mnist_dir)
+        assert [record.training_step for record in records] == [step, step]
+        assert [record.runs_trained_together for record in records] == ([1, 1] if step == "eager" else [2, 2])
+    assert train(RunSpec(variant="bn", pipeline="eager", batch_size=32, **SMALL),
+                 data_dir=mnist_dir).training_step == "eager"
+
+
+def test_batch_statistics_accuracy_normalizes_each_batch_by_itself_and_touches_nothing(mnist_dir):
+    torch.manual_seed(0)
+    images, labels = torch.randn(70, 1, 28, 28), torch.randint(0, 10, (70,))
+    for variant in ("bn", "bn-ghost4", "bn-dropout"):
+        model = build_model(variant)
+        model.eval()
+        before = {name: buffer.clone() for name, buffer in model.named_buffers()}
+        # Batches of 32, 32 and 6 images, each normalized by itself, as a training step would (dropout off).
+        hits = 0
+        for start, end in ((0, 32), (32, 64), (64, 70)):
+            probe = copy.deepcopy(model).train()
+            if hasattr(probe, "dropout"):
+                probe.dropout.p = 0.0
+            hits += int((probe(images[start:end]).argmax(1) == labels[start:end]).sum())
+        assert evaluate_with_batch_statistics(model, images, labels, 32) == pytest.approx(100.0 * hits / 70)
+        assert not model.training  # modes restored
+        assert all(torch.equal(buffer, before[name]) for name, buffer in model.named_buffers())
+    # A last batch of one image joins the one before; models without batch statistics have no such accuracy.
+    assert evaluate_with_batch_statistics(build_model("bn"), images[:65], labels[:65], 32) is not None
+    assert evaluate_with_batch_statistics(build_model("plain"), images, labels, 32) is None
+    assert evaluate_with_batch_statistics(build_model("ln"), images, labels, 32) is None
+
+
+def test_every_bn_epoch_records_its_accuracy_with_batch_statistics(mnist_dir):
+    bn, plain = (train(RunSpec(variant=variant, batch_size=32, **SMALL), data_dir=mnist_dir)
+                 for variant in ("bn", "plain"))
+    assert all(0 < epoch.batch_statistics_accuracy <= 100 for epoch in bn.epochs)
+    assert all(epoch.batch_statistics_accuracy is None for epoch in plain.epochs)
