@@ -9,8 +9,11 @@
   speed-up reported is the median of those ratios, so a slow moment of the
   machine hits both sides of a ratio rather than one figure;
 - `test_fast_path_epoch`: the study's way at batch 32, 64 and 128, and a
-  sweep group of 15 runs at batch 64, against the machine's float32 matmul
-  peak measured here: achieved FLOP/s / peak FLOP/s;
+  sweep group of 15 runs at batch 64, against the machine's roofline
+  measured here (bnsuite.speed): the fraction of the float32 matmul peak
+  (achieved FLOP/s / peak FLOP/s) and the fraction of the roofline bound
+  (the larger of the step's FLOPs at that peak and its least bytes at the
+  copy bandwidth over its working set, divided by the step's time);
 - `test_training_step_cost`: the per-step cost of plain and bn (forward,
   backward, update) at each batch size.
 
@@ -29,10 +32,19 @@ from bnsuite.data import load_splits
 from bnsuite.fastpath import FastStep
 from bnsuite.models import build_model
 from bnsuite.spec import RunSpec
-from bnsuite.speed import matmul_peak_flops, training_flops_per_sample
+from bnsuite.speed import (
+    MEMORY_BYTES,
+    Roofline,
+    StepTraffic,
+    copy_bandwidth,
+    matmul_peak_flops,
+    step_matmul_seconds,
+    training_flops_per_sample,
+)
 from bnsuite.train import resolve_device, train_seeds
 
 PEAK: dict = {}  # the best matmul rate seen in this run, FLOP/s
+BANDWIDTH: dict[int, float] = {}  # working-set bytes -> the best copy bandwidth seen over it in this run, bytes/s
 ROUNDS = 3  # rounds of the side-by-side comparison: the median of 3 ratios steadies it
 SWEEP_RUNS = 15  # a sweep group: e.g. 5 learning rates x 3 seeds, trained as one computation
 SWEEP_IMAGES = PATH_IMAGES = 20_000  # a third of an epoch: rates and ratios are what is measured
@@ -59,8 +71,11 @@ def test_matmul_peak(benchmark, study, study_session):
     device = resolve_device(study.device)
     peak = benchmark.pedantic(matmul_peak_flops, args=(device,), rounds=1, iterations=1)
     PEAK["flops"] = peak
-    benchmark.extra_info.update({"bnsuite": "matmul-peak", "device": str(device), "peak_gflops": peak / 1e9})
-    study_session.progress(f"speed: float32 matmul peak on {device}: {peak / 1e9:.1f} GFLOP/s")
+    memory = copy_bandwidth(MEMORY_BYTES, device)
+    benchmark.extra_info.update({"bnsuite": "matmul-peak", "device": str(device), "peak_gflops": peak / 1e9,
+                                 "memory_bandwidth_gbps": memory / 1e9})
+    study_session.progress(f"speed: float32 matmul peak on {device}: {peak / 1e9:.1f} GFLOP/s; copy bandwidth "
+                           f"over {MEMORY_BYTES // 2**20} MiB: {memory / 1e9:.1f} GB/s")
 
 
 @pytest.mark.parametrize("variant", ["plain", "bn"])
@@ -113,18 +128,31 @@ def test_fast_path_epoch(benchmark, study, study_session, variant, batch_size, r
     if runs_together == SWEEP_RUNS:
         specs = [_at_most(spec, SWEEP_IMAGES) for spec in specs]
     epoch_s = benchmark.pedantic(_epoch_time_per_run, args=(specs, study_session.data_dir), rounds=1, iterations=1)
-    achieved = training_flops_per_sample(build_model(variant)) * specs[0].train_size / epoch_s
+    images, steps = specs[0].train_size, specs[0].steps_per_epoch
+    achieved = training_flops_per_sample(build_model(variant)) * images / epoch_s
     # The peak is measured again next to each figure and the best rate seen is kept: a peak caught
-    # in a slow moment would flatter every fraction after it.
+    # in a slow moment would flatter every fraction after it. Likewise the bandwidth, per working-set size.
     device = resolve_device(study.device)
     PEAK["flops"] = max(PEAK.get("flops", 0.0), matmul_peak_flops(device, seconds=0.5))
+    traffic = StepTraffic.of(variant, batch_size, len(specs))
+    bandwidth = BANDWIDTH[traffic.working_set] = max(BANDWIDTH.get(traffic.working_set, 0.0),
+                                                     copy_bandwidth(traffic.working_set, device))
+    # The average step of the epoch (its last batch is shorter): every run's images, the group's time.
+    roofline = Roofline(flops_per_step=training_flops_per_sample(build_model(variant)) * images * len(specs) / steps,
+                        traffic=traffic, peak_flops=PEAK["flops"], bandwidth=bandwidth,
+                        step_s=epoch_s * len(specs) / steps,
+                        matmul_s=step_matmul_seconds(build_model(variant), batch_size, len(specs), device))
     info = {"bnsuite": "fraction", "variant": variant, "batch_size": batch_size, "runs_together": len(specs),
-            "images": specs[0].train_size, "epoch_s_per_run": epoch_s, "achieved_gflops": achieved / 1e9,
-            "peak_gflops": PEAK["flops"] / 1e9, "fraction_of_matmul_peak": achieved / PEAK["flops"]}
+            "images": images, "epoch_s_per_run": epoch_s, "achieved_gflops": achieved / 1e9,
+            "peak_gflops": PEAK["flops"] / 1e9, "fraction_of_matmul_peak": roofline.fraction_of_peak,
+            **roofline.info()}
     benchmark.extra_info.update(info)
     study_session.progress(
         f"speed: fast path, {variant} bs{batch_size}, {len(specs)} seeds together: {epoch_s:.2f} s per run-epoch, "
-        f"{achieved / 1e9:.1f} GFLOP/s = {info['fraction_of_matmul_peak']:.2f} of matmul peak")
+        f"{achieved / 1e9:.1f} GFLOP/s = {info['fraction_of_matmul_peak']:.2f} of matmul peak, "
+        f"{roofline.fraction_of_bound:.2f} of the roofline bound ({roofline.limit}: "
+        f"{traffic.bytes_per_step / 1e6:.1f} MB a step at {bandwidth / 1e9:.1f} GB/s); its matmuls alone take "
+        f"{roofline.matmul_s / roofline.step_s:.0%} of the step")
 
 
 @pytest.mark.parametrize("batch_size", [32, 64, 128])

@@ -575,7 +575,7 @@ def _kind(bench: dict) -> str | None:
 
 def speed_rows(data: dict) -> list[str]:
     """The speed benchmark's figures (benchmarks/test_speed.py), measured side by side in that same run."""
-    paths, fractions, peak = [], [], None
+    paths, fractions, peak, memory = [], [], None, None
     for bench in data.get("benchmarks", []):
         info = bench.get("extra_info", {})
         if _kind(bench) == "paths":
@@ -589,14 +589,27 @@ def speed_rows(data: dict) -> list[str]:
                 "rounds": info["rounds"],
             })
         elif _kind(bench) == "fraction":
-            fractions.append({
+            row = {
                 "variant": info["variant"], "batch size": info["batch_size"],
                 "runs together": info["runs_together"], "epoch (s per run)": f"{info['epoch_s_per_run']:.2f}",
                 "GFLOP/s": f"{info['achieved_gflops']:.1f}",
                 "fraction of matmul peak": f"{info['fraction_of_matmul_peak']:.2f}",
-            })
+            }
+            if "fraction_of_roofline" in info:  # benchmarks saved before the roofline have the peak only
+                row.update({
+                    "MB a step (least)": f"{info['bytes_per_step'] / 1e6:.1f}",
+                    "working set (MB)": f"{info['working_set_bytes'] / 1e6:.1f}",
+                    "GB/s over it": f"{info['bandwidth_gbps']:.1f}",
+                    "bound: compute / traffic (ms a step)":
+                        f"{1e3 * info['compute_bound_s']:.2f} / {1e3 * info['traffic_bound_s']:.2f}",
+                    "step (ms)": f"{1e3 * info['step_s']:.2f}",
+                    "fraction of roofline bound": f"{info['fraction_of_roofline']:.2f} ({info['limit']})",
+                    "matmuls alone (ms; fraction of peak)":
+                        f"{1e3 * info['matmul_s']:.2f}; {info['matmul_fraction_of_peak']:.2f}",
+                })
+            fractions.append(row)
         elif _kind(bench) == "matmul-peak":
-            peak = info["peak_gflops"]
+            peak, memory = info["peak_gflops"], info.get("memory_bandwidth_gbps")
     lines = []
     if paths:
         images = {row["images"] for row in paths}
@@ -608,9 +621,15 @@ def speed_rows(data: dict) -> list[str]:
                   "ratio. The study's way trains the seeds together; its time is per run.", "",
                   pd.DataFrame(paths).to_markdown(index=False, disable_numparse=True), ""]
     if fractions:
-        lines += ["### Speed: the study's way against the float32 matmul peak"
-                  + (f" ({peak:.1f} GFLOP/s)" if peak else ""), "",
-                  pd.DataFrame(fractions).to_markdown(index=False, disable_numparse=True), ""]
+        lines += ["### Speed: the study's way against the roofline (benchmarks/test_speed.py, bnsuite.speed)", "",
+                  "Float32 matmul peak" + (f" {peak:.1f} GFLOP/s" if peak else "") + "; copy bandwidth over 256 MiB"
+                  + (f" {memory:.1f} GB/s" if memory else "") + ". A step's bound is the larger of its matmul FLOPs "
+                  "at the peak (compute) and the least bytes it must move (parameters, gradients and momentum "
+                  "read and written once each, images read once, activations and their gradients written and read "
+                  "once) at the copy bandwidth measured over a buffer as large as its working set (traffic); the "
+                  "fraction of the bound is that bound over the measured step. Matmuls alone: the step's GEMMs at "
+                  "its shapes, timed without the rest of the step.", "",
+                  pd.DataFrame(fractions).fillna("").to_markdown(index=False, disable_numparse=True), ""]
     return lines
 
 

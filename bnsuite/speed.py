@@ -1,18 +1,34 @@
-"""What training *should* cost: analytic FLOPs of the seed networks and the machine's matmul peak.
+"""What training *should* cost: a roofline of the study's step, from analytic counts and measured rates.
 
-Achieved training FLOP/s divided by the float32 matmul FLOP/s of the same
-machine, measured in the same run, says how close a training path gets to
-the hardware, independent of how fast or loaded the machine happens to be.
+Two terms bound a training step from below:
+
+- **compute**: its matmul FLOPs (`training_flops_per_sample`) at the
+  machine's float32 matmul peak (`matmul_peak_flops`);
+- **traffic**: the bytes it must move at the least (`StepTraffic`) at the
+  copy bandwidth the machine reaches over a buffer as large as the step's
+  working set (`copy_bandwidth`): a working set that stays in cache is
+  streamed at cache speed, one that does not at memory speed.
+
+The roofline bound is the larger of the two times; a step's *fraction of
+the bound* is that time over the measured one, and its *fraction of matmul
+peak* is its achieved FLOP/s over the peak. Both rates are measured on the
+same machine in the same run, so the fractions hold whatever the machine's
+speed or load.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from bnsuite.models import build_model, parameter_count
+
 PEAK_MATRIX_SIZE = 2048  # large enough to run at the BLAS library's best rate on a CPU
+FLOAT_BYTES = 4
+MEMORY_BYTES = 256 * 2**20  # a copy this large runs at main-memory bandwidth on any CPU we know of
 
 
 def training_flops_per_sample(model: nn.Module) -> int:
@@ -29,6 +45,150 @@ def training_flops_per_sample(model: nn.Module) -> int:
         per_pass = 2 * layer.in_features * layer.out_features
         flops += per_pass * (2 if index == 0 else 3)
     return flops
+
+
+def activation_widths(model: nn.Module) -> tuple[int, int]:
+    """(forward, backward) activation values per image of one training step of the study's networks.
+
+    Forward: each Linear's output, the log-probabilities, and each BN layer's output (its input is the
+    Linear's output, already counted). Backward: the gradient at the logits and at each Linear's input but
+    the first's (the images need none), and each BN layer's input gradient. ReLU works in place of these.
+    """
+    linears = [module for module in model.modules() if isinstance(module, nn.Linear)]
+    norms = [module for module in model.modules() if isinstance(module, nn.BatchNorm1d)]
+    outputs = sum(layer.out_features for layer in linears) + linears[-1].out_features  # + log-probabilities
+    normalized = sum(layer.num_features for layer in norms)
+    gradients = sum(layer.in_features for layer in linears[1:]) + linears[-1].out_features  # inputs of fc2, fc3
+    return outputs + normalized, gradients + normalized
+
+
+@dataclass(frozen=True)
+class StepTraffic:
+    """The least a training step of `runs` models must move through memory, in bytes, and its working set.
+
+    Per model and step, with P parameters (float32):
+    - parameters, gradients and momentum buffers: each read once and written once by the step, the least any
+      SGD-with-momentum step can do: 6 x 4P bytes (weights read by the forward and written by the update;
+      gradients written by the backward and read by the update; momentum read and written by the update);
+    - the batch's images: read once, 4 x 784 bytes an image;
+    - activations and their gradients (`activation_widths`): each written once and read once.
+    The working set is everything one step touches: 3 x 4P bytes of parameter state plus the batch's share.
+    """
+
+    bytes_per_step: int
+    working_set: int
+
+    @classmethod
+    def of(cls, variant: str, batch_size: int, runs: int) -> StepTraffic:
+        model = build_model(variant)
+        parameters = parameter_count(model)
+        forward, backward = activation_widths(model)
+        batch = FLOAT_BYTES * batch_size * (784 + 2 * (forward + backward))
+        return cls(bytes_per_step=runs * (6 * FLOAT_BYTES * parameters + batch),
+                   working_set=runs * (3 * FLOAT_BYTES * parameters + batch))
+
+
+def copy_bandwidth(nbytes: int, device: torch.device | str = "cpu", *, seconds: float = 0.3) -> float:
+    """Measured bytes/s of copying a buffer of nbytes / 2 into another (read plus write: nbytes moved a copy).
+
+    Best of repeated copies, so a buffer that fits in cache is measured at cache speed after the first.
+    """
+    device = torch.device(device)
+    count = max(nbytes // (2 * FLOAT_BYTES), 1024)
+    source = torch.randn(count, device=device)
+    target = torch.empty_like(source)
+    best = float("inf")
+    repeats = max(1, min(64, (64 * 2**20) // (count * FLOAT_BYTES)))  # time at least ~64 MB a sample
+    target.copy_(source)
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline or best == float("inf"):
+        _synchronize(device)
+        started = time.perf_counter()
+        for _ in range(repeats):
+            target.copy_(source)
+        _synchronize(device)
+        best = min(best, (time.perf_counter() - started) / repeats)
+    return 2 * count * FLOAT_BYTES / best
+
+
+@dataclass(frozen=True)
+class Roofline:
+    """A step's bound from its FLOPs and bytes at the measured matmul peak and bandwidth, and the fractions."""
+
+    flops_per_step: float
+    traffic: StepTraffic
+    peak_flops: float  # float32 matmul FLOP/s
+    bandwidth: float  # bytes/s over a buffer the size of the step's working set
+    step_s: float  # measured
+    matmul_s: float | None = None  # the step's matmuls alone, measured at its shapes (step_matmul_seconds)
+
+    @property
+    def compute_s(self) -> float:
+        return self.flops_per_step / self.peak_flops
+
+    @property
+    def traffic_s(self) -> float:
+        return self.traffic.bytes_per_step / self.bandwidth
+
+    @property
+    def bound_s(self) -> float:
+        return max(self.compute_s, self.traffic_s)
+
+    @property
+    def limit(self) -> str:
+        return "compute" if self.compute_s >= self.traffic_s else "traffic"
+
+    @property
+    def fraction_of_bound(self) -> float:
+        return self.bound_s / self.step_s
+
+    @property
+    def fraction_of_peak(self) -> float:
+        return self.compute_s / self.step_s
+
+    def info(self) -> dict:
+        """The figures for a benchmark's extra_info (bnsuite.report reads them)."""
+        return {"flops_per_step": self.flops_per_step, "bytes_per_step": self.traffic.bytes_per_step,
+                "working_set_bytes": self.traffic.working_set, "bandwidth_gbps": self.bandwidth / 1e9,
+                "compute_bound_s": self.compute_s, "traffic_bound_s": self.traffic_s, "limit": self.limit,
+                "step_s": self.step_s, "fraction_of_roofline": self.fraction_of_bound, "matmul_s": self.matmul_s,
+                "matmul_fraction_of_peak": None if self.matmul_s is None else self.compute_s / self.matmul_s}
+
+
+def step_matmul_seconds(model: nn.Module, batch_size: int, runs: int, device: torch.device | str = "cpu", *,
+                        seconds: float = 0.3) -> float:
+    """Measured seconds of a training step's matmuls alone, at the step's shapes, one GEMM per model and layer as
+    the fast step calls them (bnsuite.fastpath): forward, weight gradient, and input gradient but the first
+    layer's. The compute term at the rate these small shapes reach, rather than the peak's 2048-square one."""
+    device = torch.device(device)
+    linears = [module for module in model.modules() if isinstance(module, nn.Linear)]
+    calls = []
+    for index, layer in enumerate(linears):
+        for _ in range(runs):
+            x, weight = torch.randn(batch_size, layer.in_features, device=device), layer.weight.detach().to(device)
+            weight_t = weight.t()
+            bias, out = layer.bias.detach().to(device), torch.empty(batch_size, layer.out_features, device=device)
+            grad_weight, grad_input = torch.empty_like(weight), torch.empty_like(x)
+            calls.append(lambda x=x, w=weight_t, b=bias, o=out: torch.addmm(b, x, w, out=o))
+            calls.append(lambda x=x, o=out, g=grad_weight: torch.mm(o.t(), x, out=g))
+            if index > 0:
+                calls.append(lambda o=out, w=weight, g=grad_input: torch.mm(o, w, out=g))
+
+    def step() -> None:
+        for call in calls:
+            call()
+
+    step()
+    best = float("inf")
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline or best == float("inf"):
+        _synchronize(device)
+        started = time.perf_counter()
+        for _ in range(10):
+            step()
+        _synchronize(device)
+        best = min(best, (time.perf_counter() - started) / 10)
+    return best
 
 
 def matmul_peak_flops(device: torch.device | str = "cpu", *, seconds: float = 1.0) -> float:

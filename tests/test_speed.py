@@ -1,0 +1,54 @@
+"""The roofline's counts and arithmetic (bnsuite.speed); the rates themselves are measured in benchmarks/."""
+
+import pytest
+
+from bnsuite.models import build_model, parameter_count
+from bnsuite.speed import Roofline, StepTraffic, activation_widths
+
+
+def test_activation_widths_count_every_forward_output_and_backward_gradient_per_image():
+    # plain: fc1, fc2, fc3 outputs + log-probabilities; gradients at the logits and at fc2's and fc3's inputs.
+    assert activation_widths(build_model("plain")) == (256 + 128 + 10 + 10, 10 + 256 + 128)
+    # bn adds each BN layer's output and its input gradient.
+    assert activation_widths(build_model("bn")) == (404 + 256 + 128, 394 + 256 + 128)
+
+
+def test_step_traffic_reads_and_writes_each_parameter_gradient_and_momentum_once_a_step():
+    one = StepTraffic.of("plain", 64, 1)
+    parameters = parameter_count(build_model("plain"))
+    assert one.bytes_per_step == 6 * 4 * parameters + 4 * 64 * (784 + 2 * (404 + 394))
+    assert one.working_set == 3 * 4 * parameters + 4 * 64 * (784 + 2 * (404 + 394))
+    fifteen = StepTraffic.of("plain", 64, 15)
+    assert (fifteen.bytes_per_step, fifteen.working_set) == (15 * one.bytes_per_step, 15 * one.working_set)
+    assert StepTraffic.of("bn", 64, 1).bytes_per_step > one.bytes_per_step
+
+
+def test_the_roofline_bound_is_the_slower_of_compute_and_traffic():
+    traffic = StepTraffic(bytes_per_step=100 * 10**6, working_set=50 * 10**6)
+    # 1 GFLOP at 100 GFLOP/s: 10 ms; 100 MB at 20 GB/s: 5 ms -> compute bound; a 40 ms step is 0.25 of it.
+    compute_bound = Roofline(flops_per_step=1e9, traffic=traffic, peak_flops=100e9, bandwidth=20e9, step_s=0.04)
+    assert (compute_bound.limit, compute_bound.bound_s) == ("compute", pytest.approx(0.01))
+    assert compute_bound.fraction_of_bound == pytest.approx(0.25) == compute_bound.fraction_of_peak
+    # The same step at 5 GB/s: 20 ms of traffic bounds it; the fraction of peak does not move.
+    traffic_bound = Roofline(flops_per_step=1e9, traffic=traffic, peak_flops=100e9, bandwidth=5e9, step_s=0.04)
+    assert (traffic_bound.limit, traffic_bound.fraction_of_bound) == ("traffic", pytest.approx(0.5))
+    assert traffic_bound.fraction_of_peak == pytest.approx(0.25)
+    assert traffic_bound.info()["fraction_of_roofline"] == pytest.approx(0.5)
+
+
+def test_step_matmuls_are_timed_at_the_step_s_shapes_one_gemm_per_model_and_layer(monkeypatch):
+    import torch
+
+    from bnsuite import speed
+
+    calls = []
+    for name in ("addmm", "mm"):
+        original = getattr(torch, name)
+        monkeypatch.setattr(torch, name, lambda *args, original=original, name=name, **kwargs: (
+            calls.append((name, tuple(args[-2].shape), tuple(args[-1].shape))), original(*args, **kwargs))[1])
+    assert speed.step_matmul_seconds(build_model("plain"), 64, 2, seconds=0.0) > 0
+    first_step = calls[:len(calls) // 11]  # one warm-up step, then 10 timed
+    # Per model: 3 forward GEMMs, 3 weight gradients, 2 input gradients (the images need none).
+    assert len(first_step) == 2 * (3 + 3 + 2)
+    assert ("addmm", (64, 784), (784, 256)) in first_step and ("mm", (10, 64), (64, 128)) in first_step
+    assert ("mm", (64, 256), (256, 784)) not in first_step  # no input gradient for the first layer
