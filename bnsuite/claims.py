@@ -30,6 +30,7 @@ import math
 import statistics
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 from scipy import stats
@@ -600,23 +601,35 @@ def ghost_sizes(study: Study, batch_size: int) -> dict[int, str]:
     return dict(sorted(sizes.items()))
 
 
-def against_layernorm(runs: Runs, sizes: dict[int, str], batch_size: int, alpha: float) -> list[tuple[int, str, float]]:
-    """(ghost size, verdict, p) of BN at each ghost size against LayerNorm, held-out accuracy: "behind" (BN
-    below LN at p <= alpha), "ahead" (above at p <= alpha) or "not shown"."""
+class AgainstLayerNorm(NamedTuple):
+    """BN at one ghost size against LayerNorm, on held-out accuracy."""
+
+    ghost: int
+    verdict: str  # "behind" (BN below LN at p <= alpha), "ahead" (above at q <= alpha) or "not shown"
+    p: float  # that BN is below LayerNorm
+    q: float  # that BN is above it
+
+
+def against_layernorm(runs: Runs, sizes: dict[int, str], batch_size: int, alpha: float) -> list[AgainstLayerNorm]:
+    """BN at each ghost size of `sizes` against LayerNorm, smallest ghost size first."""
     ln = [held_out_accuracy(r) for r in runs.of("ln", batch_size)]
     rows = []
     for g, variant in sizes.items():
         bn = [held_out_accuracy(r) for r in runs.of(variant, batch_size)]
         p, q = p_smaller(bn, ln), p_smaller(ln, bn)
-        rows.append((g, "behind" if p <= alpha else "ahead" if q <= alpha else "not shown", p))
+        rows.append(AgainstLayerNorm(g, "behind" if p <= alpha else "ahead" if q <= alpha else "not shown", p, q))
     return rows
 
 
-def falls_behind_below(rows: list[tuple[int, str, float]]) -> int | None:
-    """The ghost size below which BN falls behind LayerNorm: the smallest one from which on BN is never behind;
-    None if BN is behind at every size measured."""
-    behind = [g for g, verdict, _ in rows if verdict == "behind"]
-    return next((g for g, _, _ in rows if g > max(behind, default=0)), None)
+def where_bn_falls_behind(rows: list[AgainstLayerNorm]) -> str:
+    """The ghost size below which BN falls behind LayerNorm (the smallest from which on it is never behind), said."""
+    behind = [row.ghost for row in rows if row.verdict == "behind"]
+    below = next((row.ghost for row in rows if row.ghost > max(behind, default=0)), None)
+    if below is None:
+        return "BN is behind LayerNorm at every ghost size measured"
+    if not behind:
+        return "BN is not behind LayerNorm at any ghost size measured"
+    return f"BN falls behind LayerNorm below ghost size {below}"
 
 
 def ghost_study_claims(spec: StudySpec, study: Study) -> list[Claim]:
@@ -663,16 +676,11 @@ def _behind_layernorm(sizes: dict[int, str], batch_size: int):
     def judge(claim: Claim, runs: Runs) -> ClaimResult:
         rows = against_layernorm(runs, sizes, batch_size, claim.alpha)
         ln = [held_out_accuracy(r) for r in runs.of("ln", batch_size)]
-        below = falls_behind_below(rows)
-        where = ("BN is behind LayerNorm at every ghost size measured" if below is None else
-                 f"BN falls behind LayerNorm below ghost size {below}" if below > min(sizes) else
-                 "BN is not behind LayerNorm at any ghost size measured")
         per_size = "; ".join(
-            f"g={g} {summary([held_out_accuracy(r) for r in runs.of(sizes[g], batch_size)], 2)} {verdict} (p={p:.3f})"
-            for g, verdict, p in rows)
-        p, q = rows[0][2], p_smaller(ln, [held_out_accuracy(r) for r in runs.of(sizes[rows[0][0]], batch_size)])
-        evidence = f"held-out accuracy % LayerNorm {summary(ln, 2)}; BN {per_size}; {where}"
-        return _result(claim, f"BN at ghost size {rows[0][0]} below LayerNorm", evidence, p, q)
+            f"g={row.ghost} {summary([held_out_accuracy(r) for r in runs.of(sizes[row.ghost], batch_size)], 2)} "
+            f"{row.verdict} (p={row.p:.3f})" for row in rows)
+        evidence = f"held-out accuracy % LayerNorm {summary(ln, 2)}; BN {per_size}; {where_bn_falls_behind(rows)}"
+        return _result(claim, f"BN at ghost size {rows[0].ghost} below LayerNorm", evidence, rows[0].p, rows[0].q)
 
     return judge
 

@@ -18,13 +18,13 @@ from bnsuite.claims import (
     Runs,
     against_layernorm,
     batch_statistics_accuracy,
-    falls_behind_below,
     generalization_gap,
     ghost_sizes,
     held_out_accuracy,
     highest_trained_lr,
     summary,
     train_accuracy,
+    where_bn_falls_behind,
 )
 from bnsuite.files import write_atomically
 from bnsuite.records import RunRecord
@@ -196,8 +196,9 @@ def ghost_section(spec: StudySpec, study: Study, records: list[RunRecord], claim
     for batch_size in study.batch_sizes:
         sizes = ghost_sizes(study, batch_size)
         rows = []
-        verdicts = ({g: (verdict, p) for g, verdict, p in against_layernorm(runs, sizes, batch_size, settings.alpha)}
-                    if runs.of("ln", batch_size) and all(runs.of(v, batch_size) for v in sizes.values()) else {})
+        against = (against_layernorm(runs, sizes, batch_size, settings.alpha)
+                   if runs.of("ln", batch_size) and all(runs.of(v, batch_size) for v in sizes.values()) else [])
+        verdicts = {row.ghost: row for row in against}
         for g, variant in [*sizes.items(), (None, "ln")]:
             mine = runs.of(variant, batch_size)
             if not mine:
@@ -207,17 +208,14 @@ def ghost_section(spec: StudySpec, study: Study, records: list[RunRecord], claim
                    "held-out acc % (batch statistics)": _cell([v for v in map(batch_statistics_accuracy, mine)
                                                                if v == v]) if g else "",
                    "final train loss": _cell([r.final_train_loss for r in mine], 4)}
-            if g in verdicts:
-                verdict, p = verdicts[g]
-                row["against LayerNorm (p: BN behind)"] = f"{verdict} (p={p:.3f})"
+            if g in verdicts:  # with the p of the verdict's direction (that of "behind" when neither is shown)
+                verdict = verdicts[g]
+                p = verdict.q if verdict.verdict == "ahead" else verdict.p
+                row["against LayerNorm"] = f"{verdict.verdict} (p={p:.3f})"
             rows.append(row)
         lines += [pd.DataFrame(rows).fillna("").to_markdown(index=False, disable_numparse=True), ""]
-        if verdicts:
-            below = falls_behind_below(sorted((g, *vp) for g, vp in verdicts.items()))
-            lines += [("BN is behind LayerNorm at every ghost size measured." if below is None else
-                       f"**BN falls behind LayerNorm below a ghost batch of {below} images** (behind at p <= "
-                       f"{settings.alpha} at every smaller ghost size, never from {below} on)." if below > min(sizes)
-                       else "BN is not behind LayerNorm at any ghost size measured."), ""]
+        if against:
+            lines += [f"**{where_bn_falls_behind(against)}** (behind: lower at p <= {settings.alpha}).", ""]
         if with_plots:
             frame = pd.DataFrame([{"ghost": g, "seed": r.spec.seed, "held_out_accuracy": held_out_accuracy(r),
                                    "batch_statistics_accuracy": r.epochs[-1].batch_statistics_accuracy
