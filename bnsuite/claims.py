@@ -609,6 +609,11 @@ class AgainstLayerNorm(NamedTuple):
     p: float  # that BN is below LayerNorm
     q: float  # that BN is above it
 
+    @property
+    def p_of_verdict(self) -> float:
+        """The p-value of the verdict's direction; that of "behind" when neither is shown."""
+        return self.q if self.verdict == "ahead" else self.p
+
 
 def against_layernorm(runs: Runs, sizes: dict[int, str], batch_size: int, alpha: float) -> list[AgainstLayerNorm]:
     """BN at each ghost size of `sizes` against LayerNorm, smallest ghost size first."""
@@ -678,7 +683,7 @@ def _behind_layernorm(sizes: dict[int, str], batch_size: int):
         ln = [held_out_accuracy(r) for r in runs.of("ln", batch_size)]
         per_size = "; ".join(
             f"g={row.ghost} {summary([held_out_accuracy(r) for r in runs.of(sizes[row.ghost], batch_size)], 2)} "
-            f"{row.verdict} (p={row.p:.3f})" for row in rows)
+            f"{row.verdict} (p={row.p_of_verdict:.3f})" for row in rows)
         evidence = f"held-out accuracy % LayerNorm {summary(ln, 2)}; BN {per_size}; {where_bn_falls_behind(rows)}"
         return _result(claim, f"BN at ghost size {rows[0].ghost} below LayerNorm", evidence, rows[0].p, rows[0].q)
 

@@ -208,10 +208,8 @@ def ghost_section(spec: StudySpec, study: Study, records: list[RunRecord], claim
                    "held-out acc % (batch statistics)": _cell([v for v in map(batch_statistics_accuracy, mine)
                                                                if v == v]) if g else "",
                    "final train loss": _cell([r.final_train_loss for r in mine], 4)}
-            if g in verdicts:  # with the p of the verdict's direction (that of "behind" when neither is shown)
-                verdict = verdicts[g]
-                p = verdict.q if verdict.verdict == "ahead" else verdict.p
-                row["against LayerNorm"] = f"{verdict.verdict} (p={p:.3f})"
+            if g in verdicts:
+                row["against LayerNorm"] = f"{verdicts[g].verdict} (p={verdicts[g].p_of_verdict:.3f})"
             rows.append(row)
         lines += [pd.DataFrame(rows).fillna("").to_markdown(index=False, disable_numparse=True), ""]
         if against:

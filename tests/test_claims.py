@@ -194,7 +194,8 @@ def test_ghost_claims_compare_the_smallest_ghost_batch_with_the_largest_and_with
     assert falls.evaluate(runs).verdict == SUPPORTED
     behind = _claim("bn-behind-layernorm-at-smallest-ghost-batch-bs128").evaluate(runs)
     assert behind.verdict == SUPPORTED
-    assert "g=4 88.10 ± 0.10 (n=3) behind" in behind.evidence and "g=8 95.10 ± 0.10 (n=3) ahead" in behind.evidence
+    assert "g=4 88.10 ± 0.10 (n=3) behind (p=0.050)" in behind.evidence
+    assert "g=8 95.10 ± 0.10 (n=3) ahead (p=0.050)" in behind.evidence  # the p of the verdict's own direction
     assert behind.evidence.endswith("BN falls behind LayerNorm below ghost size 8")
 
 
