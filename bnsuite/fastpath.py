@@ -1,11 +1,13 @@
-"""The study's training step for `plain` and `bn`: backward written out, seeds batched together.
+"""The study's training step for `plain`, `bn` and their kin: backward written out, seeds batched together.
 
 Autograd and `torch.optim` cost tens of microseconds of bookkeeping per op,
 which at batch 64 on a CPU is as much time as the matmuls themselves. This
 module runs the same ATen kernels the eager path runs (matmuls, log_softmax,
-native_batch_norm and its backward, threshold_backward, fused SGD) with the
-gradients derived by hand, so the arithmetic is the study's and the
-bookkeeping is gone.
+native_batch_norm and native_layer_norm and their backward,
+threshold_backward, fused SGD) with the gradients derived by hand, so the
+arithmetic is the study's and the bookkeeping is gone. Ghost-batch BN has no
+ATen kernel; it is written with the tensor operations of
+bnsuite.batchnorm.GhostBatchNorm1d, its backward by hand.
 
 Runs that differ only in their seed, learning rate or init scale train as
 one step over S models whose weights are stacked into (S, ...) tensors. A run's arithmetic must not
@@ -15,7 +17,7 @@ three kinds of op only:
 - **once per model, on that model's own tensors**: every matmul (one GEMM
   per model, never a batched matmul, whose kernel choice depends on the
   batch count), every sum over the batch (bias gradients, the loss),
-  log_softmax and exp. Each call gets exactly the shapes, strides and
+  log_softmax and exp, LayerNorm and its backward. Each call gets exactly the shapes, strides and
   64-byte alignment it gets when the model trains alone, so BLAS has
   nothing to choose differently (MKL documents that results may depend on
   alignment);
@@ -26,7 +28,10 @@ three kinds of op only:
   models' features side by side, (B, S * features); ATen's CPU kernel
   computes each feature's statistics, output and gradients in the same
   order whatever the number of features, so each model's features come out
-  as they do alone. The fused SGD update (one call per learning rate)
+  as they do alone. Ghost-batch BN reduces over each ghost batch of a
+  (S, ghost batches, g, features) view, each output from that model's own g
+  values (tested, like the rest, by training alone and together). The fused
+  SGD update (one call per learning rate)
   takes each model's slice as a tensor of its own, so its vector body and
   scalar tail split every tensor as they do for one model.
 
@@ -38,6 +43,10 @@ For logits z = a2 W3^T + b3 and loss L = mean_i -log softmax(z_i)[y_i]:
     dL/dz   = (softmax(z) - onehot(y)) / B
     dL/dW   = dL/dout^T @ input,  dL/db = sum over the batch of dL/dout
     dL/dinput = dL/dout @ W, masked by ReLU where its output was 0
+
+and for a ghost batch normalized as y = gamma * x_hat + beta, x_hat = (x - mean) / std:
+
+    dL/dx = (g - mean(g) - x_hat * mean(g * x_hat)) / std,  g = dL/dy * gamma, means over the ghost batch
 """
 
 from __future__ import annotations
@@ -49,24 +58,43 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from bnsuite.models import SimpleNN, SimpleNNWithBN, SimpleNNWithDropout
+from bnsuite.batchnorm import GhostBatchNorm1d
+from bnsuite.models import GHOST_SIZES, SimpleNN, SimpleNNWithBN, SimpleNNWithDropout
 
-BN_EPS = 1e-5  # nn.BatchNorm1d's defaults, which the bn variant uses
+BN_EPS = 1e-5  # nn.BatchNorm1d's defaults, which the bn variant uses (and nn.LayerNorm's eps)
 BN_MOMENTUM = 0.1
-VARIANTS = ("plain", "bn", "plain-dropout", "bn-dropout")  # the variants whose networks the fast step covers
+# The variants whose networks the fast step covers.
+VARIANTS = ("plain", "bn", "plain-dropout", "bn-dropout", "ln", *(f"bn-ghost{g}" for g in GHOST_SIZES))
 ALIGNMENT = 64  # bytes: every model's block of an activation starts on a cache line, as a fresh tensor does
 
 
 def supports(model: nn.Module) -> bool:
-    """The fast step covers the study's two networks (with torch's own BatchNorm1d) and their dropout variants."""
+    """The fast step covers the study's two networks (with torch's own BatchNorm1d), their dropout variants, and
+    the network with ghost-batch BN or torch's LayerNorm in BN's place."""
+    return normalization(model) is not None
+
+
+def normalization(model: nn.Module) -> str | None:
+    """What the fast step normalizes `model` with: "none", "bn", "ghost" or "ln"; None if it does not cover it."""
     if type(model) is SimpleNN:
-        return True
-    if type(model) is SimpleNNWithDropout and all(type(layer) is nn.Identity for layer in (model.bn1, model.bn2)):
-        return True
-    return type(model) in (SimpleNNWithBN, SimpleNNWithDropout) and all(
-        type(layer) is nn.BatchNorm1d and layer.eps == BN_EPS and layer.momentum == BN_MOMENTUM
-        for layer in (model.bn1, model.bn2)
-    )
+        return "none"
+    if type(model) not in (SimpleNNWithBN, SimpleNNWithDropout):
+        return None
+    layers = (model.bn1, model.bn2)
+    if type(model) is SimpleNNWithDropout and all(type(layer) is nn.Identity for layer in layers):
+        return "none"
+    if all(type(layer) is nn.BatchNorm1d and layer.eps == BN_EPS and layer.momentum == BN_MOMENTUM
+           for layer in layers):
+        return "bn"
+    if type(model) is not SimpleNNWithBN:
+        return None
+    if all(type(layer) is GhostBatchNorm1d and layer.eps == BN_EPS and layer.momentum == BN_MOMENTUM
+           and layer.ghost_size == layers[0].ghost_size for layer in layers):
+        return "ghost"
+    if all(type(layer) is nn.LayerNorm and layer.eps == BN_EPS and layer.elementwise_affine and layer.bias is not None
+           for layer in layers):
+        return "ln"
+    return None
 
 
 class FastStep:
@@ -87,7 +115,8 @@ class FastStep:
             if not supports(model):
                 raise TypeError(f"FastStep supports the study's networks and their dropout variants, "
                                 f"not {type(model).__name__}")
-        if not models or len({(type(model), type(getattr(model, "bn1", None))) for model in models}) != 1:
+        if not models or len({(type(model), type(getattr(model, "bn1", None)),
+                               getattr(getattr(model, "bn1", None), "ghost_size", None)) for model in models}) != 1:
             raise ValueError("FastStep needs one or more models of the same class")
         self.dropout = models[0].dropout.p if isinstance(models[0], SimpleNNWithDropout) else 0.0
         if self.dropout and (dropout_generators is None or len(dropout_generators) != len(models)):
@@ -98,7 +127,8 @@ class FastStep:
             raise ValueError(f"FastStep got {len(lrs)} learning rates for {len(models)} models")
         self.models = models
         self.momentum = momentum
-        self.use_bn = isinstance(getattr(models[0], "bn1", None), nn.BatchNorm1d)
+        self.norm = normalization(models[0])
+        self.ghost_size = getattr(models[0].bn1, "ghost_size", None) if self.norm == "ghost" else None
         self.weights = {name: _stack_into(models, name) for name, _ in models[0].named_parameters()}
         self.gradients = {name: torch.zeros_like(weight) for name, weight in self.weights.items()}
         # Each model's slices, made once: the step's per-model calls index nothing.
@@ -113,7 +143,7 @@ class FastStep:
             lists = self.updates.setdefault(float(model_lr), [[], [], []])
             for slot, stacked in enumerate((self.weights.values(), self.gradients.values(), momentum_buffers)):
                 lists[slot] += [tensor[index] for tensor in stacked]
-        if self.use_bn:
+        if self.norm in ("bn", "ghost"):
             self.running = {name: _stack_into(models, name) for name in (
                 "bn1.running_mean", "bn1.running_var", "bn2.running_mean", "bn2.running_var")}
             self.batches_tracked = _stack_into(models, "bn1.num_batches_tracked", "bn2.num_batches_tracked")
@@ -205,12 +235,17 @@ class FastStep:
         return grad
 
     def _normalize_relu(self, h: Blocks, name: str):
-        """ReLU(BN(h)) for bn (the S models' features side by side), ReLU(h) for plain."""
-        if not self.use_bn:
+        """ReLU(BN(h)) for bn (the S models' features side by side), ReLU(h) for plain; ghost-batch BN and
+        LayerNorm in `_ghost_forward` and `_layer_norm_forward`."""
+        if self.norm == "none":
             h.all.relu_()  # the ReLU output alone decides its gradient mask
             return h, None
-        models, batch, features = h.all.shape
+        if self.norm == "ln":
+            return self._layer_norm_forward(h, name)
         self.batches_tracked[0 if name == "bn1" else 1].add_(1)
+        if self.norm == "ghost":
+            return self._ghost_forward(h, name)
+        models, batch, features = h.all.shape
         side_by_side = h.all.transpose(0, 1).reshape(batch, models * features)
         normalized, saved_mean, saved_invstd = torch.native_batch_norm(
             side_by_side, self.weights[f"{name}.weight"].view(-1), self.weights[f"{name}.bias"].view(-1),
@@ -227,6 +262,10 @@ class FastStep:
             grad = torch.ops.aten.threshold_backward(grad_out.all, activation.all, 0)
             return Blocks(grad, grad.unbind(0))  # grad_out's block layout, element by element
         grad = torch.ops.aten.threshold_backward(grad_out.all, activation.all, 0)
+        if self.norm == "ln":
+            return self._layer_norm_backward(grad, saved, name)
+        if self.norm == "ghost":
+            return self._ghost_backward(grad, saved, name)
         side_by_side, saved_mean, saved_invstd = saved
         models, batch, features = grad.shape
         grad_input, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
@@ -240,6 +279,87 @@ class FastStep:
         per_model = _per_model_empty(models, batch, features, like=grad)
         per_model.all.copy_(grad_input.view(batch, models, features).transpose(0, 1))
         return per_model
+
+    def _layer_norm_forward(self, h: Blocks, name: str):
+        """ReLU(LayerNorm(h)): each image over its own features, so one call per model on its own block, with
+        its own weight and bias (the eager step's kernel on the same tensors)."""
+        models, batch, features = h.all.shape
+        activation = _per_model_empty(models, batch, features, like=h.all)
+        statistics = []
+        for h_i, weight_i, bias_i, activation_i in zip(h.each, self.per_model[f"{name}.weight"],
+                                                       self.per_model[f"{name}.bias"], activation.each, strict=True):
+            normalized_i, mean_i, rstd_i = torch.native_layer_norm(h_i, [features], weight_i, bias_i, BN_EPS)
+            torch.clamp_min(normalized_i, 0, out=activation_i)
+            statistics.append((mean_i, rstd_i))
+        return activation, (h, statistics)
+
+    def _layer_norm_backward(self, grad: torch.Tensor, saved, name: str) -> Blocks:
+        h, statistics = saved
+        models, batch, features = grad.shape
+        per_model = _per_model_empty(models, batch, features, like=grad)
+        for grad_i, h_i, (mean_i, rstd_i), weight_i, bias_i, out_i, grad_weight_i, grad_bias_i in zip(
+                grad.unbind(0), h.each, statistics, self.per_model[f"{name}.weight"], self.per_model[f"{name}.bias"],
+                per_model.each, self.per_model_grad[f"{name}.weight"], self.per_model_grad[f"{name}.bias"],
+                strict=True):
+            grad_input_i, grad_weight, grad_bias = torch.ops.aten.native_layer_norm_backward(
+                grad_i, h_i, [features], mean_i, rstd_i, weight_i, bias_i, [True, True, True])
+            out_i.copy_(grad_input_i)
+            grad_weight_i.copy_(grad_weight)
+            grad_bias_i.copy_(grad_bias)
+        return per_model
+
+    def _ghost_forward(self, h: Blocks, name: str):
+        """ReLU(ghost-batch BN(h)), written as bnsuite.batchnorm.GhostBatchNorm1d writes it, over every model at
+        once: each (model, ghost batch, feature)'s statistics come from that model's own g values alone."""
+        models, batch, features = h.all.shape
+        x_hat = _per_model_empty(models, batch, features, like=h.all)
+        stds = []
+        for start, size, groups in _ghost_parts(batch, self.ghost_size):
+            x = h.all[:, start:start + size].reshape(models, groups, size // groups, features)
+            mean = x.mean(dim=2, keepdim=True)
+            centered = x - mean
+            var = centered.pow(2).mean(dim=2, keepdim=True)
+            std = torch.sqrt(var + BN_EPS)
+            x_hat.all[:, start:start + size].copy_((centered / std).view(models, size, features))
+            stds.append(std)
+            if start == 0:  # the first ghost batch updates the running estimates, as under DDP (GhostBatchNorm1d)
+                first = size // groups
+                self.running[f"{name}.running_mean"].lerp_(mean[:, 0, 0], BN_MOMENTUM)
+                self.running[f"{name}.running_var"].lerp_(var[:, 0, 0] * (first / (first - 1)), BN_MOMENTUM)
+        weight = self.weights[f"{name}.weight"].unsqueeze(1)
+        bias = self.weights[f"{name}.bias"].unsqueeze(1)
+        activation = _per_model_empty(models, batch, features, like=h.all)
+        torch.clamp_min(weight * x_hat.all + bias, 0, out=activation.all)
+        return activation, (x_hat, stds)
+
+    def _ghost_backward(self, grad: torch.Tensor, saved, name: str) -> Blocks:
+        """dL/dx = (g - mean(g) - x_hat * mean(g * x_hat)) / std over each ghost batch, g = dL/dy * gamma."""
+        x_hat, stds = saved
+        models, batch, features = grad.shape
+        for grad_i, x_hat_i, grad_weight_i, grad_bias_i in zip(grad.unbind(0), x_hat.each,
+                                                                self.per_model_grad[f"{name}.weight"],
+                                                                self.per_model_grad[f"{name}.bias"], strict=True):
+            torch.sum(grad_i * x_hat_i, dim=0, out=grad_weight_i)
+            torch.sum(grad_i, dim=0, out=grad_bias_i)
+        grad_x_hat = grad * self.weights[f"{name}.weight"].unsqueeze(1)
+        per_model = _per_model_empty(models, batch, features, like=grad)
+        for (start, size, groups), std in zip(_ghost_parts(batch, self.ghost_size), stds, strict=True):
+            shape = (models, groups, size // groups, features)
+            g = grad_x_hat[:, start:start + size].reshape(shape)
+            x = x_hat.all[:, start:start + size].reshape(shape)
+            centered = g - g.mean(dim=2, keepdim=True) - x * (g * x).mean(dim=2, keepdim=True)
+            per_model.all[:, start:start + size].copy_((centered / std).view(models, size, features))
+        return per_model
+
+
+def _ghost_parts(batch: int, ghost: int) -> list[tuple[int, int, int]]:
+    """(start, images, ghost batches) of a batch cut as GhostBatchNorm1d cuts it: whole ghost batches, then one
+    uneven last one (g + 1 images where a single image would be left over)."""
+    whole = batch - batch % ghost
+    if batch - whole == 1:
+        whole -= ghost
+    parts = [(0, whole, whole // ghost)] if whole else []
+    return parts + ([(whole, batch - whole, 1)] if whole < batch else [])
 
 
 class Blocks(NamedTuple):
