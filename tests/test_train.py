@@ -239,7 +239,7 @@ def test_on_a_gpu_the_same_group_is_identical_and_a_run_alone_agrees_to_rounding
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("variant", ["plain", "bn", "bn-dropout"])
+@pytest.mark.parametrize("variant", ["plain", "bn", "bn-dropout", "ln", "bn-ghost4"])
 def test_on_a_gpu_the_captured_step_trains_exactly_as_the_uncaptured_one(variant, mnist_dir, monkeypatch):
     specs = [RunSpec(variant=variant, seed=seed, device="cuda", batch_size=128, **SMALL) for seed in (0, 1)]
     captured = train_seeds(specs, data_dir=mnist_dir)  # 15 full steps and one short one per epoch
