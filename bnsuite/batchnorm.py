@@ -110,25 +110,16 @@ class GhostBatchNorm1d(ScratchBatchNorm1d):
 
     def _normalize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
         """The normalized batch and the first group's mean, biased variance and size."""
-        size, g = x.shape[0], self.ghost_size
-        if size < 2:
+        if x.shape[0] < 2:
             raise ValueError("batch normalization needs more than 1 value per feature in training")
-        whole = size - size % g
-        if size - whole == 1:
-            whole -= g  # a single image left over joins the last whole group: no group of one
-        parts, firsts = [], None
-        if whole:
-            groups = x[:whole].view(whole // g, g, self.num_features)
-            parts.append(groups)
-        if whole < size:
-            parts.append(x[whole:].unsqueeze(0))  # the uneven last group (the whole batch when it is at most g)
-        outputs = []
-        for groups in parts:
-            mean = groups.mean(dim=1, keepdim=True)
-            var = (groups - mean).pow(2).mean(dim=1, keepdim=True)
-            outputs.append(((groups - mean) / torch.sqrt(var + self.eps)).reshape(-1, self.num_features))
+        outputs, firsts = [], None
+        for start, size, groups in ghost_parts(x.shape[0], self.ghost_size):
+            part = x[start:start + size].view(groups, size // groups, self.num_features)
+            mean = part.mean(dim=1, keepdim=True)
+            var = (part - mean).pow(2).mean(dim=1, keepdim=True)
+            outputs.append(((part - mean) / torch.sqrt(var + self.eps)).reshape(-1, self.num_features))
             if firsts is None:
-                firsts = (mean[0, 0], var[0, 0], groups.shape[1])
+                firsts = (mean[0, 0], var[0, 0], size // groups)
         x_hat = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
         return (self.weight * x_hat + self.bias, *firsts)
 
@@ -166,3 +157,16 @@ class ScratchGroupNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_groups}, {self.num_channels}, eps={self.eps}"
+
+
+def ghost_parts(batch: int, ghost: int) -> list[tuple[int, int, int]]:
+    """How a batch of `batch` images is cut into ghost batches of `ghost`: (start, images, ghost batches) per part.
+
+    Whole ghost batches first, then one uneven last one (the rest of the batch; g + 1 images where a single
+    image would be left over, since one image has no variance). Shared by GhostBatchNorm1d and the fast step.
+    """
+    whole = batch - batch % ghost
+    if batch - whole == 1:
+        whole -= ghost
+    parts = [(0, whole, whole // ghost)] if whole else []
+    return parts + ([(whole, batch - whole, 1)] if whole < batch else [])

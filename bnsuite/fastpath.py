@@ -58,7 +58,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from bnsuite.batchnorm import GhostBatchNorm1d
+from bnsuite.batchnorm import GhostBatchNorm1d, ghost_parts
 from bnsuite.models import GHOST_SIZES, SimpleNN, SimpleNNWithBN, SimpleNNWithDropout
 
 BN_EPS = 1e-5  # nn.BatchNorm1d's defaults, which the bn variant uses (and nn.LayerNorm's eps)
@@ -314,7 +314,7 @@ class FastStep:
         models, batch, features = h.all.shape
         x_hat = _per_model_empty(models, batch, features, like=h.all)
         stds = []
-        for start, size, groups in _ghost_parts(batch, self.ghost_size):
+        for start, size, groups in ghost_parts(batch, self.ghost_size):
             x = h.all[:, start:start + size].reshape(models, groups, size // groups, features)
             mean = x.mean(dim=2, keepdim=True)
             centered = x - mean
@@ -343,23 +343,13 @@ class FastStep:
             torch.sum(grad_i, dim=0, out=grad_bias_i)
         grad_x_hat = grad * self.weights[f"{name}.weight"].unsqueeze(1)
         per_model = _per_model_empty(models, batch, features, like=grad)
-        for (start, size, groups), std in zip(_ghost_parts(batch, self.ghost_size), stds, strict=True):
+        for (start, size, groups), std in zip(ghost_parts(batch, self.ghost_size), stds, strict=True):
             shape = (models, groups, size // groups, features)
             g = grad_x_hat[:, start:start + size].reshape(shape)
             x = x_hat.all[:, start:start + size].reshape(shape)
             centered = g - g.mean(dim=2, keepdim=True) - x * (g * x).mean(dim=2, keepdim=True)
             per_model.all[:, start:start + size].copy_((centered / std).view(models, size, features))
         return per_model
-
-
-def _ghost_parts(batch: int, ghost: int) -> list[tuple[int, int, int]]:
-    """(start, images, ghost batches) of a batch cut as GhostBatchNorm1d cuts it: whole ghost batches, then one
-    uneven last one (g + 1 images where a single image would be left over)."""
-    whole = batch - batch % ghost
-    if batch - whole == 1:
-        whole -= ghost
-    parts = [(0, whole, whole // ghost)] if whole else []
-    return parts + ([(whole, batch - whole, 1)] if whole < batch else [])
 
 
 class Blocks(NamedTuple):
