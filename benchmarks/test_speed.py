@@ -13,7 +13,9 @@
   measured here (bnsuite.speed): the fraction of the float32 matmul peak
   (achieved FLOP/s / peak FLOP/s) and the fraction of the roofline bound
   (the larger of the step's FLOPs at that peak and its least bytes at the
-  copy bandwidth over its working set, divided by the step's time);
+  copy bandwidth over its working set, divided by the step's time), and
+  the most the step could reach: the bound over its GEMMs and its update,
+  each timed alone;
 - `test_training_step_cost`: the per-step cost of plain and bn (forward,
   backward, update) at each batch size.
 
@@ -39,6 +41,7 @@ from bnsuite.speed import (
     copy_bandwidth,
     matmul_peak_flops,
     step_matmul_seconds,
+    step_update_seconds,
     training_flops_per_sample,
 )
 from bnsuite.train import resolve_device, train_seeds
@@ -141,7 +144,8 @@ def test_fast_path_epoch(benchmark, study, study_session, variant, batch_size, r
     roofline = Roofline(flops_per_step=training_flops_per_sample(build_model(variant)) * images * len(specs) / steps,
                         traffic=traffic, peak_flops=PEAK["flops"], bandwidth=bandwidth,
                         step_s=epoch_s * len(specs) / steps,
-                        matmul_s=step_matmul_seconds(build_model(variant), batch_size, len(specs), device))
+                        matmul_s=step_matmul_seconds(build_model(variant), batch_size, len(specs), device),
+                        update_s=step_update_seconds(variant, len(specs), device))
     info = {"bnsuite": "fraction", "variant": variant, "batch_size": batch_size, "runs_together": len(specs),
             "images": images, "epoch_s_per_run": epoch_s, "achieved_gflops": achieved / 1e9,
             "peak_gflops": PEAK["flops"] / 1e9, "fraction_of_matmul_peak": roofline.fraction_of_peak,
@@ -152,7 +156,8 @@ def test_fast_path_epoch(benchmark, study, study_session, variant, batch_size, r
         f"{achieved / 1e9:.1f} GFLOP/s = {info['fraction_of_matmul_peak']:.2f} of matmul peak, "
         f"{roofline.fraction_of_bound:.2f} of the roofline bound ({roofline.limit}: "
         f"{traffic.bytes_per_step / 1e6:.1f} MB a step at {bandwidth / 1e9:.1f} GB/s); its matmuls alone take "
-        f"{roofline.matmul_s / roofline.step_s:.0%} of the step")
+        f"{roofline.matmul_s / roofline.step_s:.0%} of the step and its update "
+        f"{roofline.update_s / roofline.step_s:.0%}: at most {roofline.ceiling:.2f} of the bound with these")
 
 
 @pytest.mark.parametrize("batch_size", [32, 64, 128])

@@ -148,22 +148,29 @@ class FastStep:
                 "bn1.running_mean", "bn1.running_var", "bn2.running_mean", "bn2.running_var")}
             self.batches_tracked = _stack_into(models, "bn1.num_batches_tracked", "bn2.num_batches_tracked")
         self.first_step = True
+        # The step's activations and gradients, allocated once per batch size and written in place every step
+        # (the same blocks, so the same alignment). On a GPU the CUDA graph's memory pool owns them instead.
+        self.workspace: dict[tuple[str, int], Blocks] | None = (
+            {} if self.weights["fc1.weight"].device.type == "cpu" else None)
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Update every model on its own batch: images (S, B, ...), labels (S, B) -> losses (S,), logits (S, B, 10)."""
+        """Update every model on its own batch: images (S, B, ...), labels (S, B) -> losses (S,), logits (S, B, 10).
+
+        The logits are the step's own workspace: read them before the next step overwrites them.
+        """
         models, batch = labels.shape
         x = images.reshape(models, batch, -1)
         x = Blocks(x, x.unbind(0))
         h1 = self._linear(x, "fc1")
         a1, bn1_saved = self._normalize_relu(h1, "bn1")
-        d1, noise1 = self._drop(a1)
+        d1, noise1 = self._drop(a1, "drop1")
         h2 = self._linear(d1, "fc2")
         a2, bn2_saved = self._normalize_relu(h2, "bn2")
-        d2, noise2 = self._drop(a2)
+        d2, noise2 = self._drop(a2, "drop2")
         logits = self._linear(d2, "fc3")
-        log_probabilities = _per_model_empty(models, batch, logits.all.shape[2], like=logits.all)
-        grad_logits = _per_model_empty(models, batch, logits.all.shape[2], like=logits.all)
+        log_probabilities = self._empty("log_probabilities", models, batch, logits.all.shape[2], like=logits.all)
+        grad_logits = self._empty("grad_logits", models, batch, logits.all.shape[2], like=logits.all)
         losses = []
         for logits_i, log_probabilities_i, grad_logits_i, labels_i in zip(
                 logits.each, log_probabilities.each, grad_logits.each, labels.unbind(0), strict=True):
@@ -179,7 +186,11 @@ class FastStep:
         grad_d1 = self._linear_backward(grad_h2, d1, "fc2")
         grad_h1 = self._relu_normalize_backward(self._drop_backward(grad_d1, noise1), a1, bn1_saved, "bn1")
         self._linear_backward(grad_h1, x, "fc1", input_gradient=False)  # the images need no gradient
+        self.update()
+        return torch.stack(losses), logits.all
 
+    def update(self) -> None:
+        """SGD with momentum on every model from the gradients in place: one fused call per learning rate."""
         for lr, lists in self.updates.items():
             torch._fused_sgd_(
                 *lists,
@@ -187,13 +198,21 @@ class FastStep:
                 nesterov=False, maximize=False, is_first_step=self.first_step,
             )
         self.first_step = False
-        return torch.stack(losses), logits.all
+
+    def _empty(self, key: str, models: int, rows: int, columns: int, *, like: torch.Tensor) -> Blocks:
+        """The workspace block `key` for this batch size: made at its first step, reused after (on a CPU)."""
+        if self.workspace is None:
+            return _per_model_empty(models, rows, columns, like=like)
+        blocks = self.workspace.get((key, rows))
+        if blocks is None:
+            blocks = self.workspace[(key, rows)] = _per_model_empty(models, rows, columns, like=like)
+        return blocks
 
     def _linear(self, x: Blocks, name: str) -> Blocks:
         """x (S, B, in) -> (S, B, out): one GEMM per model, bias added as nn.Linear adds it."""
         weight_t, bias = self.per_model_t[f"{name}.weight"], self.per_model[f"{name}.bias"]
         models, batch, _ = x.all.shape
-        out = _per_model_empty(models, batch, weight_t[0].shape[1], like=x.all)
+        out = self._empty(f"{name}.output", models, batch, weight_t[0].shape[1], like=x.all)
         for x_i, weight_t_i, bias_i, out_i in zip(x.each, weight_t, bias, out.each, strict=True):
             torch.addmm(bias_i, x_i, weight_t_i, out=out_i)
         return out
@@ -203,27 +222,27 @@ class FastStep:
         """Weight and bias gradients into self.gradients; returns the input gradient. One GEMM per model."""
         weight = self.per_model[f"{name}.weight"]
         grad_weight, grad_bias = self.per_model_grad[f"{name}.weight"], self.per_model_grad[f"{name}.bias"]
-        for grad_out_i, input_i, grad_weight_i, grad_bias_i in zip(grad_out.each, layer_input.each, grad_weight,
-                                                                   grad_bias, strict=True):
-            torch.mm(grad_out_i.t(), input_i, out=grad_weight_i)
+        for grad_out_t_i, grad_out_i, input_i, grad_weight_i, grad_bias_i in zip(
+                grad_out.each_t, grad_out.each, layer_input.each, grad_weight, grad_bias, strict=True):
+            torch.mm(grad_out_t_i, input_i, out=grad_weight_i)
             torch.sum(grad_out_i, dim=0, out=grad_bias_i)
         if not input_gradient:
             return None
         models, batch, _ = grad_out.all.shape
-        grad_input = _per_model_empty(models, batch, weight[0].shape[1], like=grad_out.all)
+        grad_input = self._empty(f"{name}.grad_input", models, batch, weight[0].shape[1], like=grad_out.all)
         for grad_out_i, weight_i, grad_input_i in zip(grad_out.each, weight, grad_input.each, strict=True):
             torch.mm(grad_out_i, weight_i, out=grad_input_i)
         return grad_input
 
-    def _drop(self, activation: Blocks) -> tuple[Blocks, Blocks | None]:
+    def _drop(self, activation: Blocks, name: str) -> tuple[Blocks, Blocks | None]:
         """Dropout as F.dropout computes it: a Bernoulli(1 - p) mask from each model's generator, over 1 - p."""
         if not self.dropout:
             return activation, None
-        noise = _per_model_empty(*activation.all.shape, like=activation.all)
+        noise = self._empty(f"{name}.noise", *activation.all.shape, like=activation.all)
         for noise_i, generator in zip(noise.each, self.dropout_generators, strict=True):
             noise_i.bernoulli_(1 - self.dropout, generator=generator)
         noise.all.div_(1 - self.dropout)
-        dropped = _per_model_empty(*activation.all.shape, like=activation.all)
+        dropped = self._empty(f"{name}.output", *activation.all.shape, like=activation.all)
         torch.mul(activation.all, noise.all, out=dropped.all)
         return dropped, noise
 
@@ -253,21 +272,22 @@ class FastStep:
             True, BN_MOMENTUM, BN_EPS,
         )
         # ReLU writes each model's activations back into a block of its own, as the next GEMM needs them.
-        activation = _per_model_empty(models, batch, features, like=h.all)
+        activation = self._empty(f"{name}.activation", models, batch, features, like=h.all)
         torch.clamp_min(normalized.view(batch, models, features).transpose(0, 1), 0, out=activation.all)
         return activation, (side_by_side, saved_mean, saved_invstd)
 
     def _relu_normalize_backward(self, grad_out: Blocks, activation: Blocks, saved, name: str) -> Blocks:
+        models, batch, features = grad_out.all.shape
+        blocks = self._empty(f"{name}.relu_grad", models, batch, features, like=grad_out.all)
+        torch.ops.aten.threshold_backward.grad_input(grad_out.all, activation.all, 0, grad_input=blocks.all)
         if saved is None:
-            grad = torch.ops.aten.threshold_backward(grad_out.all, activation.all, 0)
-            return Blocks(grad, grad.unbind(0))  # grad_out's block layout, element by element
-        grad = torch.ops.aten.threshold_backward(grad_out.all, activation.all, 0)
+            return blocks
+        grad = blocks.all
         if self.norm == "ln":
-            return self._layer_norm_backward(grad, saved, name)
+            return self._layer_norm_backward(blocks, saved, name)
         if self.norm == "ghost":
-            return self._ghost_backward(grad, saved, name)
+            return self._ghost_backward(blocks, saved, name)
         side_by_side, saved_mean, saved_invstd = saved
-        models, batch, features = grad.shape
         grad_input, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
             grad.transpose(0, 1).reshape(batch, models * features), side_by_side,
             self.weights[f"{name}.weight"].view(-1),
@@ -276,7 +296,7 @@ class FastStep:
         )
         self.gradients[f"{name}.weight"].view(-1).copy_(grad_weight)
         self.gradients[f"{name}.bias"].view(-1).copy_(grad_bias)
-        per_model = _per_model_empty(models, batch, features, like=grad)
+        per_model = self._empty(f"{name}.grad_input", models, batch, features, like=grad)
         per_model.all.copy_(grad_input.view(batch, models, features).transpose(0, 1))
         return per_model
 
@@ -284,7 +304,7 @@ class FastStep:
         """ReLU(LayerNorm(h)): each image over its own features, so one call per model on its own block, with
         its own weight and bias (the eager step's kernel on the same tensors)."""
         models, batch, features = h.all.shape
-        activation = _per_model_empty(models, batch, features, like=h.all)
+        activation = self._empty(f"{name}.activation", models, batch, features, like=h.all)
         statistics = []
         for h_i, weight_i, bias_i, activation_i in zip(h.each, self.per_model[f"{name}.weight"],
                                                        self.per_model[f"{name}.bias"], activation.each, strict=True):
@@ -293,12 +313,12 @@ class FastStep:
             statistics.append((mean_i, rstd_i))
         return activation, (h, statistics)
 
-    def _layer_norm_backward(self, grad: torch.Tensor, saved, name: str) -> Blocks:
+    def _layer_norm_backward(self, grad: Blocks, saved, name: str) -> Blocks:
         h, statistics = saved
-        models, batch, features = grad.shape
-        per_model = _per_model_empty(models, batch, features, like=grad)
+        models, batch, features = grad.all.shape
+        per_model = self._empty(f"{name}.grad_input", models, batch, features, like=grad.all)
         for grad_i, h_i, (mean_i, rstd_i), weight_i, bias_i, out_i, grad_weight_i, grad_bias_i in zip(
-                grad.unbind(0), h.each, statistics, self.per_model[f"{name}.weight"], self.per_model[f"{name}.bias"],
+                grad.each, h.each, statistics, self.per_model[f"{name}.weight"], self.per_model[f"{name}.bias"],
                 per_model.each, self.per_model_grad[f"{name}.weight"], self.per_model_grad[f"{name}.bias"],
                 strict=True):
             grad_input_i, grad_weight, grad_bias = torch.ops.aten.native_layer_norm_backward(
@@ -312,7 +332,7 @@ class FastStep:
         """ReLU(ghost-batch BN(h)), written as bnsuite.batchnorm.GhostBatchNorm1d writes it, over every model at
         once: each (model, ghost batch, feature)'s statistics come from that model's own g values alone."""
         models, batch, features = h.all.shape
-        x_hat = _per_model_empty(models, batch, features, like=h.all)
+        x_hat = self._empty(f"{name}.x_hat", models, batch, features, like=h.all)
         stds = []
         for start, size, groups in ghost_parts(batch, self.ghost_size):
             x = h.all[:, start:start + size].reshape(models, groups, size // groups, features)
@@ -328,21 +348,22 @@ class FastStep:
                 self.running[f"{name}.running_var"].lerp_(var[:, 0, 0] * (first / (first - 1)), BN_MOMENTUM)
         weight = self.weights[f"{name}.weight"].unsqueeze(1)
         bias = self.weights[f"{name}.bias"].unsqueeze(1)
-        activation = _per_model_empty(models, batch, features, like=h.all)
+        activation = self._empty(f"{name}.activation", models, batch, features, like=h.all)
         torch.clamp_min(weight * x_hat.all + bias, 0, out=activation.all)
         return activation, (x_hat, stds)
 
-    def _ghost_backward(self, grad: torch.Tensor, saved, name: str) -> Blocks:
+    def _ghost_backward(self, blocks: Blocks, saved, name: str) -> Blocks:
         """dL/dx = (g - mean(g) - x_hat * mean(g * x_hat)) / std over each ghost batch, g = dL/dy * gamma."""
         x_hat, stds = saved
+        grad = blocks.all
         models, batch, features = grad.shape
-        for grad_i, x_hat_i, grad_weight_i, grad_bias_i in zip(grad.unbind(0), x_hat.each,
+        for grad_i, x_hat_i, grad_weight_i, grad_bias_i in zip(blocks.each, x_hat.each,
                                                                 self.per_model_grad[f"{name}.weight"],
                                                                 self.per_model_grad[f"{name}.bias"], strict=True):
             torch.sum(grad_i * x_hat_i, dim=0, out=grad_weight_i)
             torch.sum(grad_i, dim=0, out=grad_bias_i)
         grad_x_hat = grad * self.weights[f"{name}.weight"].unsqueeze(1)
-        per_model = _per_model_empty(models, batch, features, like=grad)
+        per_model = self._empty(f"{name}.grad_input", models, batch, features, like=grad)
         for (start, size, groups), std in zip(ghost_parts(batch, self.ghost_size), stds, strict=True):
             shape = (models, groups, size // groups, features)
             g = grad_x_hat[:, start:start + size].reshape(shape)
@@ -353,10 +374,11 @@ class FastStep:
 
 
 class Blocks(NamedTuple):
-    """A (S, rows, columns) tensor and its S per-model (rows, columns) views, made once."""
+    """A (S, rows, columns) tensor, its S per-model (rows, columns) views and their transposes, made once."""
 
     all: torch.Tensor
     each: tuple[torch.Tensor, ...]
+    each_t: tuple[torch.Tensor, ...] = ()
 
 
 def _per_model_empty(models: int, rows: int, columns: int, *, like: torch.Tensor) -> Blocks:
@@ -369,7 +391,8 @@ def _per_model_empty(models: int, rows: int, columns: int, *, like: torch.Tensor
     block = -(-rows * columns // per_line) * per_line
     storage = torch.empty(models * block, device=like.device, dtype=like.dtype)
     stacked = storage.as_strided((models, rows, columns), (block, columns, 1))
-    return Blocks(stacked, stacked.unbind(0))
+    each = stacked.unbind(0)
+    return Blocks(stacked, each, tuple(block.t() for block in each))
 
 
 def _stack_into(models: list[nn.Module], *names: str) -> torch.Tensor:

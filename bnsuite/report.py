@@ -607,6 +607,9 @@ def speed_rows(data: dict) -> list[str]:
                     "matmuls alone (ms; fraction of peak)":
                         f"{1e3 * info['matmul_s']:.2f}; {info['matmul_fraction_of_peak']:.2f}",
                 })
+            if info.get("update_s") is not None:  # benchmarks saved before the update was timed lack these
+                row.update({"update alone (ms)": f"{1e3 * info['update_s']:.2f}",
+                            "most reachable fraction": f"{info['fraction_of_roofline_ceiling']:.2f}"})
             fractions.append(row)
         elif _kind(bench) == "matmul-peak":
             peak, memory = info["peak_gflops"], info.get("memory_bandwidth_gbps")
@@ -628,7 +631,9 @@ def speed_rows(data: dict) -> list[str]:
                   "read and written once each, images read once, activations and their gradients written and read "
                   "once) at the copy bandwidth measured over a buffer as large as its working set (traffic); the "
                   "fraction of the bound is that bound over the measured step. Matmuls alone: the step's GEMMs at "
-                  "its shapes, timed without the rest of the step.", "",
+                  "its shapes, timed without the rest of the step; update alone: its SGD update, likewise. The most "
+                  "reachable fraction is the bound over those two together: a step that spent nothing on BN, ReLU "
+                  "and the loss would reach it, with the BLAS library's GEMMs at these shapes.", "",
                   pd.DataFrame(fractions).fillna("").to_markdown(index=False, disable_numparse=True), ""]
     return lines
 

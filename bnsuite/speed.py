@@ -14,6 +14,13 @@ the bound* is that time over the measured one, and its *fraction of matmul
 peak* is its achieved FLOP/s over the peak. Both rates are measured on the
 same machine in the same run, so the fractions hold whatever the machine's
 speed or load.
+
+What a step of these shapes can reach is measured too: its GEMMs alone
+(`step_matmul_seconds`, at the rate the BLAS library reaches at the step's
+small shapes rather than the peak's) and its SGD update alone
+(`step_update_seconds`). Their sum is the step's *floor* as it is built (the
+rest of the step, BN, ReLU, loss, being free); the bound over the floor is
+the highest fraction of the bound the step could reach.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from bnsuite.fastpath import FastStep
 from bnsuite.models import build_model, parameter_count
 
 PEAK_MATRIX_SIZE = 2048  # large enough to run at the BLAS library's best rate on a CPU
@@ -97,18 +105,8 @@ def copy_bandwidth(nbytes: int, device: torch.device | str = "cpu", *, seconds: 
     count = max(nbytes // (2 * FLOAT_BYTES), 1024)
     source = torch.randn(count, device=device)
     target = torch.empty_like(source)
-    best = float("inf")
     repeats = max(1, min(64, (64 * 2**20) // (count * FLOAT_BYTES)))  # time at least ~64 MB a sample
-    target.copy_(source)
-    deadline = time.perf_counter() + seconds
-    while time.perf_counter() < deadline or best == float("inf"):
-        _synchronize(device)
-        started = time.perf_counter()
-        for _ in range(repeats):
-            target.copy_(source)
-        _synchronize(device)
-        best = min(best, (time.perf_counter() - started) / repeats)
-    return 2 * count * FLOAT_BYTES / best
+    return 2 * count * FLOAT_BYTES / _best_seconds(lambda: target.copy_(source), device, seconds, repeats)
 
 
 @dataclass(frozen=True)
@@ -121,6 +119,7 @@ class Roofline:
     bandwidth: float  # bytes/s over a buffer the size of the step's working set
     step_s: float  # measured
     matmul_s: float | None = None  # the step's matmuls alone, measured at its shapes (step_matmul_seconds)
+    update_s: float | None = None  # the step's SGD update alone (step_update_seconds)
 
     @property
     def compute_s(self) -> float:
@@ -146,13 +145,24 @@ class Roofline:
     def fraction_of_peak(self) -> float:
         return self.compute_s / self.step_s
 
+    @property
+    def floor_s(self) -> float | None:
+        """The step's GEMMs and its update, each timed alone: what the step costs with nothing else in it."""
+        return None if self.matmul_s is None or self.update_s is None else self.matmul_s + self.update_s
+
+    @property
+    def ceiling(self) -> float | None:
+        """The highest fraction of the bound a step with these GEMMs and this update can reach."""
+        return None if self.floor_s is None else min(1.0, self.bound_s / self.floor_s)
+
     def info(self) -> dict:
         """The figures for a benchmark's extra_info (bnsuite.report reads them)."""
         return {"flops_per_step": self.flops_per_step, "bytes_per_step": self.traffic.bytes_per_step,
                 "working_set_bytes": self.traffic.working_set, "bandwidth_gbps": self.bandwidth / 1e9,
                 "compute_bound_s": self.compute_s, "traffic_bound_s": self.traffic_s, "limit": self.limit,
                 "step_s": self.step_s, "fraction_of_roofline": self.fraction_of_bound, "matmul_s": self.matmul_s,
-                "matmul_fraction_of_peak": None if self.matmul_s is None else self.compute_s / self.matmul_s}
+                "matmul_fraction_of_peak": None if self.matmul_s is None else self.compute_s / self.matmul_s,
+                "update_s": self.update_s, "floor_s": self.floor_s, "fraction_of_roofline_ceiling": self.ceiling}
 
 
 def step_matmul_seconds(model: nn.Module, batch_size: int, runs: int, device: torch.device | str = "cpu", *,
@@ -178,16 +188,33 @@ def step_matmul_seconds(model: nn.Module, batch_size: int, runs: int, device: to
         for call in calls:
             call()
 
-    step()
+    return _best_seconds(step, device, seconds)
+
+
+def step_update_seconds(variant: str, runs: int, device: torch.device | str = "cpu", *,
+                        seconds: float = 0.3) -> float:
+    """Measured seconds of the fast step's SGD-with-momentum update of `runs` models alone (FastStep.update:
+    the fused update over each model's parameters, gradients and momentum buffers)."""
+    device = torch.device(device)
+    update = FastStep([build_model(variant).to(device) for _ in range(runs)], lr=0.01, momentum=0.9,
+                      dropout_generators=[torch.Generator(device) for _ in range(runs)]).update
+    return _best_seconds(update, device, seconds)
+
+
+def _best_seconds(call, device: torch.device, seconds: float, repeats: int = 10) -> float:
+    """The best time of `call` over samples of `repeats` calls, sampled for `seconds` after warm-up calls (thread
+    pools, caches)."""
+    for _ in range(3):
+        call()
     best = float("inf")
     deadline = time.perf_counter() + seconds
     while time.perf_counter() < deadline or best == float("inf"):
         _synchronize(device)
         started = time.perf_counter()
-        for _ in range(10):
-            step()
+        for _ in range(repeats):
+            call()
         _synchronize(device)
-        best = min(best, (time.perf_counter() - started) / 10)
+        best = min(best, (time.perf_counter() - started) / repeats)
     return best
 
 
@@ -196,19 +223,7 @@ def matmul_peak_flops(device: torch.device | str = "cpu", *, seconds: float = 1.
     device = torch.device(device)
     a = torch.randn(PEAK_MATRIX_SIZE, PEAK_MATRIX_SIZE, device=device)
     b = torch.randn(PEAK_MATRIX_SIZE, PEAK_MATRIX_SIZE, device=device)
-    flops_per_product = 2 * PEAK_MATRIX_SIZE**3
-    best = float("inf")
-    deadline = time.perf_counter() + seconds
-    for _ in range(3):  # warm-up: thread pools and caches
-        a @ b
-    while time.perf_counter() < deadline or best == float("inf"):
-        _synchronize(device)
-        started = time.perf_counter()
-        for _ in range(4):
-            a @ b
-        _synchronize(device)
-        best = min(best, (time.perf_counter() - started) / 4)
-    return flops_per_product / best
+    return 2 * PEAK_MATRIX_SIZE**3 / _best_seconds(lambda: a @ b, device, seconds, repeats=4)
 
 
 def _synchronize(device: torch.device) -> None:

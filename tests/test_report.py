@@ -189,6 +189,21 @@ def test_timings_come_from_the_benchmarks_bnsuite_kind_not_their_names(results, 
     assert "| bn        | 128          | 2               | 1.50" in markdown
 
 
+def test_the_speed_table_shows_the_roofline_and_the_most_reachable_fraction():
+    info = {"bnsuite": "fraction", "variant": "plain", "batch_size": 64, "runs_together": 3, "epoch_s_per_run": 0.5,
+            "achieved_gflops": 100.0, "fraction_of_matmul_peak": 0.3, "bytes_per_step": 18e6,
+            "working_set_bytes": 10e6, "bandwidth_gbps": 44.0, "compute_bound_s": 0.00055,
+            "traffic_bound_s": 0.0004, "limit": "compute", "step_s": 0.0015, "fraction_of_roofline": 0.37,
+            "matmul_s": 0.0009, "matmul_fraction_of_peak": 0.61, "update_s": 0.0002, "floor_s": 0.0011,
+            "fraction_of_roofline_ceiling": 0.5}
+    table = "\n".join(report.speed_rows({"benchmarks": [{"name": "x", "extra_info": info}]}))
+    assert "update alone (ms)" in table and "most reachable fraction" in table
+    assert "| 0.37 (compute) " in table and "| 0.90; 0.61 " in table and "| 0.20 " in table and "| 0.50 " in table
+    # A benchmark saved before the update was timed shows the rest of its row.
+    del info["update_s"]
+    assert "| 0.37 (compute) " in "\n".join(report.speed_rows({"benchmarks": [{"name": "x", "extra_info": info}]}))
+
+
 def test_a_corrupt_benchmark_file_is_one_message_and_exit_2(results, tmp_path, capsys):
     broken = tmp_path / "broken.json"
     broken.write_text("{not json")

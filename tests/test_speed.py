@@ -47,8 +47,37 @@ def test_step_matmuls_are_timed_at_the_step_s_shapes_one_gemm_per_model_and_laye
         monkeypatch.setattr(torch, name, lambda *args, original=original, name=name, **kwargs: (
             calls.append((name, tuple(args[-2].shape), tuple(args[-1].shape))), original(*args, **kwargs))[1])
     assert speed.step_matmul_seconds(build_model("plain"), 64, 2, seconds=0.0) > 0
-    first_step = calls[:len(calls) // 11]  # one warm-up step, then 10 timed
+    first_step = calls[:len(calls) // 13]  # 3 warm-up steps, then 10 timed
     # Per model: 3 forward GEMMs, 3 weight gradients, 2 input gradients (the images need none).
     assert len(first_step) == 2 * (3 + 3 + 2)
     assert ("addmm", (64, 784), (784, 256)) in first_step and ("mm", (10, 64), (64, 128)) in first_step
     assert ("mm", (64, 256), (256, 784)) not in first_step  # no input gradient for the first layer
+
+
+def test_the_most_reachable_fraction_is_the_bound_over_the_step_s_gemms_and_update_timed_alone():
+    traffic = StepTraffic(bytes_per_step=100 * 10**6, working_set=50 * 10**6)
+    # Compute bound 10 ms; GEMMs alone 12 ms and the update 4 ms: no step built of them beats 16 ms.
+    roofline = Roofline(flops_per_step=1e9, traffic=traffic, peak_flops=100e9, bandwidth=20e9, step_s=0.04,
+                        matmul_s=0.012, update_s=0.004)
+    assert roofline.floor_s == pytest.approx(0.016)
+    assert roofline.ceiling == pytest.approx(0.625) == roofline.info()["fraction_of_roofline_ceiling"]
+    assert roofline.fraction_of_bound == pytest.approx(0.25)
+    # Unmeasured terms give no ceiling rather than a made-up one; a floor under the bound caps it at 1.
+    assert Roofline(flops_per_step=1e9, traffic=traffic, peak_flops=100e9, bandwidth=20e9, step_s=0.04,
+                    matmul_s=0.012).ceiling is None
+    assert Roofline(flops_per_step=1e9, traffic=traffic, peak_flops=100e9, bandwidth=20e9, step_s=0.04,
+                    matmul_s=0.004, update_s=0.001).ceiling == 1.0
+
+
+def test_the_update_is_timed_as_the_fast_step_runs_it_one_fused_call_over_every_model(monkeypatch):
+    import torch
+
+    from bnsuite import speed
+
+    calls = []
+    original = torch._fused_sgd_
+    monkeypatch.setattr(torch, "_fused_sgd_", lambda *lists, **kwargs: (
+        calls.append([len(tensors) for tensors in lists]), original(*lists, **kwargs))[1])
+    assert speed.step_update_seconds("bn", 3, seconds=0.0) > 0
+    # Each of 3 models: fc1-3 weight and bias, bn1-2 weight and bias, as parameters, gradients and momentum.
+    assert calls[0] == [3 * 10] * 3 and len(calls) >= 1 + 10

@@ -143,6 +143,21 @@ def test_a_model_steps_the_same_in_any_group_at_any_batch_size(variant, batch_si
         assert all(torch.equal(alone[name], state[name]) for name in alone)
 
 
+@pytest.mark.parametrize("variant", ["plain", "bn", "bn-dropout", "ln", "bn-ghost4"])
+def test_the_fast_step_allocates_its_workspace_once_per_batch_size(variant):
+    generator = torch.Generator().manual_seed(0)
+    step = fastpath.FastStep(_models(variant, range(2)), lr=0.05, momentum=0.9,
+                             dropout_generators=[torch.Generator().manual_seed(seed) for seed in range(2)])
+    images = torch.randn(2, 64, 784, generator=generator)
+    labels = torch.randint(0, 10, (2, 64), generator=generator)
+    pointers = [step(images, labels)[1].data_ptr() for _ in range(2)]
+    blocks = len(step.workspace)
+    assert pointers[0] == pointers[1] and blocks >= 8
+    step(images[:, :40], labels[:, :40])  # an epoch's short last batch: blocks of its own, kept for the next epoch
+    assert len(step.workspace) == 2 * blocks
+    assert step(images, labels)[1].data_ptr() == pointers[0]
+
+
 def test_a_model_s_block_of_each_activation_starts_on_a_cache_line():
     # 4 images x 10 logits = 160 bytes: unpadded, the second model's logits would start mid-line.
     blocks = fastpath._per_model_empty(3, 4, 10, like=torch.empty(0))
