@@ -282,11 +282,11 @@ class FastStep:
         torch.ops.aten.threshold_backward.grad_input(grad_out.all, activation.all, 0, grad_input=blocks.all)
         if saved is None:
             return blocks
-        grad = blocks.all
         if self.norm == "ln":
             return self._layer_norm_backward(blocks, saved, name)
         if self.norm == "ghost":
             return self._ghost_backward(blocks, saved, name)
+        grad = blocks.all
         side_by_side, saved_mean, saved_invstd = saved
         grad_input, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
             grad.transpose(0, 1).reshape(batch, models * features), side_by_side,
