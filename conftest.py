@@ -1,3 +1,2 @@
-"""pytest's entry to bnsuite: the study plugin (options `--bn-*`, the study's fixtures) lives in bnsuite.plugin."""
-
-pytest_plugins = ("bnsuite.plugin",)
+"""The repository's pytest root. The study plugin (options `--bn-*`, the study's fixtures) is bnsuite.plugin, which
+pytest loads through bnsuite's `pytest11` entry point (pyproject.toml) wherever bnsuite is installed."""

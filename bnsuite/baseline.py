@@ -39,6 +39,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+from bnsuite import claims
 from bnsuite.claims import held_out_accuracy, p_smaller
 from bnsuite.records import RUNS_SUBDIR, RecordError, RunRecord, load_records
 from bnsuite.spec import RunSpec, StudySpec
@@ -118,22 +119,22 @@ class Baseline:
     records: dict[RunSpec, RunRecord]
 
     @classmethod
-    def load(cls, directory: Path | str) -> Baseline:
+    def load(cls, directory: Path | str, *, role: str = "baseline") -> Baseline:
+        """The records of `directory`, the results of one study run; errors name it by its `role` (the baseline,
+        or the results compared with one)."""
         directory = Path(directory)
         try:
             records = load_records(directory)
-        except FileNotFoundError as error:
-            raise BaselineError(f"baseline {directory}: {error}") from None
-        except RecordError as error:
-            raise BaselineError(f"baseline {directory}: {error}") from None
+        except (FileNotFoundError, RecordError) as error:
+            raise BaselineError(f"{role} {directory}: {error}") from None
         studies = {record.study for record in records}
         if None in studies:
-            raise BaselineError(f"baseline {directory}: it holds runs made outside a study, which say nothing of "
+            raise BaselineError(f"{role} {directory}: it holds runs made outside a study, which say nothing of "
                                 "the protocol they belong to; use the results directory of a study run")
         if len(studies) > 1:
             profiles = sorted({study.profile for study in studies})
-            raise BaselineError(f"baseline {directory}: its records come from {len(studies)} different studies "
-                                f"(profiles {', '.join(profiles)}); a baseline is the results of one study run")
+            raise BaselineError(f"{role} {directory}: its records come from {len(studies)} different studies "
+                                f"(profiles {', '.join(profiles)}); use the results of one study run")
         return cls(directory, studies.pop(), {record.spec: record for record in records})
 
     def configurations(self) -> dict[RunSpec, list[RunRecord]]:
@@ -157,7 +158,8 @@ def protocol_differences(baseline: StudySpec, study: StudySpec) -> list[str]:
             continue
         if mine.epochs != theirs.epochs:
             differences.append(f"{mine.name} study epochs: baseline {theirs.epochs}, this study {mine.epochs}")
-        if mine.name != "lr" and mine.lrs != theirs.lrs:
+        # A single learning rate is the protocol; a grid of them is what the study varies.
+        if len(mine.lrs) == 1 and len(theirs.lrs) == 1 and mine.lrs != theirs.lrs:
             differences.append(f"{mine.name} study learning rate: baseline {', '.join(map(str, theirs.lrs))}, "
                                f"this study {', '.join(map(str, mine.lrs))}")
     if not any(baseline.study(mine.name) for mine in study.studies):
@@ -292,12 +294,8 @@ def _describe_metric(metric: MetricComparison) -> str:
 
 
 def summary(values: tuple[float, ...] | list[float]) -> str:
-    """mean ± std (n), or the one value; infinite values (diverged runs) shown as such."""
-    if not all(math.isfinite(v) for v in values):
-        return f"{sum(not math.isfinite(v) for v in values)} of {len(values)} diverged"
-    if len(values) == 1:
-        return f"{values[0]:.4g}"
-    return f"{statistics.fmean(values):.4g} ± {statistics.stdev(values):.2g} (n={len(values)})"
+    """mean ± std (n), to 4 significant digits (bnsuite.claims.summary); diverged runs counted."""
+    return claims.summary(values, 4, significant=True)
 
 
 def by_configuration(records) -> dict[RunSpec, list[RunRecord]]:
@@ -382,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
             target = accept(args.results, args.to, benchmarks=args.benchmarks)
             print(f"accepted {args.results} as the baseline in {target}; commit it to make it the reference")
             return 0
-        now = Baseline.load(args.results)
+        now = Baseline.load(args.results, role="results")
         baseline = Baseline.load(args.baseline or reference_dir(now.study.profile))
         check_protocol(baseline, now.study)
     except (BaselineError, RecordError, OSError) as error:

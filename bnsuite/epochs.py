@@ -30,7 +30,8 @@ from torch.nn import functional as F
 from bnsuite import fastpath
 from bnsuite.data import Splits
 from bnsuite.models import make_optimizer
-from bnsuite.probe import Prober
+from bnsuite.probe import Prober, check_probe_point
+from bnsuite.registry import variant
 from bnsuite.spec import RunSpec
 
 EpochResult = tuple[torch.Tensor, torch.Tensor, int]  # (batch losses (S, steps), correct (S,), steps taken)
@@ -65,7 +66,10 @@ class TensorEpochs:
         self.batch_losses = torch.empty(len(models), spec.steps_per_epoch, device=device)
         self.correct = torch.zeros(len(models), dtype=torch.long, device=device)
         self.steps_taken = 0
-        self.prober = Prober(models, splits.test_images) if PROBES else None
+        point = variant(spec.variant).probe  # None: the network declares no probe point, and is not probed
+        if point is not None:
+            check_probe_point(models[0], point, spec.variant)
+        self.prober = Prober(models, splits.test_images, point) if PROBES and point else None
         if self.prober is not None:
             self.prober(0)
 

@@ -20,11 +20,14 @@ until a Ray executor starts.
 from __future__ import annotations
 
 import os
+import platform
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from bnsuite.environment import GIT_COMMIT_VARIABLE, git_commit
 from bnsuite.records import RunRecord
+from bnsuite.registry import PluginError, load_plugins
 from bnsuite.spec import RunSpec, StudySpec
 
 EXECUTORS = ("local", "ray")
@@ -47,8 +50,13 @@ def import_ray():
 
 
 def _train_case(specs: Sequence[RunSpec], data_dir: str | None, study: StudySpec | None, executor: str,
-                trainer: Trainer | None) -> list[RunRecord]:
-    """The body of a Ray task: train one case on the worker, return its records (the driver saves them)."""
+                trainer: Trainer | None, plugins: tuple[str, ...] = ()) -> list[RunRecord]:
+    """The body of a Ray task: import the driver's plugins, train one case on the worker, return its records (the
+    driver saves them)."""
+    try:
+        load_plugins(plugins)
+    except PluginError as error:
+        raise PluginError(f"on node {platform.node()}: {error}") from None
     if trainer is None:
         from bnsuite.train import train_seeds as trainer
     return trainer(tuple(specs), data_dir=data_dir, study=study, executor=executor)
@@ -58,13 +66,15 @@ class RayExecutor:
     """Runs every case of a study as a Ray task; one instance per pytest session, driven by the plugin.
 
     `address`: None starts a local Ray instance on this machine (`cpus` CPUs, all of them by default); "auto"
-    or "ray://host:port" joins a running cluster. `trainer` replaces bnsuite.train.train_seeds in the tasks
-    (the tests use it to make a task fail or its worker die).
+    or "ray://host:port" joins a running cluster. `plugins`: the plugin modules every task imports before it
+    trains (the driver's; bnsuite.registry.plugin_modules); on a local instance the workers also get the
+    directories of those that are plain files on the driver's path. `trainer` replaces bnsuite.train.train_seeds
+    in the tasks (the tests use it to make a task fail or its worker die).
     """
 
     def __init__(self, study: StudySpec, *, address: str | None = None, data_dir: Path | str | None = None,
                  dataset_checksum: str, cpus: int | None = None, trainer: Trainer | None = None,
-                 retries: int = RETRIES):
+                 retries: int = RETRIES, plugins: Sequence[str] = ()):
         self.study = study
         self.address = address
         self.data_dir = str(data_dir) if data_dir is not None else None
@@ -72,6 +82,7 @@ class RayExecutor:
         self.cpus = cpus
         self.trainer = trainer
         self.retries = retries
+        self.plugins = tuple(plugins)
         self.pending: dict[Group, object] = {}  # case -> its task's ObjectRef, until the case's test claims it
         self.ray = None
         self.task = None
@@ -85,6 +96,9 @@ class RayExecutor:
         ray = self.ray = import_ray()
         env_vars = {GIT_COMMIT_VARIABLE: git_commit() or ""}
         if self.address is None:
+            paths = _plugin_paths(self.plugins)
+            if paths:  # the workers of a local instance import the same plugin files as the driver
+                env_vars["PYTHONPATH"] = os.pathsep.join([*paths, *filter(None, [os.environ.get("PYTHONPATH")])])
             # A local instance's workers run this interpreter and its environment. Ray's default under `uv run`
             # instead rebuilds the environment from the driver's uv command line, which lacks the ray extra
             # when the driver was started without it (`uv run pytest tests/` after an earlier `--extra ray`),
@@ -123,7 +137,7 @@ class RayExecutor:
     def submit(self, groups: Sequence[Group]) -> None:
         for group in groups:
             self.pending[group] = self.task.remote(group, self.data_dir, self.study.recorded_study(group), self.name,
-                                                   self.trainer)
+                                                   self.trainer, self.plugins)
 
     def _check_dataset(self, group: Group, records: list[RunRecord]) -> None:
         for record in records:
@@ -157,6 +171,19 @@ class RayExecutor:
             self.ray.shutdown()
             self.ray = None
         return finished
+
+
+def _plugin_paths(plugins: Sequence[str]) -> list[str]:
+    """The directories the driver imported its plugin modules from, outside any installed package."""
+    paths = []
+    for name in plugins:
+        module = sys.modules.get(name)
+        path = getattr(module, "__file__", None)
+        if path:
+            root = Path(path).resolve().parents[name.count(".")]
+            if "site-packages" not in root.parts and str(root) not in paths:
+                paths.append(str(root))
+    return paths
 
 
 def _case(group: Group) -> str:

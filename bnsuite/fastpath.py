@@ -59,18 +59,18 @@ from torch import nn
 from torch.nn import functional as F
 
 from bnsuite.batchnorm import GhostBatchNorm1d, ghost_parts
-from bnsuite.models import GHOST_SIZES, SimpleNN, SimpleNNWithBN, SimpleNNWithDropout
+from bnsuite.models import SimpleNN, SimpleNNWithBN, SimpleNNWithDropout
 
 BN_EPS = 1e-5  # nn.BatchNorm1d's defaults, which the bn variant uses (and nn.LayerNorm's eps)
 BN_MOMENTUM = 0.1
-# The variants whose networks the fast step covers.
-VARIANTS = ("plain", "bn", "plain-dropout", "bn-dropout", "ln", *(f"bn-ghost{g}" for g in GHOST_SIZES))
 ALIGNMENT = 64  # bytes: every model's block of an activation starts on a cache line, as a fresh tensor does
 
 
 def supports(model: nn.Module) -> bool:
-    """The fast step covers the study's two networks (with torch's own BatchNorm1d), their dropout variants, and
-    the network with ghost-batch BN or torch's LayerNorm in BN's place."""
+    """Whether the fast step trains `model`: the one place that decides (bnsuite.train asks it; anything else
+    trains on the eager step, and its record says so). It covers the study's two networks (with torch's own
+    BatchNorm1d), their dropout variants, and the network with ghost-batch BN or torch's LayerNorm in BN's
+    place, judged by the modules' types, never by a variant's name."""
     return normalization(model) is not None
 
 

@@ -1,8 +1,9 @@
-"""The study's two networks, layer for layer, the registry of model variants, and their optimizer.
+"""The study's two networks, layer for layer, the built-in model variants, and their optimizer.
 
-A variant name maps to a constructor; adding a variant is one entry in
-`VARIANTS`. Layer names (fc1, bn1, ...) are the study's, so state dicts and
-parameter counts line up with the original code. The study's optimizer is
+Each built-in variant registers its builder with `register_variant`
+(bnsuite.registry), the same decorator a user's plugin uses. Layer names
+(fc1, bn1, ...) are the study's, so state dicts and parameter counts line up
+with the original code. The study's optimizer is
 built here, next to the models, so every training path takes it from one place.
 """
 
@@ -15,6 +16,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from bnsuite.batchnorm import GhostBatchNorm1d, ScratchBatchNorm1d
+from bnsuite.registry import builder, register_variant
 
 # Dropout after each hidden ReLU in the regularization study: 0.2, the mild rate usual for small MLPs on MNIST.
 # Srivastava et al.'s 0.5 for hidden units goes with much longer training than the study's 10 epochs.
@@ -78,53 +80,58 @@ class SimpleNNWithBN(nn.Module):
         return self.fc3(x)
 
 
-def last_hidden_input(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """The input to the last hidden ReLU for `images`, as a training step computes it, without changing the model.
-
-    BN variants: after bn2, normalized with this batch's own statistics (running statistics untouched). Plain:
-    fc2's output. Dropout is off: the probe measures the distribution, not one draw of masks.
-    """
-    x = F.relu(_normalized(getattr(model, "bn1", None), model.fc1(images.view(len(images), -1))))
-    return _normalized(getattr(model, "bn2", None), model.fc2(x))
-
-
-def _normalized(layer: nn.Module | None, h: torch.Tensor) -> torch.Tensor:
-    if isinstance(layer, GhostBatchNorm1d):  # before its base class, ScratchBatchNorm1d
-        return layer.normalize(h)  # ghost-group statistics, running estimates untouched
-    if isinstance(layer, (nn.BatchNorm1d, ScratchBatchNorm1d)):
-        return F.batch_norm(h, None, None, layer.weight, layer.bias, training=True, eps=layer.eps)
-    if layer is None or isinstance(layer, nn.Identity):
-        return h  # plain, and the plain dropout variant
-    return layer(h)  # LayerNorm: no batch statistics, no buffers
-
-
-def has_batch_statistics(model: nn.Module) -> bool:
-    """Whether `model` normalizes with its batch's statistics in training (and running estimates at inference)."""
-    return any(isinstance(layer, (nn.BatchNorm1d, ScratchBatchNorm1d)) for layer in model.modules())  # ghost too
-
-
 # Ghost sizes a `bn-ghostG` variant can take: the study's (Wu & He's 2 to 32 images per device) and 64.
 GHOST_SIZES = (2, 4, 8, 16, 32, 64)
 
 
-def ghost_size(variant: str) -> int | None:
-    """G of a `bn-ghostG` variant; None for any other variant."""
-    prefix = "bn-ghost"
-    return int(variant.removeprefix(prefix)) if variant.startswith(prefix) else None
+# The built-in variants register as a user's plugin does (bnsuite.registry). Order and colour place them in the
+# report's tables and figures; `probe` names the submodule whose output feeds the last hidden ReLU.
+@register_variant("plain", batch_statistics=False, probe="fc2", order=0, color="tab:orange")
+def plain() -> nn.Module:
+    return SimpleNN()
 
 
-VARIANTS: dict[str, Callable[[], nn.Module]] = {
-    "plain": SimpleNN,
-    "bn": SimpleNNWithBN,
-    "bn-scratch": lambda: SimpleNNWithBN(norm=ScratchBatchNorm1d),
-    "plain-dropout": lambda: SimpleNNWithDropout(batch_norm=False),
-    "bn-dropout": lambda: SimpleNNWithDropout(batch_norm=True),
-    # Statistics over ghost groups of G images within each training batch (bnsuite.batchnorm.GhostBatchNorm1d).
-    **{f"bn-ghost{g}": (lambda g=g: SimpleNNWithBN(norm=lambda features: GhostBatchNorm1d(features, g)))
-       for g in GHOST_SIZES},
-    # LayerNorm over each image's features: no batch statistics (torch's kernel, checked against ScratchGroupNorm).
-    "ln": lambda: SimpleNNWithBN(norm=nn.LayerNorm),
-}
+@register_variant("bn", batch_statistics=True, probe="bn2", order=1, color="tab:blue")
+def bn() -> nn.Module:
+    return SimpleNNWithBN()
+
+
+@register_variant("plain-dropout", batch_statistics=False, derives_from="plain", probe="fc2", order=2,
+                  color="tab:orange")
+def plain_dropout() -> nn.Module:
+    return SimpleNNWithDropout(batch_norm=False)
+
+
+@register_variant("bn-dropout", batch_statistics=True, derives_from="bn", probe="bn2", order=3, color="tab:blue")
+def bn_dropout() -> nn.Module:
+    return SimpleNNWithDropout(batch_norm=True)
+
+
+@register_variant("bn-scratch", batch_statistics=True, derives_from="bn", probe="bn2", order=4, color="tab:green")
+def bn_scratch() -> nn.Module:
+    """BN written out (bnsuite.batchnorm.ScratchBatchNorm1d), trained by the eager step."""
+    return SimpleNNWithBN(norm=ScratchBatchNorm1d)
+
+
+def _ghost_builder(ghost: int) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        """Statistics over ghost groups of G images within each training batch (GhostBatchNorm1d)."""
+        return SimpleNNWithBN(norm=lambda features: GhostBatchNorm1d(features, ghost))
+
+    build.__qualname__ = f"ghost_bn_{ghost}"
+    return build
+
+
+for _ghost in GHOST_SIZES:
+    register_variant(f"bn-ghost{_ghost}", batch_statistics=True, images_per_statistic=_ghost, derives_from="bn",
+                     probe="bn2", order=5)(_ghost_builder(_ghost))
+
+
+@register_variant("ln", batch_statistics=False, probe="bn2", order=6, color="tab:purple")
+def ln() -> nn.Module:
+    """LayerNorm over each image's features in BN's place: no batch statistics (torch's kernel, checked against
+    ScratchGroupNorm)."""
+    return SimpleNNWithBN(norm=nn.LayerNorm)
 
 
 def build_model(variant: str, init_scale: float = 1.0) -> nn.Module:
@@ -134,9 +141,7 @@ def build_model(variant: str, init_scale: float = 1.0) -> nn.Module:
     batch-norm parameters stay as they are), so the same seed gives the same
     weights up to the factor.
     """
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}; choose one of: {', '.join(VARIANTS)}")
-    model = VARIANTS[variant]()
+    model = builder(variant)()
     if init_scale != 1.0:
         with torch.no_grad():
             for layer in model.modules():

@@ -7,6 +7,7 @@ the report decides where they go and writes them atomically.
 from __future__ import annotations
 
 import io
+from collections.abc import Mapping
 
 import matplotlib
 
@@ -16,12 +17,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-COLORS = {"plain": "tab:orange", "bn": "tab:blue", "bn-scratch": "tab:green", "plain-dropout": "tab:orange",
-          "bn-dropout": "tab:blue", "ln": "tab:purple"}
+Colors = Mapping[str, str]  # variant -> its colour, from the records' variant descriptions (Variant.color)
 
 
-def _color(variant: str) -> str:
-    return COLORS.get(variant, "tab:gray")
+def _color(colors: Colors, variant: str) -> str:
+    return colors.get(variant, "tab:gray")
 
 
 def _png(figure) -> bytes:
@@ -31,7 +31,7 @@ def _png(figure) -> bytes:
     return buffer.getvalue()
 
 
-def _per_epoch_panels(epochs: pd.DataFrame, column: str, ylabel: str, title: str, *, log: bool,
+def _per_epoch_panels(epochs: pd.DataFrame, column: str, ylabel: str, title: str, *, log: bool, colors: Colors,
                       baseline: pd.DataFrame | None = None) -> bytes:
     """One panel per batch size, one line per variant (mean over seeds, band min to max); a baseline's
     curves, if given, dashed over them."""
@@ -41,15 +41,16 @@ def _per_epoch_panels(epochs: pd.DataFrame, column: str, ylabel: str, title: str
         if baseline is not None:
             for variant, runs in baseline[baseline["batch_size"] == batch_size].groupby("variant"):
                 mean = runs.groupby("epoch")[column].mean()
-                axis.plot(mean.index, mean.values, linestyle="--", color=_color(variant), alpha=0.8,
+                axis.plot(mean.index, mean.values, linestyle="--", color=_color(colors, variant), alpha=0.8,
                           label=f"{variant}, baseline (mean of {runs['seed'].nunique()} seeds)")
         for variant, runs in epochs[epochs["batch_size"] == batch_size].groupby("variant"):
             by_epoch = runs.groupby("epoch")[column]
             mean, low, high = by_epoch.mean(), by_epoch.min(), by_epoch.max()
             seeds = runs["seed"].nunique()
-            axis.plot(mean.index, mean.values, marker="o", markersize=3, color=_color(variant),
+            axis.plot(mean.index, mean.values, marker="o", markersize=3, color=_color(colors, variant),
                       label=f"{variant} (mean of {seeds} seeds)")
-            axis.fill_between(mean.index, low.values, high.values, color=_color(variant), alpha=0.25, linewidth=0)
+            axis.fill_between(mean.index, low.values, high.values, color=_color(colors, variant), alpha=0.25,
+                              linewidth=0)
         axis.set_title(f"batch size {batch_size}")
         axis.set_xlabel("epoch")
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -62,28 +63,28 @@ def _per_epoch_panels(epochs: pd.DataFrame, column: str, ylabel: str, title: str
     return _png(figure)
 
 
-def training_loss_plot(epochs: pd.DataFrame) -> bytes:
+def training_loss_plot(epochs: pd.DataFrame, colors: Colors) -> bytes:
     return _per_epoch_panels(epochs, "train_loss", "mean training loss per epoch (cross-entropy, log scale)",
-                             "Training loss per epoch", log=True)
+                             "Training loss per epoch", log=True, colors=colors)
 
 
-def held_out_accuracy_plot(epochs: pd.DataFrame, column: str, label: str) -> bytes:
+def held_out_accuracy_plot(epochs: pd.DataFrame, column: str, label: str, colors: Colors) -> bytes:
     return _per_epoch_panels(epochs, column, f"{label} accuracy (%)", f"{label.capitalize()} accuracy per epoch",
-                             log=False)
+                             log=False, colors=colors)
 
 
-def baseline_plot(epochs: pd.DataFrame, baseline: pd.DataFrame, column: str, label: str) -> bytes:
+def baseline_plot(epochs: pd.DataFrame, baseline: pd.DataFrame, column: str, label: str, colors: Colors) -> bytes:
     return _per_epoch_panels(epochs, column, f"{label} accuracy (%)",
                              f"{label.capitalize()} accuracy per epoch, now (solid) and baseline (dashed)",
-                             log=False, baseline=baseline)
+                             log=False, colors=colors, baseline=baseline)
 
 
-def accuracy_by_batch_size_plot(runs: pd.DataFrame) -> bytes:
+def accuracy_by_batch_size_plot(runs: pd.DataFrame, colors: Colors) -> bytes:
     figure, axis = plt.subplots(figsize=(5.5, 3.8))
     for variant, group in runs.groupby("variant"):
         stats = group.groupby("batch_size")["test_accuracy"].agg(["mean", "std", "count"]).fillna(0.0)
-        axis.errorbar(stats.index, stats["mean"], yerr=stats["std"], marker="o", capsize=4, color=_color(variant),
-                      label=f"{variant} (mean ± std over seeds)")
+        axis.errorbar(stats.index, stats["mean"], yerr=stats["std"], marker="o", capsize=4,
+                      color=_color(colors, variant), label=f"{variant} (mean ± std over seeds)")
     axis.set_xscale("log", base=2)
     batch_sizes = sorted(runs["batch_size"].unique())
     axis.set_xticks(batch_sizes, [str(b) for b in batch_sizes])
@@ -99,11 +100,11 @@ def _seed_points(axis, x, y, color, *, marker="o") -> None:
     axis.scatter(x, y, color=color, s=14, alpha=0.7, marker=marker, linewidths=1)
 
 
-def learning_rate_plot(runs: pd.DataFrame, trained_accuracy: float) -> bytes:
+def learning_rate_plot(runs: pd.DataFrame, trained_accuracy: float, colors: Colors) -> bytes:
     """Held-out accuracy and final training loss against the learning rate (log axis); diverged runs marked x."""
     figure, (accuracy_axis, loss_axis) = plt.subplots(1, 2, figsize=(10, 3.8))
     for variant, group in runs.groupby("variant"):
-        color = _color(variant)
+        color = _color(colors, variant)
         finished, diverged = group[~group["diverged"]], group[group["diverged"]]
         means = finished.groupby("lr")[["held_out_accuracy", "final_train_loss"]].mean()
         accuracy_axis.plot(means.index, means["held_out_accuracy"], color=color, marker="o", label=variant)
@@ -126,13 +127,14 @@ def learning_rate_plot(runs: pd.DataFrame, trained_accuracy: float) -> bytes:
     return _png(figure)
 
 
-def init_scale_plot(runs: pd.DataFrame) -> bytes:
+def init_scale_plot(runs: pd.DataFrame, colors: Colors) -> bytes:
     """Held-out accuracy against the init scale (log axis), one line per variant, seeds as points."""
     figure, axis = plt.subplots(figsize=(5.5, 3.8))
     for variant, group in runs.groupby("variant"):
         means = group.groupby("init_scale")["held_out_accuracy"].mean()
-        axis.plot(means.index, means.values, color=_color(variant), marker="o", label=f"{variant} (mean of seeds)")
-        _seed_points(axis, group["init_scale"], group["held_out_accuracy"], _color(variant))
+        axis.plot(means.index, means.values, color=_color(colors, variant), marker="o",
+                  label=f"{variant} (mean of seeds)")
+        _seed_points(axis, group["init_scale"], group["held_out_accuracy"], _color(colors, variant))
     axis.set_xscale("log")
     axis.set_xlabel("init scale: default Linear weights x k (log scale)")
     axis.set_ylabel("final held-out accuracy (%)")
@@ -142,8 +144,9 @@ def init_scale_plot(runs: pd.DataFrame) -> bytes:
     return _png(figure)
 
 
-def dropout_plot(runs: pd.DataFrame, order: tuple[str, ...]) -> bytes:
-    """Held-out accuracy and generalization gap per variant, with and without dropout; seeds as points."""
+def dropout_plot(runs: pd.DataFrame, order: list[str], colors: Colors, lighter: set[str]) -> bytes:
+    """Held-out accuracy and generalization gap per variant (in `order`), seeds as points; the `lighter`
+    variants' bars (dropout added) paler than those they derive from."""
     variants = [variant for variant in order if variant in set(runs["variant"])]
     figure, axes = plt.subplots(1, 2, figsize=(11, 3.8))
     finished = runs[~runs["diverged"]]
@@ -151,8 +154,8 @@ def dropout_plot(runs: pd.DataFrame, order: tuple[str, ...]) -> bytes:
                                 (axes[1], "gap", "gap: training - held-out accuracy (points)")):
         for position, variant in enumerate(variants):
             values = finished[finished["variant"] == variant][column]
-            color = _color(variant.removesuffix("-dropout"))
-            axis.bar(position, values.mean(), color=color, alpha=0.35 if variant.endswith("-dropout") else 0.6)
+            color = _color(colors, variant)
+            axis.bar(position, values.mean(), color=color, alpha=0.35 if variant in lighter else 0.6)
             _seed_points(axis, [position] * len(values), values, color)
         axis.set_xticks(range(len(variants)), variants, rotation=15)
         axis.set_ylabel(label)
@@ -164,17 +167,18 @@ def dropout_plot(runs: pd.DataFrame, order: tuple[str, ...]) -> bytes:
     return _png(figure)
 
 
-def activation_plot(traces: pd.DataFrame) -> bytes:
+def activation_plot(traces: pd.DataFrame, colors: Colors, points: Mapping[str, str]) -> bytes:
     """Ioffe & Szegedy's Fig. 1 for the study's networks: one unit's 15th, 50th and 85th input percentiles
-    against training steps, plain and BN side by side. `traces`: variant, step, percentile, value."""
-    variants = [v for v in ("plain", "bn") if v in set(traces["variant"])]
+    against training steps, one panel per variant (in the frame's order). `traces`: variant, step, percentile,
+    value; `points`: each variant's probe point."""
+    variants = list(dict.fromkeys(traces["variant"]))
     figure, axes = plt.subplots(1, len(variants), figsize=(4.6 * len(variants), 3.6), squeeze=False)
     for axis, variant in zip(axes[0], variants, strict=True):
         mine = traces[traces["variant"] == variant]
         for percentile, line in mine.groupby("percentile"):
-            axis.plot(line["step"], line["value"], color=_color(variant), alpha=0.45 + 0.35 * (percentile == 50),
-                      linewidth=1.2, label=f"{percentile:g}th percentile")
-        axis.set_title(f"{variant}: {'after bn2' if variant == 'bn' else 'fc2 output'}")
+            axis.plot(line["step"], line["value"], color=_color(colors, variant),
+                      alpha=0.45 + 0.35 * (percentile == 50), linewidth=1.2, label=f"{percentile:g}th percentile")
+        axis.set_title(f"{variant}: {points[variant]} output")
         axis.set_xlabel("training step")
         axis.grid(True, alpha=0.3)
         axis.legend(loc="best", fontsize=8)
@@ -183,22 +187,22 @@ def activation_plot(traces: pd.DataFrame) -> bytes:
     return _png(figure)
 
 
-def ghost_plot(runs: pd.DataFrame, batch_size: int) -> bytes:
+def ghost_plot(runs: pd.DataFrame, batch_size: int, bn_color: str, reference_color: str) -> bytes:
     """Held-out accuracy against the images BN's statistics see (ghost size, log axis), with running estimates
     (solid) and with batch statistics (dashed); LayerNorm, which sees no other image, as a horizontal reference.
     `runs`: ghost (None for ln), seed, held_out_accuracy, batch_statistics_accuracy."""
     figure, axis = plt.subplots(figsize=(6.2, 4.0))
     bn = runs[runs["ghost"].notna()]
     means = bn.groupby("ghost")[["held_out_accuracy", "batch_statistics_accuracy"]].mean()
-    axis.plot(means.index, means["held_out_accuracy"], color=_color("bn"), marker="o",
+    axis.plot(means.index, means["held_out_accuracy"], color=bn_color, marker="o",
               label="BN, running estimates (eval mode; mean of seeds)")
-    _seed_points(axis, bn["ghost"], bn["held_out_accuracy"], _color("bn"))
-    axis.plot(means.index, means["batch_statistics_accuracy"], color=_color("bn"), marker="s", linestyle="--",
+    _seed_points(axis, bn["ghost"], bn["held_out_accuracy"], bn_color)
+    axis.plot(means.index, means["batch_statistics_accuracy"], color=bn_color, marker="s", linestyle="--",
               alpha=0.7, label="BN, each held-out batch's own statistics")
     ln = runs[runs["ghost"].isna()]["held_out_accuracy"]
     if len(ln):
-        axis.axhline(ln.mean(), color=_color("ln"), label="LayerNorm (mean of seeds; band: min to max)")
-        axis.axhspan(ln.min(), ln.max(), color=_color("ln"), alpha=0.15, linewidth=0)
+        axis.axhline(ln.mean(), color=reference_color, label="LayerNorm (mean of seeds; band: min to max)")
+        axis.axhspan(ln.min(), ln.max(), color=reference_color, alpha=0.15, linewidth=0)
     axis.set_xscale("log", base=2)
     sizes = sorted(int(g) for g in means.index)
     axis.set_xticks(sizes, [str(g) for g in sizes])
@@ -210,7 +214,7 @@ def ghost_plot(runs: pd.DataFrame, batch_size: int) -> bytes:
     return _png(figure)
 
 
-def running_vs_batch_plot(epochs: pd.DataFrame) -> bytes:
+def running_vs_batch_plot(epochs: pd.DataFrame, color: str) -> bytes:
     """BN's held-out accuracy per epoch with running estimates (solid) and with batch statistics (dashed), one
     panel per batch size, mean over seeds. `epochs`: batch_size, epoch, seed, running, batch."""
     batch_sizes = sorted(epochs["batch_size"].unique())
@@ -218,9 +222,9 @@ def running_vs_batch_plot(epochs: pd.DataFrame) -> bytes:
                                 squeeze=False)
     for axis, batch_size in zip(axes[0], batch_sizes, strict=True):
         means = epochs[epochs["batch_size"] == batch_size].groupby("epoch")[["running", "batch"]].mean()
-        axis.plot(means.index, means["running"], color=_color("bn"), marker="o", markersize=3,
+        axis.plot(means.index, means["running"], color=color, marker="o", markersize=3,
                   label="running estimates (eval mode)")
-        axis.plot(means.index, means["batch"], color=_color("bn"), marker="s", markersize=3, linestyle="--",
+        axis.plot(means.index, means["batch"], color=color, marker="s", markersize=3, linestyle="--",
                   alpha=0.7, label="each held-out batch's own statistics")
         axis.set_title(f"batch size {batch_size}")
         axis.set_xlabel("epoch")

@@ -15,10 +15,12 @@ touches either.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
+from bnsuite import registry
 from bnsuite.baseline import (
     REFERENCE_DIR,
     Baseline,
@@ -34,15 +36,23 @@ from bnsuite.data import DataUnavailableError, default_data_dir, load_raw
 from bnsuite.executor import EXECUTORS, ExecutorError, RayExecutor
 from bnsuite.idx import IdxFormatError
 from bnsuite.records import save_record
-from bnsuite.spec import DEFAULT_LR, SpecError, StudySpec
+from bnsuite.registry import PluginError, load_plugins
+from bnsuite.spec import DEFAULT_LR, TRAINING_IMAGES, SpecError, StudySpec
 from bnsuite.study import StudySession, study_from_options
+
+
+def _reached_by(option: str) -> str:
+    return ", ".join(definition.title for definition in registry.studies() if option in definition.options)
+
 
 OPTIONS = {
     "profile": "study profile: full (the study exactly, default), quick, or smoke (CI, about a minute)",
-    "studies": "comma-separated studies to run: batch, lr, init, dropout, ghost (default: all of them)",
+    "studies": f"comma-separated studies to run: {', '.join(d.name for d in registry.studies())} and those of "
+               "plugins (default: all of them)",
     "dataset": "dataset: mnist or fashion-mnist (default: the profile's, mnist)",
-    "variants": "the batch study's comma-separated model variants, e.g. plain,bn,bn-scratch (default: plain,bn)",
-    "batch-sizes": "the batch study's comma-separated batch sizes (default: 32,64,128)",
+    "variants": f"comma-separated model variants of the {_reached_by('variants')}, e.g. plain,bn,bn-scratch or a "
+                "plugin's (default: plain,bn)",
+    "batch-sizes": f"comma-separated batch sizes of the {_reached_by('batch-sizes')} (default: 32,64,128)",
     "seeds": "comma-separated seeds (default: 0,1,2)",
     "epochs": "epochs per run, every study (default: the profile's; full: 10, and 2 for the lr and init studies)",
     "lr": "SGD learning rate of every study but the lr study's grid (default: 0.01, the study's)",
@@ -58,6 +68,10 @@ def pytest_addoption(parser):
     group = parser.getgroup("bnsuite", "bnsuite study")
     for name, help_text in OPTIONS.items():
         group.addoption(f"--bn-{name}", default=None, help=help_text)
+    group.addoption("--bn-plugin", default=None, metavar="MODULE[,MODULE]",
+                    help="modules to import at start-up that register variants and studies of your own "
+                         "(bnsuite.register_variant, bnsuite.register_study); the bnsuite.plugins entry points of "
+                         "installed packages are imported anyway")
     group.addoption("--bn-results-dir", default=None,
                     help="where run records are saved (default: $BNSUITE_RESULTS_DIR, else results/PROFILE/)")
     group.addoption("--bn-baseline", default=None,
@@ -82,11 +96,12 @@ class StudyPlugin:
 
     def __init__(self, config: pytest.Config):
         try:
+            self.plugins = _load_plugins(config)
             self.study_spec: StudySpec = study_from_options(
                 config.getoption("--bn-profile") or "full",
                 **{name.replace("-", "_"): config.getoption(f"--bn-{name}") for name in OPTIONS if name != "profile"},
             )
-        except SpecError as error:
+        except (SpecError, PluginError) as error:
             raise pytest.UsageError(f"bnsuite: {error}") from None
         results_dir = config.getoption("--bn-results-dir") or os.environ.get("BNSUITE_RESULTS_DIR")
         # A user's runs go to results/PROFILE; the committed reference, in results/reference/PROFILE, is
@@ -140,12 +155,13 @@ class StudyPlugin:
 
     def describe(self) -> list[str]:
         spec = self.study_spec
-        protocol = "seed protocol (all 60,000 train)" if spec.validation_size == 0 else (
-            f"{spec.train_subset or 60_000 - spec.validation_size} training images, "
-            f"{spec.validation_size} held out for validation")
+        protocol = f"seed protocol (all {TRAINING_IMAGES:,} train)" if spec.held_out == "test" else (
+            f"{spec.train_size} training images, {spec.validation_size} held out for validation")
         lines = [f"bnsuite study: profile {spec.profile}, {spec.dataset}, {protocol}, seeds "
                  f"{','.join(map(str, spec.seeds))}; {len(spec.run_specs())} runs in {len(spec.groups())} cases "
                  f"(a case trains its runs together); records -> {self.results_dir}"]
+        if self.plugins:
+            lines.append(f"  plugins: {', '.join(self.plugins)}")
         if self.executor is not None:
             lines.append(f"  executor: {self.executor.name}, {len(self.executor.pending)} cases submitted as Ray "
                          "tasks; pytest-benchmark's timing is off (it would time the waiting, not the training): each "
@@ -211,7 +227,7 @@ class StudyPlugin:
         cases = list(dict.fromkeys(item.callspec.params["case"] for item in items
                                    if "case" in getattr(getattr(item, "callspec", None), "params", {})))
         self.executor = RayExecutor(self.study_spec, address=self.ray_address, data_dir=self.data_dir,
-                                    dataset_checksum=self.dataset_checksum)
+                                    dataset_checksum=self.dataset_checksum, plugins=self.plugins)
         try:
             self.executor.start(cases)
         except ExecutorError as error:
@@ -266,6 +282,16 @@ class StudyPlugin:
             for comparison in self.comparisons:
                 terminalreporter.write_line(
                     f"{comparison.verdict.upper():>17}  {comparison.name} ({comparison.rule}): {comparison.detail}")
+
+
+def _load_plugins(config: pytest.Config) -> tuple[str, ...]:
+    """Import the entry-point plugins and those of --bn-plugin; a module in the directory pytest runs from is
+    found as `python -m pytest` would find it."""
+    names = [name.strip() for name in (config.getoption("--bn-plugin") or "").split(",") if name.strip()]
+    here = str(config.invocation_params.dir)
+    if names and here not in sys.path:
+        sys.path.insert(0, here)
+    return load_plugins(names)
 
 
 def _plugin(config: pytest.Config) -> StudyPlugin:

@@ -2,34 +2,91 @@
 
 Ioffe & Szegedy (2015, Fig. 1) show, on an MNIST MLP, the 15th, 50th and 85th
 percentiles of one unit's input to its nonlinearity over training: without BN
-they drift, with BN they stay steady. A `Prober` measures the same on the
-study's networks: the inputs to the last hidden ReLU (bnsuite.models.
-last_hidden_input) for a fixed set of units, on a fixed probe batch of
-held-out images (the first `PROBE_IMAGES` test images), before training,
-every `PROBE_EVERY` steps and at every epoch end. Probing reads the
-parameters and changes nothing: no buffer, no random draw (a test keeps it so).
+they drift, with BN they stay steady. A `Prober` measures the same on any
+network whose variant names a probe point (bnsuite.spec.Variant.probe: the
+submodule whose output feeds the last hidden nonlinearity, `bn2` where BN
+sits before the ReLU, `fc2` where nothing or something after the ReLU does):
+that output for a fixed set of units, on a fixed probe batch of held-out
+images (the first `PROBE_IMAGES` test images), before training, every
+`PROBE_EVERY` steps and at every epoch end.
+
+Probing computes what a training step computes (batch statistics, dropout
+off) and changes nothing: every buffer of every layer, a user's included, is
+swapped for a copy during the forward pass, and torch's random state is
+restored after it (`as_in_training`).
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
+
 import torch
 from torch import nn
 
-from bnsuite.models import last_hidden_input
 from bnsuite.records import ActivationTrace
+from bnsuite.spec import SpecError
 
 PROBE_IMAGES = 256
 PROBE_EVERY = 100  # optimizer steps between checkpoints
-UNITS = (0, 1, 2)  # of fc2's 128 outputs; fixed, so every run is probed on the same units
+UNITS = (0, 1, 2)  # of the probe point's outputs; fixed, so every run is probed on the same units
 PERCENTILES = (15.0, 50.0, 85.0)
+
+
+@contextlib.contextmanager
+def as_in_training(model: nn.Module) -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:
+    """A forward pass of `model` in training mode that leaves the model as it was.
+
+    Normalization layers use each batch's own statistics, as in training; their buffers (running estimates,
+    counters) are copies for the duration, so the model's own never change; dropout layers are off; every
+    module's mode is restored afterwards, and so is torch's random state, so a layer that draws noise draws
+    nothing from the run's generators.
+    """
+    copies = {name: buffer.clone() for name, buffer in model.named_buffers()}
+    modes = {module: module.training for module in model.modules()}
+    model.train()
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.eval()
+    device = next(model.parameters()).device
+    try:
+        with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+            yield lambda images: torch.func.functional_call(model, copies, (images,))
+    finally:
+        for module, training in modes.items():
+            module.train(training)
+
+
+def check_probe_point(model: nn.Module, point: str, variant: str) -> None:
+    """Refuse, before training, a probe point that names no submodule of the variant's network."""
+    names = [name for name, _ in model.named_modules() if name]
+    if point not in names:
+        raise SpecError(f"variant {variant}'s probe point {point!r} is not a submodule of its network; choose one of "
+                        f"{', '.join(names)} (register_variant(..., probe=NAME)), or None to train it unprobed")
+
+
+@torch.no_grad()
+def probed_input(model: nn.Module, images: torch.Tensor, point: str) -> torch.Tensor:
+    """The output of `model`'s submodule `point` for `images` as a training step computes it, changing nothing
+    (`as_in_training`); where the submodule runs more than once, its last output."""
+    seen: dict[str, torch.Tensor] = {}
+    handle = model.get_submodule(point).register_forward_hook(
+        lambda module, args, output: seen.update(output=output))
+    try:
+        with as_in_training(model) as forward:
+            forward(images)
+    finally:
+        handle.remove()
+    return seen["output"].reshape(len(images), -1)
 
 
 class Prober:
     """Collects the percentiles of S models at checkpoints; results stay on the device until `traces`."""
 
-    def __init__(self, models: list[nn.Module], images: torch.Tensor, *, every: int = PROBE_EVERY):
+    def __init__(self, models: list[nn.Module], images: torch.Tensor, point: str, *, every: int = PROBE_EVERY):
         self.models = models
         self.images = images[:PROBE_IMAGES]
+        self.point = point
         self.every = every
         self.quantiles = torch.tensor([p / 100 for p in PERCENTILES], device=images.device)
         self.steps: list[int] = []
@@ -40,7 +97,8 @@ class Prober:
         """Take a checkpoint after `step` optimizer steps (once per step count)."""
         if self.steps and self.steps[-1] == step:
             return
-        columns = torch.stack([last_hidden_input(model, self.images)[:, list(UNITS)] for model in self.models])
+        columns = torch.stack([probed_input(model, self.images, self.point)[:, list(UNITS)]
+                               for model in self.models])
         self.steps.append(step)
         self.values.append(torch.quantile(columns, self.quantiles, dim=1).permute(1, 2, 0))
 

@@ -11,7 +11,11 @@ either no file or a complete one. Every field is validated when a record is
 read (type, range, and the fields that must agree with each other); a bad
 record is one `RecordError` naming the file and the field, and no field is
 ever filled with a default, except by the documented migrations of records
-of schemas 1 to 3 (`migrate_schema_1`, `migrate_schema_2`, `migrate_schema_3`).
+of schemas 1 to 4 (`migrate_schema_1` to `migrate_schema_4`).
+
+A record carries the description of its variant (bnsuite.spec.Variant), and
+its study those of all of its variants, so records are data: they load and
+report in a process where the plugin that registered a variant is absent.
 """
 
 from __future__ import annotations
@@ -31,9 +35,9 @@ import pandas as pd
 from pydantic import Field, TypeAdapter, ValidationError, with_config
 
 from bnsuite.files import write_atomically
-from bnsuite.spec import CONTRADICTED, NOT_SHOWN, STRICT, RunSpec, SpecError, StudySpec
+from bnsuite.spec import CONTRADICTED, NOT_SHOWN, STRICT, RunSpec, SpecError, StudySpec, Variant
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 RUNS_SUBDIR = "runs"
 
 Percent = Annotated[float, Field(ge=0, le=100)]
@@ -130,6 +134,7 @@ class Environment:
 @dataclass(frozen=True)
 class RunRecord:
     spec: RunSpec
+    variant: Variant  # the description of spec.variant it trained as (where it came from included)
     study: StudySpec | None  # what the study asked for; None for a run made outside a study
     # The runs trained as one computation with this one (itself included): times are this run's share of it.
     runs_trained_together: Annotated[int, Field(ge=1)]
@@ -173,9 +178,17 @@ class RunRecord:
                    and len(set(self.trained_with)) == len(self.trained_with), "trained_with",
                    f"{list(self.trained_with)} must be {self.runs_trained_together} distinct runs, "
                    f"this run ({self.spec.case_id}) among them")
+        _check(self.variant.name == self.spec.variant, "variant",
+               f"describes {self.variant.name!r}, not the run's variant {self.spec.variant!r}")
+        try:
+            self.variant.check(self.spec)
+        except SpecError as error:
+            raise _Inconsistent(f"field variant: {error}") from None
         if self.study is not None:
             _check(self.spec in self.study.run_specs(), "study",
                    f"does not include this run ({self.spec.case_id}, {self.spec.epochs} epochs, lr {self.spec.lr})")
+            _check(self.study.variant(self.spec.variant) == self.variant, "variant",
+                   f"differs from the study's description of {self.spec.variant}")
         _check(self.schema_version == SCHEMA_VERSION, "schema_version", f"must be {SCHEMA_VERSION}")
 
     @property
@@ -189,6 +202,10 @@ class RunRecord:
     @property
     def train_losses(self) -> list[float]:
         return [epoch.train_loss for epoch in self.epochs]
+
+    def held_out_accuracy(self, epoch: EpochRecord) -> float:
+        """`epoch`'s accuracy on the held-out set of this run's protocol (RunSpec.held_out)."""
+        return epoch.validation_accuracy if self.spec.held_out == "validation" else epoch.test_accuracy
 
     @property
     def final_train_loss(self) -> float:
@@ -226,6 +243,8 @@ class RunRecord:
             raw = migrate_schema_2(raw)
         if raw.get("schema_version") == 3:
             raw = migrate_schema_3(raw)
+        if raw.get("schema_version") == 4:
+            raw = migrate_schema_4(raw, source=source)
         elif version != SCHEMA_VERSION:
             raise RecordError(
                 f"{source}: schema version {version!r} is not supported (this bnsuite reads versions 1 to "
@@ -313,9 +332,47 @@ _SCHEMA_1_CLAIMS = {
 }
 
 
+# The variants schema 4 had, described as bnsuite then built them; frozen here, like the schema-1 claims, so a later
+# change to a built-in never changes what an old record says. Schema 4 had no plugins.
+_SCHEMA_4_VARIANTS = {
+    "plain": dict(batch_statistics=False, probe="fc2", order=0, color="tab:orange", builder="bnsuite.models:plain"),
+    "bn": dict(batch_statistics=True, probe="bn2", order=1, color="tab:blue", builder="bnsuite.models:bn"),
+    "plain-dropout": dict(batch_statistics=False, derives_from="plain", probe="fc2", order=2, color="tab:orange",
+                          builder="bnsuite.models:plain_dropout"),
+    "bn-dropout": dict(batch_statistics=True, derives_from="bn", probe="bn2", order=3, color="tab:blue",
+                       builder="bnsuite.models:bn_dropout"),
+    "bn-scratch": dict(batch_statistics=True, derives_from="bn", probe="bn2", order=4, color="tab:green",
+                       builder="bnsuite.models:bn_scratch"),
+    **{f"bn-ghost{g}": dict(batch_statistics=True, images_per_statistic=g, derives_from="bn", probe="bn2", order=5,
+                            builder=f"bnsuite.models:ghost_bn_{g}") for g in (2, 4, 8, 16, 32, 64)},
+    "ln": dict(batch_statistics=False, probe="bn2", order=6, color="tab:purple", builder="bnsuite.models:ln"),
+}
+
+
+def _schema_4_variant(name: Any, source: str) -> dict:
+    if name not in _SCHEMA_4_VARIANTS:
+        raise RecordError(f"{source}: schema-4 variant {name!r} is not one schema 4 had "
+                          f"({', '.join(_SCHEMA_4_VARIANTS)}); re-run that case")
+    return {**dataclasses.asdict(Variant(name=name, **_SCHEMA_4_VARIANTS[name]))}
+
+
+def migrate_schema_4(raw: dict, *, source: str = "record") -> dict:
+    """A schema-4 record as schema 5: `variant`, and its study's `variants`, described as schema 4's built-in
+    variants were (`_SCHEMA_4_VARIANTS`, source bnsuite)."""
+    raw = {**raw, "schema_version": 5}
+    spec, study = raw.get("spec"), raw.get("study")
+    if isinstance(spec, dict):
+        raw["variant"] = _schema_4_variant(spec.get("variant"), source)
+    if isinstance(study, dict) and isinstance(study.get("studies"), list):
+        names = dict.fromkeys(name for entry in study["studies"] if isinstance(entry, dict)
+                              for name in entry.get("variants", []))
+        raw["study"] = {**study, "variants": [_schema_4_variant(name, source) for name in names]}
+    return raw
+
+
 def migrate_schema_3(raw: dict) -> dict:
-    """A schema-3 record as schema 4: `training_step` and every epoch's `batch_statistics_accuracy` None (not
-    recorded)."""
+    """A schema-3 record as schema 4 (then 5: `migrate_schema_4`): `training_step` and every epoch's
+    `batch_statistics_accuracy` None (not recorded)."""
     raw = {**raw, "training_step": None, "schema_version": 4}
     if isinstance(raw.get("epochs"), list):
         raw["epochs"] = [{**epoch, "batch_statistics_accuracy": None} if isinstance(epoch, dict) else epoch
@@ -417,7 +474,7 @@ def load_records(results_dir: Path | str) -> list[RunRecord]:
             f"no results in {results_dir}: {runs} does not exist. Run the study first: pytest benchmarks/"
         )
     paths = sorted(runs.glob("*.json"))
-    records = [RunRecord.from_json(path.read_text(), source=str(path)) for path in paths]
+    records = [RunRecord.from_json(_read_text(path), source=str(path)) for path in paths]
     if not records:
         raise FileNotFoundError(f"no records in {runs}. Run the study first: pytest benchmarks/")
     seen: dict[RunSpec, Path] = {}
@@ -429,6 +486,20 @@ def load_records(results_dir: Path | str) -> list[RunRecord]:
             )
         seen[record.spec] = path
     return sorted(records, key=lambda r: (r.spec.dataset, r.spec.variant, r.spec.batch_size, r.spec.seed))
+
+
+def _read_text(path: Path) -> str:
+    """A record file's text; RecordError naming the file (never the report's output) when it cannot be one."""
+    if path.is_dir():
+        raise RecordError(f"{path} is a directory, not a record file; move it out of {path.parent}")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise RecordError(f"{path}: not a text (UTF-8) record file ({error.reason} at byte {error.start}); "
+                          "delete it or re-run that case") from None
+    except OSError as error:
+        raise RecordError(f"{path}: cannot be read ({error.strerror or error}); check its permissions or "
+                          "re-run that case") from None
 
 
 def runs_frame(records: list[RunRecord]) -> pd.DataFrame:

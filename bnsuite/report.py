@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -25,11 +24,13 @@ import pandas as pd
 
 from bnsuite import baseline as gate
 from bnsuite import plots
-from bnsuite.claims import REASONS, ClaimResult, activation_drift, study_claims
+from bnsuite.claims import ClaimResult, study_claims
 from bnsuite.files import write_atomically
-from bnsuite.records import RecordError, RunRecord, epochs_frame, load_records, runs_frame
-from bnsuite.report_studies import SECTIONS, claims_table
-from bnsuite.spec import CONTRADICTED, SUPPORTED, ClaimSettings, Study, StudySpec
+from bnsuite.records import RecordError, RunRecord, epochs_frame, load_records
+from bnsuite.registry import PluginError, SectionContext, load_plugins, study_definition
+from bnsuite.report_parts import claims_table, colors, discussion
+from bnsuite.spec import TRAINING_IMAGES, ClaimSettings, Study, StudySpec
+from bnsuite.studies.batch import records_section
 
 DEFAULT_RESULTS = Path("results") / "full"  # where `pytest benchmarks/` saves the full profile's records
 DEFAULT_BENCHMARKS = Path(".benchmarks")
@@ -46,8 +47,17 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"results directory to report the numbers against; auto: the committed "
                              f"{gate.REFERENCE_DIR}/PROFILE when there is one; none: no such section")
     parser.add_argument("--no-plots", action="store_true", help="write tables only, no PNG figures")
+    parser.add_argument("--plugin", default="", metavar="MODULE[,MODULE]",
+                        help="plugin modules to import first, for the claims and sections of the studies they "
+                             "define (variants need none: records describe them); the bnsuite.plugins entry points "
+                             "of installed packages are imported anyway")
     args = parser.parse_args(argv)
     out = args.out or args.results / "REPORT.md"
+    try:
+        load_plugins([name.strip() for name in args.plugin.split(",") if name.strip()])
+    except PluginError as error:
+        print(f"bnsuite.report: {error}", file=sys.stderr)
+        return 2
     try:
         markdown = build_report(args.results, out=out, benchmarks=args.benchmarks, with_plots=not args.no_plots,
                                 baseline=args.baseline)
@@ -140,15 +150,14 @@ def baseline_section(records: list[RunRecord], baseline: gate.Baseline, *, out: 
             lines += [f"{label} (not compared): {', '.join(names)}.", ""]
     if with_plots and rows:
         spec = records[0].study
-        batch = _records_of(spec, spec.study("batch"), records) if spec and spec.study("batch") else records
-        wanted = {gate.configuration(r.spec) for r in batch}
-        theirs_batch = [r for r in baseline.records.values() if gate.configuration(r.spec) in wanted]
-        if theirs_batch:
-            epochs = epochs_frame(batch)
-            column, label = (("validation_accuracy", "validation") if epochs["validation_accuracy"].notna().any()
-                             else ("test_accuracy", "test"))
+        first = _records_of(spec, spec.studies[0], records) if spec else records  # the first study's runs
+        wanted = {gate.configuration(r.spec) for r in first}
+        theirs = [r for r in baseline.records.values() if gate.configuration(r.spec) in wanted]
+        if theirs:
+            label = first[0].spec.held_out
             name = "against_baseline.png"
-            write_atomically(out.parent / name, plots.baseline_plot(epochs, epochs_frame(theirs_batch), column, label))
+            write_atomically(out.parent / name, plots.baseline_plot(epochs_frame(first), epochs_frame(theirs),
+                                                                    f"{label}_accuracy", label, colors(first)))
             lines += [f"![{label.capitalize()} accuracy per epoch against the baseline]({name})", ""]
     return lines
 
@@ -164,11 +173,11 @@ def _one_study(records: list[RunRecord]) -> StudySpec:
 def protocol_key(record: RunRecord) -> str:
     """The protocol a record was made under, as one line; records with different lines are never pooled."""
     protocol = record.spec.protocol()
-    train = protocol["train_subset"] or 60_000 - protocol["validation_size"]
+    train = protocol["train_subset"] or TRAINING_IMAGES - protocol["validation_size"]
     held_out = "seed protocol, no validation split" if protocol["validation_size"] == 0 else (
         f"{protocol['validation_size']} validation images")
-    first = record.study.studies[0] if record.study else None
-    epochs, lr = (first.epochs, first.lrs[0]) if first and first.name == "batch" else (None, None)
+    first = record.study.studies[0] if record.study else None  # the study the protocol line speaks for
+    epochs, lr = (first.epochs, first.lrs[0] if len(first.lrs) == 1 else None) if first else (None, None)
     if record.study is None:
         epochs, lr = record.spec.epochs, record.spec.lr
     line = f"profile {record.profile or 'none'}: {protocol['dataset']}, "
@@ -205,22 +214,29 @@ def _describe_settings(settings: ClaimSettings | None) -> str:
 
 def plan_section(title: str, spec: StudySpec | None, records: list[RunRecord], *, out: Path, prefix: str,
                  with_plots: bool, heading_level: int) -> list[str]:
-    """One section: the protocol, what is missing, the batch-size study, then the studies of BN's reasons."""
+    """One section: the protocol, what is missing, then each study's section in the order the studies run."""
     h = "#" * heading_level
     lines = [f"{h} Protocol", "", f"{title}.", ""]
     lines += completeness(records, spec)
     claims = evaluate_claims(records, spec)
-    settings = spec.claims if spec else None
-    # Runs made outside a study are reported as a batch-size study without claims.
-    batch_records = records if spec is None else _records_of(spec, spec.study("batch"), records)
-    if batch_records:
-        lines += batch_section(batch_records, claims, settings, out=out, prefix=prefix, with_plots=with_plots, h=h)
-    else:
-        lines += [f"{h} Discussion", ""] + discussion(None, claims, settings) + [""]
-    for study in (spec.studies if spec else ()):
-        if study.name in SECTIONS:
-            lines += SECTIONS[study.name](spec, study, _records_of(spec, study, records), claims, out=out,
-                                          prefix=prefix, with_plots=with_plots, h=h)
+    if spec is None:  # runs made outside a study: the tables of the first study's kind, without claims
+        return lines + records_section(records, claims, None, out=out, prefix=prefix, with_plots=with_plots, h=h)
+    definitions = {study.name: study_definition(study.name) for study in spec.studies}
+    if not any(definition is not None and definition.discusses for definition in definitions.values()):
+        lines += [f"{h} Discussion", ""] + discussion(claims) + [""]
+    for study in spec.studies:
+        definition = definitions[study.name]
+        if definition is None:
+            lines += [f"{h} Study {study.name}", "",
+                      f"_The study {study.name!r} is not registered here, so its claims and section are not shown "
+                      "(its records are counted above): load the plugin that defines it with "
+                      "`python -m bnsuite.report --plugin MODULE`._", ""]
+        elif definition.section is not None:
+            lines += definition.section(SectionContext(spec, study, _records_of(spec, study, records), claims, out,
+                                                       prefix, with_plots, h))
+        else:
+            lines += [f"{h} Claims: {definition.title}", "",
+                      claims_table([c for c in claims if c.study == study.name], spec.claims), ""]
     return lines
 
 
@@ -230,102 +246,6 @@ def _records_of(spec: StudySpec, study: Study | None, records: list[RunRecord]) 
         return []
     wanted = set(spec.study_runs(study))
     return [record for record in records if record.spec in wanted]
-
-
-def batch_section(records: list[RunRecord], claims: list[ClaimResult], settings: ClaimSettings | None, *,
-                  out: Path, prefix: str, with_plots: bool, h: str) -> list[str]:
-    """The original study: plain against BN at each batch size."""
-    runs, epochs = runs_frame(records), epochs_frame(records)
-    held_out_column, held_out_label = (
-        ("validation", "validation") if runs["validation_size"].iloc[0] > 0 else ("test", "test (per epoch)")
-    )
-    lines = []
-    if held_out_column == "test":
-        lines += ["Under the seed protocol all 60,000 training images train the model, so the held-out curve per "
-                  "epoch is measured on the official 10,000 test images.", ""]
-    lines += [f"{h} Test accuracy without and with BN", "", headline_table(runs), ""]
-    lines += [f"{h} Discussion", ""] + discussion(runs, claims, settings) + [""]
-    if with_plots:
-        lines += figures(runs, epochs, out=out, prefix=prefix, held_out_column=held_out_column, heading=h)
-    lines += [f"{h} Training loss per epoch (mean of per-batch losses, mean over seeds)", "",
-              per_epoch_table(epochs, "train_loss", digits=4), ""]
-    lines += [f"{h} Held-out loss per epoch: {held_out_label}", "",
-              per_epoch_table(epochs, f"{held_out_column}_loss", digits=4), ""]
-    lines += [f"{h} Held-out accuracy per epoch (%): {held_out_label}", "",
-              per_epoch_table(epochs, f"{held_out_column}_accuracy", digits=2), ""]
-    lines += [f"{h} Final epoch: training and held-out side by side", "",
-              final_epoch_table(runs, held_out_column), ""]
-    lines += [f"{h} Training time (evaluation excluded)", "", timing_table(runs), ""]
-    if runs["runs_trained_together"].max() > 1:
-        lines += ["Runs trained together (the seeds of a variant and batch size, as one batched "
-                  "computation) are each given their share of its time.", ""]
-    lines += activations_lines(records, out=out, prefix=prefix, with_plots=with_plots, h=h)
-    lines += running_vs_batch_lines(records, out=out, prefix=prefix, with_plots=with_plots, h=h)
-    batch_claims = [claim for claim in claims if claim.study == "batch"]
-    lines += [f"{h} Claims", "", claims_table(batch_claims, settings), ""]
-    return lines
-
-
-def activations_lines(records: list[RunRecord], *, out: Path, prefix: str, with_plots: bool, h: str) -> list[str]:
-    """Ioffe & Szegedy's Fig. 1 on the study's networks: how much the last hidden layer's inputs drift."""
-    probed = [r for r in records if r.spec.batch_size == 64 and r.activations is not None
-              and r.spec.variant in ("plain", "bn")]
-    if not probed:
-        return []
-    trace = probed[0].activations
-    rows = []
-    for variant in ("plain", "bn"):
-        mine = [r for r in probed if r.spec.variant == variant]
-        if mine:
-            rows.append({"variant": variant, "drift (mean move between checkpoints / spread)":
-                         mean_std([activation_drift(r) for r in mine]), "checkpoints": len(mine[0].activations.steps)})
-    lines = [f"{h} Steadier activations (Ioffe & Szegedy 2015, Fig. 1)", "",
-             f"At batch size 64, the {', '.join(f'{p:g}th' for p in trace.percentiles)} percentiles of units "
-             f"{', '.join(map(str, trace.units))} of the last hidden layer's input to its ReLU (after bn2 for BN, "
-             "with the probe batch's own statistics; fc2's output for plain), on a fixed probe batch of held-out "
-             f"test images, before training, every {trace.every} steps and at every epoch end. Drift: the mean "
-             "move of a percentile between checkpoints divided by the unit's 85th-15th percentile spread.", "",
-             pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True), ""]
-    if with_plots:
-        seed = min(r.spec.seed for r in probed)
-        frame = pd.DataFrame([
-            {"variant": r.spec.variant, "step": step, "percentile": percentile, "value": at[0][k]}
-            for r in probed if r.spec.seed == seed
-            for step, at in zip(r.activations.steps, r.activations.values, strict=True)
-            for k, percentile in enumerate(r.activations.percentiles)])
-        name = f"{prefix}activations.png"
-        write_atomically(out.parent / name, plots.activation_plot(frame))
-        lines += [f"![Unit {trace.units[0]}'s input percentiles over training, seed {seed}]({name})", ""]
-    return lines
-
-
-def running_vs_batch_lines(records: list[RunRecord], *, out: Path, prefix: str, with_plots: bool,
-                           h: str) -> list[str]:
-    """BN at inference: held-out accuracy per epoch with the running estimates against each batch's own statistics."""
-    frame = pd.DataFrame([
-        {"batch_size": r.spec.batch_size, "seed": r.spec.seed, "epoch": e.epoch,
-         "running": e.validation_accuracy if e.validation_accuracy is not None else e.test_accuracy,
-         "batch": e.batch_statistics_accuracy}
-        for r in records if r.spec.variant == "bn" for e in r.epochs if e.batch_statistics_accuracy is not None])
-    if frame.empty:
-        return []
-    frame["gap"] = frame["running"] - frame["batch"]
-    held_out = "validation" if records[0].spec.validation_size > 0 else "test"
-    table = frame.pivot_table(index="epoch", columns="batch_size", values="gap", aggfunc=mean_std)
-    table.columns = [f"bs{batch_size} gap (points)" for batch_size in table.columns]
-    final = frame[frame["epoch"] == frame.groupby(["batch_size", "seed"])["epoch"].transform("max")]
-    ends = "; ".join(f"batch {b}: {mean_std(at['running'])} with running estimates, {mean_std(at['batch'])} with "
-                     "batch statistics" for b, at in final.groupby("batch_size"))
-    lines = [f"{h} Running estimates against batch statistics", "",
-             f"BN's {held_out} accuracy at every epoch end, in eval mode (running estimates, what the study reports) "
-             f"and with each held-out batch of the run's batch size normalized by its own statistics, as in training "
-             f"(running estimates untouched). Gap: running minus batch statistics, mean ± std over seeds. Final "
-             f"epoch: {ends}.", "", table.to_markdown(), ""]
-    if with_plots:
-        name = f"{prefix}running_vs_batch_statistics.png"
-        write_atomically(out.parent / name, plots.running_vs_batch_plot(frame))
-        lines += [f"![BN's held-out accuracy per epoch: running estimates against batch statistics]({name})", ""]
-    return lines
 
 
 def completeness(records: list[RunRecord], spec: StudySpec | None) -> list[str]:
@@ -347,186 +267,9 @@ def completeness(records: list[RunRecord], spec: StudySpec | None) -> list[str]:
     return lines
 
 
-def mean_std(values) -> str:
-    values = [v for v in values if v is not None and pd.notna(v)]
-    if not values:
-        return "n/a"
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.2f} ± {spread:.2f} (n={len(values)})"
-
-
-def headline_table(runs: pd.DataFrame) -> str:
-    finished = runs[~runs["diverged"]]
-    rows = []
-    for batch_size in sorted(runs["batch_size"].unique()):
-        at_batch = finished[finished["batch_size"] == batch_size]
-        row = {"batch size": batch_size}
-        for variant in sorted(runs["variant"].unique(), key=_variant_order):
-            row[f"{variant} test acc %"] = mean_std(at_batch[at_batch["variant"] == variant]["test_accuracy"])
-        plain = at_batch[at_batch["variant"] == "plain"]["test_accuracy"]
-        bn = at_batch[at_batch["variant"] == "bn"]["test_accuracy"]
-        if len(plain) and len(bn):
-            row["bn - plain (points)"] = f"{bn.mean() - plain.mean():+.2f}"
-        rows.append(row)
-    return pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True)
-
-
-def _variant_order(variant: str) -> tuple[int, str]:
-    return ({"plain": 0, "bn": 1}.get(variant, 2), variant)
-
-
-def per_epoch_table(epochs: pd.DataFrame, column: str, *, digits: int) -> str:
-    if epochs.empty or epochs[column].isna().all():
-        return "_No per-epoch values recorded._"
-    table = epochs.pivot_table(index="epoch", columns=["variant", "batch_size"], values=column, aggfunc="mean")
-    table = table[sorted(table.columns, key=lambda c: (_variant_order(c[0]), c[1]))]
-    table.columns = [f"{variant} bs{batch}" for variant, batch in table.columns]
-    return table.round(digits).to_markdown()
-
-
-def final_epoch_table(runs: pd.DataFrame, held_out: str) -> str:
-    finished = runs[~runs["diverged"]]
-    rows = []
-    for (variant, batch_size), group in sorted(finished.groupby(["variant", "batch_size"]),
-                                               key=lambda item: (_variant_order(item[0][0]), item[0][1])):
-        held_loss = group[f"final_{held_out}_loss"] if held_out == "validation" else group["test_loss"]
-        held_acc = group[f"final_{held_out}_accuracy"] if held_out == "validation" else group["test_accuracy"]
-        rows.append({
-            "variant": variant, "batch size": batch_size,
-            "train loss": f"{group['final_train_loss'].mean():.4f}",
-            "held-out loss": f"{held_loss.mean():.4f}",
-            "train acc %": f"{group['final_train_accuracy'].mean():.2f}",
-            "held-out acc %": f"{held_acc.mean():.2f}",
-            "gap (train - held-out acc)": f"{group['final_train_accuracy'].mean() - held_acc.mean():+.2f}",
-        })
-    return pd.DataFrame(rows).to_markdown(index=False)
-
-
-def timing_table(runs: pd.DataFrame) -> str:
-    rows = []
-    for (variant, batch_size), group in sorted(runs.groupby(["variant", "batch_size"]),
-                                               key=lambda item: (_variant_order(item[0][0]), item[0][1])):
-        per_epoch = group["train_time_s"] / group["epochs_run"].clip(lower=1)
-        rows.append({
-            "variant": variant, "batch size": batch_size,
-            "train time per run (s)": mean_std(group["train_time_s"]),
-            "time per epoch (s)": f"{per_epoch.mean():.2f}",
-            "samples/s": f"{group['samples_per_s'].mean():,.0f}",
-            "steps per run": int(group["steps"].max()),
-            "runs trained together": int(group["runs_trained_together"].max()),
-        })
-    return pd.DataFrame(rows).to_markdown(index=False)
-
-
 def evaluate_claims(records: list[RunRecord], spec: StudySpec | None) -> list[ClaimResult]:
     """The claims of the section's studies, judged with the settings they recorded; none without a study."""
     return [claim.evaluate(records) for claim in study_claims(spec)] if spec else []
-
-
-STUDY_TITLES = {"lr": "learning-rate study", "init": "initialization study", "dropout": "dropout study",
-                "batch": "batch-size study", "ghost": "ghost-batch study"}
-# The batch-size study's claims said once per batch size, in the discussion's first lines.
-PER_BATCH_SIZE = (("bn-converges-faster", "Convergence speed"), ("bn-lower-final-loss", "Final training loss"),
-                  ("bn-accuracy-at-least-plain", "Test accuracy"),
-                  ("bn-train-accuracy-at-least-plain", "Training accuracy"),
-                  ("bn-held-out-accuracy-at-least-plain", "Validation accuracy"),
-                  ("bn-running-estimates-at-least-batch-statistics", "Running estimates against batch statistics"))
-
-
-def discussion(runs: pd.DataFrame | None, claims: list[ClaimResult], settings: ClaimSettings | None) -> list[str]:
-    """Sentences that each restate a measured number or a claim verdict, nothing else.
-
-    The batch-size study's claims per batch size first, then what it measured,
-    then one line per reason the study gives for BN, naming the claims that
-    check it and their verdicts.
-    """
-    sentences = []
-    per_batch: dict[str, dict[int, ClaimResult]] = defaultdict(dict)
-    for claim in claims:
-        if claim.study == "batch" and claim.batch_size is not None:
-            per_batch[claim.kind][claim.batch_size] = claim
-    for kind, label in PER_BATCH_SIZE:
-        if kind in per_batch:
-            sentences.append(_per_batch_sentence(label, per_batch[kind]))
-    if runs is not None:
-        sentences += _measured_sentences(runs)
-    for reason in REASONS:
-        if reason in ("faster", "accuracy"):
-            continue  # said per batch size above
-        checked = [claim for claim in claims if claim.reason == reason and not (
-            claim.study == "batch" and claim.kind in dict(PER_BATCH_SIZE))]
-        if checked:
-            study = ", ".join(dict.fromkeys(STUDY_TITLES[claim.study] for claim in checked))
-            verdicts = "; ".join(f"{claim.short}{_at(claim)}: **{claim.verdict}**" for claim in checked)
-            sentences.append(f"- **{REASONS[reason][0].upper()}{REASONS[reason][1:]}** ({study}): {verdicts}.")
-    if runs is not None:
-        diverged = runs[runs["diverged"]]
-        if not diverged.empty:
-            sentences.append(f"- **Divergence:** {len(diverged)} run(s) diverged: {', '.join(diverged['case'])}.")
-    return sentences or ["_Not enough runs for a discussion._"]
-
-
-def _at(claim: ClaimResult) -> str:
-    return f" (batch size {claim.batch_size})" if claim.batch_size is not None else ""
-
-
-def _per_batch_sentence(label: str, found: dict[int, ClaimResult]) -> str:
-    first = next(iter(found.values()))
-    supported = [str(b) for b, c in sorted(found.items()) if c.verdict == SUPPORTED]
-    other = [f"{b}" + (f" ({c.verdict})" if c.verdict == CONTRADICTED else "") for b, c in sorted(found.items())
-             if c.verdict != SUPPORTED]
-    text = (f"{first.short} in every seed at batch size{'s' if len(supported) != 1 else ''} {', '.join(supported)}"
-            if supported else "")
-    if other:
-        text += ("; " if text else "") + f"this was not shown at batch size {', '.join(other)}"
-    return f"- **{label}:** {text}."
-
-
-def _measured_sentences(runs: pd.DataFrame) -> list[str]:
-    """What the batch-size study measured that no claim tests: spread over seeds, the accuracy difference."""
-    sentences = []
-    batch_sizes = sorted(runs["batch_size"].unique())
-    finished = runs[~runs["diverged"]]
-    spreads = finished.groupby(["variant", "batch_size"])["test_accuracy"].std().dropna()
-    if {"plain", "bn"} <= set(finished["variant"]) and not spreads.empty:
-        parts = []
-        for batch_size in batch_sizes:
-            plain_spread = spreads.get(("plain", batch_size))
-            bn_spread = spreads.get(("bn", batch_size))
-            if plain_spread is not None and bn_spread is not None:
-                parts.append(f"bs{batch_size}: plain {plain_spread:.2f}, bn {bn_spread:.2f}")
-        if parts:
-            sentences.append("- **Stability over seeds** (standard deviation of test accuracy, points): "
-                             + "; ".join(parts) + ". With a handful of seeds this is descriptive, not a tested claim.")
-        gaps = []
-        for batch_size in batch_sizes:
-            at = finished[finished["batch_size"] == batch_size]
-            plain, bn = at[at["variant"] == "plain"], at[at["variant"] == "bn"]
-            if len(plain) and len(bn):
-                gaps.append(f"{bn['test_accuracy'].mean() - plain['test_accuracy'].mean():+.2f} points at "
-                            f"batch size {batch_size}")
-        if gaps:
-            sentences.append("- **Performance:** mean test accuracy with BN minus without: " + ", ".join(gaps) + ".")
-    return sentences
-
-
-def figures(runs, epochs, *, out: Path, prefix: str, held_out_column: str, heading: str) -> list[str]:
-    if epochs.empty:
-        return []
-    directory = out.parent
-    drawn = {
-        f"{prefix}training_loss.png": ("Training loss per epoch", plots.training_loss_plot(epochs)),
-        f"{prefix}held_out_accuracy.png": (
-            f"{held_out_column.capitalize()} accuracy per epoch",
-            plots.held_out_accuracy_plot(epochs, f"{held_out_column}_accuracy", held_out_column)),
-        f"{prefix}accuracy_vs_batch_size.png": ("Test accuracy against batch size",
-                                                plots.accuracy_by_batch_size_plot(runs)),
-    }
-    lines = [f"{heading} Figures", ""]
-    for name, (title, png) in drawn.items():
-        write_atomically(directory / name, png)
-        lines += [f"![{title}]({name})", ""]
-    return lines
 
 
 def benchmark_section(benchmarks: Path | None) -> list[str]:

@@ -15,12 +15,12 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 from dataclasses import dataclass
 
 from pydantic import ConfigDict, with_config
 
-from bnsuite.data import DATASETS
-from bnsuite.models import VARIANTS, ghost_size
+from bnsuite.datasets import DATASETS
 
 TRAINING_IMAGES = 60_000  # both MNIST and Fashion-MNIST
 DEFAULT_LR = 0.01  # the study's SGD learning rate
@@ -33,6 +33,57 @@ STRICT = ConfigDict(strict=True, allow_inf_nan=False, extra="forbid")
 
 class SpecError(ValueError):
     """A run specification has a value that cannot run; the message says which and why."""
+
+
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # variant and study names: they go into file names
+
+
+@with_config(STRICT)
+@dataclass(frozen=True)
+class Variant:
+    """A model variant as data: everything the report, the baseline and Ray workers need, without building it.
+
+    The registry (bnsuite.registry) holds one per variant name with the
+    function that builds it; specs name a variant, and every record carries
+    the description of its own, so a record of a variant whose plugin is not
+    importable still loads and reports.
+    """
+
+    name: str
+    batch_statistics: bool  # normalizes with its batch's statistics in training (running estimates at inference)
+    # Images per batch statistic when fewer than the batch (a ghost batch); None: the whole batch, or no batch
+    # statistics at all.
+    images_per_statistic: int | None = None
+    derives_from: str | None = None  # the variant it changes one thing of (bn-dropout: bn), for tables and figures
+    # The submodule whose output is the input to the last hidden nonlinearity (bnsuite.probe); None: not probed.
+    probe: str | None = None
+    order: int = 100  # place in tables and figures (ties by name)
+    color: str = "tab:gray"  # in figures (a matplotlib colour)
+    builder: str = ""  # the function that builds the network, as module:name
+    source: str = "bnsuite"  # bnsuite, or the plugin module that registered it with its version or file hash
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.name, str) and NAME_PATTERN.fullmatch(self.name) is not None,
+                 f"variant name {self.name!r} must be letters, digits, '.', '_' or '-' (it names record files)")
+        if self.images_per_statistic is not None:
+            _require_int(self.images_per_statistic, f"images per statistic of {self.name}", minimum=2)
+            _require(self.batch_statistics, f"variant {self.name} has images per statistic but no batch statistics")
+
+    def check(self, spec: RunSpec) -> None:
+        """Refuse a run this variant cannot train, with what to change."""
+        _require(spec.variant == self.name, f"run {spec.case_id} is not of variant {self.name}")
+        if self.batch_statistics:
+            _require(
+                spec.batch_size > 1 and spec.train_size % spec.batch_size != 1,
+                f"batch size {spec.batch_size} leaves a batch of a single image ({spec.train_size} training images), "
+                f"and {self.name} normalizes with batch statistics, which need at least 2 per batch; choose another "
+                "batch size or train subset",
+            )
+        ghost = self.images_per_statistic
+        if ghost is not None:
+            _require(spec.batch_size % ghost == 0,
+                     f"batch size {spec.batch_size} does not split into ghost batches of {ghost} ({self.name}); "
+                     f"use a batch size that is a multiple of {ghost}")
 
 
 @with_config(STRICT)
@@ -57,7 +108,8 @@ class RunSpec:
 
     def __post_init__(self) -> None:
         _require(self.dataset in DATASETS, f"unknown dataset {self.dataset!r}; choose one of: {', '.join(DATASETS)}")
-        _require(self.variant in VARIANTS, f"unknown variant {self.variant!r}; choose one of: {', '.join(VARIANTS)}")
+        _require(isinstance(self.variant, str) and NAME_PATTERN.fullmatch(self.variant) is not None,
+                 f"variant name {self.variant!r} must be letters, digits, '.', '_' or '-'")
         _require(self.pipeline in PIPELINES,
                  f"unknown pipeline {self.pipeline!r}; choose one of: {', '.join(PIPELINES)}")
         _require(_is_device_name(self.device), f"unknown device {self.device!r}; choose auto, cpu, cuda or cuda:N")
@@ -91,21 +143,15 @@ class RunSpec:
             f"batch size {self.batch_size} is larger than the training set ({self.train_size} images); "
             "use a smaller batch size",
         )
-        if self.variant.startswith("bn"):  # every variant with batch statistics
-            _require(
-                self.batch_size > 1 and self.train_size % self.batch_size != 1,
-                f"batch size {self.batch_size} leaves a batch of a single image ({self.train_size} training images), "
-                "and batch normalization needs at least 2 per batch; choose another batch size or train subset",
-            )
-        ghost = ghost_size(self.variant)
-        if ghost is not None:
-            _require(self.batch_size % ghost == 0,
-                     f"batch size {self.batch_size} does not split into ghost batches of {ghost} ({self.variant}); "
-                     f"use a batch size that is a multiple of {ghost}")
 
     @property
     def train_size(self) -> int:
         return self.train_subset or TRAINING_IMAGES - self.validation_size
+
+    @property
+    def held_out(self) -> str:
+        """The held-out set its figures are judged on: "validation" with a validation split, else "test"."""
+        return held_out_name(self.validation_size)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -187,20 +233,13 @@ class ClaimSettings:
         return next((exception for exception in self.known_exceptions if exception.claim == claim), None)
 
 
-# The studies a StudySpec can hold, in the order they run and are reported.
-STUDIES = ("batch", "lr", "init", "dropout", "ghost")
-
-
 @with_config(STRICT)
 @dataclass(frozen=True)
 class Study:
-    """One study: a matrix of runs, every variant x batch size x learning rate x init scale x seed.
+    """One study's matrix of runs: every variant x batch size x learning rate x init scale x seed.
 
-    `batch` is the original study (variants and batch sizes); `lr`, `init` and
-    `dropout` test the reasons the study gives for BN (higher learning rates,
-    less sensitivity to initialization, regularization); `ghost` measures how
-    BN depends on the number of images its statistics see (ghost-batch BN
-    against LayerNorm, Wu & He 2018).
+    What the study claims and how it is reported is its definition's, in the
+    study registry (bnsuite.registry, bnsuite.studies), found by `name`.
     """
 
     name: str
@@ -211,7 +250,8 @@ class Study:
     init_scales: tuple[float, ...] = (1.0,)
 
     def __post_init__(self) -> None:
-        _require(self.name in STUDIES, f"unknown study {self.name!r}; choose from: {', '.join(STUDIES)}")
+        _require(isinstance(self.name, str) and NAME_PATTERN.fullmatch(self.name) is not None,
+                 f"study name {self.name!r} must be letters, digits, '.', '_' or '-'")
         for what, values in (("variants", self.variants), ("batch sizes", self.batch_sizes),
                              ("learning rates", self.lrs), ("init scales", self.init_scales)):
             _require(len(values) > 0, f"the {self.name} study needs at least one of its {what}")
@@ -235,15 +275,39 @@ class StudySpec:
     device: str = "auto"
     validation_size: int = 0  # 0: the seed protocol (train on all 60,000)
     train_subset: int | None = None
+    # The description of every variant its studies train (bnsuite.registry.study_spec fills it from the registry),
+    # so what a study asked for reads from its records alone.
+    variants: tuple[Variant, ...] = ()
 
     def __post_init__(self) -> None:
         names = [study.name for study in self.studies]
         _require(len(names) > 0, "a study spec needs at least one study")
-        _require(names == [name for name in STUDIES if name in names],
-                 f"studies {names} repeat or are out of order; give each once, in the order {', '.join(STUDIES)}")
+        _require(len(set(names)) == len(names), f"studies {names} repeat a study; give each once")
         _require(len(self.seeds) > 0, "a study needs at least one seed")
         _require(len(set(self.seeds)) == len(self.seeds), f"seeds {self.seeds} repeat a value; give each once")
-        self.run_specs()  # every combination must make a valid RunSpec
+        described = [variant.name for variant in self.variants]
+        _require(len(set(described)) == len(described), f"variant descriptions {described} repeat a variant")
+        used = list(dict.fromkeys(name for study in self.studies for name in study.variants))
+        undescribed = [name for name in used if name not in described]
+        _require(not undescribed, f"no description of variant(s) {', '.join(undescribed)}: build the study spec "
+                 "with bnsuite.registry.study_spec, which takes them from the variant registry")
+        for spec in self.run_specs():  # every combination must make a valid RunSpec its variant can train
+            self.variant(spec.variant).check(spec)
+
+    @property
+    def held_out(self) -> str:
+        """The held-out set its runs are judged on: "validation" with a validation split, else "test"."""
+        return held_out_name(self.validation_size)
+
+    @property
+    def train_size(self) -> int:
+        return self.train_subset or TRAINING_IMAGES - self.validation_size
+
+    def variant(self, name: str) -> Variant:
+        """The description of variant `name`, as this study recorded it."""
+        found = next((variant for variant in self.variants if variant.name == name), None)
+        _require(found is not None, f"the study has no variant {name!r}")
+        return found
 
     def study(self, name: str) -> Study | None:
         return next((study for study in self.studies if study.name == name), None)
@@ -303,11 +367,18 @@ class StudySpec:
         return next((group for group in self.groups() if spec in group), (spec,))
 
     def protocol(self) -> dict:
-        """What must agree for results to be compared: everything but the studies' matrices, seeds and device."""
+        """What must agree for results to be compared: everything but the studies' matrices, their variants, seeds
+        and device."""
         fields = dataclasses.asdict(self)
-        for varying in ("studies", "seeds", "device"):
+        for varying in ("studies", "seeds", "device", "variants"):
             fields.pop(varying)
         return fields
+
+
+def held_out_name(validation_size: int) -> str:
+    """The one place that decides which set is held out: the validation split where there is one, else the
+    official test images (the seed protocol trains on all 60,000)."""
+    return "validation" if validation_size > 0 else "test"
 
 
 def _is_positive_number(value: object) -> bool:

@@ -1,14 +1,16 @@
 """The study's profiles, the options that override them, and a session that runs a study's cases.
 
-A `StudySpec` (bnsuite.spec) says which studies a session runs (the batch-size
-study, and the learning-rate, initialization and dropout studies that test the
-reasons given for BN), their runs and how their claims are judged.
-`PROFILES` are its presets: `full` is the study exactly (the seed protocol,
-10 epochs, all 60,000 training images), `smoke` is small enough for CI,
-`quick` is in between. A `StudySession` trains each group once (the runs of a
-variant and batch size together), saves every record, reports progress epoch
-by epoch, and hands the records on to the claims, so the claims reuse the
-runs the benchmarks already made.
+A `StudySpec` (bnsuite.spec) says which studies a session runs, their runs
+and how their claims are judged. A profile is the same studies at another
+size: `full` is the study exactly (the seed protocol, 10 epochs, all 60,000
+training images), `smoke` is small enough for CI, `quick` is in between.
+What a profile sets for every study is here (`PROFILE_SETTINGS`); each
+study's matrix in it and its known exceptions are the study's own
+(bnsuite.studies, and the studies of plugins: bnsuite.registry). A
+`StudySession` trains each group once (the runs of a variant and batch size
+together), saves every record, reports progress epoch by epoch, and hands
+the records on to the claims, so the claims reuse the runs the benchmarks
+already made.
 """
 
 from __future__ import annotations
@@ -20,81 +22,40 @@ from pathlib import Path
 
 import torch
 
+from bnsuite import registry
 from bnsuite.claims import study_claims
-from bnsuite.data import DATASETS
+from bnsuite.datasets import DATASETS
 from bnsuite.executor import RayExecutor
-from bnsuite.models import VARIANTS
 from bnsuite.records import EpochRecord, RunRecord, save_record
-from bnsuite.spec import (
-    CONTRADICTED,
-    NOT_SHOWN,
-    STUDIES,
-    ClaimSettings,
-    KnownException,
-    RunSpec,
-    SpecError,
-    Study,
-    StudySpec,
-)
-from bnsuite.train import train_seeds
+from bnsuite.registry import StudyDefinition, study_spec, variant_names
+from bnsuite.spec import ClaimSettings, KnownException, RunSpec, SpecError, StudySpec
+from bnsuite.train import train_seeds  # through bnsuite.models, the built-in variants are registered
 
 DEVICES = ("auto", "cpu", "cuda")
-LR_GRID = (0.01, 0.03, 0.1, 0.3, 1.0)  # the study's 0.01 up in steps of about 3x, past where plain stops training
-INIT_SCALES = (0.1, 0.3, 1.0, 3.0, 10.0)
-# Wu & He (2018, Fig. 1) go from 32 images per device down to 2; a ghost batch of the whole batch (128) is bn.
-GHOST_VARIANTS = ("bn-ghost2", "bn-ghost4", "bn-ghost8", "bn-ghost16", "bn-ghost32", "bn", "ln")
-GHOST_BATCH = 128
-
-
-def _studies(epochs: int, short_epochs: int, *, lrs=LR_GRID, init_scales=INIT_SCALES) -> tuple[Study, ...]:
-    """A profile's five studies. The dropout and ghost studies share the batch study's epochs, so plain and bn
-    at batch 64 (dropout) and bn at batch 128 (ghost) are the same runs in both; the learning-rate and init
-    studies settle sooner (`short_epochs`)."""
-    return (
-        Study("batch", variants=("plain", "bn"), batch_sizes=(32, 64, 128), epochs=epochs),
-        Study("lr", variants=("plain", "bn"), batch_sizes=(64,), epochs=short_epochs, lrs=lrs),
-        Study("init", variants=("plain", "bn"), batch_sizes=(64,), epochs=short_epochs, init_scales=init_scales),
-        Study("dropout", variants=("plain", "bn", "plain-dropout", "bn-dropout"), batch_sizes=(64,), epochs=epochs),
-        Study("ghost", variants=GHOST_VARIANTS, batch_sizes=(GHOST_BATCH,), epochs=epochs),
-    )
-
-
-PROFILES = {
-    # The learning-rate and init studies' verdicts are the same after 2 epochs as after 3: runs that diverge do so
-    # in their first epoch, and the others are already far above or below the trained-accuracy floor.
-    "full": StudySpec(profile="full", studies=_studies(10, 2), claims=ClaimSettings(target_loss=0.1, known_exceptions=(
-        KnownException("bn-accuracy-advantage-grows-with-batch-size", NOT_SHOWN,
-                       "after 10 epochs BN's test-accuracy advantage is about the same at batch 32 and 128 (within "
-                       "seed noise), while its final-loss advantage clearly grows; shorter profiles show it grow"),
-        KnownException("bn-smaller-generalization-gap-bs64", CONTRADICTED,
-                       "BN's final model fits its training images almost perfectly, so its gap to held-out accuracy "
-                       "is the larger, though its held-out accuracy is also the higher"),
-        KnownException("dropout-gains-bn-less-than-plain-bs64", NOT_SHOWN,
-                       "dropout changes either variant's accuracy by less than plain's seed spread in 10 epochs"),
-    ))),
-    "quick": StudySpec(profile="quick", studies=_studies(4, 2), train_subset=20_000, validation_size=10_000,
-                       claims=ClaimSettings(target_loss=0.15, known_exceptions=(
-                           KnownException("bn-smaller-generalization-gap-bs64", CONTRADICTED,
-                                          "BN's final model fits its 20,000 training images almost perfectly, so "
-                                          "its gap to held-out accuracy is the larger"),
-                           KnownException("dropout-gains-bn-less-than-plain-bs64", NOT_SHOWN,
-                                          "dropout changes either variant's accuracy by less than the seed spread "
-                                          "in 4 epochs"),
-                       ))),
-    "smoke": StudySpec(profile="smoke", studies=_studies(2, 2, lrs=(0.01, 0.1, 1.0), init_scales=(0.1, 1.0, 10.0)),
-                       train_subset=4_000, validation_size=10_000,
-                       claims=ClaimSettings(target_loss=0.5, trained_accuracy=70.0, known_exceptions=(
-                           KnownException("bn-converges-faster-bs32", NOT_SHOWN,
-                                          "in 2 epochs on 4,000 images both variants first reach loss 0.5 in epoch 2 "
-                                          "of 2, so the epoch counts tie; the full study's 10 epochs separate them"),
-                           KnownException("bn-smaller-generalization-gap-bs64", CONTRADICTED,
-                                          "after 2 epochs on 4,000 images BN already fits its training images "
-                                          "closely while plain still underfits them, so BN's gap is the larger"),
-                           KnownException("dropout-gains-bn-less-than-plain-bs64", NOT_SHOWN,
-                                          "after 2 epochs dropout costs both variants accuracy, by amounts within "
-                                          "plain's seed spread"),
-                       ))),
+# What a profile sets for every study: its training images, held-out split and claim settings.
+PROFILE_SETTINGS = {
+    "full": dict(claims=ClaimSettings(target_loss=0.1)),
+    "quick": dict(train_subset=20_000, validation_size=10_000, claims=ClaimSettings(target_loss=0.15)),
+    "smoke": dict(train_subset=4_000, validation_size=10_000,
+                  claims=ClaimSettings(target_loss=0.5, trained_accuracy=70.0)),
 }
+
+
+def profile_spec(profile: str, chosen: list[StudyDefinition] | None = None) -> StudySpec:
+    """The StudySpec of `profile`: the chosen studies (by default, every registered default study) with their
+    matrices in it, in run order, and their known exceptions under the profile's claim settings."""
+    if profile not in PROFILE_SETTINGS:
+        raise SpecError(f"unknown profile {profile!r}; choose one of: {', '.join(PROFILE_SETTINGS)}")
+    chosen = [definition for definition in registry.studies() if definition.default] if chosen is None else chosen
+    included = [definition for definition in chosen if definition.matrix(profile) is not None]
+    if not included:
+        raise SpecError(f"no study chosen has a matrix for the {profile} profile; choose others with --bn-studies")
+    settings = dict(PROFILE_SETTINGS[profile])
+    exceptions = tuple(exception for definition in included
+                       for exception in definition.known_exceptions.get(profile, ()))
+    settings["claims"] = dataclasses.replace(settings["claims"], known_exceptions=exceptions)
+    return study_spec(profile=profile, studies=tuple(definition.matrix(profile) for definition in included),
+                      **settings)
 
 
 def study_from_options(
@@ -112,21 +73,21 @@ def study_from_options(
 ) -> StudySpec:
     """A StudySpec from a profile and command-line style overrides (comma-separated lists).
 
-    `studies` picks some of the profile's studies; `variants` and `batch_sizes`
-    change the batch-size study; `epochs` every study; `lr` the learning rate of
-    every study but the learning-rate study's grid. Every value is checked here,
-    before anything trains, and a bad one raises SpecError saying what is wrong
-    and what is allowed. The profile's known exceptions carry over only to
-    claims that judge exactly the runs the profile measured, under the same
-    claim settings.
+    `studies` picks some of the registered studies (default: every default study); `variants` and
+    `batch_sizes` change the studies they reach (each study's definition says which options do: the
+    batch-size study's); `epochs` every study; `lr` the single learning rate of the studies it reaches (all
+    but the learning-rate study's grid). Every value is checked here, before anything trains, and a bad one
+    raises SpecError saying what is wrong and what is allowed. The profile's known exceptions carry over only
+    to claims that judge exactly the runs the profile measured, under the same claim settings.
     """
-    if profile not in PROFILES:
-        raise SpecError(f"unknown profile {profile!r}; choose one of: {', '.join(PROFILES)}")
-    base = PROFILES[profile]
-    chosen = list(base.studies)
+    if profile not in PROFILE_SETTINGS:
+        raise SpecError(f"unknown profile {profile!r}; choose one of: {', '.join(PROFILE_SETTINGS)}")
+    registered = {definition.name: definition for definition in registry.studies()}
+    chosen = None
     if studies is not None:
-        names = [_check_choice(name, STUDIES, "study") for name in _split_list(studies, "studies")]
-        chosen = [study for study in chosen if study.name in names]
+        names = [_check_choice(name, registered, "study") for name in _split_list(studies, "studies")]
+        chosen = [definition for name, definition in registered.items() if name in names]
+    base = profile_spec(profile, chosen)
     changes: dict = {}
     if dataset is not None:
         _check_choice(dataset, DATASETS, "dataset")
@@ -140,26 +101,31 @@ def study_from_options(
         changes["device"] = device
     study_changes: dict = {}
     if variants is not None:
-        study_changes["variants"] = tuple(_check_choice(v, VARIANTS, "variant")
+        study_changes["variants"] = tuple(_check_choice(v, variant_names(), "variant", hint=PLUGIN_HINT)
                                           for v in _split_list(variants, "variants"))
     if batch_sizes is not None:
-        study_changes["batch_sizes"] = tuple(_positive_int(v, "batch size")
+        study_changes["batch-sizes"] = tuple(_positive_int(v, "batch size")
                                              for v in _split_list(batch_sizes, "batch sizes"))
-    new_epochs = _positive_int(str(epochs), "epochs") if epochs is not None else None
-    new_lr = _positive_float(str(lr), "learning rate") if lr is not None else None
-    chosen = [dataclasses.replace(
-        study,
-        **(study_changes if study.name == "batch" else {}),
-        **({"epochs": new_epochs} if new_epochs is not None else {}),
-        **({"lrs": (new_lr,)} if new_lr is not None and study.name != "lr" else {}),
-    ) for study in chosen]
+    if epochs is not None:
+        study_changes["epochs"] = _positive_int(str(epochs), "epochs")
+    if lr is not None:
+        study_changes["lr"] = (_positive_float(str(lr), "learning rate"),)
+    fields = {"variants": "variants", "batch-sizes": "batch_sizes", "epochs": "epochs", "lr": "lrs"}
+    chosen_studies = tuple(dataclasses.replace(study, **{
+        fields[option]: value for option, value in study_changes.items() if option in registered[study.name].options
+    }) for study in base.studies)
     claims = base.claims
     if target_loss is not None:
         claims = dataclasses.replace(claims, target_loss=_positive_float(str(target_loss), "target loss"))
-    spec = dataclasses.replace(base, studies=tuple(chosen), **changes,
-                               claims=dataclasses.replace(claims, known_exceptions=()))
+    fields_of_base = {field.name: getattr(base, field.name) for field in dataclasses.fields(base)}
+    fields_of_base.update(studies=chosen_studies, **changes, claims=dataclasses.replace(claims, known_exceptions=()))
+    del fields_of_base["variants"]
+    spec = study_spec(**fields_of_base)
     return dataclasses.replace(spec, claims=dataclasses.replace(
         spec.claims, known_exceptions=_exceptions_that_still_apply(base, spec)))
+
+
+PLUGIN_HINT = "a variant of your own is registered by a plugin: --bn-plugin MODULE"
 
 
 def _exceptions_that_still_apply(profile: StudySpec, spec: StudySpec) -> tuple[KnownException, ...]:
@@ -182,9 +148,9 @@ def _split_list(text: str, what: str) -> list[str]:
     return items
 
 
-def _check_choice(value: str, choices, what: str) -> str:
+def _check_choice(value: str, choices, what: str, *, hint: str = "") -> str:
     if value not in choices:
-        raise SpecError(f"unknown {what} {value!r}; choose from: {', '.join(choices)}")
+        raise SpecError(f"unknown {what} {value!r}; choose from: {', '.join(choices)}" + (f" ({hint})" if hint else ""))
     return value
 
 
@@ -268,7 +234,7 @@ class StudySession:
 
 def progress_line(spec: RunSpec, epoch: EpochRecord, elapsed_s: float) -> str:
     held_out = (
-        f"val acc {epoch.validation_accuracy:6.2f}%" if epoch.validation_accuracy is not None
+        f"val acc {epoch.validation_accuracy:6.2f}%" if spec.held_out == "validation"
         else f"test acc {epoch.test_accuracy:6.2f}%"
     )
     return (

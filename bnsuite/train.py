@@ -36,8 +36,10 @@ from bnsuite import fastpath
 from bnsuite.data import load_splits
 from bnsuite.environment import describe_environment, now_utc
 from bnsuite.epochs import TensorEpochs, training_set
-from bnsuite.models import build_model, has_batch_statistics
+from bnsuite.models import build_model
+from bnsuite.probe import as_in_training
 from bnsuite.records import EpochRecord, RunRecord, finite_or_none
+from bnsuite.registry import checked
 from bnsuite.spec import RunSpec, StudySpec
 
 # cuBLAS reads this when it first starts; deterministic GEMMs need it (torch's reproducibility notes).
@@ -92,11 +94,6 @@ def train(
     return train_seeds([spec], data_dir=data_dir, study=study, on_epoch=on_epoch)[0]
 
 
-def trains_together(spec: RunSpec) -> bool:
-    """Whether runs like `spec` with other seeds, learning rates or init scales train as one computation."""
-    return spec.pipeline == "fast" and spec.variant in fastpath.VARIANTS
-
-
 def train_seeds(
     specs: Sequence[RunSpec],
     *,
@@ -107,7 +104,8 @@ def train_seeds(
 ) -> list[RunRecord]:
     """Train runs that differ only in seed, learning rate or init scale; one record each, in the order given.
 
-    Where the fast step covers the variant, the runs train as one batched
+    Where the fast step covers the variant's network (`fastpath.supports`, the one place that decides), the
+    runs train as one batched
     computation (bnsuite.fastpath), each on its own init and its own shuffle,
     bit for bit as when trained alone, and each record names the seeds it
     trained with; otherwise one after another. A run that diverges stops being
@@ -116,10 +114,11 @@ def train_seeds(
     """
     specs = list(specs)
     _check_one_group(specs)
-    if len(specs) > 1 and not trains_together(specs[0]):
-        return [train_seeds((spec,), data_dir=data_dir, study=study, on_epoch=on_epoch, executor=executor)[0]
-                for spec in specs]
     spec = specs[0]
+    variant = checked(spec)  # the variant is registered and can train this run, or SpecError says what to change
+    if len(specs) > 1 and not (spec.pipeline == "fast" and fastpath.supports(build_model(spec.variant))):
+        return [train_seeds((run,), data_dir=data_dir, study=study, on_epoch=on_epoch, executor=executor)[0]
+                for run in specs]
     device = resolve_device(spec.device)
     splits = load_splits(spec.dataset, validation_size=spec.validation_size, data_dir=data_dir)
     environment = describe_environment(device, splits.checksum)
@@ -155,7 +154,7 @@ def train_seeds(
                     continue
                 validation = evaluate(model, splits.validation_images, splits.validation_labels)
                 test = evaluate(model, splits.test_images, splits.test_labels)
-                held_out = ((splits.validation_images, splits.validation_labels) if run.validation_size > 0
+                held_out = ((splits.validation_images, splits.validation_labels) if run.held_out == "validation"
                             else (splits.test_images, splits.test_labels))
                 record = EpochRecord(
                     epoch=epoch,
@@ -166,7 +165,8 @@ def train_seeds(
                     test_loss=test[0],
                     test_accuracy=test[1],
                     epoch_time_s=epoch_time,
-                    batch_statistics_accuracy=evaluate_with_batch_statistics(model, *held_out, run.batch_size),
+                    batch_statistics_accuracy=evaluate_with_batch_statistics(model, *held_out, run.batch_size)
+                    if variant.batch_statistics else None,
                 )
                 epochs[index].append(record)
                 if on_epoch is not None:
@@ -183,6 +183,7 @@ def train_seeds(
             train_loss_eval, train_accuracy_eval = evaluate(model, *training_set(splits, run))
             records.append(RunRecord(
                 spec=run,
+                variant=variant,
                 study=study,
                 runs_trained_together=len(specs),
                 trained_with=tuple(other.case_id for other in specs),
@@ -257,32 +258,23 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> tu
 @torch.no_grad()
 def evaluate_with_batch_statistics(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                                    batch_size: int) -> float | None:
-    """Accuracy (%) with every BN layer normalizing each batch of `batch_size` images by its own statistics.
+    """Accuracy (%) with every normalization layer normalizing each batch of `batch_size` images by its own
+    statistics.
 
     What the network computes in training mode, on held-out images: the counterpart of `evaluate`'s running
-    estimates. The model's buffers are swapped for copies for the call, so its running estimates are untouched;
-    dropout stays off. Batches are consecutive, the last one shorter (merged into the one before if it would hold
-    a single image). None for a model without batch statistics, or an empty split.
+    estimates, for a variant with batch statistics. The model changes in nothing (bnsuite.probe.as_in_training:
+    its buffers are copies for the call, dropout is off). Batches are consecutive, the last one shorter (merged
+    into the one before if it would hold a single image). None for an empty split.
     """
-    if not has_batch_statistics(model) or len(labels) == 0:
+    if len(labels) == 0:
         return None
-    copies = {name: buffer.clone() for name, buffer in model.named_buffers()}
-    modes = {module: module.training for module in model.modules()}
-    model.train()
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.eval()
     starts = list(range(0, len(labels), batch_size))
     if len(starts) > 1 and len(labels) - starts[-1] == 1:
         starts.pop()  # a batch of one image has no batch statistics
     correct = torch.zeros((), dtype=torch.long, device=images.device)
-    try:
+    with as_in_training(model) as forward:
         for start, end in zip(starts, starts[1:] + [len(labels)], strict=True):
-            logits = torch.func.functional_call(model, copies, (images[start:end],))
-            correct += (logits.argmax(dim=1) == labels[start:end]).sum()
-    finally:
-        for module, training in modes.items():
-            module.train(training)
+            correct += (forward(images[start:end]).argmax(dim=1) == labels[start:end]).sum()
     return 100.0 * correct.item() / len(labels)
 
 

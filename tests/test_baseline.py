@@ -152,6 +152,14 @@ def test_compare_command_exits_1_on_a_worse_study_and_0_on_an_unchanged_one(refe
     assert "2 failed (bn-bs128 (1 epoch), plain-bs128 (1 epoch))" in capsys.readouterr().out
 
 
+def test_compare_command_names_the_results_and_the_baseline_each_by_its_role(reference, tmp_path, capsys):
+    (tmp_path / "new" / "runs").mkdir(parents=True)
+    assert gate.main(["compare", str(tmp_path / "new"), "--baseline", str(reference.directory)]) == 2
+    assert capsys.readouterr().err.startswith(f"bnsuite.baseline: results {tmp_path / 'new'}: no records in")
+    assert gate.main(["compare", str(reference.directory), "--baseline", str(tmp_path / "new")]) == 2
+    assert capsys.readouterr().err.startswith(f"bnsuite.baseline: baseline {tmp_path / 'new'}: no records in")
+
+
 PLUGIN_CASE = """
 def test_case(case, study_session, check_baseline):
     failed = [c.describe() for c in check_baseline(study_session.run_seeds(case)) if c.failed]
@@ -161,7 +169,7 @@ def test_case(case, study_session, check_baseline):
 
 def test_the_plugin_gates_each_case_and_refuses_to_overwrite_its_baseline(pytester, reference, tmp_path, mnist_dir):
     pytester.makepyfile(test_plugin_baseline=PLUGIN_CASE)
-    options = ["-p", "bnsuite.plugin", "-p", "no:cacheprovider", "--bn-profile", "smoke", "--bn-studies", "batch",
+    options = ["-p", "no:cacheprovider", "--bn-profile", "smoke", "--bn-studies", "batch",
                "--bn-variants", "plain", "--bn-batch-sizes", "128", "--bn-seeds", SEEDS, "--bn-epochs", "1",
                "--bn-data-dir", str(mnist_dir), "--bn-baseline", str(reference.directory)]
     result = pytester.runpytest_inprocess(*options, "--bn-results-dir", str(tmp_path / "now"))

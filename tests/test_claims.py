@@ -4,13 +4,14 @@ import pytest
 
 from bnsuite.claims import gate, p_smaller, study_claims
 from bnsuite.records import Environment, EpochRecord, RunRecord
-from bnsuite.spec import CONTRADICTED, NOT_SHOWN, SUPPORTED, ClaimSettings, KnownException, Study, StudySpec
-from bnsuite.study import PROFILES, study_from_options
+from bnsuite.registry import study_spec
+from bnsuite.spec import CONTRADICTED, NOT_SHOWN, SUPPORTED, ClaimSettings, KnownException, Study
+from bnsuite.study import profile_spec, study_from_options
 
 ENVIRONMENT = Environment(torch_version="2", device="cpu", device_name="cpu", cpu_model="cpu", cpu_flags=(),
                           cpu_capability="AVX2", blas="mkl", threads=2, python_version="3.11", platform="linux",
                           git_commit=None, dataset_checksum="0" * 32, hostname="test")
-SPEC = StudySpec(profile="test", seeds=(0, 1, 2), validation_size=10_000, train_subset=2_000,
+SPEC = study_spec(profile="test", seeds=(0, 1, 2), validation_size=10_000, train_subset=2_000,
                  claims=ClaimSettings(target_loss=0.5, trained_accuracy=90.0), studies=(
                      Study("batch", variants=("plain", "bn"), batch_sizes=(64, 128), epochs=2),
                      Study("lr", variants=("plain", "bn"), batch_sizes=(64,), epochs=2, lrs=(0.01, 0.03, 0.1, 0.3)),
@@ -31,7 +32,8 @@ def _run(study, variant, seed, *, batch_size=64, losses=(0.9, 0.5), accuracy=95.
                                validation_accuracy=accuracy, test_loss=0.3, test_accuracy=accuracy, epoch_time_s=1.0,
                                batch_statistics_accuracy=batch_statistics)
                    for i, loss in enumerate(kept))
-    return RunRecord(spec=spec, study=SPEC, runs_trained_together=1, trained_with=(spec.case_id,), epochs=epochs,
+    return RunRecord(spec=spec, variant=SPEC.variant(variant), study=SPEC, runs_trained_together=1,
+                     trained_with=(spec.case_id,), epochs=epochs,
                      test_loss=0.3, test_accuracy=accuracy, final_train_loss_eval=0.1,
                      final_train_accuracy_eval=accuracy + 1.0 if train_accuracy is None else train_accuracy,
                      train_time_s=1.0, steps=10, diverged_at_epoch=diverged_at, environment=ENVIRONMENT,
@@ -152,7 +154,7 @@ def test_the_gate_expects_a_failure_only_with_the_verdict_the_exception_records(
 
 
 def test_known_exceptions_carry_over_only_to_the_runs_the_profile_measured():
-    smoke = PROFILES["smoke"].claims.known_exceptions
+    smoke = profile_spec("smoke").claims.known_exceptions
     assert smoke and study_from_options("smoke").claims.known_exceptions == smoke
     # Other epochs, seeds, learning rate or target loss: the profile's measurements say nothing about them.
     for changed in (dict(epochs="3"), dict(seeds="0,1,2,3"), dict(lr="0.1"), dict(target_loss="0.2")):

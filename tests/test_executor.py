@@ -132,3 +132,34 @@ def test_ctrl_c_cancels_the_running_tasks_and_keeps_the_finished_records(tmp_pat
     saved = {record.spec.case_id for record in load_records(results)}
     assert {"plain-bs128-seed0", "bn-bs128-seed0"} <= saved  # finished cases kept
     assert "plain-bs2-seed0" not in saved and "bn-bs2-seed0" not in saved  # cancelled, never half-written
+
+
+def test_a_users_plugin_variant_trains_on_ray_workers_that_import_the_drivers_plugin(tmp_path, mnist_dir):
+    """The README's plugin, named by --bn-plugin from the user's own directory: the workers import it too."""
+    from test_plugins import readme_example
+
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "my_norms.py").write_text(readme_example("my_norms.py"))
+    results = tmp_path / "results"
+    command = [sys.executable, "-m", "pytest", "--pyargs", "bnsuite.benchmarks.test_study", "-p", "no:cacheprovider",
+               "--bn-plugin", "my_norms", "--bn-profile", "smoke", "--bn-studies", "batch", "--bn-variants",
+               "plain,bn-after-relu,batch-rms", "--bn-batch-sizes", "128", "--bn-seeds", "0,1", "--bn-epochs", "1",
+               "--bn-executor", "ray", "--bn-results-dir", str(results), "--bn-data-dir", str(mnist_dir)]
+    run = subprocess.run(command, cwd=project, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    records = load_records(results)
+    assert {record.spec.variant for record in records} == {"plain", "bn-after-relu", "batch-rms"}
+    assert {record.executor for record in records} == {"ray at a local instance"}
+    assert {record.variant.source.split()[0] for record in records} == {"bnsuite", "my_norms"}
+
+
+def test_a_worker_that_cannot_import_a_plugin_fails_the_case_naming_the_module_and_the_node(tmp_path, mnist_dir):
+    study = _study()
+    executor = _executor(study, mnist_dir, plugins=("no_such_plugin_module",))
+    executor.start(study.groups()[:1])
+    try:
+        with pytest.raises(ExecutorError, match=r"on node .+: cannot import the plugin module 'no_such_plugin_module'"):
+            executor.result(study.groups()[0])
+    finally:
+        executor.stop()

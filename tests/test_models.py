@@ -2,7 +2,9 @@ import pytest
 import torch
 from torch import nn
 
-from bnsuite.models import VARIANTS, SimpleNN, SimpleNNWithBN, build_model, last_hidden_input, parameter_count
+from bnsuite.models import SimpleNN, SimpleNNWithBN, build_model, parameter_count
+from bnsuite.probe import probed_input
+from bnsuite.registry import variant, variant_names
 from bnsuite.speed import training_flops_per_sample
 
 
@@ -13,9 +15,9 @@ def test_parameter_counts_are_the_studys():
     assert parameter_count(build_model("bn-ghost2")) == parameter_count(build_model("ln")) == 235_914
 
 
-@pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_every_variant_maps_a_batch_of_images_to_ten_logits(variant):
-    model = build_model(variant)
+@pytest.mark.parametrize("name", sorted(variant_names()))
+def test_every_variant_maps_a_batch_of_images_to_ten_logits(name):
+    model = build_model(name)
     assert model(torch.zeros(8, 1, 28, 28)).shape == (8, 10)
 
 
@@ -39,7 +41,7 @@ def test_same_seed_gives_the_same_default_initialization():
 
 
 def test_unknown_variant_lists_the_known_ones():
-    with pytest.raises(ValueError, match="unknown variant 'resnet'; choose one of: plain, bn, bn-scratch"):
+    with pytest.raises(ValueError, match="unknown variant 'resnet'; choose one of: plain, bn, plain-dropout"):
         build_model("resnet")
 
 
@@ -80,22 +82,67 @@ def test_dropout_variants_are_the_networks_with_dropout_after_each_hidden_relu()
     assert not torch.equal(with_dropout(images), with_dropout(images))  # train mode: a fresh mask each call
 
 
-def test_last_hidden_input_is_what_a_training_step_feeds_the_last_relu_and_changes_no_buffer():
+def test_the_probe_reads_what_a_training_step_feeds_the_last_relu_and_changes_no_buffer():
     torch.manual_seed(0)
     images = torch.randn(32, 1, 28, 28)
     plain = build_model("plain")
     expected = plain.fc2(torch.relu(plain.fc1(images.view(32, -1))))
-    assert torch.equal(last_hidden_input(plain, images), expected)
-    for variant in ("bn", "bn-scratch", "bn-dropout", "bn-ghost4", "ln"):
-        model = build_model(variant)
-        before = {name: buffer.clone() for name, buffer in model.named_buffers()}
+    assert torch.equal(probed_input(plain, images, variant("plain").probe), expected)
+    for name in ("bn", "bn-scratch", "bn-dropout", "bn-ghost4", "ln", "plain-dropout"):
+        model = build_model(name)
+        point = variant(name).probe
+        before = {key: buffer.clone() for key, buffer in model.named_buffers()}
         seen = {}
-        model.bn2.register_forward_hook(lambda module, args, output, seen=seen: seen.update(out=output))
+        model.get_submodule(point).register_forward_hook(
+            lambda module, args, output, seen=seen: seen.update(out=output))
         model.train()
         if hasattr(model, "dropout"):
             model.dropout.p = 0.0
         model(images)
-        for name, buffer in model.named_buffers():
-            buffer.copy_(before[name])
-        torch.testing.assert_close(last_hidden_input(model, images), seen["out"], rtol=1e-5, atol=1e-6)
-        assert all(torch.equal(buffer, before[name]) for name, buffer in model.named_buffers())
+        for key, buffer in model.named_buffers():
+            buffer.copy_(before[key])
+        model.eval()
+        torch.testing.assert_close(probed_input(model, images, point), seen["out"], rtol=1e-5, atol=1e-6)
+        assert all(torch.equal(buffer, before[key]) for key, buffer in model.named_buffers())
+        assert not model.training  # its mode restored
+
+
+class NoisyRunningMean(nn.Module):
+    """A user's BN-like layer: normalizes by the batch mean, keeps a running mean, and adds noise in training."""
+
+    def __init__(self, features):
+        super().__init__()
+        self.register_buffer("running_mean", torch.zeros(features))
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x):
+        if not self.training:
+            return x - self.running_mean
+        with torch.no_grad():
+            self.running_mean.lerp_(x.mean(0), 0.1)
+            self.steps += 1
+        return x - x.mean(0) + 0.01 * torch.randn_like(x)
+
+
+class UserNetwork(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.first, self.norm, self.last = nn.Linear(784, 16), NoisyRunningMean(16), nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.last(torch.relu(self.norm(self.first(x.flatten(1)))))
+
+
+def test_probing_a_user_layer_changes_none_of_its_buffers_nor_torch_s_random_state():
+    torch.manual_seed(0)
+    model, images = UserNetwork(), torch.randn(16, 1, 28, 28)
+    model.norm(torch.randn(4, 16))  # some running state to keep
+    model.eval()
+    before = {key: buffer.clone() for key, buffer in model.named_buffers()}
+    state = torch.get_rng_state()
+    probed = probed_input(model, images, "norm")
+    assert probed.shape == (16, 16)
+    assert probed.mean(0).abs().max() < 0.05  # centred on its batch's own mean: the training-mode output
+    assert all(torch.equal(buffer, before[key]) for key, buffer in model.named_buffers())
+    assert torch.equal(torch.get_rng_state(), state)
+    assert not model.training

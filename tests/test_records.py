@@ -19,11 +19,12 @@ from bnsuite.records import (
     runs_frame,
     save_record,
 )
-from bnsuite.spec import ClaimSettings, Study, StudySpec
+from bnsuite.registry import study_spec
+from bnsuite.spec import ClaimSettings, Study
 from bnsuite.train import train
 
 SCHEMA_1 = Path(__file__).parent / "data" / "schema1-full"
-STUDY = StudySpec(profile="smoke", studies=(Study("batch", variants=("bn",), batch_sizes=(64,), epochs=2),),
+STUDY = study_spec(profile="smoke", studies=(Study("batch", variants=("bn",), batch_sizes=(64,), epochs=2),),
                   seeds=(0, 1), train_subset=1_000, validation_size=10_000, claims=ClaimSettings(target_loss=0.5))
 
 
@@ -90,7 +91,9 @@ def _with(raw: dict, *changes) -> dict:
     ((["epochs", 0, "train_loss"], -1.0), "field epochs.0.train_loss: Input should be greater than or equal to 0"),
     ((["steps"], "64"), "field steps: Input should be a valid integer"),
     ((["spec", "batch_size"], 0), "batch size must be at least 1"),
-    ((["spec", "variant"], "resnet"), "unknown variant 'resnet'"),
+    ((["variant", "name"], "resnet"), "field variant describes 'resnet', not the run's variant 'bn'"),
+    ((["variant", "images_per_statistic"], 3), "does not split into ghost batches of 3"),
+    ((["variant", "batch_statistics"], False), "field variant differs from the study's description of bn"),
     ((["spec", "variant"], ...), "field spec.variant is missing"),
     ((["environment", "threads"], ...), "field environment.threads is missing"),
     ((["epochs", 1, "epoch_time_s"], ...), "field epochs.1.epoch_time_s is missing"),
@@ -101,7 +104,7 @@ def _with(raw: dict, *changes) -> dict:
     ((["trained_with"], ["bn-bs64-seed1"]), "field trained_with ['bn-bs64-seed1'] must be 1 distinct runs, "
                                             "this run (bn-bs64-seed0) among them"),
     ((["study", "studies", 0, "epochs"], 3), "field study does not include this run"),
-    ((["study", "studies", 0, "name"], "momentum"), "unknown study 'momentum'"),
+    ((["study", "studies", 0, "name"], "no such/study"), "study name 'no such/study' must be letters"),
     ((["final_train_accuracy_eval"], ...), "field final_train_accuracy_eval is missing"),
 ])
 def test_a_bad_field_is_refused_with_the_file_and_the_field(record, change, message):
@@ -138,7 +141,10 @@ def test_schema_1_records_load_migrated_as_documented():
     records = load_records(SCHEMA_1)
     assert len(records) == 18
     record = next(r for r in records if r.spec.case_id == "bn-bs64-seed1")
-    assert record.schema_version == 4 and record.executor == "local" and record.environment.hostname is None
+    assert record.schema_version == SCHEMA_VERSION and record.executor == "local"
+    assert record.environment.hostname is None
+    assert record.variant.batch_statistics and record.variant.probe == "bn2" and record.variant.source == "bnsuite"
+    assert [variant.name for variant in record.study.variants] == ["plain", "bn"]
     assert record.study.profile == "full" and record.study.claims.target_loss == 0.1
     batch = record.study.study("batch")
     assert (batch.variants, batch.batch_sizes, record.study.seeds) == (("plain", "bn"), (32, 64, 128), (0, 1, 2))
@@ -222,7 +228,7 @@ def test_schema_2_records_load_as_local_runs_on_an_unrecorded_host():
     assert raw["schema_version"] == 2 and "executor" not in raw and "activations" not in raw
     (record,) = load_records(schema_2)
     assert (record.schema_version, record.executor, record.environment.hostname, record.activations) == (
-        4, "local", None, None)
+        SCHEMA_VERSION, "local", None, None)
     assert record.spec.case_id == "bn-bs64-seed0" and record.test_accuracy == raw["test_accuracy"]
 
 
@@ -231,7 +237,7 @@ def test_schema_3_records_load_with_the_training_step_and_batch_statistics_unrec
     raw = json.loads(next((schema_3 / RUNS_SUBDIR).glob("*.json")).read_text())
     assert raw["schema_version"] == 3 and "training_step" not in raw
     (record,) = load_records(schema_3)
-    assert (record.schema_version, record.training_step) == (4, None)
+    assert (record.schema_version, record.training_step) == (SCHEMA_VERSION, None)
     assert [epoch.batch_statistics_accuracy for epoch in record.epochs] == [None] * len(raw["epochs"])
     assert record.activations is not None and record.executor == "local"
     assert [epoch.train_loss for epoch in record.epochs] == [epoch["train_loss"] for epoch in raw["epochs"]]
@@ -250,3 +256,28 @@ def test_activation_drift_is_the_mean_move_between_regular_checkpoints_relative_
     with pytest.raises(RecordError, match="activations.steps must increase"):
         RunRecord.from_json(json.dumps({**_raw(record), "activations": {
             "every": 100, "steps": [0, 0], "units": [0], "percentiles": [50.0], "values": [[[1.0]], [[1.0]]]}}))
+
+
+def test_schema_4_records_load_with_the_descriptions_of_the_variants_schema_4_had():
+    raw = _raw(load_records(Path(__file__).parent / "data" / "schema3")[0])
+    raw = {key: value for key, value in raw.items() if key != "variant"}
+    raw["study"] = {key: value for key, value in raw["study"].items() if key != "variants"}
+    record = RunRecord.from_json(json.dumps({**raw, "schema_version": 4}))
+    assert record.variant == record.study.variant(record.spec.variant)
+    assert (record.variant.name, record.variant.batch_statistics, record.variant.probe) == ("bn", True, "bn2")
+    assert [v.name for v in record.study.variants] == list(dict.fromkeys(
+        name for study in record.study.studies for name in study.variants))
+    with pytest.raises(RecordError, match="schema-4 variant 'my-norm' is not one schema 4 had"):
+        RunRecord.from_json(json.dumps({**raw, "schema_version": 4, "spec": {**raw["spec"], "variant": "my-norm"}}))
+
+
+def test_a_record_file_of_binary_garbage_or_a_directory_is_a_record_error_naming_it(tmp_path):
+    runs = tmp_path / RUNS_SUBDIR
+    runs.mkdir()
+    (runs / "garbage.json").write_bytes(bytes(range(128, 256)))
+    with pytest.raises(RecordError, match=r"garbage.json: not a text \(UTF-8\) record file"):
+        load_records(tmp_path)
+    (runs / "garbage.json").unlink()
+    (runs / "x.json").mkdir()
+    with pytest.raises(RecordError, match=r"x.json is a directory, not a record file; move it out of"):
+        load_records(tmp_path)

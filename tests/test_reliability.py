@@ -91,7 +91,7 @@ def test_nothing_to_do_with_the_study():
 
 def _run_plugin(pytester, *args):
     # In process: a subprocess would spend most of its time importing torch again.
-    return pytester.runpytest_inprocess("-p", "bnsuite.plugin", "-p", "no:cacheprovider", *args)
+    return pytester.runpytest_inprocess("-p", "no:cacheprovider", *args)
 
 
 @pytest.mark.parametrize("option, message", [
@@ -163,6 +163,8 @@ def test_unwritable_results_directory_is_a_clear_error(tmp_path, mnist_dir):
     ("empty", "no records in"),
     ("malformed", "not valid JSON"),
     ("future", "schema version 99 is not supported"),
+    ("binary", "a.json: not a text (UTF-8) record file"),
+    ("directory", "a.json is a directory, not a record file; move it out of"),
 ])
 def test_report_cli_gives_one_message_and_exit_2_for_unusable_results(tmp_path, capsys, layout, message):
     results = tmp_path / "results"
@@ -172,9 +174,13 @@ def test_report_cli_gives_one_message_and_exit_2_for_unusable_results(tmp_path, 
         (results / RUNS_SUBDIR / "a.json").write_text("{")
     if layout == "future":
         (results / RUNS_SUBDIR / "a.json").write_text(json.dumps({"schema_version": 99}))
+    if layout == "binary":
+        (results / RUNS_SUBDIR / "a.json").write_bytes(bytes(range(256)))
+    if layout == "directory":
+        (results / RUNS_SUBDIR / "a.json").mkdir()
     assert report.main(["--results", str(results), "--no-plots"]) == 2
     error = capsys.readouterr().err
-    assert message in error and "Traceback" not in error
+    assert message in error and "Traceback" not in error and "--out" not in error  # the input is named, not the output
     assert not (results / "REPORT.md").exists()
 
 

@@ -1,8 +1,9 @@
 """The report: every table, figure and discussion sentence from real records; protocols never pooled."""
 
-import ast
 import dataclasses
 import json
+import subprocess
+import sys
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -10,11 +11,12 @@ import pytest
 
 from bnsuite import report
 from bnsuite.records import RUNS_SUBDIR, load_records, save_record
-from bnsuite.spec import ClaimSettings, KnownException, Study, StudySpec
+from bnsuite.registry import study_spec
+from bnsuite.spec import ClaimSettings, KnownException, Study
 from bnsuite.train import train, train_seeds
 
 BATCH = Study("batch", variants=("plain", "bn"), batch_sizes=(128,), epochs=2)
-STUDY = StudySpec(profile="smoke", studies=(BATCH,), seeds=(0, 1), train_subset=1_024, validation_size=10_000,
+STUDY = study_spec(profile="smoke", studies=(BATCH,), seeds=(0, 1), train_subset=1_024, validation_size=10_000,
                   claims=ClaimSettings(target_loss=0.5))
 SCHEMA_1 = Path(__file__).parent / "data" / "schema1-full"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -143,26 +145,15 @@ def test_report_from_schema_1_records_keeps_every_table_that_version_wrote(tmp_p
         in markdown
 
 
-def _bnsuite_imports(module: str, seen: set[str] | None = None) -> set[str]:
-    """Every bnsuite module `module` imports, directly or through others, wherever the import statement is."""
-    seen = set() if seen is None else seen
-    path = Path(report.__file__).parent / f"{module.removeprefix('bnsuite.')}.py"
-    for node in ast.walk(ast.parse(path.read_text())):
-        names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else (
-            [node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
-        for name in names:
-            if name.startswith("bnsuite.") and name not in seen:
-                seen.add(name)
-                _bnsuite_imports(name, seen)
-    return seen
-
-
-def test_report_imports_neither_the_profiles_nor_the_training_stack():
-    imported = _bnsuite_imports("bnsuite.report")
-    assert {"bnsuite.records", "bnsuite.claims", "bnsuite.spec"} <= imported  # the walk does find imports
+def test_the_report_and_the_baseline_import_no_torch_module_and_no_training_stack():
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import sys, bnsuite.report, bnsuite.baseline; print(' '.join(sorted(sys.modules)))"],
+        capture_output=True, text=True, check=True).stdout.split()
+    assert {"bnsuite.records", "bnsuite.claims", "bnsuite.registry", "bnsuite.studies.batch"} <= set(loaded)
     training_stack = {"bnsuite.study", "bnsuite.train", "bnsuite.fastpath", "bnsuite.epochs", "bnsuite.original",
-                      "bnsuite.plugin", "bnsuite.environment"}
-    assert not imported & training_stack
+                      "bnsuite.plugin", "bnsuite.environment", "bnsuite.models", "bnsuite.data"}
+    assert not set(loaded) & training_stack
+    assert not [name for name in loaded if name == "torch" or name.startswith("torch.")]
 
 
 def _benchmark_json(path, benchmarks):
@@ -230,7 +221,7 @@ def test_report_names_the_held_out_set_under_the_seed_protocol(tmp_path, records
     assert "measured on the official 10,000 test images" in markdown
 
 
-REASONS_STUDY = StudySpec(profile="smoke", seeds=(0, 1), train_subset=512, validation_size=10_000,
+REASONS_STUDY = study_spec(profile="smoke", seeds=(0, 1), train_subset=512, validation_size=10_000,
                           claims=ClaimSettings(target_loss=0.5, trained_accuracy=50.0), studies=(
                               Study("lr", variants=("plain", "bn"), batch_sizes=(64,), epochs=1, lrs=(0.01, 1.0)),
                               Study("init", variants=("plain", "bn"), batch_sizes=(64,), epochs=1,

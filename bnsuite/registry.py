@@ -1,0 +1,261 @@
+"""What bnsuite can run: the registries of model variants and of studies, and the plugins that add to them.
+
+A variant is a name, a description (bnsuite.spec.Variant: data, no torch)
+and a function that builds its network; a study is a definition
+(`StudyDefinition`: its matrix per profile, claims, report section, title).
+The built-ins register through the same calls a user's plugin makes:
+
+    import bnsuite
+
+    @bnsuite.register_variant("bn-after-relu", batch_statistics=True, probe="fc2")
+    def bn_after_relu():
+        return MyNetwork()
+
+A plugin is a module imported before the study is built: named with
+`--bn-plugin MODULE` (and passed on to Ray workers), or found through the
+`bnsuite.plugins` entry-point group of an installed package. Registering a
+name twice is refused, so a plugin cannot silently replace a built-in.
+
+This module imports no torch: the report, the baseline and the plugin's
+option checks read it, and what it holds about a variant is data.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib
+import importlib.metadata
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bnsuite.spec import NAME_PATTERN, KnownException, RunSpec, SpecError, Study, StudySpec, Variant
+
+ENTRY_POINT_GROUP = "bnsuite.plugins"
+BUILTIN_SOURCE = "bnsuite"
+PROFILES = ("full", "quick", "smoke")  # what a study's single matrix stands for (bnsuite.study.PROFILE_SETTINGS)
+
+_VARIANTS: dict[str, Variant] = {}
+_BUILDERS: dict[str, Callable[[], Any]] = {}
+_STUDIES: dict[str, StudyDefinition] = {}
+_PLUGINS: dict[str, str] = {}  # plugin module -> its provenance, in the order loaded
+
+
+class PluginError(RuntimeError):
+    """A plugin module could not be imported, or registered something it may not; the message says what to do."""
+
+
+# --- variants ---
+
+
+def register_variant(name: str, *, batch_statistics: bool, images_per_statistic: int | None = None,
+                     derives_from: str | None = None, probe: str | None = None, order: int = 100,
+                     color: str = "tab:gray") -> Callable:
+    """Decorator: register the function it decorates as the builder of variant `name`.
+
+    The function takes no argument and returns a freshly initialized `nn.Module` that maps a batch of the
+    study's images (N, 1, 28, 28) to 10 logits, drawing its initialization from torch's global generator (the
+    study seeds it). `batch_statistics`: whether it normalizes with its batch's statistics in training (then the
+    study keeps every batch at 2 images or more and measures its accuracy with batch statistics);
+    `images_per_statistic`: the images a statistic sees when fewer than the batch (a ghost batch);
+    `derives_from`: the variant it changes one thing of; `probe`: the submodule whose output is the input to
+    the last hidden nonlinearity (activation probes; None: not probed, and the record says so); `order` and
+    `color`: its place and colour in tables and figures.
+    """
+    def decorator(builder: Callable[[], Any]) -> Callable[[], Any]:
+        if name in _VARIANTS:
+            raise PluginError(f"variant {name!r} is registered twice ({_VARIANTS[name].builder} and "
+                              f"{_qualified(builder)}); give the new one another name")
+        description = Variant(name=name, batch_statistics=batch_statistics,
+                              images_per_statistic=images_per_statistic, derives_from=derives_from, probe=probe,
+                              order=order, color=color, builder=_qualified(builder),
+                              source=_source(builder.__module__))
+        _VARIANTS[name] = description
+        _BUILDERS[name] = builder
+        return builder
+
+    return decorator
+
+
+def variant(name: str) -> Variant:
+    """The description of variant `name`; SpecError with the choices if none is registered."""
+    if name not in _VARIANTS:
+        raise SpecError(f"unknown variant {name!r}; choose one of: {', '.join(_VARIANTS)} (a variant of your own "
+                        "is registered by a plugin: --bn-plugin MODULE)")
+    return _VARIANTS[name]
+
+
+def variant_names() -> tuple[str, ...]:
+    return tuple(_VARIANTS)
+
+
+def builder(name: str) -> Callable[[], Any]:
+    """The function that builds variant `name`'s network."""
+    variant(name)
+    return _BUILDERS[name]
+
+
+def checked(spec: RunSpec) -> Variant:
+    """The description of `spec`'s variant, once it is known that the variant can train `spec` (SpecError if
+    not, saying what to change)."""
+    description = variant(spec.variant)
+    description.check(spec)
+    return description
+
+
+# --- studies ---
+
+
+@dataclass(frozen=True)
+class SectionContext:
+    """What a study's report section is given: its study, its records and every claim of the section judged."""
+
+    spec: StudySpec
+    study: Study
+    records: list  # the RunRecords of this study
+    claims: list  # every ClaimResult of the section (a section shows its own, `claims.study == study.name`)
+    out: Path  # the report file; figures go beside it
+    prefix: str  # prefix of figure file names, when several protocols share one report
+    with_plots: bool
+    h: str  # the markdown heading prefix of the section's subsections
+
+    @property
+    def own_claims(self) -> list:
+        return [claim for claim in self.claims if claim.study == self.study.name]
+
+
+@dataclass(frozen=True)
+class StudyDefinition:
+    """Everything that is one study's: its matrix per profile, its known exceptions, its claims, its report
+    section, its title, and which `--bn-*` options reach it.
+
+    `claims(spec, study)` returns the study's `bnsuite.claims.Claim`s for a StudySpec; `section(context)` the
+    markdown lines of its report section (None: the report shows its claims only). `options` names the matrix
+    options that change it: `variants`, `batch-sizes`, `lr` (its single learning rate) and `epochs`.
+    `discusses`: its section carries the discussion of every claim of the study run (the batch-size study's
+    does); with no such study, the report gives the discussion a section of its own.
+    """
+
+    name: str
+    title: str
+    matrices: Mapping[str, Study]  # profile -> the study's matrix in it; a profile without one leaves it out
+    claims: Callable[[StudySpec, Study], list]
+    section: Callable[[SectionContext], list[str]] | None = None
+    known_exceptions: Mapping[str, tuple[KnownException, ...]] = field(default_factory=dict)
+    options: frozenset[str] = frozenset({"epochs", "lr"})
+    default: bool = True  # runs when --bn-studies does not name the studies
+    discusses: bool = False
+    source: str = BUILTIN_SOURCE
+
+    def matrix(self, profile: str) -> Study | None:
+        return self.matrices.get(profile)
+
+
+STUDY_OPTIONS = frozenset({"variants", "batch-sizes", "lr", "epochs"})
+
+
+def register_study(name: str, *, title: str, matrices: Study | Mapping[str, Study],
+                   section: Callable[[SectionContext], list[str]] | None = None,
+                   known_exceptions: Mapping[str, tuple[KnownException, ...]] | None = None,
+                   options: set[str] | frozenset[str] = frozenset({"epochs", "lr"}), default: bool = True,
+                   discusses: bool = False) -> Callable:
+    """Decorator: register the function it decorates as study `name`'s claims builder, `claims(spec, study)`.
+
+    `matrices`: the study's matrix (a bnsuite.spec.Study named `name`) for every profile, or one per profile
+    name (a profile without one leaves the study out); `known_exceptions`: per profile, the claims the
+    measurements do not support and the verdict they give (bnsuite.spec.KnownException). Studies run and are
+    reported in the order they are registered: the built-ins first (bnsuite.studies), then plugins'.
+    """
+    def decorator(claims: Callable[[StudySpec, Study], list]) -> Callable:
+        if name in _STUDIES:
+            raise PluginError(f"study {name!r} is registered twice; give the new one another name")
+        if not isinstance(name, str) or NAME_PATTERN.fullmatch(name) is None:
+            raise PluginError(f"study name {name!r} must be letters, digits, '.', '_' or '-'")
+        by_profile = {profile: matrices for profile in PROFILES} if isinstance(matrices, Study) else dict(matrices)
+        wrong = [profile for profile, study in by_profile.items() if study.name != name]
+        if wrong:
+            raise PluginError(f"study {name!r}: its matrix for {', '.join(wrong)} is named otherwise; name each "
+                              f"Study {name!r}")
+        unknown = set(options) - STUDY_OPTIONS
+        if unknown:
+            raise PluginError(f"study {name!r}: unknown options {sorted(unknown)}; choose from "
+                              f"{sorted(STUDY_OPTIONS)}")
+        _STUDIES[name] = StudyDefinition(
+            name=name, title=title, matrices=by_profile, claims=claims, section=section,
+            known_exceptions=dict(known_exceptions or {}), options=frozenset(options), default=default,
+            discusses=discusses, source=_source(claims.__module__))
+        return claims
+
+    return decorator
+
+
+def study_definition(name: str) -> StudyDefinition | None:
+    """The registered definition of study `name`; None where its plugin is not loaded in this process."""
+    return _STUDIES.get(name)
+
+
+def studies() -> tuple[StudyDefinition, ...]:
+    """Every registered study, in run order."""
+    return tuple(_STUDIES.values())
+
+
+def study_spec(**fields) -> StudySpec:
+    """A StudySpec whose variant descriptions come from the registry: one for every variant its studies train."""
+    names = dict.fromkeys(name for study in fields["studies"] for name in study.variants)
+    return StudySpec(**fields, variants=tuple(variant(name) for name in names))
+
+
+# --- plugins ---
+
+
+def load_plugins(modules: tuple[str, ...] | list[str] = (), *, entry_points: bool = True) -> tuple[str, ...]:
+    """Import the plugins: every module of the `bnsuite.plugins` entry-point group of the installed packages
+    (if `entry_points`), then `modules`. Each is imported once; returns every plugin module loaded so far.
+    """
+    names = []
+    if entry_points:
+        for entry in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+            names.append(entry.value.partition(":")[0])
+    names += [name for name in modules if name not in names]
+    for name in names:
+        if name in _PLUGINS:
+            continue
+        try:
+            importlib.import_module(name)
+        except ImportError as error:
+            raise PluginError(f"cannot import the plugin module {name!r} ({error}); check its name, and that its "
+                              "directory is on the Python path (PYTHONPATH) or its package is installed") from None
+        _PLUGINS[name] = _source(name)
+    return tuple(_PLUGINS)
+
+
+def plugin_modules() -> tuple[str, ...]:
+    """The plugin modules loaded in this process, in order: what a Ray worker must import too."""
+    return tuple(_PLUGINS)
+
+
+def _qualified(function: Callable) -> str:
+    return f"{function.__module__}:{getattr(function, '__qualname__', repr(function))}"
+
+
+@functools.cache
+def _distributions() -> Mapping[str, list[str]]:
+    return importlib.metadata.packages_distributions()
+
+
+def _source(module: str) -> str:
+    """Where a registration came from: bnsuite itself, or a plugin module with its package's version (when
+    installed) or the SHA-256 of its file."""
+    if module == BUILTIN_SOURCE or module.startswith(BUILTIN_SOURCE + "."):
+        return BUILTIN_SOURCE
+    top = module.partition(".")[0]
+    distributions = _distributions().get(top, [])
+    if distributions:
+        return f"{module} {distributions[0]} {importlib.metadata.version(distributions[0])}"
+    path = getattr(sys.modules.get(module), "__file__", None)
+    if path and Path(path).is_file():
+        return f"{module} sha256:{hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]}"
+    return module

@@ -1,0 +1,200 @@
+"""The ghost-batch study: how BN depends on the images its statistics see (Wu & He 2018, Fig. 1).
+
+At batch 128, BN with its statistics over ghost batches of 2 to 32 images
+(`bn-ghostG`), `bn` (the whole batch) and LayerNorm (`ln`), whose statistics
+involve no other image. A batch of B with ghost size g computes what
+data-parallel training on B/g devices computes without synchronized BN.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import pandas as pd
+
+from bnsuite import plots
+from bnsuite.claims import (
+    Claim,
+    ClaimResult,
+    Runs,
+    batch_statistics_accuracy,
+    held_out_accuracy,
+    needs,
+    p_smaller,
+    result,
+    summary,
+)
+from bnsuite.registry import SectionContext, register_study
+from bnsuite.report_parts import claims_table, colors, write_figure
+from bnsuite.spec import Study, StudySpec
+
+NAME = "ghost"
+BN, LN = "bn", "ln"  # BN over the whole batch, and the batch-free reference
+GHOST_BATCH = 128
+# Wu & He (2018, Fig. 1) go from 32 images per device down to 2; a ghost batch of the whole batch (128) is bn.
+GHOST_VARIANTS = ("bn-ghost2", "bn-ghost4", "bn-ghost8", "bn-ghost16", "bn-ghost32", BN, LN)
+# The same epochs as the batch study's, so bn at batch 128 is the same runs in both.
+MATRICES = {profile: Study(NAME, variants=GHOST_VARIANTS, batch_sizes=(GHOST_BATCH,), epochs=epochs)
+            for profile, epochs in (("full", 10), ("quick", 4), ("smoke", 2))}
+
+
+def ghost_sizes(spec: StudySpec, study: Study, batch_size: int) -> dict[int, str]:
+    """The study's variants with batch statistics by the number of images a statistic sees, from their
+    descriptions: {ghost size: variant}; one without a ghost size (`bn`) sees the whole batch."""
+    sizes = {}
+    for name in study.variants:
+        variant = spec.variant(name)
+        if variant.batch_statistics:
+            sizes[variant.images_per_statistic or batch_size] = name
+    return dict(sorted(sizes.items()))
+
+
+class AgainstLayerNorm(NamedTuple):
+    """BN at one ghost size against LayerNorm, on held-out accuracy."""
+
+    ghost: int
+    verdict: str  # "behind" (BN below LN at p <= alpha), "ahead" (above at q <= alpha) or "not shown"
+    p: float  # that BN is below LayerNorm
+    q: float  # that BN is above it
+
+    @property
+    def p_of_verdict(self) -> float:
+        """The p-value of the verdict's direction; that of "behind" when neither is shown."""
+        return self.q if self.verdict == "ahead" else self.p
+
+
+def against_layernorm(runs: Runs, sizes: dict[int, str], batch_size: int, alpha: float) -> list[AgainstLayerNorm]:
+    """BN at each ghost size of `sizes` against LayerNorm, smallest ghost size first."""
+    ln = [held_out_accuracy(r) for r in runs.of(LN, batch_size)]
+    rows = []
+    for g, variant in sizes.items():
+        bn = [held_out_accuracy(r) for r in runs.of(variant, batch_size)]
+        p, q = p_smaller(bn, ln), p_smaller(ln, bn)
+        rows.append(AgainstLayerNorm(g, "behind" if p <= alpha else "ahead" if q <= alpha else "not shown", p, q))
+    return rows
+
+
+def where_bn_falls_behind(rows: list[AgainstLayerNorm]) -> str:
+    """The ghost size below which BN falls behind LayerNorm (the smallest from which on it is never behind), said."""
+    behind = [row.ghost for row in rows if row.verdict == "behind"]
+    below = next((row.ghost for row in rows if row.ghost > max(behind, default=0)), None)
+    if below is None:
+        return "BN is behind LayerNorm at every ghost size measured"
+    if not behind:
+        return "BN is not behind LayerNorm at any ghost size measured"
+    return f"BN falls behind LayerNorm below ghost size {below}"
+
+
+def ghost_study_claims(spec: StudySpec, study: Study) -> list[Claim]:
+    settings = spec.claims
+    claims = []
+    for batch_size in sorted(study.batch_sizes):
+        sizes = ghost_sizes(spec, study, batch_size)
+        ghosts = [g for g in sizes if g < batch_size]
+        common = dict(batch_size=batch_size, study=study.name, reason="batch", alpha=settings.alpha)
+        at = f"In batches of {batch_size}, "
+        if len(ghosts) >= 2:
+            small, large = ghosts[0], ghosts[-1]
+            claims.append(Claim(
+                "bn-accuracy-falls-at-small-ghost-batches",
+                statement=at + f"BN's held-out accuracy with statistics over ghost batches of {small} images is below "
+                f"its accuracy with ghost batches of {large} (Wu & He 2018, Fig. 1: BN's error rises as the images "
+                "per device fall).", short=f"BN with ghost batches of {small} was less accurate than with {large}",
+                needs=needs(spec, study, (sizes[small], sizes[large]), batch_size),
+                judge=_ghost_falls(sizes[small], sizes[large], batch_size), **common))
+        if ghosts and LN in study.variants:
+            claims.append(Claim(
+                "bn-behind-layernorm-at-smallest-ghost-batch",
+                statement=at + f"BN with statistics over ghost batches of {ghosts[0]} images has a lower held-out "
+                "accuracy than LayerNorm, whose statistics do not involve the batch (Wu & He 2018, Fig. 1: GN stays "
+                "flat where BN falls); the evidence names the ghost size below which BN falls behind.",
+                short=f"BN with ghost batches of {ghosts[0]} fell behind LayerNorm",
+                needs=needs(spec, study, (*sizes.values(), LN), batch_size),
+                judge=_behind_layernorm(sizes, batch_size), **common))
+    return claims
+
+
+def _ghost_falls(small: str, large: str, batch_size: int):
+    def judge(claim: Claim, runs: Runs) -> ClaimResult:
+        a = [held_out_accuracy(r) for r in runs.of(small, batch_size)]
+        b = [held_out_accuracy(r) for r in runs.of(large, batch_size)]
+        p, q = p_smaller(a, b), p_smaller(b, a)
+        evidence = f"held-out accuracy % {small} {summary(a, 2)} vs {large} {summary(b, 2)}; p={p:.3f}"
+        return result(claim, f"{small} lower", evidence, p, q)
+
+    return judge
+
+
+def _behind_layernorm(sizes: dict[int, str], batch_size: int):
+    def judge(claim: Claim, runs: Runs) -> ClaimResult:
+        rows = against_layernorm(runs, sizes, batch_size, claim.alpha)
+        ln = [held_out_accuracy(r) for r in runs.of(LN, batch_size)]
+        per_size = "; ".join(
+            f"g={row.ghost} {summary([held_out_accuracy(r) for r in runs.of(sizes[row.ghost], batch_size)], 2)} "
+            f"{row.verdict} (p={row.p_of_verdict:.3f})" for row in rows)
+        evidence = f"held-out accuracy % LayerNorm {summary(ln, 2)}; BN {per_size}; {where_bn_falls_behind(rows)}"
+        return result(claim, f"BN at ghost size {rows[0].ghost} below LayerNorm", evidence, rows[0].p, rows[0].q)
+
+    return judge
+
+
+# --- the report section ---
+
+
+def ghost_section(context: SectionContext) -> list[str]:
+    spec, study, records, out, prefix, with_plots, h = (
+        context.spec, context.study, context.records, context.out, context.prefix, context.with_plots, context.h)
+    settings = spec.claims
+    lines = [f"{h} Batch statistics at small batches: ghost-batch BN against LayerNorm", "",
+             f"Batches of {', '.join(map(str, study.batch_sizes))}, {study.epochs} epochs; BN's statistics computed "
+             "over ghost batches of g consecutive images within each training batch (`bn-ghostG`; `bn` is g = the "
+             "batch). A batch of B with ghost size g computes what data-parallel training on B/g devices computes "
+             "without synchronized BN, so this is Wu & He's per-device effect (2018, Fig. 1) without a cluster; the "
+             "running estimates follow the first ghost batch, as DistributedDataParallel's broadcast of rank 0's "
+             "buffers makes them. LayerNorm (`ln`) normalizes each image over its own features: no statistic "
+             "involves another image.", ""]
+    if not records:
+        return lines + ["_No runs of this study yet._", ""]
+    steps = {r.spec.variant: r.training_step for r in records if r.training_step not in (None, "fast")}
+    steps = [f"{variant}: {steps[variant]}" for variant in study.variants if variant in steps]
+    if steps:
+        lines += ["Not covered by the fast step, so trained by the eager step (autograd + torch.optim), as their "
+                  "records say: " + ", ".join(steps) + ".", ""]
+    runs = Runs({record.spec: record for record in records})
+    palette = colors(records)
+    for batch_size in study.batch_sizes:
+        sizes = ghost_sizes(spec, study, batch_size)
+        rows = []
+        against = (against_layernorm(runs, sizes, batch_size, settings.alpha)
+                   if runs.of(LN, batch_size) and all(runs.of(v, batch_size) for v in sizes.values()) else [])
+        verdicts = {row.ghost: row for row in against}
+        for g, variant in [*sizes.items(), (None, LN)]:
+            mine = runs.of(variant, batch_size)
+            if not mine:
+                continue
+            row = {"variant": variant, "images per statistic": str(g) if g else "1 (its own features)",
+                   "held-out acc % (running estimates)": summary([held_out_accuracy(r) for r in mine], 2),
+                   "held-out acc % (batch statistics)": summary([v for v in map(batch_statistics_accuracy, mine)
+                                                               if v == v], 2) if g else "",
+                   "final train loss": summary([r.final_train_loss for r in mine], 4)}
+            if g in verdicts:
+                row["against LayerNorm"] = f"{verdicts[g].verdict} (p={verdicts[g].p_of_verdict:.3f})"
+            rows.append(row)
+        lines += [pd.DataFrame(rows).fillna("").to_markdown(index=False, disable_numparse=True), ""]
+        if against:
+            lines += [f"**{where_bn_falls_behind(against)}** (behind: lower at p <= {settings.alpha}).", ""]
+        if with_plots:
+            frame = pd.DataFrame([{"ghost": g, "seed": r.spec.seed, "held_out_accuracy": held_out_accuracy(r),
+                                   "batch_statistics_accuracy": r.epochs[-1].batch_statistics_accuracy
+                                   if r.epochs and not r.diverged else None}
+                                  for g, variant in [*sizes.items(), (None, LN)]
+                                  for r in runs.of(variant, batch_size)])
+            name = f"{prefix}ghost_batch{'' if len(study.batch_sizes) == 1 else f'_bs{batch_size}'}.png"
+            png = plots.ghost_plot(frame, batch_size, palette.get(BN, "tab:blue"), palette.get(LN, "tab:purple"))
+            lines += write_figure(out, name, "Held-out accuracy against the ghost batch size, LayerNorm as reference",
+                                  png)
+    return lines + [f"{h} Claims: batch statistics at small batches", "",
+                    claims_table(context.own_claims, settings), ""]
+
+
+register_study(NAME, title="ghost-batch study", matrices=MATRICES, section=ghost_section)(ghost_study_claims)

@@ -1,0 +1,204 @@
+"""A user's own variants and studies, from a package of their own: by --bn-plugin and by entry point, in the
+studies, the report (another process, without the plugin) and the registries. The README's example is the
+plugin these tests run, so the example cannot drift from what works."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from bnsuite import baseline, registry, report
+from bnsuite.claims import study_claims
+from bnsuite.records import load_records
+from bnsuite.registry import PluginError
+from bnsuite.spec import NOT_SHOWN, KnownException, Study
+from bnsuite.study import profile_spec, study_from_options
+
+ROOT = Path(__file__).resolve().parents[1]
+THEIRS = ("batch-rms", "bn-after-relu")  # the README example's two variants
+
+
+def readme_example(name: str) -> str:
+    """The README's python block that starts with `# NAME`."""
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+    return next(block for block in blocks if block.startswith(f"# {name}"))
+
+
+def _pytest(*args, cwd, env=None, check=True) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--benchmark-disable", *args],
+                            cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    if check:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def _report(results: Path, cwd: Path, *args) -> str:
+    """The report of `results`, built by `python -m bnsuite.report` in a process of its own, from `cwd`."""
+    subprocess.run([sys.executable, "-m", "bnsuite.report", "--results", str(results), "--no-plots", *args],
+                   cwd=cwd, check=True, capture_output=True, timeout=300)
+    return (results / "REPORT.md").read_text()
+
+
+@pytest.fixture
+def user_project(tmp_path):
+    """A user's project directory holding the README's plugin module, and nothing of bnsuite's."""
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "my_norms.py").write_text(readme_example("my_norms.py"))
+    return project
+
+
+def test_a_users_variants_train_in_the_batch_study_and_report_in_a_process_without_their_plugin(
+        user_project, tmp_path, mnist_dir, capsys):
+    results = tmp_path / "results"
+    variants = ",".join(("plain", "bn", *THEIRS))
+    # The README's command, from the user's own project: the smoke profile's batch study at two of its batch sizes
+    # and two seeds.
+    _pytest("--pyargs", "bnsuite.benchmarks.test_study", "--bn-plugin", "my_norms", "--bn-profile", "smoke",
+            "--bn-studies", "batch", "--bn-variants", variants, "--bn-batch-sizes", "64,128", "--bn-seeds", "0,1",
+            "--bn-results-dir", str(results), "--bn-data-dir", str(mnist_dir), cwd=user_project)
+    records = load_records(results)
+    assert len(records) == 4 * 2 * 2  # 4 variants x 2 batch sizes x 2 seeds
+    mine = [record for record in records if record.spec.variant in THEIRS]
+    assert len(mine) == 8 and {record.training_step for record in mine} == {"eager"}  # not the fast step's networks
+    digest = hashlib.sha256((user_project / "my_norms.py").read_bytes()).hexdigest()[:16]
+    assert {record.variant.source for record in mine} == {f"my_norms sha256:{digest}"}
+    assert {r.variant.probe for r in mine} == {"norm2", "fc2"} and all(r.activations is not None for r in mine)
+    assert all(r.epochs[-1].batch_statistics_accuracy is not None for r in mine)  # both declare batch statistics
+    # The report, in another directory, where my_norms cannot be imported: records are data.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    markdown = _report(results, elsewhere)
+    for variant in THEIRS:
+        assert f"| {variant} test acc %" in markdown  # its column in the headline table
+        assert re.search(rf"\| {re.escape(variant)} +\| +64 \|", markdown)  # its rows in the final-epoch table
+        # The claims the batch study asks of it (the claims gate judges the same list: bnsuite.claims.study_claims).
+        for claim in ("lower-final-loss-bs128", "accuracy-at-least-plain-bs64", "accuracy-at-least-bn-bs64",
+                      "steadier-activations-bs64", "loss-advantage-grows-with-batch-size"):
+            assert f"| {variant}-{claim} " in markdown
+    # The baseline gate compares its configurations, without the plugin too (the same records: identical).
+    shutil.copytree(results / "runs", tmp_path / "baseline" / "runs")
+    assert baseline.main(["compare", str(results), "--baseline", str(tmp_path / "baseline")]) == 0
+    compared = capsys.readouterr().out
+    for variant in THEIRS:
+        assert f"{variant}-bs64 (2 epochs): identical (exact rule)" in compared
+
+
+STUDY_PLUGIN = textwrap.dedent("""
+    import bnsuite
+    from bnsuite.claims import Claim, at_least, held_out_accuracy, needs
+    from bnsuite.spec import Study
+
+    MATRIX = Study("placement", variants=("bn", "bn-after-relu"), batch_sizes=(128,), epochs=1)
+
+
+    @bnsuite.register_study("placement", title="placement study", matrices={"smoke": MATRIX}, default=False)
+    def placement_claims(spec, study):
+        return [Claim("after-relu-at-least-before", batch_size=128, study=study.name, reason="placement",
+                      statement="BN after the ReLU is at least as accurate as BN before it.",
+                      short="BN after the ReLU was as accurate", needs=needs(spec, study, ("bn", "bn-after-relu"), 128),
+                      alpha=spec.claims.alpha, judge=at_least(held_out_accuracy, "held-out accuracy %", 0.1,
+                                                              variant="bn-after-relu", reference="bn", batch_size=128))]
+""")
+
+
+def test_an_entry_point_plugins_variants_and_a_users_study_run_by_option_and_report_with_the_plugin(
+        tmp_path, mnist_dir):
+    # The README's variants, installed as a package (a dist-info on the path) that declares the entry point.
+    site = tmp_path / "site"
+    dist = site / "my_norms-0.3.dist-info"
+    dist.mkdir(parents=True)
+    (site / "my_norms.py").write_text(readme_example("my_norms.py"))
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: my-norms\nVersion: 0.3\n")
+    (dist / "top_level.txt").write_text("my_norms\n")
+    (dist / "entry_points.txt").write_text(f"[{registry.ENTRY_POINT_GROUP}]\nmy_norms = my_norms\n")
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    # A study of the user's own, a plain module of their project, by --bn-plugin.
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "placement_study.py").write_text(STUDY_PLUGIN)
+    results = tmp_path / "results"
+    run = _pytest("--pyargs", "bnsuite.benchmarks.test_study", "bnsuite.benchmarks.test_claims", "--bn-plugin",
+                  "placement_study", "--bn-profile", "smoke", "--bn-studies", "placement", "--bn-seeds", "0,1",
+                  "--bn-results-dir", str(results), "--bn-data-dir", str(mnist_dir), "-rA", cwd=project, env=env,
+                  check=False)
+    # Two seeds cannot support a claim (smallest p 1/6), so the claim is "not shown" and fails the gate.
+    assert run.returncode == 1, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "FAILED" in run.stdout and "after-relu-at-least-before-bs128: not shown" in run.stdout
+    sources = {record.spec.variant: record.variant.source for record in load_records(results)}
+    assert sources == {"bn": "bnsuite", "bn-after-relu": "my_norms my-norms 0.3"}
+    # Here, where placement_study is not imported: its records are counted, its claims and section left out.
+    without = report.build_report(results, out=tmp_path / "REPORT.md", with_plots=False)
+    assert "The study 'placement' is not registered here" in without
+    with_plugin = _report(results, project, "--plugin", "placement_study")
+    assert "## Claims: placement study" in with_plugin and "| after-relu-at-least-before-bs128 " in with_plugin
+
+
+@pytest.fixture
+def clean_registry(monkeypatch):
+    """The registries as they are, restored after the test."""
+    for name in ("_VARIANTS", "_BUILDERS", "_STUDIES", "_PLUGINS"):
+        monkeypatch.setattr(registry, name, dict(getattr(registry, name)))
+
+
+def test_a_users_study_brings_its_known_exceptions_into_the_profile_it_has_a_matrix_for(clean_registry):
+    exception = KnownException("bn-at-least-plain-in-one-epoch-bs128", NOT_SHOWN, "one epoch is too short")
+    registry.register_study("tiny", title="tiny study", matrices={"smoke": Study("tiny", ("plain", "bn"), (128,), 1)},
+                            known_exceptions={"smoke": (exception,)}, default=False)(lambda spec, study: [])
+    assert "tiny" not in [study.name for study in profile_spec("smoke").studies]  # not a default study
+    assert [study.name for study in study_from_options("smoke", studies="batch,tiny").studies] == ["batch", "tiny"]
+    chosen = profile_spec("smoke", [registry.study_definition("batch"), registry.study_definition("tiny")])
+    assert exception in chosen.claims.known_exceptions
+    with pytest.raises(Exception, match="no study chosen has a matrix for the full profile"):
+        study_from_options("full", studies="tiny")
+
+
+def test_a_name_registered_twice_and_a_plugin_that_cannot_be_imported_are_one_clear_error(clean_registry):
+    with pytest.raises(PluginError, match="variant 'bn' is registered twice"):
+        registry.register_variant("bn", batch_statistics=True)(lambda: None)
+    with pytest.raises(PluginError, match="study 'batch' is registered twice"):
+        registry.register_study("batch", title="again", matrices=Study("batch", ("bn",), (64,), 1))(lambda s, t: [])
+    with pytest.raises(PluginError, match=r"cannot import the plugin module 'no_such_plugin' \(No module named"):
+        registry.load_plugins(["no_such_plugin"])
+
+
+def test_a_bad_plugin_on_the_command_line_is_one_message_and_no_traceback(pytester):
+    result = pytester.runpytest_inprocess("-p", "no:cacheprovider", "--bn-plugin", "no_such_plugin")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*bnsuite: cannot import the plugin module 'no_such_plugin' (No module named*"])
+    assert "Traceback" not in result.stderr.str()
+
+
+def test_generic_code_asks_the_descriptions_and_never_tests_a_study_or_variant_name():
+    generic = ["spec", "registry", "claims", "report", "report_parts", "baseline", "plugin", "study", "train",
+               "epochs", "probe", "executor", "records", "plots"]
+    pattern = re.compile(r"""startswith\("bn|removesuffix\("-dropout|endswith\("-dropout|name == "(lr|batch|ghost|"""
+                         r"""init|dropout)"|variant == "|\.name != "lr"|"-dropout\"""")
+    found = {name: pattern.findall((ROOT / "bnsuite" / f"{name}.py").read_text()) for name in generic}
+    assert not {name: hits for name, hits in found.items() if hits}
+
+
+def test_every_variant_of_the_default_studies_is_described_in_the_records_study(mnist_dir):
+    spec = study_from_options("smoke")
+    assert {variant.name for variant in spec.variants} == {v for study in spec.studies for v in study.variants}
+    assert all(claim.variant for claim in study_claims(spec) if claim.study == "batch")
+
+
+def test_a_probe_point_that_names_no_submodule_is_refused_before_training(clean_registry, mnist_dir):
+    from torch import nn
+
+    from bnsuite.spec import RunSpec, SpecError
+    from bnsuite.train import train
+
+    registry.register_variant("misprobed", batch_statistics=False, probe="norm9")(
+        lambda: nn.Sequential(nn.Flatten(), nn.Linear(784, 10)))
+    with pytest.raises(SpecError, match="variant misprobed's probe point 'norm9' is not a submodule"):
+        train(RunSpec(variant="misprobed", epochs=1, train_subset=256), data_dir=mnist_dir)
