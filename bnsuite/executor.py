@@ -67,9 +67,9 @@ class RayExecutor:
 
     `address`: None starts a local Ray instance on this machine (`cpus` CPUs, all of them by default); "auto"
     or "ray://host:port" joins a running cluster. `plugins`: the plugin modules every task imports before it
-    trains (the driver's; bnsuite.registry.plugin_modules); on a local instance the workers also get the
-    directories of those that are plain files on the driver's path. `trainer` replaces bnsuite.train.train_seeds
-    in the tasks (the tests use it to make a task fail or its worker die).
+    trains (the driver's, as bnsuite.registry.load_plugins returned them); on a local instance the workers also
+    get the directories of those that are plain files on the driver's path. `trainer` replaces
+    bnsuite.train.train_seeds in the tasks (the tests use it to make a task fail or its worker die).
     """
 
     def __init__(self, study: StudySpec, *, address: str | None = None, data_dir: Path | str | None = None,

@@ -36,7 +36,7 @@ from bnsuite.data import DataUnavailableError, default_data_dir, load_raw
 from bnsuite.executor import EXECUTORS, ExecutorError, RayExecutor
 from bnsuite.idx import IdxFormatError
 from bnsuite.records import save_record
-from bnsuite.registry import PluginError, load_plugins
+from bnsuite.registry import PluginError, load_plugins, plugin_option
 from bnsuite.spec import DEFAULT_LR, TRAINING_IMAGES, SpecError, StudySpec
 from bnsuite.study import StudySession, study_from_options
 
@@ -287,7 +287,7 @@ class StudyPlugin:
 def _load_plugins(config: pytest.Config) -> tuple[str, ...]:
     """Import the entry-point plugins and those of --bn-plugin; a module in the directory pytest runs from is
     found as `python -m pytest` would find it."""
-    names = [name.strip() for name in (config.getoption("--bn-plugin") or "").split(",") if name.strip()]
+    names = plugin_option(config.getoption("--bn-plugin"))
     here = str(config.invocation_params.dir)
     if names and here not in sys.path:
         sys.path.insert(0, here)

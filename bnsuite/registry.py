@@ -36,7 +36,7 @@ from bnsuite.spec import NAME_PATTERN, KnownException, RunSpec, SpecError, Study
 
 ENTRY_POINT_GROUP = "bnsuite.plugins"
 BUILTIN_SOURCE = "bnsuite"
-PROFILES = ("full", "quick", "smoke")  # what a study's single matrix stands for (bnsuite.study.PROFILE_SETTINGS)
+EVERY_PROFILE = "*"  # the key of a matrix that stands for every profile
 
 _VARIANTS: dict[str, Variant] = {}
 _BUILDERS: dict[str, Callable[[], Any]] = {}
@@ -141,7 +141,8 @@ class StudyDefinition:
 
     name: str
     title: str
-    matrices: Mapping[str, Study]  # profile -> the study's matrix in it; a profile without one leaves it out
+    # profile -> the study's matrix in it (EVERY_PROFILE: in any profile); a profile without one leaves it out
+    matrices: Mapping[str, Study]
     claims: Callable[[StudySpec, Study], list]
     section: Callable[[SectionContext], list[str]] | None = None
     known_exceptions: Mapping[str, tuple[KnownException, ...]] = field(default_factory=dict)
@@ -151,7 +152,7 @@ class StudyDefinition:
     source: str = BUILTIN_SOURCE
 
     def matrix(self, profile: str) -> Study | None:
-        return self.matrices.get(profile)
+        return self.matrices.get(profile, self.matrices.get(EVERY_PROFILE))
 
 
 STUDY_OPTIONS = frozenset({"variants", "batch-sizes", "lr", "epochs"})
@@ -174,7 +175,7 @@ def register_study(name: str, *, title: str, matrices: Study | Mapping[str, Stud
             raise PluginError(f"study {name!r} is registered twice; give the new one another name")
         if not isinstance(name, str) or NAME_PATTERN.fullmatch(name) is None:
             raise PluginError(f"study name {name!r} must be letters, digits, '.', '_' or '-'")
-        by_profile = {profile: matrices for profile in PROFILES} if isinstance(matrices, Study) else dict(matrices)
+        by_profile = {EVERY_PROFILE: matrices} if isinstance(matrices, Study) else dict(matrices)
         wrong = [profile for profile, study in by_profile.items() if study.name != name]
         if wrong:
             raise PluginError(f"study {name!r}: its matrix for {', '.join(wrong)} is named otherwise; name each "
@@ -232,9 +233,9 @@ def load_plugins(modules: tuple[str, ...] | list[str] = (), *, entry_points: boo
     return tuple(_PLUGINS)
 
 
-def plugin_modules() -> tuple[str, ...]:
-    """The plugin modules loaded in this process, in order: what a Ray worker must import too."""
-    return tuple(_PLUGINS)
+def plugin_option(text: str | None) -> list[str]:
+    """The module names of a `MODULE[,MODULE]` option (--bn-plugin, the report's --plugin)."""
+    return [name.strip() for name in (text or "").split(",") if name.strip()]
 
 
 def _qualified(function: Callable) -> str:

@@ -27,7 +27,7 @@ from bnsuite import plots
 from bnsuite.claims import ClaimResult, study_claims
 from bnsuite.files import write_atomically
 from bnsuite.records import RecordError, RunRecord, epochs_frame, load_records
-from bnsuite.registry import PluginError, SectionContext, load_plugins, study_definition
+from bnsuite.registry import PluginError, SectionContext, load_plugins, plugin_option, study_definition
 from bnsuite.report_parts import claims_table, colors, discussion
 from bnsuite.spec import TRAINING_IMAGES, ClaimSettings, Study, StudySpec
 from bnsuite.studies.batch import records_section
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = args.out or args.results / "REPORT.md"
     try:
-        load_plugins([name.strip() for name in args.plugin.split(",") if name.strip()])
+        load_plugins(plugin_option(args.plugin))
     except PluginError as error:
         print(f"bnsuite.report: {error}", file=sys.stderr)
         return 2

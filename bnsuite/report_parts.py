@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from bnsuite.claims import REASONS, ClaimResult, generalization_gap, held_out_accuracy, summary, train_accuracy
+from bnsuite.claims import REASONS, ClaimResult, generalization_gap, held_out_accuracy, train_accuracy
 from bnsuite.files import write_atomically
 from bnsuite.records import RunRecord
 from bnsuite.registry import study_definition
@@ -96,6 +96,3 @@ def discussion(claims: list[ClaimResult], *, leading: list[str] = (), said: set[
 def _at(claim: ClaimResult) -> str:
     return f" (batch size {claim.batch_size})" if claim.batch_size is not None else ""
 
-
-__all__ = ["claims_table", "runs_table", "write_figure", "variants_of", "variant_order", "colors", "study_title",
-           "discussion", "summary"]
