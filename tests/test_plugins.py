@@ -202,3 +202,17 @@ def test_a_probe_point_that_names_no_submodule_is_refused_before_training(clean_
         lambda: nn.Sequential(nn.Flatten(), nn.Linear(784, 10)))
     with pytest.raises(SpecError, match="variant misprobed's probe point 'norm9' is not a submodule"):
         train(RunSpec(variant="misprobed", epochs=1, train_subset=256), data_dir=mnist_dir)
+
+
+def test_a_network_that_declares_no_probe_point_trains_unprobed_and_its_record_says_so(clean_registry, mnist_dir):
+    from torch import nn
+
+    from bnsuite.spec import RunSpec
+    from bnsuite.train import train
+
+    registry.register_variant("unprobed", batch_statistics=True)(
+        lambda: nn.Sequential(nn.Flatten(), nn.Linear(784, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 10)))
+    record = train(RunSpec(variant="unprobed", epochs=1, train_subset=512, batch_size=64), data_dir=mnist_dir)
+    assert record.variant.probe is None and record.activations is None
+    assert record.epochs[0].batch_statistics_accuracy is not None  # it declared batch statistics
+    assert record.training_step == "eager"
