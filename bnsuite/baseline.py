@@ -360,7 +360,8 @@ def _newest_benchmark(path: Path) -> Path:
     return files[-1]
 
 
-def main(argv: list[str] | None = None) -> int:
+def command_line() -> argparse.ArgumentParser:
+    """The command line of `python -m bnsuite.baseline` (the docs' commands are checked against it)."""
     parser = argparse.ArgumentParser(prog="python -m bnsuite.baseline", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     comparing = commands.add_parser("compare", help="compare a results directory with a baseline; exit 1 if worse")
@@ -374,7 +375,11 @@ def main(argv: list[str] | None = None) -> int:
     accepting.add_argument("--benchmarks", type=Path, default=None,
                            help="pytest-benchmark JSON (a file, or a storage whose newest file is taken) to keep "
                                 "with the baseline")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = command_line().parse_args(argv)
     try:
         if args.command == "accept":
             target = accept(args.results, args.to, benchmarks=args.benchmarks)

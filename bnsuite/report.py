@@ -37,21 +37,7 @@ DEFAULT_BENCHMARKS = Path(".benchmarks")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bnsuite.report", description=__doc__.splitlines()[0])
-    parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS,
-                        help=f"results directory holding runs/*.json (default: {DEFAULT_RESULTS})")
-    parser.add_argument("--out", type=Path, default=None, help="markdown file to write (default: RESULTS/REPORT.md)")
-    parser.add_argument("--benchmarks", type=Path, default=DEFAULT_BENCHMARKS,
-                        help="pytest-benchmark storage to read timings from (default: .benchmarks)")
-    parser.add_argument("--baseline", default="auto",
-                        help=f"results directory to report the numbers against; auto: the committed "
-                             f"{gate.REFERENCE_DIR}/PROFILE when there is one; none: no such section")
-    parser.add_argument("--no-plots", action="store_true", help="write tables only, no PNG figures")
-    parser.add_argument("--plugin", default="", metavar="MODULE[,MODULE]",
-                        help="plugin modules to import first, for the claims and sections of the studies they "
-                             "define (variants need none: records describe them); the bnsuite.plugins entry points "
-                             "of installed packages are imported anyway")
-    args = parser.parse_args(argv)
+    args = command_line().parse_args(argv)
     out = args.out or args.results / "REPORT.md"
     try:
         load_plugins(plugin_option(args.plugin))
@@ -71,6 +57,25 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown)
     print(f"\nReport written to {out}", file=sys.stderr)
     return 0
+
+
+def command_line() -> argparse.ArgumentParser:
+    """The command line of `python -m bnsuite.report` (the docs' commands are checked against it)."""
+    parser = argparse.ArgumentParser(prog="python -m bnsuite.report", description=__doc__.splitlines()[0])
+    parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS,
+                        help=f"results directory holding runs/*.json (default: {DEFAULT_RESULTS})")
+    parser.add_argument("--out", type=Path, default=None, help="markdown file to write (default: RESULTS/REPORT.md)")
+    parser.add_argument("--benchmarks", type=Path, default=DEFAULT_BENCHMARKS,
+                        help="pytest-benchmark storage to read timings from (default: .benchmarks)")
+    parser.add_argument("--baseline", default="auto",
+                        help=f"results directory to report the numbers against; auto: the committed "
+                             f"{gate.REFERENCE_DIR}/PROFILE when there is one; none: no such section")
+    parser.add_argument("--no-plots", action="store_true", help="write tables only, no PNG figures")
+    parser.add_argument("--plugin", default="", metavar="MODULE[,MODULE]",
+                        help="plugin modules to import first, for the claims and sections of the studies they "
+                             "define (variants need none: records describe them); the bnsuite.plugins entry points "
+                             "of installed packages are imported anyway")
+    return parser
 
 
 def build_report(results: Path, *, out: Path, benchmarks: Path | None = None, with_plots: bool = True,
