@@ -104,11 +104,11 @@ def train_seeds(
 ) -> list[RunRecord]:
     """Train runs that differ only in seed, learning rate or init scale; one record each, in the order given.
 
-    Where the fast step covers the variant's network (`fastpath.supports`, the one place that decides), the
-    runs train as one batched
-    computation (bnsuite.fastpath), each on its own init and its own shuffle,
-    bit for bit as when trained alone, and each record names the seeds it
-    trained with; otherwise one after another. A run that diverges stops being
+    Where the fast step covers the variant's network (`fastpath.supports`,
+    the one place that decides), the runs train as one batched computation
+    (bnsuite.fastpath), each on its own init and its own shuffle, bit for bit
+    as when trained alone, and each record names the seeds it trained with;
+    otherwise one after another. A run that diverges stops being
     recorded at that epoch while the others go on. `executor` is recorded as
     what ran them ("local", or "ray at ADDRESS" in a Ray task).
     """
