@@ -353,7 +353,7 @@ def _schema_4_variant(name: Any, source: str) -> dict:
     if name not in _SCHEMA_4_VARIANTS:
         raise RecordError(f"{source}: schema-4 variant {name!r} is not one schema 4 had "
                           f"({', '.join(_SCHEMA_4_VARIANTS)}); re-run that case")
-    return {**dataclasses.asdict(Variant(name=name, **_SCHEMA_4_VARIANTS[name]))}
+    return dataclasses.asdict(Variant(name=name, **_SCHEMA_4_VARIANTS[name]))
 
 
 def migrate_schema_4(raw: dict, *, source: str = "record") -> dict:
