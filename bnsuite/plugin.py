@@ -31,14 +31,19 @@ from bnsuite.baseline import (
     configuration,
     unmatched,
 )
-from bnsuite.claims import study_claims
+from bnsuite.claims import holm, study_claims
 from bnsuite.data import DataUnavailableError, default_data_dir, load_raw
 from bnsuite.executor import EXECUTORS, ExecutorError, RayExecutor
 from bnsuite.idx import IdxFormatError
 from bnsuite.records import save_record
 from bnsuite.registry import PluginError, load_plugins, plugin_option
 from bnsuite.spec import DEFAULT_LR, TRAINING_IMAGES, SpecError, StudySpec
-from bnsuite.study import StudySession, study_from_options
+from bnsuite.study import PROFILE_SETTINGS, StudySession, default_seeds, study_from_options
+
+
+def _seeds(profile: str) -> str:
+    seeds = default_seeds(profile)
+    return f"0 to {seeds[-1]}" if seeds == tuple(range(len(seeds))) and len(seeds) > 3 else ",".join(map(str, seeds))
 
 
 def _reached_by(option: str) -> str:
@@ -53,7 +58,9 @@ OPTIONS = {
     "variants": f"comma-separated model variants of the {_reached_by('variants')}, e.g. plain,bn,bn-scratch or a "
                 "plugin's (default: plain,bn)",
     "batch-sizes": f"comma-separated batch sizes of the {_reached_by('batch-sizes')} (default: 32,64,128)",
-    "seeds": "comma-separated seeds (default: 0,1,2)",
+    "seeds": "seeds of every study: a count (5: seeds 0 to 4), a range (0-7) or a list (0,1,2; 0-4,10) "
+             "(default: the profile's: " + "; ".join(f"{profile} {_seeds(profile)}" for profile in PROFILE_SETTINGS)
+             + ")",
     "epochs": "epochs per run, every study (default: the profile's; full: 10, and 2 for the lr and init studies)",
     "lr": "SGD learning rate of every study but the lr study's grid (default: 0.01, the study's)",
     "device": "auto, cpu or cuda (default: auto)",
@@ -275,8 +282,12 @@ class StudyPlugin:
     def pytest_terminal_summary(self, terminalreporter):
         if self.claim_results:
             terminalreporter.section("bnsuite claims")
-            for result in self.claim_results:
+            family = holm(self.claim_results)
+            for result in family:
                 terminalreporter.write_line(f"{result.verdict.upper():>12}  {result.name}: {result.evidence}")
+                if result.effect is not None:
+                    terminalreporter.write_line(f"{'':>14}effect: {result.effect.describe()}; after Holm over "
+                                                f"{len(family)} claims: {result.holm_verdict} (p {result.holm_p:.3g})")
         if self.comparisons:
             terminalreporter.section(f"bnsuite against the baseline {self.baseline.directory}")
             for comparison in self.comparisons:

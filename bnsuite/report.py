@@ -24,11 +24,11 @@ import pandas as pd
 
 from bnsuite import baseline as gate
 from bnsuite import plots
-from bnsuite.claims import ClaimResult, study_claims
+from bnsuite.claims import ClaimResult, holm, study_claims
 from bnsuite.files import write_atomically
 from bnsuite.records import RecordError, RunRecord, epochs_frame, load_records
 from bnsuite.registry import PluginError, SectionContext, load_plugins, plugin_option, study_definition
-from bnsuite.report_parts import claims_table, colors, discussion
+from bnsuite.report_parts import claims_table, colors, discussion, family_statement
 from bnsuite.spec import TRAINING_IMAGES, ClaimSettings, Study, StudySpec
 from bnsuite.studies.batch import records_section
 
@@ -242,7 +242,8 @@ def plan_section(title: str, spec: StudySpec | None, records: list[RunRecord], *
         else:
             lines += [f"{h} Claims: {definition.title}", "",
                       claims_table([c for c in claims if c.study == study.name], spec.claims), ""]
-    return lines
+    family = family_statement(claims)
+    return lines + ([f"{h} The claims as a family", ""] + family if family else [])
 
 
 def _records_of(spec: StudySpec, study: Study | None, records: list[RunRecord]) -> list[RunRecord]:
@@ -274,7 +275,7 @@ def completeness(records: list[RunRecord], spec: StudySpec | None) -> list[str]:
 
 def evaluate_claims(records: list[RunRecord], spec: StudySpec | None) -> list[ClaimResult]:
     """The claims of the section's studies, judged with the settings they recorded; none without a study."""
-    return [claim.evaluate(records) for claim in study_claims(spec)] if spec else []
+    return holm([claim.evaluate(records) for claim in study_claims(spec)]) if spec else []
 
 
 def benchmark_section(benchmarks: Path | None) -> list[str]:

@@ -18,7 +18,7 @@ from bnsuite.claims import REASONS, ClaimResult, generalization_gap, held_out_ac
 from bnsuite.files import write_atomically
 from bnsuite.records import RunRecord
 from bnsuite.registry import study_definition
-from bnsuite.spec import ClaimSettings, Variant
+from bnsuite.spec import NOT_SHOWN, SUPPORTED, ClaimSettings, Variant
 
 
 def claims_table(claims: list[ClaimResult], settings: ClaimSettings | None) -> str:
@@ -29,10 +29,42 @@ def claims_table(claims: list[ClaimResult], settings: ClaimSettings | None) -> s
     rows = []
     for c in claims:
         known = settings.known_exception(c.name)
-        rows.append({"claim": c.name, "statement": c.statement, "evidence": c.evidence, "rule": c.rule,
+        effect = c.effect
+        rows.append({"claim": c.name, "statement": c.statement, "evidence": c.evidence,
+                     "effect [interval]": "" if effect is None else (
+                         f"{effect.what}: {effect.estimate_and_interval()} ({effect.confidence:.0%})"),
+                     "P(improvement)": "" if effect is None else f"{effect.improvement:.2f}",
+                     "p": "" if c.p_value is None else f"{c.p_value:.3g}",
                      "verdict": f"**{c.verdict}**",
+                     "after Holm": "" if c.holm_p is None else f"{c.holm_verdict} (p {c.holm_p:.3g})",
+                     "what these seeds can show": c.power(), "rule": c.rule,
                      "known exception": f"{known.verdict}: {known.reason}" if known else ""})
     return pd.DataFrame(rows).to_markdown(index=False)
+
+
+def family_statement(claims: list[ClaimResult]) -> list[str]:
+    """What the section's claims are as a family: how many were judged, the smallest p their seeds allow, and how
+    many supported verdicts survive Holm's correction (family-wise alpha)."""
+    tested = [claim for claim in claims if claim.comparison is not None and claim.holm_p is not None]
+    if not tested:
+        return []
+    smallest = sorted({claim.comparison.smallest_p for claim in tested})
+    supported = [claim for claim in tested if claim.holds]
+    survive = [claim for claim in supported if claim.holm_verdict == SUPPORTED]
+    alphas = sorted({claim.alpha for claim in tested})
+    floor = " to ".join(f"{value:.3g}" for value in (smallest[0], smallest[-1])) if len(smallest) > 1 else (
+        f"{smallest[0]:.3g}")
+    text = (f"{len(tested)} claims were judged here, each by its own one-sided exact "
+            f"test at alpha {', '.join(map(str, alphas))} (the claims gate uses these verdicts: each claim is a "
+            f"pre-registered test). The smallest p the test can give at the seeds used is {floor}, so Holm's "
+            f"step-down correction over {len(tested)} claims (family-wise alpha {alphas[0]}) can keep a verdict "
+            f"only where p <= {alphas[0]} / {len(tested)} = {alphas[0] / len(tested):.2g} is possible. "
+            f"{len(supported)} verdicts are supported; {len(survive)} of them survive the correction (the "
+            "\"after Holm\" column).")
+    if supported and not survive:
+        text += (" With these seeds no verdict can survive it: a supported claim here means \"every seed of one "
+                 "side beat every seed of the other\", one claim at a time, not a family-wise finding.")
+    return [text, ""]
 
 
 def runs_table(records: list[RunRecord]) -> pd.DataFrame:
@@ -85,12 +117,25 @@ def discussion(claims: list[ClaimResult], *, leading: list[str] = (), said: set[
         checked = [claim for claim in claims if claim.reason == reason and claim.name not in said]
         if checked:
             study = ", ".join(dict.fromkeys(study_title(claim.study) for claim in checked))
-            verdicts = "; ".join(f"{claim.short}{_at(claim)}: **{claim.verdict}**" for claim in checked)
+            verdicts = "; ".join(f"{claim.short}{_at(claim)}: **{claim.verdict}**{_not_shown(claim)}"
+                                 for claim in checked)
             text = REASONS.get(reason, reason)
             sentences.append(f"- **{text[0].upper()}{text[1:]}** ({study}): {verdicts}.")
     if diverged:
         sentences.append(f"- **Divergence:** {len(diverged)} run(s) diverged: {', '.join(diverged)}.")
     return sentences or ["_Not enough runs for a discussion._"]
+
+
+def _not_shown(claim: ClaimResult) -> str:
+    """For a claim not shown, what that means at its seeds, in words."""
+    if claim.verdict != NOT_SHOWN or claim.comparison is None:
+        return ""
+    m, n = claim.comparison.sizes
+    seeds = f"{m} seeds a side" if m == n else f"{m} and {n} seeds"
+    more = claim.comparison.seeds_needed(claim.alpha)
+    if more is None:
+        return f" (not shown with {seeds}; the measured effect does not point the claim's way)"
+    return f" (not shown with {seeds}, which is not shown false; an effect of the measured size needs about {more})"
 
 
 def _at(claim: ClaimResult) -> str:

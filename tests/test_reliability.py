@@ -68,6 +68,10 @@ def test_wrong_magic_number_in_a_data_file_is_refused(tmp_path, monkeypatch):
     (dict(epochs="0"), "epochs must be at least 1"),
     (dict(epochs="-2"), "epochs must be at least 1"),
     (dict(seeds=""), "no seeds given"),
+    (dict(seeds="0"), "a single number is a seed count, and 0 seeds train nothing; for seed 0 alone write 0-0"),
+    (dict(seeds="5-3"), "runs backwards"),
+    (dict(seeds="0-2,2"), "repeat a seed"),
+    (dict(seeds="a-3"), "seed must be a whole number"),
     (dict(target_loss="nan"), "target loss must be a finite number > 0"),
     (dict(lr="0"), "learning rate must be a finite number > 0"),
     (dict(lr="-0.1"), "learning rate must be a finite number > 0"),
@@ -302,3 +306,9 @@ def test_no_torch_load_without_weights_only_and_no_archive_extraction_in_bnsuite
         for call in re.findall(r"torch\.load\([^)]*\)", text):
             assert "weights_only=True" in call, f"{path.name}: {call}"
         assert "extractall" not in text and ".extract(" not in text, f"{path.name} extracts an archive"
+
+
+@pytest.mark.parametrize(("seeds", "expected"), [("8", tuple(range(8))), ("0-7", tuple(range(8))),
+                                                 ("0,1,2", (0, 1, 2)), ("3-3", (3,)), ("0-2,10", (0, 1, 2, 10))])
+def test_seeds_are_a_count_a_range_or_a_list(seeds, expected):
+    assert study_from_options("smoke", studies="batch", seeds=seeds).seeds == expected

@@ -134,13 +134,17 @@ def test_report_from_schema_1_records_keeps_every_table_that_version_wrote(tmp_p
             "Final epoch: training and held-out side by side", "Training time (evaluation excluded)"]
     for heading in kept:
         assert ours[heading] == theirs[heading], heading
-    def claim_row(section: str, claim: str) -> list[str]:
-        row = next(line for line in section.splitlines() if line.startswith(f"| {claim} "))
-        return [cell.strip() for cell in row.split("|")]
+    def claim_row(section: str, claim: str) -> dict[str, str]:
+        lines = section.splitlines()
+        header = next(line for line in lines if line.startswith("| claim "))
+        row = next(line for line in lines if line.startswith(f"| {claim} "))
+        cells = [[cell.strip() for cell in line.split("|")] for line in (header, row)]
+        return dict(zip(*cells, strict=True))
 
     for claim in ("bn-lower-final-loss-bs32", "bn-converges-faster-bs128", "bn-accuracy-at-least-plain-bs64"):
-        assert claim_row(ours["Claims"], claim) == claim_row(theirs["Claims"], claim)
-        assert "**supported**" in claim_row(ours["Claims"], claim)
+        new, old = claim_row(ours["Claims"], claim), claim_row(theirs["Claims"], claim)
+        assert {column: new[column] for column in old} == old  # every column that version wrote, unchanged
+        assert new["verdict"] == "**supported**" and new["effect [interval]"] and new["after Holm"]
     assert "| 2.13.0+cu130 | cpu      | x86_64        |         2 | daae40a12e2d7b6307a0a04fb60f4763acd1a7dd" \
         in markdown
 

@@ -21,10 +21,10 @@ from bnsuite.claims import (
     activation_drift,
     at_least,
     batch_statistics_accuracy,
+    compare,
     held_out_accuracy,
     needs,
     not_recorded,
-    p_smaller,
     result,
     smaller,
     summary,
@@ -161,10 +161,10 @@ def _converges_faster(variant: str, batch_size: int, target_loss: float):
             return [float(r.epochs_to_target(target_loss) or math.inf) for r in records]
 
         mine, plain = epochs(runs.of(variant, batch_size)), epochs(runs.of(PLAIN, batch_size))
-        p, q = p_smaller(mine, plain), p_smaller(plain, mine)
+        comparison = compare(mine, plain, what=f"plain - {variant} epochs to the target loss")
         evidence = (f"epochs to training loss <= {target_loss}: {variant} {_epoch_list(mine)} vs plain "
-                    f"{_epoch_list(plain)}; p={p:.3f}")
-        return result(claim, f"{variant} fewer epochs", evidence, p, q)
+                    f"{_epoch_list(plain)}; p={comparison.p:.3f}")
+        return result(claim, f"{variant} fewer epochs", evidence, comparison)
 
     return judge
 
@@ -179,10 +179,11 @@ def _running_at_least_batch(variant: str, batch_size: int, margin: float):
         running, batch = [held_out_accuracy(r) for r in mine], [batch_statistics_accuracy(r) for r in mine]
         if any(math.isnan(value) for value in batch):
             return not_recorded(claim, "the accuracy with batch statistics", why="records of schema 3 or earlier")
-        p, q = p_smaller(batch, [v + margin for v in running]), p_smaller([v + margin for v in running], batch)
+        comparison = compare(batch, running, offset=margin,
+                             what="running estimates - batch statistics held-out accuracy (points)")
         evidence = (f"final held-out accuracy % with running estimates {summary(running, 2)} vs with batch statistics "
-                    f"{summary(batch, 2)}; p={p:.3f}")
-        return result(claim, f"batch statistics below running estimates + {margin} points", evidence, p, q)
+                    f"{summary(batch, 2)}; p={comparison.p:.3f}")
+        return result(claim, f"batch statistics below running estimates + {margin} points", evidence, comparison)
 
     return judge
 
@@ -205,14 +206,15 @@ def _advantage_grows(variant: str, ordered: tuple[int, ...], measure: str):
         values = {batch_size: advantage(runs, batch_size) for batch_size in ordered}
         small, large = values[ordered[0]], values[ordered[-1]]
         if measure == "loss":  # the ratio falls
-            p, q = p_smaller(large, small), p_smaller(small, large)
             what, digits = f"{variant} / plain final training loss", 3
+            comparison = compare(large, small, ratio=True,
+                                 what=f"bs{ordered[0]} / bs{ordered[-1]} of ({what})")
         else:  # the difference grows
-            p, q = p_smaller(small, large), p_smaller(large, small)
             what, digits = f"{variant} - plain test accuracy (points)", 2
+            comparison = compare(small, large, what=f"bs{ordered[-1]} - bs{ordered[0]} of ({what})")
         evidence = (f"{what}: " + "; ".join(f"bs{b} {summary(values[b], digits)}" for b in ordered)
-                    + f"; p={p:.3f}")
-        return result(claim, f"batch {ordered[-1]} against batch {ordered[0]}", evidence, p, q)
+                    + f"; p={comparison.p:.3f}")
+        return result(claim, f"batch {ordered[-1]} against batch {ordered[0]}", evidence, comparison)
 
     return judge
 

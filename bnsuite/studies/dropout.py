@@ -13,17 +13,17 @@ from bnsuite.claims import (
     Claim,
     ClaimResult,
     Runs,
+    compare,
     generalization_gap,
     held_out_accuracy,
     needs,
     not_recorded,
-    p_smaller,
     result,
     summary,
 )
 from bnsuite.registry import SectionContext, register_study
 from bnsuite.report_parts import claims_table, colors, runs_table, variant_order, variants_of, write_figure
-from bnsuite.spec import CONTRADICTED, NOT_SHOWN, KnownException, Study, StudySpec
+from bnsuite.spec import CONTRADICTED, NOT_SHOWN, UNSETTLED, KnownException, Study, StudySpec
 
 NAME = "dropout"
 PLAIN, BN = "plain", "bn"
@@ -43,8 +43,10 @@ KNOWN_EXCEPTIONS = {
         KnownException("bn-smaller-generalization-gap-bs64", CONTRADICTED,
                        "BN's final model fits its 20,000 training images almost perfectly, so its gap to held-out "
                        "accuracy is the larger"),
-        KnownException("dropout-gains-bn-less-than-plain-bs64", NOT_SHOWN,
-                       "dropout changes either variant's accuracy by less than the seed spread in 4 epochs"),
+        KnownException("dropout-gains-bn-less-than-plain-bs64", UNSETTLED,
+                       "dropout's gain differs between the variants by about the seed spread in 4 epochs: of three "
+                       "disjoint sets of 5 seeds (0-4, 5-9, 10-14), measured on an AMD EPYC, 0-4 support it "
+                       "(p = 0.020) and the others do not show it (p = 0.58, 0.11); of five sets of 3, none does"),
     ),
     "smoke": (
         KnownException("bn-smaller-generalization-gap-bs64", CONTRADICTED,
@@ -83,9 +85,9 @@ def _smaller_gap(batch_size: int):
         plain = [generalization_gap(r) for r in runs.of("plain", batch_size)]
         if any(math.isnan(value) for value in bn + plain):
             return not_recorded(claim, "the final model's training accuracy")
-        p, q = p_smaller(bn, plain), p_smaller(plain, bn)
+        comparison = compare(bn, plain, what="plain - bn generalization gap (points)")
         return result(claim, "bn smaller", f"gap (points) bn {summary(bn, 2)} vs plain {summary(plain, 2)}; "
-                       f"p={p:.3f}", p, q)
+                       f"p={comparison.p:.3f}", comparison)
 
     return judge
 
@@ -98,10 +100,10 @@ def _dropout_gains_less(batch_size: int):
                                                      runs.of(variant, batch_size), strict=True)]
 
         bn, plain = gains("bn"), gains("plain")
-        p, q = p_smaller(bn, plain), p_smaller(plain, bn)
+        comparison = compare(bn, plain, what="plain - bn held-out accuracy gained by dropout (points)")
         evidence = (f"held-out accuracy gained by dropout (points) bn {summary(bn, 2)} vs plain "
-                    f"{summary(plain, 2)}; p={p:.3f}")
-        return result(claim, "bn's gain smaller", evidence, p, q)
+                    f"{summary(plain, 2)}; p={comparison.p:.3f}")
+        return result(claim, "bn's gain smaller", evidence, comparison)
 
     return judge
 

@@ -16,11 +16,12 @@ from bnsuite import plots
 from bnsuite.claims import (
     Claim,
     ClaimResult,
+    Comparison,
     Runs,
     batch_statistics_accuracy,
+    compare,
     held_out_accuracy,
     needs,
-    p_smaller,
     result,
     summary,
 )
@@ -54,8 +55,15 @@ class AgainstLayerNorm(NamedTuple):
 
     ghost: int
     verdict: str  # "behind" (BN below LN at p <= alpha), "ahead" (above at q <= alpha) or "not shown"
-    p: float  # that BN is below LayerNorm
-    q: float  # that BN is above it
+    comparison: Comparison  # p: that BN is below LayerNorm; q: that BN is above it
+
+    @property
+    def p(self) -> float:
+        return self.comparison.p
+
+    @property
+    def q(self) -> float:
+        return self.comparison.q
 
     @property
     def p_of_verdict(self) -> float:
@@ -69,8 +77,8 @@ def against_layernorm(runs: Runs, sizes: dict[int, str], batch_size: int, alpha:
     rows = []
     for g, variant in sizes.items():
         bn = [held_out_accuracy(r) for r in runs.of(variant, batch_size)]
-        p, q = p_smaller(bn, ln), p_smaller(ln, bn)
-        rows.append(AgainstLayerNorm(g, "behind" if p <= alpha else "ahead" if q <= alpha else "not shown", p, q))
+        c = compare(bn, ln, what=f"LayerNorm - {variant} held-out accuracy (points)")
+        rows.append(AgainstLayerNorm(g, "behind" if c.p <= alpha else "ahead" if c.q <= alpha else "not shown", c))
     return rows
 
 
@@ -118,9 +126,9 @@ def _ghost_falls(small: str, large: str, batch_size: int):
     def judge(claim: Claim, runs: Runs) -> ClaimResult:
         a = [held_out_accuracy(r) for r in runs.of(small, batch_size)]
         b = [held_out_accuracy(r) for r in runs.of(large, batch_size)]
-        p, q = p_smaller(a, b), p_smaller(b, a)
-        evidence = f"held-out accuracy % {small} {summary(a, 2)} vs {large} {summary(b, 2)}; p={p:.3f}"
-        return result(claim, f"{small} lower", evidence, p, q)
+        comparison = compare(a, b, what=f"{large} - {small} held-out accuracy (points)")
+        evidence = f"held-out accuracy % {small} {summary(a, 2)} vs {large} {summary(b, 2)}; p={comparison.p:.3f}"
+        return result(claim, f"{small} lower", evidence, comparison)
 
     return judge
 
@@ -133,7 +141,7 @@ def _behind_layernorm(sizes: dict[int, str], batch_size: int):
             f"g={row.ghost} {summary([held_out_accuracy(r) for r in runs.of(sizes[row.ghost], batch_size)], 2)} "
             f"{row.verdict} (p={row.p_of_verdict:.3f})" for row in rows)
         evidence = f"held-out accuracy % LayerNorm {summary(ln, 2)}; BN {per_size}; {where_bn_falls_behind(rows)}"
-        return result(claim, f"BN at ghost size {rows[0].ghost} below LayerNorm", evidence, rows[0].p, rows[0].q)
+        return result(claim, f"BN at ghost size {rows[0].ghost} below LayerNorm", evidence, rows[0].comparison)
 
     return judge
 

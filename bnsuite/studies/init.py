@@ -9,7 +9,7 @@ import statistics
 import pandas as pd
 
 from bnsuite import plots
-from bnsuite.claims import Claim, ClaimResult, Runs, at_least, held_out_accuracy, needs, p_smaller, result, summary
+from bnsuite.claims import Claim, ClaimResult, Runs, at_least, compare, held_out_accuracy, needs, result, summary
 from bnsuite.registry import SectionContext, register_study
 from bnsuite.report_parts import claims_table, colors, runs_table, write_figure
 from bnsuite.spec import Study, StudySpec
@@ -64,11 +64,11 @@ def _less_sensitive(scales: list[float], batch_size: int):
             return max(means) - min(means)
 
         bn, plain = ranges("bn"), ranges("plain")
-        p, q = p_smaller(bn, plain), p_smaller(plain, bn)
+        comparison = compare(bn, plain, what="plain - bn range of held-out accuracy over the scales (points)")
         evidence = (f"range of the per-scale mean held-out accuracy: bn {range_of_means('bn'):.2f} vs plain "
                     f"{range_of_means('plain'):.2f} points; per seed bn {summary(bn, 2)} vs plain "
-                    f"{summary(plain, 2)}; p={p:.3f}")
-        return result(claim, "bn's range smaller", evidence, p, q)
+                    f"{summary(plain, 2)}; p={comparison.p:.3f}")
+        return result(claim, "bn's range smaller", evidence, comparison)
 
     return judge
 

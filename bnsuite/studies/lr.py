@@ -7,12 +7,13 @@ accuracy or more on the held-out set; a diverged run counts as accuracy 0.
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 
 import pandas as pd
 
 from bnsuite import plots
-from bnsuite.claims import Claim, ClaimResult, Runs, decide, held_out_accuracy, needs, p_smaller, result, rule, summary
+from bnsuite.claims import Claim, ClaimResult, Runs, compare, decide, held_out_accuracy, needs, result, rule, summary
 from bnsuite.records import RunRecord
 from bnsuite.registry import SectionContext, register_study
 from bnsuite.report_parts import claims_table, colors, runs_table, write_figure
@@ -65,17 +66,19 @@ def _trained(record: RunRecord, floor: float) -> float:
 
 def _trains_where_other_does_not(study: Study, batch_size: int, floor: float):
     def judge(claim: Claim, runs: Runs) -> ClaimResult:
-        rows, best_p, best_q = [], 1.0, 1.0
+        rows, comparisons = [], []
         for lr in sorted(study.lrs):
             bn = [_trained(r, floor) for r in runs.of("bn", batch_size, lr=lr)]
             plain = [_trained(r, floor) for r in runs.of("plain", batch_size, lr=lr)]
-            p, q = p_smaller(plain, bn), p_smaller(bn, plain)
-            best_p, best_q = min(best_p, p), min(best_q, q)
+            comparisons.append(compare(plain, bn, what=f"bn - plain fraction of seeds trained at lr {lr:g}"))
             rows.append(f"lr {lr:g}: bn {int(sum(bn))}/{len(bn)}, plain {int(sum(plain))}/{len(plain)}")
-        evidence = "seeds trained " + "; ".join(rows) + f"; best p={best_p:.3f}"
+        clearest = min(comparisons, key=lambda c: c.p)  # the learning rate where the claim shows best
+        best_q = min(c.q for c in comparisons)
+        evidence = "seeds trained " + "; ".join(rows) + f"; best p={clearest.p:.3f}"
         return ClaimResult(claim.name, claim.statement,
                            rule("bn trained and plain not, at the learning rate where that is clearest", claim.alpha),
-                           evidence, decide(best_p, best_q, claim.alpha), best_p)
+                           evidence, decide(clearest.p, best_q, claim.alpha), clearest.p,
+                           comparison=dataclasses.replace(clearest, q=best_q), alpha=claim.alpha)
 
     return judge
 
@@ -96,9 +99,11 @@ def _highest_lr_ratio(study: Study, batch_size: int, floor: float, factor: float
         bn, plain = per_seed("bn"), per_seed("plain")
         # "At least factor x": plain's times the factor, a hair less so a grid step of exactly the factor counts.
         scaled = [factor * value * (1 - 1e-9) for value in plain]
-        p, q = p_smaller(scaled, bn), p_smaller(bn, scaled)
-        evidence = (f"highest learning rate that trains, per seed: bn {_lrs(bn)} vs plain {_lrs(plain)}; p={p:.3f}")
-        return result(claim, f"plain's times {factor:g} below bn's", evidence, p, q)
+        comparison = compare(scaled, bn, ratio=True,
+                             what=f"bn / ({factor:g} x plain) highest learning rate that trains")
+        evidence = (f"highest learning rate that trains, per seed: bn {_lrs(bn)} vs plain {_lrs(plain)}; "
+                    f"p={comparison.p:.3f}")
+        return result(claim, f"plain's times {factor:g} below bn's", evidence, comparison)
 
     return judge
 
@@ -116,10 +121,10 @@ def _best_over_lrs(study: Study, batch_size: int, margin: float):
             return lr, by_lr[lr]
 
         (bn_at, bn), (plain_at, plain) = best("bn"), best("plain")
-        p, q = p_smaller(plain, [v + margin for v in bn]), p_smaller([v + margin for v in bn], plain)
+        comparison = compare(plain, bn, offset=margin, what="bn - plain held-out accuracy at each's best lr (points)")
         evidence = (f"held-out accuracy % bn {summary(bn, 2)} at lr {bn_at:g} vs plain {summary(plain, 2)} "
-                    f"at lr {plain_at:g}; p={p:.3f}")
-        return result(claim, f"plain below bn + {margin} points", evidence, p, q)
+                    f"at lr {plain_at:g}; p={comparison.p:.3f}")
+        return result(claim, f"plain below bn + {margin} points", evidence, comparison)
 
     return judge
 
