@@ -53,13 +53,23 @@ def _train_case(specs: Sequence[RunSpec], data_dir: str | None, study: StudySpec
                 trainer: Trainer | None, plugins: tuple[str, ...] = ()) -> list[RunRecord]:
     """The body of a Ray task: import the driver's plugins, train one case on the worker, return its records (the
     driver saves them)."""
+    node = this_node()
     try:
         load_plugins(plugins)
     except PluginError as error:
-        raise PluginError(f"on node {platform.node()}: {error}") from None
+        raise PluginError(f"on {node}: {error}") from None
     if trainer is None:
         from bnsuite.train import train_seeds as trainer
-    return trainer(tuple(specs), data_dir=data_dir, study=study, executor=executor)
+    return trainer(tuple(specs), data_dir=data_dir, study=study, executor=f"{executor}, {node}")
+
+
+def this_node() -> str:
+    """The Ray node a task runs on, as its records name it: `node ID (IP, host NAME)`, the ID's first 12 hex
+    digits as `ray status` and the dashboard show them."""
+    import ray
+
+    node_id = ray.get_runtime_context().get_node_id()
+    return f"node {node_id[:12]} ({ray.util.get_node_ip_address()}, host {platform.node()})"
 
 
 class RayExecutor:
@@ -107,7 +117,9 @@ class RayExecutor:
 
             uv_hook, ray_constants.RAY_ENABLE_UV_RUN_RUNTIME_ENV = ray_constants.RAY_ENABLE_UV_RUN_RUNTIME_ENV, False
             try:
-                ray.init(num_cpus=self.cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False,
+                # "local": a new instance of our own, even where a cluster started on this machine is running.
+                ray.init(address="local", num_cpus=self.cpus or os.cpu_count(), include_dashboard=False,
+                         log_to_driver=False,
                          runtime_env={"env_vars": env_vars})
             finally:
                 ray_constants.RAY_ENABLE_UV_RUN_RUNTIME_ENV = uv_hook

@@ -90,8 +90,8 @@ def pytest_addoption(parser):
                     help="where cases train: local (this process, default) or ray (every case a Ray task, all "
                          "submitted at start; needs the ray extra)")
     group.addoption("--bn-ray-address", default=None,
-                    help="with --bn-executor ray: 'auto' or ray://HOST:PORT joins a running cluster (default: start "
-                         "a local Ray instance on this machine)")
+                    help="with --bn-executor ray: 'auto', HOST:PORT (the head's address) or ray://HOST:PORT (Ray "
+                         "Client) joins a running cluster (default: start a Ray instance of its own on this machine)")
 
 
 def pytest_configure(config):

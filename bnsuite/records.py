@@ -153,8 +153,8 @@ class RunRecord:
     diverged_at_epoch: Annotated[int, Field(ge=1)] | None  # first epoch whose loss blew up; the run stopped there
     environment: Environment
     started_at: str
-    # What ran it: "local" (the pytest process), or "ray at ADDRESS" (a task on a Ray cluster; the environment
-    # says which machine). Schema 2 and earlier ran locally only.
+    # What ran it: "local" (the pytest process), or "ray at ADDRESS, node ID (IP, host NAME)" (a task on that Ray
+    # node). Schema 2 and earlier ran locally only.
     executor: str
     # The last hidden layer's pre-activation percentiles over training; None where the run was not probed (the
     # original pipeline, a diverged run's probe with non-finite values, and records of schemas 1 and 2).

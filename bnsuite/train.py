@@ -110,7 +110,7 @@ def train_seeds(
     as when trained alone, and each record names the seeds it trained with;
     otherwise one after another. A run that diverges stops being
     recorded at that epoch while the others go on. `executor` is recorded as
-    what ran them ("local", or "ray at ADDRESS" in a Ray task).
+    what ran them ("local", or "ray at ADDRESS, node ..." in a Ray task).
     """
     specs = list(specs)
     _check_one_group(specs)

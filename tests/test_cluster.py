@@ -1,0 +1,212 @@
+"""bnsuite on a multi-node Ray cluster, the path a user who outgrows one machine takes.
+
+The cluster is Ray's own test utility (`ray.cluster_utils.Cluster`) on this
+machine: a head node with no CPU (so it schedules, never trains) and two worker
+nodes of one CPU each, every node with its own raylet and object store. The
+nodes are started with a plugin directory on their PYTHONPATH, as a user
+installs a plugin on every node. The smoke batch study joins it through
+`--bn-ray-address HEAD` and through Ray Client (`ray://...`), a worker node is
+removed while it trains a case, and the plugins reach the workers.
+
+Needs the optional extra: `python3 -m uv run --extra ray pytest tests/test_cluster.py` (.ci/run runs it so);
+skipped without Ray.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from bnsuite import baseline as gate
+from bnsuite.data import load_raw
+from bnsuite.executor import ExecutorError, RayExecutor
+from bnsuite.records import load_records
+from bnsuite.study import StudySession, study_from_options
+
+ray = pytest.importorskip("ray")
+cluster_utils = pytest.importorskip("ray.cluster_utils")
+ROOT = Path(__file__).resolve().parents[1]
+NODE = re.compile(r", node ([0-9a-f]{12}) \(")
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _readme_plugin() -> str:
+    """The plugin of docs/plugins.md (the example the tests run)."""
+    from test_plugins import readme_example
+
+    return readme_example("my_norms.py")
+
+
+@pytest.fixture(scope="module")
+def plugin_dir(tmp_path_factory):
+    """The docs' plugin, as a user installs it on every node of the cluster."""
+    directory = tmp_path_factory.mktemp("nodes-site")
+    (directory / "my_norms.py").write_text(_readme_plugin())
+    return directory
+
+
+@pytest.fixture(scope="module")
+def cluster(plugin_dir):
+    """A head without CPUs, with Ray Client's server, and two worker nodes of one CPU each."""
+    before = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(plugin_dir), before]))  # what the nodes inherit
+    client_port = _free_port()
+    try:
+        cluster = cluster_utils.Cluster(initialize_head=True, head_node_args={
+            "num_cpus": 0, "include_dashboard": False, "ray_client_server_port": client_port})
+        for _ in range(2):
+            cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+    finally:
+        if before is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = before
+    cluster.client_address = f"ray://127.0.0.1:{client_port}"
+    yield cluster
+    cluster.shutdown()
+
+
+def _worker_ids(cluster) -> set[str]:
+    return {node.node_id[:12] for node in cluster.worker_nodes}
+
+
+@pytest.fixture(scope="module")
+def local_records(tmp_path_factory, mnist_dir):
+    """The smoke batch study trained locally with one torch thread, as a Ray task trains (one CPU)."""
+    results = tmp_path_factory.mktemp("local")
+    study = study_from_options("smoke", studies="batch")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        session = StudySession(study, results_dir=results, data_dir=mnist_dir)
+        for group in study.groups():
+            session.run_seeds(group)
+    finally:
+        torch.set_num_threads(before)
+    return results
+
+
+def _study_on(address: str, results: Path, mnist_dir, *extra: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """The smoke batch study, run as a user runs it: pytest with --bn-executor ray --bn-ray-address ADDRESS."""
+    command = [sys.executable, "-m", "pytest", "--pyargs", "bnsuite.benchmarks.test_study", "-p", "no:cacheprovider",
+               "--benchmark-disable", "--bn-profile", "smoke", "--bn-studies", "batch", "--bn-executor", "ray",
+               "--bn-ray-address", address, "--bn-results-dir", str(results), "--bn-data-dir", str(mnist_dir), *extra]
+    run = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return run
+
+
+# Through the head's address, the whole smoke batch study; through Ray Client, its batch-128 cases (the client
+# path differs in how the driver connects, not in what the workers train).
+@pytest.mark.parametrize(("how", "batch_sizes", "cases"), [("address", "32,64,128", 6), ("client", "128", 2)])
+def test_the_smoke_study_joins_the_cluster_spreads_over_its_nodes_and_equals_a_local_run(
+        how, batch_sizes, cases, cluster, local_records, tmp_path, mnist_dir):
+    address = cluster.address if how == "address" else cluster.client_address
+    _study_on(address, tmp_path / "results", mnist_dir, "--bn-batch-sizes", batch_sizes)
+    records = load_records(tmp_path / "results")
+    assert len(records) == 3 * cases  # 3 seeds a case, each record written once, by the driver
+    assert {record.executor.split(", node ")[0] for record in records} == {f"ray at {address}"}
+    nodes = {NODE.search(record.executor).group(1) for record in records}
+    assert len(nodes) == 2 and nodes == _worker_ids(cluster)  # both worker nodes trained; the head never did
+    comparisons = gate.compare(records, gate.Baseline.load(local_records))
+    assert [(c.rule, c.verdict) for c in comparisons] == [(gate.EXACT, gate.IDENTICAL)] * cases
+
+
+def test_a_users_plugin_trains_on_the_workers_that_have_it_installed(cluster, tmp_path, mnist_dir):
+    project = tmp_path / "project"  # the driver imports the plugin from the user's directory, the nodes their own
+    project.mkdir()
+    (project / "my_norms.py").write_text(_readme_plugin())
+    _study_on(cluster.address, tmp_path / "results", mnist_dir, "--bn-plugin", "my_norms", "--bn-variants",
+              "plain,batch-rms,bn-after-relu", "--bn-batch-sizes", "128", "--bn-seeds", "0,1", "--bn-epochs", "1",
+              cwd=project)
+    records = load_records(tmp_path / "results")
+    assert {record.spec.variant for record in records} == {"plain", "batch-rms", "bn-after-relu"}
+    assert {record.variant.source.split()[0] for record in records} == {"bnsuite", "my_norms"}
+    assert {NODE.search(record.executor).group(1) for record in records} <= _worker_ids(cluster)
+
+
+def test_a_plugin_the_workers_cannot_import_fails_the_case_naming_the_module_and_the_node(
+        cluster, tmp_path, mnist_dir, monkeypatch):
+    driver_only = tmp_path / "driver-site"  # on the driver's path, on no node's
+    driver_only.mkdir()
+    (driver_only / "driver_only_norms.py").write_text("")
+    monkeypatch.syspath_prepend(str(driver_only))
+    study = study_from_options("smoke", studies="batch", variants="plain", batch_sizes="128", seeds="1", epochs="1")
+    executor = RayExecutor(study, address=cluster.address, data_dir=mnist_dir, plugins=("driver_only_norms",),
+                           dataset_checksum=load_raw("mnist", data_dir=mnist_dir).checksum)
+    executor.start(study.groups())
+    try:
+        with pytest.raises(ExecutorError, match=r"failed on its Ray worker: PluginError: on node [0-9a-f]{12} \(.+\): "
+                                                r"cannot import the plugin module 'driver_only_norms'"):
+            executor.result(study.groups()[0])
+    finally:
+        executor.stop()
+
+
+def _stalls_once(marker: Path):
+    """A trainer whose first attempt at the bn case records its node in `marker`, then waits for that node to be
+    removed; every other attempt trains."""
+    def trainer(specs, **options):
+        import ray as worker_ray
+
+        from bnsuite.train import train_seeds
+
+        if specs[0].variant == "bn" and not marker.exists():
+            marker.write_text(worker_ray.get_runtime_context().get_node_id())
+            time.sleep(300)
+        return train_seeds(specs, **options)
+
+    return trainer
+
+
+def _remove_the_node_in(marker: Path, cluster) -> str:
+    deadline = time.monotonic() + 120
+    while not marker.exists() or not marker.read_text():
+        assert time.monotonic() < deadline, "the bn case never started"
+        time.sleep(0.2)
+    victim = next(node for node in cluster.worker_nodes if node.node_id == marker.read_text())
+    cluster.remove_node(victim)
+    cluster.add_node(num_cpus=1)  # the next test finds two worker nodes again
+    return victim.node_id
+
+
+@pytest.mark.parametrize("retries", [3, 0])
+def test_a_node_lost_mid_case_is_retried_elsewhere_or_fails_naming_it_and_no_record_is_doubled_or_half_written(
+        retries, cluster, tmp_path, mnist_dir):
+    marker = tmp_path / "stalled-on"
+    study = study_from_options("smoke", studies="batch", batch_sizes="128", seeds="0,1", epochs="1")
+    executor = RayExecutor(study, address=cluster.address, data_dir=mnist_dir, trainer=_stalls_once(marker),
+                           retries=retries, dataset_checksum=load_raw("mnist", data_dir=mnist_dir).checksum)
+    executor.start(study.groups())
+    session = StudySession(study, results_dir=tmp_path / "results", executor=executor)
+    plain, bn = study.groups()
+    try:
+        lost = _remove_the_node_in(marker, cluster)
+        session.run_seeds(plain)
+        if retries:
+            records = session.run_seeds(bn)
+            assert {NODE.search(record.executor).group(1) for record in records} != {lost[:12]}  # trained elsewhere
+        else:
+            with pytest.raises(ExecutorError, match=rf"case bn-bs128-seed0 and 1 more runs was lost by Ray after 0 "
+                                                    rf"retries: NodeDiedError: .*node ID: {lost}"):
+                session.run_seeds(bn)
+    finally:
+        executor.stop()
+    saved = sorted(record.spec.case_id for record in load_records(tmp_path / "results"))
+    expected = ["bn-bs128-seed0", "bn-bs128-seed1"] if retries else []
+    assert saved == sorted(["plain-bs128-seed0", "plain-bs128-seed1", *expected])  # each once, none half-written
+    assert not list((tmp_path / "results" / "runs").glob("*.partial"))
