@@ -9,7 +9,7 @@ rules, chosen from what the records say produced them:
 - exact: every run was made in the same environment (the record's
   environment fingerprint: CPU model and vector flags, ATen dispatch, BLAS,
   torch, threads, device, dataset) and trained in the same group as its
-  baseline run. The determinism contract (README, Determinism) then promises
+  baseline run. The determinism contract (docs/determinism.md) then promises
   identical records, so every per-epoch figure and every final metric must be
   equal bit for bit (times excepted); the first difference names the run, the
   epoch and the metric.
@@ -19,8 +19,8 @@ rules, chosen from what the records say produced them:
   are worse only if they stay worse after being given the margin, at
   p <= ALPHA. Worse fails; better is reported, never failed. The margin
   grows with the baseline's seed spread (`ACCURACY_MARGIN`, `LOSS_MARGIN`,
-  `SPREAD_FACTOR`, chosen from measurements in the README's "Regression
-  gates").
+  `SPREAD_FACTOR`, chosen from the measurements in docs/gates.md, "Why
+  these margins").
 
 A baseline made under another protocol (profile, dataset, training images,
 epochs, learning rate) is refused with what differs (`BaselineError`);
@@ -48,7 +48,7 @@ REFERENCE_DIR = Path("results") / "reference"  # the committed reference of each
 ALPHA = 0.05
 # The margin a metric may move by before the test is asked whether the move is real: the larger of a floor and
 # SPREAD_FACTOR times the baseline's seed-to-seed standard deviation. Floors: points of final held-out accuracy,
-# and the relative rise of the final training loss. Measured, in the README's "Regression gates": another CPU or
+# and the relative rise of the final training loss. Measured, in docs/gates.md ("Regression gates": another CPU or
 # thread count moves stable configurations' means by up to 0.2 points, and re-rolls the chaotic ones (training
 # at the edge of divergence) like a new seed.
 ACCURACY_MARGIN = 0.3

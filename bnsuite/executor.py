@@ -157,7 +157,7 @@ class RayExecutor:
                 raise ExecutorError(
                     f"case {_case(group)}: its worker ({record.environment.hostname}) trained on a dataset with "
                     f"checksum {record.environment.dataset_checksum}, not the driver's {self.dataset_checksum}; "
-                    "give every node the same verified dataset (see the README, Running on a cluster)")
+                    "give every node the same verified dataset (docs/cluster.md, Setting up a cluster)")
 
     def stop(self, *, interrupted: bool = False) -> list[RunRecord]:
         """Shut Ray down. Interrupted: cancel the cases still running and return the finished cases' records."""

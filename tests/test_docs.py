@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bnsuite import baseline, registry, report
+from bnsuite import baseline, docs, registry, report
 from bnsuite.spec import SpecError
 from bnsuite.study import study_from_options
 
@@ -120,3 +120,41 @@ def test_a_documented_command_names_options_that_exist_with_values_that_parse(do
     except SpecError as error:
         if "sees no CUDA GPU" not in str(error):  # a value that parses, on a machine without a GPU
             pytest.fail(f"{command!r}: {error}")
+
+
+def test_the_tables_that_list_what_the_code_defines_are_made_from_the_code():
+    assert not docs.stale(), "run python -m bnsuite.docs to rewrite the generated tables"
+
+
+def test_a_generated_block_without_its_markers_is_one_clear_error():
+    with pytest.raises(ValueError, match="has no block <!-- bnsuite:options -->"):
+        docs.render("# a page\n", {"options": docs.options_table}, path="docs/x.md")
+
+
+def _slug(heading: str) -> str:
+    """The anchor the repository host makes of a heading."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_every_link_between_the_documents_leads_somewhere():
+    broken = []
+    for path in DOCS:
+        for target in re.findall(r"\]\(([^)\s]+)\)", path.read_text()):
+            if re.match(r"[a-z]+://", target):
+                continue
+            file, _, anchor = target.partition("#")
+            linked = (path.parent / file).resolve() if file else path
+            if not linked.exists():
+                broken.append(f"{path.name}: {target}")
+            elif anchor and linked.suffix == ".md":
+                headings = re.findall(r"^#+ (.+)$", linked.read_text(), flags=re.M)
+                if anchor not in {_slug(heading) for heading in headings}:
+                    broken.append(f"{path.name}: {target} (no such heading)")
+    assert not broken
+
+
+def test_the_readme_copies_no_measured_figure():
+    _, prose = doc_text(ROOT / "README.md")
+    prose = re.sub(r"<!-- bnsuite:(\w+) -->.*?<!-- /bnsuite:\1 -->", "", prose, flags=re.S)  # what the code defines
+    figures = re.findall(r"\d+(?:[.,]\d+)*\s*(?:%|x\b|s\b|GFLOP|GB/s|ms\b)|\d+\.\d+", prose.replace("3.11+", ""))
+    assert not figures, "measured figures belong in the reference report, linked from the README"

@@ -1,5 +1,5 @@
 """A user's own variants and studies, from a package of their own: by --bn-plugin and by entry point, in the
-studies, the report (another process, without the plugin) and the registries. The README's example is the
+studies, the report (another process, without the plugin) and the registries. The example of docs/plugins.md is the
 plugin these tests run, so the example cannot drift from what works."""
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ THEIRS = ("batch-rms", "bn-after-relu")  # the README example's two variants
 
 
 def readme_example(name: str) -> str:
-    """The README's python block that starts with `# NAME`."""
-    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+    """The python block of docs/plugins.md that starts with `# NAME`."""
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "docs" / "plugins.md").read_text(), flags=re.S)
     return next(block for block in blocks if block.startswith(f"# {name}"))
 
 

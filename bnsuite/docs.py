@@ -1,0 +1,156 @@
+"""`python -m bnsuite.docs`: the parts of README.md and docs/ that list what the code defines, made from the code.
+
+The table of studies, the claims of each study with its known exceptions, and
+the table of `--bn-*` options (their help text, the one source of option
+descriptions) sit in the documents between `<!-- bnsuite:NAME -->` and
+`<!-- /bnsuite:NAME -->`. `python -m bnsuite.docs` rewrites them;
+`python -m bnsuite.docs --check` (and tests/test_docs.py) fails when a document
+says something the code no longer does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+
+from bnsuite import registry
+from bnsuite.claims import REASONS, study_claims
+from bnsuite.files import write_atomically
+from bnsuite.spec import Study
+from bnsuite.study import PROFILE_SETTINGS, profile_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _markdown(rows: list[dict]) -> str:
+    return pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True)
+
+
+def _values(values) -> str:
+    return ", ".join(f"{value:g}" if isinstance(value, float) else str(value) for value in values)
+
+
+def trains(study: Study) -> str:
+    """What a study's matrix trains, in words."""
+    text = f"{_values(study.variants)} at batch {_values(study.batch_sizes)}; {study.epochs} epochs"
+    if len(study.lrs) > 1:
+        text += f"; learning rates {_values(study.lrs)}"
+    if len(study.init_scales) > 1:
+        text += f"; init scales {_values(study.init_scales)} (x PyTorch's default)"
+    return text
+
+
+def studies_table() -> str:
+    """Each registered study: its name, what its full profile trains, and the reasons for BN its claims test."""
+    rows = []
+    for definition in registry.studies():
+        full = profile_spec("full", [definition])
+        study = full.studies[0]
+        reasons = dict.fromkeys(REASONS.get(claim.reason, claim.reason) for claim in study_claims(full))
+        rows.append({"study": f"`{definition.name}`", "what it trains (full profile)": trains(study),
+                     "the reasons for BN its claims test": "; ".join(reasons),
+                     "runs by default": "yes" if definition.default else (
+                         f"by option (`--bn-studies {definition.name}`)")})
+    return _markdown(rows)
+
+
+def claims_tables() -> str:
+    """Per study: every claim its full profile judges, the reason it tests, its statement, and each profile's
+    known exceptions with the verdict they pin."""
+    parts = []
+    for definition in registry.studies():
+        full = profile_spec("full", [definition])
+        rows = [{"claim": f"`{claim.name}`", "reason": claim.reason, "statement": claim.statement}
+                for claim in study_claims(full)]
+        parts += [f"#### `{definition.name}`: {definition.title}", "", _markdown(rows) if rows else "_No claims._", ""]
+        known = [{"profile": profile, "claim": f"`{exception.claim}`", "pinned verdict": exception.verdict,
+                  "why": exception.reason}
+                 for profile in PROFILE_SETTINGS for exception in definition.known_exceptions.get(profile, ())]
+        parts += ["Known exceptions: " + ("none." if not known else ""), ""]
+        if known:
+            parts += [_markdown(known), ""]
+    return "\n".join(parts).rstrip()
+
+
+class _Options:
+    """Stands in for pytest's option group: collects what bnsuite.plugin adds."""
+
+    def __init__(self):
+        self.options: list[tuple[str, dict]] = []
+
+    def getgroup(self, *args, **kwargs):
+        return self
+
+    def addoption(self, name, **kwargs):
+        self.options.append((name, kwargs))
+
+
+def options_table() -> str:
+    """Every `--bn-*` option with its help text, as `pytest --help` prints it."""
+    from bnsuite import plugin
+
+    collected = _Options()
+    plugin.pytest_addoption(collected)
+    return _markdown([{"option": f"`{name}`" + (f" ({', '.join(kwargs['choices'])})" if kwargs.get("choices") else ""),
+                       "what it does": kwargs["help"]} for name, kwargs in collected.options])
+
+
+# Each document's generated blocks.
+GENERATED: dict[str, dict[str, Callable[[], str]]] = {
+    "README.md": {"studies": studies_table},
+    "docs/studies.md": {"studies": studies_table, "claims": claims_tables},
+    "docs/options.md": {"options": options_table},
+}
+
+
+def render(text: str, blocks: dict[str, Callable[[], str]], *, path: str = "document") -> str:
+    """`text` with each generated block rewritten; a block marker that is missing is an error naming it."""
+    for name, make in blocks.items():
+        pattern = re.compile(rf"(<!-- bnsuite:{name} -->\n)(.*?\n)?(<!-- /bnsuite:{name} -->)", re.DOTALL)
+        if not pattern.search(text):
+            raise ValueError(f"{path} has no block <!-- bnsuite:{name} --> ... <!-- /bnsuite:{name} -->; put "
+                             "the two markers, each on a line of its own, where the generated text belongs")
+        match = pattern.search(text)
+        text = text[:match.start()] + match.group(1) + make() + "\n" + match.group(3) + text[match.end():]
+    return text
+
+
+def stale(root: Path = ROOT) -> list[str]:
+    """The documents whose generated blocks no longer say what the code defines."""
+    return [path for path, blocks in GENERATED.items()
+            if render((root / path).read_text(), blocks, path=path) != (root / path).read_text()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bnsuite.docs", description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="only say which documents are out of date (exit 1)")
+    args = parser.parse_args(argv)
+    try:
+        return _rewrite(check=args.check)
+    except ValueError as error:
+        print(f"bnsuite.docs: {error}", file=sys.stderr)
+        return 2
+
+
+def _rewrite(*, check: bool) -> int:
+    if check:
+        out_of_date = stale()
+        for path in out_of_date:
+            print(f"{path} is out of date: run python -m bnsuite.docs")
+        return 1 if out_of_date else 0
+    for path, blocks in GENERATED.items():
+        text = (ROOT / path).read_text()
+        new = render(text, blocks, path=path)
+        if new != text:
+            write_atomically(ROOT / path, new.encode())
+            print(f"rewrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
