@@ -6,7 +6,8 @@ nodes of one CPU each, every node with its own raylet and object store. The
 nodes are started with a plugin directory on their PYTHONPATH, as a user
 installs a plugin on every node. The smoke batch study joins it through
 `--bn-ray-address HEAD` and through Ray Client (`ray://...`), a worker node is
-removed while it trains a case, and the plugins reach the workers.
+removed while it trains a case, and the plugins reach the workers (joined with
+`--bn-ray-address auto`, as on the head node).
 
 Needs the optional extra: `python3 -m uv run --extra ray pytest tests/test_cluster.py` (.ci/run runs it so);
 skipped without Ray.
@@ -126,16 +127,18 @@ def test_the_smoke_study_joins_the_cluster_spreads_over_its_nodes_and_equals_a_l
     assert [(c.rule, c.verdict) for c in comparisons] == [(gate.EXACT, gate.IDENTICAL)] * cases
 
 
-def test_a_users_plugin_trains_on_the_workers_that_have_it_installed(cluster, tmp_path, mnist_dir):
+def test_a_users_plugin_trains_on_the_workers_that_have_it_installed_joined_with_auto(cluster, tmp_path, mnist_dir):
     project = tmp_path / "project"  # the driver imports the plugin from the user's directory, the nodes their own
     project.mkdir()
     (project / "my_norms.py").write_text(_readme_plugin())
-    _study_on(cluster.address, tmp_path / "results", mnist_dir, "--bn-plugin", "my_norms", "--bn-variants",
+    # Joined with "auto", as on the head node: Ray finds the cluster this machine runs.
+    _study_on("auto", tmp_path / "results", mnist_dir, "--bn-plugin", "my_norms", "--bn-variants",
               "plain,batch-rms,bn-after-relu", "--bn-batch-sizes", "128", "--bn-seeds", "0,1", "--bn-epochs", "1",
               cwd=project)
     records = load_records(tmp_path / "results")
     assert {record.spec.variant for record in records} == {"plain", "batch-rms", "bn-after-relu"}
     assert {record.variant.source.split()[0] for record in records} == {"bnsuite", "my_norms"}
+    assert {record.executor.split(", node ")[0] for record in records} == {"ray at auto"}
     assert {NODE.search(record.executor).group(1) for record in records} <= _worker_ids(cluster)
 
 
