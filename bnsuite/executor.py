@@ -109,22 +109,24 @@ class RayExecutor:
             paths = _plugin_paths(self.plugins)
             if paths:  # the workers of a local instance import the same plugin files as the driver
                 env_vars["PYTHONPATH"] = os.pathsep.join([*paths, *filter(None, [os.environ.get("PYTHONPATH")])])
-            # A local instance's workers run this interpreter and its environment. Ray's default under `uv run`
-            # instead rebuilds the environment from the driver's uv command line, which lacks the ray extra
-            # when the driver was started without it (`uv run pytest tests/` after an earlier `--extra ray`),
-            # and its workers then never start. The switch is the one Ray's own messages name.
-            from ray._private import ray_constants
+        # Workers run the environment their node runs: a local instance's, this interpreter's. Ray's uv hook would
+        # instead have them rebuild the driver's `uv run` command line in a copy of the driver's directory when any
+        # ancestor of the driver is `uv run`: without the ray extra (`uv run pytest tests/` after an earlier
+        # `--extra ray`), or from a directory that is no uv project (a user's own, with bnsuite installed), their
+        # workers never start and the study waits forever. RAY_ENABLE_UV_RUN_RUNTIME_ENV=1 asks for the hook.
+        from ray._private import ray_constants
 
-            uv_hook, ray_constants.RAY_ENABLE_UV_RUN_RUNTIME_ENV = ray_constants.RAY_ENABLE_UV_RUN_RUNTIME_ENV, False
-            try:
+        wanted = os.environ.get("RAY_ENABLE_UV_RUN_RUNTIME_ENV") == "1"
+        uv_hook, ray_constants.RAY_ENABLE_UV_RUN_RUNTIME_ENV = ray_constants.RAY_ENABLE_UV_RUN_RUNTIME_ENV, wanted
+        try:
+            if self.address is None:
                 # "local": a new instance of our own, even where a cluster started on this machine is running.
                 ray.init(address="local", num_cpus=self.cpus or os.cpu_count(), include_dashboard=False,
-                         log_to_driver=False,
-                         runtime_env={"env_vars": env_vars})
-            finally:
-                ray_constants.RAY_ENABLE_UV_RUN_RUNTIME_ENV = uv_hook
-        else:
-            ray.init(address=self.address, log_to_driver=False, runtime_env={"env_vars": env_vars})
+                         log_to_driver=False, runtime_env={"env_vars": env_vars})
+            else:
+                ray.init(address=self.address, log_to_driver=False, runtime_env={"env_vars": env_vars})
+        finally:
+            ray_constants.RAY_ENABLE_UV_RUN_RUNTIME_ENV = uv_hook
         # One CPU per case: Ray then sets the worker's OMP_NUM_THREADS, hence torch's threads, to 1.
         self.task = ray.remote(num_cpus=1, max_retries=self.retries, retry_exceptions=False)(_train_case)
         self.submit(groups)
