@@ -46,7 +46,6 @@ from bnsuite.speed import (
 )
 from bnsuite.train import resolve_device, train_seeds
 
-PEAK: dict = {}  # the best matmul rate seen in this run, FLOP/s
 BANDWIDTH: dict[int, float] = {}  # working-set bytes -> the best copy bandwidth seen over it in this run, bytes/s
 ROUNDS = 3  # rounds of the side-by-side comparison: the median of 3 ratios steadies it
 SWEEP_RUNS = 15  # a sweep group: e.g. 5 learning rates x 3 seeds, trained as one computation
@@ -73,7 +72,7 @@ def _epoch_time_per_run(specs, data_dir) -> float:
 def test_matmul_peak(benchmark, study, study_session):
     device = resolve_device(study.device)
     peak = benchmark.pedantic(matmul_peak_flops, args=(device,), rounds=1, iterations=1)
-    PEAK["flops"] = peak
+    study_session.peak_flops = max(study_session.peak_flops or 0.0, peak)
     memory = copy_bandwidth(MEMORY_BYTES, device)
     benchmark.extra_info.update({"bnsuite": "matmul-peak", "device": str(device), "peak_gflops": peak / 1e9,
                                  "memory_bandwidth_gbps": memory / 1e9})
@@ -136,19 +135,19 @@ def test_fast_path_epoch(benchmark, study, study_session, variant, batch_size, r
     # The peak is measured again next to each figure and the best rate seen is kept: a peak caught
     # in a slow moment would flatter every fraction after it. Likewise the bandwidth, per working-set size.
     device = resolve_device(study.device)
-    PEAK["flops"] = max(PEAK.get("flops", 0.0), matmul_peak_flops(device, seconds=0.5))
+    study_session.peak_flops = max(study_session.peak_flops or 0.0, matmul_peak_flops(device, seconds=0.5))
     traffic = StepTraffic.of(variant, batch_size, len(specs))
     bandwidth = BANDWIDTH[traffic.working_set] = max(BANDWIDTH.get(traffic.working_set, 0.0),
                                                      copy_bandwidth(traffic.working_set, device))
     # The average step of the epoch (its last batch is shorter): every run's images, the group's time.
     roofline = Roofline(flops_per_step=training_flops_per_sample(build_model(variant)) * images * len(specs) / steps,
-                        traffic=traffic, peak_flops=PEAK["flops"], bandwidth=bandwidth,
+                        traffic=traffic, peak_flops=study_session.peak_flops, bandwidth=bandwidth,
                         step_s=epoch_s * len(specs) / steps,
                         matmul_s=step_matmul_seconds(build_model(variant), batch_size, len(specs), device),
                         update_s=step_update_seconds(variant, len(specs), device))
     info = {"bnsuite": "fraction", "variant": variant, "batch_size": batch_size, "runs_together": len(specs),
             "images": images, "epoch_s_per_run": epoch_s, "achieved_gflops": achieved / 1e9,
-            "peak_gflops": PEAK["flops"] / 1e9, "fraction_of_matmul_peak": roofline.fraction_of_peak,
+            "peak_gflops": study_session.peak_flops / 1e9, "fraction_of_matmul_peak": roofline.fraction_of_peak,
             **roofline.info()}
     benchmark.extra_info.update(info)
     study_session.progress(

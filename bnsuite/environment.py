@@ -24,6 +24,30 @@ from bnsuite.records import Environment
 # The flags in /proc/cpuinfo that name vector extensions, the ones kernel choice depends on.
 VECTOR_FLAG_PREFIXES = ("sse", "ssse", "avx", "fma", "f16c", "amx")
 GIT_COMMIT_VARIABLE = "BNSUITE_GIT_COMMIT"
+KEEP_DENORMALS_VARIABLE = "BNSUITE_KEEP_DENORMALS"  # "1": compute with subnormals, as bnsuite did before
+
+
+def flush_denormals() -> bool:
+    """Have the CPU treat subnormal floats as zero (FTZ and DAZ) from now on; False where it cannot.
+
+    Runs that collapse (plain at a high learning rate or a large init scale) fill their tensors with subnormal
+    values, which x86 CPUs compute tens of times slower than normal ones. The mode is per thread, and a thread
+    takes its creator's: set before torch starts its thread pool (bnsuite.train does it when imported), every
+    intra-op thread has it; set later, only the calling thread does, and `denormal_mode` says "mixed"."""
+    return torch.set_flush_denormal(True)
+
+
+def denormal_mode(device: torch.device) -> str:
+    """What the threads a computation runs on do with subnormal floats, measured: "flushed" (all of them flush),
+    "kept" (none does) or "mixed". A matmul large enough to use every intra-op thread (BLAS's threads are the
+    ones a late `flush_denormals` misses) and an elementwise product, of values whose products are subnormal."""
+    if device.type != "cpu":
+        return "kept"  # CUDA kernels keep subnormals unless built with flush-to-zero; torch's are not
+    a = torch.full((512, 512), 1e-22)
+    b = torch.full((512, 512), 1e-20)  # each product 1e-42, a sum of 512 of them 5e-40: subnormal either way
+    products = torch.cat([(a @ b).flatten(), (torch.full((1 << 18,), 1e-40) * 1.0)])
+    flushed = products.view(torch.int32) == 0  # the bits: a float comparison on a flushing thread says 0 anyway
+    return "flushed" if bool(flushed.all()) else "kept" if not bool(flushed.any()) else "mixed"
 
 
 def describe_environment(device: torch.device, dataset_checksum: str) -> Environment:
@@ -37,6 +61,7 @@ def describe_environment(device: torch.device, dataset_checksum: str) -> Environ
         cpu_capability=torch.backends.cpu.get_cpu_capability(),
         blas=blas_library(),
         threads=torch.get_num_threads(),
+        denormals=denormal_mode(device),
         python_version=platform.python_version(),
         platform=platform.platform(),
         git_commit=git_commit(),

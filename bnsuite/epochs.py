@@ -66,6 +66,7 @@ class TensorEpochs:
         self.batch_losses = torch.empty(len(models), spec.steps_per_epoch, device=device)
         self.correct = torch.zeros(len(models), dtype=torch.long, device=device)
         self.steps_taken = 0
+        self._gathered: tuple[torch.Tensor, torch.Tensor] | None = None  # this epoch's images and labels, in order
         point = variant(spec.variant).probe  # None: the network declares no probe point, and is not probed
         if point is not None:
             check_probe_point(models[0], point, spec.variant)
@@ -82,9 +83,13 @@ class TensorEpochs:
         size = self.spec.train_size
         orders = torch.cat([epoch_order(size, shuffle) for shuffle in self.shuffles])
         orders = orders.to(self.images.device, non_blocking=True)
-        # One gather per epoch; every batch is then a view, with no copy per step.
-        images = self.images.index_select(0, orders).view(len(self.models), size, -1)
-        labels = self.labels.index_select(0, orders).view(len(self.models), size)
+        # One gather per epoch; every batch is then a view, with no copy per step. Into buffers kept from the
+        # first epoch: a fresh one each epoch (the dataset once per run) costs its page faults every time.
+        if self._gathered is None:
+            self._gathered = (self.images.new_empty(len(orders), self.images.shape[1]),
+                              self.labels.new_empty(len(orders)))
+        images = torch.index_select(self.images, 0, orders, out=self._gathered[0]).view(len(self.models), size, -1)
+        labels = torch.index_select(self.labels, 0, orders, out=self._gathered[1]).view(len(self.models), size)
         self.correct.zero_()
         for model in self.models:
             model.train()

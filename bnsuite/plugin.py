@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -131,6 +132,8 @@ class StudyPlugin:
         self.benchmark_run = False
         self.claim_results: list = []
         self._session: StudySession | None = None
+        self.started = time.perf_counter()  # the whole-study figure's wall time counts from here
+        self._floor = None
 
     # --- collection: the matrix, the claims, and whether this run trains anything ---
 
@@ -279,6 +282,24 @@ class StudyPlugin:
 
     # --- reporting ---
 
+    def study_floor(self):
+        """The whole study against its floor (bnsuite.speed.StudyFloor), once the session has trained its cases;
+        None if it trained none. Taken once: the benchmark JSON and the terminal summary say the same."""
+        if self._floor is None and self._session is not None and self._session.records:
+            from bnsuite.speed import StudyFloor, matmul_peak_flops
+            from bnsuite.train import resolve_device
+
+            wall = time.perf_counter() - self.started
+            peak = self._session.peak_flops or matmul_peak_flops(resolve_device(self.study_spec.device))
+            self._floor = StudyFloor.of(self._session.records.values(), peak_flops=peak, wall_time_s=wall)
+        return self._floor
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_benchmark_update_json(self, config, benchmarks, output_json):
+        floor = self.study_floor()
+        if floor is not None:
+            output_json.setdefault("bnsuite", {})["study_floor"] = floor.info()
+
     def pytest_terminal_summary(self, terminalreporter):
         if self.claim_results:
             terminalreporter.section("bnsuite claims")
@@ -288,6 +309,10 @@ class StudyPlugin:
                 if result.effect is not None:
                     terminalreporter.write_line(f"{'':>14}effect: {result.effect.describe()}; after Holm over "
                                                 f"{len(family)} claims: {result.holm_verdict} (p {result.holm_p:.3g})")
+        floor = self.study_floor() if self.benchmark_run else None
+        if floor is not None:
+            terminalreporter.section("bnsuite: the whole study against its floor")
+            terminalreporter.write_line(floor.describe())
         if self.comparisons:
             terminalreporter.section(f"bnsuite against the baseline {self.baseline.directory}")
             for comparison in self.comparisons:

@@ -12,8 +12,8 @@ images (the first `PROBE_IMAGES` test images), before training, every
 
 Probing computes what a training step computes (batch statistics, dropout
 off) and changes nothing: every buffer of every layer, a user's included, is
-swapped for a copy during the forward pass, and torch's random state is
-restored after it (`as_in_training`).
+saved before the forward pass and put back after it, and so is torch's
+random state (`as_in_training`).
 """
 
 from __future__ import annotations
@@ -38,11 +38,16 @@ def as_in_training(model: nn.Module) -> Iterator[Callable[[torch.Tensor], torch.
     """A forward pass of `model` in training mode that leaves the model as it was.
 
     Normalization layers use each batch's own statistics, as in training; their buffers (running estimates,
-    counters) are copies for the duration, so the model's own never change; dropout layers are off; every
-    module's mode is restored afterwards, and so is torch's random state, so a layer that draws noise draws
-    nothing from the run's generators.
+    counters) are saved first and put back afterwards, so the model's come out unchanged; dropout layers are
+    off; every module's mode is restored afterwards, and so is torch's random state, so a layer that draws
+    noise draws nothing from the run's generators.
     """
-    copies = {name: buffer.clone() for name, buffer in model.named_buffers()}
+    # The model runs as it is, its buffers saved first and put back after: the same arithmetic as a forward pass
+    # over copies (torch.func.functional_call), without that call's cost per batch, which at the study's batch
+    # sizes was most of a batch-statistics evaluation. Put back in place and as the same tensors, so whatever
+    # holds them (the fast step's stacked state) sees its own values again.
+    saved = [(module, name, buffer, buffer.clone()) for module in model.modules()
+             for name, buffer in module._buffers.items() if buffer is not None]
     modes = {module: module.training for module in model.modules()}
     model.train()
     for module in model.modules():
@@ -51,8 +56,12 @@ def as_in_training(model: nn.Module) -> Iterator[Callable[[torch.Tensor], torch.
     device = next(model.parameters()).device
     try:
         with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
-            yield lambda images: torch.func.functional_call(model, copies, (images,))
+            yield model
     finally:
+        with torch.no_grad():
+            for module, name, buffer, copy in saved:
+                buffer.copy_(copy)
+                module._buffers[name] = buffer
         for module, training in modes.items():
             module.train(training)
 

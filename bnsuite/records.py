@@ -29,7 +29,7 @@ import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Union
+from typing import Annotated, Any, Literal, Union
 
 import pandas as pd
 from pydantic import Field, TypeAdapter, ValidationError, with_config
@@ -37,7 +37,7 @@ from pydantic import Field, TypeAdapter, ValidationError, with_config
 from bnsuite.files import write_atomically
 from bnsuite.spec import CONTRADICTED, NOT_SHOWN, STRICT, RunSpec, SpecError, StudySpec, Variant
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 RUNS_SUBDIR = "runs"
 
 Percent = Annotated[float, Field(ge=0, le=100)]
@@ -122,12 +122,15 @@ class Environment:
     git_commit: str | None
     dataset_checksum: Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
     hostname: str | None  # the machine the run trained on; None only in records migrated from schemas 1 and 2
+    # Whether the CPU flushed subnormal floats to zero on every thread that computed (bnsuite.environment:
+    # "flushed", "kept" or "mixed"; GPUs "kept"): collapsed runs compute with them. Schema 5 and earlier: "kept".
+    denormals: Literal["flushed", "kept", "mixed"]
 
     def fingerprint(self) -> dict:
         """The fields that must agree for two runs of one spec to be expected bit for bit equal."""
         return {key: getattr(self, key) for key in (
             "torch_version", "device", "device_name", "cpu_model", "cpu_flags", "cpu_capability", "blas", "threads",
-            "dataset_checksum")}
+            "denormals", "dataset_checksum")}
 
 
 @with_config(STRICT)
@@ -245,7 +248,9 @@ class RunRecord:
             raw = migrate_schema_3(raw)
         if raw.get("schema_version") == 4:
             raw = migrate_schema_4(raw, source=source)
-        elif version != SCHEMA_VERSION:
+        if raw.get("schema_version") == 5:
+            raw = migrate_schema_5(raw)
+        elif raw.get("schema_version") != SCHEMA_VERSION:
             raise RecordError(
                 f"{source}: schema version {version!r} is not supported (this bnsuite reads versions 1 to "
                 f"{SCHEMA_VERSION}); re-run the study with this version or use the bnsuite that wrote it"
@@ -356,9 +361,17 @@ def _schema_4_variant(name: Any, source: str) -> dict:
     return dataclasses.asdict(Variant(name=name, **_SCHEMA_4_VARIANTS[name]))
 
 
+def migrate_schema_5(raw: dict) -> dict:
+    """A schema-5 record as schema 6: `environment.denormals` "kept" (bnsuite flushed no subnormals before)."""
+    raw = {**raw, "schema_version": 6}
+    if isinstance(raw.get("environment"), dict):
+        raw["environment"] = {**raw["environment"], "denormals": "kept"}
+    return raw
+
+
 def migrate_schema_4(raw: dict, *, source: str = "record") -> dict:
-    """A schema-4 record as schema 5: `variant`, and its study's `variants`, described as schema 4's built-in
-    variants were (`_SCHEMA_4_VARIANTS`, source bnsuite)."""
+    """A schema-4 record as schema 5 (then 6: `migrate_schema_5`): `variant`, and its study's `variants`,
+    described as schema 4's built-in variants were (`_SCHEMA_4_VARIANTS`, source bnsuite)."""
     raw = {**raw, "schema_version": 5}
     spec, study = raw.get("spec"), raw.get("study")
     if isinstance(spec, dict):

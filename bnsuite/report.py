@@ -302,8 +302,31 @@ def benchmark_section(benchmarks: Path | None) -> list[str]:
         return ["## pytest-benchmark timings", "",
                 f"From `{path}` ({data.get('datetime', 'unknown time')}); one round per case, each case "
                 "training its runs together, training and per-epoch evaluation included.", "",
-                pd.DataFrame(rows).to_markdown(index=False), ""] + speed_rows(data)
+                pd.DataFrame(rows).to_markdown(index=False), ""] + study_floor_rows(data) + speed_rows(data)
     return []
+
+
+def study_floor_rows(data: dict) -> list[str]:
+    """The whole study against its floor (bnsuite.speed.StudyFloor), as the pytest session wrote it into the JSON."""
+    floor = (data.get("bnsuite") or {}).get("study_floor")
+    if not isinstance(floor, dict):
+        return []  # saved before the whole-study figure, or by a session that trained no case
+    cpu = ((data.get("machine_info") or {}).get("cpu") or {}).get("brand_raw", "this machine")
+    wall = floor.get("wall_time_s")
+    row = {"machine": cpu, "runs": floor["runs"], "run-epochs": floor["run_epochs"],
+           "training GFLOP": f"{floor['gflop']:,.0f}", "matmul peak (GFLOP/s)": f"{floor['peak_gflops']:.0f}",
+           "floor: compute / traffic (s)": f"{floor['compute_s']:.0f} / {floor['traffic_s']:.0f}",
+           "floor (s)": f"{floor['floor_s']:.0f}",
+           "training time (s)": f"{floor['train_time_s']:.0f}", "training / floor": f"{floor['train_ratio']:.2f}x",
+           "wall time (s)": "not measured" if wall is None else f"{wall:.0f}",
+           "wall / floor": "" if wall is None else f"{floor['wall_ratio']:.2f}x"}
+    return ["### The whole study against its floor (bnsuite.speed.StudyFloor)", "",
+            "Each run's floor is its step roofline summed over what it trained: its matmul FLOPs at the measured "
+            "float32 matmul peak, or the least bytes its steps must move at the bandwidth measured over their "
+            "working set, whichever is larger; the study's floor sums them. Training time sums the records' "
+            "training times (evaluation excluded); wall time is the pytest session's, from the plugin's start "
+            "to the benchmark JSON (start-up, data, evaluation, probes and the speed benchmark included).", "",
+            pd.DataFrame([row]).to_markdown(index=False, disable_numparse=True), ""]
 
 
 def read_benchmark_json(path: Path) -> dict:

@@ -229,3 +229,78 @@ def matmul_peak_flops(device: torch.device | str = "cpu", *, seconds: float = 1.
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+@dataclass(frozen=True)
+class StudyFloor:
+    """The whole study against its floor: the least its training could take on this machine, and what it took.
+
+    Each run's floor is its step roofline summed over the samples it trained: its matmul FLOPs at the measured
+    peak, or its least traffic at the bandwidth measured over its step's working set, whichever is larger (as
+    `Roofline.bound_s`, for the group it trained in). The study's floor sums the runs'. Training time sums the
+    records' `train_time_s` (each run's share of its group's training, evaluation excluded); wall time is the
+    session's, from the plugin's start to the benchmark JSON being written: start-up, data, evaluation, probes
+    and the speed benchmark's rounds included. `ratio` figures are time over floor: 1 is the floor itself.
+    """
+
+    runs: int
+    run_epochs: int
+    gflop: float  # the runs' training matmul FLOPs, in GFLOP
+    peak_gflops: float
+    compute_s: float  # FLOPs at the peak, summed over runs
+    traffic_s: float  # least bytes at the working set's bandwidth, summed over runs
+    floor_s: float  # per run the larger of the two, summed
+    train_time_s: float
+    wall_time_s: float | None
+
+    @property
+    def train_ratio(self) -> float:
+        return self.train_time_s / self.floor_s
+
+    @property
+    def wall_ratio(self) -> float | None:
+        return None if self.wall_time_s is None else self.wall_time_s / self.floor_s
+
+    @classmethod
+    def of(cls, records, *, peak_flops: float, wall_time_s: float | None = None,
+           bandwidth=None) -> StudyFloor:
+        """The floor of `records` (bnsuite.records.RunRecord) at `peak_flops`; `bandwidth(nbytes)` gives bytes/s
+        over a working set of nbytes (default: `copy_bandwidth`, measured once per power-of-two size)."""
+        measured: dict[int, float] = {}
+
+        def rate(nbytes: int) -> float:
+            size = 1 << max(nbytes - 1, 1).bit_length()  # one measurement per power of two covers many groups
+            if size not in measured:
+                measured[size] = (bandwidth or copy_bandwidth)(size)
+            return measured[size]
+
+        gflop = compute = traffic = floor = train = 0.0
+        run_epochs = 0
+        for record in records:
+            spec = record.spec
+            epochs = record.steps / spec.steps_per_epoch
+            run_epochs += round(epochs)
+            flops = training_flops_per_sample(build_model(spec.variant)) * spec.train_size * epochs
+            group = StepTraffic.of(spec.variant, spec.batch_size, record.runs_trained_together)
+            run_compute = flops / peak_flops
+            run_traffic = record.steps * group.bytes_per_step / record.runs_trained_together / rate(group.working_set)
+            gflop += flops / 1e9
+            compute += run_compute
+            traffic += run_traffic
+            floor += max(run_compute, run_traffic)
+            train += record.train_time_s
+        return cls(runs=len(records), run_epochs=run_epochs, gflop=gflop, peak_gflops=peak_flops / 1e9,
+                   compute_s=compute, traffic_s=traffic, floor_s=floor, train_time_s=train, wall_time_s=wall_time_s)
+
+    def info(self) -> dict:
+        """The figures for the benchmark JSON, under "bnsuite" -> "study_floor" (bnsuite.report reads them)."""
+        return {"runs": self.runs, "run_epochs": self.run_epochs, "gflop": self.gflop, "peak_gflops": self.peak_gflops,
+                "compute_s": self.compute_s, "traffic_s": self.traffic_s, "floor_s": self.floor_s,
+                "train_time_s": self.train_time_s, "wall_time_s": self.wall_time_s, "train_ratio": self.train_ratio,
+                "wall_ratio": self.wall_ratio}
+
+    def describe(self) -> str:
+        wall = "" if self.wall_time_s is None else f"; wall time {self.wall_time_s:.0f} s ({self.wall_ratio:.1f}x)"
+        return (f"{self.runs} runs, {self.run_epochs} run-epochs, {self.gflop:,.0f} GFLOP: floor {self.floor_s:.0f} s "
+                f"(compute {self.compute_s:.0f} s at {self.peak_gflops:.0f} GFLOP/s, traffic {self.traffic_s:.0f} s); "
+                f"training {self.train_time_s:.0f} s ({self.train_ratio:.1f}x the floor){wall}")

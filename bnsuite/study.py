@@ -229,6 +229,7 @@ class StudySession:
         self.progress = progress or (lambda line: None)
         self.executor = executor
         self.records: dict[RunSpec, RunRecord] = {}
+        self.peak_flops: float | None = None  # the best float32 matmul FLOP/s the speed benchmark measured here
 
     def run_seeds(self, specs: tuple[RunSpec, ...]) -> list[RunRecord]:
         """Train `specs` (runs that differ only in seed, lr or init scale) together, save and remember each."""

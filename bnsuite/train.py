@@ -34,7 +34,7 @@ from torch.nn import functional as F
 
 from bnsuite import fastpath
 from bnsuite.data import load_splits
-from bnsuite.environment import describe_environment, now_utc
+from bnsuite.environment import KEEP_DENORMALS_VARIABLE, describe_environment, flush_denormals, now_utc
 from bnsuite.epochs import TensorEpochs, training_set
 from bnsuite.models import build_model
 from bnsuite.probe import as_in_training
@@ -44,6 +44,10 @@ from bnsuite.spec import RunSpec, StudySpec
 
 # cuBLAS reads this when it first starts; deterministic GEMMs need it (torch's reproducibility notes).
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+# Subnormals flushed to zero on every CPU thread: set here, before torch's thread pool starts in this process
+# (bnsuite.environment.flush_denormals says why; each record says what its threads did).
+if os.environ.get(KEEP_DENORMALS_VARIABLE) != "1":
+    flush_denormals()
 
 EpochCallback = Callable[[RunSpec, EpochRecord], None]
 
@@ -179,7 +183,10 @@ def train_seeds(
         traces = prober.traces() if prober is not None else [None] * len(specs)
         finished = zip(specs, models, epochs, steps, diverged_at_epoch, traces, strict=True)
         for run, model, run_epochs, run_steps, diverged, trace in finished:
-            test_loss, test_accuracy = evaluate(model, splits.test_images, splits.test_labels)
+            if diverged is None and run_epochs:  # the model the last epoch evaluated: its figures, not a rerun
+                test_loss, test_accuracy = run_epochs[-1].test_loss, run_epochs[-1].test_accuracy
+            else:  # a diverged run kept training with its group after its last recorded epoch
+                test_loss, test_accuracy = evaluate(model, splits.test_images, splits.test_labels)
             train_loss_eval, train_accuracy_eval = evaluate(model, *training_set(splits, run))
             records.append(RunRecord(
                 spec=run,

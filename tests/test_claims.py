@@ -25,8 +25,8 @@ from bnsuite.study import profile_spec, study_from_options
 
 REFERENCE = Path(__file__).resolve().parents[1] / "results" / "reference"
 ENVIRONMENT = Environment(torch_version="2", device="cpu", device_name="cpu", cpu_model="cpu", cpu_flags=(),
-                          cpu_capability="AVX2", blas="mkl", threads=2, python_version="3.11", platform="linux",
-                          git_commit=None, dataset_checksum="0" * 32, hostname="test")
+                          cpu_capability="AVX2", blas="mkl", threads=2, denormals="flushed", python_version="3.11",
+                          platform="linux", git_commit=None, dataset_checksum="0" * 32, hostname="test")
 SPEC = study_spec(profile="test", seeds=(0, 1, 2), validation_size=10_000, train_subset=2_000,
                  claims=ClaimSettings(target_loss=0.5, trained_accuracy=90.0), studies=(
                      Study("batch", variants=("plain", "bn"), batch_sizes=(64, 128), epochs=2),

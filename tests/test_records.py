@@ -271,6 +271,16 @@ def test_schema_4_records_load_with_the_descriptions_of_the_variants_schema_4_ha
         RunRecord.from_json(json.dumps({**raw, "schema_version": 4, "spec": {**raw["spec"], "variant": "my-norm"}}))
 
 
+def test_schema_5_records_load_as_made_with_subnormals_kept_so_never_exactly_comparable_with_flushed_ones():
+    schema_5 = Path(__file__).parent / "data" / "schema5"  # a collapsed smoke run, as schema 5 saved it
+    raw = json.loads(next((schema_5 / RUNS_SUBDIR).glob("*.json")).read_text())
+    assert raw["schema_version"] == 5 and "denormals" not in raw["environment"]
+    (record,) = load_records(schema_5)
+    assert (record.schema_version, record.environment.denormals) == (SCHEMA_VERSION, "kept")
+    flushed = dataclasses.replace(record.environment, denormals="flushed")
+    assert flushed.fingerprint() != record.environment.fingerprint()
+
+
 def test_a_record_file_of_binary_garbage_or_a_directory_is_a_record_error_naming_it(tmp_path):
     runs = tmp_path / RUNS_SUBDIR
     runs.mkdir()

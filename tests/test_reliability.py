@@ -312,3 +312,19 @@ def test_no_torch_load_without_weights_only_and_no_archive_extraction_in_bnsuite
                                                  ("0,1,2", (0, 1, 2)), ("3-3", (3,)), ("0-2,10", (0, 1, 2, 10))])
 def test_seeds_are_a_count_a_range_or_a_list(seeds, expected):
     assert study_from_options("smoke", studies="batch", seeds=seeds).seeds == expected
+
+
+def test_a_benchmark_run_writes_the_whole_study_against_its_floor_into_the_json_and_the_report(tmp_path, mnist_dir):
+    results, saved = tmp_path / "results", tmp_path / "benchmarks.json"
+    run = subprocess.run(_pytest_study(results, "--bn-seeds", "0-0", "--bn-data-dir", str(mnist_dir),
+                                       "--benchmark-json", str(saved)),
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    floor = json.loads(saved.read_text())["bnsuite"]["study_floor"]
+    assert floor["runs"] == 2 and floor["run_epochs"] == 2
+    assert 0 < floor["floor_s"] <= floor["train_time_s"] <= floor["wall_time_s"]
+    assert floor["train_ratio"] == pytest.approx(floor["train_time_s"] / floor["floor_s"])
+    assert "the whole study against its floor" in run.stdout and "x the floor" in run.stdout
+    markdown = report.build_report(results, out=results / "REPORT.md", benchmarks=saved, with_plots=False)
+    assert "### The whole study against its floor" in markdown
+    assert f"| {floor['train_ratio']:.2f}x " in markdown

@@ -81,3 +81,30 @@ def test_the_update_is_timed_as_the_fast_step_runs_it_one_fused_call_over_every_
     assert speed.step_update_seconds("bn", 3, seconds=0.0) > 0
     # Each of 3 models: fc1-3 weight and bias, bn1-2 weight and bias, as parameters, gradients and momentum.
     assert calls[0] == [3 * 10] * 3 and len(calls) >= 1 + 10
+
+
+def test_the_study_floor_sums_each_runs_step_roofline_over_what_it_trained():
+    from pathlib import Path
+
+    from bnsuite.records import load_records
+    from bnsuite.speed import StudyFloor, training_flops_per_sample
+
+    records = [r for r in load_records(Path(__file__).parents[1] / "results" / "reference" / "smoke")
+               if r.spec.case_id in ("plain-bs64-seed0", "bn-bs64-seed0")]
+    assert len(records) == 2
+    sizes = []
+    floor = StudyFloor.of(records, peak_flops=100e9, wall_time_s=40.0,
+                          bandwidth=lambda nbytes: (sizes.append(nbytes), 20e9)[1])
+    flops = [training_flops_per_sample(build_model(r.spec.variant)) * r.spec.train_size * r.spec.epochs
+             for r in records]
+    assert floor.gflop == pytest.approx(sum(flops) / 1e9)
+    assert floor.compute_s == pytest.approx(sum(flops) / 100e9)
+    traffic = [r.steps * StepTraffic.of(r.spec.variant, 64, r.runs_trained_together).bytes_per_step
+               / r.runs_trained_together / 20e9 for r in records]
+    assert floor.traffic_s == pytest.approx(sum(traffic))
+    assert floor.floor_s == pytest.approx(sum(max(f / 100e9, t) for f, t in zip(flops, traffic, strict=True)))
+    assert floor.train_ratio == pytest.approx(sum(r.train_time_s for r in records) / floor.floor_s)
+    assert floor.wall_ratio == pytest.approx(40.0 / floor.floor_s)
+    assert floor.run_epochs == sum(r.spec.epochs for r in records) and floor.runs == 2
+    assert all(size & (size - 1) == 0 for size in sizes)  # bandwidth measured once per power-of-two working set
+    assert "x the floor" in floor.describe() and floor.info()["floor_s"] == floor.floor_s

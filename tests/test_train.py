@@ -36,6 +36,43 @@ def test_the_same_group_trained_twice_gives_identical_records(mnist_dir, variant
     assert [_results(record) for record in first] == [_results(record) for record in second]
 
 
+_FRESH_PROCESS = """
+import json, sys, torch
+if sys.argv[2] == "pool-first":
+    torch.full((1 << 24,), 1.0) * 2.0  # torch's thread pool starts before bnsuite is imported,
+    torch.full((512, 512), 1.0) @ torch.full((512, 512), 1.0)  # and BLAS runs on it
+from bnsuite.spec import RunSpec
+from bnsuite.train import train_seeds
+specs = [RunSpec(variant="plain", seed=seed, lr=1.0, epochs=2, train_subset=2_000, validation_size=10_000)
+         for seed in (0, 1)]
+records = train_seeds(specs, data_dir=sys.argv[1])
+print(json.dumps([[r.environment.denormals, r.train_losses, r.test_loss, r.test_accuracy] for r in records]))
+"""
+
+
+def _in_a_fresh_process(mnist_dir, *, keep=False, pool_first=False):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "BNSUITE_KEEP_DENORMALS": "1" if keep else "0"}
+    run = subprocess.run([sys.executable, "-c", _FRESH_PROCESS, str(mnist_dir), "pool-first" if pool_first else ""],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.splitlines()[-1])
+
+
+def test_subnormals_are_flushed_on_every_thread_and_collapsed_runs_stay_bit_for_bit_deterministic(mnist_dir):
+    # Plain at lr 1 collapses: its values go subnormal, which flushing changes (and speeds up).
+    first, second = _in_a_fresh_process(mnist_dir), _in_a_fresh_process(mnist_dir)
+    assert first == second and {run[0] for run in first} == {"flushed"}
+    kept = _in_a_fresh_process(mnist_dir, keep=True)
+    assert {run[0] for run in kept} == {"kept"}
+    if torch.get_num_threads() > 1:  # a pool started before bnsuite: its threads keep subnormals, and records say so
+        assert {run[0] for run in _in_a_fresh_process(mnist_dir, pool_first=True)} == {"mixed"}
+
+
 def test_different_seeds_give_different_trajectories(mnist_dir):
     zero = train(RunSpec(variant="plain", seed=0, **SMALL), data_dir=mnist_dir)
     one = train(RunSpec(variant="plain", seed=1, **SMALL), data_dir=mnist_dir)
