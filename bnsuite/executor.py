@@ -1,4 +1,12 @@
-"""Where a study's cases train: in the pytest process (`local`), or as tasks on a Ray cluster (`ray`).
+"""Where a study's cases train: in the pytest process (`local`), in worker processes on this machine
+(`processes`), or as tasks on a Ray cluster (`ray`).
+
+Under `processes`, a pool of worker processes (concurrent.futures, one per
+CPU by default) trains the cases one thread each, every case submitted when
+the session starts, the longest first. The study's small matmuls and its
+non-matmul work gain less from a second thread than a second case gains
+from a second process. Records, faults and Ctrl-C behave as under Ray, on
+this machine only.
 
 Under `ray`, each case (a group of runs that train together) is one Ray
 task, and every task is submitted when the session starts, so the cases run
@@ -19,6 +27,8 @@ until a Ray executor starts.
 
 from __future__ import annotations
 
+import concurrent.futures
+import multiprocessing
 import os
 import platform
 import sys
@@ -30,7 +40,7 @@ from bnsuite.records import RunRecord
 from bnsuite.registry import PluginError, load_plugins
 from bnsuite.spec import RunSpec, StudySpec
 
-EXECUTORS = ("local", "ray")
+EXECUTORS = ("local", "processes", "ray")
 RETRIES = 3  # Ray's retries of a task whose worker died (a task that raises is not retried)
 Group = tuple[RunSpec, ...]
 Trainer = Callable[..., list[RunRecord]]
@@ -202,3 +212,99 @@ def _plugin_paths(plugins: Sequence[str]) -> list[str]:
 
 def _case(group: Group) -> str:
     return group[0].case_id if len(group) == 1 else f"{group[0].case_id} and {len(group) - 1} more runs"
+
+
+def _start_process_worker(commit: str) -> None:
+    """A pool worker's start: one thread (set before torch's pool starts, so it never has more), and the driver's
+    commit for the records (a spawned worker has the driver's sys.path, so it imports what the driver imports)."""
+    os.environ[GIT_COMMIT_VARIABLE] = commit
+    import torch
+
+    torch.set_num_threads(1)
+    import bnsuite.train  # noqa: F401  (flushes subnormals before this worker computes anything)
+
+
+def _train_in_process(specs: Sequence[RunSpec], data_dir: str | None, study: StudySpec | None, executor: str,
+                      plugins: tuple[str, ...]) -> list[RunRecord]:
+    """The body of a worker's case: import the driver's plugins (once per worker; a module that fails fails the
+    case, naming it), train, return the records (the driver saves them)."""
+    from bnsuite.train import train_seeds
+
+    load_plugins(plugins)
+    return train_seeds(tuple(specs), data_dir=data_dir, study=study, executor=f"{executor}, pid {os.getpid()}")
+
+
+def case_cost(group: Group) -> int:
+    """A case's training work, for scheduling: the images its runs train on over all their epochs (the
+    built-in networks cost about the same per image)."""
+    return sum(spec.train_size * spec.epochs for spec in group)
+
+
+class ProcessExecutor:
+    """Runs every case in a pool of worker processes on this machine, one thread each; one instance per pytest
+    session, driven by the plugin as a RayExecutor is. `workers`: how many (default: the CPUs this process may
+    run on). Workers start by spawning, import the driver's plugins (`plugins`, as bnsuite.registry.load_plugins
+    returned them), and read the dataset as the driver did."""
+
+    def __init__(self, study: StudySpec, *, data_dir: Path | str | None = None, dataset_checksum: str,
+                 workers: int | None = None, plugins: Sequence[str] = ()):
+        self.study = study
+        self.data_dir = str(data_dir) if data_dir is not None else None
+        self.dataset_checksum = dataset_checksum
+        self.workers = workers or len(os.sched_getaffinity(0))
+        self.plugins = tuple(plugins)
+        self.pending: dict[Group, concurrent.futures.Future] = {}
+        self.pool: concurrent.futures.ProcessPoolExecutor | None = None
+
+    @property
+    def name(self) -> str:
+        return f"processes ({self.workers} workers, 1 thread each)"
+
+    def start(self, groups: Sequence[Group]) -> None:
+        """Start the pool and submit every case, the longest first (so no worker is left with a long case at the
+        end while the others idle); returns at once."""
+        self.pool = concurrent.futures.ProcessPoolExecutor(
+            self.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_process_worker,
+            initargs=(git_commit() or "",))
+        self.submit(sorted(groups, key=case_cost, reverse=True))
+
+    def submit(self, groups: Sequence[Group]) -> None:
+        for group in groups:
+            self.pending[group] = self.pool.submit(_train_in_process, group, self.data_dir,
+                                                   self.study.recorded_study(group), self.name, self.plugins)
+
+    def result(self, group: Group) -> list[RunRecord]:
+        """The case's records, waiting for its worker (submitting the case first if the session did not)."""
+        if group not in self.pending:
+            self.submit([group])
+        future = self.pending.pop(group)
+        try:
+            records = future.result()
+        except concurrent.futures.process.BrokenProcessPool as error:
+            raise ExecutorError(f"case {_case(group)}: a worker process died ({error}); the pool cannot go on, "
+                                "run the study again (or with --bn-executor local to see the failure here)") from None
+        except Exception as error:  # the worker's own exception, re-raised here by concurrent.futures
+            raise ExecutorError(f"case {_case(group)} failed in its worker process: {type(error).__name__}: "
+                                f"{error}") from None
+        for record in records:
+            if record.environment.dataset_checksum != self.dataset_checksum:
+                raise ExecutorError(f"case {_case(group)}: its worker trained on a dataset with checksum "
+                                    f"{record.environment.dataset_checksum}, not the driver's {self.dataset_checksum}")
+        return records
+
+    def stop(self, *, interrupted: bool = False) -> list[RunRecord]:
+        """Shut the pool down. Interrupted: stop the cases still running (their workers are killed) and return the
+        finished cases' records."""
+        if self.pool is None:
+            return []
+        finished: list[RunRecord] = []
+        if interrupted:
+            for future in self.pending.values():
+                if future.done() and not future.cancelled() and future.exception() is None:
+                    finished += future.result()
+            for process in list(getattr(self.pool, "_processes", {}).values()):
+                process.kill()  # a running case has nothing to keep; concurrent.futures cannot cancel it
+        self.pending.clear()
+        self.pool.shutdown(wait=not interrupted, cancel_futures=True)
+        self.pool = None
+        return finished

@@ -34,7 +34,7 @@ from bnsuite.baseline import (
 )
 from bnsuite.claims import holm, study_claims
 from bnsuite.data import DataUnavailableError, default_data_dir, load_raw
-from bnsuite.executor import EXECUTORS, ExecutorError, RayExecutor
+from bnsuite.executor import EXECUTORS, ExecutorError, ProcessExecutor, RayExecutor
 from bnsuite.idx import IdxFormatError
 from bnsuite.records import save_record
 from bnsuite.registry import PluginError, load_plugins, plugin_option
@@ -88,8 +88,9 @@ def pytest_addoption(parser):
     group.addoption("--bn-data-dir", default=None,
                     help="data directory (default: $BNSUITE_DATA_DIR, else ~/.cache/bnsuite)")
     group.addoption("--bn-executor", default="local", choices=EXECUTORS,
-                    help="where cases train: local (this process, default) or ray (every case a Ray task, all "
-                         "submitted at start; needs the ray extra)")
+                    help="where cases train: local (this process, default), processes (worker processes on this "
+                         "machine, one per CPU and one thread each, every case submitted at start) or ray (every "
+                         "case a Ray task, all submitted at start; needs the ray extra)")
     group.addoption("--bn-ray-address", default=None,
                     help="with --bn-executor ray: 'auto', HOST:PORT (the head's address) or ray://HOST:PORT (Ray "
                          "Client) joins a running cluster (default: start a Ray instance of its own on this machine)")
@@ -126,7 +127,7 @@ class StudyPlugin:
         self.ray_address = config.getoption("--bn-ray-address")
         if self.ray_address and self.executor_name != "ray":
             raise pytest.UsageError("bnsuite: --bn-ray-address needs --bn-executor ray")
-        self.executor: RayExecutor | None = None
+        self.executor: RayExecutor | ProcessExecutor | None = None
         self.dataset_checksum: str | None = None
         self._terminal = None
         self.benchmark_run = False
@@ -154,8 +155,8 @@ class StudyPlugin:
             self._check_results_dir()
             self._load_baseline()
             self._check_data()
-            if self.executor_name == "ray":
-                self._start_ray(items)
+            if self.executor_name != "local":
+                self._start_executor(items)
 
     def pytest_collection_finish(self, session):
         terminal = self._terminal = session.config.pluginmanager.get_plugin("terminalreporter")
@@ -173,8 +174,8 @@ class StudyPlugin:
         if self.plugins:
             lines.append(f"  plugins: {', '.join(self.plugins)}")
         if self.executor is not None:
-            lines.append(f"  executor: {self.executor.name}, {len(self.executor.pending)} cases submitted as Ray "
-                         "tasks; pytest-benchmark's timing is off (it would time the waiting, not the training): each "
+            lines.append(f"  executor: {self.executor.name}, {len(self.executor.pending)} cases submitted at "
+                         "start; pytest-benchmark's timing is off (it would time the waiting, not the training): each "
                          "record keeps the training time its worker measured")
         for study in spec.studies:
             axes = [f"variants {','.join(study.variants)}", f"batch sizes {','.join(map(str, study.batch_sizes))}"]
@@ -232,12 +233,17 @@ class StudyPlugin:
         except (DataUnavailableError, IdxFormatError, OSError) as error:
             raise pytest.UsageError(f"bnsuite: {error}") from None
 
-    def _start_ray(self, items) -> None:
-        """Every collected case submitted as a Ray task now, so they run in parallel while the tests wait."""
+    def _start_executor(self, items) -> None:
+        """Every collected case submitted now (as a Ray task, or to the worker processes), so they run in parallel
+        while the tests wait."""
         cases = list(dict.fromkeys(item.callspec.params["case"] for item in items
                                    if "case" in getattr(getattr(item, "callspec", None), "params", {})))
-        self.executor = RayExecutor(self.study_spec, address=self.ray_address, data_dir=self.data_dir,
-                                    dataset_checksum=self.dataset_checksum, plugins=self.plugins)
+        if self.executor_name == "ray":
+            self.executor = RayExecutor(self.study_spec, address=self.ray_address, data_dir=self.data_dir,
+                                        dataset_checksum=self.dataset_checksum, plugins=self.plugins)
+        else:
+            self.executor = ProcessExecutor(self.study_spec, data_dir=self.data_dir,
+                                            dataset_checksum=self.dataset_checksum, plugins=self.plugins)
         try:
             self.executor.start(cases)
         except ExecutorError as error:
@@ -249,15 +255,17 @@ class StudyPlugin:
             benchmarks.disabled = True
 
     def pytest_keyboard_interrupt(self, excinfo):
-        """Ctrl-C: cancel the Ray tasks still running, save the records of the cases that finished."""
+        """Ctrl-C: cancel the cases still running (Ray tasks, or worker processes), save the records of the cases
+        that finished."""
         if self.executor is not None:
+            what = "Ray tasks" if isinstance(self.executor, RayExecutor) else "worker processes"
             finished = self.executor.stop(interrupted=True)
             for record in finished:
                 save_record(record, self.results_dir)
             self.executor = None
             terminal = self._terminal
             if terminal is not None:
-                terminal.write_line(f"bnsuite: interrupted; Ray tasks cancelled, {len(finished)} finished records "
+                terminal.write_line(f"bnsuite: interrupted; {what} cancelled, {len(finished)} finished records "
                                     f"saved to {self.results_dir}")
 
     def pytest_sessionfinish(self, session):

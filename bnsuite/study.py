@@ -25,7 +25,7 @@ import torch
 from bnsuite import registry
 from bnsuite.claims import study_claims
 from bnsuite.datasets import DATASETS
-from bnsuite.executor import RayExecutor
+from bnsuite.executor import ProcessExecutor, RayExecutor
 from bnsuite.records import EpochRecord, RunRecord, save_record
 from bnsuite.registry import StudyDefinition, study_spec, variant_names
 from bnsuite.spec import ClaimSettings, KnownException, RunSpec, SpecError, StudySpec
@@ -220,9 +220,10 @@ class StudySession:
         results_dir: Path | str,
         data_dir: Path | str | None = None,
         progress: ProgressLine | None = None,
-        executor: RayExecutor | None = None,
+        executor: RayExecutor | ProcessExecutor | None = None,
     ):
-        """`executor`: a started bnsuite.executor.RayExecutor to take each case's records from; None trains here."""
+        """`executor`: a started bnsuite.executor.RayExecutor or ProcessExecutor to take each case's records from;
+        None trains here."""
         self.study = study
         self.results_dir = Path(results_dir)
         self.data_dir = data_dir

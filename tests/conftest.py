@@ -30,3 +30,39 @@ def write_small_idx_dir(directory, *, train=20, test=10, seed=0):
     return arrays
 
 pytest_plugins = ("pytester",)  # the study plugin's behaviour is tested in pytest runs of its own
+
+
+def smoke_batch_study(**options):
+    """The executors' tests' study: the smoke batch study's plain and bn at batch 128, seeds 0 and 1, 1 epoch."""
+    from bnsuite.study import study_from_options
+
+    return study_from_options("smoke", studies="batch", variants="plain,bn", batch_sizes="128", seeds="0,1",
+                              epochs=options.pop("epochs", 1), **options)
+
+
+def one_thread_local_records(study, results_dir, data_dir):
+    """Every case of `study` trained here with one torch thread, as a worker of one CPU trains: its records."""
+    import torch
+
+    from bnsuite.study import StudySession
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        local = StudySession(study, results_dir=results_dir, data_dir=data_dir)
+        return [record for group in study.groups() for record in local.run_seeds(group)]
+    finally:
+        torch.set_num_threads(before)
+
+
+def records_through(executor, study, results_dir):
+    """Every case of `study` through a started-here `executor` (a Ray or process pool), the session saving them to
+    `results_dir`, the executor stopped after: the records, in case order."""
+    from bnsuite.study import StudySession
+
+    executor.start(study.groups())
+    try:
+        session = StudySession(study, results_dir=results_dir, executor=executor)
+        return [record for group in study.groups() for record in session.run_seeds(group)]
+    finally:
+        executor.stop()

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from bnsuite import baseline, docs, registry, report
+from bnsuite.executor import EXECUTORS
 from bnsuite.spec import SpecError
 from bnsuite.study import study_from_options
 
@@ -113,7 +114,7 @@ def test_a_documented_command_names_options_that_exist_with_values_that_parse(do
             if value != STAND_IN:
                 values[name] = value
     registry.load_plugins(registry.plugin_option(values.get("plugin")), entry_points=False)
-    assert values.get("executor", "local") in ("local", "ray")
+    assert values.get("executor", "local") in EXECUTORS
     study = {name.replace("-", "_"): value for name, value in values.items() if name in STUDY_OPTIONS}
     try:
         study_from_options(study.pop("profile", "full"), **study)

@@ -15,21 +15,16 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from bnsuite import baseline as gate
 from bnsuite.data import load_raw
 from bnsuite.executor import ExecutorError, RayExecutor
 from bnsuite.records import load_records
-from bnsuite.study import StudySession, study_from_options
+from bnsuite.study import study_from_options
+from conftest import one_thread_local_records, records_through, smoke_batch_study
 
 ray = pytest.importorskip("ray")
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _study(**options):
-    return study_from_options("smoke", studies="batch", variants="plain,bn", batch_sizes="128", seeds="0,1",
-                              epochs=options.pop("epochs", 1), **options)
 
 
 def _executor(study, mnist_dir, **options) -> RayExecutor:
@@ -39,25 +34,12 @@ def _executor(study, mnist_dir, **options) -> RayExecutor:
 
 def test_a_smoke_study_on_two_ray_workers_gives_the_records_the_local_executor_gives(tmp_path, mnist_dir):
     study = study_from_options("smoke", studies="batch")  # 6 cases of 3 seeds, 2 epochs on 4,000 images
-    executor = _executor(study, mnist_dir)
-    executor.start(study.groups())
-    try:
-        on_ray = StudySession(study, results_dir=tmp_path / "ray", executor=executor)
-        ray_records = [record for group in study.groups() for record in on_ray.run_seeds(group)]
-    finally:
-        executor.stop()
+    ray_records = records_through(_executor(study, mnist_dir), study, tmp_path / "ray")
     assert {r.executor.split(", node ")[0] for r in ray_records} == {"ray at a local instance"}
     assert all(re.fullmatch(r"ray at a local instance, node [0-9a-f]{12} \(.+, host .+\)", r.executor)
                for r in ray_records)
     # A Ray task has one CPU, so one torch thread: the local run that is the same environment has one too.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        local = StudySession(study, results_dir=tmp_path / "local", data_dir=mnist_dir)
-        for group in study.groups():
-            local.run_seeds(group)
-    finally:
-        torch.set_num_threads(before)
+    one_thread_local_records(study, tmp_path / "local", mnist_dir)
     comparisons = gate.compare(ray_records, gate.Baseline.load(tmp_path / "local"))
     assert [(c.rule, c.verdict) for c in comparisons] == [(gate.EXACT, gate.IDENTICAL)] * 6
     assert len(load_records(tmp_path / "ray")) == 18  # the driver wrote every record
@@ -79,7 +61,7 @@ def test_a_killed_worker_is_retried_and_a_raising_task_fails_only_its_own_case(t
 
         return train_seeds(specs, on_epoch=die_once, **options)
 
-    study = _study()
+    study = smoke_batch_study()
     executor = _executor(study, mnist_dir, trainer=trainer)
     executor.start(study.groups())
     try:
@@ -95,7 +77,7 @@ def test_a_killed_worker_is_retried_and_a_raising_task_fails_only_its_own_case(t
 
 
 def test_a_dataset_checksum_other_than_the_drivers_fails_the_case(tmp_path, mnist_dir):
-    study = _study()
+    study = smoke_batch_study()
     executor = RayExecutor(study, data_dir=mnist_dir, dataset_checksum="0" * 32, cpus=2)
     executor.start(study.groups()[:1])
     try:
@@ -161,7 +143,7 @@ def test_a_users_plugin_variant_trains_on_ray_workers_that_import_the_drivers_pl
 
 
 def test_a_worker_that_cannot_import_a_plugin_fails_the_case_naming_the_module_and_the_node(tmp_path, mnist_dir):
-    study = _study()
+    study = smoke_batch_study()
     executor = _executor(study, mnist_dir, plugins=("no_such_plugin_module",))
     executor.start(study.groups()[:1])
     try:
