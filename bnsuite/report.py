@@ -306,6 +306,10 @@ def benchmark_section(benchmarks: Path | None) -> list[str]:
     return []
 
 
+def _seconds(value: float) -> str:
+    return f"{value:.0f}" if value >= 10 else f"{value:.2g}"  # a smoke study's floor is under a second
+
+
 def study_floor_rows(data: dict) -> list[str]:
     """The whole study against its floor (bnsuite.speed.StudyFloor), as the pytest session wrote it into the JSON."""
     floor = (data.get("bnsuite") or {}).get("study_floor")
@@ -315,10 +319,10 @@ def study_floor_rows(data: dict) -> list[str]:
     wall = floor.get("wall_time_s")
     row = {"machine": cpu, "runs": floor["runs"], "run-epochs": floor["run_epochs"],
            "training GFLOP": f"{floor['gflop']:,.0f}", "matmul peak (GFLOP/s)": f"{floor['peak_gflops']:.0f}",
-           "floor: compute / traffic (s)": f"{floor['compute_s']:.0f} / {floor['traffic_s']:.0f}",
-           "floor (s)": f"{floor['floor_s']:.0f}",
-           "training time (s)": f"{floor['train_time_s']:.0f}", "training / floor": f"{floor['train_ratio']:.2f}x",
-           "wall time (s)": "not measured" if wall is None else f"{wall:.0f}",
+           "floor: compute / traffic (s)": f"{_seconds(floor['compute_s'])} / {_seconds(floor['traffic_s'])}",
+           "floor (s)": _seconds(floor['floor_s']), "training time (s)": _seconds(floor['train_time_s']),
+           "training / floor": f"{floor['train_ratio']:.2f}x",
+           "wall time (s)": "not measured" if wall is None else _seconds(wall),
            "wall / floor": "" if wall is None else f"{floor['wall_ratio']:.2f}x"}
     return ["### The whole study against its floor (bnsuite.speed.StudyFloor)", "",
             "Each run's floor is its step roofline summed over what it trained: its matmul FLOPs at the measured "

@@ -300,7 +300,13 @@ class StudyFloor:
                 "wall_ratio": self.wall_ratio}
 
     def describe(self) -> str:
-        wall = "" if self.wall_time_s is None else f"; wall time {self.wall_time_s:.0f} s ({self.wall_ratio:.1f}x)"
-        return (f"{self.runs} runs, {self.run_epochs} run-epochs, {self.gflop:,.0f} GFLOP: floor {self.floor_s:.0f} s "
-                f"(compute {self.compute_s:.0f} s at {self.peak_gflops:.0f} GFLOP/s, traffic {self.traffic_s:.0f} s); "
-                f"training {self.train_time_s:.0f} s ({self.train_ratio:.1f}x the floor){wall}")
+        wall = "" if self.wall_time_s is None else f"; wall time {seconds(self.wall_time_s)} ({self.wall_ratio:.1f}x)"
+        return (f"{self.runs} runs, {self.run_epochs} run-epochs, {self.gflop:,.0f} GFLOP: floor "
+                f"{seconds(self.floor_s)} (compute {seconds(self.compute_s)} at {self.peak_gflops:.0f} GFLOP/s, "
+                f"traffic {seconds(self.traffic_s)}); training {seconds(self.train_time_s)} ({self.train_ratio:.1f}x "
+                f"the floor){wall}")
+
+
+def seconds(value: float) -> str:
+    """A time for a reader: whole seconds from 10 s up, two significant digits below (a smoke study's floor)."""
+    return f"{value:.0f} s" if value >= 10 else f"{value:.2g} s"
