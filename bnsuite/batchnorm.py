@@ -25,6 +25,20 @@ gives here). Its running estimates follow the first group only, as under
 PyTorch's DistributedDataParallel, which broadcasts rank 0's buffers before
 every forward.
 
+`BatchRenorm1d` (Ioffe 2017) is the ghost-batch layer with each ghost batch's
+statistics corrected toward the running estimates: with sigma_B = sqrt(var_B + eps)
+and sigma = sqrt(running_var + eps),
+
+    r = clip(sigma_B / sigma, 1/r_max, r_max)      d = clip((mean_B - running_mean) / sigma, -d_max, d_max)
+    y = gamma * ((x - mean_B) / sigma_B * r + d) + beta
+
+with r and d held constant in backprop (computed without gradient), so the
+output is what the running estimates would give, as far as the clips allow,
+while the gradient still flows through the batch statistics.
+
+`NoisyBatchNorm1d` is BN followed, in training only, by noise that makes its
+output's distribution unstable on purpose (Santurkar et al. 2018, section 2.1).
+
 `ScratchGroupNorm` computes each image's statistics over groups of its own
 features (Wu & He 2018), so no image's output depends on another's: with one
 group it is LayerNorm over the features (Ba et al. 2016). Neither keeps
@@ -125,6 +139,80 @@ class GhostBatchNorm1d(ScratchBatchNorm1d):
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, ghost_size={self.ghost_size}, eps={self.eps}, momentum={self.momentum}"
+
+
+# Batch Renormalization's clips and their warm-up (Ioffe 2017, section 4: r_max 1 -> 3 and d_max 0 -> 5, after a
+# stretch of plain BN while the running estimates settle). Ioffe's schedule is for 160k-step ImageNet runs; the study's
+# runs take 64 (smoke) to 18,750 (full, batch 32) steps, and running estimates with momentum 0.1 follow the batch
+# statistics within about 20 steps, so: plain BN (r_max 1, d_max 0) for the first RENORM_WARMUP steps, then both
+# bounds linear in the step count to their final values RENORM_RAMP steps later.
+RENORM_R_MAX, RENORM_D_MAX = 3.0, 5.0
+RENORM_WARMUP, RENORM_RAMP = 50, 450
+
+
+def renorm_bounds(step: int) -> tuple[float, float]:
+    """(r_max, d_max) for a training step after `step` earlier ones: BN's (1, 0) in the warm-up, then linear."""
+    progress = min(max(step - RENORM_WARMUP, 0) / RENORM_RAMP, 1.0)
+    return 1.0 + (RENORM_R_MAX - 1.0) * progress, RENORM_D_MAX * progress
+
+
+class BatchRenorm1d(GhostBatchNorm1d):
+    """Batch Renormalization (Ioffe 2017) over ghost batches of `ghost_size` images, for (N, C) inputs.
+
+    Each ghost batch is normalized by its own statistics, corrected toward the running estimates by r and d
+    (module docstring), clipped to the bounds of `renorm_bounds` at this layer's step count
+    (`num_batches_tracked`, so a state dict carries its place in the schedule). The running estimates follow the
+    first ghost batch, as GhostBatchNorm1d's do; inference uses them, as BN's does. With the bounds at (1, 0), r
+    is 1 and d is 0 and the layer computes GhostBatchNorm1d exactly.
+    """
+
+    def _normalize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        if x.shape[0] < 2:
+            raise ValueError("batch normalization needs more than 1 value per feature in training")
+        r_max, d_max = renorm_bounds(int(self.num_batches_tracked))
+        with torch.no_grad():
+            sigma = torch.sqrt(self.running_var + self.eps)
+        outputs, firsts = [], None
+        for start, size, groups in ghost_parts(x.shape[0], self.ghost_size):
+            part = x[start:start + size].view(groups, size // groups, self.num_features)
+            mean = part.mean(dim=1, keepdim=True)
+            var = (part - mean).pow(2).mean(dim=1, keepdim=True)
+            sigma_batch = torch.sqrt(var + self.eps)
+            with torch.no_grad():  # held constant in backprop (Ioffe 2017, Algorithm 1)
+                r = (sigma_batch / sigma).clamp(1.0 / r_max, r_max)
+                d = ((mean - self.running_mean) / sigma).clamp(-d_max, d_max)
+            outputs.append(((part - mean) / sigma_batch * r + d).reshape(-1, self.num_features))
+            if firsts is None:
+                firsts = (mean[0, 0], var[0, 0], size // groups)
+        x_hat = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+        return (self.weight * x_hat + self.bias, *firsts)
+
+
+# Noisy BN's noise (Santurkar et al. 2018, section 2.1: "non-zero mean and non-unit variance", its distribution
+# changing at every step). Per unit and per step, a shift m ~ U(-NOISE_SHIFT, NOISE_SHIFT) and a scale
+# s ~ U(NOISE_SCALE): about half a BN output's spread, so the unit's distribution visibly jumps from step to step
+# (the paper's Fig. 2), without swamping the signal; per image on top, N(0, NOISE_SAMPLE_STD^2). Chosen here; the
+# paper's own values are for VGG on CIFAR-10 and are not restated.
+NOISE_SHIFT = 0.5
+NOISE_SCALE = (0.5, 1.5)
+NOISE_SAMPLE_STD = 0.2
+
+
+class NoisyBatchNorm1d(nn.BatchNorm1d):
+    """`nn.BatchNorm1d` followed, in training only, by y = s * bn(x) + m + e: per unit s and m drawn fresh at every
+    forward pass, per image and unit e (the NOISE_* constants). The noise draws from torch's global generator, which
+    the study seeds per run; inference (eval mode) adds none, so the held-out figures are BN's with noisy training.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x)
+        if not self.training:
+            return y
+        features = (1, self.num_features)
+        low, high = NOISE_SCALE
+        scale = torch.empty(features, device=y.device, dtype=y.dtype).uniform_(low, high)
+        shift = torch.empty(features, device=y.device, dtype=y.dtype).uniform_(-NOISE_SHIFT, NOISE_SHIFT)
+        return y * scale + shift + NOISE_SAMPLE_STD * torch.randn_like(y)
 
 
 class ScratchGroupNorm(nn.Module):

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from bnsuite.batchnorm import GhostBatchNorm1d, ScratchBatchNorm1d
+from bnsuite.batchnorm import BatchRenorm1d, GhostBatchNorm1d, NoisyBatchNorm1d, ScratchBatchNorm1d
 from bnsuite.registry import builder, register_variant
 
 # Dropout after each hidden ReLU in the regularization study: 0.2, the mild rate usual for small MLPs on MNIST.
@@ -80,6 +80,25 @@ class SimpleNNWithBN(nn.Module):
         return self.fc3(x)
 
 
+class SimpleNNWithBNAfterReLU(nn.Module):
+    """The BN network with each BatchNorm1d after its ReLU instead of before it: fc1 -> ReLU -> bn1 -> fc2 ->
+    ReLU -> bn2 -> fc3. The same layers and parameter count as SimpleNNWithBN; only the order differs."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(784, 256)
+        self.bn1 = nn.BatchNorm1d(256)
+        self.fc2 = nn.Linear(256, 128)
+        self.bn2 = nn.BatchNorm1d(128)
+        self.fc3 = nn.Linear(128, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.view(x.size(0), -1)
+        x = self.bn1(F.relu(self.fc1(x)))
+        x = self.bn2(F.relu(self.fc2(x)))
+        return self.fc3(x)
+
+
 # Ghost sizes a `bn-ghostG` variant can take: the study's (Wu & He's 2 to 32 images per device) and 64.
 GHOST_SIZES = (2, 4, 8, 16, 32, 64)
 
@@ -125,6 +144,32 @@ def _ghost_builder(ghost: int) -> Callable[[], nn.Module]:
 for _ghost in GHOST_SIZES:
     register_variant(f"bn-ghost{_ghost}", batch_statistics=True, images_per_statistic=_ghost, derives_from="bn",
                      probe="bn2", order=5)(_ghost_builder(_ghost))
+
+
+def _renorm_builder(ghost: int) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        """Batch Renormalization over ghost groups of G images within each training batch (BatchRenorm1d)."""
+        return SimpleNNWithBN(norm=lambda features: BatchRenorm1d(features, ghost))
+
+    build.__qualname__ = f"batch_renorm_{ghost}"
+    return build
+
+
+for _ghost in GHOST_SIZES:
+    register_variant(f"bn-renorm{_ghost}", batch_statistics=True, images_per_statistic=_ghost,
+                     derives_from=f"bn-ghost{_ghost}", probe="bn2", order=7, color="tab:red")(_renorm_builder(_ghost))
+
+
+@register_variant("bn-after-relu", batch_statistics=True, derives_from="bn", probe="fc2", order=8, color="tab:cyan")
+def bn_after_relu() -> nn.Module:
+    """BN after each hidden ReLU (SimpleNNWithBNAfterReLU); the last ReLU's input is then fc2's output."""
+    return SimpleNNWithBNAfterReLU()
+
+
+@register_variant("bn-noisy", batch_statistics=True, derives_from="bn", probe="bn2", order=9, color="tab:olive")
+def bn_noisy() -> nn.Module:
+    """BN with unstable noise after each BN layer in training (NoisyBatchNorm1d; Santurkar et al. 2018)."""
+    return SimpleNNWithBN(norm=NoisyBatchNorm1d)
 
 
 @register_variant("ln", batch_statistics=False, probe="bn2", order=6, color="tab:purple")

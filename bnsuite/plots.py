@@ -147,23 +147,30 @@ def init_scale_plot(runs: pd.DataFrame, colors: Colors) -> bytes:
 def dropout_plot(runs: pd.DataFrame, order: list[str], colors: Colors, lighter: set[str]) -> bytes:
     """Held-out accuracy and generalization gap per variant (in `order`), seeds as points; the `lighter`
     variants' bars (dropout added) paler than those they derive from."""
-    variants = [variant for variant in order if variant in set(runs["variant"])]
-    figure, axes = plt.subplots(1, 2, figsize=(11, 3.8))
     finished = runs[~runs["diverged"]]
-    for axis, column, label in ((axes[0], "held_out_accuracy", "final held-out accuracy (%)"),
-                                (axes[1], "gap", "gap: training - held-out accuracy (points)")):
+    return bars_plot(finished, order, colors, (("held_out_accuracy", "final held-out accuracy (%)"),
+                                               ("gap", "gap: training - held-out accuracy (points)")),
+                     "Dropout study (bars: mean over seeds; points: seeds)", lighter=lighter)
+
+
+def bars_plot(runs: pd.DataFrame, order: list[str], colors: Colors, panels: tuple[tuple[str, str], ...], title: str,
+              *, lighter: set[str] = frozenset()) -> bytes:
+    """One panel per (column, label) of `panels`: a bar per variant (in `order`) at its mean over `runs`, its seeds
+    as points; an accuracy panel's axis starts near its lowest value. `lighter` variants' bars are paler."""
+    variants = [variant for variant in order if variant in set(runs["variant"])]
+    figure, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.8), squeeze=False)
+    for axis, (column, label) in zip(axes[0], panels, strict=True):
         for position, variant in enumerate(variants):
-            values = finished[finished["variant"] == variant][column]
+            values = runs[runs["variant"] == variant][column]
             color = _color(colors, variant)
             axis.bar(position, values.mean(), color=color, alpha=0.35 if variant in lighter else 0.6)
             _seed_points(axis, [position] * len(values), values, color)
         axis.set_xticks(range(len(variants)), variants, rotation=15)
         axis.set_ylabel(label)
         axis.grid(True, axis="y", alpha=0.3)
-    accuracies = finished["held_out_accuracy"]
-    if len(accuracies):
-        axes[0].set_ylim(max(0.0, accuracies.min() - 1.0), min(100.0, accuracies.max() + 0.5))
-    figure.suptitle("Dropout study (bars: mean over seeds; points: seeds)")
+        if "accuracy" in column and len(runs[column]):
+            axis.set_ylim(max(0.0, runs[column].min() - 1.0), min(100.0, runs[column].max() + 0.5))
+    figure.suptitle(title)
     return _png(figure)
 
 
@@ -233,4 +240,24 @@ def running_vs_batch_plot(epochs: pd.DataFrame, color: str) -> bytes:
     axes[0][0].set_ylabel("held-out accuracy (%)")
     axes[0][-1].legend(loc="best", fontsize=8)
     figure.suptitle("BN at inference: running estimates against batch statistics (mean over seeds)")
+    return _png(figure)
+
+
+def by_ghost_size_plot(runs: pd.DataFrame, batch_size: int, colors: Colors, title: str) -> bytes:
+    """Held-out accuracy against the images a statistic sees (log axis), one line per `family` (its colour from
+    `variant`), seeds as points. `runs`: family, variant, ghost, held_out_accuracy."""
+    figure, axis = plt.subplots(figsize=(6.2, 4.0))
+    for family, group in runs.groupby("family", sort=False):
+        color = _color(colors, group["variant"].iloc[-1])
+        means = group.groupby("ghost")["held_out_accuracy"].mean()
+        axis.plot(means.index, means, color=color, marker="o", label=f"{family} (mean of seeds)")
+        _seed_points(axis, group["ghost"], group["held_out_accuracy"], color)
+    axis.set_xscale("log", base=2)
+    sizes = sorted(int(g) for g in runs["ghost"].unique())
+    axis.set_xticks(sizes, [str(g) for g in sizes])
+    axis.set_xlabel(f"images per statistic (ghost batch size, within batches of {batch_size})")
+    axis.set_ylabel("final held-out accuracy (%)")
+    axis.set_title(title)
+    axis.grid(True, which="both", alpha=0.3)
+    axis.legend(loc="best", fontsize=8)
     return _png(figure)

@@ -54,7 +54,8 @@ def _reached_by(option: str) -> str:
 OPTIONS = {
     "profile": "study profile: full (the study exactly, default), quick, or smoke (CI, about a minute)",
     "studies": f"comma-separated studies to run: {', '.join(d.name for d in registry.studies())} and those of "
-               "plugins (default: all of them)",
+               f"plugins, or 'all' (default: those that run by default, "
+               f"{', '.join(d.name for d in registry.studies() if d.default)})",
     "dataset": "dataset: mnist or fashion-mnist (default: the profile's, mnist)",
     "variants": f"comma-separated model variants of the {_reached_by('variants')}, e.g. plain,bn,bn-scratch or a "
                 "plugin's (default: plain,bn)",

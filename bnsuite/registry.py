@@ -7,8 +7,8 @@ The built-ins register through the same calls a user's plugin makes:
 
     import bnsuite
 
-    @bnsuite.register_variant("bn-after-relu", batch_statistics=True, probe="fc2")
-    def bn_after_relu():
+    @bnsuite.register_variant("batch-rms-after-relu", batch_statistics=True, probe="fc2")
+    def batch_rms_after_relu():
         return MyNetwork()
 
 A plugin is a module imported before the study is built: named with
@@ -37,6 +37,7 @@ from bnsuite.spec import NAME_PATTERN, KnownException, RunSpec, SpecError, Study
 ENTRY_POINT_GROUP = "bnsuite.plugins"
 BUILTIN_SOURCE = "bnsuite"
 EVERY_PROFILE = "*"  # the key of a matrix that stands for every profile
+ALL_STUDIES = "all"  # --bn-studies all: every registered study, those that run by option included
 
 _VARIANTS: dict[str, Variant] = {}
 _BUILDERS: dict[str, Callable[[], Any]] = {}
@@ -175,6 +176,8 @@ def register_study(name: str, *, title: str, matrices: Study | Mapping[str, Stud
             raise PluginError(f"study {name!r} is registered twice; give the new one another name")
         if not isinstance(name, str) or NAME_PATTERN.fullmatch(name) is None:
             raise PluginError(f"study name {name!r} must be letters, digits, '.', '_' or '-'")
+        if name == ALL_STUDIES:
+            raise PluginError(f"study name {name!r} is taken: --bn-studies {name} means every study; choose another")
         by_profile = {EVERY_PROFILE: matrices} if isinstance(matrices, Study) else dict(matrices)
         wrong = [profile for profile, study in by_profile.items() if study.name != name]
         if wrong:

@@ -14,7 +14,15 @@ from pathlib import Path
 
 import pandas as pd
 
-from bnsuite.claims import REASONS, ClaimResult, generalization_gap, held_out_accuracy, train_accuracy
+from bnsuite.claims import (
+    REASONS,
+    ClaimResult,
+    activation_drift,
+    generalization_gap,
+    held_out_accuracy,
+    summary,
+    train_accuracy,
+)
 from bnsuite.files import write_atomically
 from bnsuite.records import RunRecord
 from bnsuite.registry import study_definition
@@ -141,3 +149,20 @@ def _not_shown(claim: ClaimResult) -> str:
 def _at(claim: ClaimResult) -> str:
     return f" (batch size {claim.batch_size})" if claim.batch_size is not None else ""
 
+
+
+def variant_rows(records: list[RunRecord], *, drift: str) -> str:
+    """A table with one row per batch size and variant: test accuracy, final training loss and the drift of the
+    last hidden layer's inputs (column `drift`; empty where a run was not probed), each over seeds."""
+    order = variant_order(records)
+    rows = []
+    for batch_size, variant in sorted({(r.spec.batch_size, r.spec.variant) for r in records},
+                                      key=lambda key: (key[0], order(key[1]))):
+        mine = [r for r in records if r.spec.variant == variant and r.spec.batch_size == batch_size]
+        finished = [r for r in mine if not r.diverged]
+        rows.append({"batch size": batch_size, "variant": variant,
+                     "test acc %": summary([r.test_accuracy for r in finished], 2),
+                     "final train loss": summary([r.final_train_loss for r in finished], 4),
+                     drift: summary([activation_drift(r) for r in mine], 3)
+                     if all(r.activations is not None for r in mine) else ""})
+    return pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True)

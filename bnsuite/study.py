@@ -27,7 +27,7 @@ from bnsuite.claims import study_claims
 from bnsuite.datasets import DATASETS
 from bnsuite.executor import ProcessExecutor, RayExecutor
 from bnsuite.records import EpochRecord, RunRecord, save_record
-from bnsuite.registry import StudyDefinition, study_spec, variant_names
+from bnsuite.registry import ALL_STUDIES, StudyDefinition, study_spec, variant_names
 from bnsuite.spec import ClaimSettings, KnownException, RunSpec, SpecError, StudySpec
 from bnsuite.train import train_seeds  # through bnsuite.models, the built-in variants are registered
 
@@ -81,7 +81,7 @@ def study_from_options(
 ) -> StudySpec:
     """A StudySpec from a profile and command-line style overrides (comma-separated lists).
 
-    `studies` picks some of the registered studies (default: every default study); `variants` and
+    `studies` picks some of the registered studies (default: every default study; "all": every one); `variants` and
     `batch_sizes` change the studies they reach (each study's definition says which options do: the
     batch-size study's); `epochs` every study; `lr` the single learning rate of the studies it reaches (all
     but the learning-rate study's grid). Every value is checked here, before anything trains, and a bad one
@@ -92,7 +92,9 @@ def study_from_options(
         raise SpecError(f"unknown profile {profile!r}; choose one of: {', '.join(PROFILE_SETTINGS)}")
     registered = {definition.name: definition for definition in registry.studies()}
     chosen = None
-    if studies is not None:
+    if studies is not None and studies.strip() == ALL_STUDIES:
+        chosen = list(registered.values())
+    elif studies is not None:
         names = [_check_choice(name, registered, "study") for name in _split_list(studies, "studies")]
         chosen = [definition for name, definition in registered.items() if name in names]
     base = profile_spec(profile, chosen)

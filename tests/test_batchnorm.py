@@ -171,3 +171,86 @@ def test_an_image_s_layer_norm_output_does_not_depend_on_the_rest_of_the_batch()
     layer = ScratchGroupNorm(1, 16)
     x = torch.randn(8, 16)
     torch.testing.assert_close(layer(x)[:3], layer(x[:3]))
+
+
+def _renorm_reference(x, gamma, beta, running_mean, running_var, ghost, r_max, d_max, eps, grad_out):
+    """Batch Renormalization written directly from Ioffe (2017), Algorithm 1, one ghost batch and one feature at a
+    time in float64, with its backward pass by hand (r and d constants): (output, dL/dx, dL/dgamma, dL/dbeta)."""
+    n, c = x.shape
+    out, grad_x = torch.zeros_like(x), torch.zeros_like(x)
+    grad_gamma, grad_beta = torch.zeros(c, dtype=x.dtype), torch.zeros(c, dtype=x.dtype)
+    for start in range(0, n, ghost):
+        rows = slice(start, min(start + ghost, n))
+        for j in range(c):
+            v = x[rows, j]
+            m = len(v)
+            mean = v.sum() / m
+            sigma_b = ((((v - mean) ** 2).sum() / m) + eps).sqrt()
+            sigma = (running_var[j] + eps).sqrt()
+            r = min(max(float(sigma_b / sigma), 1 / r_max), r_max)
+            d = min(max(float((mean - running_mean[j]) / sigma), -d_max), d_max)
+            x_hat = (v - mean) / sigma_b * r + d
+            out[rows, j] = gamma[j] * x_hat + beta[j]
+            g = grad_out[rows, j]
+            grad_beta[j] += g.sum()
+            grad_gamma[j] += (g * x_hat).sum()
+            # y = gamma * (r * u + d), u = (v - mean) / sigma_b: BN's backward through u, scaled by r.
+            u = (v - mean) / sigma_b
+            gu = g * gamma[j] * r
+            grad_x[rows, j] = (gu - gu.mean() - u * (gu * u).mean()) / sigma_b
+    return out, grad_x, grad_gamma, grad_beta
+
+
+@pytest.mark.parametrize("step", [0, 200, 10_000])  # in the warm-up (plain BN), on the ramp, at the final bounds
+def test_batch_renorm_matches_a_direct_float64_reference_forward_and_backward(step):
+    from bnsuite.batchnorm import BatchRenorm1d, renorm_bounds
+
+    torch.manual_seed(0)
+    layer = BatchRenorm1d(6, 4).double()
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5)
+        layer.bias.uniform_(-0.5, 0.5)
+        # Running estimates far from the batches' own, so the clips bind for some features and not others.
+        layer.running_mean.copy_(torch.linspace(-3, 3, 6, dtype=torch.float64))
+        layer.running_var.copy_(torch.linspace(0.05, 20, 6, dtype=torch.float64))
+        layer.num_batches_tracked.fill_(step)
+    x = (torch.randn(16, 6, dtype=torch.float64) * 2 + 0.5).requires_grad_()
+    grad_out = torch.randn(16, 6, dtype=torch.float64)
+    r_max, d_max = renorm_bounds(step)
+    expected = _renorm_reference(x.detach(), layer.weight.detach(), layer.bias.detach(), layer.running_mean.clone(),
+                                 layer.running_var.clone(), 4, r_max, d_max, layer.eps, grad_out)
+    out = layer(x)
+    out.backward(grad_out)
+    for got, want in zip((out, x.grad, layer.weight.grad, layer.bias.grad), expected, strict=True):
+        torch.testing.assert_close(got.detach(), want, rtol=1e-10, atol=1e-10)
+    if step == 0:  # the warm-up is ghost-batch BN exactly
+        ghost = GhostBatchNorm1d(6, 4).double()
+        ghost.load_state_dict({k: v for k, v in layer.state_dict().items()})
+        torch.testing.assert_close(out, ghost(x), rtol=1e-12, atol=1e-12)
+    assert int(layer.num_batches_tracked) == step + 1  # the schedule advances one step per training forward
+
+
+def test_batch_renorm_bounds_warm_up_as_bn_then_ramp_to_their_final_values():
+    from bnsuite.batchnorm import RENORM_D_MAX, RENORM_R_MAX, RENORM_RAMP, RENORM_WARMUP, renorm_bounds
+
+    assert renorm_bounds(0) == renorm_bounds(RENORM_WARMUP) == (1.0, 0.0)
+    middle = renorm_bounds(RENORM_WARMUP + RENORM_RAMP // 2)
+    assert 1.0 < middle[0] < RENORM_R_MAX and 0.0 < middle[1] < RENORM_D_MAX
+    assert renorm_bounds(RENORM_WARMUP + RENORM_RAMP) == renorm_bounds(10**6) == (RENORM_R_MAX, RENORM_D_MAX)
+
+
+def test_noisy_bn_adds_fresh_unit_noise_in_training_only():
+    from bnsuite.batchnorm import NoisyBatchNorm1d
+
+    torch.manual_seed(0)
+    layer, bn = NoisyBatchNorm1d(8), nn.BatchNorm1d(8)
+    x = torch.randn(64, 8)
+    clean = bn(x)
+    first, second = layer(x), layer(x)
+    # Per unit, each pass shifts and scales BN's output: the means move far more than per-image noise alone would.
+    assert (first.mean(0) - clean.mean(0)).abs().max() > 0.1
+    assert (first.mean(0) - second.mean(0)).abs().max() > 0.1  # drawn fresh at every step
+    assert not torch.equal(first.std(0), second.std(0))
+    layer.eval(), bn.eval()
+    bn.load_state_dict(layer.state_dict())
+    torch.testing.assert_close(layer(x), bn(x))  # inference adds nothing

@@ -1,5 +1,6 @@
 """The claims' decision rule, each study's claims on made-up runs, the gate, and the known exceptions."""
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from bnsuite.claims import (
     study_claims,
 )
 from bnsuite.records import Environment, EpochRecord, RunRecord, load_records
-from bnsuite.registry import study_spec
+from bnsuite.registry import studies, study_spec
 from bnsuite.spec import CONTRADICTED, NOT_SHOWN, SUPPORTED, UNSETTLED, ClaimSettings, KnownException, Study
 from bnsuite.study import profile_spec, study_from_options
 
@@ -36,19 +37,23 @@ SPEC = study_spec(profile="test", seeds=(0, 1, 2), validation_size=10_000, train
                            epochs=2),
                      Study("ghost", variants=("bn-ghost2", "bn-ghost4", "bn-ghost8", "bn", "ln"), batch_sizes=(128,),
                            epochs=2),
+                     Study("placement", variants=("bn", "bn-after-relu"), batch_sizes=(64,), epochs=2),
+                     Study("noise", variants=("plain", "bn", "bn-noisy"), batch_sizes=(64,), epochs=2),
+                     Study("renorm", variants=("bn-ghost2", "bn-ghost4", "bn-renorm2", "bn-renorm4"),
+                           batch_sizes=(128,), epochs=2),
                  ))
 
 
 def _run(study, variant, seed, *, batch_size=64, losses=(0.9, 0.5), accuracy=95.0, train_accuracy=None,
-         diverged_at=None, batch_statistics=None, **axes):
-    """A record of SPEC's `study` whose epochs end at `losses` and whose held-out accuracy is `accuracy`."""
-    spec = SPEC.run_spec(SPEC.study(study), variant, batch_size, seed, **axes)
+         diverged_at=None, batch_statistics=None, of=SPEC, **axes):
+    """A record of `of`'s `study` whose epochs end at `losses` and whose held-out accuracy is `accuracy`."""
+    spec = of.run_spec(of.study(study), variant, batch_size, seed, **axes)
     kept = losses if diverged_at is None else losses[:diverged_at - 1]
     epochs = tuple(EpochRecord(epoch=i + 1, train_loss=loss, train_accuracy=90.0, validation_loss=0.3,
                                validation_accuracy=accuracy, test_loss=0.3, test_accuracy=accuracy, epoch_time_s=1.0,
                                batch_statistics_accuracy=batch_statistics)
                    for i, loss in enumerate(kept))
-    return RunRecord(spec=spec, variant=SPEC.variant(variant), study=SPEC, runs_trained_together=1,
+    return RunRecord(spec=spec, variant=of.variant(variant), study=of, runs_trained_together=1,
                      trained_with=(spec.case_id,), epochs=epochs,
                      test_loss=0.3, test_accuracy=accuracy, final_train_loss_eval=0.1,
                      final_train_accuracy_eval=accuracy + 1.0 if train_accuracy is None else train_accuracy,
@@ -145,6 +150,69 @@ def test_dropout_claims_use_the_final_models_training_accuracy_and_pair_seeds():
     assert gains.verdict == SUPPORTED and "bn 0.10 ± 0.00 (n=3) vs plain 1.00 ± 0.00 (n=3)" in gains.evidence
 
 
+def test_placement_claims_go_both_ways_so_equal_placements_support_both_and_a_gap_one():
+    def runs(after_accuracy):
+        return [_run("placement", variant, seed, accuracy=(97.0 if variant == "bn" else after_accuracy) + seed / 100)
+                for variant in ("bn", "bn-after-relu") for seed in range(3)]
+
+    before, after = (_claim(f"bn-{kind}-bs64") for kind in ("before-relu-accuracy-at-least-after",
+                                                                 "after-relu-accuracy-at-least-before"))
+    assert before.evaluate(runs(97.0)).verdict == after.evaluate(runs(97.0)).verdict == SUPPORTED
+    assert before.evaluate(runs(96.0)).verdict == SUPPORTED and after.evaluate(runs(96.0)).verdict == CONTRADICTED
+    from bnsuite.studies.placement import placement_sentence
+
+    assert placement_sentence([before.evaluate(runs(96.0)), after.evaluate(runs(96.0))]) == (
+        "Where BN sits, on this network: batch 64: before the ReLU is better.")
+
+
+def test_noisy_bn_claims_weigh_accuracy_against_plain_and_bn_and_drift_against_both():
+    from bnsuite.records import ActivationTrace
+
+    def trace(move):  # one unit, one percentile, moving by `move` per checkpoint against a spread of 1
+        return ActivationTrace(every=100, steps=(0, 100, 200), units=(0,), percentiles=(15.0, 50.0, 85.0),
+                               values=tuple(((i * move, i * move + 0.5, i * move + 1.0),) for i in range(3)))
+
+    accuracy, drift = {"plain": 95.0, "bn": 97.0, "bn-noisy": 96.95}, {"plain": 0.2, "bn": 0.05, "bn-noisy": 0.5}
+    runs = [dataclasses.replace(_run("noise", variant, seed, accuracy=accuracy[variant] + seed / 100),
+                                activations=trace(drift[variant] + seed / 1000))
+            for variant in accuracy for seed in range(3)]
+    verdicts = {claim.name: claim.evaluate(runs).verdict for claim in study_claims(SPEC) if claim.study == "noise"}
+    assert verdicts == {"bn-noisy-accuracy-at-least-plain-bs64": SUPPORTED,
+                        "bn-noisy-accuracy-within-margin-of-bn-bs64": SUPPORTED,  # 0.05 below, margin 0.1
+                        "bn-noisy-larger-drift-than-bn-bs64": SUPPORTED,
+                        "bn-noisy-larger-drift-than-plain-bs64": SUPPORTED}
+    unprobed = [dataclasses.replace(run, activations=None) for run in runs]
+    assert _claim("bn-noisy-larger-drift-than-bn-bs64").evaluate(unprobed).verdict == NOT_SHOWN
+
+
+def test_batch_renorm_claim_compares_the_smallest_ghost_batch_of_each_and_only_that():
+    claim = _claim("bn-renorm-more-accurate-at-smallest-ghost-batch-bs128")
+    assert {spec.variant for spec in claim.needs} == {"bn-ghost2", "bn-renorm2"}
+    runs = _ghost_runs({"bn-ghost2": 80.0, "bn-renorm2": 85.0})
+    assert claim.evaluate(runs).verdict == SUPPORTED
+    assert claim.evaluate(_ghost_runs({"bn-ghost2": 85.0, "bn-renorm2": 80.0})).verdict == CONTRADICTED
+
+
+def test_bjorck_claims_compare_bn_s_advantage_at_the_smallest_rate_with_the_study_rate_and_the_best():
+    spec = study_spec(profile="test", seeds=(0, 1, 2), validation_size=10_000, train_subset=2_000,
+                      claims=ClaimSettings(target_loss=0.5), studies=(
+                          Study("lr", variants=("plain", "bn"), batch_sizes=(64,), epochs=2, lrs=(0.001, 0.01, 0.1)),))
+    accuracy = {("plain", 0.001): 90.0, ("bn", 0.001): 90.5, ("plain", 0.01): 95.0, ("bn", 0.01): 97.0,
+                ("plain", 0.1): 11.0, ("bn", 0.1): 98.0}
+    runs = [_run("lr", variant, seed, lr=lr, accuracy=value + seed / 100, of=spec)
+            for (variant, lr), value in accuracy.items() for seed in range(3)]
+    claims = {claim.name: claim for claim in study_claims(spec) if "advantage" in claim.name}
+    study = claims["bn-advantage-smaller-at-smallest-lr-than-at-study-lr-bs64"].evaluate(runs)
+    best = claims["bn-advantage-smaller-at-smallest-lr-than-at-best-lrs-bs64"].evaluate(runs)
+    assert study.verdict == best.verdict == SUPPORTED  # +0.5 at 0.001; +2 at 0.01; bn at 0.1 +3 over plain at 0.01
+    assert "bn at lr 0.1, plain at lr 0.01 3.00 ± 0.00 (n=3)" in best.evidence
+    flipped = {("plain", 0.001): 50.0, ("bn", 0.001): 90.0}
+    runs = [_run("lr", run.spec.variant, run.spec.seed, lr=0.001, of=spec,
+                 accuracy=flipped[run.spec.variant, 0.001] + run.spec.seed / 100) if run.spec.lr == 0.001 else run
+            for run in runs]
+    assert claims["bn-advantage-smaller-at-smallest-lr-than-at-study-lr-bs64"].evaluate(runs).verdict == CONTRADICTED
+
+
 def test_bn_s_loss_advantage_growing_with_the_batch_is_judged_seed_by_seed():
     runs = [_run("batch", variant, seed, batch_size=batch_size, losses=(0.9, loss + 0.001 * seed))
             for batch_size, losses in ((64, {"plain": 0.04, "bn": 0.02}), (128, {"plain": 0.05, "bn": 0.01}))
@@ -176,8 +244,11 @@ def test_known_exceptions_carry_over_only_to_the_runs_the_profile_measured():
     smoke = profile_spec("smoke").claims.known_exceptions
     assert smoke and study_from_options("smoke").claims.known_exceptions == smoke
     # Other epochs, seeds, learning rate or target loss: the profile's measurements say nothing about them.
-    for changed in (dict(epochs="3"), dict(seeds="0,1,2,3"), dict(lr="0.1"), dict(target_loss="0.2")):
+    for changed in (dict(epochs="3"), dict(seeds="0,1,2,3"), dict(target_loss="0.2")):
         assert study_from_options("smoke", **changed).claims.known_exceptions == (), changed
+    # --bn-lr does not reach the learning-rate study's own grid: its runs, and so its exceptions, stay.
+    assert study_from_options("smoke", lr="0.1").claims.known_exceptions == tuple(
+        exception for exception in smoke if exception.claim.startswith("bn-advantage-smaller-at-smallest-lr"))
     # A narrower study keeps the exceptions of the claims it still judges on the same runs, and only those.
     kept = study_from_options("smoke", batch_sizes="32").claims.known_exceptions  # no claim across batch sizes
     assert [exception.claim for exception in kept] == [exception.claim for exception in smoke
@@ -299,9 +370,10 @@ def test_every_built_in_claim_reports_its_effect_on_made_up_runs():
 def test_each_profiles_verdicts_pass_the_gate_on_its_committed_reference_from_another_machine(profile):
     """The committed references were made on other CPUs than the one the tests run on: a profile whose verdict
     sits at the rule's floor on one CPU family fails here before a user meets it (the claims gate on the runs of
-    this machine is CI's smoke study)."""
-    spec = profile_spec(profile)
+    this machine is CI's smoke study). Every study the reference ran is judged, those run by option included."""
     records = load_records(REFERENCE / profile)
+    recorded = {study.name for record in records for study in record.study.studies}
+    spec = profile_spec(profile, [definition for definition in studies() if definition.name in recorded])
     outcomes = {claim.name: gate(claim.evaluate(records), spec.claims.known_exception(claim.name))
                 for claim in study_claims(spec)}
     assert outcomes and not {name: why for name, (outcome, why) in outcomes.items() if outcome == "fail"}

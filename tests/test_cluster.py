@@ -138,10 +138,11 @@ def test_a_users_plugin_trains_on_the_workers_that_have_it_installed_joined_with
     (project / "my_norms.py").write_text(_readme_plugin())
     # Joined with "auto", as on the head node: Ray finds the cluster this machine runs.
     _study_on("auto", tmp_path / "results", mnist_dir, "--bn-plugin", "my_norms", "--bn-variants",
-              "plain,batch-rms,bn-after-relu", "--bn-batch-sizes", "128", "--bn-seeds", "0,1", "--bn-epochs", "1",
+              "plain,batch-rms,batch-rms-after-relu", "--bn-batch-sizes", "128", "--bn-seeds", "0,1",
+              "--bn-epochs", "1",
               cwd=project)
     records = load_records(tmp_path / "results")
-    assert {record.spec.variant for record in records} == {"plain", "batch-rms", "bn-after-relu"}
+    assert {record.spec.variant for record in records} == {"plain", "batch-rms", "batch-rms-after-relu"}
     assert {record.variant.source.split()[0] for record in records} == {"bnsuite", "my_norms"}
     assert {record.executor.split(", node ")[0] for record in records} == {"ray at auto"}
     assert {NODE.search(record.executor).group(1) for record in records} <= _worker_ids(cluster)

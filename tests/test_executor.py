@@ -132,12 +132,13 @@ def test_a_users_plugin_variant_trains_on_ray_workers_that_import_the_drivers_pl
     results = tmp_path / "results"
     command = [sys.executable, "-m", "pytest", "--pyargs", "bnsuite.benchmarks.test_study", "-p", "no:cacheprovider",
                "--bn-plugin", "my_norms", "--bn-profile", "smoke", "--bn-studies", "batch", "--bn-variants",
-               "plain,bn-after-relu,batch-rms", "--bn-batch-sizes", "128", "--bn-seeds", "0,1", "--bn-epochs", "1",
+               "plain,batch-rms-after-relu,batch-rms", "--bn-batch-sizes", "128", "--bn-seeds", "0,1",
+               "--bn-epochs", "1",
                "--bn-executor", "ray", "--bn-results-dir", str(results), "--bn-data-dir", str(mnist_dir)]
     run = subprocess.run(command, cwd=project, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     records = load_records(results)
-    assert {record.spec.variant for record in records} == {"plain", "bn-after-relu", "batch-rms"}
+    assert {record.spec.variant for record in records} == {"plain", "batch-rms-after-relu", "batch-rms"}
     assert {record.executor.split(", node ")[0] for record in records} == {"ray at a local instance"}
     assert {record.variant.source.split()[0] for record in records} == {"bnsuite", "my_norms"}
 

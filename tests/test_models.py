@@ -13,6 +13,23 @@ def test_parameter_counts_are_the_studys():
     assert parameter_count(build_model("bn")) == 235_914
     assert parameter_count(build_model("bn-scratch")) == 235_914
     assert parameter_count(build_model("bn-ghost2")) == parameter_count(build_model("ln")) == 235_914
+    for name in ("bn-after-relu", "bn-noisy", "bn-renorm2"):  # the field's explanations change no parameter
+        assert parameter_count(build_model(name)) == 235_914
+
+
+def test_bn_after_relu_normalizes_each_relu_s_output_and_initializes_as_bn_does():
+    torch.manual_seed(0)
+    before = build_model("bn")
+    torch.manual_seed(0)
+    after = build_model("bn-after-relu")
+    pairs = zip(before.state_dict().values(), after.state_dict().values(), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
+    x = torch.randn(32, 1, 28, 28)
+    seen = {}
+    after.bn1.register_forward_hook(lambda module, args, output: seen.update(bn1_input=args[0]))
+    after(x)
+    assert (seen["bn1_input"] >= 0).all()  # BN sees the ReLU's output
+    assert not torch.allclose(before(x), after(x))
 
 
 @pytest.mark.parametrize("name", sorted(variant_names()))

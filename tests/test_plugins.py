@@ -23,7 +23,7 @@ from bnsuite.spec import NOT_SHOWN, KnownException, Study
 from bnsuite.study import profile_spec, study_from_options
 
 ROOT = Path(__file__).resolve().parents[1]
-THEIRS = ("batch-rms", "bn-after-relu")  # the README example's two variants
+THEIRS = ("batch-rms", "batch-rms-after-relu")  # the README example's two variants
 
 
 def readme_example(name: str) -> str:
@@ -97,16 +97,17 @@ STUDY_PLUGIN = textwrap.dedent("""
     from bnsuite.claims import Claim, at_least, held_out_accuracy, needs
     from bnsuite.spec import Study
 
-    MATRIX = Study("placement", variants=("bn", "bn-after-relu"), batch_sizes=(128,), epochs=1)
+    MATRIX = Study("rms-placement", variants=("bn", "batch-rms", "batch-rms-after-relu"), batch_sizes=(128,), epochs=1)
 
 
-    @bnsuite.register_study("placement", title="placement study", matrices={"smoke": MATRIX}, default=False)
+    @bnsuite.register_study("rms-placement", title="RMS placement study", matrices={"smoke": MATRIX}, default=False)
     def placement_claims(spec, study):
-        return [Claim("after-relu-at-least-before", batch_size=128, study=study.name, reason="placement",
-                      statement="BN after the ReLU is at least as accurate as BN before it.",
-                      short="BN after the ReLU was as accurate", needs=needs(spec, study, ("bn", "bn-after-relu"), 128),
-                      alpha=spec.claims.alpha, judge=at_least(held_out_accuracy, "held-out accuracy %", 0.1,
-                                                              variant="bn-after-relu", reference="bn", batch_size=128))]
+        return [Claim("rms-after-relu-at-least-before", batch_size=128, study=study.name, reason="placement",
+                      statement="Batch RMS norm after the ReLU is at least as accurate as before it.",
+                      short="RMS after the ReLU was as accurate",
+                      needs=needs(spec, study, ("batch-rms", "batch-rms-after-relu"), 128), alpha=spec.claims.alpha,
+                      judge=at_least(held_out_accuracy, "held-out accuracy %", 0.1, variant="batch-rms-after-relu",
+                                     reference="batch-rms", batch_size=128))]
 """)
 
 
@@ -127,19 +128,19 @@ def test_an_entry_point_plugins_variants_and_a_users_study_run_by_option_and_rep
     (project / "placement_study.py").write_text(STUDY_PLUGIN)
     results = tmp_path / "results"
     run = _pytest("--pyargs", "bnsuite.benchmarks.test_study", "bnsuite.benchmarks.test_claims", "--bn-plugin",
-                  "placement_study", "--bn-profile", "smoke", "--bn-studies", "placement", "--bn-seeds", "0,1",
+                  "placement_study", "--bn-profile", "smoke", "--bn-studies", "rms-placement", "--bn-seeds", "0,1",
                   "--bn-results-dir", str(results), "--bn-data-dir", str(mnist_dir), "-rA", cwd=project, env=env,
                   check=False)
     # Two seeds cannot support a claim (smallest p 1/6), so the claim is "not shown" and fails the gate.
     assert run.returncode == 1, run.stdout[-3000:] + run.stderr[-3000:]
-    assert "FAILED" in run.stdout and "after-relu-at-least-before-bs128: not shown" in run.stdout
+    assert "FAILED" in run.stdout and "rms-after-relu-at-least-before-bs128: not shown" in run.stdout
     sources = {record.spec.variant: record.variant.source for record in load_records(results)}
-    assert sources == {"bn": "bnsuite", "bn-after-relu": "my_norms my-norms 0.3"}
+    assert sources == {"bn": "bnsuite", **dict.fromkeys(THEIRS, "my_norms my-norms 0.3")}
     # Here, where placement_study is not imported: its records are counted, its claims and section left out.
     without = report.build_report(results, out=tmp_path / "REPORT.md", with_plots=False)
-    assert "The study 'placement' is not registered here" in without
+    assert "The study 'rms-placement' is not registered here" in without
     with_plugin = _report(results, project, "--plugin", "placement_study")
-    assert "## Claims: placement study" in with_plugin and "| after-relu-at-least-before-bs128 " in with_plugin
+    assert "## Claims: RMS placement study" in with_plugin and "| rms-after-relu-at-least-before-bs128 " in with_plugin
 
 
 @pytest.fixture
@@ -155,6 +156,8 @@ def test_a_users_study_brings_its_known_exceptions_into_the_profile_it_has_a_mat
                             known_exceptions={"smoke": (exception,)}, default=False)(lambda spec, study: [])
     assert "tiny" not in [study.name for study in profile_spec("smoke").studies]  # not a default study
     assert [study.name for study in study_from_options("smoke", studies="batch,tiny").studies] == ["batch", "tiny"]
+    everything = [study.name for study in study_from_options("smoke", studies="all").studies]
+    assert everything[-1] == "tiny" and {"batch", "placement", "noise", "renorm"} < set(everything)
     chosen = profile_spec("smoke", [registry.study_definition("batch"), registry.study_definition("tiny")])
     assert exception in chosen.claims.known_exceptions
     with pytest.raises(Exception, match="no study chosen has a matrix for the full profile"):
@@ -166,6 +169,8 @@ def test_a_name_registered_twice_and_a_plugin_that_cannot_be_imported_are_one_cl
         registry.register_variant("bn", batch_statistics=True)(lambda: None)
     with pytest.raises(PluginError, match="study 'batch' is registered twice"):
         registry.register_study("batch", title="again", matrices=Study("batch", ("bn",), (64,), 1))(lambda s, t: [])
+    with pytest.raises(PluginError, match="study name 'all' is taken: --bn-studies all means every study"):
+        registry.register_study("all", title="all", matrices=Study("all", ("bn",), (64,), 1))(lambda s, t: [])
     with pytest.raises(PluginError, match=r"cannot import the plugin module 'no_such_plugin' \(No module named"):
         registry.load_plugins(["no_such_plugin"])
 

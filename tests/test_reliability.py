@@ -140,9 +140,9 @@ def test_a_benchmark_run_describes_its_study_and_lists_the_claims_judged(pyteste
     assert result.ret == pytest.ExitCode.OK
     result.stdout.fnmatch_lines([
         "bnsuite study: profile smoke, mnist, 4000 training images, 10000 held out for validation, seeds 0,1,2; "
-        "24 runs in 4 cases*",
+        "30 runs in 4 cases*",
         "  batch study: variants plain,bn x batch sizes 128, 2 epochs",
-        "  lr study: variants plain,bn x batch sizes 64 x learning rates 0.01,0.1,1, 2 epochs",
+        "  lr study: variants plain,bn x batch sizes 64 x learning rates 0.001,0.01,0.1,1, 2 epochs",
         "*bnsuite claims*",
         "*SUPPORTED  a-claim: the evidence",
     ])

@@ -227,13 +227,17 @@ def test_report_names_the_held_out_set_under_the_seed_protocol(tmp_path, records
 
 REASONS_STUDY = study_spec(profile="smoke", seeds=(0, 1), train_subset=512, validation_size=10_000,
                           claims=ClaimSettings(target_loss=0.5, trained_accuracy=50.0), studies=(
-                              Study("lr", variants=("plain", "bn"), batch_sizes=(64,), epochs=1, lrs=(0.01, 1.0)),
+                              Study("lr", variants=("plain", "bn"), batch_sizes=(64,), epochs=1,
+                                    lrs=(0.001, 0.01, 1.0)),
                               Study("init", variants=("plain", "bn"), batch_sizes=(64,), epochs=1,
                                     init_scales=(0.1, 10.0)),
                               Study("dropout", variants=("plain", "bn", "plain-dropout", "bn-dropout"),
                                     batch_sizes=(64,), epochs=1),
                               Study("ghost", variants=("bn-ghost2", "bn-ghost8", "bn", "ln"), batch_sizes=(128,),
                                     epochs=1),
+                              Study("placement", variants=("bn", "bn-after-relu"), batch_sizes=(64,), epochs=1),
+                              Study("noise", variants=("plain", "bn", "bn-noisy"), batch_sizes=(64,), epochs=1),
+                              Study("renorm", variants=("bn-ghost2", "bn-renorm2"), batch_sizes=(128,), epochs=1),
                           ))
 
 
@@ -250,15 +254,27 @@ def test_each_study_of_a_reason_for_bn_has_its_table_figure_claims_and_discussio
             ("## Regularization: does BN reduce the need for dropout?", "dropout.png",
              "dropout-gains-bn-less-than-plain-bs64"),
             ("## Batch statistics at small batches: ghost-batch BN against LayerNorm", "ghost_batch.png",
-             "bn-behind-layernorm-at-smallest-ghost-batch-bs128")):
+             "bn-behind-layernorm-at-smallest-ghost-batch-bs128"),
+            ("## Placement: BN before or after the ReLU", "placement.png",
+             "bn-after-relu-accuracy-at-least-before-bs64"),
+            ("## Noisy BN: is it steadier distributions? (Santurkar et al. 2018)", "noisy_bn.png",
+             "bn-noisy-larger-drift-than-bn-bs64"),
+            ("## Batch Renormalization at small ghost batches (Ioffe 2017)", "batch_renorm.png",
+             "bn-renorm-more-accurate-at-smallest-ghost-batch-bs128")):
         assert heading in markdown and f"]({figure})" in markdown and f"| {claim} " in markdown
         assert (tmp_path / figure).read_bytes().startswith(PNG_MAGIC)
     for reason in ("**BN allows higher learning rates** (learning-rate study)",
                    "**BN reduces the sensitivity to initialization** (initialization study)",
                    "**BN acts as a regularizer, reducing the need for dropout** (dropout study)",
-                   "**How BN's effect depends on the batch size** (ghost-batch study)"):
+                   "**How BN's effect depends on the batch size** (ghost-batch study, Batch Renorm study)",
+                   "**Where BN sits matters: before the nonlinearity, as Ioffe & Szegedy put it, or after it** "
+                   "(placement study)", "(noisy-BN study)",
+                   "**BN's benefit is mainly the larger learning rate it allows (Bjorck et al. 2018)** "
+                   "(learning-rate study)"):
         assert reason in markdown
-    assert "Not covered by the fast step" not in markdown  # the fast step trains ghost-batch BN and LayerNorm
+    assert "**Where BN sits, on this network: batch 64: " in markdown
+    ghost_section = markdown[markdown.index("## Batch statistics at small"):markdown.index("## Placement")]
+    assert "Not covered by the fast step" not in ghost_section  # the fast step trains ghost-batch BN and LayerNorm
     eager = [dataclasses.replace(record, training_step="eager") for record in load_records(tmp_path)
              if record.spec.variant == "ln"]
     for record in eager:

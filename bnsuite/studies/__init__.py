@@ -9,7 +9,8 @@ plugin, after these.
 
 import importlib
 
-BUILTIN = ("batch", "lr", "init", "dropout", "ghost")  # the order they run and are reported in
+# The order they run and are reported in.
+BUILTIN = ("batch", "lr", "init", "dropout", "ghost", "placement", "noise", "renorm")
 
 for _name in BUILTIN:
     importlib.import_module(f"{__name__}.{_name}")

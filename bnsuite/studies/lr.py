@@ -1,5 +1,9 @@
 """The learning-rate study: does BN allow higher learning rates? Plain and BN at batch 64 over a grid of
-learning rates from the study's 0.01 up in steps of about 3x, past where plain stops training.
+learning rates in steps of about 3x, from 0.001 (below the study's 0.01) up past where plain stops training.
+
+The grid reaches below the study's rate for Bjorck et al. (2018), who find that BN's benefit is mainly the larger
+learning rate it allows: at a small rate, BN's advantage should be small. That is judged here as BN's accuracy
+advantage over plain at the smallest rate against its advantage at the study's 0.01 and at each variant's best.
 
 A run *trains* when it does not diverge and ends at the profile's trained
 accuracy or more on the held-out set; a diverged run counts as accuracy 0.
@@ -17,17 +21,35 @@ from bnsuite.claims import Claim, ClaimResult, Runs, compare, decide, held_out_a
 from bnsuite.records import RunRecord
 from bnsuite.registry import SectionContext, register_study
 from bnsuite.report_parts import claims_table, colors, runs_table, write_figure
-from bnsuite.spec import Study, StudySpec
+from bnsuite.spec import CONTRADICTED, KnownException, Study, StudySpec
 
 NAME = "lr"
 PLAIN, BN = "plain", "bn"
-LR_GRID = (0.01, 0.03, 0.1, 0.3, 1.0)  # the study's 0.01 up in steps of about 3x, past where plain stops training
+# From 0.001 (for Bjorck et al.'s small-rate comparison) through the study's 0.01 up in steps of about 3x, past where
+# plain stops training.
+LR_GRID = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
+STUDY_LR = 0.01  # the seed protocol's learning rate
 # The verdicts are the same after 2 epochs as after 3: runs that diverge do so in their first epoch, and the others
 # are already far above or below the trained-accuracy floor.
 MATRICES = {
     "full": Study(NAME, variants=(PLAIN, BN), batch_sizes=(64,), epochs=2, lrs=LR_GRID),
     "quick": Study(NAME, variants=(PLAIN, BN), batch_sizes=(64,), epochs=2, lrs=LR_GRID),
-    "smoke": Study(NAME, variants=(PLAIN, BN), batch_sizes=(64,), epochs=2, lrs=(0.01, 0.1, 1.0)),
+    "smoke": Study(NAME, variants=(PLAIN, BN), batch_sizes=(64,), epochs=2, lrs=(0.001, 0.01, 0.1, 1.0)),
+}
+
+BJORCK = ("bn-advantage-smaller-at-smallest-lr-than-at-study-lr-bs64",
+          "bn-advantage-smaller-at-smallest-lr-than-at-best-lrs-bs64")
+KNOWN_EXCEPTIONS = {
+    "full": tuple(KnownException(name, CONTRADICTED, "in 2 epochs at lr 0.001 plain reaches about 90.6% held-out "
+                                 "accuracy and BN 96.5%: BN's advantage is about 5.9 points there against 2.1 at 0.01 "
+                                 "(each variant's best rate), so on this network BN helps most at the smallest rate, "
+                                 "against Bjorck et al.") for name in BJORCK),
+    "quick": tuple(KnownException(name, CONTRADICTED, "in 2 epochs on 20,000 images BN's held-out advantage is about "
+                                  "8.2 points at lr 0.001 against 4.5 at 0.01 and 3.8 at each variant's best rate")
+                   for name in BJORCK),
+    "smoke": tuple(KnownException(name, CONTRADICTED, "in 2 epochs on 4,000 images at lr 0.001 plain barely learns "
+                                  "(about 48% held-out accuracy) while BN reaches about 86%: BN's advantage is far "
+                                  "larger at the smallest rate than at 0.01") for name in BJORCK),
 }
 
 
@@ -57,6 +79,23 @@ def lr_study_claims(spec: StudySpec, study: Study) -> list[Claim]:
                   short="BN's held-out accuracy at its best learning rate was at least plain's at its best",
                   judge=_best_over_lrs(study, batch_size, settings.accuracy_margin), **common),
         ]
+        smallest = min(study.lrs)
+        bjorck = dict(common, reason="lr-benefit")
+        if STUDY_LR in study.lrs and smallest < STUDY_LR:
+            claims.append(Claim(
+                "bn-advantage-smaller-at-smallest-lr-than-at-study-lr",
+                statement=at + f"BN's held-out accuracy advantage over plain (seed by seed) is smaller at the grid's "
+                f"smallest learning rate, {smallest:g}, than at the study's {STUDY_LR:g} (Bjorck et al. 2018: BN's "
+                "benefit is mainly the larger learning rate it allows).",
+                short=f"BN's accuracy advantage over plain was smaller at lr {smallest:g} than at {STUDY_LR:g}",
+                judge=_advantage_smaller(study, batch_size, smallest, STUDY_LR), **bjorck))
+            claims.append(Claim(
+                "bn-advantage-smaller-at-smallest-lr-than-at-best-lrs",
+                statement=at + f"BN's held-out accuracy advantage over plain (seed by seed) is smaller at the grid's "
+                f"smallest learning rate, {smallest:g}, than BN's at its best learning rate over plain's at its best "
+                "(Bjorck et al. 2018).",
+                short=f"BN's accuracy advantage over plain was smaller at lr {smallest:g} than at each one's best",
+                judge=_advantage_smaller(study, batch_size, smallest, None), **bjorck))
     return claims
 
 
@@ -112,13 +151,41 @@ def _lrs(values: list[float]) -> str:
     return "[" + ", ".join("none" if value == 0 else f"{value:g}" for value in values) + "]"
 
 
+def best_lr(runs: Runs, study: Study, variant: str, batch_size: int) -> float:
+    """The learning rate of the grid where `variant`'s mean held-out accuracy is highest."""
+    return max(study.lrs, key=lambda lr: statistics.mean(held_out_accuracy(r) for r in
+                                                         runs.of(variant, batch_size, lr=lr)))
+
+
+def _advantage_smaller(study: Study, batch_size: int, smallest: float, at: float | None):
+    """BN's held-out accuracy minus plain's, seed by seed, at `smallest` against the same at learning rate `at`
+    (None: bn at its best rate against plain at its best)."""
+    def judge(claim: Claim, runs: Runs) -> ClaimResult:
+        def advantage(bn_lr: float, plain_lr: float) -> list[float]:
+            return [held_out_accuracy(bn) - held_out_accuracy(plain) for bn, plain in
+                    zip(runs.of(BN, batch_size, lr=bn_lr), runs.of(PLAIN, batch_size, lr=plain_lr), strict=True)]
+
+        if at is None:
+            bn_lr, plain_lr = best_lr(runs, study, BN, batch_size), best_lr(runs, study, PLAIN, batch_size)
+        else:
+            bn_lr = plain_lr = at
+        label = f"at lr {at:g}" if at is not None else "at each one's best lr"
+        small, there = advantage(smallest, smallest), advantage(bn_lr, plain_lr)
+        comparison = compare(small, there, what=f"advantage {label} - advantage at lr {smallest:g} (points)")
+        where = f"lr {bn_lr:g}" if bn_lr == plain_lr else f"bn at lr {bn_lr:g}, plain at lr {plain_lr:g}"
+        evidence = (f"bn - plain held-out accuracy (points) at lr {smallest:g} {summary(small, 2)} vs {where} "
+                    f"{summary(there, 2)}; p={comparison.p:.3f}")
+        return result(claim, f"advantage at lr {smallest:g} smaller", evidence, comparison)
+
+    return judge
+
+
 def _best_over_lrs(study: Study, batch_size: int, margin: float):
     """BN at its best learning rate against plain at its best (by mean held-out accuracy), non-inferiority."""
     def judge(claim: Claim, runs: Runs) -> ClaimResult:
         def best(variant):
-            by_lr = {lr: [held_out_accuracy(r) for r in runs.of(variant, batch_size, lr=lr)] for lr in study.lrs}
-            lr = max(study.lrs, key=lambda value: statistics.mean(by_lr[value]))
-            return lr, by_lr[lr]
+            lr = best_lr(runs, study, variant, batch_size)
+            return lr, [held_out_accuracy(r) for r in runs.of(variant, batch_size, lr=lr)]
 
         (bn_at, bn), (plain_at, plain) = best("bn"), best("plain")
         comparison = compare(plain, bn, offset=margin, what="bn - plain held-out accuracy at each's best lr (points)")
@@ -171,4 +238,4 @@ def lr_section(context: SectionContext) -> list[str]:
 
 
 register_study(NAME, title="learning-rate study", matrices=MATRICES, section=lr_section,
-               options={"epochs"})(lr_study_claims)
+               known_exceptions=KNOWN_EXCEPTIONS, options={"epochs"})(lr_study_claims)
