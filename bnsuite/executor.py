@@ -32,6 +32,7 @@ import multiprocessing
 import os
 import platform
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -42,6 +43,7 @@ from bnsuite.spec import RunSpec, StudySpec
 
 EXECUTORS = ("local", "processes", "ray")
 RETRIES = 3  # Ray's retries of a task whose worker died (a task that raises is not retried)
+CLIENT_ATTEMPTS = 3  # tries to join through Ray Client whose server failed to start this connection's own server
 Group = tuple[RunSpec, ...]
 Trainer = Callable[..., list[RunRecord]]
 
@@ -80,6 +82,30 @@ def this_node() -> str:
 
     node_id = ray.get_runtime_context().get_node_id()
     return f"node {node_id[:12]} ({ray.util.get_node_ip_address()}, host {platform.node()})"
+
+
+def join(ray, address: str, *, attempts: int = CLIENT_ATTEMPTS, pause_s: float = 1.0, **options) -> None:
+    """`ray.init(address=address, **options)`, tried again where the address is Ray Client's (`ray://`) and its
+    server could not start the server of this connection (ConnectionAbortedError).
+
+    Ray Client's proxy starts one server process per connection; on a busy machine that process can die as it
+    starts (the proxy logs "SpecificServer startup failed", its own log is empty), and a second connection then
+    works. A failed connection has already disconnected itself, so a new `ray.init` is a clean try.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(address=address, **options)
+            return
+        except ConnectionAbortedError as error:
+            if not address.startswith("ray://"):
+                raise
+            if attempt == attempts:
+                raise ExecutorError(f"could not join the Ray cluster at {address}: Ray Client's server failed to "
+                                    f"start this connection's server {attempts} times ({error}); see the head "
+                                    "node's ray_client_server*.err logs (/tmp/ray/session_latest/logs)") from None
+            print(f"bnsuite: Ray Client at {address} failed to start this connection's server; trying again "
+                  f"({attempt + 1} of {attempts})", file=sys.stderr, flush=True)
+            time.sleep(pause_s)
 
 
 class RayExecutor:
@@ -134,7 +160,7 @@ class RayExecutor:
                 ray.init(address="local", num_cpus=self.cpus or os.cpu_count(), include_dashboard=False,
                          log_to_driver=False, runtime_env={"env_vars": env_vars})
             else:
-                ray.init(address=self.address, log_to_driver=False, runtime_env={"env_vars": env_vars})
+                join(ray, self.address, log_to_driver=False, runtime_env={"env_vars": env_vars})
         finally:
             ray_constants.RAY_ENABLE_UV_RUN_RUNTIME_ENV = uv_hook
         # One CPU per case: Ray then sets the worker's OMP_NUM_THREADS, hence torch's threads, to 1.
