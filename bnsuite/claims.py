@@ -67,11 +67,13 @@ REASONS = {
     "regularizer": "BN acts as a regularizer, reducing the need for dropout",
     "activations": "BN reduces internal covariate shift: a layer's inputs keep a steadier distribution",
     "inference": "BN normalizes over the mini-batch; at inference, running estimates replace the batch statistics",
-    # The field's later explanations, which replaced some of the study's (bnsuite.studies.placement, noise, lr).
+    # The field's later explanations, which replaced some of the study's (bnsuite.studies.placement, noise, lr,
+    # landscape).
     "placement": "where BN sits matters: before the nonlinearity, as Ioffe & Szegedy put it, or after it",
     "distribution": ("BN's benefit does not come from steadier layer-input distributions: BN with noise that makes "
                      "them unstable on purpose (Santurkar et al. 2018)"),
     "lr-benefit": "BN's benefit is mainly the larger learning rate it allows (Bjorck et al. 2018)",
+    "landscape": "BN makes the loss landscape smoother; whether it reduces covariate shift measured by gradients",
 }
 
 

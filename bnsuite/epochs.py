@@ -29,6 +29,7 @@ from torch.nn import functional as F
 
 from bnsuite import fastpath
 from bnsuite.data import Splits
+from bnsuite.landscape import Landscaper
 from bnsuite.models import make_optimizer
 from bnsuite.probe import Prober, check_probe_point
 from bnsuite.registry import variant
@@ -38,6 +39,7 @@ EpochResult = tuple[torch.Tensor, torch.Tensor, int]  # (batch losses (S, steps)
 # BNSUITE_CUDA_GRAPHS=0 turns the capture off, to measure what it gains (bnsuite.speed, the GPU check).
 CUDA_GRAPHS = os.environ.get("BNSUITE_CUDA_GRAPHS", "1") != "0"
 PROBES = True  # activation probes (bnsuite.probe); off only to show that they change nothing
+LANDSCAPE = True  # gradient ICS and smoothness (bnsuite.landscape); off only to show that they change nothing
 
 
 class TensorEpochs:
@@ -73,6 +75,8 @@ class TensorEpochs:
         self.prober = Prober(models, splits.test_images, point) if PROBES and point else None
         if self.prober is not None:
             self.prober(0)
+        self.landscaper = (Landscaper(models, self.images, self.labels, [run.lr for run in specs],
+                                      spec.steps_per_epoch * spec.epochs) if LANDSCAPE else None)
 
     @property
     def step_name(self) -> str:
@@ -97,6 +101,8 @@ class TensorEpochs:
         steps = 0
         for start in range(0, size, batch_size):
             batch_labels = labels[:, start:start + batch_size]
+            if self.landscaper is not None and self.landscaper.due(self.steps_taken):
+                self.landscaper(self.steps_taken, images[:, start:start + batch_size], batch_labels)
             losses, logits = self.step(images[:, start:start + batch_size], batch_labels)
             self.batch_losses[:, steps] = losses
             self.correct += (logits.argmax(dim=2) == batch_labels).sum(dim=1)

@@ -260,4 +260,27 @@ def by_ghost_size_plot(runs: pd.DataFrame, batch_size: int, colors: Colors, titl
     axis.set_title(title)
     axis.grid(True, which="both", alpha=0.3)
     axis.legend(loc="best", fontsize=8)
+
+
+def landscape_plot(runs: pd.DataFrame, order: list[str], colors: Colors, layer: str) -> bytes:
+    """Santurkar et al.'s Fig. 4 (and the ICS of `layer`) over training steps: per variant the median over seeds
+    and a band from the smallest to the largest seed. `runs`: variant, seed, step and one column per panel."""
+    panels = (("loss_variation", "loss variation along the gradient"),
+              ("gradient_predictiveness", "largest gradient change (l2)"),
+              ("beta_smoothness", "effective beta-smoothness"), ("ics", f"gradient ICS of {layer} (l2)"))
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6))
+    for axis, (column, label) in zip(axes, panels, strict=True):
+        for variant in order:
+            mine = runs[runs["variant"] == variant].groupby("step")[column]
+            color = _color(colors, variant)
+            median = mine.median()
+            axis.plot(median.index, median, color=color, label=variant)
+            axis.fill_between(median.index, mine.min(), mine.max(), color=color, alpha=0.2, linewidth=0)
+        axis.set_yscale("log")
+        axis.set_xlabel("optimizer steps")
+        axis.set_ylabel(label)
+        axis.grid(True, which="both", alpha=0.3)
+    axes[0].legend(loc="best", fontsize=8)
+    figure.suptitle("The loss landscape along the gradient, and covariate shift by gradients (Santurkar et al. 2018)")
+    figure.tight_layout()
     return _png(figure)

@@ -11,7 +11,7 @@ either no file or a complete one. Every field is validated when a record is
 read (type, range, and the fields that must agree with each other); a bad
 record is one `RecordError` naming the file and the field, and no field is
 ever filled with a default, except by the documented migrations of records
-of schemas 1 to 4 (`migrate_schema_1` to `migrate_schema_4`).
+of schemas 1 to 6 (`migrate_schema_1` to `migrate_schema_6`).
 
 A record carries the description of its variant (bnsuite.spec.Variant), and
 its study those of all of its variants, so records are data: they load and
@@ -37,7 +37,7 @@ from pydantic import Field, TypeAdapter, ValidationError, with_config
 from bnsuite.files import write_atomically
 from bnsuite.spec import CONTRADICTED, NOT_SHOWN, STRICT, RunSpec, SpecError, StudySpec, Variant
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 RUNS_SUBDIR = "runs"
 
 Percent = Annotated[float, Field(ge=0, le=100)]
@@ -106,6 +106,41 @@ class ActivationTrace:
 
 @with_config(STRICT)
 @dataclass(frozen=True)
+class LandscapeTrace:
+    """Santurkar et al. (2018) along one run's training (bnsuite.landscape): gradient-based internal covariate
+    shift of `ics_layers` on a fixed batch, and the loss landscape's smoothness along the gradient on each
+    checkpoint's training batch, both measured before that checkpoint's step."""
+
+    every: Annotated[int, Field(ge=1)]  # steps between checkpoints
+    steps: tuple[Annotated[int, Field(ge=0)], ...]  # optimizer steps taken before each checkpoint
+    ics_layers: tuple[str, ...]
+    step_factors: tuple[Annotated[float, Field(gt=0)], ...]  # the distances along the gradient, in learning rates
+    ics: tuple[tuple[NonNegative, ...], ...]  # [checkpoint][layer]: ||G - G'||
+    ics_cosine: tuple[tuple[Annotated[float, Field(ge=-1.000001, le=1.000001)], ...], ...]  # [checkpoint][layer]
+    loss_variation: tuple[NonNegative, ...]  # [checkpoint]: the range of the loss along the gradient
+    gradient_predictiveness: tuple[NonNegative, ...]  # [checkpoint]: the largest ||grad(w - eta g) - g||
+    beta_smoothness: tuple[NonNegative, ...]  # [checkpoint]: the largest ||grad(w - eta g) - g|| / ||eta g||
+
+    def __post_init__(self) -> None:
+        _check(list(self.steps) == sorted(set(self.steps)), "landscape.steps", "must increase")
+        count = len(self.steps)
+        _check(all(len(series) == count for series in (self.ics, self.ics_cosine, self.loss_variation,
+                                                        self.gradient_predictiveness, self.beta_smoothness))
+               and all(len(at) == len(self.ics_layers) for at in (*self.ics, *self.ics_cosine)),
+               "landscape", "every series must have one value per checkpoint (and per layer for ics)")
+
+    def mean(self, series: str, layer: str | None = None) -> float:
+        """The mean of `series` over the checkpoints after training began (step 0, the untrained model, left out);
+        for `ics` and `ics_cosine`, of `layer`'s values."""
+        values = getattr(self, series)
+        if layer is not None:
+            values = [at[self.ics_layers.index(layer)] for at in values]
+        kept = [value for step, value in zip(self.steps, values, strict=True) if step > 0]
+        return statistics.fmean(kept) if kept else math.nan
+
+
+@with_config(STRICT)
+@dataclass(frozen=True)
 class Environment:
     """What produced a record. The fields up to `threads` decide which kernels ran, hence the exact numbers."""
 
@@ -166,6 +201,9 @@ class RunRecord:
     # graph), "eager" (autograd + torch.optim: the eager pipeline, and the fallback for variants the fast step does
     # not cover) or "original" (the notebook's DataLoader loop). None only in records of schema 3 and earlier.
     training_step: str | None
+    # Gradient-based covariate shift and loss-landscape smoothness along training (bnsuite.landscape); None where
+    # not measured (the original pipeline, a diverged run, and records of schema 6 and earlier).
+    landscape: LandscapeTrace | None
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -250,6 +288,8 @@ class RunRecord:
             raw = migrate_schema_4(raw, source=source)
         if raw.get("schema_version") == 5:
             raw = migrate_schema_5(raw)
+        if raw.get("schema_version") == 6:
+            raw = migrate_schema_6(raw)
         elif raw.get("schema_version") != SCHEMA_VERSION:
             raise RecordError(
                 f"{source}: schema version {version!r} is not supported (this bnsuite reads versions 1 to "
@@ -359,6 +399,11 @@ def _schema_4_variant(name: Any, source: str) -> dict:
         raise RecordError(f"{source}: schema-4 variant {name!r} is not one schema 4 had "
                           f"({', '.join(_SCHEMA_4_VARIANTS)}); re-run that case")
     return dataclasses.asdict(Variant(name=name, **_SCHEMA_4_VARIANTS[name]))
+
+
+def migrate_schema_6(raw: dict) -> dict:
+    """A schema-6 record as schema 7: `landscape` None (schema 6 did not measure it)."""
+    return {**raw, "schema_version": 7, "landscape": None}
 
 
 def migrate_schema_5(raw: dict) -> dict:

@@ -181,8 +181,10 @@ def train_seeds(
         records = []
         prober = getattr(run_epoch, "prober", None)  # the original pipeline is not probed
         traces = prober.traces() if prober is not None else [None] * len(specs)
-        finished = zip(specs, models, epochs, steps, diverged_at_epoch, traces, strict=True)
-        for run, model, run_epochs, run_steps, diverged, trace in finished:
+        landscaper = getattr(run_epoch, "landscaper", None)
+        landscapes = landscaper.traces() if landscaper is not None else [None] * len(specs)
+        finished = zip(specs, models, epochs, steps, diverged_at_epoch, traces, landscapes, strict=True)
+        for run, model, run_epochs, run_steps, diverged, trace, landscape in finished:
             if diverged is None and run_epochs:  # the model the last epoch evaluated: its figures, not a rerun
                 test_loss, test_accuracy = run_epochs[-1].test_loss, run_epochs[-1].test_accuracy
             else:  # a diverged run kept training with its group after its last recorded epoch
@@ -207,6 +209,7 @@ def train_seeds(
                 executor=executor,
                 activations=None if diverged else trace,  # past divergence the probe measures a broken model
                 training_step=run_epoch.step_name,
+                landscape=None if diverged else landscape,
             ))
     return records
 

@@ -281,6 +281,15 @@ def test_schema_5_records_load_as_made_with_subnormals_kept_so_never_exactly_com
     assert flushed.fingerprint() != record.environment.fingerprint()
 
 
+def test_schema_6_records_load_with_the_landscape_unmeasured():
+    schema_6 = Path(__file__).parent / "data" / "schema6"  # a smoke run of noisy BN, as schema 6 saved it
+    raw = json.loads(next((schema_6 / RUNS_SUBDIR).glob("*.json")).read_text())
+    assert raw["schema_version"] == 6 and "landscape" not in raw
+    (record,) = load_records(schema_6)
+    assert (record.schema_version, record.landscape) == (SCHEMA_VERSION, None)
+    assert record.activations is not None and record.spec.variant == "bn-noisy"  # the rest as it was
+
+
 def test_a_record_file_of_binary_garbage_or_a_directory_is_a_record_error_naming_it(tmp_path):
     runs = tmp_path / RUNS_SUBDIR
     runs.mkdir()

@@ -362,6 +362,20 @@ def test_probing_the_activations_changes_nothing_in_training(variant, mnist_dir,
     assert probed[0].activations.values != probed[1].activations.values  # each run probed on its own model
 
 
+@pytest.mark.parametrize("variant", ["plain", "bn", "bn-scratch"])  # the fast step (seeds together) and the eager
+def test_measuring_the_landscape_changes_nothing_in_training(variant, mnist_dir, monkeypatch):
+    specs = [RunSpec(variant=variant, seed=seed, batch_size=16, **SMALL) for seed in (0, 1)]
+    measured = train_seeds(specs, data_dir=mnist_dir)
+    monkeypatch.setattr(epochs_module, "LANDSCAPE", False)
+    unmeasured = train_seeds(specs, data_dir=mnist_dir)
+    assert [_results(record) for record in measured] == [_results(record) for record in unmeasured]
+    assert [r.activations for r in measured] == [r.activations for r in unmeasured]
+    assert all(record.landscape is None for record in unmeasured)
+    trace = measured[0].landscape
+    assert len(trace.steps) == 20 and trace.steps[0] == 0 and trace.ics_layers == ("fc2", "fc3")
+    assert trace.ics != measured[1].landscape.ics  # each run measured on its own model
+
+
 def test_records_say_which_step_trained_them_and_uncovered_variants_fall_back_to_the_eager_step(mnist_dir):
     for variant, step in (("bn-scratch", "eager"), ("bn-ghost4", "fast"), ("ln", "fast"), ("bn", "fast")):
         records = train_seeds([RunSpec(variant=variant, seed=seed, batch_size=32, **SMALL) for seed in (0, 1)],

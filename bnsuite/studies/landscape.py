@@ -1,0 +1,113 @@
+"""The landscape study (Santurkar et al. 2018): does BN reduce internal covariate shift measured by gradients, and
+does it make the loss landscape smoother?
+
+Plain and BN at batch 64, the batch study's runs (trained once): every run on the tensor pipelines measures, at
+20 checkpoints along its training, the gradient-based covariate shift of fc2 and fc3 on a fixed batch and the loss
+landscape along the gradient on that step's batch (bnsuite.landscape says how; the record keeps it, `landscape`).
+Santurkar et al. found BN's ICS similar or larger and its landscape smoother: the verdicts here are data.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+from bnsuite import plots
+from bnsuite.claims import Claim, needs, smaller, summary
+from bnsuite.records import RunRecord
+from bnsuite.registry import SectionContext, register_study
+from bnsuite.report_parts import claims_table, colors, variant_order, write_figure
+from bnsuite.spec import Study, StudySpec
+
+NAME = "landscape"
+PLAIN, BN = "plain", "bn"
+MATRICES = {profile: Study(NAME, variants=(PLAIN, BN), batch_sizes=(64,), epochs=epochs)
+            for profile, epochs in (("full", 10), ("quick", 4), ("smoke", 2))}
+NOT_MEASURED = ("the landscape measurements", "records of schema 6 or earlier, or the original pipeline")
+# (series, layer, claim kind, what, short)
+MEASURES = (
+    ("ics", "fc2", "bn-smaller-gradient-ics-fc2", "fc2's gradient-based ICS ||G - G'||",
+     "BN's gradient-based covariate shift of fc2 was smaller"),
+    ("ics", "fc3", "bn-smaller-gradient-ics-fc3", "fc3's gradient-based ICS ||G - G'||",
+     "BN's gradient-based covariate shift of fc3 was smaller"),
+    ("loss_variation", None, "bn-loss-varies-less-along-the-gradient", "loss variation along the gradient",
+     "BN's loss varied less along the gradient"),
+    ("gradient_predictiveness", None, "bn-gradient-more-predictive", "largest gradient change along the gradient",
+     "BN's gradient was more predictive"),
+    ("beta_smoothness", None, "bn-lower-effective-beta-smoothness", "effective beta-smoothness",
+     "BN's effective beta-smoothness was lower"),
+)
+
+
+def mean_of(series: str, layer: str | None):
+    """A run's mean of `series` over its checkpoints after step 0; infinite (worst) if it diverged, NaN if it was not
+    measured."""
+    def measure(record: RunRecord) -> float:
+        if record.diverged:
+            return math.inf
+        return math.nan if record.landscape is None else record.landscape.mean(series, layer)
+
+    return measure
+
+
+def landscape_claims(spec: StudySpec, study: Study) -> list[Claim]:
+    if not {PLAIN, BN} <= set(study.variants):
+        return []
+    claims = []
+    for batch_size in sorted(study.batch_sizes):
+        at = f"At batch size {batch_size}, "
+        for series, layer, kind, what, short in MEASURES:
+            statement = at + f"BN's {what}, averaged over the checkpoints of training, is smaller than plain's"
+            statement += (" (Santurkar et al. 2018, Definition 2.1, which found it similar or larger with BN)."
+                          if series == "ics" else " (Santurkar et al. 2018, Fig. 4).")
+            claims.append(Claim(
+                kind, batch_size=batch_size, study=study.name, reason="landscape", alpha=spec.claims.alpha,
+                variant=BN, needs=needs(spec, study, (PLAIN, BN), batch_size), statement=statement, short=short,
+                judge=smaller(mean_of(series, layer), what, digits=4, direction="bn smaller", variant=BN,
+                              reference=PLAIN, batch_size=batch_size, missing=NOT_MEASURED)))
+    return claims
+
+
+def landscape_section(context: SectionContext) -> list[str]:
+    spec, study, records, h = context.spec, context.study, context.records, context.h
+    lines = [f"{h} Covariate shift by gradients, and the loss landscape (Santurkar et al. 2018)", "",
+             f"Batch size {', '.join(map(str, study.batch_sizes))}, {study.epochs} epochs, at 20 checkpoints along "
+             "each run. ICS of a layer: ||G - G'||, G its weight's gradient on a fixed batch of 256 training images, "
+             "G' the same after every layer before it took a gradient step of the run's learning rate; the cosine "
+             "between them too. Along the gradient g, on the checkpoint's training batch, at distances of 0.25 to 4 "
+             "learning rates: the range of the loss (loss variation), the largest change of the gradient (gradient "
+             "predictiveness) and that change over the distance moved (effective beta-smoothness). Means over the "
+             "checkpoints after step 0 (bnsuite.landscape).", ""]
+    measured = [r for r in records if r.landscape is not None]
+    if not measured:
+        return lines + ["_No run of this study carries the landscape measurements._", ""]
+    order = variant_order(measured)
+    rows = []
+    for variant in sorted({r.spec.variant for r in measured}, key=order):
+        mine = [r for r in measured if r.spec.variant == variant]
+        row = {"variant": variant}
+        for layer in mine[0].landscape.ics_layers:
+            row[f"ICS {layer}"] = summary([r.landscape.mean("ics", layer) for r in mine], 4, significant=True)
+            row[f"cos(G, G') {layer}"] = summary([r.landscape.mean("ics_cosine", layer) for r in mine], 4)
+        for series, _, _, what, _ in MEASURES[2:]:
+            row[what] = summary([r.landscape.mean(series) for r in mine], 4, significant=True)
+        rows.append(row)
+    lines += [pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True), ""]
+    if context.with_plots:
+        frame = pd.DataFrame([
+            {"variant": r.spec.variant, "seed": r.spec.seed, "step": step, "loss_variation": lv,
+             "gradient_predictiveness": gp, "beta_smoothness": beta, "ics": ics[-1]}
+            for r in measured for step, lv, gp, beta, ics in zip(
+                r.landscape.steps, r.landscape.loss_variation, r.landscape.gradient_predictiveness,
+                r.landscape.beta_smoothness, r.landscape.ics, strict=True)])
+        lines += write_figure(context.out, f"{context.prefix}landscape.png", "The loss landscape along the gradient "
+                              "over training, plain and BN (bands: min to max over seeds)",
+                              plots.landscape_plot(frame, sorted(set(frame["variant"]), key=order), colors(records),
+                                                   measured[0].landscape.ics_layers[-1]))
+    return lines + [f"{h} Claims: covariate shift and the loss landscape", "",
+                    claims_table(context.own_claims, spec.claims), ""]
+
+
+register_study(NAME, title="landscape study", matrices=MATRICES, section=landscape_section,
+               options={"batch-sizes", "epochs", "lr"})(landscape_claims)
