@@ -235,6 +235,7 @@ REASONS_STUDY = study_spec(profile="smoke", seeds=(0, 1), train_subset=512, vali
                                     batch_sizes=(64,), epochs=1),
                               Study("ghost", variants=("bn-ghost2", "bn-ghost8", "bn", "ln"), batch_sizes=(128,),
                                     epochs=1),
+                              Study("landscape", variants=("plain", "bn"), batch_sizes=(64,), epochs=1),
                               Study("placement", variants=("bn", "bn-after-relu"), batch_sizes=(64,), epochs=1),
                               Study("noise", variants=("plain", "bn", "bn-noisy"), batch_sizes=(64,), epochs=1),
                               Study("renorm", variants=("bn-ghost2", "bn-renorm2"), batch_sizes=(128,), epochs=1),
@@ -255,6 +256,8 @@ def test_each_study_of_a_reason_for_bn_has_its_table_figure_claims_and_discussio
              "dropout-gains-bn-less-than-plain-bs64"),
             ("## Batch statistics at small batches: ghost-batch BN against LayerNorm", "ghost_batch.png",
              "bn-behind-layernorm-at-smallest-ghost-batch-bs128"),
+            ("## Covariate shift by gradients, and the loss landscape (Santurkar et al. 2018)", "landscape.png",
+             "bn-gradient-more-predictive-bs64"),
             ("## Placement: BN before or after the ReLU", "placement.png",
              "bn-after-relu-accuracy-at-least-before-bs64"),
             ("## Noisy BN: is it steadier distributions? (Santurkar et al. 2018)", "noisy_bn.png",
@@ -268,7 +271,7 @@ def test_each_study_of_a_reason_for_bn_has_its_table_figure_claims_and_discussio
                    "**BN acts as a regularizer, reducing the need for dropout** (dropout study)",
                    "**How BN's effect depends on the batch size** (ghost-batch study, Batch Renorm study)",
                    "**Where BN sits matters: before the nonlinearity, as Ioffe & Szegedy put it, or after it** "
-                   "(placement study)", "(noisy-BN study)",
+                   "(placement study)", "(noisy-BN study)", "(landscape study)",
                    "**BN's benefit is mainly the larger learning rate it allows (Bjorck et al. 2018)** "
                    "(learning-rate study)"):
         assert reason in markdown
