@@ -18,7 +18,7 @@ from bnsuite.claims import Claim, needs, smaller, summary
 from bnsuite.records import RunRecord
 from bnsuite.registry import SectionContext, register_study
 from bnsuite.report_parts import claims_table, colors, variant_order, write_figure
-from bnsuite.spec import Study, StudySpec
+from bnsuite.spec import NOT_SHOWN, KnownException, Study, StudySpec
 
 NAME = "landscape"
 PLAIN, BN = "plain", "bn"
@@ -38,6 +38,11 @@ MEASURES = (
     ("beta_smoothness", None, "bn-lower-effective-beta-smoothness", "effective beta-smoothness",
      "BN's effective beta-smoothness was lower"),
 )
+KNOWN_EXCEPTIONS = {
+    "smoke": (KnownException("bn-loss-varies-less-along-the-gradient-bs64", NOT_SHOWN,
+                             "in 2 epochs on 4,000 images the loss varies about as much along the gradient with BN as "
+                             "without (0.102 against 0.096 on an AMD EPYC), within seed noise"),),
+}
 
 
 def mean_of(series: str, layer: str | None):
@@ -110,4 +115,4 @@ def landscape_section(context: SectionContext) -> list[str]:
 
 
 register_study(NAME, title="landscape study", matrices=MATRICES, section=landscape_section,
-               options={"batch-sizes", "epochs", "lr"})(landscape_claims)
+               known_exceptions=KNOWN_EXCEPTIONS, options={"batch-sizes", "epochs", "lr"})(landscape_claims)
