@@ -150,7 +150,6 @@ def _at(claim: ClaimResult) -> str:
     return f" (batch size {claim.batch_size})" if claim.batch_size is not None else ""
 
 
-
 def variant_rows(records: list[RunRecord], *, drift: str) -> str:
     """A table with one row per batch size and variant: test accuracy, final training loss and the drift of the
     last hidden layer's inputs (column `drift`; empty where a run was not probed), each over seeds."""
