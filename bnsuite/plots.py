@@ -260,6 +260,7 @@ def by_ghost_size_plot(runs: pd.DataFrame, batch_size: int, colors: Colors, titl
     axis.set_title(title)
     axis.grid(True, which="both", alpha=0.3)
     axis.legend(loc="best", fontsize=8)
+    return _png(figure)
 
 
 def landscape_plot(runs: pd.DataFrame, order: list[str], colors: Colors, layer: str) -> bytes:
