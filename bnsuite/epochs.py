@@ -39,14 +39,14 @@ EpochResult = tuple[torch.Tensor, torch.Tensor, int]  # (batch losses (S, steps)
 # BNSUITE_CUDA_GRAPHS=0 turns the capture off, to measure what it gains (bnsuite.speed, the GPU check).
 CUDA_GRAPHS = os.environ.get("BNSUITE_CUDA_GRAPHS", "1") != "0"
 PROBES = True  # activation probes (bnsuite.probe); off only to show that they change nothing
-LANDSCAPE = True  # gradient ICS and smoothness (bnsuite.landscape); off only to show that they change nothing
 
 
 class TensorEpochs:
     """One training epoch per call for S runs, batches sliced from device-resident tensors."""
 
     def __init__(self, specs: list[RunSpec], models: list[nn.Module], shuffles: list[torch.Generator],
-                 splits: Splits, *, dropout_generators: list[torch.Generator], data_dir: Path | str | None = None):
+                 splits: Splits, *, dropout_generators: list[torch.Generator], data_dir: Path | str | None = None,
+                 measures: frozenset[str] = frozenset()):
         spec = specs[0]
         self.spec = spec
         self.models = models
@@ -76,7 +76,8 @@ class TensorEpochs:
         if self.prober is not None:
             self.prober(0)
         self.landscaper = (Landscaper(models, self.images, self.labels, [run.lr for run in specs],
-                                      spec.steps_per_epoch * spec.epochs) if LANDSCAPE else None)
+                                      spec.steps_per_epoch * spec.epochs) if "landscape" in measures
+                           else None)
 
     @property
     def step_name(self) -> str:

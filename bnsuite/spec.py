@@ -25,6 +25,8 @@ from bnsuite.datasets import DATASETS
 TRAINING_IMAGES = 60_000  # both MNIST and Fashion-MNIST
 DEFAULT_LR = 0.01  # the study's SGD learning rate
 PIPELINES = ("fast", "eager", "original")
+# What a study can ask its runs to measure beyond what every run records: costly, so measured only where asked.
+MEASUREMENTS = ("landscape",)  # gradient ICS and loss-landscape smoothness along training (bnsuite.landscape)
 SUPPORTED, CONTRADICTED, NOT_SHOWN = "supported", "contradicted", "not shown"
 # A known exception's verdict for a claim whose verdict, under its profile, depends on which seeds it sees:
 # supported by some disjoint seed sets of the profile's size and not shown by others (never contradicted).
@@ -254,10 +256,14 @@ class Study:
     epochs: int
     lrs: tuple[float, ...] = (DEFAULT_LR,)
     init_scales: tuple[float, ...] = (1.0,)
+    measures: tuple[str, ...] = ()  # of MEASUREMENTS: what its runs measure besides what every run records
 
     def __post_init__(self) -> None:
         _require(isinstance(self.name, str) and NAME_PATTERN.fullmatch(self.name) is not None,
                  f"study name {self.name!r} must be letters, digits, '.', '_' or '-'")
+        unknown = [name for name in self.measures if name not in MEASUREMENTS]
+        _require(not unknown, f"the {self.name} study asks to measure {', '.join(map(repr, unknown))}; what a study "
+                 f"can measure: {', '.join(MEASUREMENTS)}")
         for what, values in (("variants", self.variants), ("batch sizes", self.batch_sizes),
                              ("learning rates", self.lrs), ("init scales", self.init_scales)):
             _require(len(values) > 0, f"the {self.name} study needs at least one of its {what}")
@@ -353,6 +359,13 @@ class StudySpec:
     def run_specs(self) -> list[RunSpec]:
         """Every run of every study, once, in the order the groups train them."""
         return [spec for group in self.groups() for spec in group]
+
+    def measures(self, runs) -> frozenset[str]:
+        """What `runs` measure besides what every run records: what the studies that have any of them ask for
+        (Study.measures). A run two studies share measures what either asks."""
+        runs = set(runs)
+        return frozenset(name for study in self.studies
+                         if study.measures and not runs.isdisjoint(self.study_runs(study)) for name in study.measures)
 
     def case_name(self, group: tuple[RunSpec, ...]) -> str:
         """A group's name, as in test ids: `bn-bs64`, `plain-bs64-lr-sweep`, `bn-dropout-bs64`."""

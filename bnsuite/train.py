@@ -25,7 +25,7 @@ import contextlib
 import dataclasses
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -52,14 +52,15 @@ if os.environ.get(KEEP_DENORMALS_VARIABLE) != "1":
 EpochCallback = Callable[[RunSpec, EpochRecord], None]
 
 
-def _original_epochs(*args, **kwargs):
-    # Imported when first used: torchvision takes seconds to import, and only this pipeline needs it.
+def _original_epochs(*args, measures=frozenset(), **kwargs):
+    # Imported when first used: torchvision takes seconds to import, and only this pipeline needs it. It measures
+    # nothing beyond what the original notebook did (neither probes nor `measures`).
     from bnsuite.original import OriginalEpochs
 
     return OriginalEpochs(*args, **kwargs)
 
 
-# pipeline -> runner(specs, models, shuffles, splits, data_dir=...), whose call trains one epoch.
+# pipeline -> runner(specs, models, shuffles, splits, data_dir=..., measures=...), whose call trains one epoch.
 EPOCH_RUNNERS = {"fast": TensorEpochs, "eager": TensorEpochs, "original": _original_epochs}
 EVALUATION_BATCH = 10_000  # evaluation has no gradients: big batches are exact and fast
 # A cross-entropy of 1,000 nats means logit gaps of 1,000: the weights have blown up.
@@ -105,6 +106,7 @@ def train_seeds(
     study: StudySpec | None = None,
     on_epoch: EpochCallback | None = None,
     executor: str = "local",
+    measures: Collection[str] | None = None,
 ) -> list[RunRecord]:
     """Train runs that differ only in seed, learning rate or init scale; one record each, in the order given.
 
@@ -114,15 +116,18 @@ def train_seeds(
     as when trained alone, and each record names the seeds it trained with;
     otherwise one after another. A run that diverges stops being
     recorded at that epoch while the others go on. `executor` is recorded as
-    what ran them ("local", or "ray at ADDRESS, node ..." in a Ray task).
+    what ran them ("local", or "ray at ADDRESS, node ..." in a Ray task). `measures`: what the runs measure
+    besides what every run records (spec.MEASUREMENTS); by default what `study` asks of them (StudySpec.measures).
     """
     specs = list(specs)
     _check_one_group(specs)
     spec = specs[0]
     variant = checked(spec)  # the variant is registered and can train this run, or SpecError says what to change
     if len(specs) > 1 and not (spec.pipeline == "fast" and fastpath.supports(build_model(spec.variant))):
-        return [train_seeds((run,), data_dir=data_dir, study=study, on_epoch=on_epoch, executor=executor)[0]
-                for run in specs]
+        return [train_seeds((run,), data_dir=data_dir, study=study, on_epoch=on_epoch, executor=executor,
+                            measures=measures)[0] for run in specs]
+    if measures is None:
+        measures = study.measures(specs) if study is not None else frozenset()
     device = resolve_device(spec.device)
     splits = load_splits(spec.dataset, validation_size=spec.validation_size, data_dir=data_dir)
     environment = describe_environment(device, splits.checksum)
@@ -137,7 +142,7 @@ def train_seeds(
             shuffles.append(torch.Generator().manual_seed(run.seed))
             dropouts.append(_generator_after_init(device))
         run_epoch = EPOCH_RUNNERS[spec.pipeline](specs, models, shuffles, splits, dropout_generators=dropouts,
-                                                 data_dir=data_dir)
+                                                 data_dir=data_dir, measures=frozenset(measures))
 
         epochs: list[list[EpochRecord]] = [[] for _ in specs]
         steps = [0 for _ in specs]

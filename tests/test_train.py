@@ -11,7 +11,7 @@ from bnsuite import train as train_module
 from bnsuite.epochs import TensorEpochs, epoch_order
 from bnsuite.models import build_model
 from bnsuite.records import RunRecord
-from bnsuite.spec import PIPELINES, RunSpec, SpecError
+from bnsuite.spec import PIPELINES, ClaimSettings, RunSpec, SpecError, Study
 from bnsuite.train import EPOCH_RUNNERS, evaluate_with_batch_statistics, train, train_seeds
 
 SMALL = dict(epochs=2, train_subset=2_000, validation_size=10_000)
@@ -363,17 +363,34 @@ def test_probing_the_activations_changes_nothing_in_training(variant, mnist_dir,
 
 
 @pytest.mark.parametrize("variant", ["plain", "bn", "bn-scratch"])  # the fast step (seeds together) and the eager
-def test_measuring_the_landscape_changes_nothing_in_training(variant, mnist_dir, monkeypatch):
+def test_measuring_the_landscape_changes_nothing_in_training(variant, mnist_dir):
     specs = [RunSpec(variant=variant, seed=seed, batch_size=16, **SMALL) for seed in (0, 1)]
-    measured = train_seeds(specs, data_dir=mnist_dir)
-    monkeypatch.setattr(epochs_module, "LANDSCAPE", False)
-    unmeasured = train_seeds(specs, data_dir=mnist_dir)
+    measured = train_seeds(specs, data_dir=mnist_dir, measures=("landscape",))
+    unmeasured = train_seeds(specs, data_dir=mnist_dir)  # no study asks for it
     assert [_results(record) for record in measured] == [_results(record) for record in unmeasured]
     assert [r.activations for r in measured] == [r.activations for r in unmeasured]
     assert all(record.landscape is None for record in unmeasured)
     trace = measured[0].landscape
     assert len(trace.steps) == 20 and trace.steps[0] == 0 and trace.ics_layers == ("fc2", "fc3")
     assert trace.ics != measured[1].landscape.ics  # each run measured on its own model
+
+
+def test_only_the_runs_of_a_study_that_asks_measure_the_landscape_shared_runs_included(mnist_dir):
+    settings = dict(profile="smoke", seeds=(0,), train_subset=512, validation_size=10_000,
+                    claims=ClaimSettings(target_loss=0.5, trained_accuracy=50.0))
+    spec = registry.study_spec(**settings, studies=(
+        Study("batch", variants=("plain", "bn"), batch_sizes=(64,), epochs=1),
+        Study("mine", variants=("bn",), batch_sizes=(64,), epochs=1, measures=("landscape",))))
+    groups = {group[0].variant: group for group in spec.groups()}
+    assert list(groups) == ["plain", "bn"]  # bn's runs are the batch study's, shared with "mine"
+    assert (spec.measures(groups["plain"]), spec.measures(groups["bn"])) == (frozenset(), {"landscape"})
+    plain, bn = (train_seeds(groups[name], data_dir=mnist_dir, study=spec)[0] for name in ("plain", "bn"))
+    assert plain.landscape is None and bn.landscape is not None and bn.landscape.steps[0] == 0
+
+
+def test_a_study_asking_for_a_measurement_bnsuite_does_not_make_is_refused_with_what_it_can_measure():
+    with pytest.raises(SpecError, match="asks to measure 'hessian'.*can measure: landscape"):
+        Study("mine", variants=("bn",), batch_sizes=(64,), epochs=1, measures=("hessian",))
 
 
 def test_records_say_which_step_trained_them_and_uncovered_variants_fall_back_to_the_eager_step(mnist_dir):
