@@ -402,8 +402,14 @@ def _schema_4_variant(name: Any, source: str) -> dict:
 
 
 def migrate_schema_6(raw: dict) -> dict:
-    """A schema-6 record as schema 7: `landscape` None (schema 6 did not measure it)."""
-    return {**raw, "schema_version": 7, "landscape": None}
+    """A schema-6 record as schema 7: `landscape` None and its study's studies measuring nothing beyond what every
+    run records (`measures` empty): schema 6 measured no landscape."""
+    raw = {**raw, "schema_version": 7, "landscape": None}
+    study = raw.get("study")
+    if isinstance(study, dict) and isinstance(study.get("studies"), list):
+        raw["study"] = {**study, "studies": [{**entry, "measures": []} if isinstance(entry, dict) else entry
+                                             for entry in study["studies"]]}
+    return raw
 
 
 def migrate_schema_5(raw: dict) -> dict:

@@ -287,6 +287,7 @@ def test_schema_6_records_load_with_the_landscape_unmeasured():
     assert raw["schema_version"] == 6 and "landscape" not in raw
     (record,) = load_records(schema_6)
     assert (record.schema_version, record.landscape) == (SCHEMA_VERSION, None)
+    assert [study.measures for study in record.study.studies] == [()] * len(raw["study"]["studies"])
     assert record.activations is not None and record.spec.variant == "bn-noisy"  # the rest as it was
 
 
