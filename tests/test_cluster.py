@@ -4,7 +4,7 @@ The cluster is Ray's own test utility (`ray.cluster_utils.Cluster`) on this
 machine: a head node with no CPU (so it schedules, never trains) and two worker
 nodes of one CPU each, every node with its own raylet and object store. The
 nodes are started with a plugin directory on their PYTHONPATH, as a user
-installs a plugin on every node. The smoke batch study joins it through
+installs a plugin on every node. The smoke batch study (`STUDY`) joins it through
 `--bn-ray-address HEAD` and through Ray Client (`ray://...`), a worker node is
 removed while it trains a case, and the plugins reach the workers (joined with
 `--bn-ray-address auto`, as on the head node).
@@ -37,6 +37,8 @@ ray = pytest.importorskip("ray")
 cluster_utils = pytest.importorskip("ray.cluster_utils")
 ROOT = Path(__file__).resolve().parents[1]
 NODE = re.compile(r", node ([0-9a-f]{12}) \(")
+# The study the cluster trains: the smoke batch study at batch 64 and 128, 2 seeds, 1 epoch (4 cases).
+STUDY = dict(batch_sizes="64,128", seeds="0,1", epochs="1")
 
 
 def _free_port() -> int:
@@ -94,7 +96,7 @@ def _worker_ids(cluster) -> set[str]:
 def local_records(tmp_path_factory, mnist_dir):
     """The smoke batch study trained locally with one torch thread, as a Ray task trains (one CPU)."""
     results = tmp_path_factory.mktemp("local")
-    study = study_from_options("smoke", studies="batch")
+    study = study_from_options("smoke", studies="batch", **STUDY)
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -109,22 +111,23 @@ def local_records(tmp_path_factory, mnist_dir):
 def _study_on(address: str, results: Path, mnist_dir, *extra: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     """The smoke batch study, run as a user runs it: pytest with --bn-executor ray --bn-ray-address ADDRESS."""
     command = [sys.executable, "-m", "pytest", "--pyargs", "bnsuite.benchmarks.test_study", "-p", "no:cacheprovider",
-               "--benchmark-disable", "--bn-profile", "smoke", "--bn-studies", "batch", "--bn-executor", "ray",
+               "--benchmark-disable", "--bn-profile", "smoke", "--bn-studies", "batch", "--bn-seeds", STUDY["seeds"],
+               "--bn-epochs", STUDY["epochs"], "--bn-executor", "ray",
                "--bn-ray-address", address, "--bn-results-dir", str(results), "--bn-data-dir", str(mnist_dir), *extra]
     run = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     return run
 
 
-# Through the head's address, the whole smoke batch study; through Ray Client, its batch-128 cases (the client
-# path differs in how the driver connects, not in what the workers train).
-@pytest.mark.parametrize(("how", "batch_sizes", "cases"), [("address", "32,64,128", 6), ("client", "128", 2)])
+# Through the head's address, the whole STUDY; through Ray Client, its batch-128 cases (the client path differs in
+# how the driver connects, not in what the workers train).
+@pytest.mark.parametrize(("how", "batch_sizes", "cases"), [("address", STUDY["batch_sizes"], 4), ("client", "128", 2)])
 def test_the_smoke_study_joins_the_cluster_spreads_over_its_nodes_and_equals_a_local_run(
         how, batch_sizes, cases, cluster, local_records, tmp_path, mnist_dir):
     address = cluster.address if how == "address" else cluster.client_address
     _study_on(address, tmp_path / "results", mnist_dir, "--bn-batch-sizes", batch_sizes)
     records = load_records(tmp_path / "results")
-    assert len(records) == 3 * cases  # 3 seeds a case, each record written once, by the driver
+    assert len(records) == 2 * cases  # 2 seeds a case, each record written once, by the driver
     assert {record.executor.split(", node ")[0] for record in records} == {f"ray at {address}"}
     nodes = {NODE.search(record.executor).group(1) for record in records}
     assert len(nodes) == 2 and nodes == _worker_ids(cluster)  # both worker nodes trained; the head never did
@@ -138,9 +141,7 @@ def test_a_users_plugin_trains_on_the_workers_that_have_it_installed_joined_with
     (project / "my_norms.py").write_text(_readme_plugin())
     # Joined with "auto", as on the head node: Ray finds the cluster this machine runs.
     _study_on("auto", tmp_path / "results", mnist_dir, "--bn-plugin", "my_norms", "--bn-variants",
-              "plain,batch-rms,batch-rms-after-relu", "--bn-batch-sizes", "128", "--bn-seeds", "0,1",
-              "--bn-epochs", "1",
-              cwd=project)
+              "plain,batch-rms,batch-rms-after-relu", "--bn-batch-sizes", "128", cwd=project)
     records = load_records(tmp_path / "results")
     assert {record.spec.variant for record in records} == {"plain", "batch-rms", "batch-rms-after-relu"}
     assert {record.variant.source.split()[0] for record in records} == {"bnsuite", "my_norms"}
