@@ -1,8 +1,10 @@
 """`python -m bnsuite.docs`: the parts of README.md and docs/ that list what the code defines, made from the code.
 
-The table of studies, the claims of each study with its known exceptions, and
-the table of `--bn-*` options (their help text, the one source of option
-descriptions) sit in the documents between `<!-- bnsuite:NAME -->` and
+The table of studies, the claims of each study with its known exceptions, the
+verdicts of the committed full reference by reason for BN (judged from its
+records as the report judges them), and the table of `--bn-*` options (their
+help text, the one source of option descriptions) sit in the documents between
+`<!-- bnsuite:NAME -->` and
 `<!-- /bnsuite:NAME -->`. `python -m bnsuite.docs` rewrites them;
 `python -m bnsuite.docs --check` (and tests/test_docs.py) fails when a document
 says something the code no longer does.
@@ -21,10 +23,14 @@ import pandas as pd
 from bnsuite import registry
 from bnsuite.claims import REASONS, study_claims
 from bnsuite.files import write_atomically
+from bnsuite.records import load_records
+from bnsuite.report import evaluate_claims
+from bnsuite.report_parts import study_title
 from bnsuite.spec import Study
 from bnsuite.study import PROFILE_SETTINGS, profile_spec
 
 ROOT = Path(__file__).resolve().parents[1]
+FULL_REFERENCE = ROOT / "results" / "reference" / "full"
 
 
 def _markdown(rows: list[dict]) -> str:
@@ -77,6 +83,29 @@ def claims_tables() -> str:
     return "\n".join(parts).rstrip()
 
 
+def verdicts_table(reference: Path = FULL_REFERENCE) -> str:
+    """Each reason for BN the studies test (the study's, then the field's), the studies that test it, and each of
+    their claims with its verdict on the committed full reference: judged from its records with the settings they
+    recorded, as `python -m bnsuite.report` judges them. A claim pinned as a known exception says so."""
+    records = load_records(reference)
+    spec = records[0].study
+    results = evaluate_claims(records, spec)
+    rows = []
+    for reason in list(REASONS) + sorted({result.reason for result in results} - set(REASONS)):
+        judged = [result for result in results if result.reason == reason]
+        if not judged:
+            continue
+        verdicts = []
+        for result in judged:
+            pinned = " (known exception)" if spec.claims.known_exception(result.name) else ""
+            verdicts.append(f"`{result.name}`: {result.verdict}{pinned}")
+        text = REASONS.get(reason, reason)
+        rows.append({"reason for BN": text[0].upper() + text[1:],
+                     "studies": ", ".join(dict.fromkeys(study_title(result.study) for result in judged)),
+                     "claims: verdict on the full reference": "; ".join(verdicts)})
+    return _markdown(rows)
+
+
 class _Options:
     """Stands in for pytest's option group: collects what bnsuite.plugin adds."""
 
@@ -102,7 +131,7 @@ def options_table() -> str:
 
 # Each document's generated blocks.
 GENERATED: dict[str, dict[str, Callable[[], str]]] = {
-    "README.md": {"studies": studies_table},
+    "README.md": {"studies": studies_table, "verdicts": verdicts_table},
     "docs/studies.md": {"studies": studies_table, "claims": claims_tables},
     "docs/options.md": {"options": options_table},
 }
