@@ -16,6 +16,8 @@
   copy bandwidth over its working set, divided by the step's time), and
   the most the step could reach: the bound over its GEMMs and its update,
   each timed alone;
+- `test_convnet_paths_side_by_side`, `test_convnet_epoch`: the same for the ConvNet, when the session
+  trains it (--bn-network cnn): its original pipeline, NCHW and channels-last side by side, and its roofline;
 - `test_training_step_cost`: the per-step cost of plain and bn (forward,
   backward, update) at each batch size.
 
@@ -179,3 +181,83 @@ def test_training_step_cost(benchmark, study, study_session, variant, batch_size
 
     benchmark.pedantic(hundred_steps, rounds=5, warmup_rounds=1)
     benchmark.extra_info.update({"bnsuite": "step-cost", "steps_per_round": 100, "batch_size": batch_size})
+
+
+# --- the ConvNet (--bn-network cnn): its figures are taken when the session trains it ---
+
+CONVNET_IMAGES = 10_000  # a sixth of an epoch: a ConvNet epoch costs about 20 of the MLP's here
+
+
+def _convnet_session(study) -> None:
+    if not any("cnn" in entry.networks for entry in study.studies):
+        pytest.skip("the ConvNet's speed is measured when the session trains it (--bn-network cnn)")
+
+
+def _convnet_specs(study, variant, batch_size, pipeline):
+    return [_at_most(dataclasses.replace(spec, network="cnn"), CONVNET_IMAGES)
+            for spec in _epoch_specs(study, variant, batch_size, pipeline)]
+
+
+@pytest.mark.parametrize("variant", ["plain", "bn"])
+def test_convnet_paths_side_by_side(benchmark, study, study_session, variant, monkeypatch):
+    """The ConvNet's epoch (bs64, 10,000 images) through the original pipeline (Dataset + DataLoader, eager
+    autograd), the eager step on tensor batches in NCHW, and the study's way (the same in channels-last, the
+    layout the ConvNet trains in); round after round, ratios within a round. The ConvNet's seeds train one
+    after another (a grouped convolution would not keep each run equal to itself alone), so one run is the
+    study's way."""
+    _convnet_session(study)
+    from bnsuite import models
+
+    paths = {"original": _convnet_specs(study, variant, 64, "original"),
+             "nchw": _convnet_specs(study, variant, 64, "eager"),
+             "study": _convnet_specs(study, variant, 64, "fast")}
+    times: dict[str, list[float]] = {path: [] for path in paths}
+
+    def one_round():
+        order = list(paths) if len(times["study"]) % 2 == 0 else list(reversed(paths))
+        for path in order:
+            monkeypatch.setattr(models, "CHANNELS_LAST", path != "nchw")
+            times[path].append(_epoch_time_per_run(paths[path], study_session.data_dir))
+        monkeypatch.setattr(models, "CHANNELS_LAST", True)
+
+    benchmark.pedantic(one_round, rounds=ROUNDS, iterations=1)
+    ratios = {path: [alone / ours for alone, ours in zip(times[path], times["study"], strict=True)] for path in paths}
+    speedup = {path: statistics.median(ratios[path]) for path in paths if path != "study"}
+    benchmark.extra_info.update({
+        "bnsuite": "convnet-paths", "variant": variant, "batch_size": 64, "rounds": ROUNDS,
+        "images": paths["study"][0].train_size, "epoch_s": {p: statistics.median(v) for p, v in times.items()},
+        "epoch_s_by_round": times, "ratios_by_round": {p: r for p, r in ratios.items() if p != "study"},
+        "speedup": speedup})
+    study_session.progress(
+        f"speed: ConvNet {variant} bs64, the study's way (eager step, tensor batches, channels-last) vs: "
+        + ", ".join(f"{path} {value:.2f}x" for path, value in speedup.items())
+        + f" (median of {ROUNDS} interleaved rounds)")
+
+
+@pytest.mark.parametrize("batch_size", [32, 64, 128])
+@pytest.mark.parametrize("variant", ["plain", "bn"])
+def test_convnet_epoch(benchmark, study, study_session, variant, batch_size):
+    """The ConvNet's training path against the roofline: its convolution and classifier FLOPs at the matmul
+    peak, its least traffic at the bandwidth over its working set, the fraction of the bound it reaches."""
+    _convnet_session(study)
+    specs = _convnet_specs(study, variant, batch_size, "fast")
+    epoch_s = benchmark.pedantic(_epoch_time_per_run, args=(specs, study_session.data_dir), rounds=1, iterations=1)
+    images, steps = specs[0].train_size, specs[0].steps_per_epoch
+    flops = training_flops_per_sample(build_model(variant, network="cnn"))
+    device = resolve_device(study.device)
+    study_session.peak_flops = max(study_session.peak_flops or 0.0, matmul_peak_flops(device, seconds=0.5))
+    traffic = StepTraffic.of(variant, batch_size, 1, "cnn")
+    bandwidth = BANDWIDTH[traffic.working_set] = max(BANDWIDTH.get(traffic.working_set, 0.0),
+                                                     copy_bandwidth(traffic.working_set, device))
+    roofline = Roofline(flops_per_step=flops * images / steps, traffic=traffic, peak_flops=study_session.peak_flops,
+                        bandwidth=bandwidth, step_s=epoch_s / steps)
+    info = {"bnsuite": "convnet-fraction", "variant": variant, "batch_size": batch_size, "runs_together": 1,
+            "images": images, "epoch_s_per_run": epoch_s, "achieved_gflops": flops * images / epoch_s / 1e9,
+            "peak_gflops": study_session.peak_flops / 1e9, "fraction_of_matmul_peak": roofline.fraction_of_peak,
+            **roofline.info()}
+    benchmark.extra_info.update(info)
+    study_session.progress(
+        f"speed: ConvNet {variant} bs{batch_size}: {epoch_s:.2f} s for {images:,} images, "
+        f"{info['achieved_gflops']:.1f} GFLOP/s = {roofline.fraction_of_peak:.3f} of matmul peak, "
+        f"{roofline.fraction_of_bound:.3f} of the roofline bound ({roofline.limit}: {flops * images / steps / 1e9:.2f} "
+        f"GFLOP and {traffic.bytes_per_step / 1e6:.1f} MB a step at {bandwidth / 1e9:.1f} GB/s)")

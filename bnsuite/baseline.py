@@ -42,7 +42,7 @@ from pathlib import Path
 from bnsuite import claims
 from bnsuite.claims import held_out_accuracy, p_smaller
 from bnsuite.records import RUNS_SUBDIR, RecordError, RunRecord, load_records
-from bnsuite.spec import RunSpec, StudySpec
+from bnsuite.spec import DEFAULT_NETWORK, RunSpec, StudySpec
 
 REFERENCE_DIR = Path("results") / "reference"  # the committed reference of each profile: results/reference/PROFILE
 ALPHA = 0.05
@@ -305,9 +305,18 @@ def by_configuration(records) -> dict[RunSpec, list[RunRecord]]:
     return {config: sorted(runs, key=lambda r: r.spec.seed) for config, runs in groups.items()}
 
 
-def reference_dir(profile: str, root: Path | str = ".") -> Path:
-    """Where the committed reference of `profile` lives (results/reference/PROFILE)."""
-    return Path(root) / REFERENCE_DIR / profile
+def reference_dir(name: str, root: Path | str = ".") -> Path:
+    """Where the committed reference of a study named `name` lives (results/reference/NAME; bnsuite.baseline
+    `results_name`: the profile, `full-cnn` for the ConvNet alone)."""
+    return Path(root) / REFERENCE_DIR / name
+
+
+def results_name(study: StudySpec) -> str:
+    """The name of a study's results and reference directories: its profile (results/full, results/reference/full),
+    with the networks appended where its studies train no MLP (`full-cnn`), so the ConvNet's runs of a profile
+    keep a directory, and a baseline, of their own."""
+    networks = sorted({network for entry in study.studies for network in entry.networks})
+    return study.profile if DEFAULT_NETWORK in networks else "-".join([study.profile, *networks])
 
 
 # --- the command line: compare a results directory with a baseline, or accept it as the new baseline ---
@@ -325,7 +334,7 @@ def accept(results: Path, target: Path | None = None, *, benchmarks: Path | None
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise BaselineError(f"{results} is not a complete study ({len(missing)} runs missing: {shown}); "
                             "run the whole study, then accept it")
-    target = Path(target) if target else reference_dir(baseline.study.profile)
+    target = Path(target) if target else reference_dir(results_name(baseline.study))
     if target.resolve() == Path(results).resolve():
         raise BaselineError(f"{results} is already the baseline {target}")
     staging = target.with_name(target.name + ".new")
@@ -386,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"accepted {args.results} as the baseline in {target}; commit it to make it the reference")
             return 0
         now = Baseline.load(args.results, role="results")
-        baseline = Baseline.load(args.baseline or reference_dir(now.study.profile))
+        baseline = Baseline.load(args.baseline or reference_dir(results_name(now.study)))
         check_protocol(baseline, now.study)
     except (BaselineError, RecordError, OSError) as error:
         print(f"bnsuite.baseline: {error}", file=sys.stderr)

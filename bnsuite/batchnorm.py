@@ -141,6 +141,47 @@ class GhostBatchNorm1d(ScratchBatchNorm1d):
         return f"{self.num_features}, ghost_size={self.ghost_size}, eps={self.eps}, momentum={self.momentum}"
 
 
+class GhostBatchNorm2d(GhostBatchNorm1d):
+    """Ghost-batch BN for (N, C, H, W) inputs (the ConvNet's): each channel's statistics over the g images of a
+    ghost batch and every position of their feature maps, as `torch.nn.BatchNorm2d` takes them over the whole
+    batch; the running estimates follow the first ghost batch, with the unbiased variance over its g*H*W values.
+    With g at least the batch size it is BatchNorm2d."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[1] != self.num_features:
+            raise ValueError(f"expected input of shape (N, {self.num_features}, H, W), got {tuple(x.shape)}")
+        if not self.training:
+            x_hat = (x - _per_channel(self.running_mean)) / torch.sqrt(_per_channel(self.running_var) + self.eps)
+            return _per_channel(self.weight) * x_hat + _per_channel(self.bias)
+        output, first_mean, first_var, first_count = self._normalize(x)
+        with torch.no_grad():
+            self.running_mean.lerp_(first_mean, self.momentum)
+            self.running_var.lerp_(first_var * (first_count / (first_count - 1)), self.momentum)
+            self.num_batches_tracked += 1
+        return output
+
+    def _normalize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """The normalized batch and the first ghost batch's per-channel mean, biased variance and value count."""
+        if x.shape[0] < 2:
+            raise ValueError("batch normalization needs more than 1 value per feature in training")
+        channels, positions = self.num_features, x.shape[2] * x.shape[3]
+        outputs, firsts = [], None
+        for start, size, groups in ghost_parts(x.shape[0], self.ghost_size):
+            part = x[start:start + size].reshape(groups, size // groups, channels, positions)
+            mean = part.mean(dim=(1, 3), keepdim=True)
+            var = (part - mean).pow(2).mean(dim=(1, 3), keepdim=True)
+            outputs.append(((part - mean) / torch.sqrt(var + self.eps)).reshape(size, *x.shape[1:]))
+            if firsts is None:
+                firsts = (mean[0, 0, :, 0], var[0, 0, :, 0], size // groups * positions)
+        x_hat = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+        return (_per_channel(self.weight) * x_hat + _per_channel(self.bias), *firsts)
+
+
+def _per_channel(values: torch.Tensor) -> torch.Tensor:
+    """A (C,) tensor shaped (1, C, 1, 1), to scale or shift (N, C, H, W) feature maps channel by channel."""
+    return values.view(1, -1, 1, 1)
+
+
 # Batch Renormalization's clips and their warm-up (Ioffe 2017, section 4: r_max 1 -> 3 and d_max 0 -> 5, after a
 # stretch of plain BN while the running estimates settle). Ioffe's schedule is for 160k-step ImageNet runs; the study's
 # runs take 64 (smoke) to 18,750 (full, batch 32) steps, and running estimates with momentum 0.1 follow the batch
@@ -216,9 +257,10 @@ class NoisyBatchNorm1d(nn.BatchNorm1d):
 
 
 class ScratchGroupNorm(nn.Module):
-    """`torch.nn.GroupNorm(num_groups, num_channels)` for (N, C) inputs; one group is `torch.nn.LayerNorm(C)`.
+    """`torch.nn.GroupNorm(num_groups, num_channels)` for (N, C) and (N, C, H, W) inputs; one group is
+    `torch.nn.LayerNorm(C)` for (N, C) (LayerNorm over channels and positions for feature maps).
 
-    For each image i and group G of C / num_groups consecutive features:
+    For each image i and group G of C / num_groups consecutive features (channels, with all their positions):
 
         mean_iG = mean of x_ij over j in G,  var_iG = biased variance over j in G
         y_ij    = gamma_j * (x_ij - mean_iG) / sqrt(var_iG + eps) + beta_j
@@ -235,12 +277,15 @@ class ScratchGroupNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(num_channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 2 or x.shape[1] != self.num_channels:
-            raise ValueError(f"expected input of shape (N, {self.num_channels}), got {tuple(x.shape)}")
-        groups = x.view(x.shape[0], self.num_groups, -1)
+        if x.dim() not in (2, 4) or x.shape[1] != self.num_channels:
+            raise ValueError(f"expected input of shape (N, {self.num_channels}) or (N, {self.num_channels}, H, W), "
+                             f"got {tuple(x.shape)}")
+        groups = x.reshape(x.shape[0], self.num_groups, -1)
         mean = groups.mean(dim=2, keepdim=True)
         var = (groups - mean).pow(2).mean(dim=2, keepdim=True)
-        x_hat = ((groups - mean) / torch.sqrt(var + self.eps)).view_as(x)
+        x_hat = ((groups - mean) / torch.sqrt(var + self.eps)).reshape(x.shape)
+        if x.dim() == 4:
+            return _per_channel(self.weight) * x_hat + _per_channel(self.bias)
         return self.weight * x_hat + self.bias
 
     def extra_repr(self) -> str:

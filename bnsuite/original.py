@@ -18,9 +18,16 @@ from torchvision import datasets, transforms
 
 from bnsuite.data import Splits, dataset_info, default_data_dir, split_indices
 from bnsuite.models import make_optimizer
-from bnsuite.spec import TRAINING_IMAGES, RunSpec
+from bnsuite.spec import RunSpec
 
 STUDY_TRANSFORM = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5,), (0.5,))])
+
+
+def study_transform(dataset: str) -> transforms.Compose:
+    """ToTensor + Normalize with the dataset's constants (bnsuite.datasets): the study's for MNIST."""
+    mean, std = dataset_info(dataset).normalization
+    return STUDY_TRANSFORM if mean == (0.5,) and std == (0.5,) else transforms.Compose(
+        [transforms.ToTensor(), transforms.Normalize(mean, std)])
 
 
 def original_loader(spec: RunSpec, generator: torch.Generator, *, data_dir: Path | str | None = None) -> DataLoader:
@@ -29,10 +36,11 @@ def original_loader(spec: RunSpec, generator: torch.Generator, *, data_dir: Path
     Expects the raw files in place (bnsuite.data.load_splits puts them there).
     """
     root = Path(data_dir) if data_dir else default_data_dir()
-    dataset_class = getattr(datasets, dataset_info(spec.dataset).torchvision_class)
-    full = dataset_class(str(root), train=True, download=False, transform=STUDY_TRANSFORM)
-    kept, _ = split_indices(TRAINING_IMAGES, spec.validation_size, split_seed=0)
-    dataset = full if spec.train_size == TRAINING_IMAGES else Subset(full, kept[: spec.train_size].tolist())
+    info = dataset_info(spec.dataset)
+    dataset_class = getattr(datasets, info.torchvision_class)
+    full = dataset_class(str(root), train=True, download=False, transform=study_transform(spec.dataset))
+    kept, _ = split_indices(info.train_images, spec.validation_size, split_seed=0)
+    dataset = full if spec.train_size == info.train_images else Subset(full, kept[: spec.train_size].tolist())
     return DataLoader(dataset, batch_size=spec.batch_size, shuffle=True, generator=generator)
 
 

@@ -30,6 +30,7 @@ from bnsuite.baseline import (
     check_protocol,
     compare,
     configuration,
+    results_name,
     unmatched,
 )
 from bnsuite.claims import holm, study_claims
@@ -38,13 +39,17 @@ from bnsuite.executor import EXECUTORS, ExecutorError, ProcessExecutor, RayExecu
 from bnsuite.idx import IdxFormatError
 from bnsuite.records import save_record
 from bnsuite.registry import PluginError, load_plugins, plugin_option
-from bnsuite.spec import DEFAULT_LR, TRAINING_IMAGES, SpecError, StudySpec
+from bnsuite.spec import DEFAULT_LR, SpecError, StudySpec
 from bnsuite.study import PROFILE_SETTINGS, StudySession, default_seeds, study_from_options
 
 
 def _seeds(profile: str) -> str:
     seeds = default_seeds(profile)
     return f"0 to {seeds[-1]}" if seeds == tuple(range(len(seeds))) and len(seeds) > 3 else ",".join(map(str, seeds))
+
+
+def _taking(network: str) -> str:
+    return ", ".join(definition.name for definition in registry.studies() if network in definition.networks)
 
 
 def _reached_by(option: str) -> str:
@@ -67,6 +72,9 @@ OPTIONS = {
     "lr": "SGD learning rate of every study but the lr study's grid (default: 0.01, the study's)",
     "device": "auto, cpu or cuda (default: auto)",
     "target-loss": "training loss for the epochs-to-target claims (default: the profile's)",
+    "network": "comma-separated networks: mlp (the study's MLP, default), cnn (a small ConvNet with BatchNorm2d), "
+               f"or mlp,cnn; reaches the studies that take the ConvNet ({_taking('cnn')}) and leaves out those that "
+               "take none of them",
 }
 # Modules of benchmarks/ in the order they run: the matrix first, so the claims reuse its runs; speed last.
 MODULE_ORDER = {"test_study.py": 0, "test_claims.py": 1, "test_speed.py": 2}
@@ -82,10 +90,12 @@ def pytest_addoption(parser):
                          "(bnsuite.register_variant, bnsuite.register_study); the bnsuite.plugins entry points of "
                          "installed packages are imported anyway")
     group.addoption("--bn-results-dir", default=None,
-                    help="where run records are saved (default: $BNSUITE_RESULTS_DIR, else results/PROFILE/)")
+                    help="where run records are saved (default: $BNSUITE_RESULTS_DIR, else results/PROFILE/; "
+                         "results/PROFILE-cnn/ for the ConvNet alone)")
     group.addoption("--bn-baseline", default=None,
                     help=f"gate every case's numbers against this results directory's records of the same runs; "
-                         f"'reference' is the committed {REFERENCE_DIR}/PROFILE (default: no baseline)")
+                         f"'reference' is the committed {REFERENCE_DIR}/PROFILE (PROFILE-cnn for the ConvNet alone; "
+                         "default: no baseline)")
     group.addoption("--bn-data-dir", default=None,
                     help="data directory (default: $BNSUITE_DATA_DIR, else ~/.cache/bnsuite)")
     group.addoption("--bn-executor", default="local", choices=EXECUTORS,
@@ -116,11 +126,11 @@ class StudyPlugin:
         results_dir = config.getoption("--bn-results-dir") or os.environ.get("BNSUITE_RESULTS_DIR")
         # A user's runs go to results/PROFILE; the committed reference, in results/reference/PROFILE, is
         # changed only by accepting new numbers (python -m bnsuite.baseline accept).
-        profile = self.study_spec.profile
-        self.results_dir = Path(results_dir) if results_dir else Path(config.rootpath) / "results" / profile
+        name = results_name(self.study_spec)  # the profile; `full-cnn` for the ConvNet's runs alone
+        self.results_dir = Path(results_dir) if results_dir else Path(config.rootpath) / "results" / name
         baseline = config.getoption("--bn-baseline")
         self.baseline_dir = None if baseline is None else (
-            Path(config.rootpath) / REFERENCE_DIR / profile if baseline == "reference" else Path(baseline))
+            Path(config.rootpath) / REFERENCE_DIR / name if baseline == "reference" else Path(baseline))
         self.baseline: Baseline | None = None
         self.comparisons: list[Comparison] = []
         self.data_dir = config.getoption("--bn-data-dir")
@@ -167,7 +177,7 @@ class StudyPlugin:
 
     def describe(self) -> list[str]:
         spec = self.study_spec
-        protocol = f"seed protocol (all {TRAINING_IMAGES:,} train)" if spec.held_out == "test" else (
+        protocol = f"seed protocol (all {spec.train_size:,} train)" if spec.held_out == "test" else (
             f"{spec.train_size} training images, {spec.validation_size} held out for validation")
         lines = [f"bnsuite study: profile {spec.profile}, {spec.dataset}, {protocol}, seeds "
                  f"{','.join(map(str, spec.seeds))}; {len(spec.run_specs())} runs in {len(spec.groups())} cases "
@@ -184,7 +194,11 @@ class StudyPlugin:
                 axes.append(f"learning rates {','.join(f'{lr:g}' for lr in study.lrs)}")
             if len(study.init_scales) > 1:
                 axes.append(f"init scales {','.join(f'{k:g}' for k in study.init_scales)}")
-            lines.append(f"  {study.name} study: {' x '.join(axes)}, {study.epochs} epochs")
+            epochs = ", ".join(f"{study.epochs_on(network)} epochs" + (f" on the {network}" if len(study.networks) > 1
+                                                                         else "") for network in study.networks)
+            if study.networks != ("mlp",):
+                axes.insert(0, f"networks {','.join(study.networks)}")
+            lines.append(f"  {study.name} study: {' x '.join(axes)}, {epochs}")
         if self.baseline is not None:
             only_now, only_baseline = unmatched(spec.run_specs(), self.baseline)
             lines.append(f"  against the baseline {self.baseline.directory}: "

@@ -11,7 +11,7 @@ either no file or a complete one. Every field is validated when a record is
 read (type, range, and the fields that must agree with each other); a bad
 record is one `RecordError` naming the file and the field, and no field is
 ever filled with a default, except by the documented migrations of records
-of schemas 1 to 6 (`migrate_schema_1` to `migrate_schema_6`).
+of schemas 1 to 7 (`migrate_schema_1` to `migrate_schema_7`).
 
 A record carries the description of its variant (bnsuite.spec.Variant), and
 its study those of all of its variants, so records are data: they load and
@@ -37,7 +37,7 @@ from pydantic import Field, TypeAdapter, ValidationError, with_config
 from bnsuite.files import write_atomically
 from bnsuite.spec import CONTRADICTED, NOT_SHOWN, STRICT, RunSpec, SpecError, StudySpec, Variant
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 RUNS_SUBDIR = "runs"
 
 Percent = Annotated[float, Field(ge=0, le=100)]
@@ -228,7 +228,7 @@ class RunRecord:
         if self.study is not None:
             _check(self.spec in self.study.run_specs(), "study",
                    f"does not include this run ({self.spec.case_id}, {self.spec.epochs} epochs, lr {self.spec.lr})")
-            _check(self.study.variant(self.spec.variant) == self.variant, "variant",
+            _check(self.study.variant(self.spec.variant, self.spec.network) == self.variant, "variant",
                    f"differs from the study's description of {self.spec.variant}")
         _check(self.schema_version == SCHEMA_VERSION, "schema_version", f"must be {SCHEMA_VERSION}")
 
@@ -290,6 +290,8 @@ class RunRecord:
             raw = migrate_schema_5(raw)
         if raw.get("schema_version") == 6:
             raw = migrate_schema_6(raw)
+        if raw.get("schema_version") == 7:
+            raw = migrate_schema_7(raw)
         elif raw.get("schema_version") != SCHEMA_VERSION:
             raise RecordError(
                 f"{source}: schema version {version!r} is not supported (this bnsuite reads versions 1 to "
@@ -399,6 +401,26 @@ def _schema_4_variant(name: Any, source: str) -> dict:
         raise RecordError(f"{source}: schema-4 variant {name!r} is not one schema 4 had "
                           f"({', '.join(_SCHEMA_4_VARIANTS)}); re-run that case")
     return dataclasses.asdict(Variant(name=name, **_SCHEMA_4_VARIANTS[name]))
+
+
+def migrate_schema_7(raw: dict) -> dict:
+    """A schema-7 record as schema 8: every run, variant and study on the study's MLP (`network` "mlp", studies'
+    `networks` ["mlp"] with no `network_epochs`): schema 7 had no other network."""
+    raw = {**raw, "schema_version": 8}
+    for key in ("spec", "variant"):
+        if isinstance(raw.get(key), dict):
+            raw[key] = {**raw[key], "network": "mlp"}
+    study = raw.get("study")
+    if isinstance(study, dict):
+        study = dict(study)
+        if isinstance(study.get("studies"), list):
+            study["studies"] = [{**entry, "networks": ["mlp"], "network_epochs": []} if isinstance(entry, dict)
+                                else entry for entry in study["studies"]]
+        if isinstance(study.get("variants"), list):
+            study["variants"] = [{**entry, "network": "mlp"} if isinstance(entry, dict) else entry
+                                 for entry in study["variants"]]
+        raw["study"] = study
+    return raw
 
 
 def migrate_schema_6(raw: dict) -> dict:

@@ -32,15 +32,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bnsuite.spec import NAME_PATTERN, KnownException, RunSpec, SpecError, Study, StudySpec, Variant
+from bnsuite.spec import (
+    DEFAULT_NETWORK,
+    NAME_PATTERN,
+    NETWORKS,
+    KnownException,
+    RunSpec,
+    SpecError,
+    Study,
+    StudySpec,
+    Variant,
+    network_prefix,
+    study_variants,
+)
 
 ENTRY_POINT_GROUP = "bnsuite.plugins"
 BUILTIN_SOURCE = "bnsuite"
 EVERY_PROFILE = "*"  # the key of a matrix that stands for every profile
 ALL_STUDIES = "all"  # --bn-studies all: every registered study, those that run by option included
 
-_VARIANTS: dict[str, Variant] = {}
-_BUILDERS: dict[str, Callable[[], Any]] = {}
+_VARIANTS: dict[tuple[str, str], Variant] = {}  # (network, name) -> description
+_BUILDERS: dict[tuple[str, str], Callable[..., Any]] = {}
 _STUDIES: dict[str, StudyDefinition] = {}
 _PLUGINS: dict[str, str] = {}  # plugin module -> its provenance, in the order loaded
 
@@ -54,55 +66,64 @@ class PluginError(RuntimeError):
 
 def register_variant(name: str, *, batch_statistics: bool, images_per_statistic: int | None = None,
                      derives_from: str | None = None, probe: str | None = None, order: int = 100,
-                     color: str = "tab:gray") -> Callable:
-    """Decorator: register the function it decorates as the builder of variant `name`.
+                     color: str = "tab:gray", network: str = DEFAULT_NETWORK) -> Callable:
+    """Decorator: register the function it decorates as the builder of variant `name` on `network`.
 
-    The function takes no argument and returns a freshly initialized `nn.Module` that maps a batch of the
-    study's images (N, 1, 28, 28) to 10 logits, drawing its initialization from torch's global generator (the
-    study seeds it). `batch_statistics`: whether it normalizes with its batch's statistics in training (then the
+    For the study's MLP (`network="mlp"`, the default) the function takes no argument and returns a freshly
+    initialized `nn.Module` that maps a batch of the study's images (N, 1, 28, 28) to 10 logits, drawing its
+    initialization from torch's global generator (the study seeds it). For the ConvNet (`network="cnn"`) it is
+    called with the dataset's image shape, `image_shape=(C, H, W)` ((1, 28, 28) for MNIST, (3, 32, 32) for
+    CIFAR-10). One name may be registered once per network (`bn` is the MLP's and the ConvNet's).
+    `batch_statistics`: whether it normalizes with its batch's statistics in training (then the
     study keeps every batch at 2 images or more and measures its accuracy with batch statistics);
     `images_per_statistic`: the images a statistic sees when fewer than the batch (a ghost batch);
     `derives_from`: the variant it changes one thing of; `probe`: the submodule whose output is the input to
     the last hidden nonlinearity (activation probes; None: not probed, and the record says so); `order` and
     `color`: its place and colour in tables and figures.
     """
-    def decorator(builder: Callable[[], Any]) -> Callable[[], Any]:
-        if name in _VARIANTS:
-            raise PluginError(f"variant {name!r} is registered twice ({_VARIANTS[name].builder} and "
-                              f"{_qualified(builder)}); give the new one another name")
+    def decorator(builder: Callable[..., Any]) -> Callable[..., Any]:
+        if network not in NETWORKS:
+            raise PluginError(f"variant {name!r}: unknown network {network!r}; choose one of: {', '.join(NETWORKS)}")
+        key = (network, name)
+        if key in _VARIANTS:
+            raise PluginError(f"variant {name!r} of the {network} network is registered twice "
+                              f"({_VARIANTS[key].builder} and {_qualified(builder)}); give the new one another name")
         description = Variant(name=name, batch_statistics=batch_statistics,
                               images_per_statistic=images_per_statistic, derives_from=derives_from, probe=probe,
                               order=order, color=color, builder=_qualified(builder),
-                              source=_source(builder.__module__))
-        _VARIANTS[name] = description
-        _BUILDERS[name] = builder
+                              source=_source(builder.__module__), network=network)
+        _VARIANTS[key] = description
+        _BUILDERS[key] = builder
         return builder
 
     return decorator
 
 
-def variant(name: str) -> Variant:
-    """The description of variant `name`; SpecError with the choices if none is registered."""
-    if name not in _VARIANTS:
-        raise SpecError(f"unknown variant {name!r}; choose one of: {', '.join(_VARIANTS)} (a variant of your own "
-                        "is registered by a plugin: --bn-plugin MODULE)")
-    return _VARIANTS[name]
+def variant(name: str, network: str = DEFAULT_NETWORK) -> Variant:
+    """The description of variant `name` on `network`; SpecError with the choices if none is registered."""
+    if (network, name) not in _VARIANTS:
+        of = "" if network == DEFAULT_NETWORK else f" of the {network} network"
+        raise SpecError(f"unknown variant {name!r}{of}; choose one of: "
+                        f"{', '.join(variant_names(network))} (a variant of your own is registered by a plugin: "
+                        "--bn-plugin MODULE)")
+    return _VARIANTS[(network, name)]
 
 
-def variant_names() -> tuple[str, ...]:
-    return tuple(_VARIANTS)
+def variant_names(network: str | None = None) -> tuple[str, ...]:
+    """The registered variants of `network` (None: of any network), each name once, in registration order."""
+    return tuple(dict.fromkeys(name for (net, name) in _VARIANTS if network is None or net == network))
 
 
-def builder(name: str) -> Callable[[], Any]:
-    """The function that builds variant `name`'s network."""
-    variant(name)
-    return _BUILDERS[name]
+def builder(name: str, network: str = DEFAULT_NETWORK) -> Callable[..., Any]:
+    """The function that builds variant `name` of `network`."""
+    variant(name, network)
+    return _BUILDERS[(network, name)]
 
 
 def checked(spec: RunSpec) -> Variant:
     """The description of `spec`'s variant, once it is known that the variant can train `spec` (SpecError if
     not, saying what to change)."""
-    description = variant(spec.variant)
+    description = variant(spec.variant, spec.network)
     description.check(spec)
     return description
 
@@ -133,9 +154,11 @@ class StudyDefinition:
     """Everything that is one study's: its matrix per profile, its known exceptions, its claims, its report
     section, its title, and which `--bn-*` options reach it.
 
-    `claims(spec, study)` returns the study's `bnsuite.claims.Claim`s for a StudySpec; `section(context)` the
-    markdown lines of its report section (None: the report shows its claims only). `options` names the matrix
-    options that change it: `variants`, `batch-sizes`, `lr` (its single learning rate) and `epochs`.
+    `claims(spec, study)` returns the study's `bnsuite.claims.Claim`s for a StudySpec and a study on one network
+    (bnsuite.claims.study_claims calls it network by network); `section(context)` the markdown lines of its report
+    section on one network (None: the report shows its claims only). `options` names the matrix
+    options that change it: `variants`, `batch-sizes`, `lr` (its single learning rate) and `epochs`. `networks`:
+    the networks it can train on (`--bn-network` reaches it where it names one of them).
     `discusses`: its section carries the discussion of every claim of the study run (the batch-size study's
     does); with no such study, the report gives the discussion a section of its own.
     """
@@ -151,6 +174,7 @@ class StudyDefinition:
     default: bool = True  # runs when --bn-studies does not name the studies
     discusses: bool = False
     source: str = BUILTIN_SOURCE
+    networks: tuple[str, ...] = (DEFAULT_NETWORK,)
 
     def matrix(self, profile: str) -> Study | None:
         return self.matrices.get(profile, self.matrices.get(EVERY_PROFILE))
@@ -163,12 +187,13 @@ def register_study(name: str, *, title: str, matrices: Study | Mapping[str, Stud
                    section: Callable[[SectionContext], list[str]] | None = None,
                    known_exceptions: Mapping[str, tuple[KnownException, ...]] | None = None,
                    options: set[str] | frozenset[str] = frozenset({"epochs", "lr"}), default: bool = True,
-                   discusses: bool = False) -> Callable:
+                   discusses: bool = False, networks: tuple[str, ...] = (DEFAULT_NETWORK,)) -> Callable:
     """Decorator: register the function it decorates as study `name`'s claims builder, `claims(spec, study)`.
 
     `matrices`: the study's matrix (a bnsuite.spec.Study named `name`) for every profile, or one per profile
     name (a profile without one leaves the study out); `known_exceptions`: per profile, the claims the
-    measurements do not support and the verdict they give (bnsuite.spec.KnownException). Studies run and are
+    measurements do not support and the verdict they give (bnsuite.spec.KnownException); `networks`: the
+    networks it can train on, the first its default (a ConvNet claim's name starts with `cnn-`). Studies run and are
     reported in the order they are registered: the built-ins first (bnsuite.studies), then plugins'.
     """
     def decorator(claims: Callable[[StudySpec, Study], list]) -> Callable:
@@ -183,6 +208,8 @@ def register_study(name: str, *, title: str, matrices: Study | Mapping[str, Stud
         if wrong:
             raise PluginError(f"study {name!r}: its matrix for {', '.join(wrong)} is named otherwise; name each "
                               f"Study {name!r}")
+        if not networks or any(network not in NETWORKS for network in networks):
+            raise PluginError(f"study {name!r}: networks {networks!r} must name some of {', '.join(NETWORKS)}")
         unknown = set(options) - STUDY_OPTIONS
         if unknown:
             raise PluginError(f"study {name!r}: unknown options {sorted(unknown)}; choose from "
@@ -190,7 +217,7 @@ def register_study(name: str, *, title: str, matrices: Study | Mapping[str, Stud
         _STUDIES[name] = StudyDefinition(
             name=name, title=title, matrices=by_profile, claims=claims, section=section,
             known_exceptions=dict(known_exceptions or {}), options=frozenset(options), default=default,
-            discusses=discusses, source=_source(claims.__module__))
+            discusses=discusses, source=_source(claims.__module__), networks=tuple(networks))
         return claims
 
     return decorator
@@ -207,9 +234,15 @@ def studies() -> tuple[StudyDefinition, ...]:
 
 
 def study_spec(**fields) -> StudySpec:
-    """A StudySpec whose variant descriptions come from the registry: one for every variant its studies train."""
-    names = dict.fromkeys(name for study in fields["studies"] for name in study.variants)
-    return StudySpec(**fields, variants=tuple(variant(name) for name in names))
+    """A StudySpec whose variant descriptions come from the registry: one for every variant its studies train,
+    on each network they train it on."""
+    pairs = dict.fromkeys(pair for study in fields["studies"] for pair in study_variants(study))
+    return StudySpec(**fields, variants=tuple(variant(name, network) for network, name in pairs))
+
+
+def variant_label(name: str, network: str = DEFAULT_NETWORK) -> str:
+    """A variant as case ids name it: `bn`, `cnn-bn`."""
+    return network_prefix(network) + name
 
 
 # --- plugins ---

@@ -14,6 +14,7 @@ is reported as incomplete, with what is missing.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -29,7 +30,7 @@ from bnsuite.files import write_atomically
 from bnsuite.records import RecordError, RunRecord, epochs_frame, load_records
 from bnsuite.registry import PluginError, SectionContext, load_plugins, plugin_option, study_definition
 from bnsuite.report_parts import claims_table, colors, discussion, family_statement
-from bnsuite.spec import TRAINING_IMAGES, ClaimSettings, Study, StudySpec
+from bnsuite.spec import DEFAULT_NETWORK, NETWORK_TITLES, ClaimSettings, Study, StudySpec, network_prefix
 from bnsuite.studies.batch import records_section
 
 DEFAULT_RESULTS = Path("results") / "full"  # where `pytest benchmarks/` saves the full profile's records
@@ -116,8 +117,8 @@ def _baseline_dir(baseline: Path | str | None, results: Path, records: list[RunR
         return None
     if str(baseline) != "auto":
         return Path(baseline)
-    profiles = {record.profile for record in records} - {None}
-    candidate = gate.reference_dir(profiles.pop()) if len(profiles) == 1 else None
+    names = {gate.results_name(record.study) for record in records if record.study is not None}
+    candidate = gate.reference_dir(names.pop()) if len(names) == 1 else None
     if candidate is None or not candidate.is_dir() or candidate.resolve() == Path(results).resolve():
         return None
     return candidate
@@ -178,7 +179,7 @@ def _one_study(records: list[RunRecord]) -> StudySpec:
 def protocol_key(record: RunRecord) -> str:
     """The protocol a record was made under, as one line; records with different lines are never pooled."""
     protocol = record.spec.protocol()
-    train = protocol["train_subset"] or TRAINING_IMAGES - protocol["validation_size"]
+    train = record.spec.train_size
     held_out = "seed protocol, no validation split" if protocol["validation_size"] == 0 else (
         f"{protocol['validation_size']} validation images")
     first = record.study.studies[0] if record.study else None  # the study the protocol line speaks for
@@ -236,14 +237,31 @@ def plan_section(title: str, spec: StudySpec | None, records: list[RunRecord], *
                       f"_The study {study.name!r} is not registered here, so its claims and section are not shown "
                       "(its records are counted above): load the plugin that defines it with "
                       "`python -m bnsuite.report --plugin MODULE`._", ""]
-        elif definition.section is not None:
-            lines += definition.section(SectionContext(spec, study, _records_of(spec, study, records), claims, out,
-                                                       prefix, with_plots, h))
         else:
-            lines += [f"{h} Claims: {definition.title}", "",
-                      claims_table([c for c in claims if c.study == study.name], spec.claims), ""]
+            for network in study.networks:  # one section per network, each with its own runs and claims
+                lines += _network_section(definition, spec, dataclasses.replace(study, networks=(network,)),
+                                          records, claims, out, prefix, with_plots, h)
     family = family_statement(claims)
     return lines + ([f"{h} The claims as a family", ""] + family if family else [])
+
+
+def _network_section(definition, spec: StudySpec, study: Study, records: list[RunRecord], claims: list,
+                     out: Path, prefix: str, with_plots: bool, h: str) -> list[str]:
+    """A study's section on the one network of `study`: its runs, its claims, figures named apart by network;
+    the ConvNet's heading says so."""
+    network = study.networks[0]
+    claims = [claim for claim in claims if claim.network == network]
+    if definition.section is not None:
+        lines = definition.section(SectionContext(spec, study, _records_of(spec, study, records), claims, out,
+                                                  prefix + network_prefix(network), with_plots, h))
+    else:
+        lines = [f"{h} Claims: {definition.title}", "",
+                 claims_table([c for c in claims if c.study == study.name], spec.claims), ""]
+    if network != DEFAULT_NETWORK:
+        first = next((index for index, line in enumerate(lines) if line.startswith("#")), None)
+        if first is not None:
+            lines = [*lines[:first], f"{lines[first]}, on the {NETWORK_TITLES[network]}", *lines[first + 1:]]
+    return lines
 
 
 def _records_of(spec: StudySpec, study: Study | None, records: list[RunRecord]) -> list[RunRecord]:

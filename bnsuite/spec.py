@@ -20,9 +20,14 @@ from dataclasses import dataclass
 
 from pydantic import ConfigDict, with_config
 
-from bnsuite.datasets import DATASETS
+from bnsuite.datasets import DATASETS, training_images
 
-TRAINING_IMAGES = 60_000  # both MNIST and Fashion-MNIST
+TRAINING_IMAGES = 60_000  # both MNIST and Fashion-MNIST (CIFAR-10 has 50,000: bnsuite.datasets.training_images)
+# The networks a variant can be built for: the study's MLP (784-256-128-10, bnsuite.models) and a small ConvNet
+# with BatchNorm2d (bnsuite.models.SmallCNN). A variant is registered for one network; a run names both.
+NETWORKS = ("mlp", "cnn")
+DEFAULT_NETWORK = "mlp"
+NETWORK_TITLES = {"mlp": "study's MLP", "cnn": "ConvNet"}  # as prose names them: "on the ConvNet"
 DEFAULT_LR = 0.01  # the study's SGD learning rate
 PIPELINES = ("fast", "eager", "original")
 # What a study can ask its runs to measure beyond what every run records: costly, so measured only where asked.
@@ -66,17 +71,21 @@ class Variant:
     color: str = "tab:gray"  # in figures (a matplotlib colour)
     builder: str = ""  # the function that builds the network, as module:name
     source: str = "bnsuite"  # bnsuite, or the plugin module that registered it with its version or file hash
+    network: str = DEFAULT_NETWORK  # of NETWORKS: the network this description builds
 
     def __post_init__(self) -> None:
         _require(isinstance(self.name, str) and NAME_PATTERN.fullmatch(self.name) is not None,
                  f"variant name {self.name!r} must be letters, digits, '.', '_' or '-' (it names record files)")
+        _require(self.network in NETWORKS, f"variant {self.name}: unknown network {self.network!r}; choose one of: "
+                 f"{', '.join(NETWORKS)}")
         if self.images_per_statistic is not None:
             _require_int(self.images_per_statistic, f"images per statistic of {self.name}", minimum=2)
             _require(self.batch_statistics, f"variant {self.name} has images per statistic but no batch statistics")
 
     def check(self, spec: RunSpec) -> None:
         """Refuse a run this variant cannot train, with what to change."""
-        _require(spec.variant == self.name, f"run {spec.case_id} is not of variant {self.name}")
+        _require(spec.variant == self.name and spec.network == self.network,
+                 f"run {spec.case_id} is not of variant {self.name} on the {self.network} network")
         if self.batch_statistics:
             _require(
                 spec.batch_size > 1 and spec.train_size % spec.batch_size != 1,
@@ -110,9 +119,15 @@ class RunSpec:
     # fast: tensor batches, hand-written backward (bnsuite.fastpath) where the variant has one;
     # eager: tensor batches, autograd + torch.optim; original: torchvision Dataset + DataLoader.
     pipeline: str = "fast"
+    network: str = DEFAULT_NETWORK  # of NETWORKS; the variant is built for this network
 
     def __post_init__(self) -> None:
         _require(self.dataset in DATASETS, f"unknown dataset {self.dataset!r}; choose one of: {', '.join(DATASETS)}")
+        _require(self.network in NETWORKS, f"unknown network {self.network!r}; choose one of: {', '.join(NETWORKS)}")
+        _require(self.network in DATASETS[self.dataset].networks,
+                 f"the {self.network} network cannot train on {self.dataset} (its images are "
+                 f"{'x'.join(map(str, DATASETS[self.dataset].image_shape))}); train it with --bn-network "
+                 f"{', '.join(DATASETS[self.dataset].networks)}")
         _require(isinstance(self.variant, str) and NAME_PATTERN.fullmatch(self.variant) is not None,
                  f"variant name {self.variant!r} must be letters, digits, '.', '_' or '-'")
         _require(self.pipeline in PIPELINES,
@@ -122,10 +137,9 @@ class RunSpec:
         _require_int(self.epochs, "epochs", minimum=1)
         _require_int(self.seed, "seed", minimum=0)
         _require_int(self.validation_size, "validation size", minimum=0)
-        _require(
-            self.validation_size < TRAINING_IMAGES,
-            f"validation size {self.validation_size} leaves no training images; use less than {TRAINING_IMAGES}",
-        )
+        images = training_images(self.dataset)
+        _require(self.validation_size < images,
+                 f"validation size {self.validation_size} leaves no training images; use less than {images}")
         _require(
             isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0,
             f"learning rate must be a finite number > 0, got {self.lr!r}",
@@ -139,8 +153,9 @@ class RunSpec:
         if self.train_subset is not None:
             _require_int(self.train_subset, "train subset", minimum=1)
             _require(
-                self.train_subset <= TRAINING_IMAGES - self.validation_size,
-                f"train subset {self.train_subset} is larger than the {TRAINING_IMAGES - self.validation_size} "
+                self.train_subset <= training_images(self.dataset) - self.validation_size,
+                f"train subset {self.train_subset} is larger than the "
+                f"{training_images(self.dataset) - self.validation_size} "
                 "training images left after the validation split",
             )
         _require(
@@ -151,7 +166,7 @@ class RunSpec:
 
     @property
     def train_size(self) -> int:
-        return self.train_subset or TRAINING_IMAGES - self.validation_size
+        return self.train_subset or training_images(self.dataset) - self.validation_size
 
     @property
     def held_out(self) -> str:
@@ -164,11 +179,14 @@ class RunSpec:
 
     @property
     def case_id(self) -> str:
-        """Readable name of the run: `bn-bs64-seed0`, `bn-bs64-lr0.3-seed0`, `plain-bs64-init10-seed2`.
+        """Readable name of the run: `bn-bs64-seed0`, `bn-bs64-lr0.3-seed0`, `plain-bs64-init10-seed2`,
+        `cnn-bn-bs64-seed0`.
 
-        The learning rate and init scale appear only where they differ from the study's defaults.
+        The learning rate and init scale appear only where they differ from the study's defaults, the network
+        only where it is not the study's MLP.
         """
-        return (f"{self.variant}-bs{self.batch_size}" + (f"-lr{self.lr:g}" if self.lr != DEFAULT_LR else "")
+        return (network_prefix(self.network) + f"{self.variant}-bs{self.batch_size}"
+                + (f"-lr{self.lr:g}" if self.lr != DEFAULT_LR else "")
                 + (f"-init{self.init_scale:g}" if self.init_scale != 1.0 else "") + f"-seed{self.seed}")
 
     @property
@@ -176,18 +194,20 @@ class RunSpec:
         """A short hash of every field: runs with equal fingerprints are the same experiment.
 
         A field added after schema 1 enters the hash only where it differs from the value every earlier
-        run had (init_scale 1), so a run's fingerprint, hence its file name, never changes.
+        run had (init_scale 1, network mlp), so a run's fingerprint, hence its file name, never changes.
         """
         fields = dataclasses.asdict(self)
         if fields["init_scale"] == 1.0:
             del fields["init_scale"]
+        if fields["network"] == DEFAULT_NETWORK:
+            del fields["network"]
         text = json.dumps(fields, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:10]
 
     def protocol(self) -> dict:
         """The fields that must agree for runs to be compared in one table (all but what a study varies)."""
         fields = dataclasses.asdict(self)
-        for varying in ("variant", "batch_size", "seed", "device", "pipeline", "lr", "init_scale"):
+        for varying in ("variant", "batch_size", "seed", "device", "pipeline", "lr", "init_scale", "network"):
             fields.pop(varying)
         return fields
 
@@ -244,7 +264,7 @@ class ClaimSettings:
 @with_config(STRICT)
 @dataclass(frozen=True)
 class Study:
-    """One study's matrix of runs: every variant x batch size x learning rate x init scale x seed.
+    """One study's matrix of runs: every network x variant x batch size x learning rate x init scale x seed.
 
     What the study claims and how it is reported is its definition's, in the
     study registry (bnsuite.registry, bnsuite.studies), found by `name`.
@@ -257,6 +277,14 @@ class Study:
     lrs: tuple[float, ...] = (DEFAULT_LR,)
     init_scales: tuple[float, ...] = (1.0,)
     measures: tuple[str, ...] = ()  # of MEASUREMENTS: what its runs measure besides what every run records
+    networks: tuple[str, ...] = (DEFAULT_NETWORK,)  # of NETWORKS; its claims are judged network by network
+    # (network, epochs) where a network trains other epochs than `epochs`: a ConvNet epoch costs about 20 MLP
+    # epochs on a CPU, so its studies run fewer (bnsuite.studies); --bn-epochs sets every network's.
+    network_epochs: tuple[tuple[str, int], ...] = ()
+
+    def epochs_on(self, network: str) -> int:
+        """The epochs each run of the study trains on `network`."""
+        return dict(self.network_epochs).get(network, self.epochs)
 
     def __post_init__(self) -> None:
         _require(isinstance(self.name, str) and NAME_PATTERN.fullmatch(self.name) is not None,
@@ -264,8 +292,15 @@ class Study:
         unknown = [name for name in self.measures if name not in MEASUREMENTS]
         _require(not unknown, f"the {self.name} study asks to measure {', '.join(map(repr, unknown))}; what a study "
                  f"can measure: {', '.join(MEASUREMENTS)}")
+        for network, epochs in self.network_epochs:
+            _require(network in NETWORKS, f"the {self.name} study gives epochs for an unknown network {network!r}")
+            _require_int(epochs, f"epochs of the {self.name} study on the {network} network", minimum=1)
+        unknown = [name for name in self.networks if name not in NETWORKS]
+        _require(not unknown, f"the {self.name} study names unknown networks {', '.join(map(repr, unknown))}; "
+                 f"choose from: {', '.join(NETWORKS)}")
         for what, values in (("variants", self.variants), ("batch sizes", self.batch_sizes),
-                             ("learning rates", self.lrs), ("init scales", self.init_scales)):
+                             ("learning rates", self.lrs), ("init scales", self.init_scales),
+                             ("networks", self.networks)):
             _require(len(values) > 0, f"the {self.name} study needs at least one of its {what}")
             _require(len(set(values)) == len(values), f"{what} {values} repeat a value; give each once")
 
@@ -297,14 +332,14 @@ class StudySpec:
         _require(len(set(names)) == len(names), f"studies {names} repeat a study; give each once")
         _require(len(self.seeds) > 0, "a study needs at least one seed")
         _require(len(set(self.seeds)) == len(self.seeds), f"seeds {self.seeds} repeat a value; give each once")
-        described = [variant.name for variant in self.variants]
+        described = [(variant.network, variant.name) for variant in self.variants]
         _require(len(set(described)) == len(described), f"variant descriptions {described} repeat a variant")
-        used = list(dict.fromkeys(name for study in self.studies for name in study.variants))
-        undescribed = [name for name in used if name not in described]
+        used = list(dict.fromkeys(pair for study in self.studies for pair in study_variants(study)))
+        undescribed = [network_prefix(network) + name for network, name in used if (network, name) not in described]
         _require(not undescribed, f"no description of variant(s) {', '.join(undescribed)}: build the study spec "
                  "with bnsuite.registry.study_spec, which takes them from the variant registry")
         for spec in self.run_specs():  # every combination must make a valid RunSpec its variant can train
-            self.variant(spec.variant).check(spec)
+            self.variant(spec.variant, spec.network).check(spec)
 
     @property
     def held_out(self) -> str:
@@ -313,30 +348,35 @@ class StudySpec:
 
     @property
     def train_size(self) -> int:
-        return self.train_subset or TRAINING_IMAGES - self.validation_size
+        return self.train_subset or training_images(self.dataset) - self.validation_size
 
-    def variant(self, name: str) -> Variant:
-        """The description of variant `name`, as this study recorded it."""
-        found = next((variant for variant in self.variants if variant.name == name), None)
-        _require(found is not None, f"the study has no variant {name!r}")
+    def variant(self, name: str, network: str = DEFAULT_NETWORK) -> Variant:
+        """The description of variant `name` on `network`, as this study recorded it."""
+        found = next((variant for variant in self.variants if variant.name == name and variant.network == network),
+                     None)
+        _require(found is not None, f"the study has no variant {name!r} on the {network} network")
         return found
 
     def study(self, name: str) -> Study | None:
         return next((study for study in self.studies if study.name == name), None)
 
     def run_spec(self, study: Study, variant: str, batch_size: int, seed: int, *, lr: float | None = None,
-                 init_scale: float = 1.0) -> RunSpec:
+                 init_scale: float = 1.0, network: str | None = None) -> RunSpec:
+        """One run of `study`; on its first network unless `network` says (a claim judges one network at a time,
+        on a study narrowed to it: bnsuite.claims.study_claims)."""
+        network = study.networks[0] if network is None else network
         return RunSpec(
-            dataset=self.dataset, variant=variant, batch_size=batch_size, epochs=study.epochs, seed=seed,
+            dataset=self.dataset, variant=variant, batch_size=batch_size, epochs=study.epochs_on(network), seed=seed,
             lr=study.lrs[0] if lr is None else lr, init_scale=init_scale, device=self.device,
-            validation_size=self.validation_size, train_subset=self.train_subset,
+            validation_size=self.validation_size, train_subset=self.train_subset, network=network,
         )
 
     def study_groups(self, study: Study) -> list[tuple[RunSpec, ...]]:
-        """One study's runs by (variant, batch size): every learning rate, init scale and seed of each."""
+        """One study's runs by (network, variant, batch size): every learning rate, init scale and seed of each."""
         return [
-            tuple(self.run_spec(study, variant, batch_size, seed, lr=lr, init_scale=scale)
+            tuple(self.run_spec(study, variant, batch_size, seed, lr=lr, init_scale=scale, network=network)
                   for lr in study.lrs for scale in study.init_scales for seed in self.seeds)
+            for network in study.networks
             for batch_size in study.batch_sizes
             for variant in study.variants
         ]
@@ -371,7 +411,7 @@ class StudySpec:
         """A group's name, as in test ids: `bn-bs64`, `plain-bs64-lr-sweep`, `bn-dropout-bs64`."""
         first = group[0]
         lrs, scales = {spec.lr for spec in group}, {spec.init_scale for spec in group}
-        name = f"{first.variant}-bs{first.batch_size}"
+        name = network_prefix(first.network) + f"{first.variant}-bs{first.batch_size}"
         name += "-lr-sweep" if len(lrs) > 1 else (f"-lr{first.lr:g}" if first.lr != DEFAULT_LR else "")
         name += "-init-sweep" if len(scales) > 1 else (f"-init{first.init_scale:g}" if first.init_scale != 1 else "")
         return name
@@ -392,6 +432,17 @@ class StudySpec:
         for varying in ("studies", "seeds", "device", "variants"):
             fields.pop(varying)
         return fields
+
+
+def network_prefix(network: str) -> str:
+    """What names a run, a case or a claim of `network` begin with: nothing for the study's MLP, `cnn-` for the
+    ConvNet, so every name of the MLP's stays what it was."""
+    return "" if network == DEFAULT_NETWORK else f"{network}-"
+
+
+def study_variants(study: Study) -> list[tuple[str, str]]:
+    """(network, variant) of every variant a study trains, network by network."""
+    return [(network, name) for network in study.networks for name in study.variants]
 
 
 def held_out_name(validation_size: int) -> str:

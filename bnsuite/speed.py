@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from bnsuite.datasets import DATASETS
 from bnsuite.fastpath import FastStep
 from bnsuite.models import build_model, parameter_count
 
@@ -47,12 +48,32 @@ def training_flops_per_sample(model: nn.Module) -> int:
     input (the image) needs none. BN, ReLU, loss and optimizer work is
     elementwise, under 1% of this, and not counted.
     """
+    if any(isinstance(module, nn.Conv2d) for module in model.modules()):
+        return _conv_training_flops(model)
     linears = [module for module in model.modules() if isinstance(module, nn.Linear)]
     flops = 0
     for index, layer in enumerate(linears):
         per_pass = 2 * layer.in_features * layer.out_features
         flops += per_pass * (2 if index == 0 else 3)
     return flops
+
+
+def _conv_training_flops(model: nn.Module) -> int:
+    """The same count for a network with convolutions (the ConvNet), from one image's forward pass: a 3x3
+    convolution's pass is 2 x (C_in x 9) x C_out MACs at each output position, a Linear's 2 x in x out; forward,
+    weight gradient, and input gradient but for the first layer's. Shapes come from the model's `image_shape`."""
+    passes: list[int] = []
+
+    def count(module: nn.Module, inputs, output) -> None:
+        if isinstance(module, nn.Conv2d):
+            kernel = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+            passes.append(2 * kernel * output[0].numel())
+        elif isinstance(module, nn.Linear):
+            passes.append(2 * module.in_features * module.out_features)
+
+    _one_image_through(model, [module for module in model.modules() if isinstance(module, (nn.Conv2d, nn.Linear))],
+                       count)
+    return sum(per_pass * (2 if index == 0 else 3) for index, per_pass in enumerate(passes))
 
 
 def activation_widths(model: nn.Module) -> tuple[int, int]:
@@ -62,12 +83,48 @@ def activation_widths(model: nn.Module) -> tuple[int, int]:
     Linear's output, already counted). Backward: the gradient at the logits and at each Linear's input but
     the first's (the images need none), and each BN layer's input gradient. ReLU works in place of these.
     """
+    if any(isinstance(module, nn.Conv2d) for module in model.modules()):
+        return _conv_activation_widths(model)
     linears = [module for module in model.modules() if isinstance(module, nn.Linear)]
     norms = [module for module in model.modules() if isinstance(module, nn.BatchNorm1d)]
     outputs = sum(layer.out_features for layer in linears) + linears[-1].out_features  # + log-probabilities
     normalized = sum(layer.num_features for layer in norms)
     gradients = sum(layer.in_features for layer in linears[1:]) + linears[-1].out_features  # inputs of fc2, fc3
     return outputs + normalized, gradients + normalized
+
+
+def _one_image_through(model: nn.Module, modules: list[nn.Module], hook) -> None:
+    """One zero image of the model's `image_shape` through it in eval mode, `hook` on each of `modules`."""
+    hooks = [module.register_forward_hook(hook) for module in modules]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(1, *getattr(model, "image_shape", (1, 28, 28))))
+    finally:
+        model.train(was_training)
+        for handle in hooks:
+            handle.remove()
+
+
+def _conv_activation_widths(model: nn.Module) -> tuple[int, int]:
+    """The same for the ConvNet (bnsuite.models.SmallCNN), from one image's forward pass. Forward: each
+    convolution's output, each normalization's output, each pooled map (a quarter of its block's), the logits
+    and log-probabilities. Backward: the gradient at the logits, at the classifier's and conv2's inputs (the
+    pooled maps), at each convolution's output (through pooling and ReLU) and at each normalization's input."""
+    convs, norms = [], []
+
+    def count(module: nn.Module, inputs, output) -> None:
+        (convs if isinstance(module, nn.Conv2d) else norms).append(output[0].numel())
+
+    _one_image_through(model, [module for module in model.modules() if isinstance(module, nn.Conv2d)
+                               or isinstance(module, nn.GroupNorm) or type(module).__name__.endswith("Norm2d")],
+                       count)
+    pooled = sum(values // 4 for values in convs)
+    logits = 10
+    forward = sum(convs) + sum(norms) + pooled + 2 * logits
+    backward = logits + pooled + sum(convs) + sum(norms)
+    return forward, backward
 
 
 @dataclass(frozen=True)
@@ -87,8 +144,8 @@ class StepTraffic:
     working_set: int
 
     @classmethod
-    def of(cls, variant: str, batch_size: int, runs: int) -> StepTraffic:
-        model = build_model(variant)
+    def of(cls, variant: str, batch_size: int, runs: int, network: str = "mlp") -> StepTraffic:
+        model = build_model(variant, network=network)
         parameters = parameter_count(model)
         forward, backward = activation_widths(model)
         batch = FLOAT_BYTES * batch_size * (784 + 2 * (forward + backward))
@@ -280,8 +337,10 @@ class StudyFloor:
             spec = record.spec
             epochs = record.steps / spec.steps_per_epoch
             run_epochs += round(epochs)
-            flops = training_flops_per_sample(build_model(spec.variant)) * spec.train_size * epochs
-            group = StepTraffic.of(spec.variant, spec.batch_size, record.runs_trained_together)
+            image_shape = DATASETS[spec.dataset].image_shape
+            flops = training_flops_per_sample(build_model(spec.variant, network=spec.network,
+                                                          image_shape=image_shape)) * spec.train_size * epochs
+            group = StepTraffic.of(spec.variant, spec.batch_size, record.runs_trained_together, spec.network)
             run_compute = flops / peak_flops
             run_traffic = record.steps * group.bytes_per_step / record.runs_trained_together / rate(group.working_set)
             gflop += flops / 1e9

@@ -28,7 +28,7 @@ from bnsuite.datasets import DATASETS
 from bnsuite.executor import ProcessExecutor, RayExecutor
 from bnsuite.records import EpochRecord, RunRecord, save_record
 from bnsuite.registry import ALL_STUDIES, StudyDefinition, study_spec, variant_names
-from bnsuite.spec import ClaimSettings, KnownException, RunSpec, SpecError, StudySpec
+from bnsuite.spec import NETWORKS, ClaimSettings, KnownException, RunSpec, SpecError, StudySpec
 from bnsuite.train import train_seeds  # through bnsuite.models, the built-in variants are registered
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -78,13 +78,16 @@ def study_from_options(
     lr: str | float | None = None,
     device: str | None = None,
     target_loss: str | float | None = None,
+    network: str | None = None,
 ) -> StudySpec:
     """A StudySpec from a profile and command-line style overrides (comma-separated lists).
 
     `studies` picks some of the registered studies (default: every default study; "all": every one); `variants` and
     `batch_sizes` change the studies they reach (each study's definition says which options do: the
     batch-size study's); `epochs` every study; `lr` the single learning rate of the studies it reaches (all
-    but the learning-rate study's grid). Every value is checked here, before anything trains, and a bad one
+    but the learning-rate study's grid); `network` the networks of the studies that take one (the batch, lr
+    and ghost studies take the ConvNet), leaving out a study that takes none of them. Every value is checked
+    here, before anything trains, and a bad one
     raises SpecError saying what is wrong and what is allowed. The profile's known exceptions carry over only
     to claims that judge exactly the runs the profile measured, under the same claim settings.
     """
@@ -98,6 +101,9 @@ def study_from_options(
         names = [_check_choice(name, registered, "study") for name in _split_list(studies, "studies")]
         chosen = [definition for name, definition in registered.items() if name in names]
     base = profile_spec(profile, chosen)
+    if network is not None:
+        base = _on_networks(base, tuple(_check_choice(name, NETWORKS, "network")
+                                        for name in _split_list(network, "networks")))
     changes: dict = {}
     if dataset is not None:
         _check_choice(dataset, DATASETS, "dataset")
@@ -123,7 +129,7 @@ def study_from_options(
     fields = {"variants": "variants", "batch-sizes": "batch_sizes", "epochs": "epochs", "lr": "lrs"}
     chosen_studies = tuple(dataclasses.replace(study, **{
         fields[option]: value for option, value in study_changes.items() if option in registered[study.name].options
-    }) for study in base.studies)
+    }, **({"network_epochs": ()} if "epochs" in study_changes else {})) for study in base.studies)
     claims = base.claims
     if target_loss is not None:
         claims = dataclasses.replace(claims, target_loss=_positive_float(str(target_loss), "target loss"))
@@ -138,12 +144,32 @@ def study_from_options(
 PLUGIN_HINT = "a variant of your own is registered by a plugin: --bn-plugin MODULE"
 
 
+def _on_networks(spec: StudySpec, networks: tuple[str, ...] | None) -> StudySpec:
+    """`spec` with each study on those of `networks` it takes (None: on every network it takes), in the order
+    given; a study that takes none of them is left out (SpecError if none is left)."""
+    studies = []
+    for study in spec.studies:
+        definition = registry.study_definition(study.name)
+        takes = definition.networks if definition is not None else study.networks
+        chosen = takes if networks is None else tuple(name for name in networks if name in takes)
+        if chosen:
+            studies.append(dataclasses.replace(study, networks=chosen))
+    if not studies:
+        takers = [d.name for d in registry.studies() if set(d.networks) & set(networks or ())]
+        raise SpecError(f"no study chosen trains on {', '.join(networks or ())}; the studies that do: "
+                        f"{', '.join(takers) or 'none'} (choose them with --bn-studies)")
+    fields = {field.name: getattr(spec, field.name) for field in dataclasses.fields(spec)}
+    del fields["variants"]
+    return study_spec(**{**fields, "studies": tuple(studies)})
+
+
 def _exceptions_that_still_apply(profile: StudySpec, spec: StudySpec) -> tuple[KnownException, ...]:
-    """The profile's known exceptions whose claims judge exactly the runs the profile measured."""
+    """The profile's known exceptions whose claims judge exactly the runs the profile measured (on every network
+    its studies take)."""
     unchanged = dataclasses.replace(profile.claims, known_exceptions=())
     if spec.claims != unchanged:
         return ()
-    measured = {claim.name: claim.needs for claim in study_claims(profile)}
+    measured = {claim.name: claim.needs for claim in study_claims(_on_networks(profile, None))}
     judged = {claim.name: claim.needs for claim in study_claims(spec)}
     return tuple(exception for exception in profile.claims.known_exceptions
                  if exception.claim in judged and judged[exception.claim] == measured.get(exception.claim))

@@ -34,6 +34,7 @@ from torch.nn import functional as F
 
 from bnsuite import fastpath
 from bnsuite.data import load_splits
+from bnsuite.datasets import DATASETS
 from bnsuite.environment import KEEP_DENORMALS_VARIABLE, describe_environment, flush_denormals, now_utc
 from bnsuite.epochs import TensorEpochs, training_set
 from bnsuite.models import build_model
@@ -63,6 +64,9 @@ def _original_epochs(*args, measures=frozenset(), **kwargs):
 # pipeline -> runner(specs, models, shuffles, splits, data_dir=..., measures=...), whose call trains one epoch.
 EPOCH_RUNNERS = {"fast": TensorEpochs, "eager": TensorEpochs, "original": _original_epochs}
 EVALUATION_BATCH = 10_000  # evaluation has no gradients: big batches are exact and fast
+# A ConvNet's feature maps for 10,000 images leave the caches: 500 at a time evaluates about 2.5x faster
+# (measured on 2 cores, AMD EPYC Zen 3).
+CONV_EVALUATION_BATCH = 500
 # A cross-entropy of 1,000 nats means logit gaps of 1,000: the weights have blown up.
 # Training from default init starts near ln(10) = 2.3; a run past this never recovers
 # (at lr 5.0, plain reaches 1e15 and then sits at chance with a finite loss).
@@ -123,7 +127,9 @@ def train_seeds(
     _check_one_group(specs)
     spec = specs[0]
     variant = checked(spec)  # the variant is registered and can train this run, or SpecError says what to change
-    if len(specs) > 1 and not (spec.pipeline == "fast" and fastpath.supports(build_model(spec.variant))):
+    image_shape = DATASETS[spec.dataset].image_shape
+    if len(specs) > 1 and not (spec.pipeline == "fast" and fastpath.supports(
+            build_model(spec.variant, network=spec.network, image_shape=image_shape))):
         return [train_seeds((run,), data_dir=data_dir, study=study, on_epoch=on_epoch, executor=executor,
                             measures=measures)[0] for run in specs]
     if measures is None:
@@ -138,7 +144,7 @@ def train_seeds(
         models, shuffles, dropouts = [], [], []
         for run in specs:
             torch.manual_seed(run.seed)  # the model's default init draws from the global generator
-            models.append(build_model(run.variant, run.init_scale).to(device))
+            models.append(build_model(run.variant, run.init_scale, run.network, image_shape).to(device))
             shuffles.append(torch.Generator().manual_seed(run.seed))
             dropouts.append(_generator_after_init(device))
         run_epoch = EPOCH_RUNNERS[spec.pipeline](specs, models, shuffles, splits, dropout_generators=dropouts,
@@ -261,9 +267,11 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> tu
     model.eval()
     loss_sum = torch.zeros((), device=images.device)
     correct = torch.zeros((), dtype=torch.long, device=images.device)
-    for start in range(0, len(labels), EVALUATION_BATCH):
-        logits = model(images[start:start + EVALUATION_BATCH])
-        batch_labels = labels[start:start + EVALUATION_BATCH]
+    size = CONV_EVALUATION_BATCH if any(isinstance(layer, nn.Conv2d) for layer in model.modules()) \
+        else EVALUATION_BATCH
+    for start in range(0, len(labels), size):
+        logits = model(images[start:start + size])
+        batch_labels = labels[start:start + size]
         loss_sum += F.cross_entropy(logits, batch_labels, reduction="sum")
         correct += (logits.argmax(dim=1) == batch_labels).sum()
     model.train(was_training)

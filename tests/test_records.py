@@ -301,3 +301,17 @@ def test_a_record_file_of_binary_garbage_or_a_directory_is_a_record_error_naming
     (runs / "x.json").mkdir()
     with pytest.raises(RecordError, match=r"x.json is a directory, not a record file; move it out of"):
         load_records(tmp_path)
+
+
+def test_schema_7_records_load_as_runs_of_the_studys_mlp_with_their_file_names_unchanged():
+    schema_7 = Path(__file__).parent / "data" / "schema7"  # a smoke run of bn at batch 64, as schema 7 saved it
+    path = next((schema_7 / RUNS_SUBDIR).glob("*.json"))
+    raw = json.loads(path.read_text())
+    assert raw["schema_version"] == 7 and "network" not in raw["spec"]
+    (record,) = load_records(schema_7)
+    assert record.schema_version == SCHEMA_VERSION
+    assert (record.spec.network, record.variant.network) == ("mlp", "mlp")
+    assert all(study.networks == ("mlp",) and study.network_epochs == () for study in record.study.studies)
+    assert {variant.network for variant in record.study.variants} == {"mlp"}
+    assert record.filename == path.name  # the MLP's case ids and fingerprints are what they were
+    assert record.spec.case_id == "bn-bs64-seed0"

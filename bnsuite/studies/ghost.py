@@ -27,7 +27,7 @@ from bnsuite.claims import (
 )
 from bnsuite.registry import SectionContext, register_study
 from bnsuite.report_parts import claims_table, colors, write_figure
-from bnsuite.spec import Study, StudySpec
+from bnsuite.spec import NOT_SHOWN, KnownException, Study, StudySpec
 
 NAME = "ghost"
 BN, LN = "bn", "ln"  # BN over the whole batch, and the batch-free reference
@@ -35,8 +35,10 @@ GHOST_BATCH = 128
 # Wu & He (2018, Fig. 1) go from 32 images per device down to 2; a ghost batch of the whole batch (128) is bn.
 GHOST_VARIANTS = ("bn-ghost2", "bn-ghost4", "bn-ghost8", "bn-ghost16", "bn-ghost32", BN, LN)
 # The same epochs as the batch study's, so bn at batch 128 is the same runs in both.
-MATRICES = {profile: Study(NAME, variants=GHOST_VARIANTS, batch_sizes=(GHOST_BATCH,), epochs=epochs)
-            for profile, epochs in (("full", 10), ("quick", 4), ("smoke", 2))}
+# On the ConvNet the batch study's ConvNet epochs, for the same reason.
+MATRICES = {profile: Study(NAME, variants=GHOST_VARIANTS, batch_sizes=(GHOST_BATCH,), epochs=epochs,
+                           network_epochs=(("cnn", cnn_epochs),))
+            for profile, epochs, cnn_epochs in (("full", 10, 3), ("quick", 4, 2), ("smoke", 2, 2))}
 
 
 def ghost_sizes(spec: StudySpec, study: Study, batch_size: int) -> dict[int, str]:
@@ -44,7 +46,7 @@ def ghost_sizes(spec: StudySpec, study: Study, batch_size: int) -> dict[int, str
     descriptions: {ghost size: variant}; one without a ghost size (`bn`) sees the whole batch."""
     sizes = {}
     for name in study.variants:
-        variant = spec.variant(name)
+        variant = spec.variant(name, study.networks[0])
         if variant.batch_statistics:
             sizes[variant.images_per_statistic or batch_size] = name
     return dict(sorted(sizes.items()))
@@ -205,4 +207,15 @@ def ghost_section(context: SectionContext) -> list[str]:
                     claims_table(context.own_claims, settings), ""]
 
 
-register_study(NAME, title="ghost-batch study", matrices=MATRICES, section=ghost_section)(ghost_study_claims)
+# On the ConvNet each statistic of a ghost batch of g images sees g x H x W values per channel (1,568 at g = 2 for
+# conv1's 28x28 maps), not g as in the MLP: in the smoke profile its ghost-batch BN holds up.
+KNOWN_EXCEPTIONS = {"smoke": (
+    KnownException("cnn-bn-accuracy-falls-at-small-ghost-batches-bs128", NOT_SHOWN,
+                   "in 64 steps the ConvNet's BN at ghost batch 2 is within seed noise of ghost batch 32 (93.5% "
+                   "against 93.9% held-out, p 0.2): its statistics see every position of the maps"),
+    KnownException("cnn-bn-behind-layernorm-at-smallest-ghost-batch-bs128", NOT_SHOWN,
+                   "the ConvNet's BN is ahead of LayerNorm at every ghost size measured (93.5-93.9% against 92.7% "
+                   "held-out), never behind it"),
+)}
+register_study(NAME, title="ghost-batch study", matrices=MATRICES, section=ghost_section,
+               known_exceptions=KNOWN_EXCEPTIONS, networks=("mlp", "cnn"))(ghost_study_claims)

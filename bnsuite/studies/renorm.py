@@ -37,9 +37,10 @@ def pairs(spec: StudySpec, study: Study) -> dict[int, tuple[str, str]]:
     variants' descriptions (a renorm variant derives from the ghost-batch variant of its size)."""
     found = {}
     for name in study.variants:
-        variant = spec.variant(name)
+        variant = spec.variant(name, study.networks[0])
         if variant.derives_from in study.variants and variant.images_per_statistic is not None \
-                and spec.variant(variant.derives_from).images_per_statistic == variant.images_per_statistic:
+                and spec.variant(variant.derives_from, study.networks[0]).images_per_statistic \
+                == variant.images_per_statistic:
             found[variant.images_per_statistic] = (variant.derives_from, name)
     return dict(sorted(found.items()))
 

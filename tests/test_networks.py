@@ -1,0 +1,171 @@
+"""The network axis and the ConvNet: runs, case ids, claims and records carry the network; the MLP's names and
+files stay what they were; the ConvNet's layers, its normalizations and its training are pinned."""
+
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+from bnsuite.batchnorm import GhostBatchNorm2d, ScratchGroupNorm
+from bnsuite.claims import study_claims
+from bnsuite.models import SmallCNN, build_model, parameter_count
+from bnsuite.registry import register_variant, variant, variant_names
+from bnsuite.spec import RunSpec, SpecError, Study
+from bnsuite.speed import training_flops_per_sample
+from bnsuite.study import study_from_options
+from bnsuite.train import train_seeds
+
+
+def test_the_mlp_s_case_ids_and_fingerprints_are_what_they_were_and_the_convnet_s_are_its_own():
+    mlp = RunSpec(variant="bn", batch_size=64, seed=0)
+    assert mlp.case_id == "bn-bs64-seed0"
+    assert mlp.fingerprint == RunSpec(variant="bn", batch_size=64, seed=0, network="mlp").fingerprint
+    cnn = dataclasses.replace(mlp, network="cnn")
+    assert cnn.case_id == "cnn-bn-bs64-seed0" and cnn.fingerprint != mlp.fingerprint
+
+
+def test_a_schema_7_file_name_is_the_fingerprint_of_its_spec_without_the_network():
+    # The smoke reference's bn at batch 64, seed 0 (its committed file name).
+    spec = RunSpec(variant="bn", batch_size=64, seed=0, epochs=2, validation_size=10_000, train_subset=4_000)
+    assert f"{spec.case_id}-{spec.fingerprint}.json" == "bn-bs64-seed0-7a5bc81efe.json"
+
+
+def test_the_mlp_takes_no_cifar_and_an_unknown_network_is_refused_with_the_choices():
+    with pytest.raises(SpecError, match="the mlp network cannot train on cifar10.*--bn-network cnn"):
+        RunSpec(dataset="cifar10")
+    with pytest.raises(SpecError, match="unknown network 'resnet'; choose one of: mlp, cnn"):
+        RunSpec(network="resnet")
+    assert RunSpec(dataset="cifar10", network="cnn", validation_size=0).train_size == 50_000
+
+
+def test_bn_network_cnn_runs_the_studies_that_take_it_and_leaves_out_the_others():
+    spec = study_from_options("smoke", network="cnn")
+    assert [(study.name, study.networks) for study in spec.studies] == [
+        ("batch", ("cnn",)), ("lr", ("cnn",)), ("ghost", ("cnn",))]
+    assert all(run.network == "cnn" for run in spec.run_specs())
+    assert spec.case_name(spec.groups()[0]) == "cnn-plain-bs32"
+    with pytest.raises(SpecError, match="no study chosen trains on cnn; the studies that do: batch, lr, ghost"):
+        study_from_options("smoke", network="cnn", studies="dropout")
+    with pytest.raises(SpecError, match="unknown network 'vit'"):
+        study_from_options("smoke", network="vit")
+
+
+def test_both_networks_give_each_study_its_runs_and_claims_network_by_network():
+    both = study_from_options("smoke", network="mlp,cnn", studies="batch")
+    mlp = study_from_options("smoke", studies="batch")
+    names = [claim.name for claim in study_claims(both)]
+    mlp_names = [claim.name for claim in study_claims(mlp)]
+    assert names[:len(mlp_names)] == mlp_names  # the MLP's claims, named as they always were
+    # The same claims on the ConvNet, but for the activations' (its feature maps are not probed).
+    assert names[len(mlp_names):] == [f"cnn-{name}" for name in mlp_names if "steadier-activations" not in name]
+    for claim in study_claims(both):  # each judges the runs of its own network only
+        assert {run.network for run in claim.needs} == {claim.network}
+        assert claim.network == "mlp" or claim.statement.startswith("On the ConvNet: ")
+    assert len(both.run_specs()) == 2 * len(mlp.run_specs())
+
+
+def test_the_convnet_trains_its_own_epochs_unless_bn_epochs_sets_every_network_s():
+    spec = study_from_options("full", network="mlp,cnn", studies="batch")
+    assert {(run.network, run.epochs) for run in spec.run_specs()} == {("mlp", 10), ("cnn", 3)}
+    spec = study_from_options("full", network="mlp,cnn", studies="batch", epochs=1)
+    assert {(run.network, run.epochs) for run in spec.run_specs()} == {("mlp", 1), ("cnn", 1)}
+
+
+def test_a_name_is_registered_once_per_network_and_the_convnet_s_variants_are_its_own():
+    assert variant("bn", "cnn").network == "cnn" and variant("bn").network == "mlp"
+    assert variant("bn", "cnn").builder == "bnsuite.models:cnn_bn"
+    assert "gn" in variant_names("cnn") and "gn" not in variant_names("mlp")
+    with pytest.raises(SpecError, match="unknown variant 'bn-noisy' of the cnn network"):
+        variant("bn-noisy", "cnn")
+    with pytest.raises(Exception, match="registered twice"):
+        register_variant("bn", network="cnn", batch_statistics=True)(lambda image_shape: None)
+
+
+def test_the_convnet_s_layers_and_parameter_counts():
+    assert parameter_count(build_model("plain", network="cnn")) == 9_098
+    for name in ("bn", "bn-ghost8", "ln", "gn"):
+        assert parameter_count(build_model(name, network="cnn")) == 9_146
+    assert parameter_count(build_model("bn", network="cnn", image_shape=(3, 32, 32))) == 11_690
+    model = build_model("bn", network="cnn")
+    assert {name: tuple(p.shape) for name, p in model.named_parameters()} == {
+        "conv1.weight": (8, 1, 3, 3), "conv1.bias": (8,), "bn1.weight": (8,), "bn1.bias": (8,),
+        "conv2.weight": (16, 8, 3, 3), "conv2.bias": (16,), "bn2.weight": (16,), "bn2.bias": (16,),
+        "fc.weight": (10, 784), "fc.bias": (10,)}
+    assert isinstance(model.bn1, nn.BatchNorm2d) and isinstance(build_model("plain", network="cnn").bn1, nn.Identity)
+    assert model(torch.zeros(5, 784)).shape == (5, 10)  # a flat batch, as the tensor epochs slice it
+    assert model(torch.zeros(5, 1, 28, 28)).shape == (5, 10)
+
+
+def test_init_scale_multiplies_the_convolutions_weights_too():
+    torch.manual_seed(0)
+    base = build_model("bn", network="cnn")
+    torch.manual_seed(0)
+    scaled = build_model("bn", 10.0, network="cnn")
+    assert torch.equal(scaled.conv1.weight, base.conv1.weight * 10) and torch.equal(scaled.conv1.bias, base.conv1.bias)
+    assert torch.equal(scaled.fc.weight, base.fc.weight * 10) and torch.equal(scaled.bn1.weight, base.bn1.weight)
+
+
+def test_group_norm_and_layer_norm_on_feature_maps_match_the_written_out_version():
+    x = torch.randn(6, 16, 7, 7, dtype=torch.float64)
+    for groups in (1, 4):
+        torch_layer, scratch = nn.GroupNorm(groups, 16).double(), ScratchGroupNorm(groups, 16).double()
+        with torch.no_grad():
+            for layer in (torch_layer, scratch):
+                layer.weight.copy_(torch.linspace(0.5, 1.5, 16))
+                layer.bias.copy_(torch.linspace(-1, 1, 16))
+        torch.testing.assert_close(torch_layer(x), scratch(x), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(scratch(x.contiguous(memory_format=torch.channels_last)), scratch(x))
+
+
+def test_ghost_batch_norm_2d_is_batchnorm2d_per_ghost_batch_over_every_position():
+    x = torch.randn(12, 8, 5, 5, dtype=torch.float64)
+    ghost = GhostBatchNorm2d(8, 4).double()
+    expected = torch.cat([nn.BatchNorm2d(8).double()(x[start:start + 4]) for start in range(0, 12, 4)])
+    torch.testing.assert_close(ghost(x), expected, rtol=1e-12, atol=1e-12)
+    first = nn.BatchNorm2d(8).double()
+    first(x[:4])  # the running estimates follow the first ghost batch, with BatchNorm2d's unbiased variance
+    torch.testing.assert_close(ghost.running_mean, first.running_mean)
+    torch.testing.assert_close(ghost.running_var, first.running_var)
+    whole, full = GhostBatchNorm2d(8, 16).double(), nn.BatchNorm2d(8).double()
+    torch.testing.assert_close(whole(x), full(x), rtol=1e-12, atol=1e-12)  # a ghost batch of the whole batch
+    ghost.eval(), first.eval()
+    torch.testing.assert_close(ghost(x), first(x), rtol=1e-12, atol=1e-12)
+
+
+def test_the_convnet_s_training_flops_count_its_convolutions_and_classifier():
+    model = build_model("bn", network="cnn")
+    conv1, conv2, fc = 2 * 9 * 1 * 8 * 28 * 28, 2 * 9 * 8 * 16 * 14 * 14, 2 * 784 * 10
+    assert training_flops_per_sample(model) == 2 * conv1 + 3 * conv2 + 3 * fc  # no input gradient for the image
+
+
+@pytest.fixture(scope="module")
+def convnet_runs(mnist_dir):
+    group = tuple(RunSpec(variant="bn", network="cnn", batch_size=64, epochs=1, seed=seed, train_subset=1_024,
+                          validation_size=10_000) for seed in (0, 1))
+    return None, group, train_seeds(group, data_dir=mnist_dir)
+
+
+def test_the_convnet_trains_its_seeds_one_by_one_on_the_eager_step_and_records_its_network(convnet_runs):
+    study, group, records = convnet_runs
+    for spec, record in zip(group, records, strict=True):
+        assert record.spec == spec and record.spec.network == "cnn" and record.variant == variant("bn", "cnn")
+        assert record.training_step == "eager" and record.runs_trained_together == 1
+        assert record.test_accuracy > 30  # 16 steps on 1,024 images start to train it
+        assert record.filename.startswith(f"cnn-bn-bs64-seed{spec.seed}-")
+    assert records[0].train_losses != records[1].train_losses
+
+
+def test_a_convnet_run_is_bit_identical_when_trained_again(convnet_runs, mnist_dir):
+    study, group, records = convnet_runs
+    (again,) = train_seeds(group[:1], data_dir=mnist_dir)
+    assert again.train_losses == records[0].train_losses and again.test_accuracy == records[0].test_accuracy
+    assert again.epochs[-1].validation_loss == records[0].epochs[-1].validation_loss
+
+
+def test_a_study_of_a_plugin_may_take_the_convnet_only_if_it_says_so():
+    assert Study("x", variants=("bn",), batch_sizes=(64,), epochs=1, networks=("cnn",)).epochs_on("cnn") == 1
+    with pytest.raises(SpecError, match="unknown networks 'rnn'"):
+        Study("x", variants=("bn",), batch_sizes=(64,), epochs=1, networks=("rnn",))
+    model = SmallCNN((3, 32, 32))
+    assert model.fc.in_features == 16 * 8 * 8
