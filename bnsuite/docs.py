@@ -26,11 +26,12 @@ from bnsuite.files import write_atomically
 from bnsuite.records import load_records
 from bnsuite.report import evaluate_claims
 from bnsuite.report_parts import study_title
-from bnsuite.spec import Study
-from bnsuite.study import PROFILE_SETTINGS, profile_spec
+from bnsuite.spec import Study, network_prefix
+from bnsuite.study import PROFILE_SETTINGS, on_networks, profile_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 FULL_REFERENCE = ROOT / "results" / "reference" / "full"
+CONVNET_REFERENCE = ROOT / "results" / "reference" / "full-cnn"  # the batch-size study on the ConvNet
 
 
 def _markdown(rows: list[dict]) -> str:
@@ -70,7 +71,7 @@ def claims_tables() -> str:
     known exceptions with the verdict they pin."""
     parts = []
     for definition in registry.studies():
-        full = profile_spec("full", [definition])
+        full = on_networks(profile_spec("full", [definition]), None)  # the ConvNet's claims too
         rows = [{"claim": f"`{claim.name}`", "reason": claim.reason, "statement": claim.statement}
                 for claim in study_claims(full)]
         parts += [f"#### `{definition.name}`: {definition.title}", "", _markdown(rows) if rows else "_No claims._", ""]
@@ -106,6 +107,28 @@ def verdicts_table(reference: Path = FULL_REFERENCE) -> str:
     return _markdown(rows)
 
 
+def convnet_verdicts_table(convnet: Path = CONVNET_REFERENCE, mlp: Path = FULL_REFERENCE) -> str:
+    """Each claim of the committed ConvNet reference (full profile, `--bn-network cnn`) with its verdict, next to
+    the same claim's on the MLP's full reference; both judged from their records as the report judges them."""
+    cnn_records, mlp_records = load_records(convnet), load_records(mlp)
+    cnn_spec, mlp_spec = cnn_records[0].study, mlp_records[0].study
+    on_mlp = {result.name: result for result in evaluate_claims(mlp_records, mlp_spec)}
+
+    def verdict(result, spec) -> str:
+        if result is None:
+            return "not judged"
+        pinned = " (known exception)" if spec.claims.known_exception(result.name) else ""
+        return f"{result.verdict}{pinned}"
+
+    rows = []
+    for result in evaluate_claims(cnn_records, cnn_spec):
+        mlp_name = result.name.removeprefix(network_prefix(result.network))
+        rows.append({"claim": f"`{mlp_name}`", "study": study_title(result.study),
+                     "the study's MLP (10 epochs)": verdict(on_mlp.get(mlp_name), mlp_spec),
+                     f"the ConvNet ({cnn_records[0].spec.epochs} epochs)": verdict(result, cnn_spec)})
+    return _markdown(rows)
+
+
 class _Options:
     """Stands in for pytest's option group: collects what bnsuite.plugin adds."""
 
@@ -131,7 +154,7 @@ def options_table() -> str:
 
 # Each document's generated blocks.
 GENERATED: dict[str, dict[str, Callable[[], str]]] = {
-    "README.md": {"studies": studies_table, "verdicts": verdicts_table},
+    "README.md": {"studies": studies_table, "verdicts": verdicts_table, "convnet": convnet_verdicts_table},
     "docs/studies.md": {"studies": studies_table, "claims": claims_tables},
     "docs/options.md": {"options": options_table},
 }

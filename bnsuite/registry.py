@@ -86,7 +86,8 @@ def register_variant(name: str, *, batch_statistics: bool, images_per_statistic:
             raise PluginError(f"variant {name!r}: unknown network {network!r}; choose one of: {', '.join(NETWORKS)}")
         key = (network, name)
         if key in _VARIANTS:
-            raise PluginError(f"variant {name!r} of the {network} network is registered twice "
+            of = "" if network == DEFAULT_NETWORK else f" of the {network} network"
+            raise PluginError(f"variant {name!r}{of} is registered twice "
                               f"({_VARIANTS[key].builder} and {_qualified(builder)}); give the new one another name")
         description = Variant(name=name, batch_statistics=batch_statistics,
                               images_per_statistic=images_per_statistic, derives_from=derives_from, probe=probe,

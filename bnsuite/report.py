@@ -429,6 +429,47 @@ def speed_rows(data: dict) -> list[str]:
                   "reachable fraction is the bound over those two together: a step that spent nothing on BN, ReLU "
                   "and the loss would reach it, with the BLAS library's GEMMs at these shapes.", "",
                   pd.DataFrame(fractions).fillna("").to_markdown(index=False, disable_numparse=True), ""]
+    return lines + convnet_speed_rows(data)
+
+
+def convnet_speed_rows(data: dict) -> list[str]:
+    """The ConvNet's speed figures (benchmarks/test_speed.py, with --bn-network cnn): its paths side by side and
+    its epoch against the roofline."""
+    paths, fractions = [], []
+    for bench in data.get("benchmarks", []):
+        info = bench.get("extra_info", {})
+        if _kind(bench) == "convnet-paths":
+            epoch_s, speedup = info["epoch_s"], info["speedup"]
+            paths.append({"variant": info["variant"], "batch size": info["batch_size"], "images": f"{info['images']:,}",
+                          "original pipeline (s)": f"{epoch_s['original']:.2f}",
+                          "eager step, NCHW (s)": f"{epoch_s['nchw']:.2f}",
+                          "the study's way, channels-last (s)": f"{epoch_s['study']:.2f}",
+                          "speed-up vs original": f"{speedup['original']:.2f}x",
+                          "vs NCHW": f"{speedup['nchw']:.2f}x", "rounds": info["rounds"]})
+        elif _kind(bench) == "convnet-fraction":
+            fractions.append({
+                "variant": info["variant"], "batch size": info["batch_size"], "images": f"{info['images']:,}",
+                "epoch (s)": f"{info['epoch_s_per_run']:.2f}", "GFLOP/s": f"{info['achieved_gflops']:.1f}",
+                "fraction of matmul peak": f"{info['fraction_of_matmul_peak']:.3f}",
+                "MB a step (least)": f"{info['bytes_per_step'] / 1e6:.1f}",
+                "bound: compute / traffic (ms a step)":
+                    f"{1e3 * info['compute_bound_s']:.2f} / {1e3 * info['traffic_bound_s']:.2f}",
+                "step (ms)": f"{1e3 * info['step_s']:.2f}",
+                "fraction of roofline bound": f"{info['fraction_of_roofline']:.3f} ({info['limit']})"})
+    lines = []
+    if paths:
+        lines += ["### Speed: the ConvNet's epoch through each path (benchmarks/test_speed.py)", "",
+                  "The ConvNet at batch 64 on the images named, every path in turn each round, the speed-up the "
+                  "median of the rounds' ratios: the original pipeline (torchvision Dataset + DataLoader, eager "
+                  "autograd), the eager step on tensor batches in NCHW, and the study's way (the same in "
+                  "channels-last). Its seeds train one after another.", "",
+                  pd.DataFrame(paths).to_markdown(index=False, disable_numparse=True), ""]
+    if fractions:
+        lines += ["### Speed: the ConvNet against the roofline", "",
+                  "Its FLOPs are its convolutions' and classifier's (bnsuite.speed.training_flops_per_sample); its "
+                  "least traffic its parameters' state, its images and its feature maps and their gradients, each "
+                  "moved once.", "",
+                  pd.DataFrame(fractions).to_markdown(index=False, disable_numparse=True), ""]
     return lines
 
 

@@ -102,7 +102,7 @@ def study_from_options(
         chosen = [definition for name, definition in registered.items() if name in names]
     base = profile_spec(profile, chosen)
     if network is not None:
-        base = _on_networks(base, tuple(_check_choice(name, NETWORKS, "network")
+        base = on_networks(base, tuple(_check_choice(name, NETWORKS, "network")
                                         for name in _split_list(network, "networks")))
     changes: dict = {}
     if dataset is not None:
@@ -144,7 +144,7 @@ def study_from_options(
 PLUGIN_HINT = "a variant of your own is registered by a plugin: --bn-plugin MODULE"
 
 
-def _on_networks(spec: StudySpec, networks: tuple[str, ...] | None) -> StudySpec:
+def on_networks(spec: StudySpec, networks: tuple[str, ...] | None) -> StudySpec:
     """`spec` with each study on those of `networks` it takes (None: on every network it takes), in the order
     given; a study that takes none of them is left out (SpecError if none is left)."""
     studies = []
@@ -169,7 +169,7 @@ def _exceptions_that_still_apply(profile: StudySpec, spec: StudySpec) -> tuple[K
     unchanged = dataclasses.replace(profile.claims, known_exceptions=())
     if spec.claims != unchanged:
         return ()
-    measured = {claim.name: claim.needs for claim in study_claims(_on_networks(profile, None))}
+    measured = {claim.name: claim.needs for claim in study_claims(on_networks(profile, None))}
     judged = {claim.name: claim.needs for claim in study_claims(spec)}
     return tuple(exception for exception in profile.claims.known_exceptions
                  if exception.claim in judged and judged[exception.claim] == measured.get(exception.claim))

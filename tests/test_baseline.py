@@ -54,8 +54,8 @@ def reference(tmp_path_factory, mnist_dir):
 
 def _scaled_init(monkeypatch, factor):
     """A code change the spec does not see: every Linear weight scaled after PyTorch's init."""
-    def build(variant, init_scale=1.0):
-        model = build_model(variant, init_scale)
+    def build(variant, init_scale=1.0, *args, **kwargs):
+        model = build_model(variant, init_scale, *args, **kwargs)
         with torch.no_grad():
             for layer in model.modules():
                 if isinstance(layer, torch.nn.Linear):

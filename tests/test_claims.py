@@ -23,7 +23,7 @@ from bnsuite.records import Environment, EpochRecord, RunRecord, load_records
 from bnsuite.registry import studies, study_spec
 from bnsuite.spec import CONTRADICTED, NOT_SHOWN, SUPPORTED, UNSETTLED, ClaimSettings, KnownException, Study
 from bnsuite.studies import landscape as landscape_study
-from bnsuite.study import profile_spec, study_from_options
+from bnsuite.study import on_networks, profile_spec, study_from_options
 
 REFERENCE = Path(__file__).resolve().parents[1] / "results" / "reference"
 ENVIRONMENT = Environment(torch_version="2", device="cpu", device_name="cpu", cpu_model="cpu", cpu_flags=(),
@@ -242,8 +242,12 @@ def test_the_gate_expects_a_failure_only_with_the_verdict_the_exception_records(
 
 
 def test_known_exceptions_carry_over_only_to_the_runs_the_profile_measured():
-    smoke = profile_spec("smoke").claims.known_exceptions
+    profile = profile_spec("smoke").claims.known_exceptions  # the MLP's and the ConvNet's
+    smoke = tuple(exception for exception in profile if not exception.claim.startswith("cnn-"))
     assert smoke and study_from_options("smoke").claims.known_exceptions == smoke
+    # On both networks, every one: the ConvNet's claims judge the runs the profile measured on it.
+    every = profile_spec("smoke", list(studies())).claims.known_exceptions
+    assert set(study_from_options("smoke", studies="all", network="mlp,cnn").claims.known_exceptions) == set(every)
     # Other epochs, seeds, learning rate or target loss: the profile's measurements say nothing about them.
     for changed in (dict(epochs="3"), dict(seeds="0,1,2,3"), dict(target_loss="0.2")):
         assert study_from_options("smoke", **changed).claims.known_exceptions == (), changed
@@ -376,9 +380,12 @@ def test_each_profiles_verdicts_pass_the_gate_on_its_committed_reference_from_an
     """The committed references were made on other CPUs than the one the tests run on: a profile whose verdict
     sits at the rule's floor on one CPU family fails here before a user meets it (the claims gate on the runs of
     this machine is CI's smoke study). Every study the reference ran is judged, those run by option included."""
-    records = load_records(REFERENCE / profile)
+    records = load_records(REFERENCE / profile)  # `full`, `full-cnn` (the ConvNet's runs alone)...
     recorded = {study.name for record in records for study in record.study.studies}
-    spec = profile_spec(profile, [definition for definition in studies() if definition.name in recorded])
+    networks = {network for record in records for study in record.study.studies for network in study.networks}
+    spec = on_networks(profile_spec(records[0].study.profile,
+                                    [definition for definition in studies() if definition.name in recorded]),
+                       tuple(sorted(networks, reverse=True)))  # mlp first
     outcomes = {claim.name: gate(claim.evaluate(records), spec.claims.known_exception(claim.name))
                 for claim in study_claims(spec)}
     assert outcomes and not {name: why for name, (outcome, why) in outcomes.items() if outcome == "fail"}

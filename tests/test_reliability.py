@@ -57,7 +57,7 @@ def test_wrong_magic_number_in_a_data_file_is_refused(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("options, message", [
     (dict(profile="huge"), "unknown profile 'huge'"),
-    (dict(dataset="cifar10"), "unknown dataset 'cifar10'"),
+    (dict(dataset="svhn"), "unknown dataset 'svhn'"),
     (dict(variants="plain,resnet"), "unknown variant 'resnet'"),
     (dict(device="tpu"), "unknown device 'tpu'"),
     (dict(batch_sizes="0"), "batch size must be at least 1"),

@@ -328,7 +328,7 @@ def test_record_carries_timings_and_environment(mnist_dir):
     (dict(lr=-0.1), "learning rate must be a finite number > 0"),
     (dict(lr=float("nan")), "learning rate must be a finite number > 0"),
     (dict(lr=float("inf")), "learning rate must be a finite number > 0"),
-    (dict(dataset="cifar10"), "unknown dataset 'cifar10'"),
+    (dict(dataset="svhn"), "unknown dataset 'svhn'"),
     (dict(device="tpu"), "unknown device 'tpu'"),
     (dict(variant="my model"), "variant name 'my model' must be letters, digits"),
 ])
