@@ -71,6 +71,16 @@ def _epoch_time_per_run(specs, data_dir) -> float:
     return sum(record.train_time_s for record in records) / len(records)
 
 
+def _best_rates(study_session, traffic: StepTraffic, device) -> float:
+    """The matmul peak and the bandwidth over `traffic`'s working set, measured again next to a figure; the best
+    rate seen in the run is kept (a peak caught in a slow moment would flatter every fraction after it): the
+    session's peak is updated, the bandwidth returned."""
+    study_session.peak_flops = max(study_session.peak_flops or 0.0, matmul_peak_flops(device, seconds=0.5))
+    BANDWIDTH[traffic.working_set] = max(BANDWIDTH.get(traffic.working_set, 0.0),
+                                         copy_bandwidth(traffic.working_set, device))
+    return BANDWIDTH[traffic.working_set]
+
+
 def test_matmul_peak(benchmark, study, study_session):
     device = resolve_device(study.device)
     peak = benchmark.pedantic(matmul_peak_flops, args=(device,), rounds=1, iterations=1)
@@ -134,13 +144,9 @@ def test_fast_path_epoch(benchmark, study, study_session, variant, batch_size, r
     epoch_s = benchmark.pedantic(_epoch_time_per_run, args=(specs, study_session.data_dir), rounds=1, iterations=1)
     images, steps = specs[0].train_size, specs[0].steps_per_epoch
     achieved = training_flops_per_sample(build_model(variant)) * images / epoch_s
-    # The peak is measured again next to each figure and the best rate seen is kept: a peak caught
-    # in a slow moment would flatter every fraction after it. Likewise the bandwidth, per working-set size.
     device = resolve_device(study.device)
-    study_session.peak_flops = max(study_session.peak_flops or 0.0, matmul_peak_flops(device, seconds=0.5))
     traffic = StepTraffic.of(variant, batch_size, len(specs))
-    bandwidth = BANDWIDTH[traffic.working_set] = max(BANDWIDTH.get(traffic.working_set, 0.0),
-                                                     copy_bandwidth(traffic.working_set, device))
+    bandwidth = _best_rates(study_session, traffic, device)
     # The average step of the epoch (its last batch is shorter): every run's images, the group's time.
     roofline = Roofline(flops_per_step=training_flops_per_sample(build_model(variant)) * images * len(specs) / steps,
                         traffic=traffic, peak_flops=study_session.peak_flops, bandwidth=bandwidth,
@@ -244,11 +250,8 @@ def test_convnet_epoch(benchmark, study, study_session, variant, batch_size):
     epoch_s = benchmark.pedantic(_epoch_time_per_run, args=(specs, study_session.data_dir), rounds=1, iterations=1)
     images, steps = specs[0].train_size, specs[0].steps_per_epoch
     flops = training_flops_per_sample(build_model(variant, network="cnn"))
-    device = resolve_device(study.device)
-    study_session.peak_flops = max(study_session.peak_flops or 0.0, matmul_peak_flops(device, seconds=0.5))
     traffic = StepTraffic.of(variant, batch_size, 1, "cnn")
-    bandwidth = BANDWIDTH[traffic.working_set] = max(BANDWIDTH.get(traffic.working_set, 0.0),
-                                                     copy_bandwidth(traffic.working_set, device))
+    bandwidth = _best_rates(study_session, traffic, resolve_device(study.device))
     roofline = Roofline(flops_per_step=flops * images / steps, traffic=traffic, peak_flops=study_session.peak_flops,
                         bandwidth=bandwidth, step_s=epoch_s / steps)
     info = {"bnsuite": "convnet-fraction", "variant": variant, "batch_size": batch_size, "runs_together": 1,

@@ -42,7 +42,6 @@ from bnsuite.spec import (
     Study,
     StudySpec,
     Variant,
-    network_prefix,
     study_variants,
 )
 
@@ -240,10 +239,6 @@ def study_spec(**fields) -> StudySpec:
     pairs = dict.fromkeys(pair for study in fields["studies"] for pair in study_variants(study))
     return StudySpec(**fields, variants=tuple(variant(name, network) for network, name in pairs))
 
-
-def variant_label(name: str, network: str = DEFAULT_NETWORK) -> str:
-    """A variant as case ids name it: `bn`, `cnn-bn`."""
-    return network_prefix(network) + name
 
 
 # --- plugins ---
