@@ -9,7 +9,7 @@
   speed-up reported is the median of those ratios, so a slow moment of the
   machine hits both sides of a ratio rather than one figure;
 - `test_fast_path_epoch`: the study's way at batch 32, 64 and 128, and a
-  sweep group of 15 runs at batch 64, against the machine's roofline
+  sweep group (the most runs bnsuite trains as one computation) at batch 64, against the machine's roofline
   measured here (bnsuite.speed): the fraction of the float32 matmul peak
   (achieved FLOP/s / peak FLOP/s) and the fraction of the roofline bound
   (the larger of the step's FLOPs at that peak and its least bytes at the
@@ -46,11 +46,11 @@ from bnsuite.speed import (
     step_update_seconds,
     training_flops_per_sample,
 )
-from bnsuite.train import resolve_device, train_seeds
+from bnsuite.train import max_runs_together, resolve_device, train_seeds
 
 BANDWIDTH: dict[int, float] = {}  # working-set bytes -> the best copy bandwidth seen over it in this run, bytes/s
 ROUNDS = 3  # rounds of the side-by-side comparison: the median of 3 ratios steadies it
-SWEEP_RUNS = 15  # a sweep group: e.g. 5 learning rates x 3 seeds, trained as one computation
+SWEEP_RUNS = max_runs_together()  # a sweep group: the most runs a sweep's case trains as one computation
 SWEEP_IMAGES = PATH_IMAGES = 20_000  # a third of an epoch: rates and ratios are what is measured
 
 
@@ -133,14 +133,16 @@ def test_training_paths_side_by_side(benchmark, study, study_session, variant):
                          ids=["bs32", "bs64", "bs128", "bs64-sweep"])
 @pytest.mark.parametrize("variant", ["plain", "bn"])
 def test_fast_path_epoch(benchmark, study, study_session, variant, batch_size, runs_together):
-    """The study's training path: 3 seeds trained together as a case does, and a sweep group of 15 runs at batch 64.
+    """The study's training path: 3 seeds trained together as a case does, and a sweep group at batch 64 (the most
+    runs trained as one computation: a sweep's case trains in chunks of that size).
 
     The sweep's runs differ in seed only: a run's arithmetic does not depend on its learning rate, and runs
     that diverge (as a learning-rate sweep's do) would add their own slowdown to the figure.
     """
-    specs = _epoch_specs(study, variant, batch_size, "fast", seeds=tuple(range(runs_together)))
-    if runs_together == SWEEP_RUNS:
-        specs = [_at_most(spec, SWEEP_IMAGES) for spec in specs]
+    # At most 20,000 images, as the side-by-side paths: a rate is what is measured, and full epochs would make
+    # these figures a third of the speed module's time.
+    specs = [_at_most(spec, SWEEP_IMAGES)
+             for spec in _epoch_specs(study, variant, batch_size, "fast", seeds=tuple(range(runs_together)))]
     epoch_s = benchmark.pedantic(_epoch_time_per_run, args=(specs, study_session.data_dir), rounds=1, iterations=1)
     images, steps = specs[0].train_size, specs[0].steps_per_epoch
     achieved = training_flops_per_sample(build_model(variant)) * images / epoch_s

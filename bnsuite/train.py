@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import os
 import time
 from collections.abc import Callable, Collection, Iterator, Sequence
@@ -71,6 +72,22 @@ CONV_EVALUATION_BATCH = 500
 # Training from default init starts near ln(10) = 2.3; a run past this never recovers
 # (at lr 5.0, plain reaches 1e15 and then sits at chance with a finite loss).
 DIVERGED_LOSS = 1_000.0
+# The most runs one batched computation trains (bnsuite.fastpath): a larger group trains as consecutive chunks of
+# sizes as equal as can be, each run bit for bit as it trains alone either way (its record names the runs it
+# trained with). Past a few models the step's working set leaves the caches: on an Intel Xeon (AVX-512, 2 cores)
+# 21 runs at batch 64 trained together took 1.2-1.3x the time of the same runs in chunks of 7 to 11 (plain, bn;
+# docs/performance.md). BNSUITE_MAX_RUNS_TOGETHER sets it for a machine where another size pays.
+MAX_RUNS_TOGETHER = 8
+MAX_RUNS_TOGETHER_VARIABLE = "BNSUITE_MAX_RUNS_TOGETHER"
+
+
+def max_runs_together() -> int:
+    """The most runs trained as one computation: $BNSUITE_MAX_RUNS_TOGETHER, else MAX_RUNS_TOGETHER."""
+    value = os.environ.get(MAX_RUNS_TOGETHER_VARIABLE, str(MAX_RUNS_TOGETHER))
+    if not value.strip().isdigit() or int(value) < 1:
+        raise ValueError(f"{MAX_RUNS_TOGETHER_VARIABLE}={value!r} is not a number of runs: set it to a whole number "
+                         f"of 1 or more (1 trains every run alone), or unset it for {MAX_RUNS_TOGETHER}")
+    return int(value)
 
 
 def has_diverged(batch_losses: torch.Tensor) -> bool:
@@ -116,8 +133,8 @@ def train_seeds(
 
     Where the fast step covers the variant's network (`fastpath.supports`,
     the one place that decides), the runs train as one batched computation
-    (bnsuite.fastpath), each on its own init and its own shuffle, bit for bit
-    as when trained alone, and each record names the seeds it trained with;
+    (bnsuite.fastpath), or as consecutive chunks of at most `max_runs_together()`, each on its own init and its
+    own shuffle, bit for bit as when trained alone, and each record names the runs it trained with;
     otherwise one after another. A run that diverges stops being
     recorded at that epoch while the others go on. `executor` is recorded as
     what ran them ("local", or "ray at ADDRESS, node ..." in a Ray task). `measures`: what the runs measure
@@ -127,13 +144,20 @@ def train_seeds(
     _check_one_group(specs)
     spec = specs[0]
     variant = checked(spec)  # the variant is registered and can train this run, or SpecError says what to change
+    if measures is None:
+        measures = study.measures(specs) if study is not None else frozenset()
+    cap = max_runs_together()
+    if len(specs) > cap:
+        chunks = -(-len(specs) // cap)
+        bounds = [len(specs) * index // chunks for index in range(chunks + 1)]
+        return [record for start, end in itertools.pairwise(bounds) for record in train_seeds(
+            specs[start:end], data_dir=data_dir, study=study, on_epoch=on_epoch, executor=executor,
+            measures=measures)]
     image_shape = DATASETS[spec.dataset].image_shape
     if len(specs) > 1 and not (spec.pipeline == "fast" and fastpath.supports(
             build_model(spec.variant, network=spec.network, image_shape=image_shape))):
         return [train_seeds((run,), data_dir=data_dir, study=study, on_epoch=on_epoch, executor=executor,
                             measures=measures)[0] for run in specs]
-    if measures is None:
-        measures = study.measures(specs) if study is not None else frozenset()
     device = resolve_device(spec.device)
     splits = load_splits(spec.dataset, validation_size=spec.validation_size, data_dir=data_dir)
     environment = describe_environment(device, splits.checksum)

@@ -154,6 +154,27 @@ def test_a_sweep_of_learning_rates_and_init_scales_trains_each_run_as_it_trains_
     assert len({record.train_losses[0] for record in together}) == len(specs)
 
 
+def test_a_group_larger_than_the_most_runs_together_trains_in_chunks_each_run_as_alone(mnist_dir, monkeypatch):
+    specs = [RunSpec(variant="bn", seed=seed, lr=lr, epochs=1, train_subset=1_000, validation_size=10_000)
+             for lr in (0.01, 0.3) for seed in (0, 1, 2)]
+    whole = train_seeds(specs, data_dir=mnist_dir)
+    monkeypatch.setenv(train_module.MAX_RUNS_TOGETHER_VARIABLE, "4")
+    chunked = train_seeds(specs, data_dir=mnist_dir)
+    assert [record.spec for record in chunked] == specs
+    # 6 runs, at most 4 together: two chunks of 3, in the order given.
+    assert [record.trained_with for record in chunked] == [tuple(s.case_id for s in specs[:3])] * 3 + [
+        tuple(s.case_id for s in specs[3:])] * 3
+    assert {record.runs_trained_together for record in chunked} == {3}
+    assert [_results(record)[:-1] for record in chunked] == [_results(record)[:-1] for record in whole]
+
+
+@pytest.mark.parametrize("value", ["0", "many", "-2"])
+def test_a_bad_most_runs_together_is_refused_naming_the_variable(mnist_dir, monkeypatch, value):
+    monkeypatch.setenv(train_module.MAX_RUNS_TOGETHER_VARIABLE, value)
+    with pytest.raises(ValueError, match=f"BNSUITE_MAX_RUNS_TOGETHER='{value}' is not a number of runs"):
+        train_seeds([RunSpec(variant="plain", epochs=1, train_subset=100)], data_dir=mnist_dir)
+
+
 def _models(variant, seeds):
     models = []
     for seed in seeds:
