@@ -385,7 +385,8 @@ def speed_rows(data: dict) -> list[str]:
         elif _kind(bench) == "fraction":
             row = {
                 "variant": info["variant"], "batch size": info["batch_size"],
-                "runs together": info["runs_together"], "epoch (s per run)": f"{info['epoch_s_per_run']:.2f}",
+                "runs together": info["runs_together"], "images": f"{info['images']:,}" if "images" in info else "",
+                "epoch (s per run)": f"{info['epoch_s_per_run']:.2f}",
                 "GFLOP/s": f"{info['achieved_gflops']:.1f}",
                 "fraction of matmul peak": f"{info['fraction_of_matmul_peak']:.2f}",
             }

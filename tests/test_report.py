@@ -178,10 +178,11 @@ def test_timings_come_from_the_benchmarks_bnsuite_kind_not_their_names(results, 
          "extra_info": {"bnsuite": "case", "case": "bn-bs128", "profile": "smoke", "runs": ["a", "b"]}},
         {"name": "other", "stats": stats,
          "extra_info": {"bnsuite": "fraction", "variant": "bn", "batch_size": 128, "runs_together": 2,
-                        "epoch_s_per_run": 1.5, "achieved_gflops": 40.0, "fraction_of_matmul_peak": 0.25}}])
+                        "images": 20_000, "epoch_s_per_run": 1.5, "achieved_gflops": 40.0,
+                        "fraction_of_matmul_peak": 0.25}}])
     markdown = report.build_report(results, out=results / "REPORT.md", benchmarks=storage, with_plots=False)
     assert "| bn-bs128 | smoke     |      2 |                         12.5 |" in markdown
-    assert "| bn        | 128          | 2               | 1.50" in markdown
+    assert "| bn        | 128          | 2               | 20,000   | 1.50" in markdown
 
 
 def test_the_speed_table_shows_the_roofline_and_the_most_reachable_fraction():
