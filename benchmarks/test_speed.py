@@ -140,8 +140,8 @@ def test_fast_path_epoch(benchmark, study, study_session, variant, batch_size, r
     The sweep's runs differ in seed only: a run's arithmetic does not depend on its learning rate, and runs
     that diverge (as a learning-rate sweep's do) would add their own slowdown to the figure.
     """
-    # At most 20,000 images, as the side-by-side paths: a rate is what is measured, and full epochs would make
-    # these figures a third of the speed module's time.
+    # At most 20,000 images: a rate is what is measured, and full epochs would make these figures a third of the
+    # speed module's time.
     specs = [_at_most(spec, SWEEP_IMAGES)
              for spec in _epoch_specs(study, variant, batch_size, "fast", seeds=tuple(range(runs_together)))]
     epoch_s = benchmark.pedantic(_epoch_time_per_run, args=(specs, study_session.data_dir), rounds=1, iterations=1)

@@ -41,6 +41,7 @@ from bnsuite.records import save_record
 from bnsuite.registry import PluginError, load_plugins, plugin_option
 from bnsuite.spec import DEFAULT_LR, SpecError, StudySpec
 from bnsuite.study import PROFILE_SETTINGS, StudySession, default_seeds, study_from_options
+from bnsuite.train import max_runs_together
 
 
 def _seeds(profile: str) -> str:
@@ -122,6 +123,10 @@ class StudyPlugin:
                 **{name.replace("-", "_"): config.getoption(f"--bn-{name}") for name in OPTIONS if name != "profile"},
             )
         except (SpecError, PluginError) as error:
+            raise pytest.UsageError(f"bnsuite: {error}") from None
+        try:
+            max_runs_together()  # a bad BNSUITE_MAX_RUNS_TOGETHER is refused before anything trains
+        except ValueError as error:
             raise pytest.UsageError(f"bnsuite: {error}") from None
         results_dir = config.getoption("--bn-results-dir") or os.environ.get("BNSUITE_RESULTS_DIR")
         # A user's runs go to results/PROFILE; the committed reference, in results/reference/PROFILE, is

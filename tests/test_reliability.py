@@ -111,6 +111,15 @@ def test_bad_option_on_the_command_line_is_one_message_and_no_traceback(pytester
     assert "Traceback" not in result.stdout.str() + result.stderr.str()
 
 
+def test_a_bad_most_runs_together_in_the_environment_is_one_message_before_anything_trains(pytester, monkeypatch):
+    monkeypatch.setenv("BNSUITE_MAX_RUNS_TOGETHER", "all")
+    pytester.makepyfile(test_plugin_case=STUDY_TEST)
+    result = _run_plugin(pytester)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert "bnsuite: BNSUITE_MAX_RUNS_TOGETHER='all' is not a number of runs" in result.stderr.str()
+    assert "Traceback" not in result.stdout.str() + result.stderr.str()
+
+
 def test_results_and_data_are_checked_only_when_the_run_collects_a_study_case(pytester, tmp_path):
     corrupt = tmp_path / "data"
     (corrupt / "MNIST" / "raw").mkdir(parents=True)
