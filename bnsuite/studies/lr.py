@@ -21,7 +21,7 @@ from bnsuite.claims import Claim, ClaimResult, Runs, compare, decide, held_out_a
 from bnsuite.records import RunRecord
 from bnsuite.registry import SectionContext, register_study
 from bnsuite.report_parts import claims_table, colors, runs_table, write_figure
-from bnsuite.spec import CONTRADICTED, KnownException, Study, StudySpec
+from bnsuite.spec import CONTRADICTED, UNSETTLED, KnownException, Study, StudySpec
 
 NAME = "lr"
 PLAIN, BN = "plain", "bn"
@@ -56,7 +56,12 @@ KNOWN_EXCEPTIONS = {
         KnownException("cnn-bn-highest-trainable-lr-3x-plain-bs64", CONTRADICTED,
                        "the plain ConvNet trains at lr 0.1 in every seed; with BN one seed in 3 does (0.1, against "
                        "0.01 for the other two): on this ConvNet, in 2 epochs, BN does not raise the highest rate that "
-                       "trains"),),
+                       "trains"),
+        KnownException("cnn-bn-best-accuracy-over-lrs-at-least-plain-bs64", UNSETTLED,
+                       "3 seeds show it only when every seed pair agrees, and one plain ConvNet seed at lr 0.1 "
+                       "decides that by the CPU's rounding: on an AMD EPYC (Zen 3) bn 94.66 against plain 93.47 at "
+                       "its best rate, supported (p 0.05); on an Intel Xeon bn 94.71 against 93.79, not shown "
+                       "(p 0.10)"),),
 }
 
 
