@@ -8,8 +8,9 @@ rules, chosen from what the records say produced them:
 
 - exact: every run was made in the same environment (the record's
   environment fingerprint: CPU model and vector flags, ATen dispatch, BLAS,
-  torch, threads, device, dataset) and trained in the same group as its
-  baseline run. The determinism contract (docs/determinism.md) then promises
+  torch, threads, device, dataset), trained in the same group as its
+  baseline run and by the same training step (`training_step`: the fused
+  step and the compiler that built it, or the ATen one). The determinism contract (docs/determinism.md) then promises
   identical records, so every per-epoch figure and every final metric must be
   equal bit for bit (times excepted); the first difference names the run, the
   epoch and the metric.
@@ -219,8 +220,11 @@ def measure(now: list[RunRecord], baseline: list[RunRecord]) -> tuple[MetricComp
 
 
 def _exactly_comparable(mine: RunRecord, theirs: RunRecord) -> bool:
+    """Same environment, same group and the same training step (the fused step, built by the same compiler, or the
+    ATen step): the determinism contract then promises identical records."""
     return (mine.environment.fingerprint() == theirs.environment.fingerprint()
-            and mine.trained_with is not None and mine.trained_with == theirs.trained_with)
+            and mine.trained_with is not None and mine.trained_with == theirs.trained_with
+            and mine.training_step == theirs.training_step)
 
 
 def first_difference(mine: RunRecord, theirs: RunRecord) -> str | None:

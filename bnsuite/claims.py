@@ -353,21 +353,30 @@ class Claim:
 def p_smaller(a: list[float], b: list[float]) -> float:
     """Exact one-sided permutation p-value that values in `a` tend to be smaller than in `b`.
 
-    The statistic counts pairs (x from a, y from b) with x < y, ties as one half,
-    so infinite values (diverged runs) are ordered, not averaged.
+    The statistic counts pairs (x from a, y from b) with x < y, ties as one half, so infinite values (diverged
+    runs) are ordered, not averaged. It falls as the sum of a's midranks in the pooled sample rises, so p is the
+    fraction of the C(n_a + n_b, n_a) relabellings whose a-side midrank sum is at most the one measured: counted
+    exactly, ties included, by `_rank_sum_counts` without enumerating them (milliseconds at 30 seeds a side).
     """
     if len(a) < 2 or len(b) < 2:
         return 1.0  # one run per group: nothing to tell the effect from seed noise
+    pooled = np.concatenate([np.asarray(a, dtype=float), np.asarray(b, dtype=float)])
+    doubled = np.rint(2 * stats.rankdata(pooled)).astype(int)  # midranks are halves: doubled, whole numbers
+    measured = int(doubled[:len(a)].sum())
+    counts = _rank_sum_counts(tuple(doubled), len(a))
+    return float(counts[:measured + 1].sum() / counts.sum())
 
-    def pairs_smaller(x, y, axis=-1):
-        x, y = np.asarray(x)[..., :, None], np.asarray(y)[..., None, :]
-        return ((x < y) + 0.5 * (x == y)).sum(axis=(-1, -2))
 
-    result = stats.permutation_test(
-        (np.asarray(a, dtype=float), np.asarray(b, dtype=float)), pairs_smaller,
-        permutation_type="independent", alternative="greater", n_resamples=np.inf, vectorized=True,
-    )
-    return float(result.pvalue)
+@functools.lru_cache(maxsize=256)
+def _rank_sum_counts(scores: tuple[int, ...], size: int) -> np.ndarray:
+    """How many `size`-subsets of `scores` have each sum (index: the sum): the exact null distribution of a
+    rank-sum statistic, built item by item (subsets with the item, and without). In float64, whose counts are
+    whole numbers exactly up to 2^53 (any split of 56 runs) and within 1e-16 of them beyond."""
+    counts = np.zeros((size + 1, sum(sorted(scores)[-size:]) + 1))
+    counts[0, 0] = 1.0
+    for score in scores:
+        counts[1:, score:] += counts[:-1, :counts.shape[1] - score].copy()
+    return counts[size]
 
 
 def decide(p_claim: float, p_opposite: float, alpha: float) -> str:

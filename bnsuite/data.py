@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from bnsuite.datasets import DATASETS, DatasetInfo
-from bnsuite.files import write_atomically
+from bnsuite.files import user_cache_dir, write_atomically
 from bnsuite.idx import IdxFormatError, decode_idx, encode_idx, md5_of, read_idx_bytes
 
 SOURCES = ("local", "download", "offline")
@@ -85,8 +85,7 @@ def default_data_dir() -> Path:
     """`$BNSUITE_DATA_DIR`, else a per-user cache directory."""
     if os.environ.get("BNSUITE_DATA_DIR"):
         return Path(os.environ["BNSUITE_DATA_DIR"]).expanduser()
-    cache_home = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(cache_home) / "bnsuite"
+    return user_cache_dir()
 
 
 def normalize(images: torch.Tensor, info: DatasetInfo | None = None) -> torch.Tensor:

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from bnsuite import fastpath
+from bnsuite import fastpath, fused
 from bnsuite.data import Splits
 from bnsuite.landscape import Landscaper
 from bnsuite.models import make_optimizer
@@ -53,7 +53,11 @@ class TensorEpochs:
         self.shuffles = shuffles
         images, self.labels = training_set(splits, spec)
         self.images = images.view(len(images), -1)
-        if spec.pipeline == "fast" and fastpath.supports(models[0]):
+        if spec.pipeline == "fast" and fused.supports(models[0], spec.batch_size):
+            self.step = fused.FusedStep(models, self.images, self.labels, lr=[run.lr for run in specs],
+                                        momentum=spec.momentum, batch_size=spec.batch_size,
+                                        dropout_generators=dropout_generators)
+        elif spec.pipeline == "fast" and fastpath.supports(models[0]):
             self.step = fastpath.FastStep(models, lr=[run.lr for run in specs], momentum=spec.momentum,
                                           dropout_generators=dropout_generators)
             if self.images.is_cuda and CUDA_GRAPHS and not self.step.dropout:
@@ -83,10 +87,19 @@ class TensorEpochs:
     @property
     def step_name(self) -> str:
         """What steps the training, as records say it (RunRecord.training_step)."""
-        return self.step.NAME
+        return getattr(self.step, "step_name", None) or self.step.NAME
+
+    @property
+    def evaluate(self):
+        """Every model's evaluation at once where the fused step trains them (FusedStep.evaluate), else None: each
+        model is then evaluated as a module (bnsuite.evaluation.evaluate_all)."""
+        return self.step.evaluate if isinstance(self.step, fused.FusedStep) else None
 
     def __call__(self) -> EpochResult:
         size = self.spec.train_size
+        if isinstance(self.step, fused.FusedStep):  # it gathers each batch itself, through the epoch's order
+            self.correct.zero_()
+            return self._train_fused(torch.stack([epoch_order(size, shuffle) for shuffle in self.shuffles]))
         orders = torch.cat([epoch_order(size, shuffle) for shuffle in self.shuffles])
         orders = orders.to(self.images.device, non_blocking=True)
         # One gather per epoch; every batch is then a view, with no copy per step. Into buffers kept from the
@@ -110,6 +123,27 @@ class TensorEpochs:
             self.correct += (logits.argmax(dim=2) == batch_labels).sum(dim=1)
             steps += 1
             self.steps_taken += 1
+            if self.prober is not None:
+                self.prober.after_step(self.steps_taken)
+        if self.prober is not None:
+            self.prober(self.steps_taken)  # every epoch end
+        return self.batch_losses[:, :steps], self.correct, steps
+
+    def _train_fused(self, orders: torch.Tensor) -> EpochResult:
+        """The epoch through the fused step, in the order `orders` (S, N): one C call per run of steps between
+        checkpoints (the probe's after a step, the landscape's before one), each taken where the step-by-step loop
+        takes it."""
+        steps, batch_size = self.spec.steps_per_epoch, self.spec.batch_size
+        hooks = [hook.every for hook in (self.prober, self.landscaper) if hook is not None]
+        done = 0
+        while done < steps:
+            if self.landscaper is not None and self.landscaper.due(self.steps_taken):
+                batch = orders[:, done * batch_size:(done + 1) * batch_size]
+                self.landscaper(self.steps_taken, self.images[batch], self.labels[batch])
+            run = min([steps - done] + [every - self.steps_taken % every for every in hooks])
+            self.step.train(orders, done, run, self.batch_losses, self.correct)
+            done += run
+            self.steps_taken += run
             if self.prober is not None:
                 self.prober.after_step(self.steps_taken)
         if self.prober is not None:

@@ -129,7 +129,7 @@ class FastStep:
         self.momentum = momentum
         self.norm = normalization(models[0])
         self.ghost_size = getattr(models[0].bn1, "ghost_size", None) if self.norm == "ghost" else None
-        self.weights = {name: _stack_into(models, name) for name, _ in models[0].named_parameters()}
+        self.weights = {name: stack_into(models, name) for name, _ in models[0].named_parameters()}
         self.gradients = {name: torch.zeros_like(weight) for name, weight in self.weights.items()}
         # Each model's slices, made once: the step's per-model calls index nothing.
         self.per_model = {name: tensor.unbind(0) for name, tensor in self.weights.items()}
@@ -144,9 +144,9 @@ class FastStep:
             for slot, stacked in enumerate((self.weights.values(), self.gradients.values(), momentum_buffers)):
                 lists[slot] += [tensor[index] for tensor in stacked]
         if self.norm in ("bn", "ghost"):
-            self.running = {name: _stack_into(models, name) for name in (
+            self.running = {name: stack_into(models, name) for name in (
                 "bn1.running_mean", "bn1.running_var", "bn2.running_mean", "bn2.running_var")}
-            self.batches_tracked = _stack_into(models, "bn1.num_batches_tracked", "bn2.num_batches_tracked")
+            self.batches_tracked = stack_into(models, "bn1.num_batches_tracked", "bn2.num_batches_tracked")
         self.first_step = True
         # The step's activations and gradients, allocated once per batch size and written in place every step
         # (the same blocks, so the same alignment). On a GPU the CUDA graph's memory pool owns them instead.
@@ -395,7 +395,7 @@ def _per_model_empty(models: int, rows: int, columns: int, *, like: torch.Tensor
     return Blocks(stacked, each, tuple(block.t() for block in each))
 
 
-def _stack_into(models: list[nn.Module], *names: str) -> torch.Tensor:
+def stack_into(models: list[nn.Module], *names: str) -> torch.Tensor:
     """The models' tensors `names` stacked as (len(names), S, ...), or (S, ...) for one name.
 
     Each model's own tensor becomes a view of its slice, so the model sees every in-place update.

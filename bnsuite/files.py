@@ -7,6 +7,11 @@ import tempfile
 from pathlib import Path
 
 
+def user_cache_dir() -> Path:
+    """bnsuite's per-user cache directory: `$XDG_CACHE_HOME/bnsuite`, else `~/.cache/bnsuite`."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "bnsuite"
+
+
 def write_atomically(path: Path, payload: bytes) -> None:
     """Write `payload` to `path` through a temporary file in the same directory.
 

@@ -197,9 +197,11 @@ class RunRecord:
     # The last hidden layer's pre-activation percentiles over training; None where the run was not probed (the
     # original pipeline, a diverged run's probe with non-finite values, and records of schemas 1 and 2).
     activations: ActivationTrace | None
-    # What stepped the training: "fast" (bnsuite.fastpath), "fast, CUDA graph" (the fast step replayed as a
-    # graph), "eager" (autograd + torch.optim: the eager pipeline, and the fallback for variants the fast step does
-    # not cover) or "original" (the notebook's DataLoader loop). None only in records of schema 3 and earlier.
+    # What stepped the training: "fused (COMPILER)" (bnsuite.fused: the C step, and the compiler that built it),
+    # "fast" (bnsuite.fastpath, the ATen step: where the fused one cannot be built, and on a GPU), "fast, CUDA graph"
+    # (the fast step replayed as a graph), "eager" (autograd + torch.optim: the eager pipeline, and the fallback for
+    # variants the fast step does not cover) or "original" (the notebook's DataLoader loop). None only in records
+    # of schema 3 and earlier.
     training_step: str | None
     # Gradient-based covariate shift and loss-landscape smoothness along training (bnsuite.landscape); None where
     # not measured (the original pipeline, a diverged run, and records of schema 6 and earlier).

@@ -30,16 +30,14 @@ from collections.abc import Callable, Collection, Iterator, Sequence
 from pathlib import Path
 
 import torch
-from torch import nn
-from torch.nn import functional as F
 
 from bnsuite import fastpath
 from bnsuite.data import load_splits
 from bnsuite.datasets import DATASETS
 from bnsuite.environment import KEEP_DENORMALS_VARIABLE, describe_environment, flush_denormals, now_utc
 from bnsuite.epochs import TensorEpochs, training_set
+from bnsuite.evaluation import evaluate, evaluate_all, evaluate_with_batch_statistics  # noqa: F401 (re-exported)
 from bnsuite.models import build_model
-from bnsuite.probe import as_in_training
 from bnsuite.records import EpochRecord, RunRecord, finite_or_none
 from bnsuite.registry import checked
 from bnsuite.spec import RunSpec, StudySpec
@@ -64,10 +62,6 @@ def _original_epochs(*args, measures=frozenset(), **kwargs):
 
 # pipeline -> runner(specs, models, shuffles, splits, data_dir=..., measures=...), whose call trains one epoch.
 EPOCH_RUNNERS = {"fast": TensorEpochs, "eager": TensorEpochs, "original": _original_epochs}
-EVALUATION_BATCH = 10_000  # evaluation has no gradients: big batches are exact and fast
-# A ConvNet's feature maps for 10,000 images leave the caches: 500 at a time evaluates about 2.5x faster
-# (measured on 2 cores, AMD EPYC Zen 3).
-CONV_EVALUATION_BATCH = 500
 # A cross-entropy of 1,000 nats means logit gaps of 1,000: the weights have blown up.
 # Training from default init starts near ln(10) = 2.3; a run past this never recovers
 # (at lr 5.0, plain reaches 1e15 and then sits at chance with a finite loss).
@@ -184,17 +178,22 @@ def train_seeds(
             _synchronize(device)
             epoch_time = (time.perf_counter() - started) / len(specs)  # each run's share of the computation
 
-            for index, (run, model) in enumerate(zip(specs, models, strict=True)):
-                if diverged_at_epoch[index] is not None:
-                    continue
-                steps[index] += steps_taken
-                if has_diverged(batch_losses[index]):
-                    diverged_at_epoch[index] = epoch
-                    continue
-                validation = evaluate(model, splits.validation_images, splits.validation_labels)
-                test = evaluate(model, splits.test_images, splits.test_labels)
-                held_out = ((splits.validation_images, splits.validation_labels) if run.held_out == "validation"
-                            else (splits.test_images, splits.test_labels))
+            for index in range(len(specs)):
+                if diverged_at_epoch[index] is None:
+                    steps[index] += steps_taken
+                    if has_diverged(batch_losses[index]):
+                        diverged_at_epoch[index] = epoch
+            live = [index for index, diverged in enumerate(diverged_at_epoch) if diverged is None]
+            if not live:
+                break
+            validations = evaluate_all(run_epoch, models, splits.validation_images, splits.validation_labels)
+            tests = evaluate_all(run_epoch, models, splits.test_images, splits.test_labels)
+            held_out = ((splits.validation_images, splits.validation_labels) if spec.held_out == "validation"
+                        else (splits.test_images, splits.test_labels))
+            with_batch_statistics = evaluate_all(run_epoch, models, *held_out, batch_statistics=spec.batch_size) \
+                if variant.batch_statistics else None
+            for index in live:
+                run, validation, test = specs[index], validations[index], tests[index]
                 record = EpochRecord(
                     epoch=epoch,
                     train_loss=batch_losses[index].mean().item(),
@@ -204,27 +203,27 @@ def train_seeds(
                     test_loss=test[0],
                     test_accuracy=test[1],
                     epoch_time_s=epoch_time,
-                    batch_statistics_accuracy=evaluate_with_batch_statistics(model, *held_out, run.batch_size)
-                    if variant.batch_statistics else None,
+                    batch_statistics_accuracy=with_batch_statistics[index][1] if with_batch_statistics else None,
                 )
                 epochs[index].append(record)
                 if on_epoch is not None:
                     on_epoch(run, record)
-            if all(diverged is not None for diverged in diverged_at_epoch):
-                break
 
         records = []
         prober = getattr(run_epoch, "prober", None)  # the original pipeline is not probed
         traces = prober.traces() if prober is not None else [None] * len(specs)
         landscaper = getattr(run_epoch, "landscaper", None)
         landscapes = landscaper.traces() if landscaper is not None else [None] * len(specs)
-        finished = zip(specs, models, epochs, steps, diverged_at_epoch, traces, landscapes, strict=True)
-        for run, model, run_epochs, run_steps, diverged, trace, landscape in finished:
+        on_training_set = evaluate_all(run_epoch, models, *training_set(splits, spec))
+        finished = zip(specs, models, epochs, steps, diverged_at_epoch, traces, landscapes, on_training_set,
+                       strict=True)
+        for run, model, run_epochs, run_steps, diverged, trace, landscape, train_eval in finished:
+            train_loss_eval, train_accuracy_eval = train_eval
             if diverged is None and run_epochs:  # the model the last epoch evaluated: its figures, not a rerun
                 test_loss, test_accuracy = run_epochs[-1].test_loss, run_epochs[-1].test_accuracy
-            else:  # a diverged run kept training with its group after its last recorded epoch
+            else:  # a diverged run kept training with its group after its last recorded epoch: as a module
                 test_loss, test_accuracy = evaluate(model, splits.test_images, splits.test_labels)
-            train_loss_eval, train_accuracy_eval = evaluate(model, *training_set(splits, run))
+                train_loss_eval, train_accuracy_eval = evaluate(model, *training_set(splits, run))
             records.append(RunRecord(
                 spec=run,
                 variant=variant,
@@ -280,49 +279,6 @@ def _check_one_group(specs: list[RunSpec]) -> None:
                          "these differ in more")
     if len(set(specs)) != len(specs):
         raise ValueError("train_seeds was given the same run twice; give each run once")
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> tuple[float | None, float | None]:
-    """(mean cross-entropy, accuracy in percent) in eval mode; (None, None) for an empty split."""
-    if len(labels) == 0:
-        return None, None
-    was_training = model.training
-    model.eval()
-    loss_sum = torch.zeros((), device=images.device)
-    correct = torch.zeros((), dtype=torch.long, device=images.device)
-    size = CONV_EVALUATION_BATCH if any(isinstance(layer, nn.Conv2d) for layer in model.modules()) \
-        else EVALUATION_BATCH
-    for start in range(0, len(labels), size):
-        logits = model(images[start:start + size])
-        batch_labels = labels[start:start + size]
-        loss_sum += F.cross_entropy(logits, batch_labels, reduction="sum")
-        correct += (logits.argmax(dim=1) == batch_labels).sum()
-    model.train(was_training)
-    return loss_sum.item() / len(labels), 100.0 * correct.item() / len(labels)
-
-
-@torch.no_grad()
-def evaluate_with_batch_statistics(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-                                   batch_size: int) -> float | None:
-    """Accuracy (%) with every normalization layer normalizing each batch of `batch_size` images by its own
-    statistics.
-
-    What the network computes in training mode, on held-out images: the counterpart of `evaluate`'s running
-    estimates, for a variant with batch statistics. The model changes in nothing (bnsuite.probe.as_in_training:
-    its buffers are copies for the call, dropout is off). Batches are consecutive, the last one shorter (merged
-    into the one before if it would hold a single image). None for an empty split.
-    """
-    if len(labels) == 0:
-        return None
-    starts = list(range(0, len(labels), batch_size))
-    if len(starts) > 1 and len(labels) - starts[-1] == 1:
-        starts.pop()  # a batch of one image has no batch statistics
-    correct = torch.zeros((), dtype=torch.long, device=images.device)
-    with as_in_training(model) as forward:
-        for start, end in zip(starts, starts[1:] + [len(labels)], strict=True):
-            correct += (forward(images[start:end]).argmax(dim=1) == labels[start:end]).sum()
-    return 100.0 * correct.item() / len(labels)
 
 
 def _synchronize(device: torch.device) -> None:

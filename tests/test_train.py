@@ -79,8 +79,15 @@ def test_different_seeds_give_different_trajectories(mnist_dir):
     assert zero.train_losses != one.train_losses
 
 
-@pytest.mark.parametrize("variant", ["plain", "bn", "plain-dropout", "bn-dropout", "ln", "bn-ghost8", "bn-ghost32"])
-def test_fast_step_matches_the_eager_autograd_step(mnist_dir, variant):
+# Ghost batches of 8 amplify float32 rounding enough that two correct implementations part by 1e-4 within an epoch:
+# the ATen step, made of the eager step's own kernels, stays within 1e-5 of it; the fused step's arithmetic is held
+# against autograd's in float64 instead (tests/test_fused.py).
+@pytest.mark.parametrize("variant, step", [
+    *((variant, step) for variant in ("plain", "bn", "plain-dropout", "bn-dropout", "ln", "bn-ghost32")
+      for step in ("fused", "aten")), ("bn-ghost8", "aten")])
+def test_fast_step_matches_the_eager_autograd_step(mnist_dir, variant, step, request):
+    if step == "aten":
+        request.getfixturevalue("aten_fast_step")
     # Dropout variants too: the fast step draws each model's masks from where torch's RNG stood after its init,
     # exactly as F.dropout draws them in the eager step.
     fast = train(RunSpec(variant=variant, pipeline="fast", **SMALL), data_dir=mnist_dir)
@@ -414,7 +421,8 @@ def test_a_study_asking_for_a_measurement_bnsuite_does_not_make_is_refused_with_
         Study("mine", variants=("bn",), batch_sizes=(64,), epochs=1, measures=("hessian",))
 
 
-def test_records_say_which_step_trained_them_and_uncovered_variants_fall_back_to_the_eager_step(mnist_dir):
+def test_records_say_which_step_trained_them_and_uncovered_variants_fall_back_to_the_eager_step(mnist_dir,
+                                                                                                 aten_fast_step):
     for variant, step in (("bn-scratch", "eager"), ("bn-ghost4", "fast"), ("ln", "fast"), ("bn", "fast")):
         records = train_seeds([RunSpec(variant=variant, seed=seed, batch_size=32, **SMALL) for seed in (0, 1)],
                               data_dir=mnist_dir)

@@ -165,7 +165,7 @@ def ghost_section(context: SectionContext) -> list[str]:
              "involves another image.", ""]
     if not records:
         return lines + ["_No runs of this study yet._", ""]
-    steps = {r.spec.variant: r.training_step for r in records if r.training_step not in (None, "fast")}
+    steps = {r.spec.variant: r.training_step for r in records if r.training_step == "eager"}
     steps = [f"{variant}: {steps[variant]}" for variant in study.variants if variant in steps]
     if steps:
         lines += ["Not covered by the fast step, so trained by the eager step (autograd + torch.optim), as their "

@@ -1,0 +1,386 @@
+"""The fused training step: bnsuite/native/mlp.c, compiled on this machine, stepping S models a run of batches at a
+time.
+
+The ATen fast step (bnsuite.fastpath) still pays a Python call and a few
+microseconds of dispatch for each of the few dozen kernels of a step, and
+runs each small matrix product on both cores, where it fills neither. The
+fused step runs a whole run of batches (up to the next probe or landscape
+checkpoint) in one C call: each model on one thread from its first batch to
+its last, its products single-threaded BLAS calls (torch's own sgemm) and
+everything between them (bias, batch, ghost-batch or layer normalization,
+ReLU, dropout, the loss and its gradient, SGD with momentum) in loops over
+the data with nothing allocated. Two models train side by side on two cores.
+
+A model's arithmetic is all on its own thread, in an order that depends on
+nothing but its own shapes, so a run trained in a group equals, bit for bit,
+the run trained alone, on any number of threads (bnsuite.fastpath states the
+same contract for the ATen step). The numbers are not the ATen step's bit
+for bit (the normalization sums in another order, the momentum buffer takes
+the gradient inside the product): they agree with autograd to float
+rounding, tested like the ATen step.
+
+It is built the first time a process needs it, with the C compiler in `$CC`
+(else `cc`), `-O3 -march=native -fopenmp`, and cached per source, compiler,
+flags and CPU under the user's cache directory (`$BNSUITE_BUILD_DIR` to
+choose another). Where it cannot be had (no compiler, a torch whose BLAS is
+not MKL, a GPU, or `BNSUITE_FUSED=0`) training falls back to the ATen fast
+step and the record says which trained it (`RunRecord.training_step`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from bnsuite.environment import cpu_model_and_flags
+from bnsuite.fastpath import BN_EPS, BN_MOMENTUM, normalization, stack_into
+from bnsuite.files import user_cache_dir
+
+SOURCE = Path(__file__).parent / "native" / "mlp.c"
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared")
+ABI_VERSION = 2  # bn_abi_version() of the C source: the Step layout below matches it
+SWITCH_VARIABLE = "BNSUITE_FUSED"  # "0": train on the ATen fast step even where the fused one builds
+BUILD_DIR_VARIABLE = "BNSUITE_BUILD_DIR"
+COMPILE_TIMEOUT_S = 300
+MAX_LAYERS = 8
+MAX_GHOST_BATCHES = 1024  # the C source's bound on ghost batches per batch
+# Steps per C call at most: dropout masks for them are drawn ahead (as F.dropout draws them, step by step), so a
+# run of batches with dropout holds its masks; without dropout a call runs to the next checkpoint.
+DROPOUT_CHUNK = 16
+NORMALIZATIONS = {"none": 0, "bn": 1, "ghost": 1, "ln": 2}
+
+
+class Unavailable(RuntimeError):
+    """The fused step cannot be built or loaded here; the message says why and what trains instead."""
+
+
+PRECISIONS = {torch.float32: ("float32", (), "sgemm_", ctypes.c_float),
+              torch.float64: ("float64", ("-DBN_DOUBLE",), "dgemm_", ctypes.c_double)}
+
+
+@dataclass(frozen=True)
+class Build:
+    """The loaded library and what built it, as a record names it."""
+
+    library: ctypes.CDLL
+    compiler: str  # the first line of `$CC --version`
+    dtype: torch.dtype
+
+    @property
+    def step_name(self) -> str:
+        return f"fused ({self.compiler})"
+
+
+@functools.cache
+def build(dtype: torch.dtype = torch.float32) -> Build:
+    """The fused step's library for `dtype` (float32 trains; float64 is the tests' check of the arithmetic),
+    compiled once per source, compiler and CPU, and loaded; Unavailable if it cannot be. The outcome, failure
+    included, is kept for the process."""
+    if os.environ.get(SWITCH_VARIABLE, "1") == "0":
+        raise Unavailable(f"switched off by {SWITCH_VARIABLE}=0")
+    if not torch.backends.mkl.is_available():
+        raise Unavailable("this torch's BLAS is not MKL, whose sgemm the fused step calls")
+    compiler = os.environ.get("CC") or "cc"
+    path = shutil.which(compiler)
+    if path is None:
+        raise Unavailable(f"no C compiler ({compiler!r} is not on PATH; set CC or install gcc)")
+    try:
+        version = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=60, check=True)
+        compiler_line = (version.stdout.strip().splitlines() or [compiler])[0]
+    except (OSError, subprocess.SubprocessError) as error:
+        raise Unavailable(f"the C compiler {compiler!r} does not run ({error})") from None
+    precision, defines, gemm_symbol, _ = PRECISIONS[dtype]
+    flags = (*FLAGS, *defines)
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([source, compiler_line.encode(), " ".join(flags).encode(),
+                                     repr(cpu_model_and_flags()).encode()])).hexdigest()[:16]
+    directory = Path(os.environ.get(BUILD_DIR_VARIABLE) or user_cache_dir() / "native")
+    target = directory / f"mlp-{precision}-{key}.so"
+    if not target.exists():
+        _compile(path, compiler, flags, target)
+    library = ctypes.CDLL(str(target))
+    if library.bn_abi_version() != ABI_VERSION:
+        raise Unavailable(f"{target} was built from another version of {SOURCE.name}; delete it")
+    blas = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
+    try:
+        gemm, threads = getattr(blas, gemm_symbol), blas.MKL_Set_Num_Threads_Local
+    except AttributeError:
+        raise Unavailable("torch's library exports no MKL sgemm here") from None
+    library.bn_set_blas(ctypes.cast(gemm, ctypes.c_void_p), ctypes.cast(threads, ctypes.c_void_p))
+    library.bn_train_steps.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+    library.bn_train_steps.restype = None
+    library.bn_evaluate.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int,
+                                    ctypes.c_void_p, ctypes.c_void_p]
+    library.bn_evaluate.restype = None
+    library.bn_time_products.argtypes = [ctypes.c_void_p, ctypes.c_int]
+    library.bn_time_products.restype = None
+    return Build(library, compiler_line, dtype)
+
+
+def _compile(compiler_path: str, compiler: str, flags: tuple[str, ...], target: Path) -> None:
+    """Compile the source into `target`, through a temporary file renamed into place (builds in parallel
+    processes do not collide)."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        descriptor, partial = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial")
+        os.close(descriptor)
+    except OSError as error:
+        raise Unavailable(f"cannot write the build to {target.parent} ({error.strerror or error}); set "
+                          f"{BUILD_DIR_VARIABLE} to a writable directory") from None
+    try:
+        result = subprocess.run([compiler_path, *flags, str(SOURCE), "-o", partial, "-lm"], capture_output=True,
+                                text=True, timeout=COMPILE_TIMEOUT_S)
+        if result.returncode != 0:
+            last = (result.stderr.strip().splitlines() or ["no message"])[-1]
+            raise Unavailable(f"{compiler} could not build {SOURCE.name}: {last}")
+        os.replace(partial, target)
+    except (OSError, subprocess.SubprocessError) as error:
+        raise Unavailable(f"{compiler} could not build {SOURCE.name} ({error})") from None
+    finally:
+        Path(partial).unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def switched_off() -> Iterator[None]:
+    """Train on the ATen fast step for the duration (the speed benchmark's side-by-side path, the fallback's tests),
+    as `BNSUITE_FUSED=0` does for a whole process."""
+    before = os.environ.get(SWITCH_VARIABLE)
+    os.environ[SWITCH_VARIABLE] = "0"
+    build.cache_clear()
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[SWITCH_VARIABLE]
+        else:
+            os.environ[SWITCH_VARIABLE] = before
+        build.cache_clear()
+
+
+def status() -> str:
+    """What the fast pipeline trains the MLP with on a CPU here, in one line (the study's header prints it)."""
+    try:
+        return f"training step: {build().step_name}, each model on one thread"
+    except Unavailable as error:
+        return f"training step: the ATen fast step (the fused one is unavailable: {error})"
+
+
+def supports(model: nn.Module, batch_size: int) -> bool:
+    """Whether the fused step trains `model` at `batch_size`: the ATen fast step's networks and normalizations
+    (bnsuite.fastpath.normalization), on a CPU, where the library builds."""
+    norm = normalization(model)
+    parameter = next(model.parameters())
+    if norm is None or parameter.device.type != "cpu" or parameter.dtype not in PRECISIONS:
+        return False
+    ghost = getattr(model.bn1, "ghost_size", None) if norm == "ghost" else None
+    if ghost is not None and -(-batch_size // ghost) > MAX_GHOST_BATCHES:
+        return False
+    try:
+        build(parameter.dtype)
+    except Unavailable:
+        return False
+    return True
+
+
+_P = ctypes.c_void_p
+_I64 = ctypes.c_int64
+
+
+@functools.cache
+def _step_type(real: type) -> type:
+    """The C source's `Step`, field for field, with `real` (ctypes.c_float or c_double) for its scalars."""
+    return type("Step", (ctypes.Structure,), {"_fields_": _fields(real)})
+
+
+def _fields(real: type) -> list:
+    return [
+        ("models", ctypes.c_int), ("layers", ctypes.c_int), ("threads", ctypes.c_int), ("classes", ctypes.c_int),
+        ("batch_size", ctypes.c_int), ("train_size", ctypes.c_int), ("first_step", ctypes.c_int),
+        ("momentum", real), ("eps", real), ("norm_momentum", real), ("keep", real),
+        ("widths", ctypes.c_int * (MAX_LAYERS + 1)), ("norm", ctypes.c_int * MAX_LAYERS),
+        ("ghost", ctypes.c_int * MAX_LAYERS),
+        ("lr", _P), ("images", _P), ("labels", _P), ("order", _P), ("order_stride", _I64),
+        ("batch", _P), ("batch_stride", _I64), ("batch_labels", _P), ("batch_labels_stride", _I64),
+        ("weight", _P * MAX_LAYERS), ("bias", _P * MAX_LAYERS),
+        ("weight_momentum", _P * MAX_LAYERS), ("bias_momentum", _P * MAX_LAYERS),
+        ("gamma", _P * MAX_LAYERS), ("beta", _P * MAX_LAYERS),
+        ("gamma_momentum", _P * MAX_LAYERS), ("beta_momentum", _P * MAX_LAYERS),
+        ("running_mean", _P * MAX_LAYERS), ("running_var", _P * MAX_LAYERS),
+        ("batches_tracked", _P * MAX_LAYERS),
+        ("masks", _P * MAX_LAYERS), ("masks_stride", _I64 * MAX_LAYERS), ("masks_step", _I64 * MAX_LAYERS),
+        ("normalized", _P * MAX_LAYERS), ("activation", _P * MAX_LAYERS), ("gradient", _P * MAX_LAYERS),
+        ("activation_stride", _I64 * MAX_LAYERS),
+        ("invstd", _P * MAX_LAYERS), ("invstd_stride", _I64 * MAX_LAYERS),
+        ("logits", _P), ("logits_stride", _I64),
+        ("scratch", _P), ("scratch_stride", _I64),
+        ("losses", _P), ("losses_stride", _I64),
+        ("correct", _P),
+    ]
+
+
+def _blocks(models: int, size: int, dtype: torch.dtype) -> torch.Tensor:
+    """(models, size rounded up to a cache line), uninitialized: each model's block 64-byte aligned."""
+    per_line = 64 // torch.empty((), dtype=dtype).element_size()
+    return torch.empty(models, -(-size // per_line) * per_line, dtype=dtype)
+
+
+class FusedStep:
+    """Trains S same-shaped models of the study's MLP family on an epoch's batches, a run of steps per call.
+
+    As with the ATen step, the models keep working as modules: their parameters and running statistics become
+    views into the stacked tensors the C code updates, so evaluating a model or reading its state needs no copy.
+    """
+
+    def __init__(self, models: Sequence[nn.Module], images: torch.Tensor, labels: torch.Tensor, *,
+                 lr: float | Sequence[float], momentum: float, batch_size: int,
+                 dropout_generators: Sequence[torch.Generator] | None = None):
+        """`images` (N, features) and `labels` (N,): the training set the epochs' orders index."""
+        models = list(models)
+        norms = {normalization(model) for model in models}
+        if len(norms) != 1 or None in norms or len({type(model) for model in models}) != 1:
+            raise ValueError("FusedStep trains one or more models of one class the fast step covers")
+        (norm,) = norms
+        dtype = next(models[0].parameters()).dtype
+        self.build = build(dtype)
+        self.models = models
+        self.dropout = models[0].dropout.p if hasattr(models[0], "dropout") else 0.0
+        if self.dropout and (dropout_generators is None or len(dropout_generators) != len(models)):
+            raise ValueError("FusedStep needs one dropout generator per model for a dropout variant")
+        self.dropout_generators = list(dropout_generators or [])
+        lrs = [lr] * len(models) if isinstance(lr, (int, float)) else list(lr)
+        if len(lrs) != len(models):
+            raise ValueError(f"FusedStep got {len(lrs)} learning rates for {len(models)} models")
+        linears = [name for name, module in models[0].named_children() if isinstance(module, nn.Linear)]
+        hidden = len(linears) - 1
+        widths = [models[0].get_submodule(linears[0]).in_features] + [
+            models[0].get_submodule(name).out_features for name in linears]
+        count, rows = len(models), batch_size + 1  # + 1: a batch-statistics evaluation's last batch may hold one more
+        if images.dtype != dtype or labels.dtype != torch.int64 or images.shape != (len(labels), widths[0]):
+            raise ValueError(f"FusedStep trains on {dtype} images (N, {widths[0]}) and int64 labels (N,)")
+        self.images, self.labels = images.contiguous(), labels.contiguous()
+        train_size = len(labels)
+        step = _step_type(PRECISIONS[dtype][3])(
+            models=count, layers=len(linears), threads=torch.get_num_threads(), classes=widths[-1],
+            batch_size=batch_size, train_size=train_size, first_step=1, momentum=momentum, eps=BN_EPS,
+            norm_momentum=BN_MOMENTUM, keep=1.0 - self.dropout)
+        keep: list[torch.Tensor] = []  # every tensor the C code points into, alive as long as the step
+
+        def pointer(tensor: torch.Tensor) -> int:
+            keep.append(tensor)
+            return tensor.data_ptr()
+
+        for index, width in enumerate(widths):
+            step.widths[index] = width
+        self.lrs = torch.tensor(lrs, dtype=dtype)
+        step.lr = pointer(self.lrs)
+        step.images, step.labels = pointer(self.images), pointer(self.labels)
+        batch = _blocks(count, rows * widths[0], dtype)
+        step.batch, step.batch_stride = pointer(batch), batch.shape[1]
+        batch_labels = torch.empty(count, rows, dtype=torch.int64)
+        step.batch_labels, step.batch_labels_stride = pointer(batch_labels), rows
+        for layer, name in enumerate(linears):
+            for field, tensor_name in (("weight", f"{name}.weight"), ("bias", f"{name}.bias")):
+                stacked = stack_into(models, tensor_name)
+                getattr(step, field)[layer] = pointer(stacked)
+                getattr(step, f"{field}_momentum")[layer] = pointer(torch.zeros_like(stacked))
+        widest = max(widths)
+        for layer in range(hidden):
+            features = widths[layer + 1]
+            norm_name = f"bn{layer + 1}"
+            step.norm[layer] = NORMALIZATIONS[norm]
+            step.ghost[layer] = getattr(models[0].get_submodule(norm_name), "ghost_size", None) or batch_size \
+                if norm in ("bn", "ghost") else batch_size
+            if norm != "none":
+                for field, tensor_name in (("gamma", f"{norm_name}.weight"), ("beta", f"{norm_name}.bias")):
+                    stacked = stack_into(models, tensor_name)
+                    getattr(step, field)[layer] = pointer(stacked)
+                    getattr(step, f"{field}_momentum")[layer] = pointer(torch.zeros_like(stacked))
+            if norm in ("bn", "ghost"):
+                step.running_mean[layer] = pointer(stack_into(models, f"{norm_name}.running_mean"))
+                step.running_var[layer] = pointer(stack_into(models, f"{norm_name}.running_var"))
+                step.batches_tracked[layer] = pointer(stack_into(models, f"{norm_name}.num_batches_tracked"))
+            for field in ("normalized", "activation", "gradient", "invstd"):
+                blocks = _blocks(count, rows * features, dtype)
+                getattr(step, field)[layer] = pointer(blocks)
+            step.activation_stride[layer] = step.invstd_stride[layer] = blocks.shape[1]
+        logits = _blocks(count, rows * widths[-1], dtype)
+        step.logits, step.logits_stride = pointer(logits), logits.shape[1]
+        scratch = _blocks(count, 4 * widest, dtype)
+        step.scratch, step.scratch_stride = pointer(scratch), scratch.shape[1]
+        self.chunk = DROPOUT_CHUNK if self.dropout else None
+        self.masks: list[torch.Tensor] = []
+        if self.dropout:
+            for layer in range(hidden):
+                masks = torch.empty(count, DROPOUT_CHUNK, batch_size * widths[layer + 1], dtype=dtype)
+                self.masks.append(masks)
+                step.masks[layer], step.masks_stride[layer] = pointer(masks), masks.stride(0)
+                step.masks_step[layer] = masks.stride(1)
+        self._step, self._keep = step, keep
+        self.step_name = self.build.step_name
+
+    def train(self, orders: torch.Tensor, first: int, steps: int, losses: torch.Tensor,
+              correct: torch.Tensor) -> None:
+        """Steps `first` to `first + steps - 1` of the epoch whose order of the training set is `orders` (S, N)
+        (bnsuite.epochs.epoch_order per model); each step's loss is written to losses[:, step], hits are added to
+        correct (S,)."""
+        s = self._step
+        if orders.dtype != torch.int64 or not orders.is_contiguous() or losses.dtype != self.build.dtype \
+                or losses.stride(1) != 1 or correct.dtype != torch.int64 or not correct.is_contiguous():
+            raise ValueError("FusedStep.train takes contiguous int64 orders and counts, and rows of losses")
+        s.order, s.order_stride = orders.data_ptr(), orders.stride(0)
+        s.losses, s.losses_stride = losses.data_ptr(), losses.stride(0)
+        s.correct = correct.data_ptr()
+        done = 0
+        while done < steps:
+            count = steps - done if self.chunk is None else min(self.chunk, steps - done)
+            if self.dropout:
+                self._draw_masks(first + done, count, s.batch_size, s.train_size)
+            self.build.library.bn_train_steps(ctypes.byref(s), first + done, count)
+            s.first_step = 0
+            done += count
+
+    def evaluate(self, images: torch.Tensor, labels: torch.Tensor, *,
+                 batch_statistics: bool = False) -> list[tuple[float, float]]:
+        """(mean cross-entropy, accuracy in percent) of every model on `images`, in eval mode, or with
+        `batch_statistics` normalizing consecutive batches of the batch size by their own statistics as training
+        does (bnsuite.train.evaluate_with_batch_statistics); nothing of the models changes."""
+        count = len(labels)
+        images = images.reshape(count, -1).to(self.build.dtype).contiguous()
+        labels = labels.contiguous()
+        losses = torch.zeros(len(self.models), dtype=torch.float64)
+        hits = torch.zeros(len(self.models), dtype=torch.int64)
+        self.build.library.bn_evaluate(ctypes.byref(self._step), images.data_ptr(), labels.data_ptr(), count,
+                                       int(batch_statistics), losses.data_ptr(), hits.data_ptr())
+        return [(loss / count, 100.0 * hit / count) for loss, hit in zip(losses.tolist(), hits.tolist(), strict=True)]
+
+    def time_products(self, steps: int) -> float:
+        """Seconds a step's matrix products and weight updates take alone, as `train` runs them (each model on one
+        thread, full batches), over `steps` steps: the speed benchmark's floor of the step as built. It leaves
+        nothing meaningful in the models: time it on models made for it."""
+        self._step.first_step = 0
+        started = time.perf_counter()
+        self.build.library.bn_time_products(ctypes.byref(self._step), steps)
+        return (time.perf_counter() - started) / steps
+
+    def _draw_masks(self, first: int, count: int, batch: int, size: int) -> None:
+        """Each model's dropout draws for `count` steps, in the order F.dropout makes them (step by step, layer by
+        layer, Bernoulli(1 - p) from the model's own generator); the C code scales them by 1 / (1 - p)."""
+        for index, generator in enumerate(self.dropout_generators):
+            for k in range(count):
+                rows = min(batch, size - (first + k) * batch)
+                for masks in self.masks:
+                    width = masks.shape[2] // batch
+                    masks[index, k, :rows * width].bernoulli_(1 - self.dropout, generator=generator)

@@ -1,0 +1,444 @@
+/* bnsuite's fused training step for fully connected networks: forward, loss, backward and SGD with momentum of S
+ * models over a run of consecutive batches, in one call (bnsuite/fused.py builds, loads and drives it).
+ *
+ * Each model is stepped by one thread from start to end of the call (the models are spread over the threads),
+ * and every matrix product is one single-threaded BLAS call on that model's own tensors, with the same shapes,
+ * strides and alignment whatever the other models: so a model's arithmetic never depends on the group it trains
+ * in, nor on the thread count. Everything between the products (bias, batch/ghost/layer normalization, ReLU,
+ * dropout, softmax cross-entropy, the update) runs in one pass over the data it touches, with no allocation.
+ *
+ * The matrix products come from the BLAS library torch itself uses (its sgemm, or dgemm, and its thread-count
+ * switch, handed over by bn_set_blas), so no BLAS is linked here and the library builds with a C compiler alone.
+ *
+ * Layouts (row-major, `real`: float32, or float64 in the tests' build): a layer's weight is (out, in) as nn.Linear keeps it, activations are (rows, width).
+ * Per model, each tensor is found at base + model * stride (in elements).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <omp.h>
+
+/* float32 for training; built with -DBN_DOUBLE, the same code in float64, which the tests hold against autograd in
+ * float64 (float32 rounding, amplified by small ghost batches, would hide an error in the arithmetic). */
+#ifdef BN_DOUBLE
+typedef double real;
+#define SQRT sqrt
+#define EXP exp
+#define LOG log
+#else
+typedef float real;
+#define SQRT sqrtf
+#define EXP expf
+#define LOG logf
+#endif
+
+typedef void (*gemm_fn)(const char*, const char*, const int*, const int*, const int*, const real*, const real*,
+                         const int*, const real*, const int*, const real*, real*, const int*);
+typedef int (*local_threads_fn)(int);
+static gemm_fn blas_gemm;
+static local_threads_fn local_threads;
+
+int bn_abi_version(void) { return 2; }
+
+void bn_set_blas(void* gemm, void* threads) {
+    blas_gemm = (gemm_fn)gemm;
+    local_threads = (local_threads_fn)threads;
+}
+
+/* Row-major C[M,N] = op(A)[M,K] op(B)[K,N] + beta C, through column-major BLAS: C^T = op(B)^T op(A)^T. */
+static void gemm(int transpose_a, int transpose_b, int M, int N, int K, const real* A, int lda, const real* B,
+                 int ldb, real beta, real* C, int ldc) {
+    const char ta = transpose_b ? 'T' : 'N', tb = transpose_a ? 'T' : 'N';
+    const real one = 1;
+    blas_gemm(&ta, &tb, &N, &M, &K, &one, B, &ldb, A, &lda, &beta, C, &ldc);
+}
+
+#define MAX_LAYERS 8
+enum { NORM_NONE = 0, NORM_BATCH = 1, NORM_LAYER = 2 };
+
+typedef struct {
+    int models, layers, threads, classes;
+    int batch_size, train_size;  /* an epoch's batches: train_size rows, the last batch shorter */
+    int first_step;              /* momentum buffers not yet written: the first SGD step copies the gradient */
+    real momentum, eps, norm_momentum, keep;  /* keep: 1 - dropout probability (1: no dropout) */
+    int widths[MAX_LAYERS + 1];
+    int norm[MAX_LAYERS];        /* per hidden layer */
+    int ghost[MAX_LAYERS];       /* images per batch statistic (NORM_BATCH); the whole batch where >= batch_size */
+    const real* lr;             /* (S) */
+    const real* images; const int64_t* labels;  /* the training set: (N, in) and (N) */
+    const int64_t* order; int64_t order_stride;  /* this epoch's order per model: (train_size) indices */
+    real* batch; int64_t batch_stride;           /* per model: the batch's images, gathered (batch_size + 1, in) */
+    int64_t* batch_labels; int64_t batch_labels_stride;
+    real* weight[MAX_LAYERS]; real* bias[MAX_LAYERS];
+    real* weight_momentum[MAX_LAYERS]; real* bias_momentum[MAX_LAYERS];
+    real* gamma[MAX_LAYERS]; real* beta[MAX_LAYERS];
+    real* gamma_momentum[MAX_LAYERS]; real* beta_momentum[MAX_LAYERS];
+    real* running_mean[MAX_LAYERS]; real* running_var[MAX_LAYERS];
+    int64_t* batches_tracked[MAX_LAYERS];  /* per normalized hidden layer: (S), or null */
+    const real* masks[MAX_LAYERS]; int64_t masks_stride[MAX_LAYERS]; int64_t masks_step[MAX_LAYERS];  /* 0/1 draws */
+    real* normalized[MAX_LAYERS]; real* activation[MAX_LAYERS]; real* gradient[MAX_LAYERS];
+    int64_t activation_stride[MAX_LAYERS];
+    real* invstd[MAX_LAYERS]; int64_t invstd_stride[MAX_LAYERS];
+    real* logits; int64_t logits_stride;
+    real* scratch; int64_t scratch_stride;  /* 4 x the widest layer, per model */
+    real* losses; int64_t losses_stride;    /* (S, steps of an epoch): written at each step's index */
+    int64_t* correct;                         /* (S): training predictions that hit, added to */
+} Step;
+
+/* The ghost batches of a batch of `rows`: whole ones of `ghost` rows, then the rest (ghost + 1 rows where a single
+ * row would be left over, as bnsuite.batchnorm.ghost_parts cuts them). Returns how many. */
+static int ghost_batches(int rows, int ghost, int* starts, int* sizes) {
+    if (ghost >= rows) { starts[0] = 0; sizes[0] = rows; return 1; }
+    int whole = rows - rows % ghost;
+    if (rows - whole == 1) whole -= ghost;
+    int count = 0;
+    for (int r = 0; r < whole; r += ghost) { starts[count] = r; sizes[count++] = ghost; }
+    if (whole < rows) { starts[count] = whole; sizes[count++] = rows - whole; }
+    return count;
+}
+
+static void sgd(real* restrict w, real* restrict velocity, const real* restrict grad, int64_t n, real lr,
+                real momentum, int first) {
+    if (first)
+        for (int64_t i = 0; i < n; i++) { velocity[i] = grad[i]; w[i] -= lr * velocity[i]; }
+    else
+        for (int64_t i = 0; i < n; i++) { velocity[i] = momentum * velocity[i] + grad[i]; w[i] -= lr * velocity[i]; }
+}
+
+/* Batch norm of rows [r0, r0 + n) of h (F wide), in place: h becomes x_hat; inv gets 1/sqrt(var + eps), mean
+ * and var the batch's mean and biased variance. Every loop runs over features, so each feature sums its rows
+ * in row order. */
+static void batch_norm_forward(real* restrict h, int F, int r0, int n, real eps, real* restrict inv,
+                               real* restrict mean, real* restrict var) {
+    for (int f = 0; f < F; f++) mean[f] = 0;
+    for (int r = r0; r < r0 + n; r++) {
+        const real* row = h + (int64_t)r * F;
+        for (int f = 0; f < F; f++) mean[f] += row[f];
+    }
+    for (int f = 0; f < F; f++) { mean[f] /= (real)n; var[f] = 0; }
+    for (int r = r0; r < r0 + n; r++) {
+        const real* row = h + (int64_t)r * F;
+        for (int f = 0; f < F; f++) { const real d = row[f] - mean[f]; var[f] += d * d; }
+    }
+    for (int f = 0; f < F; f++) { var[f] /= (real)n; inv[f] = 1 / SQRT(var[f] + eps); }
+    for (int r = r0; r < r0 + n; r++) {
+        real* row = h + (int64_t)r * F;
+        for (int f = 0; f < F; f++) row[f] = (row[f] - mean[f]) * inv[f];
+    }
+}
+
+/* dL/dx = gamma * inv * (g - mean(g) - x_hat * mean(g * x_hat)) over rows [r0, r0 + n), in place of g;
+ * adds the rows' sum of g * x_hat to dgamma and of g to dbeta. */
+static void batch_norm_backward(real* restrict g, const real* restrict xh, const real* restrict gamma,
+                                const real* restrict inv, int F, int r0, int n, real* restrict sg,
+                                real* restrict sgx, real* restrict dgamma, real* restrict dbeta) {
+    for (int f = 0; f < F; f++) { sg[f] = 0; sgx[f] = 0; }
+    for (int r = r0; r < r0 + n; r++) {
+        const real* gr = g + (int64_t)r * F;
+        const real* xr = xh + (int64_t)r * F;
+        for (int f = 0; f < F; f++) { sg[f] += gr[f]; sgx[f] += gr[f] * xr[f]; }
+    }
+    const real scale = 1 / (real)n;
+    for (int f = 0; f < F; f++) {
+        dbeta[f] += sg[f];
+        dgamma[f] += sgx[f];
+        sg[f] *= scale;
+        sgx[f] *= scale;
+    }
+    for (int r = r0; r < r0 + n; r++) {
+        real* gr = g + (int64_t)r * F;
+        const real* xr = xh + (int64_t)r * F;
+        for (int f = 0; f < F; f++) gr[f] = gamma[f] * inv[f] * (gr[f] - sg[f] - xr[f] * sgx[f]);
+    }
+}
+
+/* Sum over rows of a (rows, F) block, row by row (each feature in row order). */
+static void column_sums(const real* restrict x, int rows, int F, real* restrict out) {
+    for (int f = 0; f < F; f++) out[f] = 0;
+    for (int r = 0; r < rows; r++) {
+        const real* row = x + (int64_t)r * F;
+        for (int f = 0; f < F; f++) out[f] += row[f];
+    }
+}
+
+enum { TRAIN = 0, BATCH_STATISTICS = 1, RUNNING = 2 };  /* what a forward pass normalizes with */
+
+/* Hidden layer l after its product and bias: normalize, scale and shift, ReLU, dropout. TRAIN: with the batch's
+ * statistics, which the running estimates follow, and dropout; BATCH_STATISTICS: the same, changing nothing and
+ * without dropout (what training computes, on held-out images); RUNNING: with the running estimates (eval). */
+static void hidden_forward(const Step* s, int l, int m, int rows, int step_in_chunk, int mode,
+                           real* restrict scratch) {
+    const int F = s->widths[l + 1];
+    real* h = s->normalized[l] + m * s->activation_stride[l];
+    real* a = s->activation[l] + m * s->activation_stride[l];
+    const int64_t n = (int64_t)rows * F;
+    if (s->norm[l] == NORM_BATCH || s->norm[l] == NORM_LAYER) {
+        const real* gamma = s->gamma[l] + (int64_t)m * F;
+        const real* beta = s->beta[l] + (int64_t)m * F;
+        real* inv = s->invstd[l] + m * s->invstd_stride[l];
+        if (s->norm[l] == NORM_BATCH && mode == RUNNING) {
+            const real* rm = s->running_mean[l] + (int64_t)m * F;
+            const real* rv = s->running_var[l] + (int64_t)m * F;
+            for (int f = 0; f < F; f++) inv[f] = 1 / SQRT(rv[f] + s->eps);
+            for (int r = 0; r < rows; r++) {
+                real* row = h + (int64_t)r * F;
+                for (int f = 0; f < F; f++) row[f] = (row[f] - rm[f]) * inv[f];
+            }
+        } else if (s->norm[l] == NORM_BATCH) {
+            int starts[1024], sizes[1024];
+            const int count = ghost_batches(rows, s->ghost[l], starts, sizes);
+            real* mean = scratch;
+            real* var = scratch + F;
+            for (int q = 0; q < count; q++) {
+                batch_norm_forward(h, F, starts[q], sizes[q], s->eps, inv + (int64_t)q * F, mean, var);
+                if (q == 0 && mode == TRAIN) {  /* the running estimates follow the first (ghost) batch, with its unbiased variance */
+                    real* rm = s->running_mean[l] + (int64_t)m * F;
+                    real* rv = s->running_var[l] + (int64_t)m * F;
+                    const real unbias = (real)sizes[0] / (real)(sizes[0] - 1);
+                    for (int f = 0; f < F; f++) {
+                        rm[f] += s->norm_momentum * (mean[f] - rm[f]);
+                        rv[f] += s->norm_momentum * (var[f] * unbias - rv[f]);
+                    }
+                }
+            }
+        } else {
+            for (int r = 0; r < rows; r++) {  /* each image over its own features */
+                real* row = h + (int64_t)r * F;
+                real mean = 0, var = 0;
+                for (int f = 0; f < F; f++) mean += row[f];
+                mean /= (real)F;
+                for (int f = 0; f < F; f++) { const real d = row[f] - mean; var += d * d; }
+                const real rstd = 1 / SQRT(var / (real)F + s->eps);
+                inv[r] = rstd;
+                for (int f = 0; f < F; f++) row[f] = (row[f] - mean) * rstd;
+            }
+        }
+        for (int r = 0; r < rows; r++) {
+            const real* xr = h + (int64_t)r * F;
+            real* ar = a + (int64_t)r * F;
+            for (int f = 0; f < F; f++) { const real y = gamma[f] * xr[f] + beta[f]; ar[f] = y > 0 ? y : 0; }
+        }
+    } else {
+        for (int64_t i = 0; i < n; i++) a[i] = h[i] > 0 ? h[i] : 0;
+    }
+    if (s->keep < 1 && mode == TRAIN) {
+        const real* mask = s->masks[l] + m * s->masks_stride[l] + (int64_t)step_in_chunk * s->masks_step[l];
+        const real scale = 1 / s->keep;
+        for (int64_t i = 0; i < n; i++) a[i] *= mask[i] * scale;
+    }
+}
+
+/* The forward pass of model m on `rows` images x (rows, in): the logits, in s->logits' block. */
+static void forward(const Step* s, int m, const real* x, int rows, int step_in_chunk, int mode, real* scratch) {
+    const int L = s->layers;
+    const real* in = x;
+    for (int l = 0; l < L; l++) {
+        const int fin = s->widths[l], fout = s->widths[l + 1];
+        const real* w = s->weight[l] + (int64_t)m * fin * fout;
+        const real* b = s->bias[l] + (int64_t)m * fout;
+        real* out = l < L - 1 ? s->normalized[l] + m * s->activation_stride[l] : s->logits + m * s->logits_stride;
+        gemm(0, 1, rows, fout, fin, in, fin, w, fin, 0, out, fout);
+        for (int r = 0; r < rows; r++) {
+            real* row = out + (int64_t)r * fout;
+            for (int f = 0; f < fout; f++) row[f] += b[f];
+        }
+        if (l == L - 1) break;
+        hidden_forward(s, l, m, rows, step_in_chunk, mode, scratch);
+        in = s->activation[l] + m * s->activation_stride[l];
+    }
+}
+
+/* Softmax cross-entropy of the logits z (rows, C) against y: the sum of the rows' losses (in double) and the hits
+ * (arg max, the first of equal maxima, = label); with `gradient`, z becomes dL/dz of the batch's mean loss,
+ * (softmax(z) - onehot(y)) / rows. */
+static double cross_entropy(real* z, const int64_t* y, int rows, int C, int gradient, int64_t* hits) {
+    double loss = 0.0;
+    const real per_row = 1 / (real)rows;
+    for (int r = 0; r < rows; r++) {
+        real* zr = z + (int64_t)r * C;
+        const int64_t label = y[r];
+        real top = zr[0];
+        int best = 0;
+        for (int c = 1; c < C; c++) if (zr[c] > top) { top = zr[c]; best = c; }
+        *hits += best == label;
+        real sum = 0;
+        for (int c = 0; c < C; c++) sum += EXP(zr[c] - top);
+        const real log_sum = LOG(sum);
+        loss += (double)(log_sum - (zr[label] - top));
+        if (!gradient) continue;
+        for (int c = 0; c < C; c++) zr[c] = EXP(zr[c] - top - log_sum) * per_row;
+        zr[label] -= per_row;
+    }
+    return loss;
+}
+
+/* The gradient at hidden layer l's product output, in place of g (the gradient at its activation): dropout,
+ * ReLU (where the activation is 0, nothing flows), then the normalization's backward, whose scale and shift
+ * take their SGD step here. */
+static void hidden_backward(const Step* s, int l, int m, int rows, int step_in_chunk, real* restrict g,
+                            real lr, int first, real* restrict scratch) {
+    const int F = s->widths[l + 1];
+    const real* a = s->activation[l] + m * s->activation_stride[l];
+    const int64_t n = (int64_t)rows * F;
+    if (s->keep < 1) {
+        const real* mask = s->masks[l] + m * s->masks_stride[l] + (int64_t)step_in_chunk * s->masks_step[l];
+        const real scale = 1 / s->keep;
+        for (int64_t i = 0; i < n; i++) g[i] = a[i] > 0 ? g[i] * (mask[i] * scale) : 0;
+    } else {
+        for (int64_t i = 0; i < n; i++) g[i] = a[i] > 0 ? g[i] : 0;
+    }
+    if (s->norm[l] == NORM_NONE) return;
+    const real* xh = s->normalized[l] + m * s->activation_stride[l];
+    const real* inv = s->invstd[l] + m * s->invstd_stride[l];
+    real* gamma = s->gamma[l] + (int64_t)m * F;
+    real* beta = s->beta[l] + (int64_t)m * F;
+    real* dgamma = scratch;
+    real* dbeta = scratch + F;
+    for (int f = 0; f < F; f++) { dgamma[f] = 0; dbeta[f] = 0; }
+    if (s->norm[l] == NORM_BATCH) {
+        int starts[1024], sizes[1024];
+        const int count = ghost_batches(rows, s->ghost[l], starts, sizes);
+        for (int q = 0; q < count; q++)
+            batch_norm_backward(g, xh, gamma, inv + (int64_t)q * F, F, starts[q], sizes[q], scratch + 2 * F,
+                                scratch + 3 * F, dgamma, dbeta);
+    } else {
+        for (int r = 0; r < rows; r++) {
+            real* gr = g + (int64_t)r * F;
+            const real* xr = xh + (int64_t)r * F;
+            real sg = 0, sgx = 0;
+            for (int f = 0; f < F; f++) {
+                dgamma[f] += gr[f] * xr[f];
+                dbeta[f] += gr[f];
+                const real t = gr[f] * gamma[f];
+                sg += t;
+                sgx += t * xr[f];
+            }
+            sg /= (real)F;
+            sgx /= (real)F;
+            for (int f = 0; f < F; f++) gr[f] = inv[r] * (gr[f] * gamma[f] - sg - xr[f] * sgx);
+        }
+    }
+    sgd(gamma, s->gamma_momentum[l] + (int64_t)m * F, dgamma, F, lr, s->momentum, first);
+    sgd(beta, s->beta_momentum[l] + (int64_t)m * F, dbeta, F, lr, s->momentum, first);
+}
+
+/* One SGD step of model m on its epoch's batch `step` (its images gathered through the epoch's order); its loss
+ * goes to losses[m, step]. */
+static void model_step(const Step* s, int m, int step, int step_in_chunk, int first) {
+    const int L = s->layers, C = s->classes, in = s->widths[0];
+    const int start = step * s->batch_size;
+    const int rows = s->train_size - start < s->batch_size ? s->train_size - start : s->batch_size;
+    const real lr = s->lr[m];
+    real* scratch = s->scratch + m * s->scratch_stride;
+    real* x = s->batch + m * s->batch_stride;
+    int64_t* y = s->batch_labels + m * s->batch_labels_stride;
+    const int64_t* order = s->order + m * s->order_stride + start;
+    for (int r = 0; r < rows; r++) {
+        const real* image = s->images + order[r] * in;
+        for (int i = 0; i < in; i++) x[(int64_t)r * in + i] = image[i];
+        y[r] = s->labels[order[r]];
+    }
+    real* z = s->logits + m * s->logits_stride;
+    forward(s, m, x, rows, step_in_chunk, TRAIN, scratch);
+    for (int l = 0; l < L - 1; l++)
+        if (s->batches_tracked[l]) s->batches_tracked[l][m] += 1;
+    int64_t hits = 0;
+    s->losses[m * s->losses_stride + step] = (real)(cross_entropy(z, y, rows, C, 1, &hits) / rows);
+    s->correct[m] += hits;
+
+    real* g = z;
+    for (int l = L - 1; l >= 0; l--) {
+        const int fin = s->widths[l], fout = s->widths[l + 1];
+        real* w = s->weight[l] + (int64_t)m * fin * fout;
+        real* b = s->bias[l] + (int64_t)m * fout;
+        real* velocity = s->weight_momentum[l] + (int64_t)m * fin * fout;
+        const real* layer_in = l == 0 ? x : s->activation[l - 1] + m * s->activation_stride[l - 1];
+        /* The weight's momentum buffer takes the gradient straight from the product: v = g^T in + momentum v. */
+        gemm(1, 0, fout, fin, rows, g, fout, layer_in, fin, first ? 0 : s->momentum, velocity, fin);
+        real* grad_in = 0;
+        if (l > 0) {  /* with the weight as it was in the forward pass */
+            grad_in = s->gradient[l - 1] + m * s->activation_stride[l - 1];
+            gemm(0, 0, rows, fin, fout, g, fout, w, fin, 0, grad_in, fin);
+        }
+        for (int64_t i = 0; i < (int64_t)fin * fout; i++) w[i] -= lr * velocity[i];
+        column_sums(g, rows, fout, scratch);
+        sgd(b, s->bias_momentum[l] + (int64_t)m * fout, scratch, fout, lr, s->momentum, first);
+        if (l == 0) break;
+        hidden_backward(s, l - 1, m, rows, step_in_chunk, grad_in, lr, first, scratch);
+        g = grad_in;
+    }
+}
+
+/* Steps [first_step_index, first_step_index + steps) of the epoch for every model. */
+void bn_train_steps(const Step* s, int first_step_index, int steps) {
+    #pragma omp parallel for schedule(dynamic, 1) num_threads(s->threads)
+    for (int m = 0; m < s->models; m++) {
+        const int before = local_threads(1);  /* each product on this thread alone */
+        for (int k = 0; k < steps; k++)
+            model_step(s, m, first_step_index + k, k, s->first_step && k == 0);
+        local_threads(before);
+    }
+}
+
+/* Every model on `n` images (n, in) with labels: the summed cross-entropy and the hits per model. With
+ * `batch_statistics`, in consecutive batches of `batch_size` normalized by their own statistics (a last batch of
+ * a single image joins the one before), as training normalizes, changing nothing; else with the running
+ * estimates, in blocks of `batch_size` images (each image's figures do not depend on its block). */
+void bn_evaluate(const Step* s, const real* images, const int64_t* labels, int64_t n, int batch_statistics,
+                 double* loss_sums, int64_t* hits) {
+    #pragma omp parallel for schedule(dynamic, 1) num_threads(s->threads)
+    for (int m = 0; m < s->models; m++) {
+        const int before = local_threads(1);
+        real* scratch = s->scratch + m * s->scratch_stride;
+        double loss = 0.0;
+        int64_t correct = 0;
+        for (int64_t start = 0; start < n;) {
+            int64_t rows = n - start < s->batch_size ? n - start : s->batch_size;
+            if (batch_statistics && n - start - rows == 1) rows += 1;
+            forward(s, m, images + start * s->widths[0], (int)rows, 0, batch_statistics ? BATCH_STATISTICS : RUNNING,
+                    scratch);
+            loss += cross_entropy(s->logits + m * s->logits_stride, labels + start, (int)rows, s->classes, 0,
+                                  &correct);
+            start += rows;
+        }
+        loss_sums[m] = loss;
+        hits[m] = correct;
+        local_threads(before);
+    }
+}
+
+/* The matrix products of `steps` training steps and the weights' update, alone, as bn_train_steps runs them (each
+ * model on one thread, the same shapes, the same buffers): what a step of these shapes costs with nothing else in
+ * it. For the speed benchmark only: the numbers it leaves in the buffers mean nothing. */
+void bn_time_products(const Step* s, int steps) {
+    #pragma omp parallel for schedule(dynamic, 1) num_threads(s->threads)
+    for (int m = 0; m < s->models; m++) {
+        const int before = local_threads(1);
+        const int rows = s->batch_size, L = s->layers;
+        const real* x = s->batch + m * s->batch_stride;
+        for (int k = 0; k < steps; k++) {
+            const real* in = x;
+            for (int l = 0; l < L; l++) {
+                const int fin = s->widths[l], fout = s->widths[l + 1];
+                real* out = l < L - 1 ? s->normalized[l] + m * s->activation_stride[l]
+                                      : s->logits + m * s->logits_stride;
+                gemm(0, 1, rows, fout, fin, in, fin, s->weight[l] + (int64_t)m * fin * fout, fin, 0, out, fout);
+                if (l < L - 1) in = s->activation[l] + m * s->activation_stride[l];
+            }
+            const real* g = s->logits + m * s->logits_stride;
+            for (int l = L - 1; l >= 0; l--) {
+                const int fin = s->widths[l], fout = s->widths[l + 1];
+                real* w = s->weight[l] + (int64_t)m * fin * fout;
+                real* velocity = s->weight_momentum[l] + (int64_t)m * fin * fout;
+                const real* layer_in = l == 0 ? x : s->activation[l - 1] + m * s->activation_stride[l - 1];
+                gemm(1, 0, fout, fin, rows, g, fout, layer_in, fin, s->momentum, velocity, fin);
+                if (l > 0) {
+                    real* grad_in = s->gradient[l - 1] + m * s->activation_stride[l - 1];
+                    gemm(0, 0, rows, fin, fout, g, fout, w, fin, 0, grad_in, fin);
+                    g = grad_in;
+                }
+                for (int64_t i = 0; i < (int64_t)fin * fout; i++) w[i] -= s->lr[m] * velocity[i];
+            }
+        }
+        local_threads(before);
+    }
+}

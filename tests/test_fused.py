@@ -1,0 +1,151 @@
+"""The fused step (bnsuite.fused, bnsuite/native/mlp.c): its arithmetic against autograd's in float64, each model's
+numbers independent of its group and of the thread count, its evaluation against the modules', and the fallback to
+the ATen fast step where it cannot be built."""
+
+import copy
+
+import pytest
+import torch
+
+from bnsuite import fused
+from bnsuite.epochs import EagerStep, epoch_order
+from bnsuite.evaluation import evaluate, evaluate_with_batch_statistics
+from bnsuite.models import build_model
+from bnsuite.spec import RunSpec
+from bnsuite.train import train_seeds
+
+pytestmark = pytest.mark.skipif(not fused.supports(build_model("plain"), 64),
+                                reason="the fused step cannot be built here (no C compiler or no MKL)")
+VARIANTS = ["plain", "bn", "bn-ghost2", "bn-ghost4", "bn-ghost8", "ln", "plain-dropout", "bn-dropout"]
+
+
+def _models(variant, seeds, dtype=torch.float32):
+    models = []
+    for seed in seeds:
+        torch.manual_seed(seed)
+        models.append(build_model(variant).to(dtype))
+    return models
+
+
+def _data(count, features=784, seed=0, dtype=torch.float32):
+    generator = torch.Generator().manual_seed(seed)
+    images = (torch.rand(count, features, generator=generator, dtype=dtype) * 2 - 1)
+    return images, torch.randint(0, 10, (count,), generator=generator)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_the_fused_step_computes_autograds_arithmetic_in_float64(variant):
+    # In float64 the rounding stays far below the tolerance even where ghost batches of 2 amplify it (the float32
+    # trajectories part within a few dozen steps there, as any two correct implementations do): what is compared
+    # is the arithmetic. 197 images in batches of 66: the last batch ragged (65: a ghost batch of 3 for g = 2).
+    model = _models(variant, [0], torch.float64)[0]
+    reference = copy.deepcopy(model)
+    images, labels = _data(197, dtype=torch.float64)
+    mask_generator = torch.Generator().manual_seed(5)
+    eager_generator_state = mask_generator.get_state()  # F.dropout draws from torch's own generator
+    step = fused.FusedStep([model], images, labels, lr=0.01, momentum=0.9, batch_size=66,
+                           dropout_generators=[mask_generator])
+    eager = EagerStep(reference, RunSpec(variant=variant, lr=0.01))
+    order = epoch_order(197, torch.Generator().manual_seed(3)).view(1, -1)
+    losses, correct = torch.zeros(1, 3, dtype=torch.float64), torch.zeros(1, dtype=torch.int64)
+    eager_hits = 0
+    for index in range(3):
+        step.train(order, index, 1, losses, correct)
+        batch = order[0, index * 66:(index + 1) * 66]
+        state = torch.get_rng_state()
+        torch.set_rng_state(eager_generator_state)
+        eager_loss, logits = eager(images[batch].unsqueeze(0), labels[batch].unsqueeze(0))
+        eager_generator_state = torch.get_rng_state()
+        torch.set_rng_state(state)
+        eager_hits += int((logits[0].argmax(1) == labels[batch]).sum())
+        assert losses[0, index].item() == pytest.approx(eager_loss.item(), rel=1e-9)
+    assert correct.item() == eager_hits
+    # Weights of about 0.03 apart by 1e-10 at most: float64 rounding, amplified by ghost batches of 2; an error in
+    # the arithmetic would show at float32's scale or above.
+    expected = reference.state_dict()
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, expected[name], rtol=1e-7, atol=1e-10, msg=lambda text, name=name: name + text)
+
+
+@pytest.mark.parametrize("variant", ["plain", "bn", "bn-ghost4", "ln", "bn-dropout"])
+@pytest.mark.parametrize("batch_size", [2, 33, 128])
+def test_a_model_steps_the_same_in_any_group_and_on_any_number_of_threads(variant, batch_size):
+    """Groups of 1, 2 and 5 on 2 threads, and of 5 on 1 thread, ragged last batches included: every loss,
+    parameter and buffer of model 0 equal bit for bit."""
+    images, labels = _data(3 * batch_size + max(2, batch_size // 2 + 1), seed=batch_size)  # never a batch of 1
+    orders = torch.stack([epoch_order(len(labels), torch.Generator().manual_seed(seed)) for seed in range(5)])
+    results = {}
+    before = torch.get_num_threads()
+    for size, threads in ((1, 2), (2, 2), (5, 2), (5, 1)):
+        torch.set_num_threads(threads)
+        try:
+            models = _models(variant, range(size))
+            step = fused.FusedStep(models, images, labels, lr=0.05, momentum=0.9, batch_size=batch_size,
+                                   dropout_generators=[torch.Generator().manual_seed(seed) for seed in range(size)])
+        finally:
+            torch.set_num_threads(before)
+        losses, correct = torch.zeros(size, 4), torch.zeros(size, dtype=torch.int64)
+        torch.set_num_threads(threads)
+        try:
+            step.train(orders[:size].contiguous(), 0, 2, losses, correct)
+            step.train(orders[:size].contiguous(), 2, 2, losses, correct)
+        finally:
+            torch.set_num_threads(before)
+        results[size, threads] = (losses[0], correct[0], models[0].state_dict())
+    alone_losses, alone_correct, alone = results[1, 2]
+    for key, (losses, correct, state) in results.items():
+        assert torch.equal(losses, alone_losses) and correct == alone_correct, key
+        assert all(torch.equal(alone[name], state[name]) for name in alone), key
+
+
+@pytest.mark.parametrize("variant", ["plain", "bn", "bn-ghost4", "ln", "bn-dropout"])
+def test_the_fused_evaluation_agrees_with_the_modules_and_changes_nothing(variant):
+    models = _models(variant, [0, 1])
+    train_images, train_labels = _data(640)
+    step = fused.FusedStep(models, train_images, train_labels, lr=0.05, momentum=0.9, batch_size=64,
+                           dropout_generators=[torch.Generator().manual_seed(seed) for seed in range(2)])
+    orders = torch.stack([epoch_order(640, torch.Generator().manual_seed(seed)) for seed in range(2)])
+    step.train(orders, 0, 10, torch.zeros(2, 10), torch.zeros(2, dtype=torch.int64))
+    images, labels = _data(1001, seed=1)
+    states = [copy.deepcopy(model.state_dict()) for model in models]
+    running = step.evaluate(images, labels)
+    batches = step.evaluate(images, labels, batch_statistics=True)  # 15 batches of 64, the last of 41 (+ 0)
+    for model, state, (loss, accuracy), (_, batch_accuracy) in zip(models, states, running, batches, strict=True):
+        module_loss, module_accuracy = evaluate(model, images, labels)
+        assert loss == pytest.approx(module_loss, rel=1e-5)
+        # A prediction within rounding of a tie may flip between two kernels: at most one image of 1,001.
+        assert accuracy == pytest.approx(module_accuracy, abs=0.1)
+        if variant.startswith("bn"):
+            assert batch_accuracy == pytest.approx(evaluate_with_batch_statistics(model, images, labels, 64), abs=0.1)
+        assert all(torch.equal(state[name], value) for name, value in model.state_dict().items())
+
+
+def test_a_batch_statistics_evaluation_never_normalizes_a_single_image():
+    models = _models("bn", [0])
+    images, labels = _data(129)  # batches of 64: 64, then 65 rather than 64 and 1
+    step = fused.FusedStep(models, images, labels, lr=0.05, momentum=0.9, batch_size=64)
+    (_, accuracy), = step.evaluate(images, labels, batch_statistics=True)
+    assert accuracy == pytest.approx(evaluate_with_batch_statistics(models[0], images, labels, 64), abs=0.1)
+
+
+def test_records_name_the_fused_step_and_its_compiler(mnist_dir):
+    records = train_seeds([RunSpec(variant="bn", seed=seed, epochs=1, train_subset=500) for seed in (0, 1)],
+                          data_dir=mnist_dir)
+    assert {record.training_step for record in records} == {fused.build().step_name}
+    assert fused.build().step_name.startswith("fused (")
+
+
+@pytest.mark.parametrize("environment", [{"CC": "/bin/false"}, {fused.SWITCH_VARIABLE: "0"}])
+def test_without_a_compiler_or_with_the_switch_off_the_aten_fast_step_trains_and_the_record_says_so(
+        mnist_dir, monkeypatch, tmp_path, environment):
+    monkeypatch.setenv(fused.BUILD_DIR_VARIABLE, str(tmp_path))  # no cached build to load
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    fused.build.cache_clear()
+    try:
+        assert "the ATen fast step (the fused one is unavailable:" in fused.status()
+        spec = RunSpec(variant="bn", epochs=1, train_subset=500)
+        assert train_seeds([spec], data_dir=mnist_dir)[0].training_step == "fast"
+    finally:
+        fused.build.cache_clear()
+    assert list(tmp_path.iterdir()) == []  # a failed build leaves nothing behind
