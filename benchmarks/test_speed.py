@@ -3,23 +3,24 @@
 - `test_training_paths_side_by_side`: one training epoch at batch 64 (on at
   most 10,000 images) through each path in turn, round after round: the original pipeline (torchvision
   Dataset + transforms + DataLoader), the eager autograd step on tensor
-  batches, bnsuite's fast step on one run alone, and the study's way (the
-  fast step with the study's seeds trained together; its time is per run).
+  batches, the ATen fast step with the seeds together (the fallback where the fused step cannot be built),
+  the training step on one run alone, and the study's way (the training step, fused where it builds, with
+  the study's seeds trained together; its time is per run).
   Same batches, same arithmetic. Each round gives a time ratio per path; the
   speed-up reported is the median of those ratios, so a slow moment of the
   machine hits both sides of a ratio rather than one figure;
 - `test_fast_path_epoch`: the study's way at batch 32, 64 and 128, and a
-  sweep group (the most runs bnsuite trains as one computation) at batch 64, against the machine's roofline
+  group of 8 runs at batch 64, against the machine's roofline
   measured here (bnsuite.speed): the fraction of the float32 matmul peak
   (achieved FLOP/s / peak FLOP/s) and the fraction of the roofline bound
   (the larger of the step's FLOPs at that peak and its least bytes at the
   copy bandwidth over its working set, divided by the step's time), and
   the most the step could reach: the bound over its GEMMs and its update,
-  each timed alone;
+  each timed alone as the step runs them (bnsuite.speed.step_floor_seconds);
 - `test_convnet_paths_side_by_side`, `test_convnet_epoch`: the same for the ConvNet, when the session
   trains it (--bn-network cnn): its original pipeline, NCHW and channels-last side by side, and its roofline;
 - `test_training_step_cost`: the per-step cost of plain and bn (forward,
-  backward, update) at each batch size.
+  backward, update) at each batch size, through the step that trains.
 
 Ratios, not absolute times, are the figures to compare: these machines are
 shared and the same command can vary by 1.7x within minutes. Every benchmark
@@ -32,6 +33,7 @@ import statistics
 import pytest
 import torch
 
+from bnsuite import fused
 from bnsuite.data import load_splits
 from bnsuite.fastpath import FastStep
 from bnsuite.models import build_model
@@ -42,15 +44,14 @@ from bnsuite.speed import (
     StepTraffic,
     copy_bandwidth,
     matmul_peak_flops,
-    step_matmul_seconds,
-    step_update_seconds,
+    step_floor_seconds,
     training_flops_per_sample,
 )
-from bnsuite.train import max_runs_together, resolve_device, train_seeds
+from bnsuite.train import MAX_RUNS_TOGETHER, resolve_device, train_seeds
 
 BANDWIDTH: dict[int, float] = {}  # working-set bytes -> the best copy bandwidth seen over it in this run, bytes/s
 ROUNDS = 3  # rounds of the side-by-side comparison: the median of 3 ratios steadies it
-SWEEP_RUNS = max_runs_together()  # a sweep group: the most runs a sweep's case trains as one computation
+SWEEP_RUNS = MAX_RUNS_TOGETHER  # a sweep group: the most runs the ATen step trains as one computation
 SWEEP_IMAGES = 20_000  # a third of an epoch: rates are what is measured
 PATH_IMAGES = 10_000  # a sixth: the ratios are what is measured, and the original pipeline's rounds dominate
 
@@ -65,8 +66,12 @@ def _epoch_specs(study, variant, batch_size, pipeline, seeds=(0,)):
                     device="cpu" if pipeline == "original" else study.device) for seed in seeds]
 
 
-def _epoch_time_per_run(specs, data_dir) -> float:
-    """One epoch of `specs` trained together: each run's share of the training time (evaluation excluded)."""
+def _epoch_time_per_run(specs, data_dir, *, aten: bool = False) -> float:
+    """One epoch of `specs` trained together: each run's share of the training time (evaluation excluded); with
+    `aten`, on the ATen fast step even where the fused one builds."""
+    if aten:
+        with fused.switched_off():
+            return _epoch_time_per_run(specs, data_dir)
     records = train_seeds(specs, data_dir=data_dir)
     assert all(record.steps == record.spec.steps_per_epoch for record in records)
     return sum(record.train_time_s for record in records) / len(records)
@@ -99,6 +104,7 @@ def test_training_paths_side_by_side(benchmark, study, study_session, variant):
     paths = {
         "original": _epoch_specs(study, variant, 64, "original"),
         "eager": _epoch_specs(study, variant, 64, "eager"),
+        "aten": _epoch_specs(study, variant, 64, "fast", seeds=study.seeds),
         "one_run": _epoch_specs(study, variant, 64, "fast"),
         "study": _epoch_specs(study, variant, 64, "fast", seeds=study.seeds),
     }
@@ -110,38 +116,39 @@ def test_training_paths_side_by_side(benchmark, study, study_session, variant):
     def one_round():
         order = list(paths) if len(times["study"]) % 2 == 0 else list(reversed(paths))
         for path in order:
-            times[path].append(_epoch_time_per_run(paths[path], study_session.data_dir))
+            times[path].append(_epoch_time_per_run(paths[path], study_session.data_dir, aten=path == "aten"))
 
     benchmark.pedantic(one_round, rounds=ROUNDS, iterations=1)
     ratios = {path: [alone / ours for alone, ours in zip(times[path], times["study"], strict=True)] for path in paths}
     speedup = {path: statistics.median(ratios[path]) for path in paths if path != "study"}
     benchmark.extra_info.update({
-        "bnsuite": "paths", "variant": variant, "batch_size": 64, "rounds": ROUNDS,
+        "bnsuite": "paths", "variant": variant, "batch_size": 64, "rounds": ROUNDS, "step": _step_name(variant),
         "runs_together": len(paths["study"]), "images": paths["study"][0].train_size,
         "epoch_s": {path: statistics.median(values) for path, values in times.items()},
         "epoch_s_by_round": times, "ratios_by_round": {p: r for p, r in ratios.items() if p != "study"},
         "speedup": speedup,
     })
     study_session.progress(
-        f"speed: {variant} bs64, the study's way ({len(paths['study'])} seeds together) vs: "
+        f"speed: {variant} bs64, the study's way ({_step_name(variant)}, {len(paths['study'])} seeds together) vs: "
         + ", ".join(f"{path} {value:.2f}x" for path, value in speedup.items())
         + f" (median of {ROUNDS} interleaved rounds)")
 
 
 
 
-@pytest.mark.parametrize("batch_size, runs_together", [(32, 3), (64, 3), (128, 3), (64, SWEEP_RUNS)],
+@pytest.mark.parametrize("batch_size, runs_together", [(32, None), (64, None), (128, None), (64, SWEEP_RUNS)],
                          ids=["bs32", "bs64", "bs128", "bs64-sweep"])
 @pytest.mark.parametrize("variant", ["plain", "bn"])
 def test_fast_path_epoch(benchmark, study, study_session, variant, batch_size, runs_together):
-    """The study's training path: 3 seeds trained together as a case does, and a sweep group at batch 64 (the most
-    runs trained as one computation: a sweep's case trains in chunks of that size).
+    """The study's training path: the study's seeds trained together as a case does, and a sweep group of 8 runs
+    at batch 64 (the most the ATen step trains as one computation; the fused step trains a sweep's case whole).
 
     The sweep's runs differ in seed only: a run's arithmetic does not depend on its learning rate, and runs
     that diverge (as a learning-rate sweep's do) would add their own slowdown to the figure.
     """
     # At most 20,000 images: a rate is what is measured, and full epochs would make these figures a third of the
     # speed module's time.
+    runs_together = runs_together or len(study.seeds)
     specs = [_at_most(spec, SWEEP_IMAGES)
              for spec in _epoch_specs(study, variant, batch_size, "fast", seeds=tuple(range(runs_together)))]
     epoch_s = benchmark.pedantic(_epoch_time_per_run, args=(specs, study_session.data_dir), rounds=1, iterations=1)
@@ -151,19 +158,19 @@ def test_fast_path_epoch(benchmark, study, study_session, variant, batch_size, r
     traffic = StepTraffic.of(variant, batch_size, len(specs))
     bandwidth = _best_rates(study_session, traffic, device)
     # The average step of the epoch (its last batch is shorter): every run's images, the group's time.
+    matmul_s, update_s = step_floor_seconds(variant, batch_size, len(specs), device)
     roofline = Roofline(flops_per_step=training_flops_per_sample(build_model(variant)) * images * len(specs) / steps,
                         traffic=traffic, peak_flops=study_session.peak_flops, bandwidth=bandwidth,
-                        step_s=epoch_s * len(specs) / steps,
-                        matmul_s=step_matmul_seconds(build_model(variant), batch_size, len(specs), device),
-                        update_s=step_update_seconds(variant, len(specs), device))
+                        step_s=epoch_s * len(specs) / steps, matmul_s=matmul_s, update_s=update_s)
     info = {"bnsuite": "fraction", "variant": variant, "batch_size": batch_size, "runs_together": len(specs),
+            "step": _step_name(variant),
             "images": images, "epoch_s_per_run": epoch_s, "achieved_gflops": achieved / 1e9,
             "peak_gflops": study_session.peak_flops / 1e9, "fraction_of_matmul_peak": roofline.fraction_of_peak,
             **roofline.info()}
     benchmark.extra_info.update(info)
     study_session.progress(
-        f"speed: fast path, {variant} bs{batch_size}, {len(specs)} seeds together: {epoch_s:.2f} s per run-epoch "
-        f"of {images:,} images, "
+        f"speed: {_step_name(variant)}, {variant} bs{batch_size}, {len(specs)} seeds together: {epoch_s:.2f} s per "
+        f"run-epoch of {images:,} images, "
         f"{achieved / 1e9:.1f} GFLOP/s = {info['fraction_of_matmul_peak']:.2f} of matmul peak, "
         f"{roofline.fraction_of_bound:.2f} of the roofline bound ({roofline.limit}: "
         f"{traffic.bytes_per_step / 1e6:.1f} MB a step at {bandwidth / 1e9:.1f} GB/s); its matmuls alone take "
@@ -171,26 +178,43 @@ def test_fast_path_epoch(benchmark, study, study_session, variant, batch_size, r
         f"{roofline.update_s / roofline.step_s:.0%}: at most {roofline.ceiling:.2f} of the bound with these")
 
 
+def _step_name(variant: str) -> str:
+    """The step that trains `variant` on the MLP here, as records name it."""
+    return fused.build().step_name if fused.supports(build_model(variant), 64) else FastStep.NAME
+
+
 @pytest.mark.parametrize("batch_size", [32, 64, 128])
 @pytest.mark.parametrize("variant", ["plain", "bn"])
 def test_training_step_cost(benchmark, study, study_session, variant, batch_size):
-    """One forward + backward + SGD update of the fast step on a fixed batch."""
+    """100 steps (forward + backward + SGD update) of one model on the same batch, through the step that trains
+    (the fused step where it builds: a run of 100 batches, each the first `batch_size` training images)."""
     device = resolve_device(study.device)
     splits = load_splits(study.dataset, validation_size=0, data_dir=study_session.data_dir)
-    images = splits.train_images[:batch_size].to(device)
-    labels = splits.train_labels[:batch_size].to(device)
     torch.manual_seed(0)
-    step = FastStep([build_model(variant).to(device)], lr=0.01, momentum=0.9)
-    images, labels = images.unsqueeze(0), labels.unsqueeze(0)  # one model: (1, B, ...)
+    model = build_model(variant).to(device)
+    images = splits.train_images[:batch_size].to(device).view(batch_size, -1)
+    labels = splits.train_labels[:batch_size].to(device)
+    if fused.supports(model, batch_size):
+        step = fused.FusedStep([model], images.repeat(100, 1), labels.repeat(100), lr=0.01, momentum=0.9,
+                               batch_size=batch_size)
+        order = torch.arange(100 * batch_size).view(1, -1)
+        losses, correct = torch.zeros(1, 100), torch.zeros(1, dtype=torch.int64)
 
-    def hundred_steps():
-        for _ in range(100):
-            step(images, labels)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        def hundred_steps():
+            step.train(order, 0, 100, losses, correct)
+    else:
+        step = FastStep([model], lr=0.01, momentum=0.9)
+        images, labels = images.unsqueeze(0), labels.unsqueeze(0)  # one model: (1, B, ...)
+
+        def hundred_steps():
+            for _ in range(100):
+                step(images, labels)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
 
     benchmark.pedantic(hundred_steps, rounds=5, warmup_rounds=1)
-    benchmark.extra_info.update({"bnsuite": "step-cost", "steps_per_round": 100, "batch_size": batch_size})
+    benchmark.extra_info.update({"bnsuite": "step-cost", "steps_per_round": 100, "batch_size": batch_size,
+                                 "step": _step_name(variant) if device.type == "cpu" else FastStep.NAME})
 
 
 # --- the ConvNet (--bn-network cnn): its figures are taken when the session trains it ---

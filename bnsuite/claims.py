@@ -158,6 +158,10 @@ class Comparison:
     effect: Effect | None  # None with fewer than 2 seeds a side
     statistic: float  # the tested fraction of seed pairs in the claim's direction (margin applied), ties half
     sizes: tuple[int, int]
+    # The seeds' pooled standard deviation on the test's scale (the log for a ratio); None where a value is not
+    # finite (a diverged run) or a side has one seed.
+    spread: float | None = None
+    offset: float = 0.0  # the margin the claim gives the larger side (0 for a plain comparison)
 
     @property
     def smallest_p(self) -> float:
@@ -171,6 +175,18 @@ class Comparison:
         m, n = self.sizes
         u = next((u for u in range(m * n + 1) if _u_tail(m, n, u) <= alpha), None)
         return None if u is None else u / (m * n)
+
+    def smallest_effect(self, alpha: float, power: float = POWER) -> float | None:
+        """The smallest effect (`larger - smaller`, or their ratio for a ratio) the test would show with
+        probability `power` at these seeds, were the seeds of both sides normal with the measured spread: the
+        minimum detectable effect. None where no outcome can reach alpha, or the spread is unknown."""
+        if self.spread is None or self.effect is None:
+            return None
+        shift = _standardized_shift(*self.sizes, alpha, power)
+        if shift is None:
+            return None
+        needed = shift * self.spread - self.offset
+        return math.exp(needed) if self.effect.ratio else needed
 
     def seeds_needed(self, alpha: float, power: float = POWER) -> int | None:
         """About how many seeds a side an effect of the measured fraction of seed pairs needs to be supported with
@@ -194,7 +210,41 @@ def compare(smaller: Sequence[float], larger: Sequence[float], *, what: str, off
     b = [float(v) for v in larger]
     shifted = [v + offset for v in b]
     p, q = p_smaller(a, shifted), p_smaller(shifted, a)
-    return Comparison(p, q, effect(a, b, what=what, ratio=ratio), _fraction_smaller(a, shifted), (len(a), len(b)))
+    return Comparison(p, q, effect(a, b, what=what, ratio=ratio), _fraction_smaller(a, shifted), (len(a), len(b)),
+                      spread=_pooled_spread(a, b, ratio=ratio), offset=offset)
+
+
+def _pooled_spread(a: Sequence[float], b: Sequence[float], *, ratio: bool) -> float | None:
+    """The two sides' pooled seed-to-seed standard deviation (on a log scale for a ratio); None where it is not
+    defined (a value not finite or not positive on a log scale, a side of one)."""
+    if len(a) < 2 or len(b) < 2:
+        return None
+    values = [np.asarray(side, dtype=float) for side in (a, b)]
+    if ratio:
+        if any((side <= 0).any() for side in values):
+            return None
+        values = [np.log(side) for side in values]
+    if not all(np.isfinite(side).all() for side in values):
+        return None
+    squares = sum(float(((side - side.mean()) ** 2).sum()) for side in values)
+    return math.sqrt(squares / (len(a) + len(b) - 2))
+
+
+@functools.cache
+def _standardized_shift(m: int, n: int, alpha: float, power: float) -> float | None:
+    """The shift, in standard deviations, between two normal samples of m and n that the exact test at `alpha`
+    shows with probability `power`; None where no outcome reaches alpha. The test shows a shift d when at least
+    u* of the m n pairs have x - y < d (u*: the least U with P(U >= u*) <= alpha), i.e. when d exceeds the u*-th
+    smallest pairwise difference; the `power` quantile of that difference over 20,000 simulated pairs of samples
+    (a fixed seed: the same figure every time) is the shift."""
+    critical = next((u for u in range(m * n + 1) if _u_tail(m, n, u) <= alpha), None)
+    if critical is None or critical == 0:
+        return None
+    generator = np.random.default_rng(0)
+    x, y = generator.standard_normal((20_000, m)), generator.standard_normal((20_000, n))
+    differences = (x[:, :, None] - y[:, None, :]).reshape(20_000, m * n)
+    kth = np.partition(differences, critical - 1, axis=1)[:, critical - 1]
+    return float(np.quantile(kth, power))
 
 
 def effect(smaller: Sequence[float], larger: Sequence[float], *, what: str, ratio: bool = False) -> Effect | None:
@@ -245,9 +295,10 @@ class ClaimResult:
     network: str = DEFAULT_NETWORK  # the network its runs train (its name starts with `cnn-` on the ConvNet)
     comparison: Comparison | None = None  # the test behind the verdict, with its effect
     alpha: float = 0.05
-    # Set by `holm` over the family of claims judged together; None until then.
+    # Set by `holm` over the family of claims judged together (`holm_family` of them); None until then.
     holm_p: float | None = None
     holm_verdict: str | None = None
+    holm_family: int | None = None
 
     @property
     def holds(self) -> bool:
@@ -271,6 +322,11 @@ class ClaimResult:
         text = f"with {seeds}: shown only when >= {needed:.0%} of seed pairs agree (smallest p {c.smallest_p:.3g})"
         if self.verdict == SUPPORTED:
             return text
+        smallest = c.smallest_effect(self.alpha)
+        if smallest is not None:
+            unit = "x" if c.effect.ratio else ""
+            text += (f"; the smallest effect these seeds show with {POWER:.0%} power, at the measured spread: "
+                     f"{smallest:{'' if unit else '+'}.3g}{unit} ({c.effect.what})")
         more = c.seeds_needed(self.alpha)
         if more is None:
             return text + f"; {c.statistic:.0%} of pairs agree here: no effect the claim's way to power"
@@ -298,7 +354,8 @@ def holm(results: Sequence[ClaimResult]) -> list[ClaimResult]:
     out = list(results)
     for i in tested:
         p, q = adjusted["p", i], adjusted["q", i]
-        out[i] = dataclasses.replace(results[i], holm_p=p, holm_verdict=decide(p, q, results[i].alpha))
+        out[i] = dataclasses.replace(results[i], holm_p=p, holm_verdict=decide(p, q, results[i].alpha),
+                                     holm_family=len(tested))
     return out
 
 

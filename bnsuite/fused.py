@@ -125,7 +125,7 @@ def build(dtype: torch.dtype = torch.float32) -> Build:
     library.bn_evaluate.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int,
                                     ctypes.c_void_p, ctypes.c_void_p]
     library.bn_evaluate.restype = None
-    library.bn_time_products.argtypes = [ctypes.c_void_p, ctypes.c_int]
+    library.bn_time_products.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
     library.bn_time_products.restype = None
     return Build(library, compiler_line, dtype)
 
@@ -232,9 +232,9 @@ def _fields(real: type) -> list:
 
 
 def _blocks(models: int, size: int, dtype: torch.dtype) -> torch.Tensor:
-    """(models, size rounded up to a cache line), uninitialized: each model's block 64-byte aligned."""
+    """(models, size rounded up to a cache line) zeros: each model's block 64-byte aligned."""
     per_line = 64 // torch.empty((), dtype=dtype).element_size()
-    return torch.empty(models, -(-size // per_line) * per_line, dtype=dtype)
+    return torch.zeros(models, -(-size // per_line) * per_line, dtype=dtype)
 
 
 class FusedStep:
@@ -328,6 +328,9 @@ class FusedStep:
                 self.masks.append(masks)
                 step.masks[layer], step.masks_stride[layer] = pointer(masks), masks.stride(0)
                 step.masks_step[layer] = masks.stride(1)
+            # Each model's mask blocks, step by step and layer by layer, made once: drawing indexes nothing.
+            self._mask_views = [[[masks[index, k] for masks in self.masks] for k in range(DROPOUT_CHUNK)]
+                                for index in range(count)]
         self._step, self._keep = step, keep
         self.step_name = self.build.step_name
 
@@ -366,21 +369,21 @@ class FusedStep:
                                        int(batch_statistics), losses.data_ptr(), hits.data_ptr())
         return [(loss / count, 100.0 * hit / count) for loss, hit in zip(losses.tolist(), hits.tolist(), strict=True)]
 
-    def time_products(self, steps: int) -> float:
-        """Seconds a step's matrix products and weight updates take alone, as `train` runs them (each model on one
-        thread, full batches), over `steps` steps: the speed benchmark's floor of the step as built. It leaves
-        nothing meaningful in the models: time it on models made for it."""
-        self._step.first_step = 0
+    def time_products(self, steps: int, *, update: bool) -> float:
+        """Seconds a step's matrix products (and with `update` the weights' SGD update) take alone, as `train` runs
+        them (each model on one thread, full batches), over `steps` steps: the speed benchmark's floor of the step
+        as built. It leaves nothing meaningful in the models: time it on models made for it."""
         started = time.perf_counter()
-        self.build.library.bn_time_products(ctypes.byref(self._step), steps)
+        self.build.library.bn_time_products(ctypes.byref(self._step), steps, int(update))
         return (time.perf_counter() - started) / steps
 
     def _draw_masks(self, first: int, count: int, batch: int, size: int) -> None:
         """Each model's dropout draws for `count` steps, in the order F.dropout makes them (step by step, layer by
         layer, Bernoulli(1 - p) from the model's own generator); the C code scales them by 1 / (1 - p)."""
-        for index, generator in enumerate(self.dropout_generators):
+        keep = 1 - self.dropout
+        for views, generator in zip(self._mask_views, self.dropout_generators, strict=True):
             for k in range(count):
                 rows = min(batch, size - (first + k) * batch)
-                for masks in self.masks:
-                    width = masks.shape[2] // batch
-                    masks[index, k, :rows * width].bernoulli_(1 - self.dropout, generator=generator)
+                for view in views[k]:
+                    (view if rows == batch else view[:rows * (view.numel() // batch)]).bernoulli_(keep,
+                                                                                                  generator=generator)

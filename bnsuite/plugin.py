@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from bnsuite import registry
+from bnsuite import fused, registry
 from bnsuite.baseline import (
     REFERENCE_DIR,
     Baseline,
@@ -41,7 +41,7 @@ from bnsuite.records import save_record
 from bnsuite.registry import PluginError, load_plugins, plugin_option
 from bnsuite.spec import DEFAULT_LR, SpecError, StudySpec
 from bnsuite.study import PROFILE_SETTINGS, StudySession, default_seeds, study_from_options
-from bnsuite.train import max_runs_together
+from bnsuite.train import max_runs_together, resolve_device
 
 
 def _seeds(profile: str) -> str:
@@ -189,6 +189,8 @@ class StudyPlugin:
                  f"(a case trains its runs together); records -> {self.results_dir}"]
         if self.plugins:
             lines.append(f"  plugins: {', '.join(self.plugins)}")
+        if resolve_device(spec.device).type == "cpu":
+            lines.append(f"  {fused.status()}")
         if self.executor is not None:
             lines.append(f"  executor: {self.executor.name}, {len(self.executor.pending)} cases submitted at "
                          "start; pytest-benchmark's timing is off (it would time the waiting, not the training): each "
@@ -315,7 +317,6 @@ class StudyPlugin:
         None if it trained none. Taken once: the benchmark JSON and the terminal summary say the same."""
         if self._floor is None and self._session is not None and self._session.records:
             from bnsuite.speed import StudyFloor, matmul_peak_flops
-            from bnsuite.train import resolve_device
 
             wall = time.perf_counter() - self.started
             peak = self._session.peak_flops or matmul_peak_flops(resolve_device(self.study_spec.device))

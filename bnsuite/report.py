@@ -376,11 +376,12 @@ def speed_rows(data: dict) -> list[str]:
             epoch_s, speedup = info["epoch_s"], info["speedup"]
             paths.append({
                 "variant": info["variant"], "batch size": info["batch_size"], "images": info["images"],
-                **{f"{label} (s/epoch)": f"{epoch_s[key]:.2f}" for key, label in PATH_LABELS},
+                **{f"{label} (s/epoch)": f"{epoch_s[key]:.2f}" for key, label in PATH_LABELS if key in epoch_s},
                 "speed-up vs original": f"{speedup['original']:.2f}x",
                 "vs eager": f"{speedup['eager']:.2f}x",
-                "vs fast step alone": f"{speedup['one_run']:.2f}x",
-                "rounds": info["rounds"],
+                **({"vs the ATen step together": f"{speedup['aten']:.2f}x"} if "aten" in speedup else {}),
+                "vs one run alone": f"{speedup['one_run']:.2f}x",
+                "rounds": info["rounds"], "step": info.get("step", "fast"),
             })
         elif _kind(bench) == "fraction":
             row = {
@@ -405,6 +406,7 @@ def speed_rows(data: dict) -> list[str]:
             if info.get("update_s") is not None:  # benchmarks saved before the update was timed lack these
                 row.update({"update alone (ms)": f"{1e3 * info['update_s']:.2f}",
                             "most reachable fraction": f"{info['fraction_of_roofline_ceiling']:.2f}"})
+            row["step"] = info.get("step", "fast")
             fractions.append(row)
         elif _kind(bench) == "matmul-peak":
             peak, memory = info["peak_gflops"], info.get("memory_bandwidth_gbps")
@@ -416,7 +418,9 @@ def speed_rows(data: dict) -> list[str]:
         lines += ["### Speed: one epoch at batch 64 through each training path (benchmarks/test_speed.py)", "",
                   f"Each round trains one epoch over {' or '.join(f'{n:,}' for n in sorted(images))} training "
                   "images through every path in turn; a speed-up is the median over rounds of the round's time "
-                  "ratio. The study's way trains the seeds together; its time is per run.", "",
+                  "ratio. The study's way trains the seeds together through its step (`step`: the fused C step, "
+                  "with the compiler that built it, or the ATen fast step where none could); its time is per run. "
+                  "The ATen step with the same seeds together is the fallback's speed, measured beside it.", "",
                   pd.DataFrame(paths).to_markdown(index=False, disable_numparse=True), ""]
     if fractions:
         lines += ["### Speed: the study's way against the roofline (benchmarks/test_speed.py, bnsuite.speed)", "",
@@ -426,7 +430,8 @@ def speed_rows(data: dict) -> list[str]:
                   "read and written once each, images read once, activations and their gradients written and read "
                   "once) at the copy bandwidth measured over a buffer as large as its working set (traffic); the "
                   "fraction of the bound is that bound over the measured step. Matmuls alone: the step's GEMMs at "
-                  "its shapes, timed without the rest of the step; update alone: its SGD update, likewise. The most "
+                  "its shapes, run as the step runs them, timed without the rest of the step; update alone: its "
+                  "SGD update, likewise. The most "
                   "reachable fraction is the bound over those two together: a step that spent nothing on BN, ReLU "
                   "and the loss would reach it, with the BLAS library's GEMMs at these shapes.", "",
                   pd.DataFrame(fractions).fillna("").to_markdown(index=False, disable_numparse=True), ""]
@@ -474,8 +479,8 @@ def convnet_speed_rows(data: dict) -> list[str]:
     return lines
 
 
-PATH_LABELS = (("original", "original pipeline"), ("eager", "eager autograd"), ("one_run", "fast step, one run"),
-               ("study", "the study's way"))
+PATH_LABELS = (("original", "original pipeline"), ("eager", "eager autograd"), ("aten", "ATen step, together"),
+               ("one_run", "one run alone"), ("study", "the study's way"))
 
 
 def environment_section(records: list[RunRecord]) -> list[str]:

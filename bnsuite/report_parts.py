@@ -44,15 +44,16 @@ def claims_table(claims: list[ClaimResult], settings: ClaimSettings | None) -> s
                      "P(improvement)": "" if effect is None else f"{effect.improvement:.2f}",
                      "p": "" if c.p_value is None else f"{c.p_value:.3g}",
                      "verdict": f"**{c.verdict}**",
-                     "after Holm": "" if c.holm_p is None else f"{c.holm_verdict} (p {c.holm_p:.3g})",
+                     "after Holm over the run's claims": "" if c.holm_p is None else (
+                         f"{c.holm_verdict} (p {c.holm_p:.3g}; family of {c.holm_family})"),
                      "what these seeds can show": c.power(), "rule": c.rule,
                      "known exception": f"{known.verdict}: {known.reason}" if known else ""})
     return pd.DataFrame(rows).to_markdown(index=False)
 
 
 def family_statement(claims: list[ClaimResult]) -> list[str]:
-    """What the section's claims are as a family: how many were judged, the smallest p their seeds allow, and how
-    many supported verdicts survive Holm's correction (family-wise alpha)."""
+    """What the section's claims are as part of the run's family: how many were judged here, the smallest p their
+    seeds allow, and how many supported verdicts survive Holm's correction over every claim the run judged."""
     tested = [claim for claim in claims if claim.comparison is not None and claim.holm_p is not None]
     if not tested:
         return []
@@ -60,16 +61,17 @@ def family_statement(claims: list[ClaimResult]) -> list[str]:
     supported = [claim for claim in tested if claim.holds]
     survive = [claim for claim in supported if claim.holm_verdict == SUPPORTED]
     alphas = sorted({claim.alpha for claim in tested})
+    family = max(claim.holm_family for claim in tested)
     floor = " to ".join(f"{value:.3g}" for value in (smallest[0], smallest[-1])) if len(smallest) > 1 else (
         f"{smallest[0]:.3g}")
     text = (f"{len(tested)} claims were judged here, each by its own one-sided exact "
             f"test at alpha {', '.join(map(str, alphas))} (the claims gate uses these verdicts: each claim is a "
-            f"pre-registered test). The smallest p the test can give at the seeds used is {floor}, so Holm's "
-            f"step-down correction over {len(tested)} claims (family-wise alpha {alphas[0]}) can keep a verdict "
-            f"only where p <= {alphas[0]} / {len(tested)} = {alphas[0] / len(tested):.2g} is possible. "
-            f"{len(supported)} verdicts are supported; {len(survive)} of them survive the correction (the "
-            "\"after Holm\" column).")
-    if supported and not survive:
+            f"pre-registered test). The family is every claim the run judged, in every study: {family} claims. "
+            f"The smallest p the test can give at the seeds used is {floor}, so Holm's step-down correction over "
+            f"the family (family-wise alpha {alphas[0]}) keeps a verdict only where p <= {alphas[0]} / {family} = "
+            f"{alphas[0] / family:.2g} is possible for the first claim it takes. {len(supported)} verdicts are "
+            f"supported here; {len(survive)} of them survive the correction (the \"after Holm\" column).")
+    if supported and not survive and smallest[0] > alphas[0] / family:
         text += (" With these seeds no verdict can survive it: a supported claim here means \"every seed of one "
                  "side beat every seed of the other\", one claim at a time, not a family-wise finding.")
     return [text, ""]
@@ -125,13 +127,20 @@ def discussion(claims: list[ClaimResult], *, leading: list[str] = (), said: set[
         checked = [claim for claim in claims if claim.reason == reason and claim.name not in said]
         if checked:
             study = ", ".join(dict.fromkeys(study_title(claim.study) for claim in checked))
-            verdicts = "; ".join(f"{claim.short}{_at(claim)}: **{claim.verdict}**{_not_shown(claim)}"
-                                 for claim in checked)
+            verdicts = "; ".join(f"{claim.short}{_at(claim)}: **{claim.verdict}**{_after_holm(claim)}"
+                                 f"{_not_shown(claim)}" for claim in checked)
             text = REASONS.get(reason, reason)
             sentences.append(f"- **{text[0].upper()}{text[1:]}** ({study}): {verdicts}.")
     if diverged:
         sentences.append(f"- **Divergence:** {len(diverged)} run(s) diverged: {', '.join(diverged)}.")
     return sentences or ["_Not enough runs for a discussion._"]
+
+
+def _after_holm(claim: ClaimResult) -> str:
+    """The claim's verdict after Holm's correction over the run's whole family of claims, in words."""
+    if claim.holm_verdict is None:
+        return ""
+    return f", {claim.holm_verdict} after Holm over the run's {claim.holm_family} claims"
 
 
 def _not_shown(claim: ClaimResult) -> str:

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from bnsuite import fused
 from bnsuite.datasets import DATASETS
 from bnsuite.fastpath import FastStep
 from bnsuite.models import build_model, parameter_count
@@ -220,6 +221,29 @@ class Roofline:
                 "step_s": self.step_s, "fraction_of_roofline": self.fraction_of_bound, "matmul_s": self.matmul_s,
                 "matmul_fraction_of_peak": None if self.matmul_s is None else self.compute_s / self.matmul_s,
                 "update_s": self.update_s, "floor_s": self.floor_s, "fraction_of_roofline_ceiling": self.ceiling}
+
+
+def step_floor_seconds(variant: str, batch_size: int, runs: int, device: torch.device | str = "cpu", *,
+                       seconds: float = 0.3) -> tuple[float, float]:
+    """(matmuls, update): measured seconds of a training step's matrix products alone and of its SGD update alone,
+    as the step that trains here runs them: the fused step's (each model's products single-threaded, the models
+    side by side on the threads; its update is the weights' pass after the momentum product) where it builds,
+    else the ATen step's (`step_matmul_seconds`, `step_update_seconds`)."""
+    model = build_model(variant).to(device)
+    if not fused.supports(model, batch_size):
+        return (step_matmul_seconds(model, batch_size, runs, device, seconds=seconds),
+                step_update_seconds(variant, runs, device, seconds=seconds))
+    images = torch.randn(batch_size, model.fc1.in_features)
+    step = fused.FusedStep([build_model(variant) for _ in range(runs)], images, torch.zeros(batch_size,
+                           dtype=torch.int64), lr=0.01, momentum=0.9, batch_size=batch_size,
+                           dropout_generators=[torch.Generator() for _ in range(runs)])
+    products = min(step.time_products(20, update=False) for _ in range(_repeats(seconds)))
+    with_update = min(step.time_products(20, update=True) for _ in range(_repeats(seconds)))
+    return products, max(with_update - products, 0.0)
+
+
+def _repeats(seconds: float) -> int:
+    return max(3, round(seconds * 20))
 
 
 def step_matmul_seconds(model: nn.Module, batch_size: int, runs: int, device: torch.device | str = "cpu", *,

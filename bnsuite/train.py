@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from bnsuite import fastpath
+from bnsuite import fastpath, fused
 from bnsuite.data import load_splits
 from bnsuite.datasets import DATASETS
 from bnsuite.environment import KEEP_DENORMALS_VARIABLE, describe_environment, flush_denormals, now_utc
@@ -66,21 +66,25 @@ EPOCH_RUNNERS = {"fast": TensorEpochs, "eager": TensorEpochs, "original": _origi
 # Training from default init starts near ln(10) = 2.3; a run past this never recovers
 # (at lr 5.0, plain reaches 1e15 and then sits at chance with a finite loss).
 DIVERGED_LOSS = 1_000.0
-# The most runs one batched computation trains (bnsuite.fastpath): a larger group trains as consecutive chunks of
-# sizes as equal as can be, each run bit for bit as it trains alone either way (its record names the runs it
-# trained with). Past a few models the step's working set leaves the caches: on an Intel Xeon (AVX-512, 2 cores)
-# 21 runs at batch 64 trained together took 1.2-1.3x the time of the same runs in chunks of 7 to 11 (plain, bn;
-# docs/performance.md). BNSUITE_MAX_RUNS_TOGETHER sets it for a machine where another size pays.
+# The most runs one batched computation trains: a larger group trains as consecutive chunks of sizes as equal as
+# can be, each run bit for bit as it trains alone either way (its record names the runs it trained with). The ATen
+# step (bnsuite.fastpath) steps its models in lockstep, so past a few of them its working set leaves the caches: on
+# an Intel Xeon (AVX-512, 2 cores) 21 runs at batch 64 trained together took 1.2-1.3x the time of the same runs in
+# chunks of 7 to 11 (plain, bn; docs/performance.md). The fused step (bnsuite.fused) trains each model alone on a
+# thread for a run of batches, so a group costs it nothing in cache and a larger one spreads better over the
+# threads: a case trains as one group. BNSUITE_MAX_RUNS_TOGETHER sets one size for either.
 MAX_RUNS_TOGETHER = 8
+MAX_RUNS_TOGETHER_FUSED = 64
 MAX_RUNS_TOGETHER_VARIABLE = "BNSUITE_MAX_RUNS_TOGETHER"
 
 
-def max_runs_together() -> int:
-    """The most runs trained as one computation: $BNSUITE_MAX_RUNS_TOGETHER, else MAX_RUNS_TOGETHER."""
-    value = os.environ.get(MAX_RUNS_TOGETHER_VARIABLE, str(MAX_RUNS_TOGETHER))
+def max_runs_together(default: int = MAX_RUNS_TOGETHER) -> int:
+    """The most runs trained as one computation: $BNSUITE_MAX_RUNS_TOGETHER, else `default` (the step's)."""
+    value = os.environ.get(MAX_RUNS_TOGETHER_VARIABLE, str(default))
     if not value.strip().isdigit() or int(value) < 1:
         raise ValueError(f"{MAX_RUNS_TOGETHER_VARIABLE}={value!r} is not a number of runs: set it to a whole number "
-                         f"of 1 or more (1 trains every run alone), or unset it for {MAX_RUNS_TOGETHER}")
+                         f"of 1 or more (1 trains every run alone), or unset it for the step's own ({default} for "
+                         f"the ATen step, {MAX_RUNS_TOGETHER_FUSED} for the fused one)")
     return int(value)
 
 
@@ -140,16 +144,18 @@ def train_seeds(
     variant = checked(spec)  # the variant is registered and can train this run, or SpecError says what to change
     if measures is None:
         measures = study.measures(specs) if study is not None else frozenset()
-    cap = max_runs_together()
+    image_shape = DATASETS[spec.dataset].image_shape
+    model = build_model(spec.variant, network=spec.network, image_shape=image_shape)
+    batched = spec.pipeline == "fast" and fastpath.supports(model)
+    cap = max_runs_together(MAX_RUNS_TOGETHER_FUSED if batched and resolve_device(spec.device).type == "cpu"
+                            and fused.supports(model, spec.batch_size) else MAX_RUNS_TOGETHER)
     if len(specs) > cap:
         chunks = -(-len(specs) // cap)
         bounds = [len(specs) * index // chunks for index in range(chunks + 1)]
         return [record for start, end in itertools.pairwise(bounds) for record in train_seeds(
             specs[start:end], data_dir=data_dir, study=study, on_epoch=on_epoch, executor=executor,
             measures=measures)]
-    image_shape = DATASETS[spec.dataset].image_shape
-    if len(specs) > 1 and not (spec.pipeline == "fast" and fastpath.supports(
-            build_model(spec.variant, network=spec.network, image_shape=image_shape))):
+    if len(specs) > 1 and not batched:
         return [train_seeds((run,), data_dir=data_dir, study=study, on_epoch=on_epoch, executor=executor,
                             measures=measures)[0] for run in specs]
     device = resolve_device(spec.device)

@@ -406,10 +406,10 @@ void bn_evaluate(const Step* s, const real* images, const int64_t* labels, int64
     }
 }
 
-/* The matrix products of `steps` training steps and the weights' update, alone, as bn_train_steps runs them (each
- * model on one thread, the same shapes, the same buffers): what a step of these shapes costs with nothing else in
- * it. For the speed benchmark only: the numbers it leaves in the buffers mean nothing. */
-void bn_time_products(const Step* s, int steps) {
+/* The matrix products of `steps` training steps, and with `update` the weights' update, alone, as bn_train_steps
+ * runs them (each model on one thread, the same shapes, the same buffers): what a step of these shapes costs with
+ * nothing else in it. For the speed benchmark only: the numbers it leaves in the buffers mean nothing. */
+void bn_time_products(const Step* s, int steps, int update) {
     #pragma omp parallel for schedule(dynamic, 1) num_threads(s->threads)
     for (int m = 0; m < s->models; m++) {
         const int before = local_threads(1);
@@ -436,7 +436,8 @@ void bn_time_products(const Step* s, int steps) {
                     gemm(0, 0, rows, fin, fout, g, fout, w, fin, 0, grad_in, fin);
                     g = grad_in;
                 }
-                for (int64_t i = 0; i < (int64_t)fin * fout; i++) w[i] -= s->lr[m] * velocity[i];
+                if (update)
+                    for (int64_t i = 0; i < (int64_t)fin * fout; i++) w[i] -= s->lr[m] * velocity[i];
             }
         }
         local_threads(before);
