@@ -420,7 +420,7 @@ def p_smaller(a: list[float], b: list[float]) -> float:
     pooled = np.concatenate([np.asarray(a, dtype=float), np.asarray(b, dtype=float)])
     doubled = np.rint(2 * stats.rankdata(pooled)).astype(int)  # midranks are halves: doubled, whole numbers
     measured = int(doubled[:len(a)].sum())
-    counts = _rank_sum_counts(tuple(doubled), len(a))
+    counts = _rank_sum_counts(tuple(sorted(doubled)), len(a))  # the null does not depend on which side is which
     return float(counts[:measured + 1].sum() / counts.sum())
 
 

@@ -122,6 +122,11 @@ def discussion(claims: list[ClaimResult], *, leading: list[str] = (), said: set[
     that check it and their verdicts, except the claims `said` already; then the runs that diverged.
     """
     sentences = list(leading)
+    families = {claim.holm_family for claim in claims if claim.holm_family is not None}
+    if families:
+        sentences.append(f"- **The family of claims:** each verdict below is followed by its verdict after Holm's "
+                         f"correction over all {max(families)} claims the run judged, in every study: what holds "
+                         "when every question asked is counted.")
     reasons = list(REASONS) + sorted({claim.reason for claim in claims} - set(REASONS))
     for reason in reasons:
         checked = [claim for claim in claims if claim.reason == reason and claim.name not in said]
@@ -140,7 +145,7 @@ def _after_holm(claim: ClaimResult) -> str:
     """The claim's verdict after Holm's correction over the run's whole family of claims, in words."""
     if claim.holm_verdict is None:
         return ""
-    return f", {claim.holm_verdict} after Holm over the run's {claim.holm_family} claims"
+    return f" (after Holm: {claim.holm_verdict})"
 
 
 def _not_shown(claim: ClaimResult) -> str:
