@@ -22,18 +22,22 @@ Result = tuple[float | None, float | None]  # (mean cross-entropy, accuracy in p
 
 
 def evaluate_all(runner, models: list[nn.Module], images: torch.Tensor, labels: torch.Tensor, *,
-                 batch_statistics: int | None = None) -> list[Result]:
+                 batch_statistics: int | None = None, only: list[int] | None = None) -> list[Result]:
     """Every model's (loss, accuracy) on `images`, in eval mode; with `batch_statistics` (a batch size), the
     accuracy with each consecutive batch normalized by its own statistics (loss None). Through `runner.evaluate`
-    where the epoch runner has one."""
+    where the epoch runner has one (it evaluates every model at once, cheaply); else model by model, the models
+    `only` names (default: all), the others (None, None)."""
     if len(labels) == 0:
         return [(None, None) for _ in models]
     if getattr(runner, "evaluate", None) is not None:
         results = runner.evaluate(images, labels, batch_statistics=batch_statistics is not None)
         return [(None, accuracy) for _, accuracy in results] if batch_statistics is not None else results
+    chosen = set(range(len(models)) if only is None else only)
     if batch_statistics is not None:
-        return [(None, evaluate_with_batch_statistics(model, images, labels, batch_statistics)) for model in models]
-    return [evaluate(model, images, labels) for model in models]
+        return [(None, evaluate_with_batch_statistics(model, images, labels, batch_statistics))
+                if index in chosen else (None, None) for index, model in enumerate(models)]
+    return [evaluate(model, images, labels) if index in chosen else (None, None)
+            for index, model in enumerate(models)]
 
 
 @torch.no_grad()

@@ -192,12 +192,13 @@ def train_seeds(
             live = [index for index, diverged in enumerate(diverged_at_epoch) if diverged is None]
             if not live:
                 break
-            validations = evaluate_all(run_epoch, models, splits.validation_images, splits.validation_labels)
-            tests = evaluate_all(run_epoch, models, splits.test_images, splits.test_labels)
+            validations = evaluate_all(run_epoch, models, splits.validation_images, splits.validation_labels,
+                                       only=live)
+            tests = evaluate_all(run_epoch, models, splits.test_images, splits.test_labels, only=live)
             held_out = ((splits.validation_images, splits.validation_labels) if spec.held_out == "validation"
                         else (splits.test_images, splits.test_labels))
-            with_batch_statistics = evaluate_all(run_epoch, models, *held_out, batch_statistics=spec.batch_size) \
-                if variant.batch_statistics else None
+            with_batch_statistics = evaluate_all(run_epoch, models, *held_out, batch_statistics=spec.batch_size,
+                                                 only=live) if variant.batch_statistics else None
             for index in live:
                 run, validation, test = specs[index], validations[index], tests[index]
                 record = EpochRecord(
@@ -220,7 +221,8 @@ def train_seeds(
         traces = prober.traces() if prober is not None else [None] * len(specs)
         landscaper = getattr(run_epoch, "landscaper", None)
         landscapes = landscaper.traces() if landscaper is not None else [None] * len(specs)
-        on_training_set = evaluate_all(run_epoch, models, *training_set(splits, spec))
+        finished_runs = [index for index, diverged in enumerate(diverged_at_epoch) if diverged is None]
+        on_training_set = evaluate_all(run_epoch, models, *training_set(splits, spec), only=finished_runs)
         finished = zip(specs, models, epochs, steps, diverged_at_epoch, traces, landscapes, on_training_set,
                        strict=True)
         for run, model, run_epochs, run_steps, diverged, trace, landscape, train_eval in finished:

@@ -35,9 +35,11 @@ KNOWN_EXCEPTIONS = {
     "full": (
         KnownException("bn-smaller-generalization-gap-bs64", CONTRADICTED,
                        "BN's final model fits its training images almost perfectly, so its gap to held-out accuracy "
-                       "is the larger, though its held-out accuracy is also the higher"),
+                       "is the larger (1.70 against 1.30 points, 6 seeds), though its held-out accuracy is also the "
+                       "higher"),
         KnownException("dropout-gains-bn-less-than-plain-bs64", NOT_SHOWN,
-                       "dropout changes either variant's accuracy by less than plain's seed spread in 10 epochs"),
+                       "dropout changes either variant's accuracy by less than plain's seed spread in 10 epochs "
+                       "(+0.10 and +0.18 points, 6 seeds)"),
     ),
     "quick": (
         KnownException("bn-smaller-generalization-gap-bs64", CONTRADICTED,
