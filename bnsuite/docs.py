@@ -91,6 +91,7 @@ def verdicts_table(reference: Path = FULL_REFERENCE) -> str:
     records = load_records(reference)
     spec = records[0].study
     results = evaluate_claims(records, spec)
+    family = max(result.holm_family or 0 for result in results)
     rows = []
     for reason in list(REASONS) + sorted({result.reason for result in results} - set(REASONS)):
         judged = [result for result in results if result.reason == reason]
@@ -99,11 +100,13 @@ def verdicts_table(reference: Path = FULL_REFERENCE) -> str:
         verdicts = []
         for result in judged:
             pinned = " (known exception)" if spec.claims.known_exception(result.name) else ""
-            verdicts.append(f"`{result.name}`: {result.verdict}{pinned}")
+            after = f", after Holm {result.holm_verdict}" if result.holm_verdict is not None else ""
+            verdicts.append(f"`{result.name}`: {result.verdict}{pinned}{after}")
         text = REASONS.get(reason, reason)
         rows.append({"reason for BN": text[0].upper() + text[1:],
                      "studies": ", ".join(dict.fromkeys(study_title(result.study) for result in judged)),
-                     "claims: verdict on the full reference": "; ".join(verdicts)})
+                     f"claims: verdict on the full reference, and after Holm over its {family} claims":
+                         "; ".join(verdicts)})
     return _markdown(rows)
 
 

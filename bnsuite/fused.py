@@ -111,14 +111,18 @@ def build(dtype: torch.dtype = torch.float32) -> Build:
     target = directory / f"mlp-{precision}-{key}.so"
     if not target.exists():
         _compile(path, compiler, flags, target)
-    library = ctypes.CDLL(str(target))
-    if library.bn_abi_version() != ABI_VERSION:
-        raise Unavailable(f"{target} was built from another version of {SOURCE.name}; delete it")
-    blas = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
+    library = _load(target)
+    if library is None:  # a damaged build in the cache: made again, once
+        target.unlink(missing_ok=True)
+        _compile(path, compiler, flags, target)
+        library = _load(target)
+    if library is None:
+        raise Unavailable(f"{target} was built but does not load; delete {directory}")
     try:
+        blas = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
         gemm, threads = getattr(blas, gemm_symbol), blas.MKL_Set_Num_Threads_Local
-    except AttributeError:
-        raise Unavailable("torch's library exports no MKL sgemm here") from None
+    except (OSError, AttributeError):
+        raise Unavailable(f"torch's library does not export MKL's {gemm_symbol} and thread switch here") from None
     library.bn_set_blas(ctypes.cast(gemm, ctypes.c_void_p), ctypes.cast(threads, ctypes.c_void_p))
     library.bn_train_steps.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
     library.bn_train_steps.restype = None
@@ -128,6 +132,15 @@ def build(dtype: torch.dtype = torch.float32) -> Build:
     library.bn_time_products.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
     library.bn_time_products.restype = None
     return Build(library, compiler_line, dtype)
+
+
+def _load(target: Path) -> ctypes.CDLL | None:
+    """The library at `target`, if it loads and is of this source's ABI; None if not."""
+    try:
+        library = ctypes.CDLL(str(target))
+        return library if library.bn_abi_version() == ABI_VERSION else None
+    except (OSError, AttributeError):
+        return None
 
 
 def _compile(compiler_path: str, compiler: str, flags: tuple[str, ...], target: Path) -> None:

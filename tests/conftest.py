@@ -30,15 +30,12 @@ def write_small_idx_dir(directory, *, train=20, test=10, seed=0):
     return arrays
 
 @pytest.fixture
-def aten_fast_step(monkeypatch):
+def aten_fast_step():
     """Trains with the ATen fast step (bnsuite.fastpath), the fallback where the fused one cannot be built."""
     from bnsuite import fused
 
-    monkeypatch.setenv(fused.SWITCH_VARIABLE, "0")
-    fused.build.cache_clear()
-    yield
-    monkeypatch.delenv(fused.SWITCH_VARIABLE)
-    fused.build.cache_clear()
+    with fused.switched_off():
+        yield
 
 
 pytest_plugins = ("pytester",)  # the study plugin's behaviour is tested in pytest runs of its own

@@ -64,7 +64,8 @@ def test_the_fused_step_computes_autograds_arithmetic_in_float64(variant):
     # the arithmetic would show at float32's scale or above.
     expected = reference.state_dict()
     for name, value in model.state_dict().items():
-        torch.testing.assert_close(value, expected[name], rtol=1e-7, atol=1e-10, msg=lambda text, name=name: name + text)
+        torch.testing.assert_close(value, expected[name], rtol=1e-7, atol=1e-10,
+                                   msg=lambda text, name=name: name + text)
 
 
 @pytest.mark.parametrize("variant", ["plain", "bn", "bn-ghost4", "ln", "bn-dropout"])
@@ -149,3 +150,17 @@ def test_without_a_compiler_or_with_the_switch_off_the_aten_fast_step_trains_and
     finally:
         fused.build.cache_clear()
     assert list(tmp_path.iterdir()) == []  # a failed build leaves nothing behind
+
+
+def test_a_damaged_build_in_the_cache_is_made_again(monkeypatch, tmp_path):
+    monkeypatch.setenv(fused.BUILD_DIR_VARIABLE, str(tmp_path))
+    fused.build.cache_clear()
+    try:
+        fused.build()
+        (target,) = tmp_path.iterdir()
+        target.write_bytes(b"not a library")
+        fused.build.cache_clear()
+        assert fused.build().step_name.startswith("fused (")
+        assert target.read_bytes()[:4] == b"\x7fELF"
+    finally:
+        fused.build.cache_clear()

@@ -56,6 +56,7 @@ def user_project(tmp_path):
     return project
 
 
+@pytest.mark.processes
 def test_a_users_variants_train_in_the_batch_study_and_report_in_a_process_without_their_plugin(
         user_project, tmp_path, mnist_dir, capsys):
     results = tmp_path / "results"
@@ -111,6 +112,7 @@ STUDY_PLUGIN = textwrap.dedent("""
 """)
 
 
+@pytest.mark.processes
 def test_an_entry_point_plugins_variants_and_a_users_study_run_by_option_and_report_with_the_plugin(
         tmp_path, mnist_dir):
     # The README's variants, installed as a package (a dist-info on the path) that declares the entry point.

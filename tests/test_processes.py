@@ -19,6 +19,7 @@ from bnsuite.study import study_from_options
 from conftest import one_thread_local_records, records_through, smoke_batch_study
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.processes  # every test here starts worker processes (pytest tests/ -m processes)
 
 
 def _executor(study, mnist_dir, **options) -> ProcessExecutor:

@@ -210,6 +210,7 @@ WRITER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.processes
 def test_a_record_write_killed_at_any_moment_leaves_the_old_or_the_complete_new_record(tmp_path, mnist_dir):
     record = train(RunSpec(variant="bn", **TINY), data_dir=mnist_dir)
     template = tmp_path / "template.json"
@@ -264,6 +265,7 @@ def _pytest_study(results, *extra):
             "-p", "no:cacheprovider", *extra]
 
 
+@pytest.mark.processes
 def test_two_pytest_processes_writing_one_results_directory_keep_every_record(tmp_path, mnist_dir):
     results = tmp_path / "shared"
     # One thread each: two torch processes that each spread over every core slow each other down many times over.
@@ -279,6 +281,7 @@ def test_two_pytest_processes_writing_one_results_directory_keep_every_record(tm
         f"{v}-bs128-seed{s}" for v in ("plain", "bn") for s in range(4))
 
 
+@pytest.mark.processes
 def test_xdist_workers_writing_one_results_directory_keep_every_record(tmp_path, mnist_dir):
     results = tmp_path / "xdist"
     run = subprocess.run(_pytest_study(results, "--bn-seeds", "0,1", "-n", "2"), cwd=ROOT,
@@ -323,6 +326,7 @@ def test_seeds_are_a_count_a_range_or_a_list(seeds, expected):
     assert study_from_options("smoke", studies="batch", seeds=seeds).seeds == expected
 
 
+@pytest.mark.processes
 def test_a_benchmark_run_writes_the_whole_study_against_its_floor_into_the_json_and_the_report(tmp_path, mnist_dir):
     results, saved = tmp_path / "results", tmp_path / "benchmarks.json"
     run = subprocess.run(_pytest_study(results, "--bn-seeds", "0-0", "--bn-data-dir", str(mnist_dir),

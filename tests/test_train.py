@@ -63,6 +63,7 @@ def _in_a_fresh_process(mnist_dir, *, keep=False, pool_first=False):
     return json.loads(run.stdout.splitlines()[-1])
 
 
+@pytest.mark.processes
 def test_subnormals_are_flushed_on_every_thread_and_collapsed_runs_stay_bit_for_bit_deterministic(mnist_dir):
     # Plain at lr 1 collapses: its values go subnormal, which flushing changes (and speeds up).
     first, second = _in_a_fresh_process(mnist_dir), _in_a_fresh_process(mnist_dir)
