@@ -21,6 +21,7 @@ report in a process where the plugin that registered a variant is absent.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import json
 import math
@@ -168,6 +169,13 @@ class Environment:
             "denormals", "dataset_checksum")}
 
 
+@functools.lru_cache(maxsize=64)
+def _runs_of(study: StudySpec) -> frozenset[RunSpec]:
+    """The runs `study` trains, built once per study however many of its records are read (equal studies are one
+    key)."""
+    return frozenset(study.run_specs())
+
+
 @with_config(STRICT)
 @dataclass(frozen=True)
 class RunRecord:
@@ -228,7 +236,7 @@ class RunRecord:
         except SpecError as error:
             raise _Inconsistent(f"field variant: {error}") from None
         if self.study is not None:
-            _check(self.spec in self.study.run_specs(), "study",
+            _check(self.spec in _runs_of(self.study), "study",
                    f"does not include this run ({self.spec.case_id}, {self.spec.epochs} epochs, lr {self.spec.lr})")
             _check(self.study.variant(self.spec.variant, self.spec.network) == self.variant, "variant",
                    f"differs from the study's description of {self.spec.variant}")
@@ -334,11 +342,16 @@ def _describe(error: ValidationError) -> str:
     return text + (f" (and {more} more problem{'s' if more > 1 else ''})" if more else "")
 
 
+@functools.cache
+def _type_hints(cls: Any) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
 def _missing_fields(raw: Any, cls: Any, path: str = "") -> str | None:
     """The dotted name of the first dataclass field absent from `raw`, or None."""
     if not isinstance(raw, dict):
         return None  # a wrong type is the validator's to report
-    hints = typing.get_type_hints(cls)
+    hints = _type_hints(cls)
     for field in dataclasses.fields(cls):
         name = f"{path}{field.name}"
         if field.name not in raw:

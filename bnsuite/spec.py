@@ -305,6 +305,9 @@ class Study:
             _require(len(set(values)) == len(values), f"{what} {values} repeat a value; give each once")
 
 
+_CHECKED: set = set()  # study specs whose every run was checked: equal ones need not be again
+
+
 @with_config(STRICT)
 @dataclass(frozen=True)
 class StudySpec:
@@ -338,8 +341,11 @@ class StudySpec:
         undescribed = [network_prefix(network) + name for network, name in used if (network, name) not in described]
         _require(not undescribed, f"no description of variant(s) {', '.join(undescribed)}: build the study spec "
                  "with bnsuite.registry.study_spec, which takes them from the variant registry")
+        if self in _CHECKED:  # an equal study (every record of a study carries it) was checked already
+            return
         for spec in self.run_specs():  # every combination must make a valid RunSpec its variant can train
             self.variant(spec.variant, spec.network).check(spec)
+        _CHECKED.add(self)
 
     @property
     def held_out(self) -> str:
