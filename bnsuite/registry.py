@@ -256,6 +256,10 @@ def load_plugins(modules: tuple[str, ...] | list[str] = (), *, entry_points: boo
     for name in names:
         if name in _PLUGINS:
             continue
+        if name.endswith(".py") or "/" in name or "\\" in name:
+            raise PluginError(f"the plugin {name!r} is a file path; name the module instead "
+                              f"({Path(name).stem!r}), with its directory on the Python path (PYTHONPATH) or as the "
+                              "directory pytest runs from")
         try:
             importlib.import_module(name)
         except ImportError as error:

@@ -199,6 +199,9 @@ def parse_seeds(text: str) -> tuple[int, ...]:
         return tuple(range(count))
     seeds: list[int] = []
     for item in items:
+        if item.startswith("-"):
+            raise SpecError(f"seeds are whole numbers of 0 or more, got {item!r}; write a count (5), a range (0-4) or "
+                            "a list (0,1,2)")
         first, dash, last = item.partition("-")
         if dash:
             low, high = _positive_int(first, "seed", minimum=0), _positive_int(last, "seed", minimum=0)

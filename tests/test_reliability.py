@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from bnsuite import data, report
+from bnsuite import data, registry, report
 from bnsuite.claims import study_claims
 from bnsuite.idx import IdxFormatError, encode_idx, md5_of
 from bnsuite.records import RUNS_SUBDIR, load_records, save_record
+from bnsuite.registry import PluginError
 from bnsuite.spec import SUPPORTED, RunSpec, SpecError
 from bnsuite.study import StudySession, study_from_options
 from bnsuite.train import train
@@ -324,6 +325,18 @@ def test_no_torch_load_without_weights_only_and_no_archive_extraction_in_bnsuite
                                                  ("0,1,2", (0, 1, 2)), ("3-3", (3,)), ("0-2,10", (0, 1, 2, 10))])
 def test_seeds_are_a_count_a_range_or_a_list(seeds, expected):
     assert study_from_options("smoke", studies="batch", seeds=seeds).seeds == expected
+
+
+@pytest.mark.parametrize("seeds", ["-3", "0,-1"])
+def test_a_negative_seed_is_one_message_that_names_it(seeds):
+    with pytest.raises(SpecError, match=r"seeds are whole numbers of 0 or more, got '-(3|1)'; write a count"):
+        study_from_options("smoke", studies="batch", seeds=seeds)
+
+
+def test_a_plugin_given_as_a_file_path_is_one_message_that_names_the_module_to_give():
+    with pytest.raises(PluginError, match=r"the plugin '/path/to/my_norms.py' is a file path; name the module "
+                                          r"instead \('my_norms'\)"):
+        registry.load_plugins(["/path/to/my_norms.py"], entry_points=False)
 
 
 @pytest.mark.processes
