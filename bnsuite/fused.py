@@ -84,11 +84,26 @@ class Build:
         return f"fused ({self.compiler})"
 
 
-@functools.cache
 def build(dtype: torch.dtype = torch.float32) -> Build:
     """The fused step's library for `dtype` (float32 trains; float64 is the tests' check of the arithmetic),
     compiled once per source, compiler and CPU, and loaded; Unavailable if it cannot be. The outcome, failure
-    included, is kept for the process."""
+    included, is kept for the process (`build.cache_clear()` forgets it)."""
+    if dtype not in _BUILDS:
+        try:
+            _BUILDS[dtype] = _build(dtype)
+        except Unavailable as error:
+            _BUILDS[dtype] = error
+    outcome = _BUILDS[dtype]
+    if isinstance(outcome, Unavailable):
+        raise outcome
+    return outcome
+
+
+_BUILDS: dict[torch.dtype, Build | Unavailable] = {}
+build.cache_clear = _BUILDS.clear  # as functools.cache names it
+
+
+def _build(dtype: torch.dtype) -> Build:
     if os.environ.get(SWITCH_VARIABLE, "1") == "0":
         raise Unavailable(f"switched off by {SWITCH_VARIABLE}=0")
     if not torch.backends.mkl.is_available():

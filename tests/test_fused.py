@@ -168,3 +168,19 @@ def test_a_damaged_build_in_the_cache_is_made_again(monkeypatch, tmp_path):
         assert (damaged / built.name).read_bytes()[:4] == b"\x7fELF"
     finally:
         fused.build.cache_clear()
+
+
+def test_a_build_that_failed_is_not_tried_again_in_the_process(monkeypatch, tmp_path):
+    monkeypatch.setenv(fused.BUILD_DIR_VARIABLE, str(tmp_path))
+    monkeypatch.setenv("CC", "/bin/false")
+    calls = []
+    run = fused.subprocess.run
+    monkeypatch.setattr(fused.subprocess, "run", lambda *args, **kwargs: calls.append(args) or run(*args, **kwargs))
+    fused.build.cache_clear()
+    try:
+        for _ in range(3):
+            with pytest.raises(fused.Unavailable, match="does not run"):
+                fused.build()
+        assert len(calls) == 1
+    finally:
+        fused.build.cache_clear()
