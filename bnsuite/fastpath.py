@@ -118,13 +118,7 @@ class FastStep:
         if not models or len({(type(model), type(getattr(model, "bn1", None)),
                                getattr(getattr(model, "bn1", None), "ghost_size", None)) for model in models}) != 1:
             raise ValueError("FastStep needs one or more models of the same class")
-        self.dropout = models[0].dropout.p if isinstance(models[0], SimpleNNWithDropout) else 0.0
-        if self.dropout and (dropout_generators is None or len(dropout_generators) != len(models)):
-            raise ValueError("FastStep needs one dropout generator per model for a dropout variant")
-        self.dropout_generators = list(dropout_generators or [])
-        lrs = [lr] * len(models) if isinstance(lr, (int, float)) else list(lr)
-        if len(lrs) != len(models):
-            raise ValueError(f"FastStep got {len(lrs)} learning rates for {len(models)} models")
+        self.dropout, self.dropout_generators, lrs = per_model_settings("FastStep", models, lr, dropout_generators)
         self.models = models
         self.momentum = momentum
         self.norm = normalization(models[0])
@@ -371,6 +365,19 @@ class FastStep:
             centered = g - g.mean(dim=2, keepdim=True) - x * (g * x).mean(dim=2, keepdim=True)
             per_model.all[:, start:start + size].copy_((centered / std).view(models, size, features))
         return per_model
+
+
+def per_model_settings(step: str, models: Sequence[nn.Module], lr: float | Sequence[float],
+                       dropout_generators: Sequence[torch.Generator] | None) -> tuple[float, list, list[float]]:
+    """(dropout probability, one dropout generator per model, one learning rate per model) for a step over
+    `models`, or ValueError naming `step` and what is missing."""
+    dropout = models[0].dropout.p if isinstance(models[0], SimpleNNWithDropout) else 0.0
+    if dropout and (dropout_generators is None or len(dropout_generators) != len(models)):
+        raise ValueError(f"{step} needs one dropout generator per model for a dropout variant")
+    lrs = [lr] * len(models) if isinstance(lr, (int, float)) else list(lr)
+    if len(lrs) != len(models):
+        raise ValueError(f"{step} got {len(lrs)} learning rates for {len(models)} models")
+    return dropout, list(dropout_generators or []), lrs
 
 
 class Blocks(NamedTuple):

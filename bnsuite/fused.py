@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from bnsuite.environment import cpu_model_and_flags
-from bnsuite.fastpath import BN_EPS, BN_MOMENTUM, normalization, stack_into
+from bnsuite.fastpath import BN_EPS, BN_MOMENTUM, normalization, per_model_settings, stack_into
 from bnsuite.files import user_cache_dir
 
 SOURCE = Path(__file__).parent / "native" / "mlp.c"
@@ -284,13 +284,7 @@ class FusedStep:
         dtype = next(models[0].parameters()).dtype
         self.build = build(dtype)
         self.models = models
-        self.dropout = models[0].dropout.p if hasattr(models[0], "dropout") else 0.0
-        if self.dropout and (dropout_generators is None or len(dropout_generators) != len(models)):
-            raise ValueError("FusedStep needs one dropout generator per model for a dropout variant")
-        self.dropout_generators = list(dropout_generators or [])
-        lrs = [lr] * len(models) if isinstance(lr, (int, float)) else list(lr)
-        if len(lrs) != len(models):
-            raise ValueError(f"FusedStep got {len(lrs)} learning rates for {len(models)} models")
+        self.dropout, self.dropout_generators, lrs = per_model_settings("FusedStep", models, lr, dropout_generators)
         linears = [name for name, module in models[0].named_children() if isinstance(module, nn.Linear)]
         hidden = len(linears) - 1
         widths = [models[0].get_submodule(linears[0]).in_features] + [
