@@ -18,7 +18,8 @@
   the most the step could reach: the bound over its GEMMs and its update,
   each timed alone as the step runs them (bnsuite.speed.step_floor_seconds);
 - `test_convnet_paths_side_by_side`, `test_convnet_epoch`: the same for the ConvNet, when the session
-  trains it (--bn-network cnn): its original pipeline, NCHW and channels-last side by side, and its roofline;
+  trains it (--bn-network cnn): its original pipeline, the eager step in NCHW and in channels-last, and the
+  study's way (its fused step, seeds together) side by side, and its roofline;
 - `test_training_step_cost`: the per-step cost of plain and bn (forward,
   backward, update) at each batch size, through the step that trains.
 
@@ -227,24 +228,29 @@ def _convnet_session(study) -> None:
         pytest.skip("the ConvNet's speed is measured when the session trains it (--bn-network cnn)")
 
 
-def _convnet_specs(study, variant, batch_size, pipeline):
+def _convnet_specs(study, variant, batch_size, pipeline, seeds=(0,)):
     return [_at_most(dataclasses.replace(spec, network="cnn"), CONVNET_IMAGES)
-            for spec in _epoch_specs(study, variant, batch_size, pipeline)]
+            for spec in _epoch_specs(study, variant, batch_size, pipeline, seeds=seeds)]
+
+
+def _convnet_step_name(variant: str) -> str:
+    """The step that trains `variant` on the ConvNet here, as records name it."""
+    return fused.build().step_name if fused.supports(build_model(variant, network="cnn"), 64) else "eager"
 
 
 @pytest.mark.parametrize("variant", ["plain", "bn"])
 def test_convnet_paths_side_by_side(benchmark, study, study_session, variant, monkeypatch):
     """The ConvNet's epoch (bs64, 10,000 images) through the original pipeline (Dataset + DataLoader, eager
-    autograd), the eager step on tensor batches in NCHW, and the study's way (the same in channels-last, the
-    layout the ConvNet trains in); round after round, ratios within a round. The ConvNet's seeds train one
-    after another (a grouped convolution would not keep each run equal to itself alone), so one run is the
-    study's way."""
+    autograd), the eager step on tensor batches in NCHW and in channels-last (the layout the ConvNet trains in),
+    and the study's way (the fused step where it builds, the study's seeds trained together; its time is per
+    run); round after round, ratios within a round."""
     _convnet_session(study)
     from bnsuite import models
 
     paths = {"original": _convnet_specs(study, variant, 64, "original"),
              "nchw": _convnet_specs(study, variant, 64, "eager"),
-             "study": _convnet_specs(study, variant, 64, "fast")}
+             "eager": _convnet_specs(study, variant, 64, "eager"),
+             "study": _convnet_specs(study, variant, 64, "fast", seeds=study.seeds)}
     times: dict[str, list[float]] = {path: [] for path in paths}
 
     def one_round():
@@ -259,36 +265,42 @@ def test_convnet_paths_side_by_side(benchmark, study, study_session, variant, mo
     speedup = {path: statistics.median(ratios[path]) for path in paths if path != "study"}
     benchmark.extra_info.update({
         "bnsuite": "convnet-paths", "variant": variant, "batch_size": 64, "rounds": ROUNDS,
+        "step": _convnet_step_name(variant), "runs_together": len(paths["study"]),
         "images": paths["study"][0].train_size, "epoch_s": {p: statistics.median(v) for p, v in times.items()},
         "epoch_s_by_round": times, "ratios_by_round": {p: r for p, r in ratios.items() if p != "study"},
         "speedup": speedup})
     study_session.progress(
-        f"speed: ConvNet {variant} bs64, the study's way (eager step, tensor batches, channels-last) vs: "
-        + ", ".join(f"{path} {value:.2f}x" for path, value in speedup.items())
+        f"speed: ConvNet {variant} bs64, the study's way ({_convnet_step_name(variant)}, {len(paths['study'])} seeds "
+        "together) vs: " + ", ".join(f"{path} {value:.2f}x" for path, value in speedup.items())
         + f" (median of {ROUNDS} interleaved rounds)")
 
 
 @pytest.mark.parametrize("batch_size", [32, 64, 128])
 @pytest.mark.parametrize("variant", ["plain", "bn"])
 def test_convnet_epoch(benchmark, study, study_session, variant, batch_size):
-    """The ConvNet's training path against the roofline: its convolution and classifier FLOPs at the matmul
-    peak, its least traffic at the bandwidth over its working set, the fraction of the bound it reaches."""
+    """The ConvNet's training path, the study's seeds trained together as a case does, against the roofline: its
+    convolution and classifier FLOPs at the matmul peak, its least traffic at the bandwidth over its working set,
+    the fraction of the bound it reaches."""
     _convnet_session(study)
-    specs = _convnet_specs(study, variant, batch_size, "fast")
+    specs = _convnet_specs(study, variant, batch_size, "fast", seeds=study.seeds)
     epoch_s = benchmark.pedantic(_epoch_time_per_run, args=(specs, study_session.data_dir), rounds=1, iterations=1)
     images, steps = specs[0].train_size, specs[0].steps_per_epoch
     flops = training_flops_per_sample(build_model(variant, network="cnn"))
-    traffic = StepTraffic.of(variant, batch_size, 1, "cnn")
+    traffic = StepTraffic.of(variant, batch_size, len(specs), "cnn")
     bandwidth = _best_rates(study_session, traffic, resolve_device(study.device))
-    roofline = Roofline(flops_per_step=flops * images / steps, traffic=traffic, peak_flops=study_session.peak_flops,
-                        bandwidth=bandwidth, step_s=epoch_s / steps)
-    info = {"bnsuite": "convnet-fraction", "variant": variant, "batch_size": batch_size, "runs_together": 1,
+    # The average step of the epoch for the whole group: every run's images, the group's time.
+    roofline = Roofline(flops_per_step=flops * images * len(specs) / steps, traffic=traffic,
+                        peak_flops=study_session.peak_flops, bandwidth=bandwidth,
+                        step_s=epoch_s * len(specs) / steps)
+    info = {"bnsuite": "convnet-fraction", "variant": variant, "batch_size": batch_size,
+            "runs_together": len(specs), "step": _convnet_step_name(variant),
             "images": images, "epoch_s_per_run": epoch_s, "achieved_gflops": flops * images / epoch_s / 1e9,
             "peak_gflops": study_session.peak_flops / 1e9, "fraction_of_matmul_peak": roofline.fraction_of_peak,
             **roofline.info()}
     benchmark.extra_info.update(info)
     study_session.progress(
-        f"speed: ConvNet {variant} bs{batch_size}: {epoch_s:.2f} s for {images:,} images, "
+        f"speed: ConvNet {variant} bs{batch_size}, {_convnet_step_name(variant)}, {len(specs)} seeds together: "
+        f"{epoch_s:.2f} s per run for {images:,} images, "
         f"{info['achieved_gflops']:.1f} GFLOP/s = {roofline.fraction_of_peak:.3f} of matmul peak, "
         f"{roofline.fraction_of_bound:.3f} of the roofline bound ({roofline.limit}: {flops * images / steps / 1e9:.2f} "
         f"GFLOP and {traffic.bytes_per_step / 1e6:.1f} MB a step at {bandwidth / 1e9:.1f} GB/s)")

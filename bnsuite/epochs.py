@@ -54,9 +54,9 @@ class TensorEpochs:
         images, self.labels = training_set(splits, spec)
         self.images = images.view(len(images), -1)
         if spec.pipeline == "fast" and fused.supports(models[0], spec.batch_size):
-            self.step = fused.FusedStep(models, self.images, self.labels, lr=[run.lr for run in specs],
-                                        momentum=spec.momentum, batch_size=spec.batch_size,
-                                        dropout_generators=dropout_generators)
+            self.step = fused.fused_step(models, self.images, self.labels, lr=[run.lr for run in specs],
+                                         momentum=spec.momentum, batch_size=spec.batch_size,
+                                         dropout_generators=dropout_generators)
         elif spec.pipeline == "fast" and fastpath.supports(models[0]):
             self.step = fastpath.FastStep(models, lr=[run.lr for run in specs], momentum=spec.momentum,
                                           dropout_generators=dropout_generators)

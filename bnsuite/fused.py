@@ -45,13 +45,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from bnsuite.batchnorm import GhostBatchNorm2d
 from bnsuite.environment import cpu_model_and_flags
 from bnsuite.fastpath import BN_EPS, BN_MOMENTUM, normalization, per_model_settings, stack_into
 from bnsuite.files import user_cache_dir
+from bnsuite.models import SmallCNN
 
-SOURCE = Path(__file__).parent / "native" / "mlp.c"
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared")
-ABI_VERSION = 2  # bn_abi_version() of the C source: the Step layout below matches it
+NATIVE = Path(__file__).parent / "native"
+SOURCE = NATIVE / "bnsuite.c"  # one translation unit: common.h, mlp.c (the MLP family) and cnn.c (the ConvNet)
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-fno-tree-loop-distribute-patterns")
+ABI_VERSION = 3  # bn_abi_version() of the C source: the Step and ConvStep layouts below match it
 SWITCH_VARIABLE = "BNSUITE_FUSED"  # "0": train on the ATen fast step even where the fused one builds
 BUILD_DIR_VARIABLE = "BNSUITE_BUILD_DIR"
 COMPILE_TIMEOUT_S = 300
@@ -61,6 +64,8 @@ MAX_GHOST_BATCHES = 1024  # the C source's bound on ghost batches per batch
 # run of batches with dropout holds its masks; without dropout a call runs to the next checkpoint.
 DROPOUT_CHUNK = 16
 NORMALIZATIONS = {"none": 0, "bn": 1, "ghost": 1, "ln": 2}
+NORM_NONE, NORM_BATCH, NORM_GROUP = 0, 1, 3  # the C source's codes (common.h)
+CNN_LAYERS = 2
 
 
 class Unavailable(RuntimeError):
@@ -119,7 +124,7 @@ def _build(dtype: torch.dtype) -> Build:
         raise Unavailable(f"the C compiler {compiler!r} does not run ({error})") from None
     precision, defines, gemm_symbol, _ = PRECISIONS[dtype]
     flags = (*FLAGS, *defines)
-    source = SOURCE.read_bytes()
+    source = b"\0".join(path.read_bytes() for path in sorted(NATIVE.glob("*.[ch]")))
     key = hashlib.sha256(b"\0".join([source, compiler_line.encode(), " ".join(flags).encode(),
                                      repr(cpu_model_and_flags()).encode()])).hexdigest()[:16]
     directory = Path(os.environ.get(BUILD_DIR_VARIABLE) or user_cache_dir() / "native")
@@ -146,6 +151,12 @@ def _build(dtype: torch.dtype) -> Build:
     library.bn_evaluate.restype = None
     library.bn_time_products.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
     library.bn_time_products.restype = None
+    library.bn_cnn_train_steps.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+    library.bn_cnn_train_steps.restype = None
+    library.bn_cnn_evaluate.argtypes = library.bn_evaluate.argtypes
+    library.bn_cnn_evaluate.restype = None
+    library.bn_cnn_workspace.argtypes = [ctypes.c_void_p]
+    library.bn_cnn_workspace.restype = ctypes.c_int64
     return Build(library, compiler_line, dtype)
 
 
@@ -207,13 +218,15 @@ def status() -> str:
 
 
 def supports(model: nn.Module, batch_size: int) -> bool:
-    """Whether the fused step trains `model` at `batch_size`: the ATen fast step's networks and normalizations
-    (bnsuite.fastpath.normalization), on a CPU, where the library builds."""
+    """Whether a fused step trains `model` at `batch_size`: the ATen fast step's networks and normalizations
+    (bnsuite.fastpath.normalization) or the ConvNet's (`conv_normalization`), on a CPU, where the library
+    builds."""
     norm = normalization(model)
+    conv = conv_normalization(model)
     parameter = next(model.parameters())
-    if norm is None or parameter.device.type != "cpu" or parameter.dtype not in PRECISIONS:
+    if (norm is None and conv is None) or parameter.device.type != "cpu" or parameter.dtype not in PRECISIONS:
         return False
-    ghost = getattr(model.bn1, "ghost_size", None) if norm == "ghost" else None
+    ghost = getattr(model.bn1, "ghost_size", None) if norm == "ghost" or conv is not None else None
     if ghost is not None and -(-batch_size // ghost) > MAX_GHOST_BATCHES:
         return False
     try:
@@ -221,6 +234,31 @@ def supports(model: nn.Module, batch_size: int) -> bool:
     except Unavailable:
         return False
     return True
+
+
+def conv_normalization(model: nn.Module) -> tuple[int, int] | None:
+    """(the C source's normalization code, groups) with which the fused ConvNet step trains `model`, or None
+    where it does not: the ConvNet (bnsuite.models.SmallCNN) with nothing, torch's BatchNorm2d, ghost-batch BN
+    (GhostBatchNorm2d) or GroupNorm between each convolution and its ReLU, at their default eps and momentum,
+    on images whose sides the two poolings halve exactly. Judged by the modules' types, never by a variant's
+    name."""
+    if type(model) is not SmallCNN:
+        return None
+    _, height, width = model.image_shape
+    layers = (model.bn1, model.bn2)
+    if height % 4 or width % 4 or len({type(layer) for layer in layers}) != 1:
+        return None
+    first = layers[0]
+    if type(first) is nn.Identity:
+        return NORM_NONE, 1
+    if type(first) in (nn.BatchNorm2d, GhostBatchNorm2d) and all(
+            layer.eps == BN_EPS and layer.momentum == BN_MOMENTUM and getattr(layer, "affine", True)
+            and getattr(layer, "track_running_stats", True)
+            for layer in layers):
+        return NORM_BATCH, 1
+    if type(first) is nn.GroupNorm and all(layer.eps == BN_EPS and layer.affine for layer in layers):
+        return NORM_GROUP, first.num_groups
+    return None
 
 
 _P = ctypes.c_void_p
@@ -259,10 +297,38 @@ def _fields(real: type) -> list:
     ]
 
 
+@functools.cache
+def _conv_step_type(real: type) -> type:
+    """The C source's `ConvStep` (cnn.c), field for field."""
+    layers, with_fc = CNN_LAYERS, CNN_LAYERS + 1
+    return type("ConvStep", (ctypes.Structure,), {"_fields_": [
+        ("models", ctypes.c_int), ("threads", ctypes.c_int), ("classes", ctypes.c_int),
+        ("batch_size", ctypes.c_int), ("train_size", ctypes.c_int), ("first_step", ctypes.c_int),
+        ("momentum", real), ("eps", real), ("norm_momentum", real),
+        ("channels", ctypes.c_int * (layers + 1)), ("height", ctypes.c_int), ("width", ctypes.c_int),
+        ("norm", ctypes.c_int), ("ghost", ctypes.c_int), ("groups", ctypes.c_int),
+        ("lr", _P), ("images", _P), ("labels", _P), ("order", _P), ("order_stride", _I64),
+        ("weight", _P * with_fc), ("bias", _P * with_fc),
+        ("weight_momentum", _P * with_fc), ("bias_momentum", _P * with_fc),
+        ("gamma", _P * layers), ("beta", _P * layers), ("gamma_momentum", _P * layers), ("beta_momentum", _P * layers),
+        ("running_mean", _P * layers), ("running_var", _P * layers), ("batches_tracked", _P * layers),
+        ("workspace", _P), ("workspace_stride", _I64),
+        ("losses", _P), ("losses_stride", _I64), ("correct", _P),
+    ]})
+
+
 def _blocks(models: int, size: int, dtype: torch.dtype) -> torch.Tensor:
     """(models, size rounded up to a cache line) zeros: each model's block 64-byte aligned."""
     per_line = 64 // torch.empty((), dtype=dtype).element_size()
     return torch.zeros(models, -(-size // per_line) * per_line, dtype=dtype)
+
+
+def fused_step(models: Sequence[nn.Module], images: torch.Tensor, labels: torch.Tensor, **settings) -> FusedStep:
+    """The fused step that trains `models` (where `supports` says one does): the MLP family's or the ConvNet's."""
+    if conv_normalization(models[0]) is not None:
+        settings.pop("dropout_generators", None)  # no ConvNet variant drops out
+        return FusedConvStep(models, images, labels, **settings)
+    return FusedStep(models, images, labels, **settings)
 
 
 class FusedStep:
@@ -271,6 +337,8 @@ class FusedStep:
     As with the ATen step, the models keep working as modules: their parameters and running statistics become
     views into the stacked tensors the C code updates, so evaluating a model or reading its state needs no copy.
     """
+
+    _TRAIN, _EVALUATE = "bn_train_steps", "bn_evaluate"  # the C source's entry points for this network
 
     def __init__(self, models: Sequence[nn.Module], images: torch.Tensor, labels: torch.Tensor, *,
                  lr: float | Sequence[float], momentum: float, batch_size: int,
@@ -373,7 +441,7 @@ class FusedStep:
             count = steps - done if self.chunk is None else min(self.chunk, steps - done)
             if self.dropout:
                 self._draw_masks(first + done, count, s.batch_size, s.train_size)
-            self.build.library.bn_train_steps(ctypes.byref(s), first + done, count)
+            getattr(self.build.library, self._TRAIN)(ctypes.byref(s), first + done, count)
             s.first_step = 0
             done += count
 
@@ -387,8 +455,8 @@ class FusedStep:
         labels = labels.contiguous()
         losses = torch.zeros(len(self.models), dtype=torch.float64)
         hits = torch.zeros(len(self.models), dtype=torch.int64)
-        self.build.library.bn_evaluate(ctypes.byref(self._step), images.data_ptr(), labels.data_ptr(), count,
-                                       int(batch_statistics), losses.data_ptr(), hits.data_ptr())
+        getattr(self.build.library, self._EVALUATE)(ctypes.byref(self._step), images.data_ptr(), labels.data_ptr(),
+                                                    count, int(batch_statistics), losses.data_ptr(), hits.data_ptr())
         return [(loss / count, 100.0 * hit / count) for loss, hit in zip(losses.tolist(), hits.tolist(), strict=True)]
 
     def time_products(self, steps: int, *, update: bool) -> float:
@@ -409,3 +477,86 @@ class FusedStep:
                 for view in views[k]:
                     (view if rows == batch else view[:rows * (view.numel() // batch)]).bernoulli_(keep,
                                                                                                   generator=generator)
+
+
+class FusedConvStep(FusedStep):
+    """Trains S same-shaped ConvNets (bnsuite.models.SmallCNN) on an epoch's batches, a run of steps per call
+    (bnsuite/native/cnn.c), as FusedStep does the MLP family: the same `train` and `evaluate`, the models' tensors
+    views into the stacked ones the C code updates. A convolution's weight is stacked channels-last, (Cout, 3, 3,
+    Cin) in memory, which is how each model's own weight lies (bnsuite.models.CHANNELS_LAST) and the order the C
+    code's unfolded patches take."""
+
+    _TRAIN, _EVALUATE = "bn_cnn_train_steps", "bn_cnn_evaluate"
+    time_products = None  # the ConvNet's floor is its roofline (bnsuite.speed), not a timing of its products
+
+    def __init__(self, models: Sequence[nn.Module], images: torch.Tensor, labels: torch.Tensor, *,
+                 lr: float | Sequence[float], momentum: float, batch_size: int):
+        """`images` (N, C * H * W), each image channel-major as the dataset holds it, and `labels` (N,)."""
+        models = list(models)
+        kinds = {conv_normalization(model) for model in models}
+        if len(kinds) != 1 or None in kinds or len({tuple(model.image_shape) for model in models}) != 1:
+            raise ValueError("FusedConvStep trains one or more ConvNets of one normalization and image shape")
+        ((norm, groups),) = kinds
+        first = models[0]
+        dtype = next(first.parameters()).dtype
+        self.build = build(dtype)
+        self.models = models
+        self.dropout, self.dropout_generators, lrs = per_model_settings("FusedConvStep", models, lr, None)
+        self.chunk, self.masks = None, []
+        channels, height, width = first.image_shape
+        convolutions = (first.conv1, first.conv2)
+        if images.dtype != dtype or labels.dtype != torch.int64 or images.shape != (len(labels),
+                                                                                    channels * height * width):
+            raise ValueError(f"FusedConvStep trains on {dtype} images (N, {channels * height * width}) and int64 "
+                             f"labels (N,)")
+        self.images, self.labels = images.contiguous(), labels.contiguous()
+        ghost = getattr(first.bn1, "ghost_size", None) or batch_size
+        step = _conv_step_type(PRECISIONS[dtype][3])(
+            models=len(models), threads=torch.get_num_threads(), classes=first.fc.out_features,
+            batch_size=batch_size, train_size=len(labels), first_step=1, momentum=momentum,
+            eps=first.bn1.eps if norm != NORM_NONE else BN_EPS, norm_momentum=BN_MOMENTUM, height=height,
+            width=width, norm=norm, ghost=ghost, groups=groups)
+        keep: list[torch.Tensor] = []
+
+        def pointer(tensor: torch.Tensor) -> int:
+            keep.append(tensor)
+            return tensor.data_ptr()
+
+        step.channels[0] = channels
+        for layer, convolution in enumerate(convolutions):
+            step.channels[layer + 1] = convolution.out_channels
+        self.lrs = torch.tensor(lrs, dtype=dtype)
+        step.lr = pointer(self.lrs)
+        step.images, step.labels = pointer(self.images), pointer(self.labels)
+        for layer, name in enumerate(("conv1", "conv2", "fc")):
+            weight = _stack_channels_last(models, f"{name}.weight") if name != "fc" else stack_into(models,
+                                                                                                   "fc.weight")
+            bias = stack_into(models, f"{name}.bias")
+            step.weight[layer], step.bias[layer] = pointer(weight), pointer(bias)
+            step.weight_momentum[layer] = pointer(torch.zeros_like(weight))
+            step.bias_momentum[layer] = pointer(torch.zeros_like(bias))
+        for layer, name in enumerate(("bn1", "bn2")):
+            if norm == NORM_NONE:
+                continue
+            for field, tensor_name in (("gamma", f"{name}.weight"), ("beta", f"{name}.bias")):
+                stacked = stack_into(models, tensor_name)
+                getattr(step, field)[layer] = pointer(stacked)
+                getattr(step, f"{field}_momentum")[layer] = pointer(torch.zeros_like(stacked))
+            if norm == NORM_BATCH:
+                step.running_mean[layer] = pointer(stack_into(models, f"{name}.running_mean"))
+                step.running_var[layer] = pointer(stack_into(models, f"{name}.running_var"))
+                step.batches_tracked[layer] = pointer(stack_into(models, f"{name}.num_batches_tracked"))
+        per_thread = self.build.library.bn_cnn_workspace(ctypes.byref(step))
+        workspace = _blocks(step.threads, per_thread, dtype)
+        step.workspace, step.workspace_stride = pointer(workspace), workspace.shape[1]
+        self._step, self._keep = step, keep
+        self.step_name = self.build.step_name
+
+
+def _stack_channels_last(models: Sequence[nn.Module], name: str) -> torch.Tensor:
+    """The models' convolution weights `name` stacked as (S, Cout, 3, 3, Cin), each model's own weight becoming
+    a channels-last view of its slice (as stack_into makes views), so the model sees every in-place update."""
+    stacked = torch.stack([model.get_parameter(name).detach().permute(0, 2, 3, 1) for model in models]).contiguous()
+    for index, model in enumerate(models):
+        model.get_parameter(name).data = stacked[index].permute(0, 3, 1, 2)
+    return stacked

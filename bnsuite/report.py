@@ -446,16 +446,22 @@ def convnet_speed_rows(data: dict) -> list[str]:
         info = bench.get("extra_info", {})
         if _kind(bench) == "convnet-paths":
             epoch_s, speedup = info["epoch_s"], info["speedup"]
+            # A benchmark file from before the fused ConvNet step has no channels-last eager path nor step name.
             paths.append({"variant": info["variant"], "batch size": info["batch_size"], "images": f"{info['images']:,}",
+                          "step": info.get("step", "eager"), "runs together": info.get("runs_together", 1),
                           "original pipeline (s)": f"{epoch_s['original']:.2f}",
                           "eager step, NCHW (s)": f"{epoch_s['nchw']:.2f}",
-                          "the study's way, channels-last (s)": f"{epoch_s['study']:.2f}",
+                          "eager step, channels-last (s)": f"{epoch_s['eager']:.2f}" if "eager" in epoch_s else "",
+                          "the study's way, per run (s)": f"{epoch_s['study']:.2f}",
                           "speed-up vs original": f"{speedup['original']:.2f}x",
-                          "vs NCHW": f"{speedup['nchw']:.2f}x", "rounds": info["rounds"]})
+                          "vs NCHW": f"{speedup['nchw']:.2f}x",
+                          "vs eager": f"{speedup['eager']:.2f}x" if "eager" in speedup else "",
+                          "rounds": info["rounds"]})
         elif _kind(bench) == "convnet-fraction":
             fractions.append({
                 "variant": info["variant"], "batch size": info["batch_size"], "images": f"{info['images']:,}",
-                "epoch (s)": f"{info['epoch_s_per_run']:.2f}", "GFLOP/s": f"{info['achieved_gflops']:.1f}",
+                "step": info.get("step", "eager"), "runs together": info["runs_together"],
+                "epoch per run (s)": f"{info['epoch_s_per_run']:.2f}", "GFLOP/s": f"{info['achieved_gflops']:.1f}",
                 "fraction of matmul peak": f"{info['fraction_of_matmul_peak']:.3f}",
                 "MB a step (least)": f"{info['bytes_per_step'] / 1e6:.1f}",
                 "bound: compute / traffic (ms a step)":
@@ -467,8 +473,8 @@ def convnet_speed_rows(data: dict) -> list[str]:
         lines += ["### Speed: the ConvNet's epoch through each path (benchmarks/test_speed.py)", "",
                   "The ConvNet at batch 64 on the images named, every path in turn each round, the speed-up the "
                   "median of the rounds' ratios: the original pipeline (torchvision Dataset + DataLoader, eager "
-                  "autograd), the eager step on tensor batches in NCHW, and the study's way (the same in "
-                  "channels-last). Its seeds train one after another.", "",
+                  "autograd), the eager step on tensor batches in NCHW and in channels-last (one run), and the study's "
+                  "way (the step named, the study's seeds trained together; its time per run).", "",
                   pd.DataFrame(paths).to_markdown(index=False, disable_numparse=True), ""]
     if fractions:
         lines += ["### Speed: the ConvNet against the roofline", "",

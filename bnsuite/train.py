@@ -129,10 +129,10 @@ def train_seeds(
 ) -> list[RunRecord]:
     """Train runs that differ only in seed, learning rate or init scale; one record each, in the order given.
 
-    Where the fast step covers the variant's network (`fastpath.supports`,
-    the one place that decides), the runs train as one batched computation
-    (bnsuite.fastpath), or as consecutive chunks of at most `max_runs_together()`, each on its own init and its
-    own shuffle, bit for bit as when trained alone, and each record names the runs it trained with;
+    Where a fast step covers the variant's network (`fused.supports` for the fused MLP and ConvNet steps on a CPU,
+    else `fastpath.supports`: the places that decide), the runs train as one batched computation
+    (bnsuite.fused, bnsuite.fastpath), or as consecutive chunks of at most `max_runs_together()`, each on its own
+    init and its own shuffle, bit for bit as when trained alone, and each record names the runs it trained with;
     otherwise one after another. A run that diverges stops being
     recorded at that epoch while the others go on. `executor` is recorded as
     what ran them ("local", or "ray at ADDRESS, node ..." in a Ray task). `measures`: what the runs measure
@@ -146,9 +146,10 @@ def train_seeds(
         measures = study.measures(specs) if study is not None else frozenset()
     image_shape = DATASETS[spec.dataset].image_shape
     model = build_model(spec.variant, network=spec.network, image_shape=image_shape)
-    batched = spec.pipeline == "fast" and fastpath.supports(model)
-    cap = max_runs_together(MAX_RUNS_TOGETHER_FUSED if batched and resolve_device(spec.device).type == "cpu"
-                            and fused.supports(model, spec.batch_size) else MAX_RUNS_TOGETHER)
+    on_fused = (spec.pipeline == "fast" and resolve_device(spec.device).type == "cpu"
+                and fused.supports(model, spec.batch_size))
+    batched = on_fused or (spec.pipeline == "fast" and fastpath.supports(model))
+    cap = max_runs_together(MAX_RUNS_TOGETHER_FUSED if on_fused else MAX_RUNS_TOGETHER)
     if len(specs) > cap:
         chunks = -(-len(specs) // cap)
         bounds = [len(specs) * index // chunks for index in range(chunks + 1)]

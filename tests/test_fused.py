@@ -184,3 +184,127 @@ def test_a_build_that_failed_is_not_tried_again_in_the_process(monkeypatch, tmp_
         assert len(calls) == 1
     finally:
         fused.build.cache_clear()
+
+
+# --- the ConvNet's fused step (bnsuite/native/cnn.c) ---
+
+CNN_VARIANTS = ["plain", "bn", "bn-ghost2", "bn-ghost8", "ln", "gn"]
+
+
+def _cnn_models(variant, seeds, dtype=torch.float32, image_shape=(1, 28, 28)):
+    models = []
+    for seed in seeds:
+        torch.manual_seed(seed)
+        models.append(build_model(variant, network="cnn", image_shape=image_shape).to(dtype))
+    return models
+
+
+@pytest.mark.parametrize("variant", CNN_VARIANTS)
+def test_the_fused_convnet_step_computes_autograds_arithmetic_in_float64(variant):
+    # 53 images in batches of 20: a ragged last batch of 13 (ghost batches of 8 and 5, or 2s and a 3).
+    model = _cnn_models(variant, [0], torch.float64)[0]
+    reference = copy.deepcopy(model)
+    images, labels = _data(53, dtype=torch.float64)
+    step = fused.fused_step([model], images, labels, lr=0.05, momentum=0.9, batch_size=20)
+    assert isinstance(step, fused.FusedConvStep)
+    eager = EagerStep(reference, RunSpec(variant=variant, network="cnn", lr=0.05))
+    order = epoch_order(53, torch.Generator().manual_seed(3)).view(1, -1)
+    losses, correct = torch.zeros(1, 3, dtype=torch.float64), torch.zeros(1, dtype=torch.int64)
+    eager_hits = 0
+    for index in range(3):
+        step.train(order, index, 1, losses, correct)
+        batch = order[0, index * 20:(index + 1) * 20]
+        eager_loss, logits = eager(images[batch].view(1, -1, 1, 28, 28), labels[batch].unsqueeze(0))
+        eager_hits += int((logits[0].argmax(1) == labels[batch]).sum())
+        assert losses[0, index].item() == pytest.approx(eager_loss.item(), rel=1e-9)
+    assert correct.item() == eager_hits
+    expected = reference.state_dict()
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, expected[name], rtol=1e-7, atol=1e-10,
+                                   msg=lambda text, name=name: name + text)
+
+
+def test_the_fused_convnet_step_takes_images_of_three_channels():
+    # CIFAR-10's shape: 3 input channels (unfolded channels-last) and 32x32 maps pooled to 8x8.
+    model = _cnn_models("bn", [0], torch.float64, image_shape=(3, 32, 32))[0]
+    reference = copy.deepcopy(model)
+    images, labels = _data(24, features=3 * 32 * 32, dtype=torch.float64)
+    step = fused.fused_step([model], images, labels, lr=0.05, momentum=0.9, batch_size=12)
+    eager = EagerStep(reference, RunSpec(variant="bn", network="cnn", dataset="cifar10", lr=0.05))
+    losses, correct = torch.zeros(1, 2, dtype=torch.float64), torch.zeros(1, dtype=torch.int64)
+    step.train(torch.arange(24).view(1, -1), 0, 2, losses, correct)
+    for index in range(2):
+        batch = slice(index * 12, (index + 1) * 12)
+        eager(images[batch].view(1, -1, 3, 32, 32), labels[batch].unsqueeze(0))
+    expected = reference.state_dict()
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, expected[name], rtol=1e-7, atol=1e-10,
+                                   msg=lambda text, name=name: name + text)
+
+
+@pytest.mark.parametrize("variant", ["plain", "bn", "bn-ghost4", "gn"])
+def test_a_convnet_steps_the_same_in_any_group_and_on_any_number_of_threads(variant):
+    images, labels = _data(3 * 16 + 9, seed=2)
+    orders = torch.stack([epoch_order(len(labels), torch.Generator().manual_seed(seed)) for seed in range(3)])
+    results = {}
+    before = torch.get_num_threads()
+    for size, threads in ((1, 2), (3, 2), (3, 1)):
+        torch.set_num_threads(threads)
+        try:
+            models = _cnn_models(variant, range(size))
+            step = fused.fused_step(models, images, labels, lr=0.05, momentum=0.9, batch_size=16)
+            losses, correct = torch.zeros(size, 4), torch.zeros(size, dtype=torch.int64)
+            step.train(orders[:size].contiguous(), 0, 4, losses, correct)
+        finally:
+            torch.set_num_threads(before)
+        results[size, threads] = (losses[0], correct[0], models[0].state_dict())
+    alone_losses, alone_correct, alone = results[1, 2]
+    for key, (losses, correct, state) in results.items():
+        assert torch.equal(losses, alone_losses) and correct == alone_correct, key
+        assert all(torch.equal(alone[name], state[name]) for name in alone), key
+
+
+@pytest.mark.parametrize("variant", ["plain", "bn", "bn-ghost4", "gn"])
+def test_the_fused_convnet_evaluation_agrees_with_the_modules_and_changes_nothing(variant):
+    models = _cnn_models(variant, [0, 1])
+    train_images, train_labels = _data(320)
+    step = fused.fused_step(models, train_images, train_labels, lr=0.05, momentum=0.9, batch_size=32)
+    orders = torch.stack([epoch_order(320, torch.Generator().manual_seed(seed)) for seed in range(2)])
+    step.train(orders, 0, 10, torch.zeros(2, 10), torch.zeros(2, dtype=torch.int64))
+    images, labels = _data(161, seed=1)  # batches of 32: the last of 1 joins the one before
+    states = [copy.deepcopy(model.state_dict()) for model in models]
+    running = step.evaluate(images, labels)
+    batches = step.evaluate(images, labels, batch_statistics=True)
+    for model, state, (loss, accuracy), (_, batch_accuracy) in zip(models, states, running, batches, strict=True):
+        module_loss, module_accuracy = evaluate(model, images.view(-1, 1, 28, 28), labels)
+        assert loss == pytest.approx(module_loss, rel=1e-5)
+        assert accuracy == pytest.approx(module_accuracy, abs=0.7)  # at most one image of 161 at a rounding tie
+        if variant.startswith("bn"):
+            assert batch_accuracy == pytest.approx(
+                evaluate_with_batch_statistics(model, images.view(-1, 1, 28, 28), labels, 32), abs=0.7)
+        assert all(torch.equal(state[name], value) for name, value in model.state_dict().items())
+
+
+def test_the_fused_step_covers_the_convnet_only_as_built():
+    """Judged by the modules: another eps, momentum or group count, or maps the poolings cannot halve exactly, train
+    on the eager step."""
+    assert fused.supports(build_model("bn", network="cnn"), 64)
+    assert fused.supports(build_model("gn", network="cnn"), 64)
+    odd = build_model("bn", network="cnn", image_shape=(1, 30, 30))
+    assert not fused.supports(odd, 64)
+    other_eps = build_model("bn", network="cnn")
+    other_eps.bn1.eps = other_eps.bn2.eps = 1e-3
+    assert not fused.supports(other_eps, 64)
+    mixed = build_model("bn", network="cnn")
+    mixed.bn2 = torch.nn.GroupNorm(4, 16)
+    assert not fused.supports(mixed, 64)
+
+
+def test_convnet_records_name_the_fused_step_and_train_their_seeds_together(mnist_dir):
+    specs = [RunSpec(variant="bn", network="cnn", seed=seed, epochs=1, train_subset=256) for seed in (0, 1)]
+    records = train_seeds(specs, data_dir=mnist_dir)
+    assert {record.training_step for record in records} == {fused.build().step_name}
+    assert all(record.runs_trained_together == 2 for record in records)
+    alone = train_seeds(specs[1:], data_dir=mnist_dir)[0]
+    assert alone.epochs[0].train_loss == records[1].epochs[0].train_loss
+    assert alone.test_accuracy == records[1].test_accuracy

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from bnsuite import fused
 from bnsuite.batchnorm import GhostBatchNorm2d, ScratchGroupNorm
 from bnsuite.claims import study_claims
 from bnsuite.models import SmallCNN, build_model, parameter_count
@@ -67,7 +68,9 @@ def test_both_networks_give_each_study_its_runs_and_claims_network_by_network():
 
 def test_the_convnet_trains_its_own_epochs_unless_bn_epochs_sets_every_network_s():
     spec = study_from_options("full", network="mlp,cnn", studies="batch")
-    assert {(run.network, run.epochs) for run in spec.run_specs()} == {("mlp", 10), ("cnn", 3)}
+    assert {(run.network, run.epochs) for run in spec.run_specs()} == {("mlp", 10), ("cnn", 10)}
+    spec = study_from_options("quick", network="mlp,cnn", studies="batch")
+    assert {(run.network, run.epochs) for run in spec.run_specs()} == {("mlp", 4), ("cnn", 2)}
     spec = study_from_options("full", network="mlp,cnn", studies="batch", epochs=1)
     assert {(run.network, run.epochs) for run in spec.run_specs()} == {("mlp", 1), ("cnn", 1)}
 
@@ -146,11 +149,13 @@ def convnet_runs(mnist_dir):
     return None, group, train_seeds(group, data_dir=mnist_dir)
 
 
-def test_the_convnet_trains_its_seeds_one_by_one_on_the_eager_step_and_records_its_network(convnet_runs):
+def test_the_convnet_trains_its_seeds_together_on_the_fused_step_and_records_its_network(convnet_runs):
     study, group, records = convnet_runs
+    step = fused.build().step_name if fused.supports(build_model("bn", network="cnn"), 64) else "eager"
     for spec, record in zip(group, records, strict=True):
         assert record.spec == spec and record.spec.network == "cnn" and record.variant == variant("bn", "cnn")
-        assert record.training_step == "eager" and record.runs_trained_together == 1
+        assert record.training_step == step
+        assert record.runs_trained_together == (2 if step != "eager" else 1)
         assert record.test_accuracy > 30  # 16 steps on 1,024 images start to train it
         assert record.filename.startswith(f"cnn-bn-bs64-seed{spec.seed}-")
     assert records[0].train_losses != records[1].train_losses

@@ -13,47 +13,9 @@
  * Layouts (row-major, `real`: float32, or float64 in the tests' build): a layer's weight is (out, in) as nn.Linear keeps it, activations are (rows, width).
  * Per model, each tensor is found at base + model * stride (in elements).
  */
-#include <math.h>
-#include <stdint.h>
-#include <omp.h>
-
-/* float32 for training; built with -DBN_DOUBLE, the same code in float64, which the tests hold against autograd in
- * float64 (float32 rounding, amplified by small ghost batches, would hide an error in the arithmetic). */
-#ifdef BN_DOUBLE
-typedef double real;
-#define SQRT sqrt
-#define EXP exp
-#define LOG log
-#else
-typedef float real;
-#define SQRT sqrtf
-#define EXP expf
-#define LOG logf
-#endif
-
-typedef void (*gemm_fn)(const char*, const char*, const int*, const int*, const int*, const real*, const real*,
-                         const int*, const real*, const int*, const real*, real*, const int*);
-typedef int (*local_threads_fn)(int);
-static gemm_fn blas_gemm;
-static local_threads_fn local_threads;
-
-int bn_abi_version(void) { return 2; }
-
-void bn_set_blas(void* gemm, void* threads) {
-    blas_gemm = (gemm_fn)gemm;
-    local_threads = (local_threads_fn)threads;
-}
-
-/* Row-major C[M,N] = op(A)[M,K] op(B)[K,N] + beta C, through column-major BLAS: C^T = op(B)^T op(A)^T. */
-static void gemm(int transpose_a, int transpose_b, int M, int N, int K, const real* A, int lda, const real* B,
-                 int ldb, real beta, real* C, int ldc) {
-    const char ta = transpose_b ? 'T' : 'N', tb = transpose_a ? 'T' : 'N';
-    const real one = 1;
-    blas_gemm(&ta, &tb, &N, &M, &K, &one, B, &ldb, A, &lda, &beta, C, &ldc);
-}
+#include "common.h"
 
 #define MAX_LAYERS 8
-enum { NORM_NONE = 0, NORM_BATCH = 1, NORM_LAYER = 2 };
 
 typedef struct {
     int models, layers, threads, classes;
@@ -83,84 +45,6 @@ typedef struct {
     real* losses; int64_t losses_stride;    /* (S, steps of an epoch): written at each step's index */
     int64_t* correct;                         /* (S): training predictions that hit, added to */
 } Step;
-
-/* The ghost batches of a batch of `rows`: whole ones of `ghost` rows, then the rest (ghost + 1 rows where a single
- * row would be left over, as bnsuite.batchnorm.ghost_parts cuts them). Returns how many. */
-static int ghost_batches(int rows, int ghost, int* starts, int* sizes) {
-    if (ghost >= rows) { starts[0] = 0; sizes[0] = rows; return 1; }
-    int whole = rows - rows % ghost;
-    if (rows - whole == 1) whole -= ghost;
-    int count = 0;
-    for (int r = 0; r < whole; r += ghost) { starts[count] = r; sizes[count++] = ghost; }
-    if (whole < rows) { starts[count] = whole; sizes[count++] = rows - whole; }
-    return count;
-}
-
-static void sgd(real* restrict w, real* restrict velocity, const real* restrict grad, int64_t n, real lr,
-                real momentum, int first) {
-    if (first)
-        for (int64_t i = 0; i < n; i++) { velocity[i] = grad[i]; w[i] -= lr * velocity[i]; }
-    else
-        for (int64_t i = 0; i < n; i++) { velocity[i] = momentum * velocity[i] + grad[i]; w[i] -= lr * velocity[i]; }
-}
-
-/* Batch norm of rows [r0, r0 + n) of h (F wide), in place: h becomes x_hat; inv gets 1/sqrt(var + eps), mean
- * and var the batch's mean and biased variance. Every loop runs over features, so each feature sums its rows
- * in row order. */
-static void batch_norm_forward(real* restrict h, int F, int r0, int n, real eps, real* restrict inv,
-                               real* restrict mean, real* restrict var) {
-    for (int f = 0; f < F; f++) mean[f] = 0;
-    for (int r = r0; r < r0 + n; r++) {
-        const real* row = h + (int64_t)r * F;
-        for (int f = 0; f < F; f++) mean[f] += row[f];
-    }
-    for (int f = 0; f < F; f++) { mean[f] /= (real)n; var[f] = 0; }
-    for (int r = r0; r < r0 + n; r++) {
-        const real* row = h + (int64_t)r * F;
-        for (int f = 0; f < F; f++) { const real d = row[f] - mean[f]; var[f] += d * d; }
-    }
-    for (int f = 0; f < F; f++) { var[f] /= (real)n; inv[f] = 1 / SQRT(var[f] + eps); }
-    for (int r = r0; r < r0 + n; r++) {
-        real* row = h + (int64_t)r * F;
-        for (int f = 0; f < F; f++) row[f] = (row[f] - mean[f]) * inv[f];
-    }
-}
-
-/* dL/dx = gamma * inv * (g - mean(g) - x_hat * mean(g * x_hat)) over rows [r0, r0 + n), in place of g;
- * adds the rows' sum of g * x_hat to dgamma and of g to dbeta. */
-static void batch_norm_backward(real* restrict g, const real* restrict xh, const real* restrict gamma,
-                                const real* restrict inv, int F, int r0, int n, real* restrict sg,
-                                real* restrict sgx, real* restrict dgamma, real* restrict dbeta) {
-    for (int f = 0; f < F; f++) { sg[f] = 0; sgx[f] = 0; }
-    for (int r = r0; r < r0 + n; r++) {
-        const real* gr = g + (int64_t)r * F;
-        const real* xr = xh + (int64_t)r * F;
-        for (int f = 0; f < F; f++) { sg[f] += gr[f]; sgx[f] += gr[f] * xr[f]; }
-    }
-    const real scale = 1 / (real)n;
-    for (int f = 0; f < F; f++) {
-        dbeta[f] += sg[f];
-        dgamma[f] += sgx[f];
-        sg[f] *= scale;
-        sgx[f] *= scale;
-    }
-    for (int r = r0; r < r0 + n; r++) {
-        real* gr = g + (int64_t)r * F;
-        const real* xr = xh + (int64_t)r * F;
-        for (int f = 0; f < F; f++) gr[f] = gamma[f] * inv[f] * (gr[f] - sg[f] - xr[f] * sgx[f]);
-    }
-}
-
-/* Sum over rows of a (rows, F) block, row by row (each feature in row order). */
-static void column_sums(const real* restrict x, int rows, int F, real* restrict out) {
-    for (int f = 0; f < F; f++) out[f] = 0;
-    for (int r = 0; r < rows; r++) {
-        const real* row = x + (int64_t)r * F;
-        for (int f = 0; f < F; f++) out[f] += row[f];
-    }
-}
-
-enum { TRAIN = 0, BATCH_STATISTICS = 1, RUNNING = 2 };  /* what a forward pass normalizes with */
 
 /* Hidden layer l after its product and bias: normalize, scale and shift, ReLU, dropout. TRAIN: with the batch's
  * statistics, which the running estimates follow, and dropout; BATCH_STATISTICS: the same, changing nothing and
@@ -245,30 +129,6 @@ static void forward(const Step* s, int m, const real* x, int rows, int step_in_c
         hidden_forward(s, l, m, rows, step_in_chunk, mode, scratch);
         in = s->activation[l] + m * s->activation_stride[l];
     }
-}
-
-/* Softmax cross-entropy of the logits z (rows, C) against y: the sum of the rows' losses (in double) and the hits
- * (arg max, the first of equal maxima, = label); with `gradient`, z becomes dL/dz of the batch's mean loss,
- * (softmax(z) - onehot(y)) / rows. */
-static double cross_entropy(real* z, const int64_t* y, int rows, int C, int gradient, int64_t* hits) {
-    double loss = 0.0;
-    const real per_row = 1 / (real)rows;
-    for (int r = 0; r < rows; r++) {
-        real* zr = z + (int64_t)r * C;
-        const int64_t label = y[r];
-        real top = zr[0];
-        int best = 0;
-        for (int c = 1; c < C; c++) if (zr[c] > top) { top = zr[c]; best = c; }
-        *hits += best == label;
-        real sum = 0;
-        for (int c = 0; c < C; c++) sum += EXP(zr[c] - top);
-        const real log_sum = LOG(sum);
-        loss += (double)(log_sum - (zr[label] - top));
-        if (!gradient) continue;
-        for (int c = 0; c < C; c++) zr[c] = EXP(zr[c] - top - log_sum) * per_row;
-        zr[label] -= per_row;
-    }
-    return loss;
 }
 
 /* The gradient at hidden layer l's product output, in place of g (the gradient at its activation): dropout,

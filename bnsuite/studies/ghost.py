@@ -38,7 +38,7 @@ GHOST_VARIANTS = ("bn-ghost2", "bn-ghost4", "bn-ghost8", "bn-ghost16", "bn-ghost
 # On the ConvNet the batch study's ConvNet epochs, for the same reason.
 MATRICES = {profile: Study(NAME, variants=GHOST_VARIANTS, batch_sizes=(GHOST_BATCH,), epochs=epochs,
                            network_epochs=(("cnn", cnn_epochs),))
-            for profile, epochs, cnn_epochs in (("full", 10, 3), ("quick", 4, 2), ("smoke", 2, 2))}
+            for profile, epochs, cnn_epochs in (("full", 10, 10), ("quick", 4, 2), ("smoke", 2, 2))}
 
 
 def ghost_sizes(spec: StudySpec, study: Study, batch_size: int) -> dict[int, str]:
