@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from bnsuite import fastpath, fused
+from bnsuite import compiled, fastpath, fused
 from bnsuite.data import Splits
 from bnsuite.landscape import Landscaper
 from bnsuite.models import make_optimizer
@@ -63,6 +63,9 @@ class TensorEpochs:
             if self.images.is_cuda and CUDA_GRAPHS and not self.step.dropout:
                 self.step = GraphedStep(self.step, len(models), spec.batch_size, self.images.shape[1],
                                         device=self.images.device)
+        elif spec.pipeline == "fast" and compiled.wanted(models[0], spec.steps_per_epoch * spec.epochs,
+                                                         self.images.device):
+            self.step = compiled.CompiledStep(models, lr=[run.lr for run in specs], momentum=spec.momentum)
         elif len(models) == 1:
             self.step = EagerStep(models[0], spec)
         else:

@@ -67,7 +67,7 @@ def _train_case(specs: Sequence[RunSpec], data_dir: str | None, study: StudySpec
     driver saves them)."""
     node = this_node()
     try:
-        load_plugins(plugins)
+        load_plugins(plugins, entry_points=False)  # the driver's, entry points included: exactly those
     except PluginError as error:
         raise PluginError(f"on {node}: {error}") from None
     if trainer is None:
@@ -256,7 +256,7 @@ def _train_in_process(specs: Sequence[RunSpec], data_dir: str | None, study: Stu
     case, naming it), train, return the records (the driver saves them)."""
     from bnsuite.train import train_seeds
 
-    load_plugins(plugins)
+    load_plugins(plugins, entry_points=False)
     return train_seeds(tuple(specs), data_dir=data_dir, study=study, executor=f"{executor}, pid {os.getpid()}")
 
 

@@ -210,11 +210,11 @@ def switched_off() -> Iterator[None]:
 
 
 def status() -> str:
-    """What the fast pipeline trains the MLP with on a CPU here, in one line (the study's header prints it)."""
+    """What the fast pipeline trains with on a CPU here, in one line (the study's header prints it)."""
     try:
         return f"training step: {build().step_name}, each model on one thread"
     except Unavailable as error:
-        return f"training step: the ATen fast step (the fused one is unavailable: {error})"
+        return f"training step: the ATen fast step (the fused one is unavailable: {error}); the ConvNet's: eager"
 
 
 def supports(model: nn.Module, batch_size: int) -> bool:

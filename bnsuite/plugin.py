@@ -116,14 +116,18 @@ class StudyPlugin:
     """The plugin's state for one pytest run, and the hooks and fixtures that use it."""
 
     def __init__(self, config: pytest.Config):
+        # An installed package's plugin that does not import is kept here, not raised: it must not break a pytest
+        # run that trains nothing of bnsuite's (another project's tests); a run that does is refused at collection.
+        self.broken_plugins: list[PluginError] = []
         try:
-            self.plugins = _load_plugins(config)
+            self.plugins = _load_plugins(config, self.broken_plugins.append)
             self.study_spec: StudySpec = study_from_options(
                 config.getoption("--bn-profile") or "full",
                 **{name.replace("-", "_"): config.getoption(f"--bn-{name}") for name in OPTIONS if name != "profile"},
             )
         except (SpecError, PluginError) as error:
-            raise pytest.UsageError(f"bnsuite: {error}") from None
+            broken = "".join(f" (and {problem})" for problem in self.broken_plugins)
+            raise pytest.UsageError(f"bnsuite: {error}{broken}") from None
         try:
             max_runs_together()  # a bad BNSUITE_MAX_RUNS_TOGETHER is refused before anything trains
         except ValueError as error:
@@ -167,12 +171,19 @@ class StudyPlugin:
     def pytest_collection_modifyitems(self, items):
         items.sort(key=lambda item: MODULE_ORDER.get(item.path.name, len(MODULE_ORDER)))
         self.benchmark_run = any("study_session" in getattr(item, "fixturenames", ()) for item in items)
+        if self.benchmark_run and self.broken_plugins:
+            raise pytest.UsageError(f"bnsuite: {self.broken_plugins[0]}")
         if self.benchmark_run:
             self._check_results_dir()
             self._load_baseline()
             self._check_data()
             if self.executor_name != "local":
                 self._start_executor(items)
+
+    def pytest_report_header(self, config):
+        """One line per installed plugin that did not import, in a run that uses no bnsuite study."""
+        return [f"bnsuite: left out, as this run trains nothing of bnsuite's: {problem}"
+                for problem in self.broken_plugins]
 
     def pytest_collection_finish(self, session):
         terminal = self._terminal = session.config.pluginmanager.get_plugin("terminalreporter")
@@ -349,14 +360,15 @@ class StudyPlugin:
                     f"{comparison.verdict.upper():>17}  {comparison.name} ({comparison.rule}): {comparison.detail}")
 
 
-def _load_plugins(config: pytest.Config) -> tuple[str, ...]:
+def _load_plugins(config: pytest.Config, on_broken_entry_point) -> tuple[str, ...]:
     """Import the entry-point plugins and those of --bn-plugin; a module in the directory pytest runs from is
-    found as `python -m pytest` would find it."""
+    found as `python -m pytest` would find it. An entry-point plugin that does not import goes to
+    `on_broken_entry_point` unless --bn-plugin names it."""
     names = plugin_option(config.getoption("--bn-plugin"))
     here = str(config.invocation_params.dir)
     if names and here not in sys.path:
         sys.path.insert(0, here)
-    return load_plugins(names)
+    return load_plugins(names, on_broken_entry_point=on_broken_entry_point)
 
 
 def _plugin(config: pytest.Config) -> StudyPlugin:

@@ -26,7 +26,9 @@ import functools
 import hashlib
 import importlib
 import importlib.metadata
+import importlib.util
 import sys
+import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -244,15 +246,21 @@ def study_spec(**fields) -> StudySpec:
 # --- plugins ---
 
 
-def load_plugins(modules: tuple[str, ...] | list[str] = (), *, entry_points: bool = True) -> tuple[str, ...]:
+def load_plugins(modules: tuple[str, ...] | list[str] = (), *, entry_points: bool = True,
+                 on_broken_entry_point: Callable[[PluginError], None] | None = None) -> tuple[str, ...]:
     """Import the plugins: every module of the `bnsuite.plugins` entry-point group of the installed packages
     (if `entry_points`), then `modules`. Each is imported once; returns every plugin module loaded so far.
+
+    A plugin that fails to import, whatever it raises, is one PluginError naming the module, the file and line
+    where it failed and what to do. An entry-point plugin nobody named in `modules` goes to
+    `on_broken_entry_point` instead, where given, and the others load: an installed package's broken plugin must
+    not stop what does not use it (a pytest run of another project, a report of records that do not need it).
     """
-    names = []
+    declared: dict[str, str] = {}
     if entry_points:
         for entry in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-            names.append(entry.value.partition(":")[0])
-    names += [name for name in modules if name not in names]
+            declared.setdefault(entry.value.partition(":")[0], getattr(entry.dist, "name", None) or entry.name)
+    names = list(declared) + [name for name in modules if name not in declared]
     for name in names:
         if name in _PLUGINS:
             continue
@@ -262,11 +270,43 @@ def load_plugins(modules: tuple[str, ...] | list[str] = (), *, entry_points: boo
                               "directory pytest runs from")
         try:
             importlib.import_module(name)
-        except ImportError as error:
-            raise PluginError(f"cannot import the plugin module {name!r} ({error}); check its name, and that its "
-                              "directory is on the Python path (PYTHONPATH) or its package is installed") from None
+        except Exception as error:  # noqa: BLE001 - a plugin may raise anything at import; each is one message
+            problem = PluginError(_import_failure(name, error, declared.get(name)))
+            if name in declared and name not in modules and on_broken_entry_point is not None:
+                on_broken_entry_point(problem)
+                continue
+            raise problem from None
         _PLUGINS[name] = _source(name)
     return tuple(_PLUGINS)
+
+
+def _import_failure(name: str, error: BaseException, package: str | None) -> str:
+    """One line for a plugin module that did not import: where it failed, why, and what to do."""
+    if isinstance(error, ModuleNotFoundError) and error.name is not None and name.startswith(error.name):
+        return (f"cannot import the plugin module {name!r} ({error}); check its name, and that its directory is on "
+                "the Python path (PYTHONPATH) or its package is installed")
+    where = _where(name, error)
+    message = str(error).strip().splitlines()[0] if str(error).strip() else "(no message)"
+    declared = (f"; it is declared in the {ENTRY_POINT_GROUP} entry points of the installed package {package!r}: "
+                "fix it there, or uninstall that package") if package else "; fix it there"
+    return f"the plugin module {name!r} raised {type(error).__name__} at import{where}: {message}{declared}"
+
+
+def _where(name: str, error: BaseException) -> str:
+    """`, at FILE line N`: the last place in the plugin's own files the import went through (the file a syntax
+    error is in), or nothing where none is known."""
+    if isinstance(error, SyntaxError) and error.filename:
+        return f", at {error.filename} line {error.lineno}"
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        spec = None
+    origin = Path(spec.origin).resolve() if spec is not None and spec.origin else None
+    home = origin.parent if origin is not None else None
+    frames = traceback.extract_tb(error.__traceback__)
+    own = [frame for frame in frames if home is not None and Path(frame.filename).resolve().is_relative_to(home)]
+    frame = (own or [None])[-1]
+    return f", at {frame.filename} line {frame.lineno}" if frame is not None else ""
 
 
 def plugin_option(text: str | None) -> list[str]:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from bnsuite import fastpath, fused
+from bnsuite import compiled, fastpath, fused
 from bnsuite.data import load_splits
 from bnsuite.datasets import DATASETS
 from bnsuite.environment import KEEP_DENORMALS_VARIABLE, describe_environment, flush_denormals, now_utc
@@ -130,10 +130,11 @@ def train_seeds(
     """Train runs that differ only in seed, learning rate or init scale; one record each, in the order given.
 
     Where a fast step covers the variant's network (`fused.supports` for the fused MLP and ConvNet steps on a CPU,
-    else `fastpath.supports`: the places that decide), the runs train as one batched computation
-    (bnsuite.fused, bnsuite.fastpath), or as consecutive chunks of at most `max_runs_together()`, each on its own
-    init and its own shuffle, bit for bit as when trained alone, and each record names the runs it trained with;
-    otherwise one after another. A run that diverges stops being
+    else `fastpath.supports`, else `compiled.wanted` for any other variant in a long run: the places that decide),
+    the runs train as one batched computation (bnsuite.fused, bnsuite.fastpath, bnsuite.compiled), or as
+    consecutive chunks of at most `max_runs_together()`, each on its own init and its own shuffle (bit for bit as
+    when trained alone, but on the compiled step), and each record names the runs it trained with; otherwise one
+    after another. A run that diverges stops being
     recorded at that epoch while the others go on. `executor` is recorded as
     what ran them ("local", or "ray at ADDRESS, node ..." in a Ray task). `measures`: what the runs measure
     besides what every run records (spec.MEASUREMENTS); by default what `study` asks of them (StudySpec.measures).
@@ -148,7 +149,8 @@ def train_seeds(
     model = build_model(spec.variant, network=spec.network, image_shape=image_shape)
     on_fused = (spec.pipeline == "fast" and resolve_device(spec.device).type == "cpu"
                 and fused.supports(model, spec.batch_size))
-    batched = on_fused or (spec.pipeline == "fast" and fastpath.supports(model))
+    batched = on_fused or (spec.pipeline == "fast" and (fastpath.supports(model) or compiled.wanted(
+        model, spec.steps_per_epoch * spec.epochs, resolve_device(spec.device))))
     cap = max_runs_together(MAX_RUNS_TOGETHER_FUSED if on_fused else MAX_RUNS_TOGETHER)
     if len(specs) > cap:
         chunks = -(-len(specs) // cap)

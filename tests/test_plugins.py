@@ -223,3 +223,69 @@ def test_a_network_that_declares_no_probe_point_trains_unprobed_and_its_record_s
     assert record.variant.probe is None and record.activations is None
     assert record.epochs[0].batch_statistics_accuracy is not None  # it declared batch statistics
     assert record.training_step == "eager"
+
+
+BROKEN_PLUGIN = """import torch
+from torch import nn
+
+LAYER = nn.BatchNorm1D  # a typo: torch.nn has BatchNorm1d
+"""
+
+
+def test_a_plugin_that_raises_at_import_is_one_line_naming_its_file_and_line(clean_registry, tmp_path, monkeypatch):
+    (tmp_path / "typo_norms.py").write_text(BROKEN_PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(PluginError) as raised:
+        registry.load_plugins(["typo_norms"], entry_points=False)
+    message = str(raised.value)
+    assert message.startswith("the plugin module 'typo_norms' raised AttributeError at import, at ")
+    assert f"{tmp_path / 'typo_norms.py'} line 4: module 'torch.nn' has no attribute 'BatchNorm1D'" in message
+    assert "\n" not in message and "typo_norms" not in registry._PLUGINS
+
+
+def _broken_package(tmp_path: Path) -> dict:
+    """An installed package (a dist-info on the path) whose bnsuite.plugins entry point raises at import."""
+    site = tmp_path / "site"
+    dist = site / "typo_norms-0.1.dist-info"
+    dist.mkdir(parents=True)
+    (site / "typo_norms.py").write_text(BROKEN_PLUGIN)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: typo-norms\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text(f"[{registry.ENTRY_POINT_GROUP}]\ntypo_norms = typo_norms\n")
+    return {**os.environ, "PYTHONPATH": str(site)}
+
+
+@pytest.mark.processes
+def test_an_installed_plugin_that_raises_never_breaks_a_pytest_run_without_bnsuite_and_refuses_one_with_it(
+        tmp_path, mnist_dir):
+    env = _broken_package(tmp_path)
+    other = tmp_path / "other_project"
+    other.mkdir()
+    (other / "test_theirs.py").write_text("def test_one():\n    assert 1 + 1 == 2\n")
+    unrelated = _pytest(cwd=other, env=env, check=False)
+    assert unrelated.returncode == 0, unrelated.stdout[-2000:] + unrelated.stderr[-2000:]
+    assert "INTERNALERROR" not in unrelated.stdout + unrelated.stderr and "1 passed" in unrelated.stdout
+    assert "bnsuite: left out, as this run trains nothing of bnsuite's: the plugin module 'typo_norms' raised " \
+           "AttributeError at import" in unrelated.stdout
+    results = tmp_path / "results"
+    study = _pytest("--pyargs", "bnsuite.benchmarks.test_study", "--bn-profile", "smoke", "--bn-results-dir",
+                    str(results), "--bn-data-dir", str(mnist_dir), cwd=other, env=env, check=False)
+    assert study.returncode == pytest.ExitCode.USAGE_ERROR
+    lines = [line for line in study.stderr.splitlines() if line.strip()]
+    assert lines == [f"ERROR: bnsuite: the plugin module 'typo_norms' raised AttributeError at import, at "
+                     f"{tmp_path / 'site' / 'typo_norms.py'} line 4: module 'torch.nn' has no attribute "
+                     f"'BatchNorm1D'; it is declared in the bnsuite.plugins entry points of the installed package "
+                     f"'typo-norms': fix it there, or uninstall that package"]
+    assert not results.exists()  # refused before anything trained or was written
+
+
+@pytest.mark.processes
+def test_the_report_leaves_out_an_installed_plugin_that_raises_and_says_so(tmp_path):
+    env = _broken_package(tmp_path)
+    results = tmp_path / "results"
+    shutil.copytree(ROOT / "results" / "reference" / "smoke" / "runs", results / "runs")
+    built = subprocess.run([sys.executable, "-m", "bnsuite.report", "--results", str(results), "--no-plots"],
+                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr[-2000:]
+    assert "bnsuite.report: left out a plugin, going on with the records: the plugin module 'typo_norms' " \
+           "raised AttributeError at import" in built.stderr
+    assert "Traceback" not in built.stderr and (results / "REPORT.md").exists()

@@ -46,7 +46,23 @@ KNOWN_EXCEPTIONS = {
     "full": (KnownException("bn-accuracy-advantage-grows-with-batch-size", NOT_SHOWN,
                             "after 10 epochs BN's test-accuracy advantage is about the same at batch 32 and 128 "
                             "(+0.81 and +0.78 points, 6 seeds; within seed noise), while its final-loss advantage "
-                            "clearly grows; shorter profiles show it grow"),),
+                            "clearly grows; shorter profiles show it grow"),
+             # The ConvNet (--bn-network cnn), 10 epochs on all 60,000 images, 6 seeds: both pass 98.7% test accuracy
+             # and BN's lead is a lower training loss, not accuracy.
+             KnownException("cnn-bn-accuracy-at-least-plain-bs32", NOT_SHOWN,
+                            "after 10 epochs the plain ConvNet matches BN's test accuracy at batch 32 (98.83% against "
+                            "98.82%, 6 seeds; p 0.10): the 0.1-point margin is not cleared in enough seed pairs"),
+             KnownException("cnn-bn-accuracy-at-least-plain-bs64", NOT_SHOWN,
+                            "after 10 epochs BN's test accuracy is 98.82% against plain's 98.77% at batch 64 (6 seeds; "
+                            "p 0.06), just short of the rule"),
+             *(KnownException(f"cnn-bn-converges-faster-bs{batch}", NOT_SHOWN,
+                              "both ConvNets reach training loss 0.1 in epoch 2 in every seed: the epoch counts tie")
+               for batch in (32, 64, 128)),
+             *(KnownException(f"cnn-bn-running-estimates-at-least-batch-statistics-bs{batch}", NOT_SHOWN,
+                              "the ConvNet's running estimates are within 0.03 points of its batch statistics (98.82 "
+                              "against 98.83% at batch 32, 98.73 against 98.75% at 128; p 0.08 and 0.06): not clear "
+                              "of the 0.1-point margin in enough seed pairs")
+               for batch in (32, 128))),
     "smoke": (KnownException("bn-converges-faster-bs32", NOT_SHOWN,
                              "in 2 epochs on 4,000 images both variants first reach loss 0.5 in epoch 2 of 2, so "
                              "the epoch counts tie; the full study's 10 epochs separate them"),

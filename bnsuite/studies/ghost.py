@@ -209,7 +209,14 @@ def ghost_section(context: SectionContext) -> list[str]:
 
 # On the ConvNet each statistic of a ghost batch of g images sees g x H x W values per channel (1,568 at g = 2 for
 # conv1's 28x28 maps), not g as in the MLP: in the smoke profile its ghost-batch BN holds up.
-KNOWN_EXCEPTIONS = {"smoke": (
+KNOWN_EXCEPTIONS = {"full": (
+    KnownException("cnn-bn-accuracy-falls-at-small-ghost-batches-bs128", NOT_SHOWN,
+                   "after 10 epochs the ConvNet's BN at ghost batch 2 is at 98.70% held-out against 98.72% at 32 (6 "
+                   "seeds, p 0.64): each statistic sees every position of the maps, 1,568 values at g = 2"),
+    KnownException("cnn-bn-behind-layernorm-at-smallest-ghost-batch-bs128", NOT_SHOWN,
+                   "after 10 epochs the ConvNet's BN is within 0.03 points of LayerNorm (98.72% held-out) at every "
+                   "ghost size measured, never behind it"),
+), "smoke": (
     KnownException("cnn-bn-accuracy-falls-at-small-ghost-batches-bs128", NOT_SHOWN,
                    "in 64 steps the ConvNet's BN at ghost batch 2 is within seed noise of ghost batch 32 (93.5% "
                    "against 93.9% held-out, p 0.2): its statistics see every position of the maps"),
