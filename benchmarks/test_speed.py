@@ -21,7 +21,10 @@
   trains it (--bn-network cnn): its original pipeline, the eager step in NCHW and in channels-last, and the
   study's way (its fused step, seeds together) side by side, and its roofline;
 - `test_training_step_cost`: the per-step cost of plain and bn (forward,
-  backward, update) at each batch size, through the step that trains.
+  backward, update) at each batch size, through the step that trains;
+- `test_own_layer_epoch`: a layer no fused step covers (`bn-scratch`, BN written
+  out in Python, as a user's layer is) on the compiled step, its seeds together,
+  beside the eager step and the fused step's bn, and its roofline fraction.
 
 Ratios, not absolute times, are the figures to compare: these machines are
 shared and the same command can vary by 1.7x within minutes. Every benchmark
@@ -304,3 +307,59 @@ def test_convnet_epoch(benchmark, study, study_session, variant, batch_size):
         f"{info['achieved_gflops']:.1f} GFLOP/s = {roofline.fraction_of_peak:.3f} of matmul peak, "
         f"{roofline.fraction_of_bound:.3f} of the roofline bound ({roofline.limit}: {flops * images / steps / 1e9:.2f} "
         f"GFLOP and {traffic.bytes_per_step / 1e6:.1f} MB a step at {bandwidth / 1e9:.1f} GB/s)")
+
+
+# --- a user's own layer: the compiled step (bnsuite.compiled) ---
+
+OWN_LAYER = "bn-scratch"  # BN written out in Python, as a user's layer is: no fused or ATen step covers it
+
+
+def test_own_layer_epoch(benchmark, study, study_session, monkeypatch):
+    """A layer no fused step covers (`bn-scratch`, BatchNorm1d written out in Python), the study's seeds together on
+    the compiled step (compiled however short the run), against the eager step one seed at a time and the fused
+    step's `bn` on the same network and images: the second epoch of two over 10,000 images at batch 64 (the first
+    pays the compilation), each path in turn, round after round; and its fraction of the roofline bound."""
+    from bnsuite import compiled
+
+    if resolve_device(study.device).type != "cpu" or compiled.unavailable() is not None:
+        pytest.skip(f"the compiled step trains on a CPU where torch.compile works ({compiled.unavailable()})")
+    monkeypatch.setenv(compiled.SWITCH_VARIABLE, "1")
+    seeds = study.seeds
+    paths = {"compiled": [dataclasses.replace(spec, epochs=2) for spec in _epoch_specs(study, OWN_LAYER, 64, "fast",
+                                                                                        seeds=seeds)],
+             "eager": [dataclasses.replace(spec, epochs=2) for spec in _epoch_specs(study, OWN_LAYER, 64, "eager",
+                                                                                     seeds=seeds)],
+             "fused bn": [dataclasses.replace(spec, epochs=2) for spec in _epoch_specs(study, "bn", 64, "fast",
+                                                                                        seeds=seeds)]}
+    paths = {path: [_at_most(spec, PATH_IMAGES) for spec in specs] for path, specs in paths.items()}
+    times: dict[str, list[float]] = {path: [] for path in paths}
+    steps: dict[str, str] = {}
+
+    def one_round():
+        order = list(paths) if len(times["compiled"]) % 2 == 0 else list(reversed(paths))
+        for path in order:
+            records = train_seeds(paths[path], data_dir=study_session.data_dir)
+            times[path].append(sum(record.epochs[1].epoch_time_s for record in records) / len(records))
+            steps[path] = records[0].training_step
+
+    benchmark.pedantic(one_round, rounds=2, iterations=1)
+    epoch_s = {path: statistics.median(values) for path, values in times.items()}
+    images, batches = paths["compiled"][0].train_size, paths["compiled"][0].steps_per_epoch
+    flops = training_flops_per_sample(build_model(OWN_LAYER))
+    traffic = StepTraffic.of(OWN_LAYER, 64, len(seeds))
+    bandwidth = _best_rates(study_session, traffic, resolve_device(study.device))
+    roofline = Roofline(flops_per_step=flops * images * len(seeds) / batches, traffic=traffic,
+                        peak_flops=study_session.peak_flops, bandwidth=bandwidth,
+                        step_s=epoch_s["compiled"] * len(seeds) / batches)
+    benchmark.extra_info.update({
+        "bnsuite": "own-layer", "variant": OWN_LAYER, "batch_size": 64, "runs_together": len(seeds),
+        "images": images, "rounds": 2, "steps": steps, "epoch_s": epoch_s, "epoch_s_by_round": times,
+        "speedup_vs_eager": epoch_s["eager"] / epoch_s["compiled"],
+        "times_the_fused_bn": epoch_s["compiled"] / epoch_s["fused bn"],
+        "fraction_of_matmul_peak": roofline.fraction_of_peak, **roofline.info()})
+    study_session.progress(
+        f"speed: a layer of one's own ({OWN_LAYER}), {steps['compiled']}, {len(seeds)} seeds together: "
+        f"{epoch_s['compiled']:.3f} s per run-epoch of {images:,} images, "
+        f"{epoch_s['eager'] / epoch_s['compiled']:.2f}x the eager step, "
+        f"{epoch_s['compiled'] / epoch_s['fused bn']:.2f}x the fused step's bn; "
+        f"{roofline.fraction_of_bound:.2f} of the roofline bound")

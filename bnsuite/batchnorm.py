@@ -197,6 +197,15 @@ def renorm_bounds(step: int) -> tuple[float, float]:
     return 1.0 + (RENORM_R_MAX - 1.0) * progress, RENORM_D_MAX * progress
 
 
+def _renorm_bounds_of(step: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(1 / r_max, r_max, d_max) of renorm_bounds for a step count held in a tensor, computed as tensors in float64
+    (the same arithmetic as on Python floats, so the same bounds bit for bit) and cast to `dtype`, as clamp casts a
+    Python bound: nothing is read out of the tensor, so the layer can be vmapped and compiled (bnsuite.compiled)."""
+    progress = ((step.to(torch.float64) - RENORM_WARMUP).clamp(min=0) / RENORM_RAMP).clamp(max=1.0)
+    r_max = 1.0 + (RENORM_R_MAX - 1.0) * progress
+    return (1.0 / r_max).to(dtype), r_max.to(dtype), (RENORM_D_MAX * progress).to(dtype)
+
+
 class BatchRenorm1d(GhostBatchNorm1d):
     """Batch Renormalization (Ioffe 2017) over ghost batches of `ghost_size` images, for (N, C) inputs.
 
@@ -210,7 +219,7 @@ class BatchRenorm1d(GhostBatchNorm1d):
     def _normalize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
         if x.shape[0] < 2:
             raise ValueError("batch normalization needs more than 1 value per feature in training")
-        r_max, d_max = renorm_bounds(int(self.num_batches_tracked))
+        r_min, r_max, d_max = _renorm_bounds_of(self.num_batches_tracked, x.dtype)
         with torch.no_grad():
             sigma = torch.sqrt(self.running_var + self.eps)
         outputs, firsts = [], None
@@ -220,7 +229,7 @@ class BatchRenorm1d(GhostBatchNorm1d):
             var = (part - mean).pow(2).mean(dim=1, keepdim=True)
             sigma_batch = torch.sqrt(var + self.eps)
             with torch.no_grad():  # held constant in backprop (Ioffe 2017, Algorithm 1)
-                r = (sigma_batch / sigma).clamp(1.0 / r_max, r_max)
+                r = (sigma_batch / sigma).clamp(r_min, r_max)
                 d = ((mean - self.running_mean) / sigma).clamp(-d_max, d_max)
             outputs.append(((part - mean) / sigma_batch * r + d).reshape(-1, self.num_features))
             if firsts is None:
@@ -251,8 +260,10 @@ class NoisyBatchNorm1d(nn.BatchNorm1d):
             return y
         features = (1, self.num_features)
         low, high = NOISE_SCALE
-        scale = torch.empty(features, device=y.device, dtype=y.dtype).uniform_(low, high)
-        shift = torch.empty(features, device=y.device, dtype=y.dtype).uniform_(-NOISE_SHIFT, NOISE_SHIFT)
+        # torch.rand scaled, rather than uniform_ on a fresh tensor, which vmap cannot batch (bnsuite.compiled): the
+        # same draws, and the same values, since both widths are 1.0 (an exact product) and the sum rounds once.
+        scale = torch.rand(features, device=y.device, dtype=y.dtype) * (high - low) + low
+        shift = torch.rand(features, device=y.device, dtype=y.dtype) * (2 * NOISE_SHIFT) - NOISE_SHIFT
         return y * scale + shift + NOISE_SAMPLE_STD * torch.randn_like(y)
 
 

@@ -436,7 +436,34 @@ def speed_rows(data: dict) -> list[str]:
                   "reachable fraction is the bound over those two together: a step that spent nothing on BN, ReLU "
                   "and the loss would reach it, with the BLAS library's GEMMs at these shapes.", "",
                   pd.DataFrame(fractions).fillna("").to_markdown(index=False, disable_numparse=True), ""]
-    return lines + convnet_speed_rows(data)
+    return lines + own_layer_rows(data) + convnet_speed_rows(data)
+
+
+def own_layer_rows(data: dict) -> list[str]:
+    """A layer no fused step covers, on the compiled step, beside the eager step and the fused step's bn
+    (benchmarks/test_speed.py::test_own_layer_epoch)."""
+    rows = []
+    for bench in data.get("benchmarks", []):
+        info = bench.get("extra_info", {})
+        if _kind(bench) == "own-layer":
+            epoch_s = info["epoch_s"]
+            rows.append({"variant": info["variant"], "batch size": info["batch_size"],
+                         "runs together": info["runs_together"], "images": f"{info['images']:,}",
+                         "step": info["steps"]["compiled"],
+                         "compiled (s per run-epoch)": f"{epoch_s['compiled']:.3f}",
+                         "eager, one seed at a time (s)": f"{epoch_s['eager']:.3f}",
+                         "fused bn (s)": f"{epoch_s['fused bn']:.3f}",
+                         "vs eager": f"{info['speedup_vs_eager']:.2f}x",
+                         "times the fused bn": f"{info['times_the_fused_bn']:.2f}x",
+                         "fraction of roofline bound": f"{info['fraction_of_roofline']:.2f} ({info['limit']})"})
+    if not rows:
+        return []
+    return ["### Speed: a layer of one's own on the compiled step", "",
+            "A layer no fused step covers (`bn-scratch`: BatchNorm1d written out in Python, as a user's layer is), "
+            "the study's seeds together on the compiled step (bnsuite.compiled), against the eager step one seed "
+            "at a time and the fused step's `bn` on the same network and images: the second epoch of two (the "
+            "first pays the compilation), median of alternating rounds.", "",
+            pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True), ""]
 
 
 def convnet_speed_rows(data: dict) -> list[str]:

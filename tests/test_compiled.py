@@ -28,19 +28,21 @@ def _batches(steps, batch, features=784, seed=0, dtype=torch.float64):
 
 
 @pytest.mark.compiles
-def test_the_compiled_step_trains_each_model_as_the_eager_step_does(compiler):
-    # BN after the ReLU (no fused or ATen step covers it), two seeds with their own learning rates, in float64 so
-    # that what is compared is the arithmetic: batched products sum in another order than one model's.
+@pytest.mark.parametrize("variant, steps", [("bn-after-relu", 4), ("bn-renorm4", 60)])
+def test_the_compiled_step_trains_each_model_as_the_eager_step_does(compiler, variant, steps):
+    # Variants no fused or ATen step covers (Batch Renorm past its 50-step warm-up, where its bounds open), two
+    # seeds with their own learning rates, in float64 so that what is compared is the arithmetic: batched products
+    # sum in another order than one model's.
     models = []
     for seed in (0, 1):
         torch.manual_seed(seed)
-        models.append(build_model("bn-after-relu").to(torch.float64))
+        models.append(build_model(variant).to(torch.float64))
     references = [copy.deepcopy(model) for model in models]
     step = compiled.CompiledStep(models, lr=[0.05, 0.1], momentum=0.9)
-    eager = [EagerStep(model, RunSpec(variant="bn-after-relu", lr=lr))
+    eager = [EagerStep(model, RunSpec(variant=variant, lr=lr))
              for model, lr in zip(references, (0.05, 0.1), strict=True)]
-    images, labels = _batches(4, 16)
-    for index in range(4):
+    images, labels = _batches(steps, 16)
+    for index in range(steps):
         losses, logits = step(torch.stack([images[index]] * 2), torch.stack([labels[index]] * 2))
         assert logits.shape == (2, 16, 10)
         for model_index, eager_step in enumerate(eager):
@@ -50,7 +52,9 @@ def test_the_compiled_step_trains_each_model_as_the_eager_step_does(compiler):
     for model, reference in zip(models, references, strict=True):
         expected = reference.state_dict()
         for name, value in model.state_dict().items():  # running estimates and batches tracked included
-            torch.testing.assert_close(value, expected[name], rtol=1e-9, atol=1e-12)
+            # 60 steps of ghost batches of 4 amplify float64 rounding to about 1e-10; an error in the arithmetic
+            # would show at float32's scale or above.
+            torch.testing.assert_close(value, expected[name], rtol=1e-6, atol=1e-9)
 
 
 class _ItemInForward(nn.Module):

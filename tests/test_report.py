@@ -289,3 +289,15 @@ def test_each_study_of_a_reason_for_bn_has_its_table_figure_claims_and_discussio
     assert "trained by the eager step (autograd + torch.optim), as their records say: ln: eager." in markdown
     assert "Test accuracy without and with BN" not in markdown  # no batch-size study was asked for
     assert "incomplete" not in markdown
+
+
+def test_a_layer_of_ones_own_is_reported_beside_the_eager_step_and_the_fused_bn():
+    from bnsuite.report import speed_rows
+
+    info = {"bnsuite": "own-layer", "variant": "bn-scratch", "batch_size": 64, "runs_together": 6, "images": 10_000,
+            "steps": {"compiled": "compiled (inductor, torch 2.13.0, g++ 12)", "eager": "eager", "fused bn": "fused"},
+            "epoch_s": {"compiled": 0.074, "eager": 0.269, "fused bn": 0.05}, "speedup_vs_eager": 0.269 / 0.074,
+            "times_the_fused_bn": 0.074 / 0.05, "fraction_of_roofline": 0.3, "limit": "compute"}
+    lines = "\n".join(speed_rows({"benchmarks": [{"extra_info": info}]}))
+    assert "### Speed: a layer of one's own on the compiled step" in lines
+    assert "| bn-scratch " in lines and "| 3.64x " in lines and "| 1.48x " in lines and "0.30 (compute)" in lines
