@@ -64,6 +64,7 @@ from bnsuite.spec import (
     UNSETTLED,
     KnownException,
     RunSpec,
+    SpecError,
     Study,
     StudySpec,
     network_prefix,
@@ -581,7 +582,26 @@ def study_claims(spec: StudySpec) -> list[Claim]:
                                             statement=f"On the {NETWORK_TITLES[network]}: {claim.statement}")
                         for claim in made]
             claims += made
+    _check_unique_names(claims)
     return claims
+
+
+def _check_unique_names(claims: list[Claim]) -> None:
+    """Claim names are the claims' identities (the gate, the report, the family's correction): two claims of one
+    name are refused, naming the studies (and the plugin modules) that made them."""
+    owners: dict[str, Claim] = {}
+    for claim in claims:
+        other = owners.setdefault(claim.name, claim)
+        if other is not claim:
+            raise SpecError(f"two claims are named {claim.name!r}: one of the {_owner(other.study)} and one of the "
+                            f"{_owner(claim.study)}; rename one (a study of your own can prefix its claims' kinds "
+                            "with its own name)")
+
+
+def _owner(study: str) -> str:
+    definition = study_definition(study)
+    source = definition.source if definition is not None else "unregistered"
+    return f"study {study!r} ({'bnsuite' if source == 'bnsuite' else 'plugin ' + source.split()[0]})"
 
 
 def gate(result: ClaimResult, known: KnownException | None) -> tuple[str, str]:

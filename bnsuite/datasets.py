@@ -19,6 +19,7 @@ class DatasetInfo:
     md5: dict[str, str]  # MD5 of each uncompressed IDX file (CIFAR-10: of each pickled batch, as published)
     offline_hint: str
     image_shape: tuple[int, int, int] = (1, 28, 28)  # (channels, height, width)
+    classes: int = 10  # the labels 0 .. classes - 1: a model's logits per image
     train_images: int = 60_000  # the official training set
     networks: tuple[str, ...] = ("mlp", "cnn")  # the study's MLP takes 28x28 grey images only
     # Per-channel (mean, std) the images are normalized with, after scaling bytes to [0, 1].

@@ -13,6 +13,7 @@ models, so every training path takes it from one place.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -26,8 +27,9 @@ from bnsuite.batchnorm import (
     NoisyBatchNorm1d,
     ScratchBatchNorm1d,
 )
+from bnsuite.datasets import DATASETS
 from bnsuite.registry import builder, register_variant
-from bnsuite.spec import DEFAULT_NETWORK
+from bnsuite.spec import DEFAULT_NETWORK, SpecError, StudySpec
 
 # Dropout after each hidden ReLU in the regularization study: 0.2, the mild rate usual for small MLPs on MNIST.
 # Srivastava et al.'s 0.5 for hidden units goes with much longer training than the study's 10 epochs.
@@ -290,6 +292,30 @@ def build_model(variant: str, init_scale: float = 1.0, network: str = DEFAULT_NE
                 if isinstance(layer, (nn.Linear, nn.Conv2d)):
                     layer.weight.mul_(init_scale)
     return model
+
+
+def check_outputs(spec: StudySpec) -> None:
+    """Every variant of `spec`'s runs, on each network it trains on, built and given two of the dataset's images
+    (flattened, as training gives them) before anything trains: its output must be (2, classes), one logit per
+    class, or SpecError names the variant, the network and what it gave. torch's random state is left as it was."""
+    info = DATASETS[spec.dataset]
+    features = math.prod(info.image_shape)
+    with torch.random.fork_rng(devices=[]):
+        images = torch.rand(2, features)
+        for variant, network in dict.fromkeys((run.variant, run.network) for run in spec.run_specs()):
+            where = f"the variant {variant!r} on the {network} network"
+            try:
+                model = build_model(variant, network=network, image_shape=info.image_shape).eval()
+                with torch.no_grad():
+                    output = model(images)
+            except Exception as error:  # noqa: BLE001 - a user's module may raise anything: one line, no traceback
+                message = str(error).strip().splitlines()[0] if str(error).strip() else ""
+                raise SpecError(f"{where} fails on 2 images of {spec.dataset} (given as (2, {features})): "
+                                f"{type(error).__name__}: {message}") from None
+            shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+            if shape != (2, info.classes):
+                raise SpecError(f"{where} gives {shape} for 2 images of {spec.dataset} (given as (2, {features})); "
+                                f"it must give (2, {info.classes}): one logit per class")
 
 
 def parameter_count(model: nn.Module) -> int:

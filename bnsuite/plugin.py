@@ -37,6 +37,7 @@ from bnsuite.claims import holm, study_claims
 from bnsuite.data import DataUnavailableError, default_data_dir, load_raw
 from bnsuite.executor import EXECUTORS, ExecutorError, ProcessExecutor, RayExecutor
 from bnsuite.idx import IdxFormatError
+from bnsuite.models import check_outputs
 from bnsuite.records import save_record
 from bnsuite.registry import PluginError, load_plugins, plugin_option
 from bnsuite.spec import DEFAULT_LR, SpecError, StudySpec
@@ -125,6 +126,7 @@ class StudyPlugin:
                 config.getoption("--bn-profile") or "full",
                 **{name.replace("-", "_"): config.getoption(f"--bn-{name}") for name in OPTIONS if name != "profile"},
             )
+            study_claims(self.study_spec)  # two claims of one name are refused here, before anything trains
         except (SpecError, PluginError) as error:
             broken = "".join(f" (and {problem})" for problem in self.broken_plugins)
             raise pytest.UsageError(f"bnsuite: {error}{broken}") from None
@@ -174,6 +176,10 @@ class StudyPlugin:
         if self.benchmark_run and self.broken_plugins:
             raise pytest.UsageError(f"bnsuite: {self.broken_plugins[0]}")
         if self.benchmark_run:
+            try:  # a model with the wrong output is refused before anything trains
+                check_outputs(self.study_spec)
+            except SpecError as error:
+                raise pytest.UsageError(f"bnsuite: {error}") from None
             self._check_results_dir()
             self._load_baseline()
             self._check_data()

@@ -30,7 +30,7 @@ from bnsuite.files import write_atomically
 from bnsuite.records import RecordError, RunRecord, epochs_frame, load_records
 from bnsuite.registry import PluginError, SectionContext, load_plugins, plugin_option, study_definition
 from bnsuite.report_parts import claims_table, colors, discussion, family_statement
-from bnsuite.spec import DEFAULT_NETWORK, NETWORK_TITLES, ClaimSettings, Study, StudySpec, network_prefix
+from bnsuite.spec import DEFAULT_NETWORK, NETWORK_TITLES, ClaimSettings, SpecError, Study, StudySpec, network_prefix
 from bnsuite.studies.batch import records_section
 
 DEFAULT_RESULTS = Path("results") / "full"  # where `pytest benchmarks/` saves the full profile's records
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         markdown = build_report(args.results, out=out, benchmarks=args.benchmarks, with_plots=not args.no_plots,
                                 baseline=args.baseline)
         write_atomically(out, markdown.encode())
-    except (RecordError, FileNotFoundError, gate.BaselineError) as error:
+    except (RecordError, FileNotFoundError, gate.BaselineError, SpecError) as error:
         print(f"bnsuite.report: {error}", file=sys.stderr)
         return 2
     except OSError as error:

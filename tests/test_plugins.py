@@ -19,7 +19,7 @@ from bnsuite import baseline, registry, report
 from bnsuite.claims import study_claims
 from bnsuite.records import load_records
 from bnsuite.registry import PluginError
-from bnsuite.spec import NOT_SHOWN, KnownException, Study
+from bnsuite.spec import NOT_SHOWN, KnownException, SpecError, Study
 from bnsuite.study import profile_spec, study_from_options
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -289,3 +289,56 @@ def test_the_report_leaves_out_an_installed_plugin_that_raises_and_says_so(tmp_p
     assert "bnsuite.report: left out a plugin, going on with the records: the plugin module 'typo_norms' " \
            "raised AttributeError at import" in built.stderr
     assert "Traceback" not in built.stderr and (results / "REPORT.md").exists()
+
+
+FIVE_LOGITS = """from torch import nn
+
+import bnsuite
+
+
+@bnsuite.register_variant("five-logits", batch_statistics=False)
+def five_logits():
+    return nn.Sequential(nn.Flatten(), nn.Linear(784, 5))
+"""
+
+
+def test_a_model_with_the_wrong_output_is_refused_before_anything_trains(clean_registry, pytester, tmp_path):
+    pytester.makepyfile(five_plugin=FIVE_LOGITS)
+    results = tmp_path / "results"
+    result = pytester.runpytest_inprocess(
+        "-p", "no:cacheprovider", "--pyargs", "bnsuite.benchmarks.test_study", "--bn-plugin", "five_plugin",
+        "--bn-profile", "smoke", "--bn-studies", "batch", "--bn-variants", "plain,five-logits",
+        "--bn-results-dir", str(results))
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["ERROR: bnsuite: the variant 'five-logits' on the mlp network gives (2, 5) for 2 "
+                                 "images of mnist (given as (2, 784)); it must give (2, 10): one logit per class"])
+    assert "Traceback" not in result.stderr.str() and not results.exists()
+
+
+def test_a_model_that_fails_on_two_images_is_one_line_naming_it(clean_registry):
+    from bnsuite.models import check_outputs
+
+    @registry.register_variant("wrong-width", batch_statistics=False)
+    def wrong_width():
+        import torch.nn as nn
+
+        return nn.Linear(100, 10)  # the images have 784 values
+
+    spec = study_from_options("smoke", studies="batch", variants="plain,wrong-width")
+    with pytest.raises(SpecError, match=r"^the variant 'wrong-width' on the mlp network fails on 2 images of mnist "
+                                        r"\(given as \(2, 784\)\): RuntimeError: mat1 and mat2 shapes cannot be "):
+        check_outputs(spec)
+    check_outputs(study_from_options("smoke", studies="all", network="mlp,cnn"))  # every built-in passes
+
+
+def test_two_claims_of_one_name_are_refused_naming_both_studies(clean_registry):
+    import dataclasses
+
+    spec = profile_spec("smoke")
+    borrowed = next(claim for claim in study_claims(spec) if claim.name == "bn-accuracy-at-least-plain-bs64")
+    registry.register_study("copycat", title="a study that reuses a name",
+                            matrices=Study("copycat", ("plain", "bn"), (64,), 1))(
+        lambda spec, study: [dataclasses.replace(borrowed, study="copycat")])
+    with pytest.raises(SpecError, match=r"two claims are named 'bn-accuracy-at-least-plain-bs64': one of the study "
+                                        r"'batch' \(bnsuite\) and one of the study 'copycat' \(plugin "):
+        study_claims(study_from_options("smoke", studies="batch,copycat"))
