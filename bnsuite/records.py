@@ -312,12 +312,38 @@ class RunRecord:
             raise RecordError(f"{source}: field {missing} is missing; a record is never completed with defaults. "
                               "Delete it or re-run that case")
         try:
-            return _RECORD.validate_json(json.dumps(raw))
+            record = _RECORD.validate_json(json.dumps(raw))
         except ValidationError as error:
             raise RecordError(f"{source}: {_describe(error)}; delete it or re-run that case") from None
+        problem = _figures_disagree(record)
+        if problem:
+            raise RecordError(f"{source}: {problem}: the record was changed after it was written; delete it or re-run "
+                              "that case")
+        return record
 
 
 _RECORD = TypeAdapter(RunRecord)
+
+
+def _figures_disagree(record: RunRecord) -> str | None:
+    """What in a loaded record contradicts the rest of it, in words, or None. Training writes each of these
+    figures from the others (the final test figures are the last epoch's, the training time the sum of the epochs'
+    times, the steps those of the epochs it trained), so a record that breaks one was edited or damaged; records
+    built in code (tests, migrations) are not held to it, a loaded one is."""
+    last = record.epochs[-1] if record.epochs else None
+    if last is not None and not record.diverged:
+        if record.test_accuracy != last.test_accuracy:
+            return (f"field test_accuracy is {record.test_accuracy!r}, but its last epoch's test_accuracy is "
+                    f"{last.test_accuracy!r}")
+        if record.test_loss != last.test_loss:
+            return f"field test_loss is {record.test_loss!r}, but its last epoch's test_loss is {last.test_loss!r}"
+    epoch_times = sum(epoch.epoch_time_s for epoch in record.epochs)
+    if not math.isclose(record.train_time_s, epoch_times, rel_tol=1e-9, abs_tol=1e-12):
+        return f"field train_time_s is {record.train_time_s!r}, but its epochs' times sum to {epoch_times!r}"
+    most = record.spec.steps_per_epoch * record.spec.epochs
+    if record.steps > most:
+        return f"field steps is {record.steps}, more than the {most} of {record.spec.epochs} epochs"
+    return None
 
 
 class _Inconsistent(ValueError):

@@ -106,6 +106,10 @@ def _with(raw: dict, *changes) -> dict:
     ((["study", "studies", 0, "epochs"], 3), "field study does not include this run"),
     ((["study", "studies", 0, "name"], "no such/study"), "study name 'no such/study' must be letters"),
     ((["final_train_accuracy_eval"], ...), "field final_train_accuracy_eval is missing"),
+    # Figures training writes from each other, edited apart (loaded records only).
+    ((["test_accuracy"], 99.0), "field test_accuracy is 99.0, but its last epoch's test_accuracy is "),
+    ((["train_time_s"], 12345.0), "field train_time_s is 12345.0, but its epochs' times sum to "),
+    ((["steps"], 10**9), "field steps is 1000000000, more than the "),
 ])
 def test_a_bad_field_is_refused_with_the_file_and_the_field(record, change, message):
     text = json.dumps(_with(_raw(record), *change))
@@ -315,3 +319,20 @@ def test_schema_7_records_load_as_runs_of_the_studys_mlp_with_their_file_names_u
     assert {variant.network for variant in record.study.variants} == {"mlp"}
     assert record.filename == path.name  # the MLP's case ids and fingerprints are what they were
     assert record.spec.case_id == "bn-bs64-seed0"
+
+
+def test_an_edited_record_is_refused_by_the_report_and_by_accept_and_nothing_is_written(tmp_path, capsys):
+    from bnsuite import baseline, report
+
+    results = tmp_path / "results"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "results" / "reference" / "smoke" / "runs", results / "runs")
+    edited = sorted((results / "runs").glob("bn-bs64-seed0-*.json"))[0]
+    raw = json.loads(edited.read_text())
+    raw["test_accuracy"] = 99.0  # its last epoch still says what it measured
+    edited.write_text(json.dumps(raw))
+    assert report.main(["--results", str(results), "--no-plots", "--benchmarks", str(tmp_path / "none")]) == 2
+    assert baseline.main(["accept", str(results), "--to", str(tmp_path / "taken")]) == 2
+    errors = capsys.readouterr().err
+    assert f"{edited}: field test_accuracy is 99.0, but its last epoch's test_accuracy is " in errors
+    assert errors.count("the record was changed after it was written") == 2
+    assert not (results / "REPORT.md").exists() and not (tmp_path / "taken").exists()
