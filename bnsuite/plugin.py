@@ -323,8 +323,11 @@ class StudyPlugin:
                 with capture.global_and_fixture_disabled():
                     terminal.write_line(f"  {line}")
 
+            def stop(message: str) -> None:  # a record that cannot be written ends the run: it would repeat
+                pytest.exit(f"bnsuite: {message}", returncode=pytest.ExitCode.TESTS_FAILED)
+
             self._session = StudySession(self.study_spec, results_dir=self.results_dir, data_dir=self.data_dir,
-                                         progress=progress, executor=self.executor)
+                                         progress=progress, executor=self.executor, on_write_failure=stop)
         return self._session
 
     # --- reporting ---

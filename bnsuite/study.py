@@ -255,14 +255,19 @@ class StudySession:
         data_dir: Path | str | None = None,
         progress: ProgressLine | None = None,
         executor: RayExecutor | ProcessExecutor | None = None,
+        on_write_failure: Callable[[str], None] | None = None,
     ):
         """`executor`: a started bnsuite.executor.RayExecutor or ProcessExecutor to take each case's records from;
-        None trains here."""
+        None trains here. `on_write_failure(message)`: called when a record cannot be saved, with one line saying
+        where, why and what is kept (the pytest plugin ends the run there: every later case would fail the same
+        way, and a claim would train the unsaved group again); the OSError is raised if it returns."""
         self.study = study
         self.results_dir = Path(results_dir)
         self.data_dir = data_dir
         self.progress = progress or (lambda line: None)
         self.executor = executor
+        self.on_write_failure = on_write_failure
+        self.saved = 0  # records written by this session
         self.records: dict[RunSpec, RunRecord] = {}
         self.peak_flops: float | None = None  # the best float32 matmul FLOP/s the speed benchmark measured here
         self.started = time.perf_counter()
@@ -288,7 +293,14 @@ class StudySession:
         for record in records:
             if record.diverged:
                 self.progress(f"{record.spec.case_id}: diverged in epoch {record.diverged_at_epoch}; the study goes on")
-            save_record(record, self.results_dir)
+            try:
+                save_record(record, self.results_dir)
+            except OSError as error:
+                if self.on_write_failure is not None:
+                    self.on_write_failure(f"stopped: {error}; the {self.saved} records this run wrote before it are "
+                                          f"kept in {self.results_dir}")
+                raise
+            self.saved += 1
             self.records[record.spec] = record
         self.progress(self.study_line())
         return records

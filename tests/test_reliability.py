@@ -354,3 +354,37 @@ def test_a_benchmark_run_writes_the_whole_study_against_its_floor_into_the_json_
     markdown = report.build_report(results, out=results / "REPORT.md", benchmarks=saved, with_plots=False)
     assert "### The whole study against its floor" in markdown
     assert f"| {floor['train_ratio']:.2f}x " in markdown
+
+
+def test_a_record_that_cannot_be_written_ends_the_run_once_keeping_what_was_written(pytester, mnist_dir,
+                                                                                       monkeypatch, tmp_path):
+    """The second record to be saved fails as a full disk would: the run stops there with one line, the first record
+    is kept, and nothing trains again (a claim needing the unsaved group would otherwise retrain it)."""
+    from bnsuite import study as study_module
+
+    saved, trained = [], []
+    real_save, real_train = study_module.save_record, study_module.train_seeds
+
+    def full_disk(record, results_dir):
+        if saved:
+            raise OSError(f"cannot write the record to {results_dir}/runs (No space left on device); choose a "
+                          "writable results directory with --bn-results-dir")
+        saved.append(record.spec.case_id)
+        return real_save(record, results_dir)
+
+    monkeypatch.setattr(study_module, "save_record", full_disk)
+    monkeypatch.setattr(study_module, "train_seeds", lambda specs, **kwargs: trained.append(specs) or real_train(
+        specs, **kwargs))
+    results = tmp_path / "results"
+    result = pytester.runpytest_inprocess(
+        "-p", "no:cacheprovider", "--pyargs", "bnsuite.benchmarks.test_study", "bnsuite.benchmarks.test_claims",
+        "--bn-profile", "smoke", "--bn-studies", "batch", "--bn-batch-sizes", "64", "--bn-seeds", "0-0",
+        "--bn-results-dir", str(results), "--bn-data-dir", str(mnist_dir), "--benchmark-disable")
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    output = result.stdout.str() + result.stderr.str()
+    assert output.count("No space left on device") == 1
+    assert (f"bnsuite: stopped: cannot write the record to {results}/runs (No space left on device); choose a "
+            f"writable results directory with --bn-results-dir; the 1 records this run wrote before it are kept in "
+            f"{results}") in output
+    assert len(trained) == 2  # plain's case, then bn's, whose record failed; no claim trained either again
+    assert [path.name.split("-")[0] for path in (results / "runs").glob("*.json")] == ["plain"]
