@@ -26,6 +26,8 @@ def test_training_runs(benchmark, case, study, study_session, check_baseline):
         "train_time_s": sum(r.train_time_s for r in records),
         "steps_per_run": [r.steps for r in records],
         "diverged_at_epoch": {r.spec.case_id: r.diverged_at_epoch for r in records},
+        # --bn-resume: the records were found finished, not trained; the benchmark's time is not a training time.
+        "reused": tuple(case) in study_session.reused,
     })
     assert [record.spec for record in records] == list(case)
     for record in records:

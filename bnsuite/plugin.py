@@ -35,10 +35,11 @@ from bnsuite.baseline import (
 )
 from bnsuite.claims import holm, study_claims
 from bnsuite.data import DataUnavailableError, default_data_dir, load_raw
+from bnsuite.environment import describe_environment
 from bnsuite.executor import EXECUTORS, ExecutorError, ProcessExecutor, RayExecutor
 from bnsuite.idx import IdxFormatError
 from bnsuite.models import check_outputs
-from bnsuite.records import save_record
+from bnsuite.records import RecordError, load_records, save_record
 from bnsuite.registry import PluginError, load_plugins, plugin_option
 from bnsuite.spec import DEFAULT_LR, SpecError, StudySpec
 from bnsuite.study import PROFILE_SETTINGS, StudySession, default_seeds, study_from_options
@@ -100,6 +101,11 @@ def pytest_addoption(parser):
                          "default: no baseline)")
     group.addoption("--bn-data-dir", default=None,
                     help="data directory (default: $BNSUITE_DATA_DIR, else ~/.cache/bnsuite)")
+    group.addoption("--bn-resume", action="store_true", default=False,
+                    help="reuse the records already in the results dir of cases whose every run has one with the "
+                         "same spec, study, code commit (clean) and environment fingerprint, rather than train them "
+                         "again (the determinism contract makes them what training would give); the header says how "
+                         "many are reused")
     group.addoption("--bn-executor", default="local", choices=EXECUTORS,
                     help="where cases train: local (this process, default), processes (worker processes on this "
                          "machine, one per CPU and one thread each, every case submitted at start) or ray (every "
@@ -155,6 +161,8 @@ class StudyPlugin:
         self.benchmark_run = False
         self.claim_results: list = []
         self._session: StudySession | None = None
+        self.reused = 0  # cases --bn-resume found finished in the results dir
+        self.replaced = 0  # records of this study's runs already there, which this run writes over
         self.started = time.perf_counter()  # the whole-study figure's wall time counts from here
         self._floor = None
 
@@ -183,6 +191,7 @@ class StudyPlugin:
             self._check_results_dir()
             self._load_baseline()
             self._check_data()
+            self._find_finished(items[0].config)
             if self.executor_name != "local":
                 self._start_executor(items)
 
@@ -208,6 +217,13 @@ class StudyPlugin:
             lines.append(f"  plugins: {', '.join(self.plugins)}")
         if resolve_device(spec.device).type == "cpu":
             lines.append(f"  {fused.status()}")
+        if self.reused:
+            cases = len(spec.groups())
+            lines.append(f"  resumed: {self.reused} of {cases} cases reused from the records in {self.results_dir} "
+                         f"(same runs, code and machine); {cases - self.reused} to train")
+        elif self.replaced:
+            lines.append(f"  {self.replaced} records of this study's runs are already in {self.results_dir}: this run "
+                         "writes over them (--bn-resume reuses finished cases instead)")
         if self.executor is not None:
             lines.append(f"  executor: {self.executor.name}, {len(self.executor.pending)} cases submitted at "
                          "start; pytest-benchmark's timing is off (it would time the waiting, not the training): each "
@@ -272,11 +288,29 @@ class StudyPlugin:
         except (DataUnavailableError, IdxFormatError, OSError) as error:
             raise pytest.UsageError(f"bnsuite: {error}") from None
 
+    def _find_finished(self, config: pytest.Config) -> None:
+        """The records already in the results dir: with --bn-resume the session reuses the cases they finish
+        (StudySession.adopt); without it, the header says how many this run will replace."""
+        try:
+            existing = load_records(self.results_dir)
+        except FileNotFoundError:
+            return
+        except RecordError as error:
+            raise pytest.UsageError(f"bnsuite: {error}") from None
+        environment = describe_environment(resolve_device(self.study_spec.device), self.dataset_checksum)
+        if config.getoption("--bn-resume"):
+            self.reused = self.session(config).adopt(existing, environment)
+        else:
+            mine = {spec for spec in self.study_spec.run_specs()}
+            self.replaced = sum(record.spec in mine for record in existing)
+
     def _start_executor(self, items) -> None:
-        """Every collected case submitted now (as a Ray task, or to the worker processes), so they run in parallel
-        while the tests wait."""
+        """Every collected case not reused (--bn-resume) submitted now (as a Ray task, or to the worker processes),
+        so they run in parallel while the tests wait."""
+        reused = self._session.reused if self._session is not None else set()
         cases = list(dict.fromkeys(item.callspec.params["case"] for item in items
-                                   if "case" in getattr(getattr(item, "callspec", None), "params", {})))
+                                   if "case" in getattr(getattr(item, "callspec", None), "params", {})
+                                   and item.callspec.params["case"] not in reused))
         if self.executor_name == "ray":
             self.executor = RayExecutor(self.study_spec, address=self.ray_address, data_dir=self.data_dir,
                                         dataset_checksum=self.dataset_checksum, plugins=self.plugins)
@@ -288,6 +322,8 @@ class StudyPlugin:
         except ExecutorError as error:
             self.executor = None
             raise pytest.UsageError(f"bnsuite: {error}") from None
+        if self._session is not None:  # made early to adopt finished cases (--bn-resume): it takes from the executor
+            self._session.executor = self.executor
         benchmarks = getattr(items[0].config, "_benchmarksession", None) if items else None
         if benchmarks is not None:
             # As pytest-benchmark does under xdist: the wall time it would see here is waiting for a worker.
@@ -295,7 +331,7 @@ class StudyPlugin:
 
     def pytest_keyboard_interrupt(self, excinfo):
         """Ctrl-C: cancel the cases still running (Ray tasks, or worker processes), save the records of the cases
-        that finished."""
+        that finished, and say what is kept and how to go on."""
         if self.executor is not None:
             what = "Ray tasks" if isinstance(self.executor, RayExecutor) else "worker processes"
             finished = self.executor.stop(interrupted=True)
@@ -306,6 +342,10 @@ class StudyPlugin:
             if terminal is not None:
                 terminal.write_line(f"bnsuite: interrupted; {what} cancelled, {len(finished)} finished records "
                                     f"saved to {self.results_dir}")
+        if self._session is not None and self._terminal is not None:  # one line: what is kept, and how to go on
+            self._terminal.write_line(
+                f"bnsuite: interrupted; the records of {len(self._session.records)} runs are kept in "
+                f"{self.results_dir}; the same command with --bn-resume trains only the cases not finished")
 
     def pytest_sessionfinish(self, session):
         if self.executor is not None:

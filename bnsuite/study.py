@@ -26,7 +26,7 @@ from bnsuite import registry
 from bnsuite.claims import study_claims
 from bnsuite.datasets import DATASETS
 from bnsuite.executor import ProcessExecutor, RayExecutor
-from bnsuite.records import EpochRecord, RunRecord, save_record
+from bnsuite.records import Environment, EpochRecord, RunRecord, save_record
 from bnsuite.registry import ALL_STUDIES, StudyDefinition, study_spec, variant_names
 from bnsuite.spec import NETWORKS, ClaimSettings, KnownException, RunSpec, SpecError, StudySpec
 from bnsuite.train import train_seeds  # through bnsuite.models, the built-in variants are registered
@@ -268,13 +268,38 @@ class StudySession:
         self.executor = executor
         self.on_write_failure = on_write_failure
         self.saved = 0  # records written by this session
+        self.reused: set[tuple[RunSpec, ...]] = set()  # cases whose records were found finished (adopt)
         self.records: dict[RunSpec, RunRecord] = {}
         self.peak_flops: float | None = None  # the best float32 matmul FLOP/s the speed benchmark measured here
         self.started = time.perf_counter()
         self._cases = study.groups()
 
+    def adopt(self, records: list[RunRecord], environment: Environment) -> int:
+        """Take the cases `records` finish as done (--bn-resume): a case is reused when every run of it has a record
+        of the same spec and study, trained in its group, by this code (the same clean commit) in an environment of
+        the same fingerprint, which the determinism contract says training again would reproduce bit for bit.
+        Returns how many cases are reused; run_seeds then hands their records back without training."""
+        commit = environment.git_commit
+        if commit is None or commit.endswith("+dirty"):
+            return 0  # code that is not a commit cannot be said to be the code that made the records
+        usable = {record.spec: record for record in records
+                  if record.environment.git_commit == commit
+                  and record.environment.fingerprint() == environment.fingerprint()}
+        for case in self._cases:
+            found = [usable.get(spec) for spec in case]
+            names = {spec.case_id for spec in case}
+            if all(record is not None and record.study == self.study.recorded_study(case)
+                   and set(record.trained_with or ()) <= names for record in found):
+                self.records.update({record.spec: record for record in found})
+                self.reused.add(tuple(case))
+        return len(self.reused)
+
     def run_seeds(self, specs: tuple[RunSpec, ...]) -> list[RunRecord]:
-        """Train `specs` (runs that differ only in seed, lr or init scale) together, save and remember each."""
+        """Train `specs` (runs that differ only in seed, lr or init scale) together, save and remember each; a case
+        taken as done (adopt) is handed back as its records say, untrained."""
+        if tuple(specs) in self.reused:
+            self.progress(f"{self.study.case_name(tuple(specs))}: reused, as its records in {self.results_dir} are")
+            return [self.records[spec] for spec in specs]
         started = time.perf_counter()
 
         def report_epoch(run: RunSpec, epoch: EpochRecord) -> None:

@@ -388,3 +388,58 @@ def test_a_record_that_cannot_be_written_ends_the_run_once_keeping_what_was_writ
             f"{results}") in output
     assert len(trained) == 2  # plain's case, then bn's, whose record failed; no claim trained either again
     assert [path.name.split("-")[0] for path in (results / "runs").glob("*.json")] == ["plain"]
+
+
+# A pytest plugin for the resume test's runs (-p resume_probe): this code as one clean commit, and each case's
+# training logged to TRAINED, the second one interrupted as Ctrl-C would when INTERRUPT is set.
+RESUME_PROBE = """
+import os
+
+from bnsuite import environment, study
+
+environment.git_commit = lambda: "0123abc"
+_train = study.train_seeds
+
+
+def _logged(specs, **kwargs):
+    with open(os.environ["TRAINED"], "a") as log:
+        log.write(",".join(spec.case_id for spec in specs) + "\\n")
+    if os.environ.get("INTERRUPT") and len(open(os.environ["TRAINED"]).read().splitlines()) == 2:
+        raise KeyboardInterrupt
+    return _train(specs, **kwargs)
+
+
+study.train_seeds = _logged
+"""
+
+
+@pytest.mark.processes
+def test_an_interrupted_run_says_what_it_kept_and_resume_trains_only_what_is_missing(pytester, mnist_dir, tmp_path,
+                                                                                      monkeypatch):
+    pytester.makepyfile(resume_probe=RESUME_PROBE)
+    results, log = tmp_path / "results", tmp_path / "trained.txt"
+    args = ("-p", "resume_probe", "-p", "no:cacheprovider", "--pyargs", "bnsuite.benchmarks.test_study",
+            "--bn-profile", "smoke", "--bn-studies", "batch", "--bn-batch-sizes", "64", "--bn-seeds", "0,1",
+            "--bn-epochs", "1", "--bn-results-dir", str(results), "--bn-data-dir", str(mnist_dir),
+            "--benchmark-disable")
+    monkeypatch.setenv("TRAINED", str(log))
+    monkeypatch.setenv("INTERRUPT", "1")
+    interrupted = pytester.runpytest_subprocess(*args, timeout=300)
+    assert interrupted.ret == pytest.ExitCode.INTERRUPTED
+    interrupted.stdout.fnmatch_lines([f"bnsuite: interrupted; the records of 2 runs are kept in {results}; the same "
+                                      "command with --bn-resume trains only the cases not finished"])
+    kept = {path.name: path.read_bytes() for path in (results / "runs").glob("*.json")}
+    assert sorted(name.split("-")[0] for name in kept) == ["plain", "plain"]
+
+    log.unlink()
+    monkeypatch.delenv("INTERRUPT")
+    resumed = pytester.runpytest_subprocess(*args, "--bn-resume", timeout=300)
+    assert resumed.ret == pytest.ExitCode.OK, resumed.stdout.str()[-2000:]
+    resumed.stdout.fnmatch_lines([f"  resumed: 1 of 2 cases reused from the records in {results} (same runs, code and "
+                                  "machine); 1 to train", "*plain-bs64*: reused, as its records in * are"])
+    assert log.read_text().splitlines() == ["bn-bs64-seed0,bn-bs64-seed1"]  # plain's case was not trained again
+    assert all((results / "runs" / name).read_bytes() == data for name, data in kept.items())  # nor rewritten
+
+    again = pytester.runpytest_subprocess(*args, timeout=300)  # without --bn-resume every case trains; the header says
+    again.stdout.fnmatch_lines([f"  4 records of this study's runs are already in {results}: this run writes over "
+                                "them (--bn-resume reuses finished cases instead)"])
