@@ -341,25 +341,36 @@ def accept(results: Path, target: Path | None = None, *, benchmarks: Path | None
     target = Path(target) if target else reference_dir(results_name(baseline.study))
     if target.resolve() == Path(results).resolve():
         raise BaselineError(f"{results} is already the baseline {target}")
+    newest = _newest_benchmark(benchmarks) if benchmarks is not None else None
     staging = target.with_name(target.name + ".new")
-    shutil.rmtree(staging, ignore_errors=True)
-    (staging / RUNS_SUBDIR).mkdir(parents=True)
-    for record in baseline.records.values():
-        (staging / RUNS_SUBDIR / record.filename).write_text(record.to_json())
-    for extra in [Path(results) / "REPORT.md", *sorted(Path(results).glob("*.png"))]:
-        if extra.is_file():
-            shutil.copy2(extra, staging / extra.name)
-    if benchmarks is not None:
-        newest = _newest_benchmark(benchmarks)
-        # pytest-benchmark's storage layout (a folder per machine), so the report and --benchmark-compare read it.
-        machine = staging / "pytest-benchmark" / (newest.parent.name if Path(benchmarks).is_dir() else "saved")
-        machine.mkdir(parents=True)
-        shutil.copy2(newest, machine / newest.name)
     old = target.with_name(target.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if target.exists():
-        target.rename(old)
-    staging.rename(target)
+    step = f"assemble the new baseline in {staging}"
+    try:
+        shutil.rmtree(staging, ignore_errors=True)
+        (staging / RUNS_SUBDIR).mkdir(parents=True)
+        for record in baseline.records.values():
+            (staging / RUNS_SUBDIR / record.filename).write_text(record.to_json())
+        for extra in [Path(results) / "REPORT.md", *sorted(Path(results).glob("*.png"))]:
+            if extra.is_file():
+                shutil.copy2(extra, staging / extra.name)
+        if newest is not None:
+            # pytest-benchmark's storage layout (a folder per machine), so the report and --benchmark-compare read it.
+            machine = staging / "pytest-benchmark" / (newest.parent.name if Path(benchmarks).is_dir() else "saved")
+            machine.mkdir(parents=True)
+            shutil.copy2(newest, machine / newest.name)
+        step = f"move the old baseline {target} aside to {old}"
+        shutil.rmtree(old, ignore_errors=True)
+        if target.exists():
+            target.rename(old)
+        step = f"move the new baseline into {target}"
+        staging.rename(target)
+    except OSError as error:
+        # Nothing half-made is left behind, and the old baseline is where it was.
+        shutil.rmtree(staging, ignore_errors=True)
+        if old.exists() and not target.exists():
+            old.rename(target)
+        raise BaselineError(f"cannot {step} ({error.strerror or error}); the baseline {target} is unchanged: free "
+                            f"space or fix the permissions of {target.parent}, then accept again") from None
     shutil.rmtree(old, ignore_errors=True)
     return target
 

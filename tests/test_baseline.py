@@ -198,3 +198,27 @@ def test_the_report_shows_each_configuration_against_the_baseline(reference, tmp
            "baseline 2, this study 1)" in auto
     assert "Against the baseline" not in report.build_report(tmp_path, out=tmp_path / "R.md", baseline=None,
                                                              with_plots=False)
+
+
+def test_an_accept_that_cannot_write_leaves_nothing_behind_and_the_old_baseline_whole(reference, tmp_path, monkeypatch,
+                                                                                        capsys):
+    target = tmp_path / "reference" / "smoke"
+    assert gate.main(["accept", str(reference.directory), "--to", str(target)]) == 0
+    before = {path.relative_to(target): path.read_bytes() for path in target.rglob("*") if path.is_file()}
+    written = []
+    real_write = Path.write_text
+
+    def disk_fills(path, text, *args, **kwargs):  # the third record does not fit
+        written.append(path)
+        if len(written) == 3:
+            raise OSError(28, "No space left on device")
+        return real_write(path, text, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", disk_fills)
+    assert gate.main(["accept", str(reference.directory), "--to", str(target)]) == 2
+    error = capsys.readouterr().err
+    assert error == (f"bnsuite.baseline: cannot assemble the new baseline in {target}.new (No space left on device); "
+                     f"the baseline {target} is unchanged: free space or fix the permissions of {target.parent}, "
+                     "then accept again\n")
+    assert sorted(p.name for p in target.parent.iterdir()) == ["smoke"]  # no staging directory left behind
+    assert {path.relative_to(target): path.read_bytes() for path in target.rglob("*") if path.is_file()} == before
