@@ -40,10 +40,10 @@ from torch.nn import functional as F
 from bnsuite.fastpath import stack_into
 
 SWITCH_VARIABLE = "BNSUITE_COMPILE"  # "0": such variants train on the eager step; "1": compiled however short the run
-# Steps a run must take before its group is compiled: a full-profile run takes 9,380 (10 epochs of 938), a quick one
-# 1,252 and a smoke one 126. Compiling costs 5 to 20 s per variant and batch shape on 2 cores (measured on an Intel
-# Xeon), about what the eager step spends on 2,000 to 10,000 steps of the study's MLP.
-COMPILE_AFTER_STEPS = 5_000
+# Steps a run must take before its group is compiled: a full-profile run takes 4,690 to 18,750 (10 epochs at batch
+# 128 to 32), a quick one 1,252 and a smoke one 126. Compiling costs 5 to 20 s per variant and batch shape on 2 cores
+# (measured on an Intel Xeon), about what the eager step spends on 2,000 to 10,000 steps of the study's MLP.
+COMPILE_AFTER_STEPS = 4_000
 
 
 @functools.cache
