@@ -436,7 +436,21 @@ def speed_rows(data: dict) -> list[str]:
                   "reachable fraction is the bound over those two together: a step that spent nothing on BN, ReLU "
                   "and the loss would reach it, with the BLAS library's GEMMs at these shapes.", "",
                   pd.DataFrame(fractions).fillna("").to_markdown(index=False, disable_numparse=True), ""]
-    return lines + own_layer_rows(data) + convnet_speed_rows(data)
+    return lines + own_layer_rows(data) + convnet_speed_rows(data) + tools_rows(data)
+
+
+def tools_rows(data: dict) -> list[str]:
+    """The tools that read records, over a thousand of them (benchmarks/test_tools.py)."""
+    rows = [{"records": f"{info['records']:,}", **{f"{step} (s)": f"{seconds:.2f}" for step, seconds in
+                                                   info["seconds"].items()}}
+            for info in (bench.get("extra_info", {}) for bench in data.get("benchmarks", []))
+            if info.get("bnsuite") == "tools"]
+    if not rows:
+        return []
+    return ["### Speed: loading, the report and the baseline comparison over many records", "",
+            "Valid records made from the smoke reference's (every study, both networks, 21 seeds): loading them, "
+            "building the report (no figures) and comparing them with themselves as a baseline "
+            "(benchmarks/test_tools.py).", "", pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True), ""]
 
 
 def own_layer_rows(data: dict) -> list[str]:

@@ -301,3 +301,11 @@ def test_a_layer_of_ones_own_is_reported_beside_the_eager_step_and_the_fused_bn(
     lines = "\n".join(speed_rows({"benchmarks": [{"extra_info": info}]}))
     assert "### Speed: a layer of one's own on the compiled step" in lines
     assert "| bn-scratch " in lines and "| 3.64x " in lines and "| 1.48x " in lines and "0.30 (compute)" in lines
+
+
+def test_the_tools_timings_over_many_records_are_reported():
+    from bnsuite.report import speed_rows
+
+    info = {"bnsuite": "tools", "records": 1029, "seconds": {"load": 1.3, "report": 2.45, "compare": 1.39}}
+    lines = "\n".join(speed_rows({"benchmarks": [{"extra_info": info}]}))
+    assert "| 1,029     | 1.30       | 2.45         | 1.39          |" in lines
