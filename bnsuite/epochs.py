@@ -53,18 +53,18 @@ class TensorEpochs:
         self.shuffles = shuffles
         images, self.labels = training_set(splits, spec)
         self.images = images.view(len(images), -1)
-        if spec.pipeline == "fast" and fused.supports(models[0], spec.batch_size):
+        kind = step_kind(models[0], spec, self.images.device)
+        if kind == "fused":
             self.step = fused.fused_step(models, self.images, self.labels, lr=[run.lr for run in specs],
                                          momentum=spec.momentum, batch_size=spec.batch_size,
                                          dropout_generators=dropout_generators)
-        elif spec.pipeline == "fast" and fastpath.supports(models[0]):
+        elif kind == "fast":
             self.step = fastpath.FastStep(models, lr=[run.lr for run in specs], momentum=spec.momentum,
                                           dropout_generators=dropout_generators)
             if self.images.is_cuda and CUDA_GRAPHS and not self.step.dropout:
                 self.step = GraphedStep(self.step, len(models), spec.batch_size, self.images.shape[1],
                                         device=self.images.device)
-        elif spec.pipeline == "fast" and compiled.wanted(models[0], spec.steps_per_epoch * spec.epochs,
-                                                         self.images.device):
+        elif kind == "compiled":
             self.step = compiled.CompiledStep(models, lr=[run.lr for run in specs], momentum=spec.momentum)
         elif len(models) == 1:
             self.step = EagerStep(models[0], spec)
@@ -214,6 +214,21 @@ class EagerStep:
         loss.backward()
         self.optimizer.step()
         return loss.detach().view(1), logits.detach().unsqueeze(0)
+
+
+def step_kind(model: nn.Module, spec: RunSpec, device: torch.device) -> str:
+    """Which step trains `spec`'s runs of `model` on `device`, the one place that decides: "fused" (bnsuite.fused,
+    on a CPU where it builds), "fast" (the ATen step, bnsuite.fastpath), "compiled" (bnsuite.compiled, for any
+    other variant in a long run) or "eager". bnsuite.train trains a group's runs together on all but "eager"."""
+    if spec.pipeline != "fast":
+        return "eager"
+    if device.type == "cpu" and fused.supports(model, spec.batch_size):
+        return "fused"
+    if fastpath.supports(model):
+        return "fast"
+    if compiled.wanted(model, spec.steps_per_epoch * spec.epochs, device):
+        return "compiled"
+    return "eager"
 
 
 def training_set(splits: Splits, spec: RunSpec) -> tuple[torch.Tensor, torch.Tensor]:

@@ -31,11 +31,10 @@ from pathlib import Path
 
 import torch
 
-from bnsuite import compiled, fastpath, fused
 from bnsuite.data import load_splits
 from bnsuite.datasets import DATASETS
 from bnsuite.environment import KEEP_DENORMALS_VARIABLE, describe_environment, flush_denormals, now_utc
-from bnsuite.epochs import TensorEpochs, training_set
+from bnsuite.epochs import TensorEpochs, step_kind, training_set
 from bnsuite.evaluation import evaluate, evaluate_all, evaluate_with_batch_statistics  # noqa: F401 (re-exported)
 from bnsuite.models import build_model
 from bnsuite.records import EpochRecord, RunRecord, finite_or_none
@@ -129,8 +128,7 @@ def train_seeds(
 ) -> list[RunRecord]:
     """Train runs that differ only in seed, learning rate or init scale; one record each, in the order given.
 
-    Where a fast step covers the variant's network (`fused.supports` for the fused MLP and ConvNet steps on a CPU,
-    else `fastpath.supports`, else `compiled.wanted` for any other variant in a long run: the places that decide),
+    Where a step other than the eager one trains them (bnsuite.epochs.step_kind, the one place that decides),
     the runs train as one batched computation (bnsuite.fused, bnsuite.fastpath, bnsuite.compiled), or as
     consecutive chunks of at most `max_runs_together()`, each on its own init and its own shuffle (bit for bit as
     when trained alone, but on the compiled step), and each record names the runs it trained with; otherwise one
@@ -147,11 +145,9 @@ def train_seeds(
         measures = study.measures(specs) if study is not None else frozenset()
     image_shape = DATASETS[spec.dataset].image_shape
     model = build_model(spec.variant, network=spec.network, image_shape=image_shape)
-    on_fused = (spec.pipeline == "fast" and resolve_device(spec.device).type == "cpu"
-                and fused.supports(model, spec.batch_size))
-    batched = on_fused or (spec.pipeline == "fast" and (fastpath.supports(model) or compiled.wanted(
-        model, spec.steps_per_epoch * spec.epochs, resolve_device(spec.device))))
-    cap = max_runs_together(MAX_RUNS_TOGETHER_FUSED if on_fused else MAX_RUNS_TOGETHER)
+    kind = step_kind(model, spec, resolve_device(spec.device))
+    batched = kind != "eager"
+    cap = max_runs_together(MAX_RUNS_TOGETHER_FUSED if kind == "fused" else MAX_RUNS_TOGETHER)
     if len(specs) > cap:
         chunks = -(-len(specs) // cap)
         bounds = [len(specs) * index // chunks for index in range(chunks + 1)]
