@@ -68,9 +68,9 @@ ALIGNMENT = 64  # bytes: every model's block of an activation starts on a cache 
 
 def supports(model: nn.Module) -> bool:
     """Whether the ATen fast step can train `model` (bnsuite.epochs.step_kind asks it, after the fused step; what
-    neither covers trains on the compiled or the eager step, and its record says which). It covers the study's two networks (with torch's own
-    BatchNorm1d), their dropout variants, and the network with ghost-batch BN or torch's LayerNorm in BN's
-    place, judged by the modules' types, never by a variant's name."""
+    neither covers trains on the compiled or the eager step, and its record says which). It covers the study's two
+    networks (with torch's own BatchNorm1d), their dropout variants, and the network with ghost-batch BN or torch's
+    LayerNorm in BN's place, judged by the modules' types, never by a variant's name."""
     return normalization(model) is not None
 
 
