@@ -369,36 +369,45 @@ def _describe(error: ValidationError) -> str:
 
 
 @functools.cache
-def _type_hints(cls: Any) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+def _plan(cls: Any) -> tuple[tuple[str, ...], tuple[tuple[str, bool, tuple[Any, ...]], ...]]:
+    """How to look for missing fields under `cls`, worked out once per class: its field names in order, and for each
+    field that holds dataclasses, (name, whether it is a tuple of them, the dataclasses it may hold)."""
+    hints = typing.get_type_hints(cls)
+    nested = []
+    for field in dataclasses.fields(cls):
+        hint = hints[field.name]
+        if dataclasses.is_dataclass(hint):
+            nested.append((field.name, False, (hint,)))
+        elif typing.get_origin(hint) in (Union, types.UnionType):
+            options = tuple(option for option in typing.get_args(hint) if dataclasses.is_dataclass(option))
+            if options:
+                nested.append((field.name, False, options))
+        elif typing.get_origin(hint) is tuple and dataclasses.is_dataclass(typing.get_args(hint)[0]):
+            nested.append((field.name, True, (typing.get_args(hint)[0],)))
+    return tuple(field.name for field in dataclasses.fields(cls)), tuple(nested)
 
 
 def _missing_fields(raw: Any, cls: Any, path: str = "") -> str | None:
     """The dotted name of the first dataclass field absent from `raw`, or None."""
     if not isinstance(raw, dict):
         return None  # a wrong type is the validator's to report
-    hints = _type_hints(cls)
-    for field in dataclasses.fields(cls):
-        name = f"{path}{field.name}"
-        if field.name not in raw:
-            return name
-        for place, value, inner in _nested(name, raw[field.name], hints[field.name]):
-            missing = _missing_fields(value, inner, f"{place}.")
-            if missing:
-                return missing
+    names, nested = _plan(cls)
+    if not raw.keys() >= set(names):
+        return path + next(name for name in names if name not in raw)
+    for name, many, options in nested:
+        value = raw[name]
+        if many:
+            if not isinstance(value, list):
+                continue
+            places = ((f"{path}{name}.{index}.", item) for index, item in enumerate(value))
+        else:
+            places = ((f"{path}{name}.", value),)
+        for place, item in places:
+            for option in options:
+                missing = _missing_fields(item, option, place)
+                if missing:
+                    return missing
     return None
-
-
-def _nested(name: str, value: Any, hint: Any):
-    """(place, value, dataclass) under a field whose type is a dataclass, an optional one, or a tuple of them."""
-    if dataclasses.is_dataclass(hint):
-        yield name, value, hint
-    elif typing.get_origin(hint) in (Union, types.UnionType):
-        yield from ((name, value, option) for option in typing.get_args(hint) if dataclasses.is_dataclass(option))
-    elif typing.get_origin(hint) is tuple and isinstance(value, list):
-        inner = typing.get_args(hint)[0]
-        if dataclasses.is_dataclass(inner):
-            yield from ((f"{name}.{index}", item, inner) for index, item in enumerate(value))
 
 
 # What a schema-1 record's profile meant when bnsuite wrote schema 1; frozen here so a later change to a
