@@ -374,13 +374,18 @@ class StudyPlugin:
 
     def study_floor(self):
         """The whole study against its floor (bnsuite.speed.StudyFloor), once the session has trained its cases;
-        None if it trained none. Taken once: the benchmark JSON and the terminal summary say the same."""
-        if self._floor is None and self._session is not None and self._session.records:
+        None if it trained none (cases reused by --bn-resume are not counted: they trained in another session).
+        Taken once: the benchmark JSON and the terminal summary say the same."""
+        session = self._session
+        reused = {spec for case in session.reused for spec in case} if session is not None else set()
+        # a reused case (--bn-resume) trained in another session: its time is not this session's wall time's
+        trained = [record for spec, record in session.records.items() if spec not in reused] if session else []
+        if self._floor is None and trained:
             from bnsuite.speed import StudyFloor, matmul_peak_flops
 
             wall = time.perf_counter() - self.started
-            peak = self._session.peak_flops or matmul_peak_flops(resolve_device(self.study_spec.device))
-            self._floor = StudyFloor.of(self._session.records.values(), peak_flops=peak, wall_time_s=wall)
+            peak = session.peak_flops or matmul_peak_flops(resolve_device(self.study_spec.device))
+            self._floor = StudyFloor.of(trained, peak_flops=peak, wall_time_s=wall)
         return self._floor
 
     @pytest.hookimpl(optionalhook=True)

@@ -437,6 +437,7 @@ def test_an_interrupted_run_says_what_it_kept_and_resume_trains_only_what_is_mis
     assert resumed.ret == pytest.ExitCode.OK, resumed.stdout.str()[-2000:]
     resumed.stdout.fnmatch_lines([f"  resumed: 1 of 2 cases reused from the records in {results} (same runs, code and "
                                   "machine); 1 to train", "*plain-bs64*: reused, as its records in * are"])
+    resumed.stdout.fnmatch_lines(["*the whole study against its floor*", "2 runs, 2 run-epochs, *"])  # bn's alone
     assert log.read_text().splitlines() == ["bn-bs64-seed0,bn-bs64-seed1"]  # plain's case was not trained again
     assert all((results / "runs" / name).read_bytes() == data for name, data in kept.items())  # nor rewritten
 
