@@ -311,16 +311,18 @@ def by_configuration(records) -> dict[RunSpec, list[RunRecord]]:
 
 def reference_dir(name: str, root: Path | str = ".") -> Path:
     """Where the committed reference of a study named `name` lives (results/reference/NAME; bnsuite.baseline
-    `results_name`: the profile, `full-cnn` for the ConvNet alone)."""
+    `results_name`: the profile, `full-cnn` for the ConvNet alone, `full-cnn-fashion-mnist` on Fashion-MNIST)."""
     return Path(root) / REFERENCE_DIR / name
 
 
 def results_name(study: StudySpec) -> str:
     """The name of a study's results and reference directories: its profile (results/full, results/reference/full),
-    with the networks appended where its studies train no MLP (`full-cnn`), so the ConvNet's runs of a profile
-    keep a directory, and a baseline, of their own."""
+    with the networks appended where its studies train no MLP (`full-cnn`) and the dataset where it is not MNIST
+    (`full-cnn-fashion-mnist`), so the ConvNet's runs of a profile, and a profile's runs on another dataset, keep a
+    directory, and a baseline, of their own."""
     networks = sorted({network for entry in study.studies for network in entry.networks})
-    return study.profile if DEFAULT_NETWORK in networks else "-".join([study.profile, *networks])
+    parts = [study.profile] if DEFAULT_NETWORK in networks else [study.profile, *networks]
+    return "-".join(parts if study.dataset == StudySpec.dataset else [*parts, study.dataset])
 
 
 # --- the command line: compare a results directory with a baseline, or accept it as the new baseline ---

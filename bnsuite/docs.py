@@ -77,11 +77,18 @@ def claims_tables() -> str:
         parts += [f"#### `{definition.name}`: {definition.title}", "", _markdown(rows) if rows else "_No claims._", ""]
         known = [{"profile": profile, "claim": f"`{exception.claim}`", "pinned verdict": exception.verdict,
                   "why": exception.reason}
-                 for profile in PROFILE_SETTINGS for exception in definition.known_exceptions.get(profile, ())]
+                 for profile in sorted(definition.known_exceptions, key=_profile_order)
+                 for exception in definition.known_exceptions[profile]]
         parts += ["Known exceptions: " + ("none." if not known else ""), ""]
         if known:
             parts += [_markdown(known), ""]
     return "\n".join(parts).rstrip()
+
+
+def _profile_order(key: str) -> tuple[int, str]:
+    """Known exceptions' keys (`full`, `full:fashion-mnist`) in the profiles' order, a profile's own dataset first."""
+    profile, _, dataset = key.partition(":")
+    return list(PROFILE_SETTINGS).index(profile), dataset
 
 
 def verdicts_table(reference: Path = FULL_REFERENCE) -> str:

@@ -94,7 +94,8 @@ def pytest_addoption(parser):
                          "installed packages are imported anyway")
     group.addoption("--bn-results-dir", default=None,
                     help="where run records are saved (default: $BNSUITE_RESULTS_DIR, else results/PROFILE/; "
-                         "results/PROFILE-cnn/ for the ConvNet alone)")
+                         "results/PROFILE-cnn/ for the ConvNet alone; -DATASET appended on a dataset other than "
+                         "MNIST, as results/full-cnn-fashion-mnist/)")
     group.addoption("--bn-baseline", default=None,
                     help=f"gate every case's numbers against this results directory's records of the same runs; "
                          f"'reference' is the committed {REFERENCE_DIR}/PROFILE (PROFILE-cnn for the ConvNet alone; "

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bnsuite.datasets import DATASETS
 from bnsuite.spec import (
     DEFAULT_NETWORK,
     NAME_PATTERN,
@@ -194,7 +195,8 @@ def register_study(name: str, *, title: str, matrices: Study | Mapping[str, Stud
 
     `matrices`: the study's matrix (a bnsuite.spec.Study named `name`) for every profile, or one per profile
     name (a profile without one leaves the study out); `known_exceptions`: per profile, the claims the
-    measurements do not support and the verdict they give (bnsuite.spec.KnownException); `networks`: the
+    measurements do not support and the verdict they give (bnsuite.spec.KnownException), keyed by the profile's
+    name for its own dataset (MNIST) and by `profile:dataset` (`full:fashion-mnist`) for another; `networks`: the
     networks it can train on, the first its default (a ConvNet claim's name starts with `cnn-`). Studies run and are
     reported in the order they are registered: the built-ins first (bnsuite.studies), then plugins'.
     """
@@ -212,6 +214,12 @@ def register_study(name: str, *, title: str, matrices: Study | Mapping[str, Stud
                               f"Study {name!r}")
         if not networks or any(network not in NETWORKS for network in networks):
             raise PluginError(f"study {name!r}: networks {networks!r} must name some of {', '.join(NETWORKS)}")
+        wrong_keys = [key for key in (known_exceptions or {})
+                      if key.partition(":")[1] and key.partition(":")[2] not in DATASETS]
+        if wrong_keys:
+            raise PluginError(f"study {name!r}: known exceptions under {', '.join(map(repr, wrong_keys))} name no "
+                              f"dataset; key them by a profile ('full') or a profile and dataset "
+                              f"('full:{next(iter(DATASETS))}'), the datasets being {', '.join(DATASETS)}")
         unknown = set(options) - STUDY_OPTIONS
         if unknown:
             raise PluginError(f"study {name!r}: unknown options {sorted(unknown)}; choose from "

@@ -52,9 +52,17 @@ def default_seeds(profile: str) -> tuple[int, ...]:
     return PROFILE_SETTINGS[profile].get("seeds", StudySpec.seeds)
 
 
-def profile_spec(profile: str, chosen: list[StudyDefinition] | None = None) -> StudySpec:
-    """The StudySpec of `profile`: the chosen studies (by default, every registered default study) with their
-    matrices in it, in run order, and their known exceptions under the profile's claim settings."""
+def exceptions_key(profile: str, dataset: str | None = None) -> str:
+    """Where a study's known exceptions for `profile` on `dataset` are kept: under the profile's name on its own
+    dataset (MNIST), under `profile:dataset` on another (`full:fashion-mnist`), as a claim measured on one dataset
+    says nothing of its verdict on another."""
+    return profile if dataset in (None, StudySpec.dataset) else f"{profile}:{dataset}"
+
+
+def profile_spec(profile: str, chosen: list[StudyDefinition] | None = None, dataset: str | None = None) -> StudySpec:
+    """The StudySpec of `profile` (on `dataset`, by default MNIST): the chosen studies (by default, every
+    registered default study) with their matrices in it, in run order, and their known exceptions for that
+    profile and dataset (`exceptions_key`) under the profile's claim settings."""
     if profile not in PROFILE_SETTINGS:
         raise SpecError(f"unknown profile {profile!r}; choose one of: {', '.join(PROFILE_SETTINGS)}")
     chosen = [definition for definition in registry.studies() if definition.default] if chosen is None else chosen
@@ -62,8 +70,11 @@ def profile_spec(profile: str, chosen: list[StudyDefinition] | None = None) -> S
     if not included:
         raise SpecError(f"no study chosen has a matrix for the {profile} profile; choose others with --bn-studies")
     settings = dict(PROFILE_SETTINGS[profile])
+    if dataset is not None:
+        _check_choice(dataset, DATASETS, "dataset")
+        settings["dataset"] = dataset
     exceptions = tuple(exception for definition in included
-                       for exception in definition.known_exceptions.get(profile, ()))
+                       for exception in definition.known_exceptions.get(exceptions_key(profile, dataset), ()))
     settings["claims"] = dataclasses.replace(settings["claims"], known_exceptions=exceptions)
     return study_spec(profile=profile, studies=tuple(definition.matrix(profile) for definition in included),
                       **settings)
@@ -103,14 +114,11 @@ def study_from_options(
     elif studies is not None:
         names = [_check_choice(name, registered, "study") for name in _split_list(studies, "studies")]
         chosen = [definition for name, definition in registered.items() if name in names]
-    base = profile_spec(profile, chosen)
+    base = profile_spec(profile, chosen, dataset)
     if network is not None:
         base = on_networks(base, tuple(_check_choice(name, NETWORKS, "network")
                                         for name in _split_list(network, "networks")))
     changes: dict = {}
-    if dataset is not None:
-        _check_choice(dataset, DATASETS, "dataset")
-        changes["dataset"] = dataset
     if seeds is not None:
         changes["seeds"] = parse_seeds(seeds)
     if device is not None:

@@ -19,7 +19,8 @@ from bnsuite import baseline, registry, report
 from bnsuite.claims import study_claims
 from bnsuite.records import load_records
 from bnsuite.registry import PluginError
-from bnsuite.spec import NOT_SHOWN, KnownException, SpecError, Study
+from bnsuite.baseline import results_name
+from bnsuite.spec import CONTRADICTED, NOT_SHOWN, KnownException, SpecError, Study
 from bnsuite.study import profile_spec, study_from_options
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -164,6 +165,24 @@ def test_a_users_study_brings_its_known_exceptions_into_the_profile_it_has_a_mat
     assert exception in chosen.claims.known_exceptions
     with pytest.raises(Exception, match="no study chosen has a matrix for the full profile"):
         study_from_options("full", studies="tiny")
+
+
+def test_known_exceptions_keyed_by_dataset_apply_on_that_dataset_only(clean_registry, tmp_path):
+    on_mnist = KnownException("bn-at-least-plain-in-one-epoch-bs128", NOT_SHOWN, "measured on MNIST")
+    on_fashion = KnownException("bn-at-least-plain-in-one-epoch-bs128", CONTRADICTED, "measured on Fashion-MNIST")
+    registry.register_study("tiny", title="tiny study", matrices={"smoke": Study("tiny", ("plain", "bn"), (128,), 1)},
+                            known_exceptions={"smoke": (on_mnist,), "smoke:fashion-mnist": (on_fashion,)},
+                            default=False)(lambda spec, study: [])
+    chosen = [registry.study_definition("tiny")]
+    assert profile_spec("smoke", chosen).claims.known_exceptions == (on_mnist,)
+    assert profile_spec("smoke", chosen, "fashion-mnist").claims.known_exceptions == (on_fashion,)
+    # their records keep a directory of their own, so neither's baseline gates the other's
+    assert results_name(profile_spec("smoke", chosen, "fashion-mnist")) == "smoke-fashion-mnist"
+    assert results_name(profile_spec("smoke", chosen)) == "smoke"
+    with pytest.raises(PluginError, match="known exceptions under 'smoke:fashion' name no dataset; key them by a "
+                                          "profile .* or a profile and dataset"):
+        registry.register_study("tiny2", title="t", matrices=Study("tiny2", ("bn",), (64,), 1),
+                                known_exceptions={"smoke:fashion": (on_fashion,)})(lambda s, t: [])
 
 
 def test_a_name_registered_twice_and_a_plugin_that_cannot_be_imported_are_one_clear_error(clean_registry):
