@@ -19,7 +19,6 @@ from bnsuite import baseline, registry, report
 from bnsuite.claims import study_claims
 from bnsuite.records import load_records
 from bnsuite.registry import PluginError
-from bnsuite.baseline import results_name
 from bnsuite.spec import CONTRADICTED, NOT_SHOWN, KnownException, SpecError, Study
 from bnsuite.study import profile_spec, study_from_options
 
@@ -177,8 +176,8 @@ def test_known_exceptions_keyed_by_dataset_apply_on_that_dataset_only(clean_regi
     assert profile_spec("smoke", chosen).claims.known_exceptions == (on_mnist,)
     assert profile_spec("smoke", chosen, "fashion-mnist").claims.known_exceptions == (on_fashion,)
     # their records keep a directory of their own, so neither's baseline gates the other's
-    assert results_name(profile_spec("smoke", chosen, "fashion-mnist")) == "smoke-fashion-mnist"
-    assert results_name(profile_spec("smoke", chosen)) == "smoke"
+    assert baseline.results_name(profile_spec("smoke", chosen, "fashion-mnist")) == "smoke-fashion-mnist"
+    assert baseline.results_name(profile_spec("smoke", chosen)) == "smoke"
     with pytest.raises(PluginError, match="known exceptions under 'smoke:fashion' name no dataset; key them by a "
                                           "profile .* or a profile and dataset"):
         registry.register_study("tiny2", title="t", matrices=Study("tiny2", ("bn",), (64,), 1),
