@@ -18,7 +18,7 @@ from bnsuite.claims import gate
 def test_claim_holds(claim, study, study_session, record_claim):
     records = [study_session.record(spec) for spec in claim.needs]
     result = claim.evaluate(records)
-    record_claim(result)
+    record_claim(result, records)
     outcome, why = gate(result, study.claims.known_exception(claim.name))
     if outcome == "xfail":
         pytest.xfail(why)

@@ -5,7 +5,10 @@ Gradient-based covariate shift (Santurkar et al., Definition 2.1). For layer i a
 (the first `ICS_IMAGES` training images), G is the gradient of the loss with respect to layer i's weight with every
 layer at its current weights, and G' the same gradient after every parameter before layer i took a gradient step
 of the run's learning rate on the same batch (plain SGD: the optimizer's momentum is the fast step's and is not
-read). ICS = ||G - G'||, and the cosine between G and G'. Measured for `ICS_LAYERS` (fc2, fc3).
+read). Recorded: ICS = ||G - G'|| (their definition), and its scale-free forms ||G - G'|| / ||G|| and the cosine
+between G and G' (both of which they also report): BN's weight gradients are smaller than plain's, and the absolute
+difference shrinks with the gradient's scale whatever the shift, so the claims judge a scale-free form
+(bnsuite.studies.landscape). Measured for `ICS_LAYERS` (fc2, fc3).
 
 Loss-landscape smoothness (Santurkar et al., Fig. 4). At a checkpoint, on the training batch of that step and
 before the step is taken, g is the gradient at the current weights w; for each distance eta = f * lr,
@@ -53,8 +56,9 @@ def _norm(tensors: Iterable[torch.Tensor]) -> float:
 
 
 def gradient_ics(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, lr: float,
-                 layers: tuple[str, ...] = ICS_LAYERS) -> dict[str, tuple[float, float]]:
-    """{layer: (||G - G'||, cos(G, G'))} for each of `layers` (Santurkar et al., Definition 2.1; module docstring)."""
+                 layers: tuple[str, ...] = ICS_LAYERS) -> dict[str, tuple[float, float, float]]:
+    """{layer: (||G - G'||, cos(G, G'), ||G - G'|| / ||G||)} for each of `layers` (Santurkar et al., Definition 2.1;
+    module docstring)."""
     current = dict(model.named_parameters())
     _, gradients = _loss_and_gradients(model, current, images, labels)
     names = list(current)
@@ -65,8 +69,10 @@ def gradient_ics(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, l
         updated = {name: current[name] - lr * gradients[name] if name in before else current[name] for name in names}
         _, shifted = _loss_and_gradients(model, updated, images, labels)
         g, g_prime = gradients[weight].double().flatten(), shifted[weight].double().flatten()
-        denominator = float(g.norm() * g_prime.norm())
-        shifts[layer] = (float((g - g_prime).norm()), float(g @ g_prime) / denominator if denominator else math.nan)
+        difference, norm = float((g - g_prime).norm()), float(g.norm())
+        denominator = norm * float(g_prime.norm())
+        shifts[layer] = (difference, float(g @ g_prime) / denominator if denominator else math.nan,
+                         difference / norm if norm else math.nan)
     return shifts
 
 
@@ -107,7 +113,8 @@ class Landscaper:
         layers = [name for name, _ in models[0].named_modules()]
         self.layers = tuple(layer for layer in ICS_LAYERS if layer in layers)
         self.steps: list[int] = []
-        self.values: list[list[tuple]] = [[] for _ in models]  # per model, per checkpoint: (ics, cosines, smoothness)
+        # per model, per checkpoint: (ics, cosines, relative ics, smoothness)
+        self.values: list[list[tuple]] = [[] for _ in models]
 
     def due(self, step: int) -> bool:
         return step % self.every == 0 and len(self.steps) < CHECKPOINTS and (not self.steps or self.steps[-1] != step)
@@ -117,22 +124,21 @@ class Landscaper:
         self.steps.append(step)
         for index, (model, lr) in enumerate(zip(self.models, self.lrs, strict=True)):
             shifts = gradient_ics(model, self.images, self.labels, lr, self.layers)
-            self.values[index].append((tuple(shifts[layer][0] for layer in self.layers),
-                                       tuple(shifts[layer][1] for layer in self.layers),
+            self.values[index].append((*(tuple(shifts[layer][form] for layer in self.layers) for form in range(3)),
                                        smoothness(model, images[index], labels[index], lr)))
 
     def traces(self) -> list:
         """One LandscapeTrace per model; None for a model whose measurements went non-finite (a diverged run)."""
         traces = []
         for values in self.values:
-            numbers = [x for ics, cosines, smooth in values for x in (*ics, *cosines, *smooth)]
+            numbers = [x for checkpoint in values for series in checkpoint for x in series]
             if not values or not all(math.isfinite(x) for x in numbers):
                 traces.append(None)
                 continue
+            ics, cosines, relative, smooth = zip(*values, strict=True)
             traces.append(LandscapeTrace(
                 every=self.every, steps=tuple(self.steps), ics_layers=self.layers, step_factors=STEP_FACTORS,
-                ics=tuple(ics for ics, _, _ in values), ics_cosine=tuple(cos for _, cos, _ in values),
-                loss_variation=tuple(smooth[0] for _, _, smooth in values),
-                gradient_predictiveness=tuple(smooth[1] for _, _, smooth in values),
-                beta_smoothness=tuple(smooth[2] for _, _, smooth in values)))
+                ics=ics, ics_cosine=cosines, ics_relative=relative,
+                loss_variation=tuple(at[0] for at in smooth), gradient_predictiveness=tuple(at[1] for at in smooth),
+                beta_smoothness=tuple(at[2] for at in smooth)))
         return traces

@@ -70,7 +70,8 @@ OPTIONS = {
     "batch-sizes": f"comma-separated batch sizes of the {_reached_by('batch-sizes')} (default: 32,64,128)",
     "seeds": "seeds of every study: a count (5: seeds 0 to 4), a range (0-7) or a list (0,1,2; 0-4,10) "
              "(default: the profile's: " + "; ".join(f"{profile} {_seeds(profile)}" for profile in PROFILE_SETTINGS)
-             + ")",
+             + "; full takes more where its family of claims needs them for a clear effect to survive Holm, 7 with "
+               "--bn-studies all)",
     "epochs": "epochs per run, every study (default: the profile's; full: 10, and 2 for the lr and init studies)",
     "lr": "SGD learning rate of every study but the lr study's grid (default: 0.01, the study's)",
     "device": "auto, cpu or cuda (default: auto)",
@@ -116,7 +117,13 @@ def pytest_addoption(parser):
                          "Client) joins a running cluster (default: start a Ray instance of its own on this machine)")
 
 
+CLAIMS_MARKER = "claims: checks of the studies' claims on BN (bnsuite.benchmarks.test_claims)"
+
+
 def pytest_configure(config):
+    # registered here, not only in bnsuite's pyproject.toml: a project that runs `--pyargs bnsuite.benchmarks`
+    # from its own directory gets no PytestUnknownMarkWarning
+    config.addinivalue_line("markers", CLAIMS_MARKER)
     config.pluginmanager.register(StudyPlugin(config), PLUGIN_NAME)
 
 
@@ -161,6 +168,8 @@ class StudyPlugin:
         self._terminal = None
         self.benchmark_run = False
         self.claim_results: list = []
+        self.judged_files: dict[str, list[str]] = {}  # claim name -> the record files it judged
+        self.verdicts_error: str | None = None
         self._session: StudySession | None = None
         self.reused = 0  # cases --bn-resume found finished in the results dir
         self.replaced = 0  # records of this study's runs already there, which this run writes over
@@ -348,10 +357,24 @@ class StudyPlugin:
                 f"bnsuite: interrupted; the records of {len(self._session.records)} runs are kept in "
                 f"{self.results_dir}; the same command with --bn-resume trains only the cases not finished")
 
+    def record_claim(self, result, records) -> None:
+        self.claim_results.append(result)
+        self.judged_files[result.name] = [record.filename for record in records]
+
     def pytest_sessionfinish(self, session):
         if self.executor is not None:
             self.executor.stop()
             self.executor = None
+        if self.claim_results:  # the verdicts as data, so a report without the studies' code still shows them
+            from bnsuite.verdicts import save_verdicts
+
+            try:
+                save_verdicts(self.results_dir, [(result, self.judged_files[result.name])
+                                                 for result in holm(self.claim_results)])
+            except OSError as error:
+                self.verdicts_error = (f"bnsuite: the claims' verdicts could not be stored in {self.results_dir} "
+                                       f"({error.strerror or error}); the report judges registered studies' claims "
+                                       "from the records anyway")
 
     def session(self, config: pytest.Config) -> StudySession:
         """The session that trains this run's cases, made on first use; its progress lines show live."""
@@ -404,6 +427,8 @@ class StudyPlugin:
                 if result.effect is not None:
                     terminalreporter.write_line(f"{'':>14}effect: {result.effect.describe()}; after Holm over "
                                                 f"{len(family)} claims: {result.holm_verdict} (p {result.holm_p:.3g})")
+        if self.verdicts_error:
+            terminalreporter.write_line(self.verdicts_error)
         floor = self.study_floor() if self.benchmark_run else None
         if floor is not None:
             terminalreporter.section("bnsuite: the whole study against its floor")
@@ -450,5 +475,6 @@ def check_baseline(pytestconfig):
 
 @pytest.fixture(scope="session")
 def record_claim(pytestconfig):
-    """Hands a claim's result to the plugin, which lists every verdict at the end of the run."""
-    return _plugin(pytestconfig).claim_results.append
+    """`record_claim(result, records)`: hands a claim's result and the records it judged to the plugin, which lists
+    every verdict at the end of the run and stores them next to the records (bnsuite.verdicts)."""
+    return _plugin(pytestconfig).record_claim

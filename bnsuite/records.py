@@ -38,7 +38,7 @@ from pydantic import Field, TypeAdapter, ValidationError, with_config
 from bnsuite.files import write_atomically
 from bnsuite.spec import CONTRADICTED, NOT_SHOWN, STRICT, RunSpec, SpecError, StudySpec, Variant
 
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 RUNS_SUBDIR = "runs"
 
 Percent = Annotated[float, Field(ge=0, le=100)]
@@ -118,6 +118,8 @@ class LandscapeTrace:
     step_factors: tuple[Annotated[float, Field(gt=0)], ...]  # the distances along the gradient, in learning rates
     ics: tuple[tuple[NonNegative, ...], ...]  # [checkpoint][layer]: ||G - G'||
     ics_cosine: tuple[tuple[Annotated[float, Field(ge=-1.000001, le=1.000001)], ...], ...]  # [checkpoint][layer]
+    # [checkpoint][layer]: ||G - G'|| / ||G||; None in records of schema 8 or earlier, which did not keep ||G||
+    ics_relative: tuple[tuple[NonNegative, ...], ...] | None
     loss_variation: tuple[NonNegative, ...]  # [checkpoint]: the range of the loss along the gradient
     gradient_predictiveness: tuple[NonNegative, ...]  # [checkpoint]: the largest ||grad(w - eta g) - g||
     beta_smoothness: tuple[NonNegative, ...]  # [checkpoint]: the largest ||grad(w - eta g) - g|| / ||eta g||
@@ -127,13 +129,17 @@ class LandscapeTrace:
         count = len(self.steps)
         _check(all(len(series) == count for series in (self.ics, self.ics_cosine, self.loss_variation,
                                                         self.gradient_predictiveness, self.beta_smoothness))
-               and all(len(at) == len(self.ics_layers) for at in (*self.ics, *self.ics_cosine)),
+               and (self.ics_relative is None or len(self.ics_relative) == count)
+               and all(len(at) == len(self.ics_layers)
+                       for at in (*self.ics, *self.ics_cosine, *(self.ics_relative or ()))),
                "landscape", "every series must have one value per checkpoint (and per layer for ics)")
 
     def mean(self, series: str, layer: str | None = None) -> float:
         """The mean of `series` over the checkpoints after training began (step 0, the untrained model, left out);
-        for `ics` and `ics_cosine`, of `layer`'s values."""
+        for `ics`, `ics_cosine` and `ics_relative`, of `layer`'s values; NaN for a series the record does not keep."""
         values = getattr(self, series)
+        if values is None:
+            return math.nan
         if layer is not None:
             values = [at[self.ics_layers.index(layer)] for at in values]
         kept = [value for step, value in zip(self.steps, values, strict=True) if step > 0]
@@ -302,6 +308,8 @@ class RunRecord:
             raw = migrate_schema_6(raw)
         if raw.get("schema_version") == 7:
             raw = migrate_schema_7(raw)
+        if raw.get("schema_version") == 8:
+            raw = migrate_schema_8(raw)
         elif raw.get("schema_version") != SCHEMA_VERSION:
             raise RecordError(
                 f"{source}: schema version {version!r} is not supported (this bnsuite reads versions 1 to "
@@ -470,6 +478,15 @@ def migrate_schema_7(raw: dict) -> dict:
             study["variants"] = [{**entry, "network": "mlp"} if isinstance(entry, dict) else entry
                                  for entry in study["variants"]]
         raw["study"] = study
+    return raw
+
+
+def migrate_schema_8(raw: dict) -> dict:
+    """A schema-8 record as schema 9: its landscape measurements (if any) without `ics_relative`, which schema 8
+    did not keep (the gradient's norm was not recorded, so the relative form cannot be recovered)."""
+    raw = {**raw, "schema_version": 9}
+    if isinstance(raw.get("landscape"), dict):
+        raw["landscape"] = {**raw["landscape"], "ics_relative": None}
     return raw
 
 

@@ -22,6 +22,7 @@ option checks read it, and what it holds about a variant is data.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import importlib
@@ -57,6 +58,7 @@ _VARIANTS: dict[tuple[str, str], Variant] = {}  # (network, name) -> description
 _BUILDERS: dict[tuple[str, str], Callable[..., Any]] = {}
 _STUDIES: dict[str, StudyDefinition] = {}
 _PLUGINS: dict[str, str] = {}  # plugin module -> its provenance, in the order loaded
+_PINNED_BY: dict[tuple[str, str, str], str] = {}  # (study, profile key, claim) -> the plugin that pinned it
 
 
 class PluginError(RuntimeError):
@@ -214,12 +216,7 @@ def register_study(name: str, *, title: str, matrices: Study | Mapping[str, Stud
                               f"Study {name!r}")
         if not networks or any(network not in NETWORKS for network in networks):
             raise PluginError(f"study {name!r}: networks {networks!r} must name some of {', '.join(NETWORKS)}")
-        wrong_keys = [key for key in (known_exceptions or {})
-                      if key.partition(":")[1] and key.partition(":")[2] not in DATASETS]
-        if wrong_keys:
-            raise PluginError(f"study {name!r}: known exceptions under {', '.join(map(repr, wrong_keys))} name no "
-                              f"dataset; key them by a profile ('full') or a profile and dataset "
-                              f"('full:{next(iter(DATASETS))}'), the datasets being {', '.join(DATASETS)}")
+        _check_exception_keys(name, known_exceptions or {})
         unknown = set(options) - STUDY_OPTIONS
         if unknown:
             raise PluginError(f"study {name!r}: unknown options {sorted(unknown)}; choose from "
@@ -231,6 +228,39 @@ def register_study(name: str, *, title: str, matrices: Study | Mapping[str, Stud
         return claims
 
     return decorator
+
+
+def _check_exception_keys(study: str, known_exceptions: Mapping[str, Any]) -> None:
+    wrong_keys = [key for key in known_exceptions if key.partition(":")[1] and key.partition(":")[2] not in DATASETS]
+    if wrong_keys:
+        raise PluginError(f"study {study!r}: known exceptions under {', '.join(map(repr, wrong_keys))} name no "
+                          f"dataset; key them by a profile ('full') or a profile and dataset "
+                          f"('full:{next(iter(DATASETS))}'), the datasets being {', '.join(DATASETS)}")
+
+
+def register_known_exceptions(study: str, profile: str, *exceptions: KnownException) -> None:
+    """Pin `exceptions` (bnsuite.spec.KnownException) for study `study`'s claims under `profile` (or
+    `profile:dataset`), from a plugin: how a plugin's variant that a built-in study compares with BN (its automatic
+    claims `VARIANT-accuracy-at-least-bn-bs64`, ...) keeps the claims gate usable where it does not hold. The
+    gate then treats them as the study's own: an expected failure while the verdict stays the pinned one.
+    Refused, with both owners named, for a claim the study already pins under that key."""
+    definition = _STUDIES.get(study)
+    module = sys._getframe(1).f_globals.get("__name__", "?")  # the plugin that pins them, for the messages
+    if definition is None:
+        raise PluginError(f"{module}: cannot pin known exceptions for study {study!r}: it is not registered (yet); "
+                          f"the studies: {', '.join(_STUDIES)} (a plugin's study is registered when its module is "
+                          "imported: load that plugin first)")
+    _check_exception_keys(study, {profile: exceptions})
+    pinned = {exception.claim for exception in definition.known_exceptions.get(profile, ())}
+    again = [exception.claim for exception in exceptions if exception.claim in pinned]
+    if again:
+        owner = _PINNED_BY.get((study, profile, again[0]), definition.source)
+        raise PluginError(f"{module}: the claim {again[0]!r} already has a known exception in study {study!r} under "
+                          f"{profile!r} (pinned by {owner}); a claim has one pinned verdict")
+    _PINNED_BY.update({(study, profile, exception.claim): _source(module) for exception in exceptions})
+    merged = {**definition.known_exceptions,
+              profile: (*definition.known_exceptions.get(profile, ()), *exceptions)}
+    _STUDIES[study] = dataclasses.replace(definition, known_exceptions=merged)
 
 
 def study_definition(name: str) -> StudyDefinition | None:

@@ -25,13 +25,14 @@ import pandas as pd
 
 from bnsuite import baseline as gate
 from bnsuite import plots
-from bnsuite.claims import ClaimResult, holm, study_claims
+from bnsuite.claims import ClaimResult, holm, study_claims, summary
 from bnsuite.files import write_atomically
 from bnsuite.records import RecordError, RunRecord, epochs_frame, load_records
 from bnsuite.registry import PluginError, SectionContext, load_plugins, plugin_option, study_definition
-from bnsuite.report_parts import claims_table, colors, discussion, family_statement
+from bnsuite.report_parts import claims_table, colors, discussion, family_statement, variant_order
 from bnsuite.spec import DEFAULT_NETWORK, NETWORK_TITLES, ClaimSettings, SpecError, Study, StudySpec, network_prefix
 from bnsuite.studies.batch import records_section
+from bnsuite.verdicts import StoredVerdict, VerdictsError, load_verdicts, still_valid
 
 DEFAULT_RESULTS = Path("results") / "full"  # where `pytest benchmarks/` saves the full profile's records
 DEFAULT_BENCHMARKS = Path(".benchmarks")
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         markdown = build_report(args.results, out=out, benchmarks=args.benchmarks, with_plots=not args.no_plots,
                                 baseline=args.baseline)
         write_atomically(out, markdown.encode())
-    except (RecordError, FileNotFoundError, gate.BaselineError, SpecError) as error:
+    except (RecordError, FileNotFoundError, gate.BaselineError, SpecError, VerdictsError) as error:
         print(f"bnsuite.report: {error}", file=sys.stderr)
         return 2
     except OSError as error:
@@ -85,6 +86,8 @@ def build_report(results: Path, *, out: Path, benchmarks: Path | None = None, wi
     """The report of the records in `results`; `baseline` (a directory, "auto" or None) adds "Against the
     baseline"."""
     records = load_records(results)
+    stored = [verdict for verdict in load_verdicts(results) if still_valid(results, verdict)]
+    stale = [verdict.result.name for verdict in load_verdicts(results) if not still_valid(results, verdict)]
     sections = group_records(records)
     lines = ["# bnsuite report: Batch Normalization study", ""]
     if len(sections) > 1:
@@ -93,7 +96,7 @@ def build_report(results: Path, *, out: Path, benchmarks: Path | None = None, wi
     for index, (title, (spec, group)) in enumerate(sections.items(), start=1):
         prefix = "" if len(sections) == 1 else f"protocol{index}-"
         lines += plan_section(title, spec, group, out=out, prefix=prefix, with_plots=with_plots,
-                              heading_level=2 if len(sections) == 1 else 3)
+                              heading_level=2 if len(sections) == 1 else 3, stored=stored, stale=stale)
     baseline_dir = _baseline_dir(baseline, results, records)
     if baseline_dir is not None:
         loaded = gate.Baseline.load(baseline_dir)
@@ -202,6 +205,12 @@ def group_records(records: list[RunRecord]) -> dict[str, tuple[StudySpec | None,
     groups: dict[tuple[str, StudySpec | None], list[RunRecord]] = defaultdict(list)
     for record in records:
         groups[(protocol_key(record), record.study)].append(record)
+    by_run = {record.spec: record for record in records}  # a results directory holds one record per run
+    for (_, spec), group in groups.items():
+        # A run two studies share is one record, written by whichever study's pytest run trained it last: it
+        # belongs to each study that asks for it, not only to the one it names.
+        present = {record.spec for record in group}
+        group += [by_run[run] for run in (spec.run_specs() if spec else ()) if run in by_run and run not in present]
     lines = [line for line, _ in groups]
     titled = {}
     for (line, spec), group in groups.items():
@@ -220,24 +229,40 @@ def _describe_settings(settings: ClaimSettings | None) -> str:
 
 
 def plan_section(title: str, spec: StudySpec | None, records: list[RunRecord], *, out: Path, prefix: str,
-                 with_plots: bool, heading_level: int) -> list[str]:
-    """One section: the protocol, what is missing, then each study's section in the order the studies run."""
+                 with_plots: bool, heading_level: int, stored: list[StoredVerdict] = (),
+                 stale: list[str] = ()) -> list[str]:
+    """One section: the protocol, what is missing, then each study's section in the order the studies run. A study
+    not registered here shows the verdicts its run stored (`stored`, bnsuite.verdicts) for its claims."""
     h = "#" * heading_level
     lines = [f"{h} Protocol", "", f"{title}.", ""]
     lines += completeness(records, spec)
-    claims = evaluate_claims(records, spec)
     if spec is None:  # runs made outside a study: the tables of the first study's kind, without claims
-        return lines + records_section(records, claims, None, out=out, prefix=prefix, with_plots=with_plots, h=h)
+        return lines + records_section(records, [], None, out=out, prefix=prefix, with_plots=with_plots, h=h)
     definitions = {study.name: study_definition(study.name) for study in spec.studies}
+    unregistered = {name for name, definition in definitions.items() if definition is None}
+    judged_here = [claim.evaluate(records) for claim in study_claims(spec)]
+    # the family: every claim judged here, and the stored verdicts of the studies whose code is not here
+    files = {record.filename for record in records}  # a stored verdict belongs to the section whose runs it judged
+    from_store = [verdict.result for verdict in stored
+                  if verdict.result.study in unregistered and set(verdict.judged) <= files]
+    claims = holm(judged_here + from_store)
     if not any(definition is not None and definition.discusses for definition in definitions.values()):
         lines += [f"{h} Discussion", ""] + discussion(claims) + [""]
     for study in spec.studies:
         definition = definitions[study.name]
         if definition is None:
+            own = [claim for claim in claims if claim.study == study.name]
+            gone = sorted(name for name in stale if name not in {claim.name for claim in own})
             lines += [f"{h} Study {study.name}", "",
-                      f"_The study {study.name!r} is not registered here, so its claims and section are not shown "
-                      "(its records are counted above): load the plugin that defines it with "
-                      "`python -m bnsuite.report --plugin MODULE`._", ""]
+                      f"_The study {study.name!r} is not registered here, so its own section is not shown: load the "
+                      "plugin that defines it with `python -m bnsuite.report --plugin MODULE`. Its runs and the "
+                      "verdicts its run stored with them (bnsuite.verdicts) follow._", "",
+                      runs_table(_records_of(spec, study, records)), ""]
+            lines += [f"{h} Claims: {study.name} (as stored by its run)", "",
+                      claims_table(own, spec.claims) if own else "_No stored verdict for its claims._", ""]
+            if gone:
+                lines += [f"_Stored verdicts not shown, as a record they judged has changed since: "
+                          f"{', '.join(gone)}; run the study's claims again._", ""]
         else:
             for network in study.networks:  # one section per network, each with its own runs and claims
                 lines += _network_section(definition, spec, dataclasses.replace(study, networks=(network,)),
@@ -255,8 +280,10 @@ def _network_section(definition, spec: StudySpec, study: Study, records: list[Ru
     if definition.section is not None:
         lines = definition.section(SectionContext(spec, study, _records_of(spec, study, records), claims, out,
                                                   prefix + network_prefix(network), with_plots, h))
-    else:
-        lines = [f"{h} Claims: {definition.title}", "",
+    else:  # a study without a section of its own: its runs, then its claims
+        lines = [f"{h} {definition.title[:1].upper()}{definition.title[1:]}", "",
+                 runs_table(_records_of(spec, study, records)), "",
+                 f"{h} Claims: {definition.title}", "",
                  claims_table([c for c in claims if c.study == study.name], spec.claims), ""]
     if network != DEFAULT_NETWORK:
         first = next((index for index, line in enumerate(lines) if line.startswith("#")), None)
@@ -290,6 +317,23 @@ def completeness(records: list[RunRecord], spec: StudySpec | None) -> list[str]:
         lines += [f"> **Diverged runs:** {shown} (training loss blew up; they stop at that epoch, "
                   "count as the worst outcome in the claims, and are left out of means).", ""]
     return lines
+
+
+def runs_table(records: list[RunRecord]) -> str:
+    """A study's runs without a section of their own: per network, variant, batch size, learning rate and init
+    scale, the seeds' final training loss and test accuracy."""
+    if not records:
+        return "_No runs of this study yet._"
+    rows = []
+    keys = sorted({(r.spec.network, r.spec.variant, r.spec.batch_size, r.spec.lr, r.spec.init_scale)
+                   for r in records}, key=lambda key: (key[0], variant_order(records)(key[1]), *key[2:]))
+    for network, variant, batch_size, lr, scale in keys:
+        mine = [r for r in records if (r.spec.network, r.spec.variant, r.spec.batch_size, r.spec.lr,
+                                       r.spec.init_scale) == (network, variant, batch_size, lr, scale)]
+        rows.append({"network": network, "variant": variant, "batch size": batch_size, "lr": lr,
+                     "init scale": scale, "final train loss": summary([r.final_train_loss for r in mine], 4),
+                     "test acc %": summary([r.test_accuracy for r in mine], 2)})
+    return pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True)
 
 
 def evaluate_claims(records: list[RunRecord], spec: StudySpec | None) -> list[ClaimResult]:

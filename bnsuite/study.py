@@ -16,6 +16,7 @@ already made.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -47,9 +48,25 @@ PROFILE_SETTINGS = {
 }
 
 
+# Profiles whose seed count grows with the family of claims the run judges: at least the profile's seeds, and as
+# many as make the exact test's smallest p, 1 / C(2n, n), pass Holm's first step over the family (alpha / claims),
+# so a claim whose effect is clear can survive the correction however many studies the run takes (docs/verdicts.md).
+SEEDS_FOR_THE_FAMILY = frozenset({"full"})
+
+
 def default_seeds(profile: str) -> tuple[int, ...]:
-    """The seeds a profile trains unless --bn-seeds says otherwise."""
+    """The seeds a profile trains unless --bn-seeds says otherwise (at least these where the family needs more:
+    `seeds_for_family`)."""
     return PROFILE_SETTINGS[profile].get("seeds", StudySpec.seeds)
+
+
+def seeds_for_family(claims: int, alpha: float, at_least: int) -> int:
+    """The smallest seed count a side, from `at_least` up, whose smallest exact p (1 / C(2n, n)) is within Holm's
+    first step over `claims` claims: 6 up to 46 claims, 7 up to 171."""
+    n = at_least
+    while claims and math.comb(2 * n, n) * alpha < claims:
+        n += 1
+    return n
 
 
 def exceptions_key(profile: str, dataset: str | None = None) -> str:
@@ -121,6 +138,11 @@ def study_from_options(
     changes: dict = {}
     if seeds is not None:
         changes["seeds"] = parse_seeds(seeds)
+    elif profile in SEEDS_FOR_THE_FAMILY:  # the profile's own spec takes them too: its exceptions' runs are these
+        family = len(study_claims(base))
+        count = seeds_for_family(family, base.claims.alpha, len(default_seeds(profile)))
+        if count > len(base.seeds):
+            base = _respec(base, seeds=tuple(range(count)))
     if device is not None:
         _check_choice(device, DEVICES, "device")
         if device == "cuda" and not torch.cuda.is_available():
@@ -169,9 +191,14 @@ def on_networks(spec: StudySpec, networks: tuple[str, ...] | None) -> StudySpec:
         takers = [d.name for d in registry.studies() if set(d.networks) & set(networks or ())]
         raise SpecError(f"no study chosen trains on {', '.join(networks or ())}; the studies that do: "
                         f"{', '.join(takers) or 'none'} (choose them with --bn-studies)")
+    return _respec(spec, studies=tuple(studies))
+
+
+def _respec(spec: StudySpec, **changes) -> StudySpec:
+    """`spec` with `changes`, made again by study_spec so its variants follow its studies."""
     fields = {field.name: getattr(spec, field.name) for field in dataclasses.fields(spec)}
     del fields["variants"]
-    return study_spec(**{**fields, "studies": tuple(studies)})
+    return study_spec(**{**fields, **changes})
 
 
 def _exceptions_that_still_apply(profile: StudySpec, spec: StudySpec) -> tuple[KnownException, ...]:

@@ -19,11 +19,12 @@ from bnsuite.claims import (
     p_smaller,
     study_claims,
 )
+from bnsuite.docs import pinned_now
 from bnsuite.records import Environment, EpochRecord, RunRecord, load_records
 from bnsuite.registry import studies, study_spec
 from bnsuite.spec import CONTRADICTED, NOT_SHOWN, SUPPORTED, UNSETTLED, ClaimSettings, KnownException, Study
 from bnsuite.studies import landscape as landscape_study
-from bnsuite.study import on_networks, profile_spec, study_from_options
+from bnsuite.study import profile_spec, study_from_options
 
 REFERENCE = Path(__file__).resolve().parents[1] / "results" / "reference"
 ENVIRONMENT = Environment(torch_version="2", device="cpu", device_name="cpu", cpu_model="cpu", cpu_flags=(),
@@ -381,13 +382,73 @@ def test_each_profiles_verdicts_pass_the_gate_on_its_committed_reference_from_an
     sits at the rule's floor on one CPU family fails here before a user meets it (the claims gate on the runs of
     this machine is CI's smoke study). Every study the reference ran is judged, those run by option included."""
     records = load_records(REFERENCE / profile)  # `full`, `full-cnn` (the ConvNet's runs alone)...
-    recorded = {study.name for record in records for study in record.study.studies}
-    networks = {network for record in records for study in record.study.studies for network in study.networks}
-    spec = on_networks(profile_spec(records[0].study.profile,
-                                    [definition for definition in studies() if definition.name in recorded],
-                                    records[0].study.dataset),  # `full-cnn-fashion-mnist`: its own exceptions
-                       tuple(sorted(networks, reverse=True)))  # mlp first
-    spec = dataclasses.replace(spec, seeds=records[0].study.seeds)  # a reference keeps the seed count it was made with
+    spec = pinned_now(records)  # the exceptions pinned now for its profile, dataset, studies and networks
     outcomes = {claim.name: gate(claim.evaluate(records), spec.claims.known_exception(claim.name))
                 for claim in study_claims(spec)}
     assert outcomes and not {name: why for name, (outcome, why) in outcomes.items() if outcome == "fail"}
+
+
+SIX_SEEDS = dataclasses.replace(SPEC, seeds=tuple(range(6)))
+
+
+def _six_seed_claim(name):
+    return next(claim for claim in study_claims(SIX_SEEDS) if claim.name == name)
+
+
+def test_the_ghost_peak_claim_needs_one_size_between_above_both_ends_with_bonferroni_over_the_sizes():
+    def runs(accuracy):
+        return [_run("ghost", variant, seed, batch_size=128, accuracy=value + seed / 10, of=SIX_SEEDS)
+                for variant, value in accuracy.items() for seed in range(6)]
+
+    claim = _six_seed_claim("bn-accuracy-peaks-at-intermediate-ghost-batch-bs128")
+    assert {spec.variant for spec in claim.needs} == {"bn-ghost2", "bn-ghost4", "bn-ghost8", "bn"}
+    peaked = claim.evaluate(runs({"bn-ghost2": 80.0, "bn-ghost4": 97.0, "bn-ghost8": 95.0, "bn": 94.0, "ln": 90.0}))
+    # g=4 is above both ends in every seed pair: p = 2 sizes x 1 / C(12, 6)
+    assert peaked.verdict == SUPPORTED and peaked.p_value == pytest.approx(2 / math.comb(12, 6))
+    assert "g=4 above both ends" in peaked.evidence
+    rising = claim.evaluate(runs({"bn-ghost2": 80.0, "bn-ghost4": 90.0, "bn-ghost8": 95.0, "bn": 97.0, "ln": 90.0}))
+    assert rising.verdict == CONTRADICTED  # every size between is below the whole batch
+    # A size above the whole batch but not above the smallest ghost batch is no peak.
+    flat = claim.evaluate(runs({"bn-ghost2": 96.0, "bn-ghost4": 96.0, "bn-ghost8": 96.0, "bn": 94.0, "ln": 90.0}))
+    assert flat.verdict == NOT_SHOWN
+
+
+def test_bn_s_generalization_gap_growing_with_the_batch_is_judged_on_bn_and_shows_plain_s():
+    def runs(gap_64, gap_128):
+        return [_run("batch", variant, seed, batch_size=batch_size, accuracy=95.0 + seed / 10,
+                     train_accuracy=95.0 + seed / 10 + (gap if variant == "bn" else 1.0) + seed / 100)
+                for batch_size, gap in ((64, gap_64), (128, gap_128)) for variant in ("plain", "bn")
+                for seed in range(3)]
+
+    claim = _claim("bn-generalization-gap-grows-with-batch-size")
+    grows = claim.evaluate(runs(1.0, 3.0))
+    assert grows.verdict == SUPPORTED and grows.reason == "regularizer"
+    assert "bs64 1.01 ± 0.01 (n=3); bs128 3.01 ± 0.01 (n=3) (plain, not judged: bs64 1.01" in grows.evidence
+    assert claim.evaluate(runs(3.0, 1.0)).verdict == CONTRADICTED
+    assert not any(c.name.startswith("ln-generalization-gap") for c in study_claims(study_spec(
+        profile="test", seeds=(0, 1, 2), claims=SPEC.claims,
+        studies=(Study("batch", variants=("plain", "bn", "ln"), batch_sizes=(64, 128), epochs=2),))))
+
+
+def test_the_gradient_ics_claims_judge_the_turn_of_the_gradient_not_its_absolute_change():
+    from bnsuite.records import LandscapeTrace
+
+    spec = study_spec(profile="test", seeds=tuple(range(3)), claims=SPEC.claims, studies=(
+        Study("landscape", variants=("plain", "bn"), batch_sizes=(64,), epochs=2, measures=("landscape",)),))
+
+    def run(variant, seed, absolute, cosine):
+        record = _run("landscape", variant, seed, of=spec)
+        steps = (0, 5, 10)
+        trace = LandscapeTrace(every=5, steps=steps, ics_layers=("fc2", "fc3"), step_factors=(1.0,),
+                               ics=((absolute + seed / 1000,) * 2,) * 3, ics_cosine=((cosine - seed / 10000,) * 2,) * 3,
+                               ics_relative=((0.1,) * 2,) * 3, loss_variation=(0.1,) * 3,
+                               gradient_predictiveness=(0.1,) * 3, beta_smoothness=(1.0,) * 3)
+        return dataclasses.replace(record, landscape=trace)
+
+    claim = next(c for c in study_claims(spec) if c.name == "bn-smaller-gradient-ics-fc2-bs64")
+    # BN's gradients 5x smaller, turning by the same angle: the absolute form is 5x smaller, the claim not shown.
+    same_turn = [run("plain", seed, 0.05, 0.99) for seed in range(3)] + [run("bn", s, 0.01, 0.99) for s in range(3)]
+    result = claim.evaluate(same_turn)
+    assert result.verdict == NOT_SHOWN and "absolute ||G - G'|| (not judged) bn 0.01" in result.evidence
+    turns_less = [run("plain", seed, 0.05, 0.99) for seed in range(3)] + [run("bn", s, 0.05, 0.999) for s in range(3)]
+    assert claim.evaluate(turns_less).verdict == SUPPORTED

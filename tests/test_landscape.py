@@ -49,7 +49,7 @@ def test_gradient_ics_is_zero_when_the_layers_before_do_not_move_and_counts_only
     torch.manual_seed(2)
     model, (images, labels) = build_model("bn"), _batch(1)
     still = gradient_ics(model, images, labels, lr=0.0)
-    assert still == {"fc2": (0.0, pytest.approx(1.0)), "fc3": (0.0, pytest.approx(1.0))}
+    assert still == {"fc2": (0.0, pytest.approx(1.0), 0.0), "fc3": (0.0, pytest.approx(1.0), 0.0)}
     shifted = gradient_ics(model, images, labels, lr=0.1)
     # fc2's G' moves fc1 and bn1 only: the same as moving them by hand and taking fc2's gradient directly.
     _, gradient, _ = _direct_loss_and_gradient(model, images, labels)
@@ -62,7 +62,8 @@ def test_gradient_ics_is_zero_when_the_layers_before_do_not_move_and_counts_only
     g, g_prime = gradient["fc2.weight"].double(), gradient_there["fc2.weight"].double()
     assert shifted["fc2"][0] == pytest.approx(float((g - g_prime).norm()), rel=1e-4)
     assert shifted["fc2"][1] == pytest.approx(float((g * g_prime).sum() / (g.norm() * g_prime.norm())), rel=1e-6)
-    assert shifted["fc3"][0] > 0
+    assert shifted["fc2"][2] == pytest.approx(float((g - g_prime).norm() / g.norm()), rel=1e-4)  # scale-free
+
 
 
 def test_measuring_leaves_parameters_buffers_and_the_random_state_as_they_were():

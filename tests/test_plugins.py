@@ -138,17 +138,27 @@ def test_an_entry_point_plugins_variants_and_a_users_study_run_by_option_and_rep
     assert "FAILED" in run.stdout and "rms-after-relu-at-least-before-bs128: not shown" in run.stdout
     sources = {record.spec.variant: record.variant.source for record in load_records(results)}
     assert sources == {"bn": "bnsuite", **dict.fromkeys(THEIRS, "my_norms my-norms 0.3")}
-    # Here, where placement_study is not imported: its records are counted, its claims and section left out.
+    # Here, where placement_study is not imported: its runs, and its claims as its run stored them (verdicts as data).
     without = report.build_report(results, out=tmp_path / "REPORT.md", with_plots=False)
     assert "The study 'rms-placement' is not registered here" in without
-    with_plugin = _report(results, project, "--plugin", "placement_study")
+    assert "## Claims: rms-placement (as stored by its run)" in without
+    assert "| rms-after-relu-at-least-before-bs128 " in without and "| batch-rms-after-relu " in without
+    with_plugin = _report(results, project, "--plugin", "placement_study")  # no section: the default runs table
     assert "## Claims: RMS placement study" in with_plugin and "| rms-after-relu-at-least-before-bs128 " in with_plugin
+    assert "## RMS placement study" in with_plugin and "| batch-rms-after-relu " in with_plugin
+    # A record changed since the verdict was judged: the stored verdict is not shown, and the report says why.
+    changed = next((results / "runs").glob("batch-rms-after-relu-*.json"))
+    changed.write_text(changed.read_text().replace('"hostname": "', '"hostname": "x', 1))
+    stale = report.build_report(results, out=tmp_path / "REPORT.md", with_plots=False)
+    assert "| rms-after-relu-at-least-before-bs128 " not in stale
+    assert "Stored verdicts not shown, as a record they judged has changed since: " \
+           "rms-after-relu-at-least-before-bs128" in stale
 
 
 @pytest.fixture
 def clean_registry(monkeypatch):
     """The registries as they are, restored after the test."""
-    for name in ("_VARIANTS", "_BUILDERS", "_STUDIES", "_PLUGINS"):
+    for name in ("_VARIANTS", "_BUILDERS", "_STUDIES", "_PLUGINS", "_PINNED_BY"):
         monkeypatch.setattr(registry, name, dict(getattr(registry, name)))
 
 
@@ -360,3 +370,28 @@ def test_two_claims_of_one_name_are_refused_naming_both_studies(clean_registry):
     with pytest.raises(SpecError, match=r"two claims are named 'bn-accuracy-at-least-plain-bs64': one of the study "
                                         r"'batch' \(bnsuite\) and one of the study 'copycat' \(plugin "):
         study_claims(study_from_options("smoke", studies="batch,copycat"))
+
+
+def test_the_claims_marker_is_known_outside_bnsuite_s_own_directory(pytester):
+    """pytester's directory has no pyproject.toml of bnsuite's: the marker must come from the plugin."""
+    result = pytester.runpytest_inprocess("-p", "no:cacheprovider", "--pyargs", "bnsuite.benchmarks.test_claims",
+                                          "--bn-profile", "smoke", "--collect-only", "-q",
+                                          "-W", "error::pytest.PytestUnknownMarkWarning")
+    assert result.ret == pytest.ExitCode.OK, result.stdout.str()[-2000:]
+    assert "PytestUnknownMarkWarning" not in result.stdout.str()
+
+
+def test_a_plugin_pins_known_exceptions_for_its_variant_in_a_built_in_study(clean_registry):
+    pinned = KnownException("rms-accuracy-at-least-bn-bs64", NOT_SHOWN, "RMS norm is about BN's accuracy here")
+    registry.register_known_exceptions("batch", "smoke", pinned)
+    assert pinned in profile_spec("smoke").claims.known_exceptions
+    assert pinned not in profile_spec("full").claims.known_exceptions  # only under the profile it was pinned for
+    again = KnownException("rms-accuracy-at-least-bn-bs64", CONTRADICTED, "another view")
+    with pytest.raises(PluginError, match=r"the claim 'rms-accuracy-at-least-bn-bs64' already has a known exception "
+                                          r"in study 'batch' under 'smoke' \(pinned by .*test_plugins"):
+        registry.register_known_exceptions("batch", "smoke", again)
+    builtin = KnownException("bn-converges-faster-bs32", NOT_SHOWN, "mine")
+    with pytest.raises(PluginError, match=r"already has a known exception .*\(pinned by bnsuite\)"):
+        registry.register_known_exceptions("batch", "smoke", builtin)
+    with pytest.raises(PluginError, match="cannot pin known exceptions for study 'mine': it is not registered"):
+        registry.register_known_exceptions("mine", "smoke", pinned)

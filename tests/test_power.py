@@ -10,8 +10,9 @@ import textwrap
 import numpy as np
 import pytest
 
-from bnsuite.claims import ClaimResult, compare, decide, holm, p_smaller
+from bnsuite.claims import ClaimResult, compare, decide, holm, p_smaller, study_claims
 from bnsuite.spec import NOT_SHOWN, SUPPORTED
+from bnsuite.study import seeds_for_family, study_from_options
 
 ALPHA = 0.05
 SEEDS = 6  # the full profile's
@@ -68,11 +69,11 @@ def test_the_exact_p_at_thirty_seeds_a_side_takes_milliseconds_and_little_memory
     assert seconds < 1.0
 
 
-def _family(generator, shift: float, size: int = FAMILY) -> list[ClaimResult]:
-    """A family of claims, each "the first side is smaller" on SEEDS normal values a side, the second shifted."""
+def _family(generator, shift: float, size: int = FAMILY, seeds: int = SEEDS) -> list[ClaimResult]:
+    """A family of claims, each "the first side is smaller" on `seeds` normal values a side, the second shifted."""
     results = []
     for index in range(size):
-        a, b = generator.standard_normal(SEEDS), generator.standard_normal(SEEDS) + shift
+        a, b = generator.standard_normal(seeds), generator.standard_normal(seeds) + shift
         comparison = compare(a, b, what="b - a")
         results.append(ClaimResult(f"claim-{index}", "", "", "", decide(comparison.p, comparison.q, ALPHA),
                                    comparison.p, comparison=comparison, alpha=ALPHA))
@@ -135,3 +136,16 @@ def test_a_not_shown_claim_says_the_smallest_effect_its_seeds_could_show_and_non
     assert two.smallest_effect(ALPHA) is None
     ratio = compare([1.0, 1.2, 0.9, 1.1], [1.1, 1.3, 1.0, 1.0], what="plain / bn loss", ratio=True)
     assert ratio.smallest_effect(ALPHA) > 1.0  # a ratio, above 1
+
+
+def test_the_full_profile_takes_the_seeds_its_family_of_claims_needs():
+    """6 seeds carry a clear effect through Holm over up to 46 claims; every study (48 claims) needs 7. With 6 over
+    48, not one claim can survive (1/924 > 0.05/48); with the 7 the profile then takes, a clear effect does."""
+    assert [seeds_for_family(claims, ALPHA, 6) for claims in (35, 46, 47, 171, 172)] == [6, 6, 7, 7, 8]
+    everything = study_from_options("full", studies="all")
+    family = len(study_claims(everything))
+    assert family > 46 and len(everything.seeds) == seeds_for_family(family, ALPHA, 6) == 7
+    assert len(study_from_options("full").seeds) == 6 and len(study_from_options("full", seeds="3").seeds) == 3
+    planted = lambda seeds: holm(_family(np.random.default_rng(4), shift=6.0, size=family, seeds=seeds))  # noqa: E731
+    assert not any(result.holm_verdict == SUPPORTED for result in planted(6))
+    assert np.mean([result.holm_verdict == SUPPORTED for result in planted(7)]) >= 0.9

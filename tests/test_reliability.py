@@ -143,7 +143,7 @@ def test_a_benchmark_run_describes_its_study_and_lists_the_claims_judged(pyteste
         from bnsuite.claims import ClaimResult
 
         def test_claim(study_session, record_claim):
-            record_claim(ClaimResult("a-claim", "A statement.", "a rule", "the evidence", "supported", 0.05))
+            record_claim(ClaimResult("a-claim", "A statement.", "a rule", "the evidence", "supported", 0.05), [])
     """)
     result = _run_plugin(pytester, "--bn-profile", "smoke", "--bn-batch-sizes", "128", "--bn-studies", "batch,lr",
                          "--bn-results-dir", str(tmp_path), "--bn-data-dir", str(mnist_dir))
@@ -156,6 +156,8 @@ def test_a_benchmark_run_describes_its_study_and_lists_the_claims_judged(pyteste
         "*bnsuite claims*",
         "*SUPPORTED  a-claim: the evidence",
     ])
+    stored = json.loads((tmp_path / "claims.json").read_text())["claims"]  # the verdict, as data
+    assert [(entry["result"]["name"], entry["result"]["verdict"]) for entry in stored] == [("a-claim", "supported")]
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU")

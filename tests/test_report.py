@@ -309,3 +309,14 @@ def test_the_tools_timings_over_many_records_are_reported():
     info = {"bnsuite": "tools", "records": 1029, "seconds": {"load": 1.3, "report": 2.45, "compare": 1.39}}
     lines = "\n".join(speed_rows({"benchmarks": [{"extra_info": info}]}))
     assert "| 1,029     | 1.30       | 2.45         | 1.39          |" in lines
+
+
+def test_a_run_another_study_s_pytest_run_wrote_last_still_counts_for_this_study(tmp_path, records):
+    """Two studies run by separate pytest runs into one results directory share a run: its one record names the
+    study that wrote it last, and the other study is still complete."""
+    other = dataclasses.replace(STUDY, studies=(dataclasses.replace(BATCH, name="landscape", variants=("bn",)),))
+    _save(records, tmp_path)
+    shared = next(record for record in records if record.spec.variant == "bn")
+    save_record(dataclasses.replace(shared, study=other), tmp_path)  # the second pytest run writes over it
+    markdown = report.build_report(tmp_path, out=tmp_path / "REPORT.md", with_plots=False)
+    assert "incomplete" not in markdown

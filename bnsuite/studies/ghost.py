@@ -8,6 +8,7 @@ data-parallel training on B/g devices computes without synchronized BN.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import pandas as pd
@@ -112,6 +113,17 @@ def ghost_study_claims(spec: StudySpec, study: Study) -> list[Claim]:
                 "per device fall).", short=f"BN with ghost batches of {small} was less accurate than with {large}",
                 needs=needs(spec, study, (sizes[small], sizes[large]), batch_size),
                 judge=_ghost_falls(sizes[small], sizes[large], batch_size), **common))
+        if len(sizes) >= 3 and batch_size in sizes:
+            middle = [g for g in sizes if ghosts[0] < g < batch_size]
+            claims.append(Claim(
+                "bn-accuracy-peaks-at-intermediate-ghost-batch",
+                statement=at + f"BN's held-out accuracy is higher with ghost batches of some size between {ghosts[0]} "
+                f"and the whole batch ({', '.join(map(str, middle))}) than both with ghost batches of {ghosts[0]} and "
+                "with the whole batch (Summers & Dinneen 2019: ghost batches help most at an intermediate size); "
+                f"p is Bonferroni's over the {len(middle)} sizes between.",
+                short="BN's held-out accuracy peaked at an intermediate ghost-batch size",
+                needs=needs(spec, study, tuple(sizes.values()), batch_size),
+                judge=_peaks_between(sizes, batch_size), **common))
         if ghosts and LN in study.variants:
             claims.append(Claim(
                 "bn-behind-layernorm-at-smallest-ghost-batch",
@@ -131,6 +143,31 @@ def _ghost_falls(small: str, large: str, batch_size: int):
         comparison = compare(a, b, what=f"{large} - {small} held-out accuracy (points)")
         evidence = f"held-out accuracy % {small} {summary(a, 2)} vs {large} {summary(b, 2)}; p={comparison.p:.3f}"
         return result(claim, f"{small} lower", evidence, comparison)
+
+    return judge
+
+
+def _peaks_between(sizes: dict[int, str], batch_size: int):
+    """Some ghost size strictly between the smallest and the whole batch above both ends, on held-out accuracy.
+
+    Within one size both comparisons must hold, so its p is the larger of the two (an intersection-union test);
+    the size is not chosen after looking, so the p is Bonferroni's over every size between. The opposite (q): every
+    size between is below the whole batch, the accuracy rising all the way to it."""
+    ghosts = list(sizes)
+    smallest, whole, middle = ghosts[0], ghosts[-1], ghosts[1:-1]
+
+    def judge(claim: Claim, runs: Runs) -> ClaimResult:
+        accuracy = {g: [held_out_accuracy(r) for r in runs.of(sizes[g], batch_size)] for g in ghosts}
+        tests = {g: tuple(compare(accuracy[end], accuracy[g], what=f"{sizes[g]} - {sizes[end]} held-out accuracy "
+                                                                     "(points)") for end in (whole, smallest))
+                 for g in middle}
+        best = min(middle, key=lambda g: max(test.p for test in tests[g]))
+        p = min(1.0, len(middle) * max(test.p for test in tests[best]))
+        q = max(tests[g][0].q for g in middle)
+        comparison = dataclasses.replace(tests[best][0], p=p, q=q)  # the effect: the best size over the whole batch
+        evidence = ("held-out accuracy % " + "; ".join(f"g={g} {summary(accuracy[g], 2)}" for g in ghosts)
+                    + f"; g={best} above both ends: p={p:.3f} (Bonferroni over {len(middle)} sizes)")
+        return result(claim, f"ghost size {best} above both {smallest} and {whole}", evidence, comparison)
 
     return judge
 
@@ -209,14 +246,44 @@ def ghost_section(context: SectionContext) -> list[str]:
 
 # On the ConvNet each statistic of a ghost batch of g images sees g x H x W values per channel (1,568 at g = 2 for
 # conv1's 28x28 maps), not g as in the MLP: in the smoke profile its ghost-batch BN holds up.
+# Summers & Dinneen's peak: on the MLP BN at ghost size 16 or 32 is about the whole batch's accuracy, a few
+# hundredths of a point apart, where their peak was on ImageNet-scale networks.
+PEAK = "bn-accuracy-peaks-at-intermediate-ghost-batch-bs128"
 KNOWN_EXCEPTIONS = {"full": (
+    KnownException(PEAK, NOT_SHOWN,
+                   "after 10 epochs BN at ghost size 16 is at 98.22% held-out against 98.14% with the whole batch "
+                   "and 75.30% at 2 (6 seeds): above the whole batch in most seed pairs (P 0.85) but p 0.082 after "
+                   "Bonferroni over the 4 sizes between"),
+    KnownException(f"cnn-{PEAK}", NOT_SHOWN,
+                   "after 10 epochs the ConvNet's BN is within 0.05 points at every ghost size (98.70-98.75% "
+                   "held-out, 6 seeds): no size stands out"),
     KnownException("cnn-bn-accuracy-falls-at-small-ghost-batches-bs128", NOT_SHOWN,
                    "after 10 epochs the ConvNet's BN at ghost batch 2 is at 98.70% held-out against 98.72% at 32 (6 "
                    "seeds, p 0.64): each statistic sees every position of the maps, 1,568 values at g = 2"),
     KnownException("cnn-bn-behind-layernorm-at-smallest-ghost-batch-bs128", NOT_SHOWN,
                    "after 10 epochs the ConvNet's BN is within 0.03 points of LayerNorm (98.72% held-out) at every "
                    "ghost size measured, never behind it"),
+), "full:fashion-mnist": (
+    KnownException("cnn-bn-accuracy-falls-at-small-ghost-batches-bs128", NOT_SHOWN,
+                   "on Fashion-MNIST the ConvNet's BN at ghost batch 2 is at 89.55% held-out against 89.84% at 32 (6 "
+                   "seeds, p 0.12): each statistic sees every position of the maps"),
+    KnownException("cnn-bn-behind-layernorm-at-smallest-ghost-batch-bs128", NOT_SHOWN,
+                   "on Fashion-MNIST the ConvNet's BN is within 0.25 points of LayerNorm (89.61% held-out) at every "
+                   "ghost size, never behind it (6 seeds)"),
+    KnownException(f"cnn-{PEAK}", NOT_SHOWN,
+                   "on Fashion-MNIST the ConvNet's BN is within 0.3 points at every ghost size (89.55-89.84% "
+                   "held-out, 6 seeds), highest at 32 and the whole batch: no peak between"),
+), "quick": (
+    KnownException(PEAK, NOT_SHOWN,
+                   "in 4 epochs on 20,000 images BN at ghost size 32 is at 96.73% held-out against 96.66% with the "
+                   "whole batch (5 seeds, p 0.9 after Bonferroni): the accuracy levels off from 16 on"),
 ), "smoke": (
+    KnownException(PEAK, NOT_SHOWN,
+                   "in 2 epochs on 4,000 images BN's held-out accuracy rises with the ghost size up to the whole batch "
+                   "(66.8% at 2, 91.4% at 32, 91.5% at 128; 3 seeds), no size between above it"),
+    KnownException(f"cnn-{PEAK}", NOT_SHOWN,
+                   "in 64 steps the ConvNet's BN is within 0.4 points at every ghost size (3 seeds): no size stands "
+                   "out"),
     KnownException("cnn-bn-accuracy-falls-at-small-ghost-batches-bs128", NOT_SHOWN,
                    "in 64 steps the ConvNet's BN at ghost batch 2 is within seed noise of ghost batch 32 (93.5% "
                    "against 93.9% held-out, p 0.2): its statistics see every position of the maps"),

@@ -53,6 +53,16 @@ KNOWN_EXCEPTIONS = {
         KnownException("cnn-bn-highest-trainable-lr-3x-plain-bs64", CONTRADICTED,
                        "both ConvNets train up to lr 0.1 (one BN seed only to 0.03; 2 epochs, 6 seeds): on this "
                        "ConvNet BN does not raise the highest rate that trains"),),
+    # The ConvNet on Fashion-MNIST: in 2 epochs no run reaches the 90% held-out accuracy that counts as trained on
+    # MNIST (the best, near 88%), so the claims that count trained runs have nothing to count.
+    "full:fashion-mnist": tuple(
+        KnownException(f"cnn-{name}", CONTRADICTED, "on Fashion-MNIST too: in 2 epochs the ConvNet with BN is 4.9 "
+                       "points above plain in held-out accuracy at lr 0.001 against 1.2 at 0.01 and 0.75 at each "
+                       "variant's best rate (6 seeds)") for name in BJORCK) + tuple(
+        KnownException(f"cnn-bn-{kind}-bs64", NOT_SHOWN, "on Fashion-MNIST no ConvNet run reaches 90% held-out "
+                       "accuracy in 2 epochs at any rate (the study's trained threshold, set for MNIST): no run "
+                       "counts as trained, so the rates cannot be told apart")
+        for kind in ("trains-where-plain-does-not", "highest-trainable-lr-3x-plain")),
     "quick": tuple(KnownException(name, CONTRADICTED, "in 2 epochs on 20,000 images BN's held-out advantage is about "
                                   "8.2 points at lr 0.001 against 4.5 at 0.01 and 3.8 at each variant's best rate")
                    for name in BJORCK),
