@@ -26,12 +26,12 @@ AFTER_AT_LEAST_BEFORE = "bn-after-relu-accuracy-at-least-before-bs{}"
 KNOWN_EXCEPTIONS = {
     "full": (
         KnownException(AFTER_AT_LEAST_BEFORE.format(32), CONTRADICTED, "BN after the ReLU ends about 0.4 points below "
-                       "BN before it (97.90% against 98.30%, 6 seeds), in every seed pair"),
+                       "BN before it (97.82% against 98.31%, 7 seeds), in every seed pair"),
         KnownException(AFTER_AT_LEAST_BEFORE.format(64), CONTRADICTED, "BN after the ReLU ends about 0.3 points below "
-                       "BN before it (97.89% against 98.20%, 6 seeds)"),
+                       "BN before it (97.88% against 98.22%, 7 seeds)"),
         # Not shown with 3 seeds (one seed pair within the 0.1-point margin); 6 seeds show it contradicted.
-        KnownException(AFTER_AT_LEAST_BEFORE.format(128), CONTRADICTED, "BN after the ReLU ends about 0.2 points "
-                       "below BN before it (97.92% against 98.14%, 6 seeds), beyond the 0.1-point margin"),
+        KnownException(AFTER_AT_LEAST_BEFORE.format(128), CONTRADICTED, "BN after the ReLU ends about 0.4 points "
+                       "below BN before it (97.77% against 98.15%, 7 seeds), beyond the 0.1-point margin"),
     ),
     "quick": tuple(KnownException(AFTER_AT_LEAST_BEFORE.format(batch_size), CONTRADICTED, "after 4 epochs on 20,000 "
                                   "images BN after the ReLU is 0.8 to 1.0 points behind BN before it, in every seed "
