@@ -98,6 +98,11 @@ def build_report(results: Path, *, out: Path, benchmarks: Path | None = None, wi
         lines += plan_section(title, spec, group, out=out, prefix=prefix, with_plots=with_plots,
                               heading_level=2 if len(sections) == 1 else 3, stored=stored, stale=stale)
     baseline_dir = _baseline_dir(baseline, results, records)
+    missing = _missing_reference(baseline, records)
+    if missing is not None:  # said, not silent: an installed bnsuite carries no committed references
+        lines += ["## Against the baseline", "", f"Not compared: there is no committed reference `{missing}` here "
+                  "(references live in a clone of bnsuite's repository, not in the installed package); pass "
+                  "`--baseline DIR` to compare with one, or `--baseline none` to leave this section out.", ""]
     if baseline_dir is not None:
         loaded = gate.Baseline.load(baseline_dir)
         try:
@@ -121,11 +126,24 @@ def _baseline_dir(baseline: Path | str | None, results: Path, records: list[RunR
         return None
     if str(baseline) != "auto":
         return Path(baseline)
-    names = {gate.results_name(record.study) for record in records if record.study is not None}
-    candidate = gate.reference_dir(names.pop()) if len(names) == 1 else None
+    candidate = _reference_of(records)
     if candidate is None or not candidate.is_dir() or candidate.resolve() == Path(results).resolve():
         return None
     return candidate
+
+
+def _missing_reference(baseline: Path | str | None, records: list[RunRecord]) -> Path | None:
+    """With "auto", the committed reference the records' study would be compared with, where it does not exist."""
+    if baseline is None or str(baseline) != "auto":
+        return None
+    candidate = _reference_of(records)
+    return candidate if candidate is not None and not candidate.is_dir() else None
+
+
+def _reference_of(records: list[RunRecord]) -> Path | None:
+    """The committed reference directory of the records' one study (results/reference/NAME), None for several."""
+    names = {gate.results_name(record.study) for record in records if record.study is not None}
+    return gate.reference_dir(names.pop()) if len(names) == 1 else None
 
 
 def baseline_section(records: list[RunRecord], baseline: gate.Baseline, *, out: Path, with_plots: bool) -> list[str]:

@@ -320,3 +320,11 @@ def test_a_run_another_study_s_pytest_run_wrote_last_still_counts_for_this_study
     save_record(dataclasses.replace(shared, study=other), tmp_path)  # the second pytest run writes over it
     markdown = report.build_report(tmp_path, out=tmp_path / "REPORT.md", with_plots=False)
     assert "incomplete" not in markdown
+
+
+def test_a_report_where_no_committed_reference_exists_says_it_was_not_compared(results, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # as from an installed bnsuite: no results/reference/ here
+    markdown = report.build_report(results, out=tmp_path / "REPORT.md", with_plots=False, baseline="auto")
+    assert "Not compared: there is no committed reference `results/reference/smoke` here" in markdown
+    assert "Not compared" not in report.build_report(results, out=tmp_path / "REPORT.md", with_plots=False,
+                                                     baseline="none")
