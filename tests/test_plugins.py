@@ -27,9 +27,9 @@ THEIRS = ("batch-rms", "batch-rms-after-relu")  # the README example's two varia
 
 
 def readme_example(name: str) -> str:
-    """The python block of docs/plugins.md that starts with `# NAME`."""
+    """The python block of docs/plugins.md that starts with `# NAME` (indented blocks of a list item too)."""
     blocks = re.findall(r"```python\n(.*?)```", (ROOT / "docs" / "plugins.md").read_text(), flags=re.S)
-    return next(block for block in blocks if block.startswith(f"# {name}"))
+    return next(textwrap.dedent(block) for block in blocks if textwrap.dedent(block).startswith(f"# {name}"))
 
 
 def _pytest(*args, cwd, env=None, check=True) -> subprocess.CompletedProcess:
@@ -93,23 +93,7 @@ def test_a_users_variants_train_in_the_batch_study_and_report_in_a_process_witho
         assert f"{variant}-bs64 (2 epochs): identical (exact rule)" in compared
 
 
-STUDY_PLUGIN = textwrap.dedent("""
-    import bnsuite
-    from bnsuite.claims import Claim, at_least, held_out_accuracy, needs
-    from bnsuite.spec import Study
-
-    MATRIX = Study("rms-placement", variants=("bn", "batch-rms", "batch-rms-after-relu"), batch_sizes=(128,), epochs=1)
-
-
-    @bnsuite.register_study("rms-placement", title="RMS placement study", matrices={"smoke": MATRIX}, default=False)
-    def placement_claims(spec, study):
-        return [Claim("rms-after-relu-at-least-before", batch_size=128, study=study.name, reason="placement",
-                      statement="Batch RMS norm after the ReLU is at least as accurate as before it.",
-                      short="RMS after the ReLU was as accurate",
-                      needs=needs(spec, study, ("batch-rms", "batch-rms-after-relu"), 128), alpha=spec.claims.alpha,
-                      judge=at_least(held_out_accuracy, "held-out accuracy %", 0.1, variant="batch-rms-after-relu",
-                                     reference="batch-rms", batch_size=128))]
-""")
+STUDY_PLUGIN = textwrap.dedent(readme_example("placement_study.py"))  # the study example of docs/plugins.md
 
 
 @pytest.mark.processes
