@@ -366,15 +366,16 @@ class StudyPlugin:
             self.executor.stop()
             self.executor = None
         if self.claim_results:  # the verdicts as data, so a report without the studies' code still shows them
-            from bnsuite.verdicts import save_verdicts
+            from bnsuite.verdicts import VerdictsError, save_verdicts
 
             try:
                 save_verdicts(self.results_dir, [(result, self.judged_files[result.name])
                                                  for result in holm(self.claim_results)])
-            except OSError as error:
+            except (OSError, VerdictsError) as error:  # the records are kept either way; one line says what failed
+                why = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
                 self.verdicts_error = (f"bnsuite: the claims' verdicts could not be stored in {self.results_dir} "
-                                       f"({error.strerror or error}); the report judges registered studies' claims "
-                                       "from the records anyway")
+                                       f"({why}); the report judges registered studies' claims from the records "
+                                       "anyway")
 
     def session(self, config: pytest.Config) -> StudySession:
         """The session that trains this run's cases, made on first use; its progress lines show live."""

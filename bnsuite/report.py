@@ -86,8 +86,9 @@ def build_report(results: Path, *, out: Path, benchmarks: Path | None = None, wi
     """The report of the records in `results`; `baseline` (a directory, "auto" or None) adds "Against the
     baseline"."""
     records = load_records(results)
-    stored = [verdict for verdict in load_verdicts(results) if still_valid(results, verdict)]
-    stale = [verdict.result.name for verdict in load_verdicts(results) if not still_valid(results, verdict)]
+    stored, stale = [], []  # the verdicts a study run stored, and those a record changed since has made stale
+    for verdict in load_verdicts(results):
+        (stored if still_valid(results, verdict) else stale).append(verdict)
     sections = group_records(records)
     lines = ["# bnsuite report: Batch Normalization study", ""]
     if len(sections) > 1:
@@ -248,7 +249,7 @@ def _describe_settings(settings: ClaimSettings | None) -> str:
 
 def plan_section(title: str, spec: StudySpec | None, records: list[RunRecord], *, out: Path, prefix: str,
                  with_plots: bool, heading_level: int, stored: list[StoredVerdict] = (),
-                 stale: list[str] = ()) -> list[str]:
+                 stale: list[StoredVerdict] = ()) -> list[str]:
     """One section: the protocol, what is missing, then each study's section in the order the studies run. A study
     not registered here shows the verdicts its run stored (`stored`, bnsuite.verdicts) for its claims."""
     h = "#" * heading_level
@@ -270,7 +271,7 @@ def plan_section(title: str, spec: StudySpec | None, records: list[RunRecord], *
         definition = definitions[study.name]
         if definition is None:
             own = [claim for claim in claims if claim.study == study.name]
-            gone = sorted(name for name in stale if name not in {claim.name for claim in own})
+            gone = sorted(verdict.result.name for verdict in stale if verdict.result.study == study.name)
             lines += [f"{h} Study {study.name}", "",
                       f"_The study {study.name!r} is not registered here, so its own section is not shown: load the "
                       "plugin that defines it with `python -m bnsuite.report --plugin MODULE`. Its runs and the "

@@ -158,6 +158,12 @@ def test_a_benchmark_run_describes_its_study_and_lists_the_claims_judged(pyteste
     ])
     stored = json.loads((tmp_path / "claims.json").read_text())["claims"]  # the verdict, as data
     assert [(entry["result"]["name"], entry["result"]["verdict"]) for entry in stored] == [("a-claim", "supported")]
+    (tmp_path / "claims.json").write_text("{damaged")  # a damaged verdicts file: one line, the run still passes
+    again = _run_plugin(pytester, "--bn-profile", "smoke", "--bn-batch-sizes", "128", "--bn-studies", "batch,lr",
+                        "--bn-results-dir", str(tmp_path), "--bn-data-dir", str(mnist_dir))
+    assert again.ret == pytest.ExitCode.OK
+    again.stdout.fnmatch_lines([f"bnsuite: the claims' verdicts could not be stored in {tmp_path} (*claims.json: "
+                                "cannot read the stored verdicts*delete it*"])
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU")
