@@ -122,6 +122,17 @@ def test_an_entry_point_plugins_variants_and_a_users_study_run_by_option_and_rep
     assert "FAILED" in run.stdout and "rms-after-relu-at-least-before-bs128: not shown" in run.stdout
     sources = {record.spec.variant: record.variant.source for record in load_records(results)}
     assert sources == {"bn": "bnsuite", **dict.fromkeys(THEIRS, "my_norms my-norms 0.3")}
+    # The same study in worker processes, which import the same plugins: the same records, figure for figure.
+    in_workers = tmp_path / "in-workers"
+    _pytest("--pyargs", "bnsuite.benchmarks.test_study", "--bn-plugin", "placement_study", "--bn-profile", "smoke",
+            "--bn-studies", "rms-placement", "--bn-seeds", "0,1", "--bn-executor", "processes", "--bn-results-dir",
+            str(in_workers), "--bn-data-dir", str(mnist_dir), cwd=project, env=env)
+
+    def figures(directory):
+        return {r.spec: (r.test_accuracy, r.final_train_loss, [e.train_loss for e in r.epochs], r.variant.source)
+                for r in load_records(directory)}
+
+    assert figures(in_workers) == figures(results)
     # Here, where placement_study is not imported: its runs, and its claims as its run stored them (verdicts as data).
     without = report.build_report(results, out=tmp_path / "REPORT.md", with_plots=False)
     assert "The study 'rms-placement' is not registered here" in without
