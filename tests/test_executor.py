@@ -123,22 +123,25 @@ def test_ctrl_c_cancels_the_running_tasks_and_keeps_the_finished_records(tmp_pat
 
 
 def test_a_users_plugin_variant_trains_on_ray_workers_that_import_the_drivers_plugin(tmp_path, mnist_dir):
-    """The README's plugin, named by --bn-plugin from the user's own directory: the workers import it too."""
+    """docs/plugins.md's plugin and study example, named by --bn-plugin from the user's own directory: the workers
+    import them too."""
     from test_plugins import readme_example
 
     project = tmp_path / "project"
     project.mkdir()
     (project / "my_norms.py").write_text(readme_example("my_norms.py"))
+    (project / "placement_study.py").write_text(readme_example("placement_study.py"))
     results = tmp_path / "results"
     command = [sys.executable, "-m", "pytest", "--pyargs", "bnsuite.benchmarks.test_study", "-p", "no:cacheprovider",
-               "--bn-plugin", "my_norms", "--bn-profile", "smoke", "--bn-studies", "batch", "--bn-variants",
-               "plain,batch-rms-after-relu,batch-rms", "--bn-batch-sizes", "128", "--bn-seeds", "0,1",
-               "--bn-epochs", "1",
+               "--bn-plugin", "my_norms,placement_study", "--bn-profile", "smoke", "--bn-studies",
+               "batch,rms-placement", "--bn-variants", "plain,batch-rms-after-relu,batch-rms", "--bn-batch-sizes",
+               "128", "--bn-seeds", "0,1", "--bn-epochs", "1",
                "--bn-executor", "ray", "--bn-results-dir", str(results), "--bn-data-dir", str(mnist_dir)]
     run = subprocess.run(command, cwd=project, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     records = load_records(results)
-    assert {record.spec.variant for record in records} == {"plain", "batch-rms-after-relu", "batch-rms"}
+    assert {record.spec.variant for record in records} == {"plain", "batch-rms-after-relu", "batch-rms", "bn"}
+    assert {study.name for study in records[0].study.studies} == {"batch", "rms-placement"}
     assert {record.executor.split(", node ")[0] for record in records} == {"ray at a local instance"}
     assert {record.variant.source.split()[0] for record in records} == {"bnsuite", "my_norms"}
 
