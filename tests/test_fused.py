@@ -68,6 +68,15 @@ def test_the_fused_step_computes_autograds_arithmetic_in_float64(variant):
                                    msg=lambda text, name=name: name + text)
 
 
+def _assert_each_equals_the_model_alone(results: dict) -> None:
+    """{(group size, threads): (model 0's losses, its correct count, its state)}: each equal bit for bit to the
+    model trained alone on 2 threads, (1, 2)."""
+    alone_losses, alone_correct, alone = results[1, 2]
+    for key, (losses, correct, state) in results.items():
+        assert torch.equal(losses, alone_losses) and correct == alone_correct, key
+        assert all(torch.equal(alone[name], state[name]) for name in alone), key
+
+
 @pytest.mark.parametrize("variant", ["plain", "bn", "bn-ghost4", "ln", "bn-dropout"])
 @pytest.mark.parametrize("batch_size", [2, 33, 128])
 def test_a_model_steps_the_same_in_any_group_and_on_any_number_of_threads(variant, batch_size):
@@ -93,10 +102,7 @@ def test_a_model_steps_the_same_in_any_group_and_on_any_number_of_threads(varian
         finally:
             torch.set_num_threads(before)
         results[size, threads] = (losses[0], correct[0], models[0].state_dict())
-    alone_losses, alone_correct, alone = results[1, 2]
-    for key, (losses, correct, state) in results.items():
-        assert torch.equal(losses, alone_losses) and correct == alone_correct, key
-        assert all(torch.equal(alone[name], state[name]) for name in alone), key
+    _assert_each_equals_the_model_alone(results)
 
 
 @pytest.mark.parametrize("variant", ["plain", "bn", "bn-ghost4", "ln", "bn-dropout"])
@@ -258,10 +264,7 @@ def test_a_convnet_steps_the_same_in_any_group_and_on_any_number_of_threads(vari
         finally:
             torch.set_num_threads(before)
         results[size, threads] = (losses[0], correct[0], models[0].state_dict())
-    alone_losses, alone_correct, alone = results[1, 2]
-    for key, (losses, correct, state) in results.items():
-        assert torch.equal(losses, alone_losses) and correct == alone_correct, key
-        assert all(torch.equal(alone[name], state[name]) for name in alone), key
+    _assert_each_equals_the_model_alone(results)
 
 
 @pytest.mark.parametrize("variant", ["plain", "bn", "bn-ghost4", "gn"])
