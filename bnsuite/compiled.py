@@ -1,5 +1,5 @@
-"""The compiled step: any variant the fused and ATen steps do not cover (a user's own layer or network, BN after
-the ReLU, noisy BN, Batch Renormalization, BN written out), its seeds together, under torch.compile.
+"""The compiled step: any variant the fused and ATen steps do not cover (a user's own layer or network, BN written
+out), its seeds together, under torch.compile.
 
 On the eager step each run pays autograd's and torch.optim's bookkeeping for every op of every step, one model
 after another. Here a group's models become views into stacked (S, ...) tensors (as bnsuite.fastpath.stack_into

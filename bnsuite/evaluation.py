@@ -26,11 +26,13 @@ def evaluate_all(runner, models: list[nn.Module], images: torch.Tensor, labels: 
     """Every model's (loss, accuracy) on `images`, in eval mode; with `batch_statistics` (a batch size), the
     accuracy with each consecutive batch normalized by its own statistics (loss None). Through `runner.evaluate`
     where the epoch runner has one (it evaluates every model at once, cheaply); else model by model, the models
-    `only` names (default: all), the others (None, None)."""
+    `only` names (default: all), the others (None, None); also where `runner.evaluate` returns None (it cannot
+    evaluate these models so)."""
     if len(labels) == 0:
         return [(None, None) for _ in models]
-    if getattr(runner, "evaluate", None) is not None:
-        results = runner.evaluate(images, labels, batch_statistics=batch_statistics is not None)
+    results = (runner.evaluate(images, labels, batch_statistics=batch_statistics is not None)
+               if getattr(runner, "evaluate", None) is not None else None)
+    if results is not None:
         return [(None, accuracy) for _, accuracy in results] if batch_statistics is not None else results
     chosen = set(range(len(models)) if only is None else only)
     if batch_statistics is not None:

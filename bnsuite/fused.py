@@ -8,8 +8,12 @@ fused step runs a whole run of batches (up to the next probe or landscape
 checkpoint) in one C call: each model on one thread from its first batch to
 its last, its products single-threaded BLAS calls (torch's own sgemm) and
 everything between them (bias, batch, ghost-batch or layer normalization,
-ReLU, dropout, the loss and its gradient, SGD with momentum) in loops over
-the data with nothing allocated. Two models train side by side on two cores.
+Batch Renormalization's corrections, noisy BN's noise, ReLU before or after
+the normalization, dropout, the loss and its gradient, SGD with momentum) in
+loops over the data with nothing allocated. Two models train side by side on
+two cores. Dropout masks and noise are drawn in Python from each model's own
+generator, as the modules draw them from torch's, so the fused step's runs
+see the eager step's draws.
 
 A model's arithmetic is all on its own thread, in an order that depends on
 nothing but its own shapes, so a run trained in a group equals, bit for bit,
@@ -45,23 +49,25 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bnsuite.batchnorm import GhostBatchNorm2d
+from bnsuite import batchnorm
+from bnsuite.batchnorm import BatchRenorm1d, GhostBatchNorm2d, NoisyBatchNorm1d
 from bnsuite.environment import cpu_model_and_flags
 from bnsuite.fastpath import BN_EPS, BN_MOMENTUM, normalization, per_model_settings, stack_into
 from bnsuite.files import user_cache_dir
-from bnsuite.models import SmallCNN
+from bnsuite.models import SimpleNNWithBN, SimpleNNWithBNAfterReLU, SmallCNN
 
 NATIVE = Path(__file__).parent / "native"
 SOURCE = NATIVE / "bnsuite.c"  # one translation unit: common.h, mlp.c (the MLP family) and cnn.c (the ConvNet)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-fno-tree-loop-distribute-patterns")
-ABI_VERSION = 3  # bn_abi_version() of the C source: the Step and ConvStep layouts below match it
+ABI_VERSION = 4  # bn_abi_version() of the C source: the Step and ConvStep layouts below match it
 SWITCH_VARIABLE = "BNSUITE_FUSED"  # "0": train on the ATen fast step even where the fused one builds
 BUILD_DIR_VARIABLE = "BNSUITE_BUILD_DIR"
 COMPILE_TIMEOUT_S = 300
 MAX_LAYERS = 8
 MAX_GHOST_BATCHES = 1024  # the C source's bound on ghost batches per batch
-# Steps per C call at most: dropout masks for them are drawn ahead (as F.dropout draws them, step by step), so a
-# run of batches with dropout holds its masks; without dropout a call runs to the next checkpoint.
+# Steps per C call at most where a step draws random numbers: dropout masks and noisy BN's noise are drawn ahead (as
+# F.dropout and NoisyBatchNorm1d draw them, step by step), so a run of batches holds its draws; without draws a call
+# runs to the next checkpoint.
 DROPOUT_CHUNK = 16
 NORMALIZATIONS = {"none": 0, "bn": 1, "ghost": 1, "ln": 2}
 NORM_NONE, NORM_BATCH, NORM_GROUP = 0, 1, 3  # the C source's codes (common.h)
@@ -218,15 +224,14 @@ def status() -> str:
 
 
 def supports(model: nn.Module, batch_size: int) -> bool:
-    """Whether a fused step trains `model` at `batch_size`: the ATen fast step's networks and normalizations
-    (bnsuite.fastpath.normalization) or the ConvNet's (`conv_normalization`), on a CPU, where the library
-    builds."""
-    norm = normalization(model)
+    """Whether a fused step trains `model` at `batch_size`: the MLP family as `mlp_layout` reads it, or the
+    ConvNet (`conv_normalization`), on a CPU, where the library builds."""
+    layout = mlp_layout(model)
     conv = conv_normalization(model)
     parameter = next(model.parameters())
-    if (norm is None and conv is None) or parameter.device.type != "cpu" or parameter.dtype not in PRECISIONS:
+    if (layout is None and conv is None) or parameter.device.type != "cpu" or parameter.dtype not in PRECISIONS:
         return False
-    ghost = getattr(model.bn1, "ghost_size", None) if norm == "ghost" or conv is not None else None
+    ghost = layout.ghost if layout is not None else getattr(model.bn1, "ghost_size", None)
     if ghost is not None and -(-batch_size // ghost) > MAX_GHOST_BATCHES:
         return False
     try:
@@ -234,6 +239,41 @@ def supports(model: nn.Module, batch_size: int) -> bool:
     except Unavailable:
         return False
     return True
+
+
+@dataclass(frozen=True)
+class MlpLayout:
+    """How the fused MLP step trains a model of the study's MLP family: its normalization as the ATen step names it
+    ("none", "bn", "ghost", "ln"; bnsuite.fastpath.normalization), images per statistic for ghost batches, and
+    what only the fused step covers: Batch Renormalization's corrections, noisy BN's noise, BN after the ReLU."""
+
+    norm: str
+    ghost: int | None = None
+    renorm: bool = False
+    noisy: bool = False
+    after_relu: bool = False
+
+
+def mlp_layout(model: nn.Module) -> MlpLayout | None:
+    """The fused step's reading of `model` (MlpLayout), or None where it does not cover it. Judged by the modules'
+    types and settings (PyTorch's eps and momentum, both hidden layers alike), never by a variant's name."""
+    norm = normalization(model)
+    if norm is not None:
+        return MlpLayout(norm, getattr(model.bn1, "ghost_size", None) if norm == "ghost" else None)
+    if type(model) not in (SimpleNNWithBN, SimpleNNWithBNAfterReLU):
+        return None
+    layers = (model.bn1, model.bn2)
+    kinds = {type(layer) for layer in layers}
+    if len(kinds) != 1 or not all(layer.eps == BN_EPS and layer.momentum == BN_MOMENTUM for layer in layers):
+        return None
+    (kind,) = kinds
+    if type(model) is SimpleNNWithBNAfterReLU:
+        return MlpLayout("bn", after_relu=True) if kind is nn.BatchNorm1d else None
+    if kind is BatchRenorm1d and len({layer.ghost_size for layer in layers}) == 1:
+        return MlpLayout("ghost", layers[0].ghost_size, renorm=True)
+    if kind is NoisyBatchNorm1d and all(layer.affine and layer.track_running_stats for layer in layers):
+        return MlpLayout("bn", noisy=True)
+    return None
 
 
 def conv_normalization(model: nn.Module) -> tuple[int, int] | None:
@@ -277,7 +317,8 @@ def _fields(real: type) -> list:
         ("batch_size", ctypes.c_int), ("train_size", ctypes.c_int), ("first_step", ctypes.c_int),
         ("momentum", real), ("eps", real), ("norm_momentum", real), ("keep", real),
         ("widths", ctypes.c_int * (MAX_LAYERS + 1)), ("norm", ctypes.c_int * MAX_LAYERS),
-        ("ghost", ctypes.c_int * MAX_LAYERS),
+        ("ghost", ctypes.c_int * MAX_LAYERS), ("after_relu", ctypes.c_int * MAX_LAYERS),
+        ("renorm", ctypes.c_int * MAX_LAYERS), ("renorm_schedule", ctypes.c_double * 4),
         ("lr", _P), ("images", _P), ("labels", _P), ("order", _P), ("order_stride", _I64),
         ("batch", _P), ("batch_stride", _I64), ("batch_labels", _P), ("batch_labels_stride", _I64),
         ("weight", _P * MAX_LAYERS), ("bias", _P * MAX_LAYERS),
@@ -287,7 +328,9 @@ def _fields(real: type) -> list:
         ("running_mean", _P * MAX_LAYERS), ("running_var", _P * MAX_LAYERS),
         ("batches_tracked", _P * MAX_LAYERS),
         ("masks", _P * MAX_LAYERS), ("masks_stride", _I64 * MAX_LAYERS), ("masks_step", _I64 * MAX_LAYERS),
+        ("noise", _P * MAX_LAYERS), ("noise_stride", _I64 * MAX_LAYERS), ("noise_step", _I64 * MAX_LAYERS),
         ("normalized", _P * MAX_LAYERS), ("activation", _P * MAX_LAYERS), ("gradient", _P * MAX_LAYERS),
+        ("relu_out", _P * MAX_LAYERS), ("correction", _P * MAX_LAYERS),
         ("activation_stride", _I64 * MAX_LAYERS),
         ("invstd", _P * MAX_LAYERS), ("invstd_stride", _I64 * MAX_LAYERS),
         ("logits", _P), ("logits_stride", _I64),
@@ -345,14 +388,18 @@ class FusedStep:
                  dropout_generators: Sequence[torch.Generator] | None = None):
         """`images` (N, features) and `labels` (N,): the training set the epochs' orders index."""
         models = list(models)
-        norms = {normalization(model) for model in models}
-        if len(norms) != 1 or None in norms or len({type(model) for model in models}) != 1:
-            raise ValueError("FusedStep trains one or more models of one class the fast step covers")
-        (norm,) = norms
+        layouts = {mlp_layout(model) for model in models}
+        if len(layouts) != 1 or None in layouts or len({type(model) for model in models}) != 1:
+            raise ValueError("FusedStep trains one or more models of one class and layout (fused.mlp_layout)")
+        (layout,) = layouts
+        norm = layout.norm
         dtype = next(models[0].parameters()).dtype
         self.build = build(dtype)
         self.models = models
+        self.layout = layout
         self.dropout, self.dropout_generators, lrs = per_model_settings("FusedStep", models, lr, dropout_generators)
+        if layout.noisy and (dropout_generators is None or len(dropout_generators) != len(models)):
+            raise ValueError("FusedStep needs one generator per model for noisy BN's noise (dropout_generators)")
         linears = [name for name, module in models[0].named_children() if isinstance(module, nn.Linear)]
         hidden = len(linears) - 1
         widths = [models[0].get_submodule(linears[0]).in_features] + [
@@ -366,6 +413,8 @@ class FusedStep:
             models=count, layers=len(linears), threads=torch.get_num_threads(), classes=widths[-1],
             batch_size=batch_size, train_size=train_size, first_step=1, momentum=momentum, eps=BN_EPS,
             norm_momentum=BN_MOMENTUM, keep=1.0 - self.dropout)
+        step.renorm_schedule[:] = (batchnorm.RENORM_WARMUP, batchnorm.RENORM_RAMP, batchnorm.RENORM_R_MAX,
+                                   batchnorm.RENORM_D_MAX)
         keep: list[torch.Tensor] = []  # every tensor the C code points into, alive as long as the step
 
         def pointer(tensor: torch.Tensor) -> int:
@@ -391,8 +440,8 @@ class FusedStep:
             features = widths[layer + 1]
             norm_name = f"bn{layer + 1}"
             step.norm[layer] = NORMALIZATIONS[norm]
-            step.ghost[layer] = getattr(models[0].get_submodule(norm_name), "ghost_size", None) or batch_size \
-                if norm in ("bn", "ghost") else batch_size
+            step.ghost[layer] = layout.ghost or batch_size
+            step.after_relu[layer], step.renorm[layer] = layout.after_relu, layout.renorm
             if norm != "none":
                 for field, tensor_name in (("gamma", f"{norm_name}.weight"), ("beta", f"{norm_name}.bias")):
                     stacked = stack_into(models, tensor_name)
@@ -402,15 +451,25 @@ class FusedStep:
                 step.running_mean[layer] = pointer(stack_into(models, f"{norm_name}.running_mean"))
                 step.running_var[layer] = pointer(stack_into(models, f"{norm_name}.running_var"))
                 step.batches_tracked[layer] = pointer(stack_into(models, f"{norm_name}.num_batches_tracked"))
-            for field in ("normalized", "activation", "gradient", "invstd"):
+            for field in ("normalized", "activation", "gradient", "invstd") + (
+                    ("relu_out",) if layout.after_relu else ()) + (("correction",) if layout.renorm else ()):
+                # correction: r and d of each ghost batch, at most rows / 2 of them (ghost batches of 2 or more)
                 blocks = _blocks(count, rows * features, dtype)
                 getattr(step, field)[layer] = pointer(blocks)
             step.activation_stride[layer] = step.invstd_stride[layer] = blocks.shape[1]
         logits = _blocks(count, rows * widths[-1], dtype)
         step.logits, step.logits_stride = pointer(logits), logits.shape[1]
-        scratch = _blocks(count, 4 * widest, dtype)
+        scratch = _blocks(count, 8 * widest, dtype)
         step.scratch, step.scratch_stride = pointer(scratch), scratch.shape[1]
-        self.chunk = DROPOUT_CHUNK if self.dropout else None
+        self.chunk = DROPOUT_CHUNK if self.dropout or layout.noisy else None
+        self.noise: list[torch.Tensor] = []
+        if layout.noisy:
+            for layer in range(hidden):
+                features = widths[layer + 1]
+                noise = torch.empty(count, DROPOUT_CHUNK, (2 + batch_size) * features, dtype=dtype)
+                self.noise.append(noise)
+                step.noise[layer], step.noise_stride[layer] = pointer(noise), noise.stride(0)
+                step.noise_step[layer] = noise.stride(1)
         self.masks: list[torch.Tensor] = []
         if self.dropout:
             for layer in range(hidden):
@@ -441,15 +500,21 @@ class FusedStep:
             count = steps - done if self.chunk is None else min(self.chunk, steps - done)
             if self.dropout:
                 self._draw_masks(first + done, count, s.batch_size, s.train_size)
+            if self.noise:
+                self._draw_noise(first + done, count, s.batch_size, s.train_size)
             getattr(self.build.library, self._TRAIN)(ctypes.byref(s), first + done, count)
             s.first_step = 0
             done += count
 
     def evaluate(self, images: torch.Tensor, labels: torch.Tensor, *,
-                 batch_statistics: bool = False) -> list[tuple[float, float]]:
+                 batch_statistics: bool = False) -> list[tuple[float, float]] | None:
         """(mean cross-entropy, accuracy in percent) of every model on `images`, in eval mode, or with
         `batch_statistics` normalizing consecutive batches of the batch size by their own statistics as training
-        does (bnsuite.train.evaluate_with_batch_statistics); nothing of the models changes."""
+        does (bnsuite.train.evaluate_with_batch_statistics); nothing of the models changes. None for a batch-
+        statistics evaluation of noisy BN (its noise is drawn from torch's generator) or Batch Renorm (the module
+        moves its running estimates from batch to batch): the modules evaluate those themselves."""
+        if batch_statistics and self.layout is not None and (self.layout.noisy or self.layout.renorm):
+            return None
         count = len(labels)
         images = images.reshape(count, -1).to(self.build.dtype).contiguous()
         labels = labels.contiguous()
@@ -479,6 +544,28 @@ class FusedStep:
                                                                                                   generator=generator)
 
 
+    def _draw_noise(self, first: int, count: int, batch: int, size: int) -> None:
+        """Each model's noise for `count` steps, as NoisyBatchNorm1d draws it from torch's generator in training
+        (layer by layer: the scale's uniforms, the shift's, each image's normals), from the model's own generator
+        where torch's stands after its init, then scaled as the module scales them."""
+        low, high = batchnorm.NOISE_SCALE
+        for index, generator in enumerate(self.dropout_generators):
+            for k in range(count):
+                rows = min(batch, size - (first + k) * batch)
+                for noise in self.noise:
+                    features = noise.shape[2] // (2 + batch)
+                    block = noise[index, k]
+                    block[:features].uniform_(generator=generator)
+                    block[features:2 * features].uniform_(generator=generator)
+                    block[2 * features:(2 + rows) * features].normal_(generator=generator)  # as randn_like, at once
+        for noise in self.noise:  # scaled as the module scales them, the whole call's draws at once
+            features = noise.shape[2] // (2 + batch)
+            chunk = noise[:, :count]
+            chunk[..., :features].mul_(high - low).add_(low)
+            chunk[..., features:2 * features].mul_(2 * batchnorm.NOISE_SHIFT).sub_(batchnorm.NOISE_SHIFT)
+            chunk[..., 2 * features:].mul_(batchnorm.NOISE_SAMPLE_STD)
+
+
 class FusedConvStep(FusedStep):
     """Trains S same-shaped ConvNets (bnsuite.models.SmallCNN) on an epoch's batches, a run of steps per call
     (bnsuite/native/cnn.c), as FusedStep does the MLP family: the same `train` and `evaluate`, the models' tensors
@@ -502,7 +589,7 @@ class FusedConvStep(FusedStep):
         self.build = build(dtype)
         self.models = models
         self.dropout, self.dropout_generators, lrs = per_model_settings("FusedConvStep", models, lr, None)
-        self.chunk, self.masks = None, []
+        self.chunk, self.masks, self.noise, self.layout = None, [], [], None
         channels, height, width = first.image_shape
         convolutions = (first.conv1, first.conv2)
         if images.dtype != dtype or labels.dtype != torch.int64 or images.shape != (len(labels),

@@ -87,7 +87,7 @@ def test_a_model_that_cannot_be_compiled_trains_on_the_eager_step_and_the_step_s
 
 @pytest.mark.compiles
 def test_the_compiled_step_is_for_long_runs_on_a_cpu_unless_the_switch_says_otherwise(monkeypatch):
-    model = build_model("bn-after-relu")
+    model = build_model("bn-scratch")
     cpu = torch.device("cpu")
     monkeypatch.delenv(compiled.SWITCH_VARIABLE, raising=False)
     assert not compiled.wanted(model, 126, cpu)  # a smoke run: compiling would cost more than it saves
@@ -107,7 +107,7 @@ def test_the_compiled_step_is_for_long_runs_on_a_cpu_unless_the_switch_says_othe
 @pytest.mark.compiles
 def test_records_of_a_compiled_group_name_the_step_and_their_group(compiler, mnist_dir, monkeypatch):
     monkeypatch.setenv(compiled.SWITCH_VARIABLE, "1")
-    specs = [RunSpec(variant="bn-after-relu", seed=seed, epochs=1, train_subset=256, batch_size=64) for seed in (0, 1)]
+    specs = [RunSpec(variant="bn-scratch", seed=seed, epochs=1, train_subset=256, batch_size=64) for seed in (0, 1)]
     records = train_seeds(specs, data_dir=mnist_dir)
     assert all(record.training_step.startswith("compiled (inductor") for record in records)
     assert all(record.runs_trained_together == 2 for record in records)

@@ -25,6 +25,9 @@ typedef struct {
     int widths[MAX_LAYERS + 1];
     int norm[MAX_LAYERS];        /* per hidden layer */
     int ghost[MAX_LAYERS];       /* images per batch statistic (NORM_BATCH); the whole batch where >= batch_size */
+    int after_relu[MAX_LAYERS];  /* normalize the ReLU's output (bn-after-relu's placement) rather than its input */
+    int renorm[MAX_LAYERS];      /* NORM_BATCH with Batch Renormalization's r and d (bnsuite.batchnorm.BatchRenorm1d) */
+    double renorm_schedule[4];   /* warm-up steps, ramp steps, final r_max, final d_max (bnsuite.batchnorm's) */
     const real* lr;             /* (S) */
     const real* images; const int64_t* labels;  /* the training set: (N, in) and (N) */
     const int64_t* order; int64_t order_stride;  /* this epoch's order per model: (train_size) indices */
@@ -37,28 +40,57 @@ typedef struct {
     real* running_mean[MAX_LAYERS]; real* running_var[MAX_LAYERS];
     int64_t* batches_tracked[MAX_LAYERS];  /* per normalized hidden layer: (S), or null */
     const real* masks[MAX_LAYERS]; int64_t masks_stride[MAX_LAYERS]; int64_t masks_step[MAX_LAYERS];  /* 0/1 draws */
+    /* Noisy BN's draws (NoisyBatchNorm1d), per model and step of the call: scale (F), shift (F), then each image's
+     * noise (batch_size, F), already scaled as the module scales them; null where the layer adds no noise. */
+    const real* noise[MAX_LAYERS]; int64_t noise_stride[MAX_LAYERS]; int64_t noise_step[MAX_LAYERS];
     real* normalized[MAX_LAYERS]; real* activation[MAX_LAYERS]; real* gradient[MAX_LAYERS];
+    real* relu_out[MAX_LAYERS];   /* after_relu: the ReLU's output, kept for its backward; else null */
+    real* correction[MAX_LAYERS]; /* renorm: each ghost batch's r (F), then each one's d (F); else null */
     int64_t activation_stride[MAX_LAYERS];
     real* invstd[MAX_LAYERS]; int64_t invstd_stride[MAX_LAYERS];
     real* logits; int64_t logits_stride;
-    real* scratch; int64_t scratch_stride;  /* 4 x the widest layer, per model */
+    real* scratch; int64_t scratch_stride;  /* 8 x the widest layer, per model */
     real* losses; int64_t losses_stride;    /* (S, steps of an epoch): written at each step's index */
     int64_t* correct;                         /* (S): training predictions that hit, added to */
 } Step;
 
-/* Hidden layer l after its product and bias: normalize, scale and shift, ReLU, dropout. TRAIN: with the batch's
- * statistics, which the running estimates follow, and dropout; BATCH_STATISTICS: the same, changing nothing and
- * without dropout (what training computes, on held-out images); RUNNING: with the running estimates (eval). */
+/* Batch Renormalization's bounds (1 / r_max, r_max, d_max) after `step` earlier steps: computed in double and
+ * rounded once, as bnsuite.batchnorm._renorm_bounds_of computes them. */
+static void renorm_bounds(const Step* s, int64_t step, real* r_min, real* r_max, real* d_max) {
+    const double* k = s->renorm_schedule;
+    double progress = ((double)step - k[0]) > 0 ? ((double)step - k[0]) / k[1] : 0.0;
+    if (progress > 1.0) progress = 1.0;
+    const double top = 1.0 + (k[2] - 1.0) * progress;
+    *r_min = (real)(1.0 / top);
+    *r_max = (real)top;
+    *d_max = (real)(k[3] * progress);
+}
+
+static inline real clamp(real x, real low, real high) { return x < low ? low : (x > high ? high : x); }
+
+/* Hidden layer l after its product and bias: (after_relu: ReLU first) normalize, scale and shift (renorm: with r
+ * and d), noise (noisy BN, in training), ReLU (unless it came first), dropout. TRAIN: with the batch's
+ * statistics, which the running estimates follow, and dropout and noise; BATCH_STATISTICS: the same, changing
+ * nothing and without dropout or noise (what training computes, on held-out images); RUNNING: with the running
+ * estimates (eval). */
 static void hidden_forward(const Step* s, int l, int m, int rows, int step_in_chunk, int mode,
                            real* restrict scratch) {
     const int F = s->widths[l + 1];
     real* h = s->normalized[l] + m * s->activation_stride[l];
     real* a = s->activation[l] + m * s->activation_stride[l];
     const int64_t n = (int64_t)rows * F;
+    const int after_relu = s->after_relu[l];
+    if (after_relu) {
+        real* kept = s->relu_out[l] + m * s->activation_stride[l];
+        for (int64_t i = 0; i < n; i++) { h[i] = h[i] > 0 ? h[i] : 0; kept[i] = h[i]; }
+    }
     if (s->norm[l] == NORM_BATCH || s->norm[l] == NORM_LAYER) {
         const real* gamma = s->gamma[l] + (int64_t)m * F;
         const real* beta = s->beta[l] + (int64_t)m * F;
         real* inv = s->invstd[l] + m * s->invstd_stride[l];
+        int starts[1024], sizes[1024];
+        int count = 1;
+        const real* rd = 0;  /* renorm: r then d per ghost batch */
         if (s->norm[l] == NORM_BATCH && mode == RUNNING) {
             const real* rm = s->running_mean[l] + (int64_t)m * F;
             const real* rv = s->running_var[l] + (int64_t)m * F;
@@ -68,15 +100,29 @@ static void hidden_forward(const Step* s, int l, int m, int rows, int step_in_ch
                 for (int f = 0; f < F; f++) row[f] = (row[f] - rm[f]) * inv[f];
             }
         } else if (s->norm[l] == NORM_BATCH) {
-            int starts[1024], sizes[1024];
-            const int count = ghost_batches(rows, s->ghost[l], starts, sizes);
+            count = ghost_batches(rows, s->ghost[l], starts, sizes);
             real* mean = scratch;
             real* var = scratch + F;
+            real* rm = s->running_mean[l] + (int64_t)m * F;
+            real* rv = s->running_var[l] + (int64_t)m * F;
+            real* sigma = scratch + 2 * F;     /* renorm: the running estimates as they were before this batch */
+            real* old_mean = scratch + 3 * F;
+            real* correction = s->correction[l] + m * s->activation_stride[l];
+            real r_min = 1, r_max = 1, d_max = 0;
+            if (s->renorm[l]) {
+                renorm_bounds(s, s->batches_tracked[l][m], &r_min, &r_max, &d_max);
+                for (int f = 0; f < F; f++) { sigma[f] = SQRT(rv[f] + s->eps); old_mean[f] = rm[f]; }
+                rd = correction;
+            }
             for (int q = 0; q < count; q++) {
                 batch_norm_forward(h, F, starts[q], sizes[q], s->eps, inv + (int64_t)q * F, mean, var);
+                if (s->renorm[l])  /* held constant in the backward pass (Ioffe 2017, Algorithm 1) */
+                    for (int f = 0; f < F; f++) {
+                        correction[(int64_t)q * F + f] = clamp(SQRT(var[f] + s->eps) / sigma[f], r_min, r_max);
+                        correction[(int64_t)(count + q) * F + f] = clamp((mean[f] - old_mean[f]) / sigma[f], -d_max,
+                                                                         d_max);
+                    }
                 if (q == 0 && mode == TRAIN) {  /* the running estimates follow the first (ghost) batch, with its unbiased variance */
-                    real* rm = s->running_mean[l] + (int64_t)m * F;
-                    real* rv = s->running_var[l] + (int64_t)m * F;
                     const real unbias = (real)sizes[0] / (real)(sizes[0] - 1);
                     for (int f = 0; f < F; f++) {
                         rm[f] += s->norm_momentum * (mean[f] - rm[f]);
@@ -96,10 +142,26 @@ static void hidden_forward(const Step* s, int l, int m, int rows, int step_in_ch
                 for (int f = 0; f < F; f++) row[f] = (row[f] - mean) * rstd;
             }
         }
-        for (int r = 0; r < rows; r++) {
-            const real* xr = h + (int64_t)r * F;
-            real* ar = a + (int64_t)r * F;
-            for (int f = 0; f < F; f++) { const real y = gamma[f] * xr[f] + beta[f]; ar[f] = y > 0 ? y : 0; }
+        const real* noise = s->noise[l] && mode == TRAIN
+            ? s->noise[l] + m * s->noise_stride[l] + (int64_t)step_in_chunk * s->noise_step[l] : 0;
+        if (!rd) { starts[0] = 0; sizes[0] = rows; count = 1; }
+        for (int q = 0; q < count; q++) {
+            const real* r_q = rd ? rd + (int64_t)q * F : 0;
+            const real* d_q = rd ? rd + (int64_t)(count + q) * F : 0;
+            for (int r = starts[q]; r < starts[q] + sizes[q]; r++) {
+                const real* xr = h + (int64_t)r * F;
+                real* ar = a + (int64_t)r * F;
+                if (r_q)
+                    for (int f = 0; f < F; f++) ar[f] = gamma[f] * (xr[f] * r_q[f] + d_q[f]) + beta[f];
+                else
+                    for (int f = 0; f < F; f++) ar[f] = gamma[f] * xr[f] + beta[f];
+                if (noise) {
+                    const real* e = noise + 2 * F + (int64_t)r * F;
+                    for (int f = 0; f < F; f++) ar[f] = ar[f] * noise[f] + noise[F + f] + e[f];
+                }
+                if (!after_relu)
+                    for (int f = 0; f < F; f++) ar[f] = ar[f] > 0 ? ar[f] : 0;
+            }
         }
     } else {
         for (int64_t i = 0; i < n; i++) a[i] = h[i] > 0 ? h[i] : 0;
@@ -132,8 +194,8 @@ static void forward(const Step* s, int m, const real* x, int rows, int step_in_c
 }
 
 /* The gradient at hidden layer l's product output, in place of g (the gradient at its activation): dropout,
- * ReLU (where the activation is 0, nothing flows), then the normalization's backward, whose scale and shift
- * take their SGD step here. */
+ * ReLU (where the activation is 0, nothing flows), noise's scale, then the normalization's backward, whose scale
+ * and shift take their SGD step here (after_relu: the normalization's backward, then the ReLU's). */
 static void hidden_backward(const Step* s, int l, int m, int rows, int step_in_chunk, real* restrict g,
                             real lr, int first, real* restrict scratch) {
     const int F = s->widths[l + 1];
@@ -143,8 +205,15 @@ static void hidden_backward(const Step* s, int l, int m, int rows, int step_in_c
         const real* mask = s->masks[l] + m * s->masks_stride[l] + (int64_t)step_in_chunk * s->masks_step[l];
         const real scale = 1 / s->keep;
         for (int64_t i = 0; i < n; i++) g[i] = a[i] > 0 ? g[i] * (mask[i] * scale) : 0;
-    } else {
+    } else if (!s->after_relu[l]) {
         for (int64_t i = 0; i < n; i++) g[i] = a[i] > 0 ? g[i] : 0;
+    }
+    if (s->noise[l]) {  /* y * scale + shift + noise: the gradient at y is the scale's */
+        const real* scale = s->noise[l] + m * s->noise_stride[l] + (int64_t)step_in_chunk * s->noise_step[l];
+        for (int r = 0; r < rows; r++) {
+            real* gr = g + (int64_t)r * F;
+            for (int f = 0; f < F; f++) gr[f] *= scale[f];
+        }
     }
     if (s->norm[l] == NORM_NONE) return;
     const real* xh = s->normalized[l] + m * s->activation_stride[l];
@@ -157,9 +226,27 @@ static void hidden_backward(const Step* s, int l, int m, int rows, int step_in_c
     if (s->norm[l] == NORM_BATCH) {
         int starts[1024], sizes[1024];
         const int count = ghost_batches(rows, s->ghost[l], starts, sizes);
-        for (int q = 0; q < count; q++)
-            batch_norm_backward(g, xh, gamma, inv + (int64_t)q * F, F, starts[q], sizes[q], scratch + 2 * F,
-                                scratch + 3 * F, dgamma, dbeta);
+        const real* rd = s->renorm[l] ? s->correction[l] + m * s->activation_stride[l] : 0;
+        for (int q = 0; q < count; q++) {
+            if (!rd) {
+                batch_norm_backward(g, xh, gamma, inv + (int64_t)q * F, F, starts[q], sizes[q], scratch + 2 * F,
+                                    scratch + 3 * F, dgamma, dbeta);
+                continue;
+            }
+            /* y = x_hat r + d, r and d constants: x_hat's gradient is gamma r g, and gamma's is the sum of g y */
+            const real* r_q = rd + (int64_t)q * F;
+            const real* d_q = rd + (int64_t)(count + q) * F;
+            real* scaled = scratch + 4 * F;
+            real* sums = scratch + 5 * F;
+            real* sums_x = scratch + 6 * F;
+            for (int f = 0; f < F; f++) { scaled[f] = gamma[f] * r_q[f]; sums[f] = 0; sums_x[f] = 0; }
+            batch_norm_backward(g, xh, scaled, inv + (int64_t)q * F, F, starts[q], sizes[q], scratch + 2 * F,
+                                scratch + 3 * F, sums_x, sums);
+            for (int f = 0; f < F; f++) {
+                dgamma[f] += r_q[f] * sums_x[f] + d_q[f] * sums[f];
+                dbeta[f] += sums[f];
+            }
+        }
     } else {
         for (int r = 0; r < rows; r++) {
             real* gr = g + (int64_t)r * F;
@@ -179,6 +266,10 @@ static void hidden_backward(const Step* s, int l, int m, int rows, int step_in_c
     }
     sgd(gamma, s->gamma_momentum[l] + (int64_t)m * F, dgamma, F, lr, s->momentum, first);
     sgd(beta, s->beta_momentum[l] + (int64_t)m * F, dbeta, F, lr, s->momentum, first);
+    if (s->after_relu[l]) {
+        const real* kept = s->relu_out[l] + m * s->activation_stride[l];
+        for (int64_t i = 0; i < n; i++) g[i] = kept[i] > 0 ? g[i] : 0;
+    }
 }
 
 /* One SGD step of model m on its epoch's batch `step` (its images gathered through the epoch's order); its loss
