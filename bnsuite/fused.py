@@ -9,7 +9,7 @@ checkpoint) in one C call: each model on one thread from its first batch to
 its last, its products single-threaded BLAS calls (torch's own sgemm) and
 everything between them (bias, batch, ghost-batch or layer normalization,
 Batch Renormalization's corrections, noisy BN's noise, ReLU before or after
-the normalization, dropout, the loss and its gradient, SGD with momentum) in
+the normalization or the sigmoid, dropout, the loss and its gradient, SGD with momentum) in
 loops over the data with nothing allocated. Two models train side by side on
 two cores. Dropout masks and noise are drawn in Python from each model's own
 generator, as the modules draw them from torch's, so the fused step's runs
@@ -54,7 +54,7 @@ from bnsuite.batchnorm import BatchRenorm1d, GhostBatchNorm2d, NoisyBatchNorm1d
 from bnsuite.environment import cpu_model_and_flags
 from bnsuite.fastpath import BN_EPS, BN_MOMENTUM, normalization, per_model_settings, stack_into
 from bnsuite.files import user_cache_dir
-from bnsuite.models import SimpleNNWithBN, SimpleNNWithBNAfterReLU, SmallCNN
+from bnsuite.models import IoffeMLP, SimpleNNWithBN, SimpleNNWithBNAfterReLU, SmallCNN
 
 NATIVE = Path(__file__).parent / "native"
 SOURCE = NATIVE / "bnsuite.c"  # one translation unit: common.h, mlp.c (the MLP family) and cnn.c (the ConvNet)
@@ -243,15 +243,17 @@ def supports(model: nn.Module, batch_size: int) -> bool:
 
 @dataclass(frozen=True)
 class MlpLayout:
-    """How the fused MLP step trains a model of the study's MLP family: its normalization as the ATen step names it
-    ("none", "bn", "ghost", "ln"; bnsuite.fastpath.normalization), images per statistic for ghost batches, and
-    what only the fused step covers: Batch Renormalization's corrections, noisy BN's noise, BN after the ReLU."""
+    """How the fused MLP step trains a model of the study's MLP family or Ioffe & Szegedy's network: its
+    normalization as the ATen step names it ("none", "bn", "ghost", "ln"; bnsuite.fastpath.normalization), images
+    per statistic for ghost batches, and what only the fused step covers: Batch Renormalization's corrections,
+    noisy BN's noise, BN after the ReLU, the sigmoid."""
 
     norm: str
     ghost: int | None = None
     renorm: bool = False
     noisy: bool = False
     after_relu: bool = False
+    sigmoid: bool = False  # the hidden layers' nonlinearity (IoffeMLP's), else ReLU
 
 
 def mlp_layout(model: nn.Module) -> MlpLayout | None:
@@ -260,6 +262,14 @@ def mlp_layout(model: nn.Module) -> MlpLayout | None:
     norm = normalization(model)
     if norm is not None:
         return MlpLayout(norm, getattr(model.bn1, "ghost_size", None) if norm == "ghost" else None)
+    if type(model) is IoffeMLP:
+        layers = [module for name, module in model.named_children() if name.startswith("bn")]
+        if all(type(layer) is nn.Identity for layer in layers):
+            return MlpLayout("none", sigmoid=True)
+        if all(type(layer) is nn.BatchNorm1d and layer.eps == BN_EPS and layer.momentum == BN_MOMENTUM
+               and layer.affine and layer.track_running_stats for layer in layers):
+            return MlpLayout("bn", sigmoid=True)
+        return None
     if type(model) not in (SimpleNNWithBN, SimpleNNWithBNAfterReLU):
         return None
     layers = (model.bn1, model.bn2)
@@ -318,7 +328,7 @@ def _fields(real: type) -> list:
         ("momentum", real), ("eps", real), ("norm_momentum", real), ("keep", real),
         ("widths", ctypes.c_int * (MAX_LAYERS + 1)), ("norm", ctypes.c_int * MAX_LAYERS),
         ("ghost", ctypes.c_int * MAX_LAYERS), ("after_relu", ctypes.c_int * MAX_LAYERS),
-        ("renorm", ctypes.c_int * MAX_LAYERS), ("renorm_schedule", ctypes.c_double * 4),
+        ("renorm", ctypes.c_int * MAX_LAYERS), ("renorm_schedule", ctypes.c_double * 4), ("sigmoid", ctypes.c_int),
         ("lr", _P), ("images", _P), ("labels", _P), ("order", _P), ("order_stride", _I64),
         ("batch", _P), ("batch_stride", _I64), ("batch_labels", _P), ("batch_labels_stride", _I64),
         ("weight", _P * MAX_LAYERS), ("bias", _P * MAX_LAYERS),
@@ -412,7 +422,7 @@ class FusedStep:
         step = _step_type(PRECISIONS[dtype][3])(
             models=count, layers=len(linears), threads=torch.get_num_threads(), classes=widths[-1],
             batch_size=batch_size, train_size=train_size, first_step=1, momentum=momentum, eps=BN_EPS,
-            norm_momentum=BN_MOMENTUM, keep=1.0 - self.dropout)
+            norm_momentum=BN_MOMENTUM, keep=1.0 - self.dropout, sigmoid=layout.sigmoid)
         step.renorm_schedule[:] = (batchnorm.RENORM_WARMUP, batchnorm.RENORM_RAMP, batchnorm.RENORM_R_MAX,
                                    batchnorm.RENORM_D_MAX)
         keep: list[torch.Tensor] = []  # every tensor the C code points into, alive as long as the step

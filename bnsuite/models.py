@@ -13,6 +13,7 @@ models, so every training path takes it from one place.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 
@@ -112,6 +113,30 @@ class SimpleNNWithBNAfterReLU(nn.Module):
         return self.fc3(x)
 
 
+
+# Ioffe & Szegedy (2015, section 4.1): "a simple network, with 3 fully-connected hidden layers with 100 activations
+# each ... each hidden layer computes y = g(Wu + b) with sigmoid nonlinearity ... a 10-way softmax".
+IOFFE_WIDTH, IOFFE_HIDDEN = 100, 3
+
+
+class IoffeMLP(nn.Module):
+    """Ioffe & Szegedy's MNIST network: 784 -> 100 -> 100 -> 100 -> 10, a sigmoid after each hidden layer, with
+    `batch_norm` BatchNorm1d before each sigmoid (their BN network), else nothing there (bn1..bn3 are Identity)."""
+
+    def __init__(self, *, batch_norm: bool):
+        super().__init__()
+        widths = (784,) + (IOFFE_WIDTH,) * IOFFE_HIDDEN
+        for layer, (fan_in, fan_out) in enumerate(itertools.pairwise(widths), start=1):
+            setattr(self, f"fc{layer}", nn.Linear(fan_in, fan_out))
+            setattr(self, f"bn{layer}", nn.BatchNorm1d(fan_out) if batch_norm else nn.Identity())
+        setattr(self, f"fc{IOFFE_HIDDEN + 1}", nn.Linear(IOFFE_WIDTH, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.view(x.size(0), -1)
+        for layer in range(1, IOFFE_HIDDEN + 1):
+            x = torch.sigmoid(getattr(self, f"bn{layer}")(getattr(self, f"fc{layer}")(x)))
+        return getattr(self, f"fc{IOFFE_HIDDEN + 1}")(x)
+
 # Ghost sizes a `bn-ghostG` variant can take: the study's (Wu & He's 2 to 32 images per device) and 64.
 GHOST_SIZES = (2, 4, 8, 16, 32, 64)
 
@@ -184,6 +209,20 @@ def bn_noisy() -> nn.Module:
     """BN with unstable noise after each BN layer in training (NoisyBatchNorm1d; Santurkar et al. 2018)."""
     return SimpleNNWithBN(norm=NoisyBatchNorm1d)
 
+
+
+# The Ioffe study's pair (bnsuite.studies.ioffe): their probe point is what feeds the last hidden sigmoid.
+@register_variant("ioffe-plain", batch_statistics=False, probe=f"fc{IOFFE_HIDDEN}", order=10, color="tab:orange")
+def ioffe_plain() -> nn.Module:
+    """Ioffe & Szegedy's MNIST network without BN (IoffeMLP)."""
+    return IoffeMLP(batch_norm=False)
+
+
+@register_variant("ioffe-bn", batch_statistics=True, derives_from="ioffe-plain", probe=f"bn{IOFFE_HIDDEN}", order=11,
+                  color="tab:blue")
+def ioffe_bn() -> nn.Module:
+    """Ioffe & Szegedy's MNIST network with BatchNorm1d before each sigmoid (IoffeMLP)."""
+    return IoffeMLP(batch_norm=True)
 
 @register_variant("ln", batch_statistics=False, probe="bn2", order=6, color="tab:purple")
 def ln() -> nn.Module:

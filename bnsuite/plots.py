@@ -174,23 +174,57 @@ def bars_plot(runs: pd.DataFrame, order: list[str], colors: Colors, panels: tupl
     return _png(figure)
 
 
-def activation_plot(traces: pd.DataFrame, colors: Colors, points: Mapping[str, str]) -> bytes:
+def activation_plot(traces: pd.DataFrame, colors: Colors, points: Mapping[str, str],
+                    nonlinearity: str = "ReLU") -> bytes:
     """Ioffe & Szegedy's Fig. 1 for the study's networks: one unit's 15th, 50th and 85th input percentiles
     against training steps, one panel per variant (in the frame's order). `traces`: variant, step, percentile,
     value; `points`: each variant's probe point."""
     variants = list(dict.fromkeys(traces["variant"]))
     figure, axes = plt.subplots(1, len(variants), figsize=(4.6 * len(variants), 3.6), squeeze=False)
     for axis, variant in zip(axes[0], variants, strict=True):
-        mine = traces[traces["variant"] == variant]
-        for percentile, line in mine.groupby("percentile"):
-            axis.plot(line["step"], line["value"], color=_color(colors, variant),
-                      alpha=0.45 + 0.35 * (percentile == 50), linewidth=1.2, label=f"{percentile:g}th percentile")
+        _percentile_lines(axis, traces[traces["variant"] == variant], _color(colors, variant))
         axis.set_title(f"{variant}: {points[variant]} output")
-        axis.set_xlabel("training step")
-        axis.grid(True, alpha=0.3)
-        axis.legend(loc="best", fontsize=8)
-    axes[0][0].set_ylabel("input to the last hidden ReLU")
+    axes[0][0].set_ylabel(f"input to the last hidden {nonlinearity}")
     figure.suptitle("One hidden unit's input distribution over training (probe batch of held-out images)")
+    return _png(figure)
+
+
+def _percentile_lines(axis, trace: pd.DataFrame, color: str) -> None:
+    for percentile, line in trace.groupby("percentile"):
+        axis.plot(line["step"], line["value"], color=color, alpha=0.45 + 0.35 * (percentile == 50), linewidth=1.2,
+                  label=f"{percentile:g}th percentile")
+    axis.set_xlabel("training step")
+    axis.grid(True, alpha=0.3)
+    axis.legend(loc="best", fontsize=8)
+
+
+def ioffe_plot(accuracy: pd.DataFrame, traces: pd.DataFrame, colors: Colors, *, plain: str, bn: str,
+               held_out: str, unit: int) -> bytes:
+    """Ioffe & Szegedy's Figure 1 as they draw it: (a) held-out accuracy against training steps, plain and BN (mean
+    over seeds, band min to max); (b, c) one last-hidden-layer unit's 15th, 50th and 85th input percentiles (the
+    sigmoid's input) against steps, without and with BN. `accuracy`: variant, seed, step, accuracy (in %);
+    `traces`: variant, step, percentile, value (one seed)."""
+    figure, axes = plt.subplots(1, 3, figsize=(13.5, 3.8))
+    for variant, style in ((plain, "--"), (bn, "-")):
+        by_step = accuracy[accuracy["variant"] == variant].groupby("step")["accuracy"]
+        mean, low, high = by_step.mean(), by_step.min(), by_step.max()
+        color = _color(colors, variant)
+        seeds = accuracy[accuracy["variant"] == variant]["seed"].nunique()
+        axes[0].plot(mean.index, mean.values / 100, linestyle=style, color=color,
+                     label=f"{variant} (mean of {seeds} seeds)")
+        axes[0].fill_between(mean.index, low.values / 100, high.values / 100, color=color, alpha=0.2, linewidth=0)
+    axes[0].set_xlabel("training step")
+    axes[0].set_ylabel(f"{held_out} accuracy")
+    lowest = accuracy["accuracy"].min() / 100
+    axes[0].set_ylim(0.7 if lowest >= 0.7 else max(0.0, lowest - 0.02), 1.0)  # theirs: 0.7 to 1
+    axes[0].grid(True, alpha=0.3)
+    axes[0].legend(loc="lower right", fontsize=8)
+    axes[0].set_title("(a) held-out accuracy")
+    for axis, variant, letter in ((axes[1], plain, "b"), (axes[2], bn, "c")):
+        _percentile_lines(axis, traces[traces["variant"] == variant], _color(colors, variant))
+        axis.set_title(f"({letter}) {variant}: unit {unit}'s sigmoid input")
+    axes[2].sharey(axes[1])
+    figure.suptitle("Ioffe & Szegedy (2015), Figure 1, on this run's records")
     return _png(figure)
 
 

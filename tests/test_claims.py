@@ -187,6 +187,47 @@ def test_noisy_bn_claims_weigh_accuracy_against_plain_and_bn_and_drift_against_b
     assert _claim("bn-noisy-larger-drift-than-bn-bs64").evaluate(unprobed).verdict == NOT_SHOWN
 
 
+
+def test_ioffe_claims_time_the_target_accuracy_in_steps_and_compare_final_accuracy_and_drift():
+    from bnsuite.records import ActivationTrace
+    from bnsuite.studies.ioffe import BATCH_SIZE, TARGET_ACCURACY, steps_to
+
+    spec = study_spec(profile="test", seeds=(0, 1, 2), validation_size=10_000, train_subset=2_000,
+                      claims=ClaimSettings(target_loss=0.5),
+                      studies=(Study("ioffe2015", variants=("ioffe-plain", "ioffe-bn"), batch_sizes=(BATCH_SIZE,),
+                                     epochs=4),))
+
+    def trace(move):
+        return ActivationTrace(every=100, steps=(0, 100, 200), units=(0,), percentiles=(15.0, 50.0, 85.0),
+                               values=tuple(((i * move, i * move + 0.5, i * move + 1.0),) for i in range(3)))
+
+    def run(variant, seed, curve, drift):
+        record = _run("ioffe2015", variant, seed, batch_size=BATCH_SIZE, losses=(0.9, 0.5, 0.4, 0.3),
+                      accuracy=curve[-1] + seed / 100, of=spec)
+        epochs = tuple(dataclasses.replace(epoch, validation_accuracy=value + seed / 100)
+                       for epoch, value in zip(record.epochs, curve, strict=True))
+        return dataclasses.replace(record, epochs=epochs, activations=trace(drift + seed / 1000))
+
+    target = TARGET_ACCURACY
+    bn_curve, plain_curve = (90.0, target, 97.0, 97.5), (80.0, 90.0, 93.0, target + 1)
+    runs = [run("ioffe-bn", seed, bn_curve, 0.05) for seed in range(3)] + \
+        [run("ioffe-plain", seed, plain_curve, 0.3) for seed in range(3)]
+    assert steps_to(target)(runs[0]) == 2 * runs[0].spec.steps_per_epoch  # the end of epoch 2
+    assert steps_to(target)(runs[3]) == 4 * runs[3].spec.steps_per_epoch
+    claims = {claim.name: claim for claim in study_claims(spec)}
+    verdicts = {name: claim.evaluate(runs).verdict for name, claim in claims.items()}
+    assert verdicts == {f"ioffe-bn-reaches-{target:g}-in-fewer-steps-bs60": SUPPORTED,
+                        "ioffe-bn-accuracy-at-least-plain-bs60": SUPPORTED,
+                        "ioffe-bn-steadier-sigmoid-inputs-bs60": SUPPORTED}
+    never = [run("ioffe-plain", seed, (80.0, 85.0, 88.0, 90.0), 0.3) for seed in range(3)]
+    fewer = claims[f"ioffe-bn-reaches-{target:g}-in-fewer-steps-bs60"]
+    assert "never, never, never" in fewer.evaluate(runs[:3] + never).evidence
+    slower = [run("ioffe-bn", seed, plain_curve, 0.05) for seed in range(3)]
+    assert fewer.evaluate(slower + [run("ioffe-plain", seed, bn_curve, 0.3) for seed in range(3)]).verdict == \
+        CONTRADICTED
+    unprobed = [dataclasses.replace(record, activations=None) for record in runs]
+    assert claims["ioffe-bn-steadier-sigmoid-inputs-bs60"].evaluate(unprobed).verdict == NOT_SHOWN
+
 def test_batch_renorm_claim_compares_the_smallest_ghost_batch_of_each_and_only_that():
     claim = _claim("bn-renorm-more-accurate-at-smallest-ghost-batch-bs128")
     assert {spec.variant for spec in claim.needs} == {"bn-ghost2", "bn-renorm2"}

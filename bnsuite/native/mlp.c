@@ -28,6 +28,7 @@ typedef struct {
     int after_relu[MAX_LAYERS];  /* normalize the ReLU's output (bn-after-relu's placement) rather than its input */
     int renorm[MAX_LAYERS];      /* NORM_BATCH with Batch Renormalization's r and d (bnsuite.batchnorm.BatchRenorm1d) */
     double renorm_schedule[4];   /* warm-up steps, ramp steps, final r_max, final d_max (bnsuite.batchnorm's) */
+    int sigmoid;                 /* the hidden layers' nonlinearity: the sigmoid (Ioffe & Szegedy's MNIST network), else ReLU */
     const real* lr;             /* (S) */
     const real* images; const int64_t* labels;  /* the training set: (N, in) and (N) */
     const int64_t* order; int64_t order_stride;  /* this epoch's order per model: (train_size) indices */
@@ -69,7 +70,7 @@ static void renorm_bounds(const Step* s, int64_t step, real* r_min, real* r_max,
 static inline real clamp(real x, real low, real high) { return x < low ? low : (x > high ? high : x); }
 
 /* Hidden layer l after its product and bias: (after_relu: ReLU first) normalize, scale and shift (renorm: with r
- * and d), noise (noisy BN, in training), ReLU (unless it came first), dropout. TRAIN: with the batch's
+ * and d), noise (noisy BN, in training), ReLU (unless it came first) or the sigmoid, dropout. TRAIN: with the batch's
  * statistics, which the running estimates follow, and dropout and noise; BATCH_STATISTICS: the same, changing
  * nothing and without dropout or noise (what training computes, on held-out images); RUNNING: with the running
  * estimates (eval). */
@@ -159,10 +160,14 @@ static void hidden_forward(const Step* s, int l, int m, int rows, int step_in_ch
                     const real* e = noise + 2 * F + (int64_t)r * F;
                     for (int f = 0; f < F; f++) ar[f] = ar[f] * noise[f] + noise[F + f] + e[f];
                 }
-                if (!after_relu)
+                if (s->sigmoid)
+                    for (int f = 0; f < F; f++) ar[f] = 1 / (1 + EXP(-ar[f]));
+                else if (!after_relu)
                     for (int f = 0; f < F; f++) ar[f] = ar[f] > 0 ? ar[f] : 0;
             }
         }
+    } else if (s->sigmoid) {
+        for (int64_t i = 0; i < n; i++) a[i] = 1 / (1 + EXP(-h[i]));
     } else {
         for (int64_t i = 0; i < n; i++) a[i] = h[i] > 0 ? h[i] : 0;
     }
@@ -194,7 +199,7 @@ static void forward(const Step* s, int m, const real* x, int rows, int step_in_c
 }
 
 /* The gradient at hidden layer l's product output, in place of g (the gradient at its activation): dropout,
- * ReLU (where the activation is 0, nothing flows), noise's scale, then the normalization's backward, whose scale
+ * ReLU (where the activation is 0, nothing flows) or the sigmoid (a (1 - a)), noise's scale, then the normalization's backward, whose scale
  * and shift take their SGD step here (after_relu: the normalization's backward, then the ReLU's). */
 static void hidden_backward(const Step* s, int l, int m, int rows, int step_in_chunk, real* restrict g,
                             real lr, int first, real* restrict scratch) {
@@ -205,6 +210,8 @@ static void hidden_backward(const Step* s, int l, int m, int rows, int step_in_c
         const real* mask = s->masks[l] + m * s->masks_stride[l] + (int64_t)step_in_chunk * s->masks_step[l];
         const real scale = 1 / s->keep;
         for (int64_t i = 0; i < n; i++) g[i] = a[i] > 0 ? g[i] * (mask[i] * scale) : 0;
+    } else if (s->sigmoid) {
+        for (int64_t i = 0; i < n; i++) g[i] *= a[i] * (1 - a[i]);
     } else if (!s->after_relu[l]) {
         for (int64_t i = 0; i < n; i++) g[i] = a[i] > 0 ? g[i] : 0;
     }

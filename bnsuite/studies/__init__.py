@@ -10,7 +10,7 @@ plugin, after these.
 import importlib
 
 # The order they run and are reported in.
-BUILTIN = ("batch", "lr", "init", "dropout", "ghost", "landscape", "placement", "noise", "renorm")
+BUILTIN = ("batch", "lr", "init", "dropout", "ghost", "landscape", "placement", "noise", "renorm", "ioffe")
 
 for _name in BUILTIN:
     importlib.import_module(f"{__name__}.{_name}")
