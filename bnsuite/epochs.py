@@ -80,7 +80,11 @@ class TensorEpochs:
         point = variant(spec.variant, spec.network).probe
         if point is not None:
             check_probe_point(models[0], point, spec.variant)
-        self.prober = Prober(models, splits.test_images, point) if PROBES and point else None
+        # Where the step draws dropout masks and noise from the runs' own generators rather than torch's (the fused
+        # and ATen steps), a probe or evaluation that draws noise starts where they stand, as on the eager step.
+        self.generators = dropout_generators if kind in ("fused", "fast") else None
+        self.prober = (Prober(models, splits.test_images, point, generators=self.generators) if PROBES and point
+                       else None)
         if self.prober is not None:
             self.prober(0)
         self.landscaper = (Landscaper(models, self.images, self.labels, [run.lr for run in specs],

@@ -36,7 +36,8 @@ def evaluate_all(runner, models: list[nn.Module], images: torch.Tensor, labels: 
         return [(None, accuracy) for _, accuracy in results] if batch_statistics is not None else results
     chosen = set(range(len(models)) if only is None else only)
     if batch_statistics is not None:
-        return [(None, evaluate_with_batch_statistics(model, images, labels, batch_statistics))
+        generators = getattr(runner, "generators", None) or [None] * len(models)
+        return [(None, evaluate_with_batch_statistics(model, images, labels, batch_statistics, generators[index]))
                 if index in chosen else (None, None) for index, model in enumerate(models)]
     return [evaluate(model, images, labels) if index in chosen else (None, None)
             for index, model in enumerate(models)]
@@ -64,14 +65,15 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> tu
 
 @torch.no_grad()
 def evaluate_with_batch_statistics(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-                                   batch_size: int) -> float | None:
+                                   batch_size: int, generator: torch.Generator | None = None) -> float | None:
     """Accuracy (%) with every normalization layer normalizing each batch of `batch_size` images by its own
     statistics.
 
     What the network computes in training mode, on held-out images: the counterpart of `evaluate`'s running
     estimates, for a variant with batch statistics. The model changes in nothing (bnsuite.probe.as_in_training:
-    its buffers are copies for the call, dropout is off). Batches are consecutive, the last one shorter (merged
-    into the one before if it would hold a single image). None for an empty split.
+    its buffers are copies for the call, dropout is off; a layer that draws noise draws as from `generator`
+    where given). Batches are consecutive, the last one shorter (merged into the one before if it would hold a
+    single image). None for an empty split.
     """
     if len(labels) == 0:
         return None
@@ -79,7 +81,7 @@ def evaluate_with_batch_statistics(model: nn.Module, images: torch.Tensor, label
     if len(starts) > 1 and len(labels) - starts[-1] == 1:
         starts.pop()  # a batch of one image has no batch statistics
     correct = torch.zeros((), dtype=torch.long, device=images.device)
-    with as_in_training(model) as forward:
+    with as_in_training(model, generator) as forward:
         for start, end in zip(starts, starts[1:] + [len(labels)], strict=True):
             correct += (forward(images[start:end]).argmax(dim=1) == labels[start:end]).sum()
     return 100.0 * correct.item() / len(labels)

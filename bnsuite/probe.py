@@ -34,13 +34,16 @@ PERCENTILES = (15.0, 50.0, 85.0)
 
 
 @contextlib.contextmanager
-def as_in_training(model: nn.Module) -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:
+def as_in_training(model: nn.Module, generator: torch.Generator | None = None
+                   ) -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:
     """A forward pass of `model` in training mode that leaves the model as it was.
 
     Normalization layers use each batch's own statistics, as in training; their buffers (running estimates,
     counters) are saved first and put back afterwards, so the model's come out unchanged; dropout layers are
     off; every module's mode is restored afterwards, and so is torch's random state, so a layer that draws
-    noise draws nothing from the run's generators.
+    noise draws nothing from the run's generators. `generator`: where a training step that draws its random
+    numbers from a generator of the run's own (the fused step) stands; the forward pass draws as from there, as
+    it would from torch's own after the same steps on the eager step.
     """
     # The model runs as it is, its buffers saved first and put back after: the same arithmetic as a forward pass
     # over copies (torch.func.functional_call), without that call's cost per batch, which at the study's batch
@@ -56,6 +59,11 @@ def as_in_training(model: nn.Module) -> Iterator[Callable[[torch.Tensor], torch.
     device = next(model.parameters()).device
     try:
         with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+            if generator is not None:
+                if generator.device.type == "cuda":
+                    torch.cuda.set_rng_state(generator.get_state(), generator.device)
+                else:
+                    torch.set_rng_state(generator.get_state())
             yield model
     finally:
         with torch.no_grad():
@@ -75,14 +83,16 @@ def check_probe_point(model: nn.Module, point: str, variant: str) -> None:
 
 
 @torch.no_grad()
-def probed_input(model: nn.Module, images: torch.Tensor, point: str) -> torch.Tensor:
+def probed_input(model: nn.Module, images: torch.Tensor, point: str,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
     """The output of `model`'s submodule `point` for `images` as a training step computes it, changing nothing
-    (`as_in_training`); where the submodule runs more than once, its last output."""
+    (`as_in_training`, drawing as from `generator` where given); where the submodule runs more than once, its last
+    output."""
     seen: dict[str, torch.Tensor] = {}
     handle = model.get_submodule(point).register_forward_hook(
         lambda module, args, output: seen.update(output=output))
     try:
-        with as_in_training(model) as forward:
+        with as_in_training(model, generator) as forward:
             forward(images)
     finally:
         handle.remove()
@@ -92,8 +102,12 @@ def probed_input(model: nn.Module, images: torch.Tensor, point: str) -> torch.Te
 class Prober:
     """Collects the percentiles of S models at checkpoints; results stay on the device until `traces`."""
 
-    def __init__(self, models: list[nn.Module], images: torch.Tensor, point: str, *, every: int = PROBE_EVERY):
+    def __init__(self, models: list[nn.Module], images: torch.Tensor, point: str, *, every: int = PROBE_EVERY,
+                 generators: list[torch.Generator] | None = None):
+        """`generators`: per model, the generator its training step draws from where that is not torch's own
+        (bnsuite.epochs.TensorEpochs.generators): a layer that draws noise draws it in the probe as in training."""
         self.models = models
+        self.generators = generators or [None] * len(models)
         self.images = images[:PROBE_IMAGES]
         self.point = point
         self.every = every
@@ -106,8 +120,8 @@ class Prober:
         """Take a checkpoint after `step` optimizer steps (once per step count)."""
         if self.steps and self.steps[-1] == step:
             return
-        columns = torch.stack([probed_input(model, self.images, self.point)[:, list(UNITS)]
-                               for model in self.models])
+        columns = torch.stack([probed_input(model, self.images, self.point, generator)[:, list(UNITS)]
+                               for model, generator in zip(self.models, self.generators, strict=True)])
         self.steps.append(step)
         self.values.append(torch.quantile(columns, self.quantiles, dim=1).permute(1, 2, 0))
 

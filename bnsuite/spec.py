@@ -22,7 +22,6 @@ from pydantic import ConfigDict, with_config
 
 from bnsuite.datasets import DATASETS, training_images
 
-TRAINING_IMAGES = 60_000  # both MNIST and Fashion-MNIST (CIFAR-10 has 50,000: bnsuite.datasets.training_images)
 # The networks a variant can be built for: the study's MLP (784-256-128-10, bnsuite.models) and a small ConvNet
 # with BatchNorm2d (bnsuite.models.SmallCNN). A variant is registered for one network; a run names both.
 NETWORKS = ("mlp", "cnn")

@@ -167,6 +167,21 @@ def test_records_name_the_fused_step_and_its_compiler(mnist_dir):
     assert fused.build().step_name.startswith("fused (")
 
 
+
+def test_noisy_bn_on_the_fused_step_is_probed_and_evaluated_with_the_noise_the_eager_step_would_draw(mnist_dir):
+    # The fused step draws noise from each run's own generator, never advancing torch's: the probe and the
+    # batch-statistics evaluation, which draw noise too, must start where that generator stands, as they start
+    # where torch's stands on the eager step; otherwise they would see the same draw at every checkpoint.
+    specs = {pipeline: RunSpec(variant="bn-noisy", seed=3, epochs=2, train_subset=640, pipeline=pipeline)
+             for pipeline in ("fast", "eager")}
+    fused_run, eager_run = (train_seeds([spec], data_dir=mnist_dir)[0] for spec in specs.values())
+    assert fused_run.training_step.startswith("fused (") and eager_run.training_step == "eager"
+    assert fused_run.activations.steps == eager_run.activations.steps == (0, 10, 20)
+    fused_values, eager_values = (torch.tensor(run.activations.values) for run in (fused_run, eager_run))
+    torch.testing.assert_close(fused_values, eager_values, rtol=1e-3, atol=1e-3)
+    for fused_epoch, eager_epoch in zip(fused_run.epochs, eager_run.epochs, strict=True):
+        assert fused_epoch.batch_statistics_accuracy == pytest.approx(eager_epoch.batch_statistics_accuracy, abs=0.02)
+
 @pytest.mark.parametrize("environment", [{"CC": "/bin/false"}, {fused.SWITCH_VARIABLE: "0"}])
 def test_without_a_compiler_or_with_the_switch_off_the_aten_fast_step_trains_and_the_record_says_so(
         mnist_dir, monkeypatch, tmp_path, environment):

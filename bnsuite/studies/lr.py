@@ -21,14 +21,14 @@ from bnsuite.claims import Claim, ClaimResult, Runs, compare, decide, held_out_a
 from bnsuite.records import RunRecord
 from bnsuite.registry import SectionContext, register_study
 from bnsuite.report_parts import claims_table, colors, runs_table, write_figure
-from bnsuite.spec import CONTRADICTED, NOT_SHOWN, UNSETTLED, KnownException, Study, StudySpec
+from bnsuite.spec import CONTRADICTED, DEFAULT_LR, NOT_SHOWN, UNSETTLED, KnownException, Study, StudySpec
 
 NAME = "lr"
 PLAIN, BN = "plain", "bn"
 # From 0.001 (for Bjorck et al.'s small-rate comparison) through the study's 0.01 up in steps of about 3x, past where
 # plain stops training.
 LR_GRID = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
-STUDY_LR = 0.01  # the seed protocol's learning rate
+STUDY_LR = DEFAULT_LR  # the seed protocol's learning rate
 # The verdicts are the same after 2 epochs as after 3: runs that diverge do so in their first epoch, and the others
 # are already far above or below the trained-accuracy floor.
 MATRICES = {
