@@ -25,17 +25,18 @@ MATRICES = {profile: Study(NAME, variants=(BEFORE, AFTER), batch_sizes=(32, 64, 
 AFTER_AT_LEAST_BEFORE = "bn-after-relu-accuracy-at-least-before-bs{}"
 KNOWN_EXCEPTIONS = {
     "full": (
-        KnownException(AFTER_AT_LEAST_BEFORE.format(32), CONTRADICTED, "BN after the ReLU ends about 0.4 points below "
-                       "BN before it (97.82% against 98.31%, 7 seeds), in every seed pair"),
+        KnownException(AFTER_AT_LEAST_BEFORE.format(32), CONTRADICTED, "BN after the ReLU ends about 0.35 points below "
+                       "BN before it (97.96% against 98.31%, 7 seeds)"),
         KnownException(AFTER_AT_LEAST_BEFORE.format(64), CONTRADICTED, "BN after the ReLU ends about 0.3 points below "
-                       "BN before it (97.88% against 98.22%, 7 seeds)"),
+                       "BN before it (97.86% against 98.22%, 7 seeds)"),
         # Not shown with 3 seeds (one seed pair within the 0.1-point margin); 6 seeds show it contradicted.
-        KnownException(AFTER_AT_LEAST_BEFORE.format(128), CONTRADICTED, "BN after the ReLU ends about 0.4 points "
-                       "below BN before it (97.77% against 98.15%, 7 seeds), beyond the 0.1-point margin"),
+        KnownException(AFTER_AT_LEAST_BEFORE.format(128), CONTRADICTED, "BN after the ReLU ends about 0.3 points "
+                       "below BN before it (97.83% against 98.15%, 7 seeds), beyond the 0.1-point margin"),
     ),
     "quick": tuple(KnownException(AFTER_AT_LEAST_BEFORE.format(batch_size), CONTRADICTED, "after 4 epochs on 20,000 "
-                                  "images BN after the ReLU is 0.8 to 1.0 points behind BN before it, in every seed "
-                                  "pair") for batch_size in (32, 64, 128)),
+                                  "images BN after the ReLU is behind BN before it at every batch size (about 0.6 "
+                                  "points at 32 and 64; at 128 one seed's held-out accuracy falls to 76% at its last "
+                                  "epoch end)") for batch_size in (32, 64, 128)),
     "smoke": tuple(KnownException(AFTER_AT_LEAST_BEFORE.format(batch_size), CONTRADICTED, "after 2 epochs on 4,000 "
                                   "images BN after the ReLU is 0.7 to 2 points behind BN before it")
                    for batch_size in (32, 64, 128)),
