@@ -29,7 +29,7 @@ from bnsuite.claims import ClaimResult, holm, study_claims, summary
 from bnsuite.files import write_atomically
 from bnsuite.records import RecordError, RunRecord, epochs_frame, load_records
 from bnsuite.registry import PluginError, SectionContext, load_plugins, plugin_option, study_definition
-from bnsuite.report_parts import claims_table, colors, discussion, family_statement, variant_order
+from bnsuite.report_parts import NO_RUNS, claims_table, colors, discussion, family_statement, variant_order
 from bnsuite.spec import DEFAULT_NETWORK, NETWORK_TITLES, ClaimSettings, SpecError, Study, StudySpec, network_prefix
 from bnsuite.studies.batch import records_section
 from bnsuite.verdicts import StoredVerdict, VerdictsError, load_verdicts, still_valid
@@ -342,7 +342,7 @@ def runs_table(records: list[RunRecord]) -> str:
     """A study's runs without a section of their own: per network, variant, batch size, learning rate and init
     scale, the seeds' final training loss and test accuracy."""
     if not records:
-        return "_No runs of this study yet._"
+        return NO_RUNS
     rows = []
     keys = sorted({(r.spec.network, r.spec.variant, r.spec.batch_size, r.spec.lr, r.spec.init_scale)
                    for r in records}, key=lambda key: (key[0], variant_order(records)(key[1]), *key[2:]))

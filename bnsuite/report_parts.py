@@ -77,6 +77,21 @@ def family_statement(claims: list[ClaimResult]) -> list[str]:
     return [text, ""]
 
 
+NO_RUNS = "_No runs of this study yet._"
+
+
+def opening(context, title: str, protocol: str) -> list[str]:
+    """What every study section starts with: its heading and protocol paragraph, then, where the study has no runs
+    yet, the line that says so (the section returns these lines as they are: `if not context.records`).
+    `context`: the section's bnsuite.registry.SectionContext."""
+    lines = [f"{context.h} {title}", "", protocol, ""]
+    return lines if context.records else lines + [NO_RUNS, ""]
+
+
+def claims_block(context, title: str) -> list[str]:
+    """What every study section ends with: its own claims, judged, under "Claims: `title`"."""
+    return [f"{context.h} Claims: {title}", "", claims_table(context.own_claims, context.spec.claims), ""]
+
 def runs_table(records: list[RunRecord]) -> pd.DataFrame:
     """One row per run, with what the studies compare: held-out and training accuracy, loss, divergence."""
     return pd.DataFrame([{

@@ -22,7 +22,15 @@ from bnsuite.claims import (
     summary,
 )
 from bnsuite.registry import SectionContext, register_study
-from bnsuite.report_parts import claims_table, colors, runs_table, variant_order, variants_of, write_figure
+from bnsuite.report_parts import (
+    claims_block,
+    colors,
+    opening,
+    runs_table,
+    variant_order,
+    variants_of,
+    write_figure,
+)
 from bnsuite.spec import CONTRADICTED, NOT_SHOWN, UNSETTLED, KnownException, Study, StudySpec
 
 NAME = "dropout"
@@ -114,15 +122,15 @@ def _dropout_gains_less(batch_size: int):
 
 
 def dropout_section(context: SectionContext) -> list[str]:
-    spec, study, records, out, prefix, with_plots, h = (
-        context.spec, context.study, context.records, context.out, context.prefix, context.with_plots, context.h)
-    settings = spec.claims
-    lines = [f"{h} Regularization: does BN reduce the need for dropout?", "",
-             f"Dropout after each hidden ReLU in the `-dropout` variants; batch size "
-             f"{', '.join(map(str, study.batch_sizes))}, {study.epochs} epochs. Training accuracy is the final "
-             "model's, on its own training images in eval mode; the gap is that minus the held-out accuracy.", ""]
+    study, records, out, prefix, with_plots = (
+        context.study, context.records, context.out, context.prefix, context.with_plots)
+    lines = opening(
+        context, "Regularization: does BN reduce the need for dropout?",
+        f"Dropout after each hidden ReLU in the `-dropout` variants; batch size "
+        f"{', '.join(map(str, study.batch_sizes))}, {study.epochs} epochs. Training accuracy is the final "
+        "model's, on its own training images in eval mode; the gap is that minus the held-out accuracy.")
     if not records:
-        return lines + ["_No runs of this study yet._", ""]
+        return lines
     table = runs_table(records)
     order, described = variant_order(records), variants_of(records)
     # A variant that derives from another of the study (bn-dropout from bn) is shown with what dropout gained it.
@@ -147,7 +155,7 @@ def dropout_section(context: SectionContext) -> list[str]:
         lines += write_figure(out, f"{prefix}dropout.png", "Held-out accuracy and generalization gap, with and "
                               "without dropout", plots.dropout_plot(table, sorted(described, key=order),
                                                                     colors(records), set(bases)))
-    return lines + [f"{h} Claims: regularization", "", claims_table(context.own_claims, settings), ""]
+    return lines + claims_block(context, "regularization")
 
 
 register_study(NAME, title="dropout study", matrices=MATRICES, section=dropout_section,

@@ -27,7 +27,7 @@ from bnsuite.claims import (
     summary,
 )
 from bnsuite.registry import SectionContext, register_study
-from bnsuite.report_parts import claims_table, colors, write_figure
+from bnsuite.report_parts import claims_block, colors, opening, write_figure
 from bnsuite.spec import NOT_SHOWN, KnownException, Study, StudySpec
 
 NAME = "ghost"
@@ -189,19 +189,20 @@ def _behind_layernorm(sizes: dict[int, str], batch_size: int):
 
 
 def ghost_section(context: SectionContext) -> list[str]:
-    spec, study, records, out, prefix, with_plots, h = (
-        context.spec, context.study, context.records, context.out, context.prefix, context.with_plots, context.h)
+    spec, study, records, out, prefix, with_plots = (
+        context.spec, context.study, context.records, context.out, context.prefix, context.with_plots)
     settings = spec.claims
-    lines = [f"{h} Batch statistics at small batches: ghost-batch BN against LayerNorm", "",
-             f"Batches of {', '.join(map(str, study.batch_sizes))}, {study.epochs} epochs; BN's statistics computed "
-             "over ghost batches of g consecutive images within each training batch (`bn-ghostG`; `bn` is g = the "
-             "batch). A batch of B with ghost size g computes what data-parallel training on B/g devices computes "
-             "without synchronized BN, so this is Wu & He's per-device effect (2018, Fig. 1) without a cluster; the "
-             "running estimates follow the first ghost batch, as DistributedDataParallel's broadcast of rank 0's "
-             "buffers makes them. LayerNorm (`ln`) normalizes each image over its own features: no statistic "
-             "involves another image.", ""]
+    lines = opening(
+        context, "Batch statistics at small batches: ghost-batch BN against LayerNorm",
+        f"Batches of {', '.join(map(str, study.batch_sizes))}, {study.epochs} epochs; BN's statistics computed "
+        "over ghost batches of g consecutive images within each training batch (`bn-ghostG`; `bn` is g = the "
+        "batch). A batch of B with ghost size g computes what data-parallel training on B/g devices computes "
+        "without synchronized BN, so this is Wu & He's per-device effect (2018, Fig. 1) without a cluster; the "
+        "running estimates follow the first ghost batch, as DistributedDataParallel's broadcast of rank 0's "
+        "buffers makes them. LayerNorm (`ln`) normalizes each image over its own features: no statistic "
+        "involves another image.")
     if not records:
-        return lines + ["_No runs of this study yet._", ""]
+        return lines
     steps = {r.spec.variant: r.training_step for r in records if r.training_step == "eager"}
     steps = [f"{variant}: {steps[variant]}" for variant in study.variants if variant in steps]
     if steps:
@@ -240,8 +241,7 @@ def ghost_section(context: SectionContext) -> list[str]:
             png = plots.ghost_plot(frame, batch_size, palette.get(BN, "tab:blue"), palette.get(LN, "tab:purple"))
             lines += write_figure(out, name, "Held-out accuracy against the ghost batch size, LayerNorm as reference",
                                   png)
-    return lines + [f"{h} Claims: batch statistics at small batches", "",
-                    claims_table(context.own_claims, settings), ""]
+    return lines + claims_block(context, "batch statistics at small batches")
 
 
 # On the ConvNet each statistic of a ghost batch of g images sees g x H x W values per channel (1,568 at g = 2 for

@@ -11,7 +11,7 @@ import pandas as pd
 from bnsuite import plots
 from bnsuite.claims import Claim, ClaimResult, Runs, at_least, compare, held_out_accuracy, needs, result, summary
 from bnsuite.registry import SectionContext, register_study
-from bnsuite.report_parts import claims_table, colors, runs_table, write_figure
+from bnsuite.report_parts import claims_block, colors, opening, runs_table, write_figure
 from bnsuite.spec import Study, StudySpec
 
 NAME = "init"
@@ -77,15 +77,15 @@ def _less_sensitive(scales: list[float], batch_size: int):
 
 
 def init_section(context: SectionContext) -> list[str]:
-    spec, study, records, out, prefix, with_plots, h = (
-        context.spec, context.study, context.records, context.out, context.prefix, context.with_plots, context.h)
-    settings = spec.claims
-    lines = [f"{h} Initialization: is BN less sensitive to it?", "",
-             f"Every Linear weight of PyTorch's default initialization multiplied by the init scale (biases and BN "
-             f"parameters unchanged); scales {', '.join(f'{k:g}' for k in study.init_scales)}, batch size "
-             f"{', '.join(map(str, study.batch_sizes))}, {study.epochs} epochs, learning rate {study.lrs[0]:g}.", ""]
+    study, records, out, prefix, with_plots = (
+        context.study, context.records, context.out, context.prefix, context.with_plots)
+    lines = opening(
+        context, "Initialization: is BN less sensitive to it?",
+        f"Every Linear weight of PyTorch's default initialization multiplied by the init scale (biases and BN "
+        f"parameters unchanged); scales {', '.join(f'{k:g}' for k in study.init_scales)}, batch size "
+        f"{', '.join(map(str, study.batch_sizes))}, {study.epochs} epochs, learning rate {study.lrs[0]:g}.")
     if not records:
-        return lines + ["_No runs of this study yet._", ""]
+        return lines
     table = runs_table(records)
     rows = []
     for (batch_size, scale), at in table.groupby(["batch_size", "init_scale"]):
@@ -105,7 +105,7 @@ def init_section(context: SectionContext) -> list[str]:
     if with_plots:
         lines += write_figure(out, f"{prefix}init_scale.png", "Held-out accuracy against the init scale",
                                plots.init_scale_plot(table, colors(records)))
-    return lines + [f"{h} Claims: initialization", "", claims_table(context.own_claims, settings), ""]
+    return lines + claims_block(context, "initialization")
 
 
 register_study(NAME, title="initialization study", matrices=MATRICES, section=init_section)(init_study_claims)

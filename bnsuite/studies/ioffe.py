@@ -31,7 +31,7 @@ from bnsuite.claims import (
     smaller,
 )
 from bnsuite.registry import SectionContext, register_study
-from bnsuite.report_parts import claims_table, colors, variant_rows, write_figure
+from bnsuite.report_parts import claims_block, colors, opening, variant_rows, write_figure
 from bnsuite.spec import NOT_SHOWN, KnownException, Study, StudySpec
 
 NAME = "ioffe2015"
@@ -115,18 +115,19 @@ def ioffe_claims(spec: StudySpec, study: Study) -> list[Claim]:
 
 
 def ioffe_section(context: SectionContext) -> list[str]:
-    spec, study, records, h = context.spec, context.study, context.records, context.h
+    spec, study, records = context.spec, context.study, context.records
     steps = math.ceil(spec.train_size / BATCH_SIZE) * study.epochs
-    lines = [f"{h} Ioffe & Szegedy's MNIST experiment (2015, Figure 1)", "",
-             "Their network (bnsuite.models.IoffeMLP): 784 inputs, 3 fully connected hidden layers of 100 sigmoid "
-             "units, a 10-way softmax; `ioffe-bn` puts BatchNorm1d before each sigmoid. Batch size "
-             f"{', '.join(map(str, study.batch_sizes))}, {study.epochs} epochs of {spec.train_size:,} images "
-             f"({steps:,} steps; theirs: {STEPS:,}), SGD at the study's learning rate and momentum (the paper does not "
-             "give its own). Held-out accuracy at every epoch end against steps (their Fig. 1a), and a last hidden "
-             "unit's 15th, 50th and 85th input percentiles over training on the probe batch (Fig. 1b, c). The paper "
-             "gives curves, not a table: the claims check the figure's shape.", ""]
+    lines = opening(
+        context, "Ioffe & Szegedy's MNIST experiment (2015, Figure 1)",
+        "Their network (bnsuite.models.IoffeMLP): 784 inputs, 3 fully connected hidden layers of 100 sigmoid "
+        "units, a 10-way softmax; `ioffe-bn` puts BatchNorm1d before each sigmoid. Batch size "
+        f"{', '.join(map(str, study.batch_sizes))}, {study.epochs} epochs of {spec.train_size:,} images "
+        f"({steps:,} steps; theirs: {STEPS:,}), SGD at the study's learning rate and momentum (the paper does not "
+        "give its own). Held-out accuracy at every epoch end against steps (their Fig. 1a), and a last hidden "
+        "unit's 15th, 50th and 85th input percentiles over training on the probe batch (Fig. 1b, c). The paper "
+        "gives curves, not a table: the claims check the figure's shape.")
     if not records:
-        return lines + ["_No runs of this study yet._", ""]
+        return lines
     lines += [variant_rows(records, drift=DRIFT), ""]
     probed = [r for r in records if r.activations is not None and not r.diverged]
     if context.with_plots and {r.spec.variant for r in probed} >= {PLAIN, BN}:
@@ -144,8 +145,7 @@ def ioffe_section(context: SectionContext) -> list[str]:
                               f"runs: held-out accuracy (mean of seeds) and unit {unit}'s input percentiles, seed "
                               f"{seed}", plots.ioffe_plot(accuracy, traces, colors(records), plain=PLAIN, bn=BN,
                                                           held_out=spec.held_out, unit=unit))
-    return lines + [f"{h} Claims: Ioffe & Szegedy's experiment", "", claims_table(context.own_claims, spec.claims),
-                    ""]
+    return lines + claims_block(context, "Ioffe & Szegedy's experiment")
 
 
 register_study(NAME, title="Ioffe & Szegedy's MNIST study", matrices=MATRICES, section=ioffe_section, default=False,

@@ -25,7 +25,7 @@ from bnsuite import plots
 from bnsuite.claims import Claim, needs, smaller, summary
 from bnsuite.records import RunRecord
 from bnsuite.registry import SectionContext, register_study
-from bnsuite.report_parts import claims_table, colors, variant_order, write_figure
+from bnsuite.report_parts import claims_block, colors, variant_order, write_figure
 from bnsuite.spec import NOT_SHOWN, KnownException, Study, StudySpec
 
 NAME = "landscape"
@@ -117,7 +117,7 @@ def landscape_claims(spec: StudySpec, study: Study) -> list[Claim]:
 
 
 def landscape_section(context: SectionContext) -> list[str]:
-    spec, study, records, h = context.spec, context.study, context.records, context.h
+    study, records, h = context.study, context.records, context.h
     lines = [f"{h} Covariate shift by gradients, and the loss landscape (Santurkar et al. 2018)", "",
              f"Batch size {', '.join(map(str, study.batch_sizes))}, {study.epochs} epochs, at 20 checkpoints along "
              "each run. ICS of a layer: ||G - G'||, G its weight's gradient on a fixed batch of 256 training images, "
@@ -156,8 +156,7 @@ def landscape_section(context: SectionContext) -> list[str]:
                               "over training, plain and BN (bands: min to max over seeds)",
                               plots.landscape_plot(frame, sorted(set(frame["variant"]), key=order), colors(records),
                                                    measured[0].landscape.ics_layers[-1]))
-    return lines + [f"{h} Claims: covariate shift and the loss landscape", "",
-                    claims_table(context.own_claims, spec.claims), ""]
+    return lines + claims_block(context, "covariate shift and the loss landscape")
 
 
 register_study(NAME, title="landscape study", matrices=MATRICES, section=landscape_section,

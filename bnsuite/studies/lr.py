@@ -20,7 +20,7 @@ from bnsuite import plots
 from bnsuite.claims import Claim, ClaimResult, Runs, compare, decide, held_out_accuracy, needs, result, rule, summary
 from bnsuite.records import RunRecord
 from bnsuite.registry import SectionContext, register_study
-from bnsuite.report_parts import claims_table, colors, runs_table, write_figure
+from bnsuite.report_parts import claims_block, colors, opening, runs_table, write_figure
 from bnsuite.spec import CONTRADICTED, DEFAULT_LR, NOT_SHOWN, UNSETTLED, KnownException, Study, StudySpec
 
 NAME = "lr"
@@ -232,17 +232,18 @@ def _best_over_lrs(study: Study, batch_size: int, margin: float):
 
 
 def lr_section(context: SectionContext) -> list[str]:
-    spec, study, records, out, prefix, with_plots, h = (
-        context.spec, context.study, context.records, context.out, context.prefix, context.with_plots, context.h)
+    spec, study, records, out, prefix, with_plots = (
+        context.spec, context.study, context.records, context.out, context.prefix, context.with_plots)
     settings = spec.claims
     floor = settings.trained_accuracy
-    lines = [f"{h} Learning rate: does BN allow higher learning rates?", "",
-             f"Batch size {', '.join(map(str, study.batch_sizes))}, {study.epochs} epochs, learning rates "
-             f"{', '.join(f'{lr:g}' for lr in study.lrs)}, seeds {', '.join(map(str, spec.seeds))}. A run *trains* "
-             f"when it does not diverge and ends at {floor}% {spec.held_out} accuracy or more; a diverged "
-             "run counts as accuracy 0 and infinite loss.", ""]
+    lines = opening(
+        context, "Learning rate: does BN allow higher learning rates?",
+        f"Batch size {', '.join(map(str, study.batch_sizes))}, {study.epochs} epochs, learning rates "
+        f"{', '.join(f'{lr:g}' for lr in study.lrs)}, seeds {', '.join(map(str, spec.seeds))}. A run *trains* "
+        f"when it does not diverge and ends at {floor}% {spec.held_out} accuracy or more; a diverged "
+        "run counts as accuracy 0 and infinite loss.")
     if not records:
-        return lines + ["_No runs of this study yet._", ""]
+        return lines
     table = runs_table(records)
     rows = []
     for (batch_size, lr), at in table.groupby(["batch_size", "lr"]):
@@ -266,7 +267,7 @@ def lr_section(context: SectionContext) -> list[str]:
     if with_plots:
         lines += write_figure(out, f"{prefix}learning_rate.png", "Held-out accuracy and training loss against the "
                               "learning rate", plots.learning_rate_plot(table, floor, colors(records)))
-    return lines + [f"{h} Claims: learning rate", "", claims_table(context.own_claims, settings), ""]
+    return lines + claims_block(context, "learning rate")
 
 
 register_study(NAME, title="learning-rate study", matrices=MATRICES, section=lr_section,

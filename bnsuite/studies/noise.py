@@ -15,7 +15,7 @@ import pandas as pd
 from bnsuite import plots
 from bnsuite.claims import Claim, activation_drift, at_least, needs, smaller
 from bnsuite.registry import SectionContext, register_study
-from bnsuite.report_parts import claims_table, colors, variant_order, variant_rows, write_figure
+from bnsuite.report_parts import claims_block, colors, opening, variant_order, variant_rows, write_figure
 from bnsuite.spec import CONTRADICTED, NOT_SHOWN, KnownException, Study, StudySpec
 
 NAME = "noise"
@@ -82,15 +82,16 @@ def noise_claims(spec: StudySpec, study: Study) -> list[Claim]:
 
 
 def noise_section(context: SectionContext) -> list[str]:
-    spec, study, records, h = context.spec, context.study, context.records, context.h
-    lines = [f"{h} Noisy BN: is it steadier distributions? (Santurkar et al. 2018)", "",
-             f"Batch size {', '.join(map(str, study.batch_sizes))}, {study.epochs} epochs. `bn-noisy` adds, in "
-             "training only, y = s * bn(x) + m + e after each BN layer: per unit a scale s and a shift m drawn fresh "
-             "at every step, per image e (bnsuite.batchnorm.NoisyBatchNorm1d; the values, and why, in "
-             "docs/studies.md). Drift is the batch study's measure on each network's probe point (the input to the "
-             "last hidden ReLU, noise included).", ""]
+    study, records = context.study, context.records
+    lines = opening(
+        context, "Noisy BN: is it steadier distributions? (Santurkar et al. 2018)",
+        f"Batch size {', '.join(map(str, study.batch_sizes))}, {study.epochs} epochs. `bn-noisy` adds, in "
+        "training only, y = s * bn(x) + m + e after each BN layer: per unit a scale s and a shift m drawn fresh "
+        "at every step, per image e (bnsuite.batchnorm.NoisyBatchNorm1d; the values, and why, in "
+        "docs/studies.md). Drift is the batch study's measure on each network's probe point (the input to the "
+        "last hidden ReLU, noise included).")
     if not records:
-        return lines + ["_No runs of this study yet._", ""]
+        return lines
     lines += [variant_rows(records, drift=DRIFT), ""]
     if context.with_plots:
         order = variant_order(records)
@@ -103,7 +104,7 @@ def noise_section(context: SectionContext) -> list[str]:
                                                   (("test_accuracy", "final test accuracy (%)"),
                                                    ("drift", "drift of the last ReLU's input")),
                                                   "Noisy BN (bars: mean over seeds; points: seeds)"))
-    return lines + [f"{h} Claims: noisy BN", "", claims_table(context.own_claims, spec.claims), ""]
+    return lines + claims_block(context, "noisy BN")
 
 
 register_study(NAME, title="noisy-BN study", matrices=MATRICES, section=noise_section, default=False,

@@ -13,7 +13,7 @@ from bnsuite import plots
 from bnsuite.claims import Claim, ClaimResult, at_least, needs
 from bnsuite.records import runs_frame
 from bnsuite.registry import SectionContext, register_study
-from bnsuite.report_parts import claims_table, colors, variant_rows, write_figure
+from bnsuite.report_parts import claims_block, colors, opening, variant_rows, write_figure
 from bnsuite.spec import CONTRADICTED, SUPPORTED, KnownException, Study, StudySpec
 
 NAME = "placement"
@@ -83,15 +83,16 @@ def placement_sentence(claims: list[ClaimResult]) -> str:
 
 
 def placement_section(context: SectionContext) -> list[str]:
-    spec, study, records, h = context.spec, context.study, context.records, context.h
+    spec, study, records = context.spec, context.study, context.records
     margin = spec.claims.accuracy_margin
-    lines = [f"{h} Placement: BN before or after the ReLU", "",
-             f"Batch sizes {', '.join(map(str, study.batch_sizes))}, {study.epochs} epochs. `bn` puts BatchNorm1d "
-             "immediately before each hidden ReLU (Ioffe & Szegedy 2015); `bn-after-relu` the same layers after it "
-             f"(fc, ReLU, BN). Each placement is claimed at least as accurate as the other, within {margin} points: "
-             "both supported means no difference within the margin.", ""]
+    lines = opening(
+        context, "Placement: BN before or after the ReLU",
+        f"Batch sizes {', '.join(map(str, study.batch_sizes))}, {study.epochs} epochs. `bn` puts BatchNorm1d "
+        "immediately before each hidden ReLU (Ioffe & Szegedy 2015); `bn-after-relu` the same layers after it "
+        f"(fc, ReLU, BN). Each placement is claimed at least as accurate as the other, within {margin} points: "
+        "both supported means no difference within the margin.")
     if not records:
-        return lines + ["_No runs of this study yet._", ""]
+        return lines
     lines += [variant_rows(records, drift="drift of the last ReLU's input"), ""]
     if context.own_claims:
         lines += [f"**{placement_sentence(context.own_claims)}**", ""]
@@ -99,7 +100,7 @@ def placement_section(context: SectionContext) -> list[str]:
         lines += write_figure(context.out, f"{context.prefix}placement.png", "Test accuracy against batch size, BN "
                               "before and after the ReLU",
                               plots.accuracy_by_batch_size_plot(runs_frame(records), colors(records)))
-    return lines + [f"{h} Claims: placement", "", claims_table(context.own_claims, spec.claims), ""]
+    return lines + claims_block(context, "placement")
 
 
 register_study(NAME, title="placement study", matrices=MATRICES, section=placement_section, default=False,

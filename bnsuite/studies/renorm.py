@@ -15,7 +15,7 @@ import pandas as pd
 from bnsuite import plots
 from bnsuite.claims import Claim, Runs, batch_statistics_accuracy, held_out_accuracy, needs, smaller, summary
 from bnsuite.registry import SectionContext, register_study
-from bnsuite.report_parts import claims_table, colors, write_figure
+from bnsuite.report_parts import claims_block, colors, opening, write_figure
 from bnsuite.spec import NOT_SHOWN, KnownException, Study, StudySpec
 
 NAME = "renorm"
@@ -66,15 +66,16 @@ def renorm_claims(spec: StudySpec, study: Study) -> list[Claim]:
 
 
 def renorm_section(context: SectionContext) -> list[str]:
-    spec, study, records, h = context.spec, context.study, context.records, context.h
-    lines = [f"{h} Batch Renormalization at small ghost batches (Ioffe 2017)", "",
-             f"Batches of {', '.join(map(str, study.batch_sizes))}, {study.epochs} epochs. `bn-ghostG` normalizes "
-             "each ghost batch of G images by its own statistics; `bn-renormG` corrects them toward the running "
-             "estimates by r = clip(sigma_B / sigma, 1/r_max, r_max) and d = clip((mean_B - mean) / sigma, -d_max, "
-             "d_max), held constant in backprop, after a warm-up as plain BN (bnsuite.batchnorm.BatchRenorm1d; the "
-             "values in docs/studies.md). Both use their running estimates at inference.", ""]
+    spec, study, records = context.spec, context.study, context.records
+    lines = opening(
+        context, "Batch Renormalization at small ghost batches (Ioffe 2017)",
+        f"Batches of {', '.join(map(str, study.batch_sizes))}, {study.epochs} epochs. `bn-ghostG` normalizes "
+        "each ghost batch of G images by its own statistics; `bn-renormG` corrects them toward the running "
+        "estimates by r = clip(sigma_B / sigma, 1/r_max, r_max) and d = clip((mean_B - mean) / sigma, -d_max, "
+        "d_max), held constant in backprop, after a warm-up as plain BN (bnsuite.batchnorm.BatchRenorm1d; the "
+        "values in docs/studies.md). Both use their running estimates at inference.")
     if not records:
-        return lines + ["_No runs of this study yet._", ""]
+        return lines
     runs = Runs({record.spec: record for record in records})
     found = pairs(spec, study)
     for batch_size in study.batch_sizes:
@@ -96,7 +97,7 @@ def renorm_section(context: SectionContext) -> list[str]:
                                   "Renorm", plots.by_ghost_size_plot(pd.DataFrame(frame), batch_size,
                                                                      colors(records), "BN and Batch Renorm against "
                                                                      "the images a statistic sees"))
-    return lines + [f"{h} Claims: Batch Renormalization", "", claims_table(context.own_claims, spec.claims), ""]
+    return lines + claims_block(context, "Batch Renormalization")
 
 
 register_study(NAME, title="Batch Renorm study", matrices=MATRICES, section=renorm_section, default=False,
