@@ -39,7 +39,7 @@ from bnsuite.evaluation import evaluate, evaluate_all, evaluate_with_batch_stati
 from bnsuite.models import build_model
 from bnsuite.records import EpochRecord, RunRecord, finite_or_none
 from bnsuite.registry import checked
-from bnsuite.spec import RunSpec, StudySpec
+from bnsuite.spec import RunSpec, StudySpec, Variant
 
 # cuBLAS reads this when it first starts; deterministic GEMMs need it (torch's reproducibility notes).
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -139,119 +139,156 @@ def train_seeds(
     """
     specs = list(specs)
     _check_one_group(specs)
-    spec = specs[0]
-    variant = checked(spec)  # the variant is registered and can train this run, or SpecError says what to change
+    variant = checked(specs[0])  # the variant is registered and can train these runs, or SpecError says what to change
     if measures is None:
         measures = study.measures(specs) if study is not None else frozenset()
-    image_shape = DATASETS[spec.dataset].image_shape
-    model = build_model(spec.variant, network=spec.network, image_shape=image_shape)
+    return [record for group in _groups(specs)
+            for record in _train_group(group, variant, data_dir=data_dir, study=study, on_epoch=on_epoch,
+                                       executor=executor, measures=measures)]
+
+
+def _groups(specs: list[RunSpec]) -> list[list[RunSpec]]:
+    """The groups `specs` train in, in order: one computation of all of them where a step other than the eager one
+    trains them (bnsuite.epochs.step_kind decides), in consecutive chunks of sizes as equal as can be where they are
+    more than `max_runs_together()`; on the eager step one run at a time."""
+    spec = specs[0]
+    model = build_model(spec.variant, network=spec.network, image_shape=DATASETS[spec.dataset].image_shape)
     kind = step_kind(model, spec, resolve_device(spec.device))
-    batched = kind != "eager"
+    if kind == "eager":
+        return [[run] for run in specs]
     cap = max_runs_together(MAX_RUNS_TOGETHER_FUSED if kind == "fused" else MAX_RUNS_TOGETHER)
-    if len(specs) > cap:
-        chunks = -(-len(specs) // cap)
-        bounds = [len(specs) * index // chunks for index in range(chunks + 1)]
-        return [record for start, end in itertools.pairwise(bounds) for record in train_seeds(
-            specs[start:end], data_dir=data_dir, study=study, on_epoch=on_epoch, executor=executor,
-            measures=measures)]
-    if len(specs) > 1 and not batched:
-        return [train_seeds((run,), data_dir=data_dir, study=study, on_epoch=on_epoch, executor=executor,
-                            measures=measures)[0] for run in specs]
+    chunks = -(-len(specs) // cap)
+    bounds = [len(specs) * index // chunks for index in range(chunks + 1)]
+    return [specs[start:end] for start, end in itertools.pairwise(bounds)]
+
+
+def _train_group(specs: list[RunSpec], variant: Variant, *, data_dir: Path | str | None, study: StudySpec | None,
+                 on_epoch: EpochCallback | None, executor: str, measures: Collection[str]) -> list[RunRecord]:
+    """One group's training, start to records: its data and environment, its models and epoch runner, its
+    epochs, then each run's record."""
+    spec = specs[0]
     device = resolve_device(spec.device)
     splits = load_splits(spec.dataset, validation_size=spec.validation_size, data_dir=data_dir)
     environment = describe_environment(device, splits.checksum)
     started_at = now_utc()
     splits = splits.to(device)
-
     with _deterministic(device):
-        models, shuffles, dropouts = [], [], []
-        for run in specs:
-            torch.manual_seed(run.seed)  # the model's default init draws from the global generator
-            models.append(build_model(run.variant, run.init_scale, run.network, image_shape).to(device))
-            shuffles.append(torch.Generator().manual_seed(run.seed))
-            dropouts.append(_generator_after_init(device))
-        run_epoch = EPOCH_RUNNERS[spec.pipeline](specs, models, shuffles, splits, dropout_generators=dropouts,
+        models, run_epoch = _models_and_runner(specs, splits, device, data_dir=data_dir, measures=measures)
+        epochs, steps, diverged_at_epoch = _train_epochs(specs, variant, models, run_epoch, splits, device,
+                                                         on_epoch)
+        return _records(specs, variant, models, run_epoch, splits, epochs, steps, diverged_at_epoch,
+                        study=study, environment=environment, started_at=started_at, executor=executor)
+
+
+def _models_and_runner(specs: list[RunSpec], splits, device: torch.device, *, data_dir: Path | str | None,
+                       measures: Collection[str]):
+    """Each run's model from its own seed's init (as when it trains alone), and the pipeline's epoch runner over
+    all of them, with each run's shuffle and the generator its dropout masks and noise draw from."""
+    models, shuffles, dropouts = [], [], []
+    image_shape = DATASETS[specs[0].dataset].image_shape
+    for run in specs:
+        torch.manual_seed(run.seed)  # the model's default init draws from the global generator
+        models.append(build_model(run.variant, run.init_scale, run.network, image_shape).to(device))
+        shuffles.append(torch.Generator().manual_seed(run.seed))
+        dropouts.append(_generator_after_init(device))
+    run_epoch = EPOCH_RUNNERS[specs[0].pipeline](specs, models, shuffles, splits, dropout_generators=dropouts,
                                                  data_dir=data_dir, measures=frozenset(measures))
+    return models, run_epoch
 
-        epochs: list[list[EpochRecord]] = [[] for _ in specs]
-        steps = [0 for _ in specs]
-        diverged_at_epoch: list[int | None] = [None for _ in specs]
-        for epoch in range(1, spec.epochs + 1):
-            _synchronize(device)
-            started = time.perf_counter()
-            batch_losses, correct, steps_taken = run_epoch()
-            _synchronize(device)
-            epoch_time = (time.perf_counter() - started) / len(specs)  # each run's share of the computation
 
-            for index in range(len(specs)):
-                if diverged_at_epoch[index] is None:
-                    steps[index] += steps_taken
-                    if has_diverged(batch_losses[index]):
-                        diverged_at_epoch[index] = epoch
-            live = [index for index, diverged in enumerate(diverged_at_epoch) if diverged is None]
-            if not live:
-                break
-            validations = evaluate_all(run_epoch, models, splits.validation_images, splits.validation_labels,
-                                       only=live)
-            tests = evaluate_all(run_epoch, models, splits.test_images, splits.test_labels, only=live)
-            held_out = ((splits.validation_images, splits.validation_labels) if spec.held_out == "validation"
-                        else (splits.test_images, splits.test_labels))
-            with_batch_statistics = evaluate_all(run_epoch, models, *held_out, batch_statistics=spec.batch_size,
-                                                 only=live) if variant.batch_statistics else None
-            for index in live:
-                run, validation, test = specs[index], validations[index], tests[index]
-                record = EpochRecord(
-                    epoch=epoch,
-                    train_loss=batch_losses[index].mean().item(),
-                    train_accuracy=100.0 * correct[index].item() / run.train_size,
-                    validation_loss=validation[0],
-                    validation_accuracy=validation[1],
-                    test_loss=test[0],
-                    test_accuracy=test[1],
-                    epoch_time_s=epoch_time,
-                    batch_statistics_accuracy=with_batch_statistics[index][1] if with_batch_statistics else None,
-                )
-                epochs[index].append(record)
-                if on_epoch is not None:
-                    on_epoch(run, record)
+def _train_epochs(specs: list[RunSpec], variant: Variant, models, run_epoch, splits, device: torch.device,
+                  on_epoch: EpochCallback | None) -> tuple[list[list[EpochRecord]], list[int], list[int | None]]:
+    """The group's epochs, each run's evaluated at every epoch end: per run its epoch records, its steps and the
+    epoch it diverged at (None if it did not). A run that diverges stops being recorded; the others go on, and
+    training stops when none is left."""
+    spec = specs[0]
+    epochs: list[list[EpochRecord]] = [[] for _ in specs]
+    steps = [0 for _ in specs]
+    diverged_at_epoch: list[int | None] = [None for _ in specs]
+    for epoch in range(1, spec.epochs + 1):
+        _synchronize(device)
+        started = time.perf_counter()
+        batch_losses, correct, steps_taken = run_epoch()
+        _synchronize(device)
+        epoch_time = (time.perf_counter() - started) / len(specs)  # each run's share of the computation
 
-        records = []
-        prober = getattr(run_epoch, "prober", None)  # the original pipeline is not probed
-        traces = prober.traces() if prober is not None else [None] * len(specs)
-        landscaper = getattr(run_epoch, "landscaper", None)
-        landscapes = landscaper.traces() if landscaper is not None else [None] * len(specs)
-        finished_runs = [index for index, diverged in enumerate(diverged_at_epoch) if diverged is None]
-        on_training_set = evaluate_all(run_epoch, models, *training_set(splits, spec), only=finished_runs)
-        finished = zip(specs, models, epochs, steps, diverged_at_epoch, traces, landscapes, on_training_set,
-                       strict=True)
-        for run, model, run_epochs, run_steps, diverged, trace, landscape, train_eval in finished:
-            train_loss_eval, train_accuracy_eval = train_eval
-            if diverged is None and run_epochs:  # the model the last epoch evaluated: its figures, not a rerun
-                test_loss, test_accuracy = run_epochs[-1].test_loss, run_epochs[-1].test_accuracy
-            else:  # a diverged run kept training with its group after its last recorded epoch: as a module
-                test_loss, test_accuracy = evaluate(model, splits.test_images, splits.test_labels)
-                train_loss_eval, train_accuracy_eval = evaluate(model, *training_set(splits, run))
-            records.append(RunRecord(
-                spec=run,
-                variant=variant,
-                study=study,
-                runs_trained_together=len(specs),
-                trained_with=tuple(other.case_id for other in specs),
-                epochs=tuple(run_epochs),
-                test_loss=finite_or_none(test_loss),
-                test_accuracy=test_accuracy,
-                final_train_loss_eval=finite_or_none(train_loss_eval),
-                final_train_accuracy_eval=train_accuracy_eval,
-                train_time_s=sum(epoch.epoch_time_s for epoch in run_epochs),
-                steps=run_steps,
-                diverged_at_epoch=diverged,
-                environment=environment,
-                started_at=started_at,
-                executor=executor,
-                activations=None if diverged else trace,  # past divergence the probe measures a broken model
-                training_step=run_epoch.step_name,
-                landscape=None if diverged else landscape,
-            ))
+        for index in range(len(specs)):
+            if diverged_at_epoch[index] is None:
+                steps[index] += steps_taken
+                if has_diverged(batch_losses[index]):
+                    diverged_at_epoch[index] = epoch
+        live = [index for index, diverged in enumerate(diverged_at_epoch) if diverged is None]
+        if not live:
+            break
+        validations = evaluate_all(run_epoch, models, splits.validation_images, splits.validation_labels,
+                                   only=live)
+        tests = evaluate_all(run_epoch, models, splits.test_images, splits.test_labels, only=live)
+        held_out = ((splits.validation_images, splits.validation_labels) if spec.held_out == "validation"
+                    else (splits.test_images, splits.test_labels))
+        with_batch_statistics = evaluate_all(run_epoch, models, *held_out, batch_statistics=spec.batch_size,
+                                             only=live) if variant.batch_statistics else None
+        for index in live:
+            run, validation, test = specs[index], validations[index], tests[index]
+            record = EpochRecord(
+                epoch=epoch,
+                train_loss=batch_losses[index].mean().item(),
+                train_accuracy=100.0 * correct[index].item() / run.train_size,
+                validation_loss=validation[0],
+                validation_accuracy=validation[1],
+                test_loss=test[0],
+                test_accuracy=test[1],
+                epoch_time_s=epoch_time,
+                batch_statistics_accuracy=with_batch_statistics[index][1] if with_batch_statistics else None,
+            )
+            epochs[index].append(record)
+            if on_epoch is not None:
+                on_epoch(run, record)
+    return epochs, steps, diverged_at_epoch
+
+
+def _records(specs: list[RunSpec], variant: Variant, models, run_epoch, splits, epochs: list[list[EpochRecord]],
+             steps: list[int], diverged_at_epoch: list[int | None], *, study: StudySpec | None, environment,
+             started_at: str, executor: str) -> list[RunRecord]:
+    """Each run's record: its epochs, its final model's figures on the test and training images, its probe and
+    landscape traces, the group it trained with and the step that trained it."""
+    spec = specs[0]
+    records = []
+    prober = getattr(run_epoch, "prober", None)  # the original pipeline is not probed
+    traces = prober.traces() if prober is not None else [None] * len(specs)
+    landscaper = getattr(run_epoch, "landscaper", None)
+    landscapes = landscaper.traces() if landscaper is not None else [None] * len(specs)
+    finished_runs = [index for index, diverged in enumerate(diverged_at_epoch) if diverged is None]
+    on_training_set = evaluate_all(run_epoch, models, *training_set(splits, spec), only=finished_runs)
+    finished = zip(specs, models, epochs, steps, diverged_at_epoch, traces, landscapes, on_training_set,
+                   strict=True)
+    for run, model, run_epochs, run_steps, diverged, trace, landscape, train_eval in finished:
+        train_loss_eval, train_accuracy_eval = train_eval
+        if diverged is None and run_epochs:  # the model the last epoch evaluated: its figures, not a rerun
+            test_loss, test_accuracy = run_epochs[-1].test_loss, run_epochs[-1].test_accuracy
+        else:  # a diverged run kept training with its group after its last recorded epoch: as a module
+            test_loss, test_accuracy = evaluate(model, splits.test_images, splits.test_labels)
+            train_loss_eval, train_accuracy_eval = evaluate(model, *training_set(splits, run))
+        records.append(RunRecord(
+            spec=run,
+            variant=variant,
+            study=study,
+            runs_trained_together=len(specs),
+            trained_with=tuple(other.case_id for other in specs),
+            epochs=tuple(run_epochs),
+            test_loss=finite_or_none(test_loss),
+            test_accuracy=test_accuracy,
+            final_train_loss_eval=finite_or_none(train_loss_eval),
+            final_train_accuracy_eval=train_accuracy_eval,
+            train_time_s=sum(epoch.epoch_time_s for epoch in run_epochs),
+            steps=run_steps,
+            diverged_at_epoch=diverged,
+            environment=environment,
+            started_at=started_at,
+            executor=executor,
+            activations=None if diverged else trace,  # past divergence the probe measures a broken model
+            training_step=run_epoch.step_name,
+            landscape=None if diverged else landscape,
+        ))
     return records
 
 
