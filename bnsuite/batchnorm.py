@@ -6,43 +6,21 @@ For each feature j of a batch x of shape (N, C), in training:
     var_j  = (1/N) sum_i (x_ij - mean_j)^2         biased batch variance
     y_ij   = gamma_j * (x_ij - mean_j) / sqrt(var_j + eps) + beta_j
 
-gamma and beta are learned, so the layer can undo the normalization where that
-helps: normalizing never costs the network representational power. The running
-estimates that replace batch statistics at inference are updated as
+and the running estimates that replace the batch statistics at inference follow them with the unbiased variance,
+running = (1 - momentum) * running + momentum * batch value, exactly as `torch.nn.BatchNorm1d` does; autograd
+differentiates the expression, so the gradients are BN's own.
 
-    running_mean = (1 - momentum) * running_mean + momentum * mean_j
-    running_var  = (1 - momentum) * running_var  + momentum * var_j * N / (N - 1)
-
-with the unbiased variance, exactly as `torch.nn.BatchNorm1d` does. Autograd
-differentiates the expression above, so the gradients are BN's real ones.
-
-`GhostBatchNorm1d` computes the same statistics over groups of g images
-within the batch instead of over all of it: a batch of B with ghost size g
-computes what data-parallel training on B/g devices computes without
-synchronized BN (each device normalizes its own g images; the gradients are
-averaged over devices, which for the batch's mean loss is what autograd
-gives here). Its running estimates follow the first group only, as under
-PyTorch's DistributedDataParallel, which broadcasts rank 0's buffers before
-every forward.
-
-`BatchRenorm1d` (Ioffe 2017) is the ghost-batch layer with each ghost batch's
-statistics corrected toward the running estimates: with sigma_B = sqrt(var_B + eps)
-and sigma = sqrt(running_var + eps),
+`GhostBatchNorm1d` takes the statistics over groups of g images within the batch (what B/g devices compute without
+synchronized BN; its running estimates follow the first group, as under DistributedDataParallel). `BatchRenorm1d`
+(Ioffe 2017) corrects each ghost batch's statistics toward the running estimates, with sigma_B = sqrt(var_B + eps)
+and sigma = sqrt(running_var + eps):
 
     r = clip(sigma_B / sigma, 1/r_max, r_max)      d = clip((mean_B - running_mean) / sigma, -d_max, d_max)
     y = gamma * ((x - mean_B) / sigma_B * r + d) + beta
 
-with r and d held constant in backprop (computed without gradient), so the
-output is what the running estimates would give, as far as the clips allow,
-while the gradient still flows through the batch statistics.
-
-`NoisyBatchNorm1d` is BN followed, in training only, by noise that makes its
-output's distribution unstable on purpose (Santurkar et al. 2018, section 2.1).
-
-`ScratchGroupNorm` computes each image's statistics over groups of its own
-features (Wu & He 2018), so no image's output depends on another's: with one
-group it is LayerNorm over the features (Ba et al. 2016). Neither keeps
-running estimates; training and inference compute the same thing.
+r and d held constant in backprop. `NoisyBatchNorm1d` adds noise after BN in training (Santurkar et al. 2018);
+`ScratchGroupNorm` normalizes each image over groups of its own features (Wu & He 2018; one group: LayerNorm). Why
+each exists and what the studies ask of it: docs/studies.md.
 """
 
 from __future__ import annotations

@@ -1,44 +1,19 @@
-"""The study's claims about BN, each a named check with its evidence and a verdict.
+"""The study's claims about BN, each a named check with its evidence and a verdict: the machinery every study's
+claims are made of (the rule, the judges, the measures).
 
-Every claim compares groups of runs that differ only in the seed. One run per
-group would make any verdict a coin toss, so the decision rule is an exact
-one-sided permutation test (Mann-Whitney: the fraction of seed-relabellings
-at least as one-sided as what was measured) at the study's alpha (0.05 by
-default, bnsuite.spec.ClaimSettings, recorded with every run):
+A claim compares groups of runs that differ only in the seed, by an exact one-sided permutation test
+(Mann-Whitney) at the study's alpha (bnsuite.spec.ClaimSettings, recorded with every run):
 
 - supported:    the data show the claim (p <= alpha);
 - contradicted: the data show its opposite (p <= alpha the other way);
 - not shown:    neither (seed noise is as large as the effect, or too few seeds).
 
-With 3 seeds per group, p <= 0.05 means every run of one group beats every
-run of the other: a rule that seed noise cannot pass by luck more often than
-1 time in 20. A diverged run counts as the worst possible outcome (infinite
-loss, accuracy 0, never reaching the target, never "trained"), so divergence
-is weighed, never dropped.
-
-A verdict says whether, not how much. Every comparison also carries its
-effect (`Effect`): the Hodges-Lehmann shift between the two groups (the
-median of the seed-pair differences; on a log scale, a ratio, for losses and
-drift), its distribution-free interval obtained by inverting the same exact
-Mann-Whitney test (Moses's interval: order statistics of the seed-pair
-differences), and the probability of improvement (the fraction of seed pairs
-in the claim's direction, ties half; U / (n_a n_b), as rliable reports it).
-The interval is exact at any number of seeds, under the location-shift model
-the estimate assumes; what it cannot do is reach 95 % with 3 seeds a side
-(the 20 partitions allow 90 % at most), and it says so instead of pretending.
-A bootstrap was not used: with 3 values a side it resamples at most 10
-distinct means and its intervals cover far less than they state. `holm`
-adjusts a family of verdicts for the number of claims judged; `Comparison`
-says the smallest p and the smallest fraction of seed pairs the rule can
-accept at the seeds used, and about how many seeds a not-shown effect of the
-measured size would need.
-
-Each claim belongs to one study (its module in bnsuite.studies, or a user's
-plugin) and checks one of the reasons the original study gives for BN
-(`REASONS`). Claims our own measurements do not support under a profile are
-listed with the study as known exceptions, with the verdict they give; the
-claims gate never loosens a rule instead. This module is the machinery every
-study's claims are made of: the rule, the judges, the measures.
+A diverged run counts as the worst possible outcome (infinite loss, accuracy 0, never reaching the target), never
+dropped. Every comparison also carries its effect (`Effect`: the Hodges-Lehmann shift, Moses's exact interval, the
+probability of improvement) and says what the seeds used allow (`Comparison`); `holm` adjusts a family of
+verdicts for the number of claims judged. Each claim belongs to one study (bnsuite.studies, or a user's plugin)
+and checks one of `REASONS`; a claim our measurements do not support under a profile is a known exception of its
+study, never a looser rule. Why this rule and these estimates, and not a bootstrap: docs/verdicts.md.
 """
 
 from __future__ import annotations

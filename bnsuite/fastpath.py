@@ -10,33 +10,13 @@ ATen kernel; it is written with the tensor operations of
 bnsuite.batchnorm.GhostBatchNorm1d, its backward by hand.
 
 Runs that differ only in their seed, learning rate or init scale train as
-one step over S models whose weights are stacked into (S, ...) tensors. A run's arithmetic must not
-depend on which runs it trains with, on any CPU, so the step is built from
-three kinds of op only:
-
-- **once per model, on that model's own tensors**: every matmul (one GEMM
-  per model, never a batched matmul, whose kernel choice depends on the
-  batch count), every sum over the batch (bias gradients, the loss),
-  log_softmax and exp, LayerNorm and its backward. Each call gets exactly the shapes, strides and
-  64-byte alignment it gets when the model trains alone, so BLAS has
-  nothing to choose differently (MKL documents that results may depend on
-  alignment);
-- **over all models at once, element by element**: ReLU, its backward,
-  scaling, the one-hot subtraction, in which no element's result depends on
-  another's or on where it lies in memory;
-- **over all models at once, feature by feature**: batch norm sees the S
-  models' features side by side, (B, S * features); ATen's CPU kernel
-  computes each feature's statistics, output and gradients in the same
-  order whatever the number of features, so each model's features come out
-  as they do alone. Ghost-batch BN reduces over each ghost batch of a
-  (S, ghost batches, g, features) view, each output from that model's own g
-  values (tested, like the rest, by training alone and together). The fused
-  SGD update (one call per learning rate)
-  takes each model's slice as a tensor of its own, so its vector body and
-  scalar tail split every tensor as they do for one model.
-
-So a run trained with others equals, bit for bit, the run trained alone,
-ragged last batches included.
+one step over S models whose weights are stacked into (S, ...) tensors, built
+so that a run trained with others equals, bit for bit, the run trained alone,
+ragged last batches included: every matmul, sum over the batch, log_softmax
+and LayerNorm once per model on its own tensors (the shapes, strides and
+alignment it has alone); element-wise ops and batch norm over all models at
+once, where no value depends on another model's. Which ops fall where, and
+why each keeps the contract: docs/determinism.md.
 
 For logits z = a2 W3^T + b3 and loss L = mean_i -log softmax(z_i)[y_i]:
 
