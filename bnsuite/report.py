@@ -19,6 +19,8 @@ import json
 import math
 import sys
 from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -431,163 +433,170 @@ def _kind(bench: dict) -> str | None:
     return info.get("bnsuite") if isinstance(info, dict) else None
 
 
+@dataclass(frozen=True)
+class SpeedTable:
+    """One table of a benchmark run's speed figures: the benchmarks whose extra_info "bnsuite" is `kind`, one row
+    from each (`row(info)`), under `heading` and the paragraph `text(data, infos)`."""
+
+    kind: str
+    heading: str
+    text: Callable[[dict, list[dict]], str]
+    row: Callable[[dict], dict]
+
+
 def speed_rows(data: dict) -> list[str]:
-    """The speed benchmark's figures (benchmarks/test_speed.py), measured side by side in that same run."""
-    paths, fractions, peak, memory = [], [], None, None
-    for bench in data.get("benchmarks", []):
-        info = bench.get("extra_info", {})
-        if _kind(bench) == "paths":
-            epoch_s, speedup = info["epoch_s"], info["speedup"]
-            paths.append({
-                "variant": info["variant"], "batch size": info["batch_size"], "images": info["images"],
-                **{f"{label} (s/epoch)": f"{epoch_s[key]:.2f}" for key, label in PATH_LABELS if key in epoch_s},
-                "speed-up vs original": f"{speedup['original']:.2f}x",
-                "vs eager": f"{speedup['eager']:.2f}x",
-                **({"vs the ATen step together": f"{speedup['aten']:.2f}x"} if "aten" in speedup else {}),
-                "vs one run alone": f"{speedup['one_run']:.2f}x",
-                "rounds": info["rounds"], "step": info.get("step", "fast"),
-            })
-        elif _kind(bench) == "fraction":
-            row = {
-                "variant": info["variant"], "batch size": info["batch_size"],
-                "runs together": info["runs_together"], "images": f"{info['images']:,}" if "images" in info else "",
-                "epoch (s per run)": f"{info['epoch_s_per_run']:.2f}",
-                "GFLOP/s": f"{info['achieved_gflops']:.1f}",
-                "fraction of matmul peak": f"{info['fraction_of_matmul_peak']:.2f}",
-            }
-            if "fraction_of_roofline" in info:  # benchmarks saved before the roofline have the peak only
-                row.update({
-                    "MB a step (least)": f"{info['bytes_per_step'] / 1e6:.1f}",
-                    "working set (MB)": f"{info['working_set_bytes'] / 1e6:.1f}",
-                    "GB/s over it": f"{info['bandwidth_gbps']:.1f}",
-                    "bound: compute / traffic (ms a step)":
-                        f"{1e3 * info['compute_bound_s']:.2f} / {1e3 * info['traffic_bound_s']:.2f}",
-                    "step (ms)": f"{1e3 * info['step_s']:.2f}",
-                    "fraction of roofline bound": f"{info['fraction_of_roofline']:.2f} ({info['limit']})",
-                    "matmuls alone (ms; fraction of peak)":
-                        f"{1e3 * info['matmul_s']:.2f}; {info['matmul_fraction_of_peak']:.2f}",
-                })
-            if info.get("update_s") is not None:  # benchmarks saved before the update was timed lack these
-                row.update({"update alone (ms)": f"{1e3 * info['update_s']:.2f}",
-                            "most reachable fraction": f"{info['fraction_of_roofline_ceiling']:.2f}"})
-            row["step"] = info.get("step", "fast")
-            fractions.append(row)
-        elif _kind(bench) == "matmul-peak":
-            peak, memory = info["peak_gflops"], info.get("memory_bandwidth_gbps")
+    """The speed figures of a benchmark run (benchmarks/test_speed.py, benchmarks/test_tools.py), each measured side
+    by side in that run: a table per kind of benchmark it holds, in SPEED_TABLES' order."""
     lines = []
-    if paths:
-        images = {row["images"] for row in paths}
-        for row in paths:
-            del row["images"]
-        lines += ["### Speed: one epoch at batch 64 through each training path (benchmarks/test_speed.py)", "",
-                  f"Each round trains one epoch over {' or '.join(f'{n:,}' for n in sorted(images))} training "
-                  "images through every path in turn; a speed-up is the median over rounds of the round's time "
-                  "ratio. The study's way trains the seeds together through its step (`step`: the fused C step, "
-                  "with the compiler that built it, or the ATen fast step where none could); its time is per run. "
-                  "The ATen step with the same seeds together is the fallback's speed, measured beside it.", "",
-                  pd.DataFrame(paths).to_markdown(index=False, disable_numparse=True), ""]
-    if fractions:
-        lines += ["### Speed: the study's way against the roofline (benchmarks/test_speed.py, bnsuite.speed)", "",
-                  "Float32 matmul peak" + (f" {peak:.1f} GFLOP/s" if peak else "") + "; copy bandwidth over 256 MiB"
-                  + (f" {memory:.1f} GB/s" if memory else "") + ". A step's bound is the larger of its matmul FLOPs "
-                  "at the peak (compute) and the least bytes it must move (parameters, gradients and momentum "
-                  "read and written once each, images read once, activations and their gradients written and read "
-                  "once) at the copy bandwidth measured over a buffer as large as its working set (traffic); the "
-                  "fraction of the bound is that bound over the measured step. Matmuls alone: the step's GEMMs at "
-                  "its shapes, run as the step runs them, timed without the rest of the step; update alone: its "
-                  "SGD update, likewise. The most "
-                  "reachable fraction is the bound over those two together: a step that spent nothing on BN, ReLU "
-                  "and the loss would reach it, with the BLAS library's GEMMs at these shapes.", "",
-                  pd.DataFrame(fractions).fillna("").to_markdown(index=False, disable_numparse=True), ""]
-    return lines + own_layer_rows(data) + convnet_speed_rows(data) + tools_rows(data)
-
-
-def tools_rows(data: dict) -> list[str]:
-    """The tools that read records, over a thousand of them (benchmarks/test_tools.py)."""
-    rows = [{"records": f"{info['records']:,}", **{f"{step} (s)": f"{seconds:.2f}" for step, seconds in
-                                                   info["seconds"].items()}}
-            for info in (bench.get("extra_info", {}) for bench in data.get("benchmarks", []))
-            if info.get("bnsuite") == "tools"]
-    if not rows:
-        return []
-    return ["### Speed: loading, the report and the baseline comparison over many records", "",
-            "Valid records made from the smoke reference's (every study, both networks, 21 seeds): loading them, "
-            "building the report (no figures) and comparing them with themselves as a baseline "
-            "(benchmarks/test_tools.py).", "", pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True), ""]
-
-
-def own_layer_rows(data: dict) -> list[str]:
-    """A layer no fused step covers, on the compiled step, beside the eager step and the fused step's bn
-    (benchmarks/test_speed.py::test_own_layer_epoch)."""
-    rows = []
-    for bench in data.get("benchmarks", []):
-        info = bench.get("extra_info", {})
-        if _kind(bench) == "own-layer":
-            epoch_s = info["epoch_s"]
-            rows.append({"variant": info["variant"], "batch size": info["batch_size"],
-                         "runs together": info["runs_together"], "images": f"{info['images']:,}",
-                         "step": info["steps"]["compiled"],
-                         "compiled (s per run-epoch)": f"{epoch_s['compiled']:.3f}",
-                         "eager, one seed at a time (s)": f"{epoch_s['eager']:.3f}",
-                         "fused bn (s)": f"{epoch_s['fused bn']:.3f}",
-                         "vs eager": f"{info['speedup_vs_eager']:.2f}x",
-                         "times the fused bn": f"{info['times_the_fused_bn']:.2f}x",
-                         "fraction of roofline bound": f"{info['fraction_of_roofline']:.2f} ({info['limit']})"})
-    if not rows:
-        return []
-    return ["### Speed: a layer of one's own on the compiled step", "",
-            "A layer no fused step covers (`bn-scratch`: BatchNorm1d written out in Python, as a user's layer is), "
-            "the study's seeds together on the compiled step (bnsuite.compiled), against the eager step one seed "
-            "at a time and the fused step's `bn` on the same network and images: the second epoch of two (the "
-            "first pays the compilation), median of alternating rounds.", "",
-            pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True), ""]
-
-
-def convnet_speed_rows(data: dict) -> list[str]:
-    """The ConvNet's speed figures (benchmarks/test_speed.py, with --bn-network cnn): its paths side by side and
-    its epoch against the roofline."""
-    paths, fractions = [], []
-    for bench in data.get("benchmarks", []):
-        info = bench.get("extra_info", {})
-        if _kind(bench) == "convnet-paths":
-            epoch_s, speedup = info["epoch_s"], info["speedup"]
-            # A benchmark file from before the fused ConvNet step has no channels-last eager path nor step name.
-            paths.append({"variant": info["variant"], "batch size": info["batch_size"], "images": f"{info['images']:,}",
-                          "step": info.get("step", "eager"), "runs together": info.get("runs_together", 1),
-                          "original pipeline (s)": f"{epoch_s['original']:.2f}",
-                          "eager step, NCHW (s)": f"{epoch_s['nchw']:.2f}",
-                          "eager step, channels-last (s)": f"{epoch_s['eager']:.2f}" if "eager" in epoch_s else "",
-                          "the study's way, per run (s)": f"{epoch_s['study']:.2f}",
-                          "speed-up vs original": f"{speedup['original']:.2f}x",
-                          "vs NCHW": f"{speedup['nchw']:.2f}x",
-                          "vs eager": f"{speedup['eager']:.2f}x" if "eager" in speedup else "",
-                          "rounds": info["rounds"]})
-        elif _kind(bench) == "convnet-fraction":
-            fractions.append({
-                "variant": info["variant"], "batch size": info["batch_size"], "images": f"{info['images']:,}",
-                "step": info.get("step", "eager"), "runs together": info["runs_together"],
-                "epoch per run (s)": f"{info['epoch_s_per_run']:.2f}", "GFLOP/s": f"{info['achieved_gflops']:.1f}",
-                "fraction of matmul peak": f"{info['fraction_of_matmul_peak']:.3f}",
-                "MB a step (least)": f"{info['bytes_per_step'] / 1e6:.1f}",
-                "bound: compute / traffic (ms a step)":
-                    f"{1e3 * info['compute_bound_s']:.2f} / {1e3 * info['traffic_bound_s']:.2f}",
-                "step (ms)": f"{1e3 * info['step_s']:.2f}",
-                "fraction of roofline bound": f"{info['fraction_of_roofline']:.3f} ({info['limit']})"})
-    lines = []
-    if paths:
-        lines += ["### Speed: the ConvNet's epoch through each path (benchmarks/test_speed.py)", "",
-                  "The ConvNet at batch 64 on the images named, every path in turn each round, the speed-up the "
-                  "median of the rounds' ratios: the original pipeline (torchvision Dataset + DataLoader, eager "
-                  "autograd), the eager step on tensor batches in NCHW and in channels-last (one run), and the study's "
-                  "way (the step named, the study's seeds trained together; its time per run).", "",
-                  pd.DataFrame(paths).to_markdown(index=False, disable_numparse=True), ""]
-    if fractions:
-        lines += ["### Speed: the ConvNet against the roofline", "",
-                  "Its FLOPs are its convolutions' and classifier's (bnsuite.speed.training_flops_per_sample); its "
-                  "least traffic its parameters' state, its images and its feature maps and their gradients, each "
-                  "moved once.", "",
-                  pd.DataFrame(fractions).to_markdown(index=False, disable_numparse=True), ""]
+    for table in SPEED_TABLES:
+        infos = [bench.get("extra_info", {}) for bench in data.get("benchmarks", []) if _kind(bench) == table.kind]
+        if infos:
+            rows = pd.DataFrame([table.row(info) for info in infos]).fillna("")
+            lines += [f"### {table.heading}", "", table.text(data, infos), "",
+                      rows.to_markdown(index=False, disable_numparse=True), ""]
     return lines
+
+
+def _path_row(info: dict) -> dict:
+    epoch_s, speedup = info["epoch_s"], info["speedup"]
+    return {
+        "variant": info["variant"], "batch size": info["batch_size"],
+        **{f"{label} (s/epoch)": f"{epoch_s[key]:.2f}" for key, label in PATH_LABELS if key in epoch_s},
+        "speed-up vs original": f"{speedup['original']:.2f}x",
+        "vs eager": f"{speedup['eager']:.2f}x",
+        **({"vs the ATen step together": f"{speedup['aten']:.2f}x"} if "aten" in speedup else {}),
+        "vs one run alone": f"{speedup['one_run']:.2f}x",
+        "rounds": info["rounds"], "step": info.get("step", "fast"),
+    }
+
+
+def _paths_text(data: dict, infos: list[dict]) -> str:
+    images = {info["images"] for info in infos}
+    return (f"Each round trains one epoch over {' or '.join(f'{n:,}' for n in sorted(images))} training "
+            "images through every path in turn; a speed-up is the median over rounds of the round's time "
+            "ratio. The study's way trains the seeds together through its step (`step`: the fused C step, "
+            "with the compiler that built it, or the ATen fast step where none could); its time is per run. "
+            "The ATen step with the same seeds together is the fallback's speed, measured beside it.")
+
+
+def _fraction_row(info: dict) -> dict:
+    row = {
+        "variant": info["variant"], "batch size": info["batch_size"],
+        "runs together": info["runs_together"], "images": f"{info['images']:,}" if "images" in info else "",
+        "epoch (s per run)": f"{info['epoch_s_per_run']:.2f}",
+        "GFLOP/s": f"{info['achieved_gflops']:.1f}",
+        "fraction of matmul peak": f"{info['fraction_of_matmul_peak']:.2f}",
+    }
+    if "fraction_of_roofline" in info:  # benchmarks saved before the roofline have the peak only
+        row.update({
+            "MB a step (least)": f"{info['bytes_per_step'] / 1e6:.1f}",
+            "working set (MB)": f"{info['working_set_bytes'] / 1e6:.1f}",
+            "GB/s over it": f"{info['bandwidth_gbps']:.1f}",
+            "bound: compute / traffic (ms a step)":
+                f"{1e3 * info['compute_bound_s']:.2f} / {1e3 * info['traffic_bound_s']:.2f}",
+            "step (ms)": f"{1e3 * info['step_s']:.2f}",
+            "fraction of roofline bound": f"{info['fraction_of_roofline']:.2f} ({info['limit']})",
+            "matmuls alone (ms; fraction of peak)":
+                f"{1e3 * info['matmul_s']:.2f}; {info['matmul_fraction_of_peak']:.2f}",
+        })
+    if info.get("update_s") is not None:  # benchmarks saved before the update was timed lack these
+        row.update({"update alone (ms)": f"{1e3 * info['update_s']:.2f}",
+                    "most reachable fraction": f"{info['fraction_of_roofline_ceiling']:.2f}"})
+    row["step"] = info.get("step", "fast")
+    return row
+
+
+def _fractions_text(data: dict, infos: list[dict]) -> str:
+    peak = memory = None
+    for bench in data.get("benchmarks", []):
+        if _kind(bench) == "matmul-peak":
+            peak, memory = bench["extra_info"]["peak_gflops"], bench["extra_info"].get("memory_bandwidth_gbps")
+    return ("Float32 matmul peak" + (f" {peak:.1f} GFLOP/s" if peak else "") + "; copy bandwidth over 256 MiB"
+            + (f" {memory:.1f} GB/s" if memory else "") + ". A step's bound is the larger of its matmul FLOPs "
+            "at the peak (compute) and the least bytes it must move (parameters, gradients and momentum "
+            "read and written once each, images read once, activations and their gradients written and read "
+            "once) at the copy bandwidth measured over a buffer as large as its working set (traffic); the "
+            "fraction of the bound is that bound over the measured step. Matmuls alone: the step's GEMMs at "
+            "its shapes, run as the step runs them, timed without the rest of the step; update alone: its "
+            "SGD update, likewise. The most "
+            "reachable fraction is the bound over those two together: a step that spent nothing on BN, ReLU "
+            "and the loss would reach it, with the BLAS library's GEMMs at these shapes.")
+
+
+def _own_layer_row(info: dict) -> dict:
+    epoch_s = info["epoch_s"]
+    return {"variant": info["variant"], "batch size": info["batch_size"],
+            "runs together": info["runs_together"], "images": f"{info['images']:,}",
+            "step": info["steps"]["compiled"],
+            "compiled (s per run-epoch)": f"{epoch_s['compiled']:.3f}",
+            "eager, one seed at a time (s)": f"{epoch_s['eager']:.3f}",
+            "fused bn (s)": f"{epoch_s['fused bn']:.3f}",
+            "vs eager": f"{info['speedup_vs_eager']:.2f}x",
+            "times the fused bn": f"{info['times_the_fused_bn']:.2f}x",
+            "fraction of roofline bound": f"{info['fraction_of_roofline']:.2f} ({info['limit']})"}
+
+
+def _convnet_path_row(info: dict) -> dict:
+    epoch_s, speedup = info["epoch_s"], info["speedup"]
+    # A benchmark file from before the fused ConvNet step has no channels-last eager path nor step name.
+    return {"variant": info["variant"], "batch size": info["batch_size"], "images": f"{info['images']:,}",
+            "step": info.get("step", "eager"), "runs together": info.get("runs_together", 1),
+            "original pipeline (s)": f"{epoch_s['original']:.2f}",
+            "eager step, NCHW (s)": f"{epoch_s['nchw']:.2f}",
+            "eager step, channels-last (s)": f"{epoch_s['eager']:.2f}" if "eager" in epoch_s else "",
+            "the study's way, per run (s)": f"{epoch_s['study']:.2f}",
+            "speed-up vs original": f"{speedup['original']:.2f}x",
+            "vs NCHW": f"{speedup['nchw']:.2f}x",
+            "vs eager": f"{speedup['eager']:.2f}x" if "eager" in speedup else "",
+            "rounds": info["rounds"]}
+
+
+def _convnet_fraction_row(info: dict) -> dict:
+    return {
+        "variant": info["variant"], "batch size": info["batch_size"], "images": f"{info['images']:,}",
+        "step": info.get("step", "eager"), "runs together": info["runs_together"],
+        "epoch per run (s)": f"{info['epoch_s_per_run']:.2f}", "GFLOP/s": f"{info['achieved_gflops']:.1f}",
+        "fraction of matmul peak": f"{info['fraction_of_matmul_peak']:.3f}",
+        "MB a step (least)": f"{info['bytes_per_step'] / 1e6:.1f}",
+        "bound: compute / traffic (ms a step)":
+            f"{1e3 * info['compute_bound_s']:.2f} / {1e3 * info['traffic_bound_s']:.2f}",
+        "step (ms)": f"{1e3 * info['step_s']:.2f}",
+        "fraction of roofline bound": f"{info['fraction_of_roofline']:.3f} ({info['limit']})"}
+
+
+def _tools_row(info: dict) -> dict:
+    return {"records": f"{info['records']:,}",
+            **{f"{step} (s)": f"{seconds:.2f}" for step, seconds in info["seconds"].items()}}
+
+
+def _said(text: str) -> Callable[[dict, list[dict]], str]:
+    return lambda data, infos: text
+
+
+SPEED_TABLES = (
+    SpeedTable("paths", "Speed: one epoch at batch 64 through each training path (benchmarks/test_speed.py)",
+               _paths_text, _path_row),
+    SpeedTable("fraction", "Speed: the study's way against the roofline (benchmarks/test_speed.py, bnsuite.speed)",
+               _fractions_text, _fraction_row),
+    SpeedTable("own-layer", "Speed: a layer of one's own on the compiled step", _said(
+        "A layer no fused step covers (`bn-scratch`: BatchNorm1d written out in Python, as a user's layer is), "
+        "the study's seeds together on the compiled step (bnsuite.compiled), against the eager step one seed "
+        "at a time and the fused step's `bn` on the same network and images: the second epoch of two (the "
+        "first pays the compilation), median of alternating rounds."), _own_layer_row),
+    SpeedTable("convnet-paths", "Speed: the ConvNet's epoch through each path (benchmarks/test_speed.py)", _said(
+        "The ConvNet at batch 64 on the images named, every path in turn each round, the speed-up the "
+        "median of the rounds' ratios: the original pipeline (torchvision Dataset + DataLoader, eager "
+        "autograd), the eager step on tensor batches in NCHW and in channels-last (one run), and the study's "
+        "way (the step named, the study's seeds trained together; its time per run)."), _convnet_path_row),
+    SpeedTable("convnet-fraction", "Speed: the ConvNet against the roofline", _said(
+        "Its FLOPs are its convolutions' and classifier's (bnsuite.speed.training_flops_per_sample); its "
+        "least traffic its parameters' state, its images and its feature maps and their gradients, each "
+        "moved once."), _convnet_fraction_row),
+    SpeedTable("tools", "Speed: loading, the report and the baseline comparison over many records", _said(
+        "Valid records made from the smoke reference's (every study, both networks, 21 seeds): loading them, "
+        "building the report (no figures) and comparing them with themselves as a baseline "
+        "(benchmarks/test_tools.py)."), _tools_row),
+)
 
 
 PATH_LABELS = (("original", "original pipeline"), ("eager", "eager autograd"), ("aten", "ATen step, together"),
