@@ -242,6 +242,7 @@ REASONS_STUDY = study_spec(profile="smoke", seeds=(0, 1), train_subset=512, vali
                               Study("placement", variants=("bn", "bn-after-relu"), batch_sizes=(64,), epochs=1),
                               Study("noise", variants=("plain", "bn", "bn-noisy"), batch_sizes=(64,), epochs=1),
                               Study("renorm", variants=("bn-ghost2", "bn-renorm2"), batch_sizes=(128,), epochs=1),
+                              Study("ioffe2015", variants=("ioffe-plain", "ioffe-bn"), batch_sizes=(60,), epochs=1),
                           ))
 
 
@@ -266,7 +267,9 @@ def test_each_study_of_a_reason_for_bn_has_its_table_figure_claims_and_discussio
             ("## Noisy BN: is it steadier distributions? (Santurkar et al. 2018)", "noisy_bn.png",
              "bn-noisy-larger-drift-than-bn-bs64"),
             ("## Batch Renormalization at small ghost batches (Ioffe 2017)", "batch_renorm.png",
-             "bn-renorm-more-accurate-at-smallest-ghost-batch-bs128")):
+             "bn-renorm-more-accurate-at-smallest-ghost-batch-bs128"),
+            ("## Ioffe & Szegedy's MNIST experiment (2015, Figure 1)", "ioffe2015.png",
+             "ioffe-bn-steadier-sigmoid-inputs-bs60")):
         assert heading in markdown and f"]({figure})" in markdown and f"| {claim} " in markdown
         assert (tmp_path / figure).read_bytes().startswith(PNG_MAGIC)
     for reason in ("**BN allows higher learning rates** (learning-rate study)",
@@ -274,7 +277,7 @@ def test_each_study_of_a_reason_for_bn_has_its_table_figure_claims_and_discussio
                    "**BN acts as a regularizer, reducing the need for dropout** (dropout study)",
                    "**How BN's effect depends on the batch size** (ghost-batch study, Batch Renorm study)",
                    "**Where BN sits matters: before the nonlinearity, as Ioffe & Szegedy put it, or after it** "
-                   "(placement study)", "(noisy-BN study)", "(landscape study)",
+                   "(placement study)", "(noisy-BN study)", "(landscape study)", "(Ioffe & Szegedy's MNIST study)",
                    "**BN's benefit is mainly the larger learning rate it allows (Bjorck et al. 2018)** "
                    "(learning-rate study)"):
         assert reason in markdown
