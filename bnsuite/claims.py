@@ -62,6 +62,8 @@ REASONS = {
                      "them unstable on purpose (Santurkar et al. 2018)"),
     "lr-benefit": "BN's benefit is mainly the larger learning rate it allows (Bjorck et al. 2018)",
     "landscape": "BN makes the loss landscape smoother; whether it reduces covariate shift measured by gradients",
+    "signal": ("BN keeps the signal's scale across depth at initialization, so a deep network can train "
+               "(Brock et al. 2021)"),
 }
 
 
@@ -490,10 +492,11 @@ def at_least(measure: Callable[[RunRecord], float], what: str, margin: float, *,
 
 def smaller(measure: Callable[[RunRecord], float], what: str, *, variant: str, reference: str, batch_size: int,
             digits: int = 4, direction: str | None = None, missing: tuple[str, str] | None = None,
-            ratio: bool = True) -> Callable[[Claim, Runs], ClaimResult]:
+            ratio: bool = True, significant: bool = False) -> Callable[[Claim, Runs], ClaimResult]:
     """A judge: `variant`'s `measure` is smaller than `reference`'s at `batch_size`, its effect the ratio
     reference / variant (`ratio`, for positive measures such as a loss) or the difference. `missing`: (what, why)
-    to say when a run did not record the measure (NaN)."""
+    to say when a run did not record the measure (NaN); `digits` decimals in the evidence, or significant digits
+    with `significant` (measures spanning orders of magnitude)."""
     def judge(claim: Claim, runs: Runs) -> ClaimResult:
         mine = [measure(r) for r in runs.of(variant, batch_size)]
         theirs = [measure(r) for r in runs.of(reference, batch_size)]
@@ -501,8 +504,8 @@ def smaller(measure: Callable[[RunRecord], float], what: str, *, variant: str, r
             return not_recorded(claim, missing[0], why=missing[1])
         comparison = compare(mine, theirs, ratio=ratio,
                              what=f"{reference} {'/' if ratio else '-'} {variant} {what.removesuffix(':')}")
-        evidence = (f"{what} {variant} {summary(mine, digits)} vs {reference} {summary(theirs, digits)}; "
-                    f"p={comparison.p:.3f}")
+        evidence = (f"{what} {variant} {summary(mine, digits, significant=significant)} vs {reference} "
+                    f"{summary(theirs, digits, significant=significant)}; p={comparison.p:.3f}")
         return result(claim, direction or f"{variant} smaller", evidence, comparison)
 
     return judge
@@ -529,6 +532,26 @@ def batch_statistics_accuracy(record: RunRecord) -> float:
         return 0.0
     value = record.epochs[-1].batch_statistics_accuracy if record.epochs else None
     return math.nan if value is None else value
+
+
+def precise_accuracy(record: RunRecord) -> float:
+    """Final held-out accuracy with precise population statistics (bnsuite.precise); 0 if diverged, NaN if not
+    measured."""
+    if record.diverged:
+        return 0.0
+    value = record.epochs[-1].precise_accuracy if record.epochs else None
+    return math.nan if value is None else value
+
+
+def precise_gap(record: RunRecord, epoch: int | None = None) -> float:
+    """Held-out accuracy with precise statistics minus with the running estimates, in points, at the end of `epoch`
+    (default: the last); NaN where not measured then or diverged (a broken model has no statistics to compare)."""
+    if record.diverged or not record.epochs:
+        return math.nan
+    at = record.epochs[-1] if epoch is None else next((e for e in record.epochs if e.epoch == epoch), None)
+    if at is None or at.precise_accuracy is None:
+        return math.nan
+    return at.precise_accuracy - record.held_out_accuracy(at)
 
 
 def generalization_gap(record: RunRecord) -> float:

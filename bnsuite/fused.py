@@ -54,16 +54,16 @@ from bnsuite.batchnorm import BatchRenorm1d, GhostBatchNorm2d, NoisyBatchNorm1d
 from bnsuite.environment import cpu_model_and_flags
 from bnsuite.fastpath import BN_EPS, BN_MOMENTUM, normalization, per_model_settings, stack_into
 from bnsuite.files import user_cache_dir
-from bnsuite.models import IoffeMLP, SimpleNNWithBN, SimpleNNWithBNAfterReLU, SmallCNN
+from bnsuite.models import SimpleNNWithBN, SimpleNNWithBNAfterReLU, SmallCNN, StackMLP
 
 NATIVE = Path(__file__).parent / "native"
 SOURCE = NATIVE / "bnsuite.c"  # one translation unit: common.h, mlp.c (the MLP family) and cnn.c (the ConvNet)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-fno-tree-loop-distribute-patterns")
-ABI_VERSION = 4  # bn_abi_version() of the C source: the Step and ConvStep layouts below match it
+ABI_VERSION = 5  # bn_abi_version() of the C source: the Step and ConvStep layouts below match it
 SWITCH_VARIABLE = "BNSUITE_FUSED"  # "0": train on the ATen fast step even where the fused one builds
 BUILD_DIR_VARIABLE = "BNSUITE_BUILD_DIR"
 COMPILE_TIMEOUT_S = 300
-MAX_LAYERS = 8
+MAX_LAYERS = 24
 MAX_GHOST_BATCHES = 1024  # the C source's bound on ghost batches per batch
 # Steps per C call at most where a step draws random numbers: dropout masks and noisy BN's noise are drawn ahead (as
 # F.dropout and NoisyBatchNorm1d draw them, step by step), so a run of batches holds its draws; without draws a call
@@ -254,6 +254,7 @@ class MlpLayout:
     noisy: bool = False
     after_relu: bool = False
     sigmoid: bool = False  # the hidden layers' nonlinearity (IoffeMLP's), else ReLU
+    norm_momentum: float = BN_MOMENTUM  # torch's momentum of the running estimates (StackMLP's may differ)
 
 
 def mlp_layout(model: nn.Module) -> MlpLayout | None:
@@ -262,18 +263,23 @@ def mlp_layout(model: nn.Module) -> MlpLayout | None:
     norm = normalization(model)
     if norm is not None:
         return MlpLayout(norm, getattr(model.bn1, "ghost_size", None) if norm == "ghost" else None)
-    if type(model) is IoffeMLP:
+    if isinstance(model, StackMLP) and model.hidden < MAX_LAYERS:
         layers = [module for name, module in model.named_children() if name.startswith("bn")]
         if all(type(layer) is nn.Identity for layer in layers):
-            return MlpLayout("none", sigmoid=True)
-        if all(type(layer) is nn.BatchNorm1d and layer.eps == BN_EPS and layer.momentum == BN_MOMENTUM
-               and layer.affine and layer.track_running_stats for layer in layers):
-            return MlpLayout("bn", sigmoid=True)
+            return MlpLayout("none", sigmoid=model.sigmoid)
+        momenta = {layer.momentum for layer in layers if type(layer) is nn.BatchNorm1d}
+        if all(type(layer) is nn.BatchNorm1d and layer.eps == BN_EPS and layer.affine and layer.track_running_stats
+               for layer in layers) and len(momenta) == 1 and None not in momenta:
+            return MlpLayout("bn", sigmoid=model.sigmoid, norm_momentum=momenta.pop())
         return None
     if type(model) not in (SimpleNNWithBN, SimpleNNWithBNAfterReLU):
         return None
     layers = (model.bn1, model.bn2)
     kinds = {type(layer) for layer in layers}
+    momenta = {layer.momentum for layer in layers}
+    if (type(model) is SimpleNNWithBN and kinds == {nn.BatchNorm1d} and len(momenta) == 1 and None not in momenta
+            and all(layer.eps == BN_EPS and layer.affine and layer.track_running_stats for layer in layers)):
+        return MlpLayout("bn", norm_momentum=momenta.pop())  # running estimates of another momentum (bn-ema0.99)
     if len(kinds) != 1 or not all(layer.eps == BN_EPS and layer.momentum == BN_MOMENTUM for layer in layers):
         return None
     (kind,) = kinds
@@ -422,7 +428,7 @@ class FusedStep:
         step = _step_type(PRECISIONS[dtype][3])(
             models=count, layers=len(linears), threads=torch.get_num_threads(), classes=widths[-1],
             batch_size=batch_size, train_size=train_size, first_step=1, momentum=momentum, eps=BN_EPS,
-            norm_momentum=BN_MOMENTUM, keep=1.0 - self.dropout, sigmoid=layout.sigmoid)
+            norm_momentum=layout.norm_momentum, keep=1.0 - self.dropout, sigmoid=layout.sigmoid)
         step.renorm_schedule[:] = (batchnorm.RENORM_WARMUP, batchnorm.RENORM_RAMP, batchnorm.RENORM_R_MAX,
                                    batchnorm.RENORM_D_MAX)
         keep: list[torch.Tensor] = []  # every tensor the C code points into, alive as long as the step

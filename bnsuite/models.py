@@ -114,28 +114,55 @@ class SimpleNNWithBNAfterReLU(nn.Module):
 
 
 
+class StackMLP(nn.Module):
+    """784 -> `hidden` fully connected layers of `width` units -> 10, a nonlinearity after each hidden layer (the
+    sigmoid, or ReLU), with `batch_norm` BatchNorm1d of torch's `norm_momentum` before each nonlinearity, else
+    nothing there (bn1.. are Identity). Layer names fc1.., bn1.. as in the study's MLP.
+
+    The networks of the papers' own experiments are stacks of this kind (IoffeMLP, DeepMLP)."""
+
+    def __init__(self, *, hidden: int, width: int, batch_norm: bool, sigmoid: bool, norm_momentum: float = 0.1):
+        super().__init__()
+        self.hidden, self.sigmoid = hidden, sigmoid
+        widths = (784,) + (width,) * hidden
+        for layer, (fan_in, fan_out) in enumerate(itertools.pairwise(widths), start=1):
+            setattr(self, f"fc{layer}", nn.Linear(fan_in, fan_out))
+            setattr(self, f"bn{layer}",
+                    nn.BatchNorm1d(fan_out, momentum=norm_momentum) if batch_norm else nn.Identity())
+        setattr(self, f"fc{hidden + 1}", nn.Linear(width, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.view(x.size(0), -1)
+        nonlinearity = torch.sigmoid if self.sigmoid else F.relu
+        for layer in range(1, self.hidden + 1):
+            x = nonlinearity(getattr(self, f"bn{layer}")(getattr(self, f"fc{layer}")(x)))
+        return getattr(self, f"fc{self.hidden + 1}")(x)
+
+
 # Ioffe & Szegedy (2015, section 4.1): "a simple network, with 3 fully-connected hidden layers with 100 activations
 # each ... each hidden layer computes y = g(Wu + b) with sigmoid nonlinearity ... a 10-way softmax".
 IOFFE_WIDTH, IOFFE_HIDDEN = 100, 3
 
 
-class IoffeMLP(nn.Module):
+class IoffeMLP(StackMLP):
     """Ioffe & Szegedy's MNIST network: 784 -> 100 -> 100 -> 100 -> 10, a sigmoid after each hidden layer, with
-    `batch_norm` BatchNorm1d before each sigmoid (their BN network), else nothing there (bn1..bn3 are Identity)."""
+    `batch_norm` BatchNorm1d before each sigmoid (their BN network)."""
 
     def __init__(self, *, batch_norm: bool):
-        super().__init__()
-        widths = (784,) + (IOFFE_WIDTH,) * IOFFE_HIDDEN
-        for layer, (fan_in, fan_out) in enumerate(itertools.pairwise(widths), start=1):
-            setattr(self, f"fc{layer}", nn.Linear(fan_in, fan_out))
-            setattr(self, f"bn{layer}", nn.BatchNorm1d(fan_out) if batch_norm else nn.Identity())
-        setattr(self, f"fc{IOFFE_HIDDEN + 1}", nn.Linear(IOFFE_WIDTH, 10))
+        super().__init__(hidden=IOFFE_HIDDEN, width=IOFFE_WIDTH, batch_norm=batch_norm, sigmoid=True)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.view(x.size(0), -1)
-        for layer in range(1, IOFFE_HIDDEN + 1):
-            x = torch.sigmoid(getattr(self, f"bn{layer}")(getattr(self, f"fc{layer}")(x)))
-        return getattr(self, f"fc{IOFFE_HIDDEN + 1}")(x)
+
+# The signal-propagation study's deep network (bnsuite.studies.signal; Brock et al. 2021 ask for a depth of 20 or
+# more): 20 hidden ReLU layers of 100 units, PyTorch's default init.
+DEEP_WIDTH, DEEP_HIDDEN = 100, 20
+
+
+class DeepMLP(StackMLP):
+    """784 -> 20 hidden layers of 100 ReLU units -> 10, with `batch_norm` BatchNorm1d before each ReLU."""
+
+    def __init__(self, *, batch_norm: bool):
+        super().__init__(hidden=DEEP_HIDDEN, width=DEEP_WIDTH, batch_norm=batch_norm, sigmoid=False)
+
 
 # Ghost sizes a `bn-ghostG` variant can take: the study's (Wu & He's 2 to 32 images per device) and 64.
 GHOST_SIZES = (2, 4, 8, 16, 32, 64)
@@ -211,6 +238,17 @@ def bn_noisy() -> nn.Module:
 
 
 
+# The precise-BN study's slow running estimates (bnsuite.studies.precise): each step keeps 0.99 of them, Wu &
+# Johnson's EMA momentum 0.99 (torch's momentum 0.01, where the default keeps 0.9: torch's 0.1).
+SLOW_EMA = 0.99
+
+
+@register_variant("bn-ema0.99", batch_statistics=True, derives_from="bn", probe="bn2", order=14, color="tab:pink")
+def bn_slow_ema() -> nn.Module:
+    """The BN network whose running estimates move at torch's momentum 0.01 instead of 0.1."""
+    return SimpleNNWithBN(norm=lambda features: nn.BatchNorm1d(features, momentum=round(1 - SLOW_EMA, 10)))
+
+
 # The Ioffe study's pair (bnsuite.studies.ioffe): their probe point is what feeds the last hidden sigmoid.
 @register_variant("ioffe-plain", batch_statistics=False, probe=f"fc{IOFFE_HIDDEN}", order=10, color="tab:orange")
 def ioffe_plain() -> nn.Module:
@@ -223,6 +261,21 @@ def ioffe_plain() -> nn.Module:
 def ioffe_bn() -> nn.Module:
     """Ioffe & Szegedy's MNIST network with BatchNorm1d before each sigmoid (IoffeMLP)."""
     return IoffeMLP(batch_norm=True)
+
+# The signal-propagation study's pair (bnsuite.studies.signal); probed where the ReLU of the last hidden layer takes
+# its input.
+@register_variant("deep-plain", batch_statistics=False, probe=f"fc{DEEP_HIDDEN}", order=12, color="tab:orange")
+def deep_plain() -> nn.Module:
+    """The deep network without BN (DeepMLP): 20 hidden ReLU layers at PyTorch's default init."""
+    return DeepMLP(batch_norm=False)
+
+
+@register_variant("deep-bn", batch_statistics=True, derives_from="deep-plain", probe=f"bn{DEEP_HIDDEN}", order=13,
+                  color="tab:blue")
+def deep_bn() -> nn.Module:
+    """The deep network with BatchNorm1d before each ReLU (DeepMLP)."""
+    return DeepMLP(batch_norm=True)
+
 
 @register_variant("ln", batch_statistics=False, probe="bn2", order=6, color="tab:purple")
 def ln() -> nn.Module:

@@ -319,3 +319,42 @@ def landscape_plot(runs: pd.DataFrame, order: list[str], colors: Colors, layer: 
     figure.suptitle("The loss landscape along the gradient, and covariate shift by gradients (Santurkar et al. 2018)")
     figure.tight_layout()
     return _png(figure)
+
+
+def signal_plot(signals: pd.DataFrame, colors: Colors, *, plain: str, bn: str) -> bytes:
+    """Brock et al.'s signal-propagation plot: (a) the mean squared channel mean and (b) the mean channel variance
+    of each hidden layer's output at initialization, against depth (log axis), plain dashed, BN solid, one line per
+    seed. `signals`: variant, seed, depth, squared_mean, variance."""
+    figure, axes = plt.subplots(1, 2, figsize=(10.5, 3.8), sharex=True)
+    for axis, series, title in ((axes[0], "squared_mean", "(a) average squared channel mean"),
+                                (axes[1], "variance", "(b) average channel variance")):
+        for variant, style in ((plain, "--"), (bn, "-")):
+            rows = signals[signals["variant"] == variant]
+            for index, (_, seed) in enumerate(rows.groupby("seed")):
+                axis.plot(seed["depth"], seed[series], linestyle=style, color=_color(colors, variant), alpha=0.7,
+                          label=variant if index == 0 else None)
+        axis.set_yscale("log")
+        axis.set_xlabel("depth (hidden layer)")
+        axis.set_title(title)
+        axis.grid(True, alpha=0.3)
+        axis.legend(fontsize=8)
+    figure.suptitle("Signal propagation at initialization (Brock et al. 2021), on this run's records")
+    return _png(figure)
+
+
+def precise_plot(gaps: pd.DataFrame, colors: Colors) -> bytes:
+    """Held-out accuracy with precise statistics minus with the running estimates, against the epoch, one line per
+    variant (mean of seeds, seeds as points). `gaps`: variant, seed, epoch, gap (points)."""
+    figure, axis = plt.subplots(figsize=(6.2, 4.0))
+    for variant, rows in gaps.groupby("variant", sort=False):
+        means = rows.groupby("epoch")["gap"].mean()
+        color = _color(colors, variant)
+        axis.plot(means.index, means.values, marker="o", color=color, label=f"{variant} (mean of seeds)")
+        _seed_points(axis, rows["epoch"], rows["gap"], color)
+    axis.axhline(0.0, color="black", linewidth=0.8)
+    axis.set_xlabel("epoch")
+    axis.set_ylabel("precise - running estimates (points)")
+    axis.set_title("Precise BN against running averages (Wu & Johnson 2021)")
+    axis.grid(True, alpha=0.3)
+    axis.legend(fontsize=8)
+    return _png(figure)

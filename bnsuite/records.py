@@ -11,7 +11,7 @@ either no file or a complete one. Every field is validated when a record is
 read (type, range, and the fields that must agree with each other); a bad
 record is one `RecordError` naming the file and the field, and no field is
 ever filled with a default, except by the documented migrations of records
-of schemas 1 to 7 (`migrate_schema_1` to `migrate_schema_7`).
+of schemas 1 to 9 (`migrate_schema_1` to `migrate_schema_9`).
 
 A record carries the description of its variant (bnsuite.spec.Variant), and
 its study those of all of its variants, so records are data: they load and
@@ -38,7 +38,7 @@ from pydantic import Field, TypeAdapter, ValidationError, with_config
 from bnsuite.files import write_atomically
 from bnsuite.spec import CONTRADICTED, NOT_SHOWN, STRICT, RunSpec, SpecError, StudySpec, Variant
 
-SCHEMA_VERSION = 9
+SCHEMA_VERSION = 10
 RUNS_SUBDIR = "runs"
 
 Percent = Annotated[float, Field(ge=0, le=100)]
@@ -65,6 +65,11 @@ class EpochRecord:
     # estimates (train_accuracy's counterpart on held-out images). None for variants without batch statistics
     # (plain, ln) and in records of schema 3 and earlier.
     batch_statistics_accuracy: Percent | None
+    # Held-out accuracy with every BN layer's running estimates replaced by precise population statistics: the
+    # batch statistics of the run's training images at its batch size, averaged over them with the weights of this
+    # epoch's end frozen (Wu & Johnson 2021, bnsuite.precise). None where not measured (a study that does not ask,
+    # a variant without running estimates, an epoch that is not a checkpoint) and in records of schema 9 and earlier.
+    precise_accuracy: Percent | None
 
 
 @with_config(STRICT)
@@ -103,6 +108,30 @@ class ActivationTrace:
                 path = [self.values[c][unit][k] for c in regular]
                 moves += [abs(b - a) / spread if spread > 0 else math.inf for a, b in itertools.pairwise(path)]
         return statistics.fmean(moves) if moves else math.nan
+
+
+@with_config(STRICT)
+@dataclass(frozen=True)
+class SignalTrace:
+    """Signal propagation at initialization (Brock, De & Smith 2021, bnsuite.signal): for each hidden layer's
+    output, as the next layer takes it, the mean over channels of the squared channel mean and of the channel
+    variance (over the images, and positions for a feature map), on a batch of the run's training images, before
+    the first step, in training mode."""
+
+    images: Annotated[int, Field(ge=2)]
+    layers: tuple[str, ...]  # the layers whose inputs were measured, in depth order (fc2: the first hidden output)
+    squared_mean: tuple[NonNegative, ...]  # [layer]
+    variance: tuple[NonNegative, ...]  # [layer]
+
+    def __post_init__(self) -> None:
+        _check(len(self.layers) >= 1 and len(self.squared_mean) == len(self.variance) == len(self.layers),
+               "signal", "must have one squared mean and one variance per layer")
+
+    def variance_range(self) -> float:
+        """The largest layer's channel variance over the smallest's: 1 for a signal whose scale depth keeps;
+        infinite where a layer's variance is 0."""
+        low = min(self.variance)
+        return math.inf if low == 0 else max(self.variance) / low
 
 
 @with_config(STRICT)
@@ -220,6 +249,9 @@ class RunRecord:
     # Gradient-based covariate shift and loss-landscape smoothness along training (bnsuite.landscape); None where
     # not measured (the original pipeline, a diverged run, and records of schema 6 and earlier).
     landscape: LandscapeTrace | None
+    # Signal propagation at initialization (bnsuite.signal); None where not measured (a study that does not ask,
+    # the original pipeline, and records of schema 9 and earlier).
+    signal: SignalTrace | None
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -310,6 +342,8 @@ class RunRecord:
             raw = migrate_schema_7(raw)
         if raw.get("schema_version") == 8:
             raw = migrate_schema_8(raw)
+        if raw.get("schema_version") == 9:
+            raw = migrate_schema_9(raw)
         elif raw.get("schema_version") != SCHEMA_VERSION:
             raise RecordError(
                 f"{source}: schema version {version!r} is not supported (this bnsuite reads versions 1 to "
@@ -478,6 +512,16 @@ def migrate_schema_7(raw: dict) -> dict:
             study["variants"] = [{**entry, "network": "mlp"} if isinstance(entry, dict) else entry
                                  for entry in study["variants"]]
         raw["study"] = study
+    return raw
+
+
+def migrate_schema_9(raw: dict) -> dict:
+    """A schema-9 record as schema 10: no signal at initialization and no precise-statistics accuracy at any
+    epoch, which schema 9 did not measure."""
+    raw = {**raw, "schema_version": 10, "signal": None}
+    if isinstance(raw.get("epochs"), list):
+        raw["epochs"] = [{**epoch, "precise_accuracy": None} if isinstance(epoch, dict) else epoch
+                         for epoch in raw["epochs"]]
     return raw
 
 

@@ -30,7 +30,10 @@ NETWORK_TITLES = {"mlp": "study's MLP", "cnn": "ConvNet"}  # as prose names them
 DEFAULT_LR = 0.01  # the study's SGD learning rate
 PIPELINES = ("fast", "eager", "original")
 # What a study can ask its runs to measure beyond what every run records: costly, so measured only where asked.
-MEASUREMENTS = ("landscape",)  # gradient ICS and loss-landscape smoothness along training (bnsuite.landscape)
+# landscape: gradient ICS and loss-landscape smoothness along training (bnsuite.landscape); signal: the hidden
+# signal's scale against depth at initialization (bnsuite.signal); precise: held-out accuracy at every epoch end
+# with precise population statistics in place of the running estimates (bnsuite.precise).
+MEASUREMENTS = ("landscape", "signal", "precise")
 SUPPORTED, CONTRADICTED, NOT_SHOWN = "supported", "contradicted", "not shown"
 # A known exception's verdict for a claim whose verdict, under its profile, depends on which seeds it sees:
 # supported by some disjoint seed sets of the profile's size and not shown by others (never contradicted).

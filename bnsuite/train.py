@@ -37,8 +37,10 @@ from bnsuite.environment import KEEP_DENORMALS_VARIABLE, describe_environment, f
 from bnsuite.epochs import TensorEpochs, step_kind, training_set
 from bnsuite.evaluation import evaluate, evaluate_all, evaluate_with_batch_statistics  # noqa: F401 (re-exported)
 from bnsuite.models import build_model
+from bnsuite.precise import is_checkpoint, precise_accuracies
 from bnsuite.records import EpochRecord, RunRecord, finite_or_none
 from bnsuite.registry import checked
+from bnsuite.signal import measure_signal
 from bnsuite.spec import RunSpec, StudySpec, Variant
 
 # cuBLAS reads this when it first starts; deterministic GEMMs need it (torch's reproducibility notes).
@@ -174,9 +176,11 @@ def _train_group(specs: list[RunSpec], variant: Variant, *, data_dir: Path | str
     splits = splits.to(device)
     with _deterministic(device):
         models, run_epoch = _models_and_runner(specs, splits, device, data_dir=data_dir, measures=measures)
+        signals = [measure_signal(model, training_set(splits, run)[0]) if "signal" in measures
+                   and spec.pipeline != "original" else None for run, model in zip(specs, models, strict=True)]
         epochs, steps, diverged_at_epoch = _train_epochs(specs, variant, models, run_epoch, splits, device,
-                                                         on_epoch)
-        return _records(specs, variant, models, run_epoch, splits, epochs, steps, diverged_at_epoch,
+                                                         on_epoch, precise="precise" in measures)
+        return _records(specs, variant, models, run_epoch, splits, epochs, steps, diverged_at_epoch, signals,
                         study=study, environment=environment, started_at=started_at, executor=executor)
 
 
@@ -197,8 +201,10 @@ def _models_and_runner(specs: list[RunSpec], splits, device: torch.device, *, da
 
 
 def _train_epochs(specs: list[RunSpec], variant: Variant, models, run_epoch, splits, device: torch.device,
-                  on_epoch: EpochCallback | None) -> tuple[list[list[EpochRecord]], list[int], list[int | None]]:
-    """The group's epochs, each run's evaluated at every epoch end: per run its epoch records, its steps and the
+                  on_epoch: EpochCallback | None, *, precise: bool = False,
+                  ) -> tuple[list[list[EpochRecord]], list[int], list[int | None]]:
+    """The group's epochs, each run's evaluated at every epoch end (and, with `precise`, with precise population
+    statistics too where the variant keeps running estimates): per run its epoch records, its steps and the
     epoch it diverged at (None if it did not). A run that diverges stops being recorded; the others go on, and
     training stops when none is left."""
     spec = specs[0]
@@ -227,6 +233,9 @@ def _train_epochs(specs: list[RunSpec], variant: Variant, models, run_epoch, spl
                     else (splits.test_images, splits.test_labels))
         with_batch_statistics = evaluate_all(run_epoch, models, *held_out, batch_statistics=spec.batch_size,
                                              only=live) if variant.batch_statistics else None
+        with_precise_statistics = precise_accuracies(
+            models, training_set(splits, spec), held_out, batch_size=spec.batch_size, only=live,
+        ) if precise and variant.batch_statistics and is_checkpoint(epoch, spec.epochs) else None
         for index in live:
             run, validation, test = specs[index], validations[index], tests[index]
             record = EpochRecord(
@@ -239,6 +248,7 @@ def _train_epochs(specs: list[RunSpec], variant: Variant, models, run_epoch, spl
                 test_accuracy=test[1],
                 epoch_time_s=epoch_time,
                 batch_statistics_accuracy=with_batch_statistics[index][1] if with_batch_statistics else None,
+                precise_accuracy=with_precise_statistics[index] if with_precise_statistics else None,
             )
             epochs[index].append(record)
             if on_epoch is not None:
@@ -247,10 +257,10 @@ def _train_epochs(specs: list[RunSpec], variant: Variant, models, run_epoch, spl
 
 
 def _records(specs: list[RunSpec], variant: Variant, models, run_epoch, splits, epochs: list[list[EpochRecord]],
-             steps: list[int], diverged_at_epoch: list[int | None], *, study: StudySpec | None, environment,
-             started_at: str, executor: str) -> list[RunRecord]:
+             steps: list[int], diverged_at_epoch: list[int | None], signals: list, *, study: StudySpec | None,
+             environment, started_at: str, executor: str) -> list[RunRecord]:
     """Each run's record: its epochs, its final model's figures on the test and training images, its probe and
-    landscape traces, the group it trained with and the step that trained it."""
+    landscape traces, its signal at initialization, the group it trained with and the step that trained it."""
     spec = specs[0]
     records = []
     prober = getattr(run_epoch, "prober", None)  # the original pipeline is not probed
@@ -259,9 +269,9 @@ def _records(specs: list[RunSpec], variant: Variant, models, run_epoch, splits, 
     landscapes = landscaper.traces() if landscaper is not None else [None] * len(specs)
     finished_runs = [index for index, diverged in enumerate(diverged_at_epoch) if diverged is None]
     on_training_set = evaluate_all(run_epoch, models, *training_set(splits, spec), only=finished_runs)
-    finished = zip(specs, models, epochs, steps, diverged_at_epoch, traces, landscapes, on_training_set,
+    finished = zip(specs, models, epochs, steps, diverged_at_epoch, traces, landscapes, on_training_set, signals,
                    strict=True)
-    for run, model, run_epochs, run_steps, diverged, trace, landscape, train_eval in finished:
+    for run, model, run_epochs, run_steps, diverged, trace, landscape, train_eval, signal in finished:
         train_loss_eval, train_accuracy_eval = train_eval
         if diverged is None and run_epochs:  # the model the last epoch evaluated: its figures, not a rerun
             test_loss, test_accuracy = run_epochs[-1].test_loss, run_epochs[-1].test_accuracy
@@ -288,6 +298,7 @@ def _records(specs: list[RunSpec], variant: Variant, models, run_epoch, splits, 
             activations=None if diverged else trace,  # past divergence the probe measures a broken model
             training_step=run_epoch.step_name,
             landscape=None if diverged else landscape,
+            signal=signal,  # measured before training: a later divergence does not change it
         ))
     return records
 

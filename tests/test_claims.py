@@ -47,13 +47,14 @@ SPEC = study_spec(profile="test", seeds=(0, 1, 2), validation_size=10_000, train
 
 
 def _run(study, variant, seed, *, batch_size=64, losses=(0.9, 0.5), accuracy=95.0, train_accuracy=None,
-         diverged_at=None, batch_statistics=None, of=SPEC, **axes):
+         diverged_at=None, batch_statistics=None, precise=None, of=SPEC, **axes):
     """A record of `of`'s `study` whose epochs end at `losses` and whose held-out accuracy is `accuracy`."""
     spec = of.run_spec(of.study(study), variant, batch_size, seed, **axes)
     kept = losses if diverged_at is None else losses[:diverged_at - 1]
     epochs = tuple(EpochRecord(epoch=i + 1, train_loss=loss, train_accuracy=90.0, validation_loss=0.3,
                                validation_accuracy=accuracy, test_loss=0.3, test_accuracy=accuracy, epoch_time_s=1.0,
-                               batch_statistics_accuracy=batch_statistics)
+                               batch_statistics_accuracy=batch_statistics,
+                               precise_accuracy=precise[i] if precise else None)
                    for i, loss in enumerate(kept))
     return RunRecord(spec=spec, variant=of.variant(variant), study=of, runs_trained_together=1,
                      trained_with=(spec.case_id,), epochs=epochs,
@@ -61,7 +62,7 @@ def _run(study, variant, seed, *, batch_size=64, losses=(0.9, 0.5), accuracy=95.
                      final_train_accuracy_eval=accuracy + 1.0 if train_accuracy is None else train_accuracy,
                      train_time_s=1.0, steps=10, diverged_at_epoch=diverged_at, environment=ENVIRONMENT,
                      started_at="now", executor="local", activations=None,
-                     training_step="fast", landscape=None)
+                     training_step="fast", landscape=None, signal=None)
 
 
 def _claim(name):

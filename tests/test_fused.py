@@ -18,7 +18,7 @@ from bnsuite.train import train_seeds
 pytestmark = pytest.mark.skipif(not fused.supports(build_model("plain"), 64),
                                 reason="the fused step cannot be built here (no C compiler or no MKL)")
 VARIANTS = ["plain", "bn", "bn-ghost2", "bn-ghost4", "bn-ghost8", "ln", "plain-dropout", "bn-dropout", "bn-after-relu",
-            "bn-noisy", "bn-renorm2", "bn-renorm4", "ioffe-plain", "ioffe-bn"]
+            "bn-noisy", "bn-renorm2", "bn-renorm4", "ioffe-plain", "ioffe-bn", "deep-plain", "deep-bn", "bn-ema0.99"]
 
 
 def _models(variant, seeds, dtype=torch.float32):
@@ -98,7 +98,7 @@ def _assert_each_equals_the_model_alone(results: dict) -> None:
 
 
 @pytest.mark.parametrize("variant", ["plain", "bn", "bn-ghost4", "ln", "bn-dropout", "bn-after-relu", "bn-noisy",
-                                     "bn-renorm4", "ioffe-bn"])
+                                     "bn-renorm4", "ioffe-bn", "deep-bn"])
 @pytest.mark.parametrize("batch_size", [2, 33, 128])
 def test_a_model_steps_the_same_in_any_group_and_on_any_number_of_threads(variant, batch_size):
     """Groups of 1, 2 and 5 on 2 threads, and of 5 on 1 thread, ragged last batches included: every loss,

@@ -15,7 +15,7 @@
  */
 #include "common.h"
 
-#define MAX_LAYERS 8
+#define MAX_LAYERS 24
 
 typedef struct {
     int models, layers, threads, classes;

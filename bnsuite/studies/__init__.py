@@ -10,7 +10,8 @@ plugin, after these.
 import importlib
 
 # The order they run and are reported in.
-BUILTIN = ("batch", "lr", "init", "dropout", "ghost", "landscape", "placement", "noise", "renorm", "ioffe")
+BUILTIN = ("batch", "lr", "init", "dropout", "ghost", "precise", "landscape", "placement", "noise", "renorm", "ioffe",
+           "signal")
 
 for _name in BUILTIN:
     importlib.import_module(f"{__name__}.{_name}")
