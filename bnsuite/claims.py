@@ -534,6 +534,19 @@ def batch_statistics_accuracy(record: RunRecord) -> float:
     return math.nan if value is None else value
 
 
+def measured(name: str, epoch: int | None = None) -> Callable[[RunRecord], float]:
+    """A measure for claims: the plugin measure `name` (bnsuite.registry.register_measure) at the end of `epoch`
+    (default: the last); NaN where not measured and for a diverged run (a plugin's measure has no known worst)."""
+    def measure(record: RunRecord) -> float:
+        if record.diverged or not record.epochs:
+            return math.nan
+        at = record.epochs[-1] if epoch is None else next((e for e in record.epochs if e.epoch == epoch), None)
+        value = None if at is None else at.measure(name)
+        return math.nan if value is None else value
+
+    return measure
+
+
 def precise_accuracy(record: RunRecord) -> float:
     """Final held-out accuracy with precise population statistics (bnsuite.precise); 0 if diverged, NaN if not
     measured."""

@@ -352,6 +352,7 @@ def precise_plot(gaps: pd.DataFrame, colors: Colors) -> bytes:
         axis.plot(means.index, means.values, marker="o", color=color, label=f"{variant} (mean of seeds)")
         _seed_points(axis, rows["epoch"], rows["gap"], color)
     axis.axhline(0.0, color="black", linewidth=0.8)
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     axis.set_xlabel("epoch")
     axis.set_ylabel("precise - running estimates (points)")
     axis.set_title("Precise BN against running averages (Wu & Johnson 2021)")

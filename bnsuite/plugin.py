@@ -40,7 +40,7 @@ from bnsuite.executor import EXECUTORS, ExecutorError, ProcessExecutor, RayExecu
 from bnsuite.idx import IdxFormatError
 from bnsuite.models import check_outputs
 from bnsuite.records import RecordError, load_records, save_record
-from bnsuite.registry import PluginError, load_plugins, plugin_option
+from bnsuite.registry import PluginError, check_measures, load_plugins, plugin_option
 from bnsuite.spec import DEFAULT_LR, SpecError, StudySpec
 from bnsuite.study import PROFILE_SETTINGS, StudySession, default_seeds, study_from_options
 from bnsuite.train import max_runs_together, resolve_device
@@ -141,6 +141,7 @@ class StudyPlugin:
                 **{name.replace("-", "_"): config.getoption(f"--bn-{name}") for name in OPTIONS if name != "profile"},
             )
             study_claims(self.study_spec)  # two claims of one name are refused here, before anything trains
+            check_measures(self.study_spec)  # and a measure no plugin registered
         except (SpecError, PluginError) as error:
             broken = "".join(f" (and {problem})" for problem in self.broken_plugins)
             raise pytest.UsageError(f"bnsuite: {error}{broken}") from None

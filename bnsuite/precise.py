@@ -17,14 +17,7 @@ import torch
 from torch import nn
 
 from bnsuite.evaluation import evaluate
-
-PRECISE_IMAGES = 10_000  # training images the statistics are taken over (Wu & Johnson: about 10^4 suffice)
-
-
-def is_checkpoint(epoch: int, epochs: int) -> bool:
-    """Whether precise statistics are measured at the end of `epoch` of `epochs`: at epochs 1, 2, 4, 8, ... and the
-    last (a few checkpoints, early ones close together, where the running estimates lag most)."""
-    return epoch == epochs or epoch & (epoch - 1) == 0
+from bnsuite.spec import PRECISE_IMAGES
 
 
 def _normalizations(model: nn.Module) -> list[nn.Module]:

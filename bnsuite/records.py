@@ -11,7 +11,7 @@ either no file or a complete one. Every field is validated when a record is
 read (type, range, and the fields that must agree with each other); a bad
 record is one `RecordError` naming the file and the field, and no field is
 ever filled with a default, except by the documented migrations of records
-of schemas 1 to 9 (`migrate_schema_1` to `migrate_schema_9`).
+of schemas 1 to 10 (`migrate_schema_1` to `migrate_schema_10`).
 
 A record carries the description of its variant (bnsuite.spec.Variant), and
 its study those of all of its variants, so records are data: they load and
@@ -38,7 +38,7 @@ from pydantic import Field, TypeAdapter, ValidationError, with_config
 from bnsuite.files import write_atomically
 from bnsuite.spec import CONTRADICTED, NOT_SHOWN, STRICT, RunSpec, SpecError, StudySpec, Variant
 
-SCHEMA_VERSION = 10
+SCHEMA_VERSION = 11
 RUNS_SUBDIR = "runs"
 
 Percent = Annotated[float, Field(ge=0, le=100)]
@@ -70,6 +70,13 @@ class EpochRecord:
     # epoch's end frozen (Wu & Johnson 2021, bnsuite.precise). None where not measured (a study that does not ask,
     # a variant without running estimates, an epoch that is not a checkpoint) and in records of schema 9 and earlier.
     precise_accuracy: Percent | None
+    # A plugin's per-epoch measures (bnsuite.registry.register_measure) the run's study asked for, (name, value) in
+    # name order; empty where none was asked and in records of schema 10 and earlier.
+    measured: tuple[tuple[str, float], ...]
+
+    def measure(self, name: str) -> float | None:
+        """The value of the plugin measure `name` at this epoch end; None where it was not measured."""
+        return next((value for measured, value in self.measured if measured == name), None)
 
 
 @with_config(STRICT)
@@ -344,6 +351,8 @@ class RunRecord:
             raw = migrate_schema_8(raw)
         if raw.get("schema_version") == 9:
             raw = migrate_schema_9(raw)
+        if raw.get("schema_version") == 10:
+            raw = migrate_schema_10(raw)
         elif raw.get("schema_version") != SCHEMA_VERSION:
             raise RecordError(
                 f"{source}: schema version {version!r} is not supported (this bnsuite reads versions 1 to "
@@ -512,6 +521,14 @@ def migrate_schema_7(raw: dict) -> dict:
             study["variants"] = [{**entry, "network": "mlp"} if isinstance(entry, dict) else entry
                                  for entry in study["variants"]]
         raw["study"] = study
+    return raw
+
+
+def migrate_schema_10(raw: dict) -> dict:
+    """A schema-10 record as schema 11: no plugin measure at any epoch (schema 10 had none)."""
+    raw = {**raw, "schema_version": 11}
+    if isinstance(raw.get("epochs"), list):
+        raw["epochs"] = [{**epoch, "measured": []} if isinstance(epoch, dict) else epoch for epoch in raw["epochs"]]
     return raw
 
 

@@ -38,6 +38,7 @@ from typing import Any
 from bnsuite.datasets import DATASETS
 from bnsuite.spec import (
     DEFAULT_NETWORK,
+    MEASUREMENTS,
     NAME_PATTERN,
     NETWORKS,
     KnownException,
@@ -59,6 +60,7 @@ _BUILDERS: dict[tuple[str, str], Callable[..., Any]] = {}
 _STUDIES: dict[str, StudyDefinition] = {}
 _PLUGINS: dict[str, str] = {}  # plugin module -> its provenance, in the order loaded
 _PINNED_BY: dict[tuple[str, str, str], str] = {}  # (study, profile key, claim) -> the plugin that pinned it
+_MEASURES: dict[str, Measure] = {}  # a user's per-epoch measurements, by name
 
 
 class PluginError(RuntimeError):
@@ -131,6 +133,60 @@ def checked(spec: RunSpec) -> Variant:
     description = variant(spec.variant, spec.network)
     description.check(spec)
     return description
+
+
+# --- measures ---
+
+
+@dataclass(frozen=True)
+class Measure:
+    """A per-epoch measurement of a user's: `function(model, data) -> float` at every epoch end of the runs of a
+    study that asks for it by `name` (Study.measures), recorded in each epoch's `measured` (bnsuite.records)."""
+
+    name: str
+    title: str
+    function: Callable[..., float]
+    source: str
+
+
+def register_measure(name: str, *, title: str) -> Callable:
+    """Decorator: register the function it decorates as the per-epoch measure `name`.
+
+    At every epoch end of a run whose study asks for `name` (`Study(..., measures=(name,))`) it is called as
+    `function(model, data)`: `model`, a copy of the run's model in eval mode at that epoch end (change it as you
+    like), and `data` (bnsuite.train.MeasureData: the run's training and held-out images and labels, its spec). It
+    returns a finite number, recorded as `epoch.measure(name)`; a claim reads it with
+    `bnsuite.claims.measured(name)`. The records keep the values by name, so they report without the plugin.
+    """
+    def decorator(function: Callable[..., float]) -> Callable[..., float]:
+        if not isinstance(name, str) or NAME_PATTERN.fullmatch(name) is None:
+            raise PluginError(f"measure name {name!r} must be letters, digits, '.', '_' or '-'")
+        if name in MEASUREMENTS:
+            raise PluginError(f"measure {name!r} is one of bnsuite's own ({', '.join(MEASUREMENTS)}); give yours "
+                              "another name")
+        if name in _MEASURES:
+            raise PluginError(f"measure {name!r} is registered twice ({_qualified(_MEASURES[name].function)} and "
+                              f"{_qualified(function)}); give the new one another name")
+        _MEASURES[name] = Measure(name, title, function, _source(function.__module__))
+        return function
+
+    return decorator
+
+
+def measure_definition(name: str) -> Measure | None:
+    """The registered measure `name` (None if no plugin of this process registered it)."""
+    return _MEASURES.get(name)
+
+
+def check_measures(spec: StudySpec) -> None:
+    """Refuse, before anything trains, a study asking for a measure that is neither bnsuite's nor registered."""
+    known = (*MEASUREMENTS, *_MEASURES)
+    for study in spec.studies:
+        unknown = [name for name in study.measures if name not in known]
+        if unknown:
+            raise SpecError(f"the {study.name} study asks to measure {', '.join(map(repr, unknown))}; what a study "
+                            f"can measure: {', '.join(known)} (a measure of your own is registered by a plugin with "
+                            "bnsuite.register_measure)")
 
 
 # --- studies ---

@@ -17,8 +17,7 @@ import torch
 from torch import nn
 
 from bnsuite.records import SignalTrace
-
-SIGNAL_IMAGES = 1024  # the batch the signal is measured on: the first of the run's training images
+from bnsuite.spec import SIGNAL_IMAGES
 
 
 def measure_signal(model: nn.Module, images: torch.Tensor) -> SignalTrace:

@@ -34,6 +34,14 @@ PIPELINES = ("fast", "eager", "original")
 # signal's scale against depth at initialization (bnsuite.signal); precise: held-out accuracy at every epoch end
 # with precise population statistics in place of the running estimates (bnsuite.precise).
 MEASUREMENTS = ("landscape", "signal", "precise")
+SIGNAL_IMAGES = 1024  # the batch the signal is measured on: the run's first training images
+PRECISE_IMAGES = 10_000  # training images precise statistics are taken over (Wu & Johnson: about 10^4 suffice)
+
+
+def is_precise_checkpoint(epoch: int, epochs: int) -> bool:
+    """Whether precise statistics are measured at the end of `epoch` of `epochs`: at epochs 1, 2, 4, 8, ... and the
+    last (a few checkpoints, early ones close together, where the running estimates lag most)."""
+    return epoch == epochs or epoch & (epoch - 1) == 0
 SUPPORTED, CONTRADICTED, NOT_SHOWN = "supported", "contradicted", "not shown"
 # A known exception's verdict for a claim whose verdict, under its profile, depends on which seeds it sees:
 # supported by some disjoint seed sets of the profile's size and not shown by others (never contradicted).
@@ -278,7 +286,8 @@ class Study:
     epochs: int
     lrs: tuple[float, ...] = (DEFAULT_LR,)
     init_scales: tuple[float, ...] = (1.0,)
-    measures: tuple[str, ...] = ()  # of MEASUREMENTS: what its runs measure besides what every run records
+    # What its runs measure besides what every run records: of MEASUREMENTS, or a plugin's (register_measure).
+    measures: tuple[str, ...] = ()
     networks: tuple[str, ...] = (DEFAULT_NETWORK,)  # of NETWORKS; its claims are judged network by network
     # (network, epochs) where a network trains other epochs than `epochs`: a ConvNet epoch costs about 20 MLP
     # epochs on a CPU, so its studies run fewer (bnsuite.studies); --bn-epochs sets every network's.
@@ -291,9 +300,11 @@ class Study:
     def __post_init__(self) -> None:
         _require(isinstance(self.name, str) and NAME_PATTERN.fullmatch(self.name) is not None,
                  f"study name {self.name!r} must be letters, digits, '.', '_' or '-'")
-        unknown = [name for name in self.measures if name not in MEASUREMENTS]
-        _require(not unknown, f"the {self.name} study asks to measure {', '.join(map(repr, unknown))}; what a study "
-                 f"can measure: {', '.join(MEASUREMENTS)}")
+        # A measure of a plugin's own is checked against the registry when a study starts
+        # (bnsuite.registry.check_measures): its records must load where the plugin is not installed.
+        named = [name for name in self.measures if not (isinstance(name, str) and NAME_PATTERN.fullmatch(name))]
+        _require(not named, f"the {self.name} study asks to measure {', '.join(map(repr, named))}: a measure's name is "
+                 "letters, digits, '.', '_' or '-'")
         for network, epochs in self.network_epochs:
             _require(network in NETWORKS, f"the {self.name} study gives epochs for an unknown network {network!r}")
             _require_int(epochs, f"epochs of the {self.name} study on the {network} network", minimum=1)

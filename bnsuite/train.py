@@ -22,12 +22,15 @@ before any CUDA work).
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import itertools
+import math
 import os
 import time
 from collections.abc import Callable, Collection, Iterator, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -37,11 +40,11 @@ from bnsuite.environment import KEEP_DENORMALS_VARIABLE, describe_environment, f
 from bnsuite.epochs import TensorEpochs, step_kind, training_set
 from bnsuite.evaluation import evaluate, evaluate_all, evaluate_with_batch_statistics  # noqa: F401 (re-exported)
 from bnsuite.models import build_model
-from bnsuite.precise import is_checkpoint, precise_accuracies
+from bnsuite.precise import precise_accuracies
 from bnsuite.records import EpochRecord, RunRecord, finite_or_none
-from bnsuite.registry import checked
+from bnsuite.registry import checked, measure_definition
 from bnsuite.signal import measure_signal
-from bnsuite.spec import RunSpec, StudySpec, Variant
+from bnsuite.spec import MEASUREMENTS, RunSpec, SpecError, StudySpec, Variant, is_precise_checkpoint
 
 # cuBLAS reads this when it first starts; deterministic GEMMs need it (torch's reproducibility notes).
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -51,6 +54,16 @@ if os.environ.get(KEEP_DENORMALS_VARIABLE) != "1":
     flush_denormals()
 
 EpochCallback = Callable[[RunSpec, EpochRecord], None]
+
+
+class MeasureData(NamedTuple):
+    """What a plugin's measure (bnsuite.registry.register_measure) is given beside the model, at an epoch end."""
+
+    training_images: torch.Tensor  # the run's training set, as its epochs draw from it
+    training_labels: torch.Tensor
+    held_out_images: torch.Tensor  # the run's held-out set (RunSpec.held_out)
+    held_out_labels: torch.Tensor
+    spec: RunSpec
 
 
 def _original_epochs(*args, measures=frozenset(), **kwargs):
@@ -179,9 +192,37 @@ def _train_group(specs: list[RunSpec], variant: Variant, *, data_dir: Path | str
         signals = [measure_signal(model, training_set(splits, run)[0]) if "signal" in measures
                    and spec.pipeline != "original" else None for run, model in zip(specs, models, strict=True)]
         epochs, steps, diverged_at_epoch = _train_epochs(specs, variant, models, run_epoch, splits, device,
-                                                         on_epoch, precise="precise" in measures)
+                                                         on_epoch, precise="precise" in measures,
+                                                         own=_own_measures(measures))
         return _records(specs, variant, models, run_epoch, splits, epochs, steps, diverged_at_epoch, signals,
                         study=study, environment=environment, started_at=started_at, executor=executor)
+
+
+def _own_measures(measures: Collection[str]) -> list:
+    """The plugins' measures among `measures` (bnsuite.registry.register_measure), in name order; SpecError for a
+    name no plugin of this process registered."""
+    own = []
+    for name in sorted(set(measures) - set(MEASUREMENTS)):
+        definition = measure_definition(name)
+        if definition is None:
+            raise SpecError(f"measure {name!r} is asked for but not registered in this process: load the plugin that "
+                            "registers it (--bn-plugin MODULE, or its package's entry point)")
+        own.append(definition)
+    return own
+
+
+def _measured(own: list, model: torch.nn.Module, data: MeasureData, epoch: int) -> tuple[tuple[str, float], ...]:
+    """Each of the plugins' measures `own` of `model` (a copy, in eval mode, for each) at the end of `epoch`."""
+    values = []
+    for definition in own:
+        value = definition.function(copy.deepcopy(model).eval(), data)
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = value.item()
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise SpecError(f"measure {definition.name!r} ({definition.source}) gave {value!r} for "
+                            f"{data.spec.case_id} at epoch {epoch}; a measure returns a finite number")
+        values.append((definition.name, float(value)))
+    return tuple(values)
 
 
 def _models_and_runner(specs: list[RunSpec], splits, device: torch.device, *, data_dir: Path | str | None,
@@ -201,7 +242,7 @@ def _models_and_runner(specs: list[RunSpec], splits, device: torch.device, *, da
 
 
 def _train_epochs(specs: list[RunSpec], variant: Variant, models, run_epoch, splits, device: torch.device,
-                  on_epoch: EpochCallback | None, *, precise: bool = False,
+                  on_epoch: EpochCallback | None, *, precise: bool = False, own: list = (),
                   ) -> tuple[list[list[EpochRecord]], list[int], list[int | None]]:
     """The group's epochs, each run's evaluated at every epoch end (and, with `precise`, with precise population
     statistics too where the variant keeps running estimates): per run its epoch records, its steps and the
@@ -233,9 +274,10 @@ def _train_epochs(specs: list[RunSpec], variant: Variant, models, run_epoch, spl
                     else (splits.test_images, splits.test_labels))
         with_batch_statistics = evaluate_all(run_epoch, models, *held_out, batch_statistics=spec.batch_size,
                                              only=live) if variant.batch_statistics else None
+        training = training_set(splits, spec)
         with_precise_statistics = precise_accuracies(
-            models, training_set(splits, spec), held_out, batch_size=spec.batch_size, only=live,
-        ) if precise and variant.batch_statistics and is_checkpoint(epoch, spec.epochs) else None
+            models, training, held_out, batch_size=spec.batch_size, only=live,
+        ) if precise and variant.batch_statistics and is_precise_checkpoint(epoch, spec.epochs) else None
         for index in live:
             run, validation, test = specs[index], validations[index], tests[index]
             record = EpochRecord(
@@ -249,6 +291,7 @@ def _train_epochs(specs: list[RunSpec], variant: Variant, models, run_epoch, spl
                 epoch_time_s=epoch_time,
                 batch_statistics_accuracy=with_batch_statistics[index][1] if with_batch_statistics else None,
                 precise_accuracy=with_precise_statistics[index] if with_precise_statistics else None,
+                measured=_measured(own, models[index], MeasureData(*training, *held_out, run), epoch) if own else (),
             )
             epochs[index].append(record)
             if on_epoch is not None:

@@ -54,7 +54,7 @@ def _run(study, variant, seed, *, batch_size=64, losses=(0.9, 0.5), accuracy=95.
     epochs = tuple(EpochRecord(epoch=i + 1, train_loss=loss, train_accuracy=90.0, validation_loss=0.3,
                                validation_accuracy=accuracy, test_loss=0.3, test_accuracy=accuracy, epoch_time_s=1.0,
                                batch_statistics_accuracy=batch_statistics,
-                               precise_accuracy=precise[i] if precise else None)
+                               precise_accuracy=precise[i] if precise else None, measured=())
                    for i, loss in enumerate(kept))
     return RunRecord(spec=spec, variant=of.variant(variant), study=of, runs_trained_together=1,
                      trained_with=(spec.case_id,), epochs=epochs,

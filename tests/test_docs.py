@@ -69,7 +69,7 @@ def readme_plugin(monkeypatch, tmp_path):
     """The README's plugin example, importable and registered, as a user running its commands has it."""
     from test_plugins import readme_example
 
-    for name in ("_VARIANTS", "_BUILDERS", "_STUDIES", "_PLUGINS", "_PINNED_BY"):
+    for name in ("_VARIANTS", "_BUILDERS", "_STUDIES", "_PLUGINS", "_PINNED_BY", "_MEASURES"):
         monkeypatch.setattr(registry, name, dict(getattr(registry, name)))
     (tmp_path / "my_norms.py").write_text(readme_example("my_norms.py"))
     monkeypatch.syspath_prepend(str(tmp_path))

@@ -153,7 +153,7 @@ def test_an_entry_point_plugins_variants_and_a_users_study_run_by_option_and_rep
 @pytest.fixture
 def clean_registry(monkeypatch):
     """The registries as they are, restored after the test."""
-    for name in ("_VARIANTS", "_BUILDERS", "_STUDIES", "_PLUGINS", "_PINNED_BY"):
+    for name in ("_VARIANTS", "_BUILDERS", "_STUDIES", "_PLUGINS", "_PINNED_BY", "_MEASURES"):
         monkeypatch.setattr(registry, name, dict(getattr(registry, name)))
 
 
@@ -390,3 +390,52 @@ def test_a_plugin_pins_known_exceptions_for_its_variant_in_a_built_in_study(clea
         registry.register_known_exceptions("batch", "smoke", builtin)
     with pytest.raises(PluginError, match="cannot pin known exceptions for study 'mine': it is not registered"):
         registry.register_known_exceptions("mine", "smoke", pinned)
+
+
+def test_a_plugins_measure_is_recorded_at_every_epoch_end_and_judged_by_a_claim_of_its_study(clean_registry,
+                                                                                              mnist_dir):
+    from bnsuite.claims import Claim, measured, needs, smaller
+    from bnsuite.evaluation import evaluate
+    from bnsuite.spec import SUPPORTED, ClaimSettings
+    from bnsuite.train import train_seeds
+
+    @registry.register_measure("held-out-error", title="held-out error (%), recomputed")
+    def held_out_error(model, data):
+        assert not model.training  # a copy in eval mode, at the epoch's end, with the run's held-out set
+        return 100.0 - evaluate(model, data.held_out_images, data.held_out_labels)[1]
+
+    def claims(spec, study):
+        return [Claim("bn-lower-held-out-error", batch_size=64, statement="bn errs less", short="", study=study.name,
+                      reason="my own reason", needs=needs(spec, study, ("plain", "bn"), 64), alpha=0.05,
+                      judge=smaller(measured("held-out-error"), "held-out error %", variant="bn", reference="plain",
+                                    batch_size=64, ratio=False))]
+
+    registry.register_study("errors", title="errors", matrices=Study("errors", ("plain", "bn"), (64,), 2,
+                                                                     measures=("held-out-error",)))(claims)
+    spec = registry.study_spec(profile="test", seeds=(0, 1, 2), validation_size=10_000, train_subset=1_024,
+                               claims=ClaimSettings(target_loss=0.5), studies=(
+                                   Study("errors", ("plain", "bn"), (64,), 2, measures=("held-out-error",)),))
+    registry.check_measures(spec)
+    records = [record for group in spec.groups() for record in train_seeds(group, data_dir=mnist_dir, study=spec)]
+    for record in records:
+        assert [epoch.measure("held-out-error") for epoch in record.epochs] == pytest.approx(
+            [100.0 - epoch.validation_accuracy for epoch in record.epochs])
+    (verdict,) = [claim.evaluate(records) for claim in study_claims(spec)]
+    assert verdict.verdict == SUPPORTED, verdict.describe()  # 32 steps: BN's error is far below plain's
+
+
+def test_a_measure_that_is_not_a_finite_number_or_taken_is_one_clear_error(clean_registry, mnist_dir):
+    from bnsuite.spec import RunSpec
+    from bnsuite.train import train_seeds
+
+    registry.register_measure("broken", title="a measure that fails")(lambda model, data: float("nan"))
+    spec = RunSpec(variant="bn", epochs=1, train_subset=256, validation_size=10_000)
+    with pytest.raises(SpecError, match="measure 'broken' .* gave nan for bn-bs64-seed0 at epoch 1; a measure "
+                                        "returns a finite number"):
+        train_seeds([spec], data_dir=mnist_dir, measures={"broken"})
+    with pytest.raises(SpecError, match="measure 'unknown' is asked for but not registered"):
+        train_seeds([spec], data_dir=mnist_dir, measures={"unknown"})
+    with pytest.raises(PluginError, match="registered twice"):
+        registry.register_measure("broken", title="again")(lambda model, data: 0.0)
+    with pytest.raises(PluginError, match="one of bnsuite's own"):
+        registry.register_measure("landscape", title="mine")(lambda model, data: 0.0)

@@ -417,9 +417,13 @@ def test_only_the_runs_of_a_study_that_asks_measure_the_landscape_shared_runs_in
     assert plain.landscape is None and bn.landscape is not None and bn.landscape.steps[0] == 0
 
 
-def test_a_study_asking_for_a_measurement_bnsuite_does_not_make_is_refused_with_what_it_can_measure():
-    with pytest.raises(SpecError, match="asks to measure 'hessian'.*can measure: landscape"):
-        Study("mine", variants=("bn",), batch_sizes=(64,), epochs=1, measures=("hessian",))
+def test_a_study_asking_for_a_measurement_nobody_registered_is_refused_with_what_it_can_measure():
+    spec = registry.study_spec(profile="test", seeds=(0,), claims=ClaimSettings(target_loss=0.5), studies=(
+        Study("mine", variants=("bn",), batch_sizes=(64,), epochs=1, measures=("hessian",)),))
+    with pytest.raises(SpecError, match="asks to measure 'hessian'.*can measure: landscape, signal, precise"):
+        registry.check_measures(spec)
+    with pytest.raises(SpecError, match="a measure's name is letters"):
+        Study("mine", variants=("bn",), batch_sizes=(64,), epochs=1, measures=("two words",))
 
 
 def test_records_say_which_step_trained_them_and_uncovered_variants_fall_back_to_the_eager_step(mnist_dir,

@@ -33,7 +33,7 @@ from bnsuite.claims import (
 )
 from bnsuite.registry import SectionContext, register_study
 from bnsuite.report_parts import claims_block, colors, opening, variant_order, write_figure
-from bnsuite.spec import Study, StudySpec
+from bnsuite.spec import NOT_SHOWN, PRECISE_IMAGES, KnownException, Study, StudySpec
 
 NAME = "precise2021"
 BN, SLOW = "bn", "bn-ema0.99"
@@ -43,6 +43,29 @@ MATRICES = {profile: Study(NAME, variants=(BN, SLOW), batch_sizes=(BATCH_SIZE,),
                            measures=("precise",))
             for profile, epochs in (("full", 10), ("quick", 4), ("smoke", 2))}
 NOT_MEASURED = ("precise statistics", "a study that did not ask for them")
+KNOWN_EXCEPTIONS = {
+    "full": (
+        KnownException(f"{BN}-precise-gap-larger-early-bs{BATCH_SIZE}", NOT_SHOWN,
+                       "torch's default running averages forget within about ten steps, so by the first epoch end "
+                       "(938 steps) they have caught up: precise statistics gain 0.04 points after epoch 1 and 0.07 at "
+                       "the end (7 seeds, p 0.88); the slower averages of bn-ema0.99 do lag early (0.39 points after "
+                       "epoch 1, 0.09 at the end)"),
+    ),
+    "quick": (
+        KnownException(f"{BN}-precise-gap-larger-early-bs{BATCH_SIZE}", NOT_SHOWN,
+                       "in 4 epochs on 20,000 images (313 steps each) the default running averages have caught up by "
+                       "the first epoch end: precise statistics gain 0.13 points after epoch 1 and 0.11 at the end (5 "
+                       "seeds, p 0.64)"),
+    ),
+    "smoke": (
+        KnownException(f"{BN}-precise-at-least-running-estimates-bs{BATCH_SIZE}", NOT_SHOWN,
+                       "in 2 epochs on 4,000 images precise statistics give 93.16% held-out against 92.98% with the "
+                       "running estimates (3 seeds, p 0.35): ahead on average, within the seed noise of 3 seeds"),
+        KnownException(f"{BN}-precise-gap-larger-early-bs{BATCH_SIZE}", NOT_SHOWN,
+                       "2 epochs: the gain is 0.28 points after the first and 0.18 at the end (3 seeds, p 0.5); "
+                       "the second epoch end is the last, too close to the first to tell"),
+    ),
+}
 
 
 def mean_gap(record) -> float:
@@ -137,8 +160,10 @@ def precise_section(context: SectionContext) -> list[str]:
         f"batch size {', '.join(map(str, study.batch_sizes))}, {study.epochs} epochs; `bn`'s runs are the "
         "batch-size study's. At epochs 1, 2, 4, 8, ... and the last, the held-out accuracy with the running "
         "estimates and with precise statistics: each BN layer's population mean and variance over the run's "
-        "first 10,000 training images in batches of its batch size, the weights frozen, each layer's input as "
-        "training computes it (bnsuite.precise).")
+        f"first {min(PRECISE_IMAGES, context.spec.train_size):,} training images in batches of its batch size, the "
+        "weights frozen, each layer's input as training computes it (bnsuite.precise). The momentum of the running "
+        "estimates changes nothing else, so both variants train the same weights, seed for seed: they differ in "
+        "their running estimates only.")
     if not records:
         return lines
     order = variant_order(records)
@@ -163,5 +188,5 @@ def precise_section(context: SectionContext) -> list[str]:
     return lines + claims_block(context, "precise BN")
 
 
-register_study(NAME, title="the precise-BN study", matrices=MATRICES, section=precise_section,
-               options={"epochs", "lr"})(precise_claims)
+register_study(NAME, title="precise-BN study", matrices=MATRICES, section=precise_section,
+               known_exceptions=KNOWN_EXCEPTIONS, options={"epochs", "lr"})(precise_claims)

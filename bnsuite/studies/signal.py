@@ -32,7 +32,7 @@ from bnsuite.claims import (
 )
 from bnsuite.registry import SectionContext, register_study
 from bnsuite.report_parts import claims_block, colors, opening, write_figure
-from bnsuite.spec import Study, StudySpec
+from bnsuite.spec import SIGNAL_IMAGES, Study, StudySpec
 
 NAME = "signal2021"
 PLAIN, BN = "deep-plain", "deep-bn"
@@ -115,7 +115,8 @@ def signal_section(context: SectionContext) -> list[str]:
         context, "Signal propagation at initialization (Brock et al. 2021)",
         "A deep network (bnsuite.models.DeepMLP: 784 inputs, 20 hidden ReLU layers of 100 units, 10 outputs) at "
         "PyTorch's default init, without BN (`deep-plain`) and with BatchNorm1d before each ReLU (`deep-bn`). "
-        "Before the first step, on a batch of the run's first training images in training mode, each hidden "
+        f"Before the first step, on the run's first {min(SIGNAL_IMAGES, context.spec.train_size):,} training "
+        "images in training mode, each hidden "
         "layer's output as the next layer takes it: the mean over units of the squared unit mean and of the unit "
         "variance across the images (their signal-propagation plot). Then each run trains "
         f"{study.epochs} epochs at batch size {', '.join(map(str, study.batch_sizes))}.")
@@ -153,5 +154,5 @@ def signal_section(context: SectionContext) -> list[str]:
     return lines + claims_block(context, "signal propagation")
 
 
-register_study(NAME, title="the signal-propagation study", matrices=MATRICES, section=signal_section,
+register_study(NAME, title="signal-propagation study", matrices=MATRICES, section=signal_section,
                options={"epochs", "lr"})(signal_claims)
