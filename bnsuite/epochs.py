@@ -70,6 +70,7 @@ class TensorEpochs:
             self.step = EagerStep(models[0], spec)
         else:
             raise ValueError(f"only the fast step trains several runs at once, not {spec.pipeline} {spec.variant}")
+        self.epochs_started = 0
         device = self.images.device
         # Reused every epoch: per-batch losses and the hit counts live on the device.
         self.batch_losses = torch.empty(len(models), spec.steps_per_epoch, device=device)
@@ -104,6 +105,9 @@ class TensorEpochs:
 
     def __call__(self) -> EpochResult:
         size = self.spec.train_size
+        self.epochs_started += 1
+        if isinstance(self.step, EagerStep):  # the only step that takes a recipe's schedule (bnsuite.spec.lr_at)
+            self.step.start_epoch(self.epochs_started)
         if isinstance(self.step, fused.FusedStep):  # it gathers each batch itself, through the epoch's order
             self.correct.zero_()
             return self._train_fused(torch.stack([epoch_order(size, shuffle) for shuffle in self.shuffles]))
@@ -208,7 +212,13 @@ class EagerStep:
 
     def __init__(self, model: nn.Module, spec: RunSpec):
         self.model = model
-        self.optimizer = make_optimizer(model, lr=spec.lr, momentum=spec.momentum, fused=True)
+        self.spec = spec
+        self.optimizer = make_optimizer(model, spec, fused=True)
+
+    def start_epoch(self, epoch: int) -> None:
+        """The recipe's learning rate for `epoch` (RunSpec.lr_at), before its first step."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.spec.lr_at(epoch)
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Same shapes as FastStep with one model: images (1, B, ...), labels (1, B)."""
@@ -224,7 +234,7 @@ def step_kind(model: nn.Module, spec: RunSpec, device: torch.device) -> str:
     """Which step trains `spec`'s runs of `model` on `device`, the one place that decides: "fused" (bnsuite.fused,
     on a CPU where it builds), "fast" (the ATen step, bnsuite.fastpath), "compiled" (bnsuite.compiled, for any
     other variant in a long run) or "eager". bnsuite.train trains a group's runs together on all but "eager"."""
-    if spec.pipeline != "fast":
+    if spec.pipeline != "fast" or not spec.constant_sgd:  # the other steps take SGD at a constant rate only
         return "eager"
     if device.type == "cpu" and fused.supports(model, spec.batch_size):
         return "fused"

@@ -30,7 +30,7 @@ from bnsuite.batchnorm import (
 )
 from bnsuite.datasets import DATASETS
 from bnsuite.registry import builder, register_variant
-from bnsuite.spec import DEFAULT_NETWORK, SpecError, StudySpec
+from bnsuite.spec import DEFAULT_NETWORK, RunSpec, SpecError, StudySpec
 
 # Dropout after each hidden ReLU in the regularization study: 0.2, the mild rate usual for small MLPs on MNIST.
 # Srivastava et al.'s 0.5 for hidden units goes with much longer training than the study's 10 epochs.
@@ -414,6 +414,12 @@ def parameter_count(model: nn.Module) -> int:
     return sum(parameter.numel() for parameter in model.parameters())
 
 
-def make_optimizer(model: nn.Module, *, lr: float, momentum: float, fused: bool) -> torch.optim.Optimizer:
-    """The study's SGD with momentum; `fused` runs the same update as one kernel per step instead of a loop."""
-    return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, fused=fused or None)
+def make_optimizer(model: nn.Module, spec: RunSpec, *, fused: bool) -> torch.optim.Optimizer:
+    """The optimizer of `spec`'s recipe at its (first epoch's) learning rate: the study's SGD with momentum, or Adam
+    (torch's betas), each with the recipe's weight decay; `fused` runs the same update as one kernel per step
+    instead of a loop."""
+    if spec.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=spec.lr_at(1), weight_decay=spec.weight_decay,
+                                fused=fused or None)
+    return torch.optim.SGD(model.parameters(), lr=spec.lr_at(1), momentum=spec.momentum,
+                           weight_decay=spec.weight_decay, fused=fused or None)

@@ -56,7 +56,7 @@ class OriginalEpochs:
             raise ValueError("the original pipeline trains one run at a time")
         spec, self.model = specs[0], models[0]
         self.loader = original_loader(spec, shuffles[0], data_dir=data_dir)
-        self.optimizer = make_optimizer(self.model, lr=spec.lr, momentum=spec.momentum, fused=False)
+        self.optimizer = make_optimizer(self.model, spec, fused=False)
         self.device = next(self.model.parameters()).device
 
     def __call__(self) -> tuple[torch.Tensor, torch.Tensor, int]:

@@ -11,7 +11,7 @@ either no file or a complete one. Every field is validated when a record is
 read (type, range, and the fields that must agree with each other); a bad
 record is one `RecordError` naming the file and the field, and no field is
 ever filled with a default, except by the documented migrations of records
-of schemas 1 to 10 (`migrate_schema_1` to `migrate_schema_10`).
+of schemas 1 to 11 (`migrate_schema_1` to `migrate_schema_11`).
 
 A record carries the description of its variant (bnsuite.spec.Variant), and
 its study those of all of its variants, so records are data: they load and
@@ -38,7 +38,7 @@ from pydantic import Field, TypeAdapter, ValidationError, with_config
 from bnsuite.files import write_atomically
 from bnsuite.spec import CONTRADICTED, NOT_SHOWN, STRICT, RunSpec, SpecError, StudySpec, Variant
 
-SCHEMA_VERSION = 11
+SCHEMA_VERSION = 12
 RUNS_SUBDIR = "runs"
 
 Percent = Annotated[float, Field(ge=0, le=100)]
@@ -353,6 +353,8 @@ class RunRecord:
             raw = migrate_schema_9(raw)
         if raw.get("schema_version") == 10:
             raw = migrate_schema_10(raw)
+        if raw.get("schema_version") == 11:
+            raw = migrate_schema_11(raw)
         elif raw.get("schema_version") != SCHEMA_VERSION:
             raise RecordError(
                 f"{source}: schema version {version!r} is not supported (this bnsuite reads versions 1 to "
@@ -521,6 +523,21 @@ def migrate_schema_7(raw: dict) -> dict:
             study["variants"] = [{**entry, "network": "mlp"} if isinstance(entry, dict) else entry
                                  for entry in study["variants"]]
         raw["study"] = study
+    return raw
+
+
+# The recipe every run of schema 11 and earlier trained with: SGD, momentum 0.9, no weight decay, a constant rate.
+_SCHEMA_11_RECIPE = {"optimizer": "sgd", "weight_decay": 0.0, "lr_schedule": "constant"}
+
+
+def migrate_schema_11(raw: dict) -> dict:
+    """A schema-11 record as schema 12: its run and its study with the recipe every earlier run had (SGD at a
+    constant learning rate, no weight decay; the study's momentum 0.9, the only one a study could ask for)."""
+    raw = {**raw, "schema_version": 12}
+    if isinstance(raw.get("spec"), dict):
+        raw["spec"] = {**_SCHEMA_11_RECIPE, **raw["spec"]}
+    if isinstance(raw.get("study"), dict):
+        raw["study"] = {**_SCHEMA_11_RECIPE, "momentum": 0.9, **raw["study"]}
     return raw
 
 

@@ -28,6 +28,15 @@ NETWORKS = ("mlp", "cnn")
 DEFAULT_NETWORK = "mlp"
 NETWORK_TITLES = {"mlp": "study's MLP", "cnn": "ConvNet"}  # as prose names them: "on the ConvNet"
 DEFAULT_LR = 0.01  # the study's SGD learning rate
+# The training recipe beyond the learning rate: the study's is SGD with momentum 0.9, no weight decay, a constant
+# learning rate; a run may take Adam (torch's betas), weight decay, and a cosine schedule over its epochs.
+DEFAULT_MOMENTUM = 0.9
+OPTIMIZERS = ("sgd", "adam")
+LR_SCHEDULES = ("constant", "cosine")
+STUDY_RECIPE = ("sgd", DEFAULT_MOMENTUM, 0.0, "constant")  # RunSpec.recipe of the study's runs
+# The recipe's fields added after schema 11, at the values every earlier run had: left out of a run's fingerprint
+# where they have them, so its file name never changes.
+RECIPE_DEFAULTS = {"optimizer": "sgd", "weight_decay": 0.0, "lr_schedule": "constant"}
 PIPELINES = ("fast", "eager", "original")
 # What a study can ask its runs to measure beyond what every run records: costly, so measured only where asked.
 # landscape: gradient ICS and loss-landscape smoothness along training (bnsuite.landscape); signal: the hidden
@@ -117,7 +126,7 @@ class RunSpec:
     variant: str = "bn"
     batch_size: int = 64
     lr: float = DEFAULT_LR
-    momentum: float = 0.9
+    momentum: float = DEFAULT_MOMENTUM
     epochs: int = 10
     seed: int = 0
     # Every Linear weight of PyTorch's default init multiplied by this after initialization
@@ -130,6 +139,11 @@ class RunSpec:
     # eager: tensor batches, autograd + torch.optim; original: torchvision Dataset + DataLoader.
     pipeline: str = "fast"
     network: str = DEFAULT_NETWORK  # of NETWORKS; the variant is built for this network
+    # The recipe (RunSpec.recipe): of OPTIMIZERS (momentum is SGD's; Adam takes torch's betas), torch's L2 weight
+    # decay, and the learning rate over the epochs (lr_at).
+    optimizer: str = "sgd"
+    weight_decay: float = 0.0
+    lr_schedule: str = "constant"
 
     def __post_init__(self) -> None:
         _require(self.dataset in DATASETS, f"unknown dataset {self.dataset!r}; choose one of: {', '.join(DATASETS)}")
@@ -160,6 +174,16 @@ class RunSpec:
             isinstance(self.momentum, (int, float)) and 0 <= self.momentum < 1,
             f"momentum must be in [0, 1), got {self.momentum!r}",
         )
+        _require(self.optimizer in OPTIMIZERS,
+                 f"unknown optimizer {self.optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}")
+        _require(isinstance(self.weight_decay, (int, float)) and not isinstance(self.weight_decay, bool)
+                 and math.isfinite(self.weight_decay) and self.weight_decay >= 0,
+                 f"weight decay must be a finite number >= 0, got {self.weight_decay!r}")
+        _require(self.lr_schedule in LR_SCHEDULES,
+                 f"unknown learning-rate schedule {self.lr_schedule!r}; choose one of: {', '.join(LR_SCHEDULES)}")
+        _require(self.pipeline != "original" or self.constant_sgd,
+                 f"the original pipeline trains the notebook's recipe only (SGD, momentum {DEFAULT_MOMENTUM}, no "
+                 "weight decay, a constant learning rate); use the fast or eager pipeline for this one")
         if self.train_subset is not None:
             _require_int(self.train_subset, "train subset", minimum=1)
             _require(
@@ -184,6 +208,24 @@ class RunSpec:
         return held_out_name(self.validation_size)
 
     @property
+    def recipe(self) -> tuple[str, float, float, str]:
+        """(optimizer, momentum, weight decay, learning-rate schedule): STUDY_RECIPE is the study's."""
+        return self.optimizer, self.momentum, self.weight_decay, self.lr_schedule
+
+    @property
+    def constant_sgd(self) -> bool:
+        """SGD with momentum at a constant learning rate and no weight decay: the recipe every training step takes
+        (bnsuite.epochs.step_kind); another trains on the eager step."""
+        return (self.optimizer, self.weight_decay, self.lr_schedule) == ("sgd", 0.0, "constant")
+
+    def lr_at(self, epoch: int) -> float:
+        """The learning rate of `epoch` (1-based): `lr` throughout, or cosine-annealed from `lr` in the first epoch
+        towards 0 (lr * (1 + cos(pi (epoch - 1) / epochs)) / 2), held for the whole epoch."""
+        if self.lr_schedule == "constant":
+            return self.lr
+        return self.lr * (1 + math.cos(math.pi * (epoch - 1) / self.epochs)) / 2
+
+    @property
     def steps_per_epoch(self) -> int:
         return math.ceil(self.train_size / self.batch_size)  # the last partial batch is kept
 
@@ -197,7 +239,8 @@ class RunSpec:
         """
         return (network_prefix(self.network) + f"{self.variant}-bs{self.batch_size}"
                 + (f"-lr{self.lr:g}" if self.lr != DEFAULT_LR else "")
-                + (f"-init{self.init_scale:g}" if self.init_scale != 1.0 else "") + f"-seed{self.seed}")
+                + (f"-init{self.init_scale:g}" if self.init_scale != 1.0 else "") + recipe_suffix(self.recipe)
+                + f"-seed{self.seed}")
 
     @property
     def fingerprint(self) -> str:
@@ -211,6 +254,9 @@ class RunSpec:
             del fields["init_scale"]
         if fields["network"] == DEFAULT_NETWORK:
             del fields["network"]
+        for name, default in RECIPE_DEFAULTS.items():
+            if fields[name] == default:
+                del fields[name]
         text = json.dumps(fields, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:10]
 
@@ -338,6 +384,11 @@ class StudySpec:
     device: str = "auto"
     validation_size: int = 0  # 0: the seed protocol (train on all 60,000)
     train_subset: int | None = None
+    # The training recipe of every run (RunSpec's fields of the same names): the study's is SGD, momentum 0.9.
+    optimizer: str = "sgd"
+    momentum: float = DEFAULT_MOMENTUM
+    weight_decay: float = 0.0
+    lr_schedule: str = "constant"
     # The description of every variant its studies train (bnsuite.registry.study_spec fills it from the registry),
     # so what a study asked for reads from its records alone.
     variants: tuple[Variant, ...] = ()
@@ -388,6 +439,8 @@ class StudySpec:
             dataset=self.dataset, variant=variant, batch_size=batch_size, epochs=study.epochs_on(network), seed=seed,
             lr=study.lrs[0] if lr is None else lr, init_scale=init_scale, device=self.device,
             validation_size=self.validation_size, train_subset=self.train_subset, network=network,
+            optimizer=self.optimizer, momentum=self.momentum, weight_decay=self.weight_decay,
+            lr_schedule=self.lr_schedule,
         )
 
     def study_groups(self, study: Study) -> list[tuple[RunSpec, ...]]:
@@ -433,7 +486,7 @@ class StudySpec:
         name = network_prefix(first.network) + f"{first.variant}-bs{first.batch_size}"
         name += "-lr-sweep" if len(lrs) > 1 else (f"-lr{first.lr:g}" if first.lr != DEFAULT_LR else "")
         name += "-init-sweep" if len(scales) > 1 else (f"-init{first.init_scale:g}" if first.init_scale != 1 else "")
-        return name
+        return name + recipe_suffix(first.recipe)
 
     def recorded_study(self, runs) -> StudySpec | None:
         """This study, as the records of `runs` carry it; None for runs outside its matrix (a changed learning
@@ -451,6 +504,16 @@ class StudySpec:
         for varying in ("studies", "seeds", "device", "variants"):
             fields.pop(varying)
         return fields
+
+
+def recipe_suffix(recipe: tuple[str, float, float, str]) -> str:
+    """What a run's or a case's name adds for a recipe other than the study's: `-adam`, `-momentum0.5`,
+    `-wd0.0005`, `-cosine`; nothing for the study's."""
+    optimizer, momentum, weight_decay, schedule = recipe
+    return ((f"-{optimizer}" if optimizer != STUDY_RECIPE[0] else "")
+            + (f"-momentum{momentum:g}" if momentum != DEFAULT_MOMENTUM and optimizer == "sgd" else "")
+            + (f"-wd{weight_decay:g}" if weight_decay else "")
+            + (f"-{schedule}" if schedule != STUDY_RECIPE[3] else ""))
 
 
 def network_prefix(network: str) -> str:

@@ -29,7 +29,16 @@ from bnsuite.datasets import DATASETS
 from bnsuite.executor import ProcessExecutor, RayExecutor
 from bnsuite.records import Environment, EpochRecord, RunRecord, save_record
 from bnsuite.registry import ALL_STUDIES, StudyDefinition, study_spec, variant_names
-from bnsuite.spec import NETWORKS, ClaimSettings, KnownException, RunSpec, SpecError, StudySpec
+from bnsuite.spec import (
+    LR_SCHEDULES,
+    NETWORKS,
+    OPTIMIZERS,
+    ClaimSettings,
+    KnownException,
+    RunSpec,
+    SpecError,
+    StudySpec,
+)
 from bnsuite.train import train_seeds  # through bnsuite.models, the built-in variants are registered
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -110,6 +119,10 @@ def study_from_options(
     device: str | None = None,
     target_loss: str | float | None = None,
     network: str | None = None,
+    optimizer: str | None = None,
+    momentum: str | float | None = None,
+    weight_decay: str | float | None = None,
+    lr_schedule: str | None = None,
 ) -> StudySpec:
     """A StudySpec from a profile and command-line style overrides (comma-separated lists).
 
@@ -117,7 +130,8 @@ def study_from_options(
     `batch_sizes` change the studies they reach (each study's definition says which options do: the
     batch-size study's); `epochs` every study; `lr` the single learning rate of the studies it reaches (all
     but the learning-rate study's grid); `network` the networks of the studies that take one (the batch, lr
-    and ghost studies take the ConvNet), leaving out a study that takes none of them. Every value is checked
+    and ghost studies take the ConvNet), leaving out a study that takes none of them; `optimizer`, `momentum`,
+    `weight_decay` and `lr_schedule` the recipe of every run (bnsuite.spec.RunSpec). Every value is checked
     here, before anything trains, and a bad one
     raises SpecError saying what is wrong and what is allowed. The profile's known exceptions carry over only
     to claims that judge exactly the runs the profile measured, under the same claim settings.
@@ -148,6 +162,14 @@ def study_from_options(
         if device == "cuda" and not torch.cuda.is_available():
             raise SpecError("device 'cuda' was asked for, but torch sees no CUDA GPU here; use --bn-device cpu or auto")
         changes["device"] = device
+    if optimizer is not None:
+        changes["optimizer"] = _check_choice(optimizer, OPTIMIZERS, "optimizer")
+    if momentum is not None:
+        changes["momentum"] = _fraction(str(momentum), "momentum")
+    if weight_decay is not None:
+        changes["weight_decay"] = _non_negative_float(str(weight_decay), "weight decay")
+    if lr_schedule is not None:
+        changes["lr_schedule"] = _check_choice(lr_schedule, LR_SCHEDULES, "learning-rate schedule")
     study_changes: dict = {}
     if variants is not None:
         study_changes["variants"] = tuple(_check_choice(v, variant_names(), "variant", hint=PLUGIN_HINT)
@@ -273,6 +295,23 @@ def _positive_float(text: str, what: str) -> float:
         raise SpecError(f"{what} must be a number, got {text!r}") from None
     if not 0 < value < float("inf"):
         raise SpecError(f"{what} must be a finite number > 0, got {text!r}")
+    return value
+
+
+def _non_negative_float(text: str, what: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise SpecError(f"{what} must be a number, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise SpecError(f"{what} must be a finite number >= 0, got {text!r}")
+    return value
+
+
+def _fraction(text: str, what: str) -> float:
+    value = _non_negative_float(text, what)
+    if value >= 1:
+        raise SpecError(f"{what} must be in [0, 1), got {text!r}")
     return value
 
 
