@@ -48,7 +48,7 @@ class TensorEpochs:
                  splits: Splits, *, dropout_generators: list[torch.Generator], data_dir: Path | str | None = None,
                  measures: frozenset[str] = frozenset()):
         spec = specs[0]
-        self.spec = spec
+        self.spec, self.specs = spec, specs
         self.models = models
         self.shuffles = shuffles
         images, self.labels = training_set(splits, spec)
@@ -57,7 +57,7 @@ class TensorEpochs:
         if kind == "fused":
             self.step = fused.fused_step(models, self.images, self.labels, lr=[run.lr for run in specs],
                                          momentum=spec.momentum, batch_size=spec.batch_size,
-                                         dropout_generators=dropout_generators)
+                                         dropout_generators=dropout_generators, weight_decay=spec.weight_decay)
         elif kind == "fast":
             self.step = fastpath.FastStep(models, lr=[run.lr for run in specs], momentum=spec.momentum,
                                           dropout_generators=dropout_generators)
@@ -106,8 +106,11 @@ class TensorEpochs:
     def __call__(self) -> EpochResult:
         size = self.spec.train_size
         self.epochs_started += 1
-        if isinstance(self.step, EagerStep):  # the only step that takes a recipe's schedule (bnsuite.spec.lr_at)
-            self.step.start_epoch(self.epochs_started)
+        if self.spec.lr_schedule != "constant":  # the eager and fused steps take a schedule (bnsuite.spec.lr_at)
+            if isinstance(self.step, EagerStep):
+                self.step.start_epoch(self.epochs_started)
+            else:
+                self.step.set_lrs([run.lr_at(self.epochs_started) for run in self.specs])
         if isinstance(self.step, fused.FusedStep):  # it gathers each batch itself, through the epoch's order
             self.correct.zero_()
             return self._train_fused(torch.stack([epoch_order(size, shuffle) for shuffle in self.shuffles]))
@@ -234,10 +237,12 @@ def step_kind(model: nn.Module, spec: RunSpec, device: torch.device) -> str:
     """Which step trains `spec`'s runs of `model` on `device`, the one place that decides: "fused" (bnsuite.fused,
     on a CPU where it builds), "fast" (the ATen step, bnsuite.fastpath), "compiled" (bnsuite.compiled, for any
     other variant in a long run) or "eager". bnsuite.train trains a group's runs together on all but "eager"."""
-    if spec.pipeline != "fast" or not spec.constant_sgd:  # the other steps take SGD at a constant rate only
+    if spec.pipeline != "fast":
         return "eager"
-    if device.type == "cpu" and fused.supports(model, spec.batch_size):
+    if device.type == "cpu" and fused.supports(model, spec.batch_size) and fused.takes_recipe(model, spec):
         return "fused"
+    if not spec.constant_sgd:  # the ATen and compiled steps take SGD at a constant rate without decay only
+        return "eager"
     if fastpath.supports(model):
         return "fast"
     if compiled.wanted(model, spec.steps_per_epoch * spec.epochs, device):

@@ -59,7 +59,7 @@ from bnsuite.models import SimpleNNWithBN, SimpleNNWithBNAfterReLU, SmallCNN, St
 NATIVE = Path(__file__).parent / "native"
 SOURCE = NATIVE / "bnsuite.c"  # one translation unit: common.h, mlp.c (the MLP family) and cnn.c (the ConvNet)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-fno-tree-loop-distribute-patterns")
-ABI_VERSION = 5  # bn_abi_version() of the C source: the Step and ConvStep layouts below match it
+ABI_VERSION = 6  # bn_abi_version() of the C source: the Step and ConvStep layouts below match it
 SWITCH_VARIABLE = "BNSUITE_FUSED"  # "0": train on the ATen fast step even where the fused one builds
 BUILD_DIR_VARIABLE = "BNSUITE_BUILD_DIR"
 COMPILE_TIMEOUT_S = 300
@@ -257,6 +257,12 @@ class MlpLayout:
     norm_momentum: float = BN_MOMENTUM  # torch's momentum of the running estimates (StackMLP's may differ)
 
 
+def takes_recipe(model: nn.Module, spec) -> bool:
+    """Whether the fused step trains `model` with `spec`'s recipe: SGD at a constant rate without decay on every
+    network it covers, and on the MLP family SGD with weight decay and a learning-rate schedule as well."""
+    return spec.constant_sgd or (spec.optimizer == "sgd" and mlp_layout(model) is not None)
+
+
 def mlp_layout(model: nn.Module) -> MlpLayout | None:
     """The fused step's reading of `model` (MlpLayout), or None where it does not cover it. Judged by the modules'
     types and settings (PyTorch's eps and momentum, both hidden layers alike), never by a variant's name."""
@@ -267,19 +273,15 @@ def mlp_layout(model: nn.Module) -> MlpLayout | None:
         layers = [module for name, module in model.named_children() if name.startswith("bn")]
         if all(type(layer) is nn.Identity for layer in layers):
             return MlpLayout("none", sigmoid=model.sigmoid)
-        momenta = {layer.momentum for layer in layers if type(layer) is nn.BatchNorm1d}
-        if all(type(layer) is nn.BatchNorm1d and layer.eps == BN_EPS and layer.affine and layer.track_running_stats
-               for layer in layers) and len(momenta) == 1 and None not in momenta:
-            return MlpLayout("bn", sigmoid=model.sigmoid, norm_momentum=momenta.pop())
-        return None
+        momentum = _batch_norm_momentum(layers)
+        return None if momentum is None else MlpLayout("bn", sigmoid=model.sigmoid, norm_momentum=momentum)
     if type(model) not in (SimpleNNWithBN, SimpleNNWithBNAfterReLU):
         return None
     layers = (model.bn1, model.bn2)
     kinds = {type(layer) for layer in layers}
-    momenta = {layer.momentum for layer in layers}
-    if (type(model) is SimpleNNWithBN and kinds == {nn.BatchNorm1d} and len(momenta) == 1 and None not in momenta
-            and all(layer.eps == BN_EPS and layer.affine and layer.track_running_stats for layer in layers)):
-        return MlpLayout("bn", norm_momentum=momenta.pop())  # running estimates of another momentum (bn-ema0.99)
+    momentum = _batch_norm_momentum(layers)
+    if type(model) is SimpleNNWithBN and momentum is not None:  # running estimates of another momentum (bn-ema0.99)
+        return MlpLayout("bn", norm_momentum=momentum)
     if len(kinds) != 1 or not all(layer.eps == BN_EPS and layer.momentum == BN_MOMENTUM for layer in layers):
         return None
     (kind,) = kinds
@@ -290,6 +292,17 @@ def mlp_layout(model: nn.Module) -> MlpLayout | None:
     if kind is NoisyBatchNorm1d and all(layer.affine and layer.track_running_stats for layer in layers):
         return MlpLayout("bn", noisy=True)
     return None
+
+
+def _batch_norm_momentum(layers) -> float | None:
+    """The momentum of `layers` when every one is torch's BatchNorm1d at its eps, affine, tracking running estimates
+    at one momentum (not None: a cumulative average the C step does not keep); else None."""
+    momenta = {layer.momentum for layer in layers if type(layer) is nn.BatchNorm1d}
+    if len(momenta) != 1 or None in momenta or not all(
+            type(layer) is nn.BatchNorm1d and layer.eps == BN_EPS and layer.affine and layer.track_running_stats
+            for layer in layers):
+        return None
+    return momenta.pop()
 
 
 def conv_normalization(model: nn.Module) -> tuple[int, int] | None:
@@ -331,7 +344,7 @@ def _fields(real: type) -> list:
     return [
         ("models", ctypes.c_int), ("layers", ctypes.c_int), ("threads", ctypes.c_int), ("classes", ctypes.c_int),
         ("batch_size", ctypes.c_int), ("train_size", ctypes.c_int), ("first_step", ctypes.c_int),
-        ("momentum", real), ("eps", real), ("norm_momentum", real), ("keep", real),
+        ("momentum", real), ("eps", real), ("norm_momentum", real), ("keep", real), ("weight_decay", real),
         ("widths", ctypes.c_int * (MAX_LAYERS + 1)), ("norm", ctypes.c_int * MAX_LAYERS),
         ("ghost", ctypes.c_int * MAX_LAYERS), ("after_relu", ctypes.c_int * MAX_LAYERS),
         ("renorm", ctypes.c_int * MAX_LAYERS), ("renorm_schedule", ctypes.c_double * 4), ("sigmoid", ctypes.c_int),
@@ -386,6 +399,8 @@ def fused_step(models: Sequence[nn.Module], images: torch.Tensor, labels: torch.
     """The fused step that trains `models` (where `supports` says one does): the MLP family's or the ConvNet's."""
     if conv_normalization(models[0]) is not None:
         settings.pop("dropout_generators", None)  # no ConvNet variant drops out
+        if settings.pop("weight_decay", 0.0):
+            raise ValueError("the fused ConvNet step takes no weight decay (bnsuite.fused.takes_recipe)")
         return FusedConvStep(models, images, labels, **settings)
     return FusedStep(models, images, labels, **settings)
 
@@ -401,8 +416,9 @@ class FusedStep:
 
     def __init__(self, models: Sequence[nn.Module], images: torch.Tensor, labels: torch.Tensor, *,
                  lr: float | Sequence[float], momentum: float, batch_size: int,
-                 dropout_generators: Sequence[torch.Generator] | None = None):
-        """`images` (N, features) and `labels` (N,): the training set the epochs' orders index."""
+                 dropout_generators: Sequence[torch.Generator] | None = None, weight_decay: float = 0.0):
+        """`images` (N, features) and `labels` (N,): the training set the epochs' orders index. `weight_decay`:
+        torch's SGD weight decay of every parameter."""
         models = list(models)
         layouts = {mlp_layout(model) for model in models}
         if len(layouts) != 1 or None in layouts or len({type(model) for model in models}) != 1:
@@ -428,7 +444,8 @@ class FusedStep:
         step = _step_type(PRECISIONS[dtype][3])(
             models=count, layers=len(linears), threads=torch.get_num_threads(), classes=widths[-1],
             batch_size=batch_size, train_size=train_size, first_step=1, momentum=momentum, eps=BN_EPS,
-            norm_momentum=layout.norm_momentum, keep=1.0 - self.dropout, sigmoid=layout.sigmoid)
+            norm_momentum=layout.norm_momentum, keep=1.0 - self.dropout, sigmoid=layout.sigmoid,
+            weight_decay=weight_decay)
         step.renorm_schedule[:] = (batchnorm.RENORM_WARMUP, batchnorm.RENORM_RAMP, batchnorm.RENORM_R_MAX,
                                    batchnorm.RENORM_D_MAX)
         keep: list[torch.Tensor] = []  # every tensor the C code points into, alive as long as the step
@@ -498,6 +515,10 @@ class FusedStep:
                                 for index in range(count)]
         self._step, self._keep = step, keep
         self.step_name = self.build.step_name
+
+    def set_lrs(self, lrs: Sequence[float]) -> None:
+        """Each model's learning rate from the next step on (a schedule's, epoch by epoch)."""
+        self.lrs.copy_(torch.tensor(lrs, dtype=self.lrs.dtype))
 
     def train(self, orders: torch.Tensor, first: int, steps: int, losses: torch.Tensor,
               correct: torch.Tensor) -> None:

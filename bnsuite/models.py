@@ -116,19 +116,18 @@ class SimpleNNWithBNAfterReLU(nn.Module):
 
 class StackMLP(nn.Module):
     """784 -> `hidden` fully connected layers of `width` units -> 10, a nonlinearity after each hidden layer (the
-    sigmoid, or ReLU), with `batch_norm` BatchNorm1d of torch's `norm_momentum` before each nonlinearity, else
-    nothing there (bn1.. are Identity). Layer names fc1.., bn1.. as in the study's MLP.
+    sigmoid, or ReLU), with `batch_norm` BatchNorm1d before each nonlinearity, else nothing there (bn1.. are
+    Identity). Layer names fc1.., bn1.. as in the study's MLP.
 
     The networks of the papers' own experiments are stacks of this kind (IoffeMLP, DeepMLP)."""
 
-    def __init__(self, *, hidden: int, width: int, batch_norm: bool, sigmoid: bool, norm_momentum: float = 0.1):
+    def __init__(self, *, hidden: int, width: int, batch_norm: bool, sigmoid: bool):
         super().__init__()
         self.hidden, self.sigmoid = hidden, sigmoid
         widths = (784,) + (width,) * hidden
         for layer, (fan_in, fan_out) in enumerate(itertools.pairwise(widths), start=1):
             setattr(self, f"fc{layer}", nn.Linear(fan_in, fan_out))
-            setattr(self, f"bn{layer}",
-                    nn.BatchNorm1d(fan_out, momentum=norm_momentum) if batch_norm else nn.Identity())
+            setattr(self, f"bn{layer}", nn.BatchNorm1d(fan_out) if batch_norm else nn.Identity())
         setattr(self, f"fc{hidden + 1}", nn.Linear(width, 10))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -76,8 +76,8 @@ OPTIONS = {
     "lr": "SGD learning rate of every study but the lr study's grid (default: 0.01, the study's)",
     "device": "auto, cpu or cuda (default: auto)",
     "target-loss": "training loss for the epochs-to-target claims (default: the profile's)",
-    "optimizer": "the optimizer of every run: sgd (the study's, default) or adam (torch's betas); another recipe "
-                 "than SGD at a constant rate without weight decay trains on the eager step",
+    "optimizer": "the optimizer of every run: sgd (the study's, default) or adam (torch's betas, on the eager "
+                 "step)",
     "momentum": "SGD's momentum for every run (default: 0.9, the study's)",
     "weight-decay": "L2 weight decay of every run, torch's (default: 0)",
     "lr-schedule": "learning rate over each run's epochs: constant (default) or cosine (annealed towards 0, per "

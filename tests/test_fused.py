@@ -58,18 +58,29 @@ def test_the_fused_batch_renorm_corrects_and_clips_as_the_module_does_past_its_w
     _assert_steps_as_autograd(model, variant)
 
 
-def _assert_steps_as_autograd(model, variant):
+@pytest.mark.parametrize("variant", ["plain", "bn", "ln", "bn-dropout", "deep-bn"])
+def test_the_fused_step_decays_weights_and_follows_a_schedule_as_torchs_sgd_does(variant):
+    # Weight decay on every parameter (weights, biases, BN's gamma and beta), and a learning rate changed between
+    # steps as a schedule changes it between epochs: the same arithmetic as torch.optim.SGD's, in float64.
+    _assert_steps_as_autograd(_models(variant, [0], torch.float64)[0], variant, weight_decay=0.05,
+                              lrs=(0.01, 0.004, 0.001))
+
+
+def _assert_steps_as_autograd(model, variant, *, weight_decay=0.0, lrs=(0.01, 0.01, 0.01)):
     reference = copy.deepcopy(model)
     images, labels = _data(197, dtype=torch.float64)
     mask_generator = torch.Generator().manual_seed(5)
     eager_generator_state = mask_generator.get_state()  # F.dropout draws from torch's own generator
-    step = fused.FusedStep([model], images, labels, lr=0.01, momentum=0.9, batch_size=66,
-                           dropout_generators=[mask_generator])
-    eager = EagerStep(reference, RunSpec(variant=variant, lr=0.01))
+    step = fused.FusedStep([model], images, labels, lr=lrs[0], momentum=0.9, batch_size=66,
+                           dropout_generators=[mask_generator], weight_decay=weight_decay)
+    eager = EagerStep(reference, RunSpec(variant=variant, lr=lrs[0], weight_decay=weight_decay))
     order = epoch_order(197, torch.Generator().manual_seed(3)).view(1, -1)
     losses, correct = torch.zeros(1, 3, dtype=torch.float64), torch.zeros(1, dtype=torch.int64)
     eager_hits = 0
     for index in range(3):
+        step.set_lrs([lrs[index]])
+        for group in eager.optimizer.param_groups:
+            group["lr"] = lrs[index]
         step.train(order, index, 1, losses, correct)
         batch = order[0, index * 66:(index + 1) * 66]
         state = torch.get_rng_state()

@@ -354,8 +354,8 @@ static void conv_normalize_backward(const ConvStep* s, int l, int m, int rows, r
             }
         }
     }
-    sgd(gamma, s->gamma_momentum[l] + (int64_t)m * C, dgamma, C, lr, s->momentum, first);
-    sgd(beta, s->beta_momentum[l] + (int64_t)m * C, dbeta, C, lr, s->momentum, first);
+    sgd(gamma, s->gamma_momentum[l] + (int64_t)m * C, dgamma, C, lr, s->momentum, 0, first);
+    sgd(beta, s->beta_momentum[l] + (int64_t)m * C, dbeta, C, lr, s->momentum, 0, first);
 }
 
 /* Images [0, rows) of `images` (channel-major, as the dataset holds them) at `order` (or consecutive when order is
@@ -422,7 +422,7 @@ static void layer_step(const ConvStep* s, int l, int m, int64_t rows, int out, i
                 for (int p = 0; p < P; p++) w[((int64_t)k * C + c) * P + p] -= lr * velocity[((int64_t)k * P + p) * C + c];
     }
     channel_sums(g, (int)rows, out, sums);
-    sgd(s->bias[l] + (int64_t)m * out, s->bias_momentum[l] + (int64_t)m * out, sums, out, lr, s->momentum, first);
+    sgd(s->bias[l] + (int64_t)m * out, s->bias_momentum[l] + (int64_t)m * out, sums, out, lr, s->momentum, 0, first);
 }
 
 static void cnn_model_step(const ConvStep* s, int m, int step, int first, const Buffers* b) {

@@ -28,7 +28,7 @@ typedef int (*local_threads_fn)(int);
 static gemm_fn blas_gemm;
 static local_threads_fn local_threads;
 
-int bn_abi_version(void) { return 5; }
+int bn_abi_version(void) { return 6; }
 
 void bn_set_blas(void* gemm, void* threads) {
     blas_gemm = (gemm_fn)gemm;
@@ -56,7 +56,15 @@ static int ghost_batches(int rows, int ghost, int* starts, int* sizes) {
 }
 
 static void sgd(real* restrict w, real* restrict velocity, const real* restrict grad, int64_t n, real lr,
-                real momentum, int first) {
+                real momentum, real weight_decay, int first) {
+    if (weight_decay != 0) {  /* torch's L2 decay: it joins the gradient before the momentum */
+        for (int64_t i = 0; i < n; i++) {
+            const real d = grad[i] + weight_decay * w[i];
+            velocity[i] = first ? d : momentum * velocity[i] + d;
+            w[i] -= lr * velocity[i];
+        }
+        return;
+    }
     if (first)
         for (int64_t i = 0; i < n; i++) { velocity[i] = grad[i]; w[i] -= lr * velocity[i]; }
     else

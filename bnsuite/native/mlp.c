@@ -22,6 +22,7 @@ typedef struct {
     int batch_size, train_size;  /* an epoch's batches: train_size rows, the last batch shorter */
     int first_step;              /* momentum buffers not yet written: the first SGD step copies the gradient */
     real momentum, eps, norm_momentum, keep;  /* keep: 1 - dropout probability (1: no dropout) */
+    real weight_decay;           /* torch's L2 decay of every parameter (0: none) */
     int widths[MAX_LAYERS + 1];
     int norm[MAX_LAYERS];        /* per hidden layer */
     int ghost[MAX_LAYERS];       /* images per batch statistic (NORM_BATCH); the whole batch where >= batch_size */
@@ -271,8 +272,8 @@ static void hidden_backward(const Step* s, int l, int m, int rows, int step_in_c
             for (int f = 0; f < F; f++) gr[f] = inv[r] * (gr[f] * gamma[f] - sg - xr[f] * sgx);
         }
     }
-    sgd(gamma, s->gamma_momentum[l] + (int64_t)m * F, dgamma, F, lr, s->momentum, first);
-    sgd(beta, s->beta_momentum[l] + (int64_t)m * F, dbeta, F, lr, s->momentum, first);
+    sgd(gamma, s->gamma_momentum[l] + (int64_t)m * F, dgamma, F, lr, s->momentum, s->weight_decay, first);
+    sgd(beta, s->beta_momentum[l] + (int64_t)m * F, dbeta, F, lr, s->momentum, s->weight_decay, first);
     if (s->after_relu[l]) {
         const real* kept = s->relu_out[l] + m * s->activation_stride[l];
         for (int64_t i = 0; i < n; i++) g[i] = kept[i] > 0 ? g[i] : 0;
@@ -312,6 +313,8 @@ static void model_step(const Step* s, int m, int step, int step_in_chunk, int fi
         const real* layer_in = l == 0 ? x : s->activation[l - 1] + m * s->activation_stride[l - 1];
         /* The weight's momentum buffer takes the gradient straight from the product: v = g^T in + momentum v. */
         gemm(1, 0, fout, fin, rows, g, fout, layer_in, fin, first ? 0 : s->momentum, velocity, fin);
+        if (s->weight_decay != 0)  /* the decay joins the velocity as torch's joins the gradient */
+            for (int64_t i = 0; i < (int64_t)fin * fout; i++) velocity[i] += s->weight_decay * w[i];
         real* grad_in = 0;
         if (l > 0) {  /* with the weight as it was in the forward pass */
             grad_in = s->gradient[l - 1] + m * s->activation_stride[l - 1];
@@ -319,7 +322,7 @@ static void model_step(const Step* s, int m, int step, int step_in_chunk, int fi
         }
         for (int64_t i = 0; i < (int64_t)fin * fout; i++) w[i] -= lr * velocity[i];
         column_sums(g, rows, fout, scratch);
-        sgd(b, s->bias_momentum[l] + (int64_t)m * fout, scratch, fout, lr, s->momentum, first);
+        sgd(b, s->bias_momentum[l] + (int64_t)m * fout, scratch, fout, lr, s->momentum, s->weight_decay, first);
         if (l == 0) break;
         hidden_backward(s, l - 1, m, rows, step_in_chunk, grad_in, lr, first, scratch);
         g = grad_in;
