@@ -333,33 +333,17 @@ class RunRecord:
         if not isinstance(raw, dict):
             raise RecordError(f"{source}: expected a JSON object, got {type(raw).__name__}")
         version = raw.get("schema_version")
-        if version == 1:
-            raw = migrate_schema_1(raw, source=source)
-        if raw.get("schema_version") == 2:
-            raw = migrate_schema_2(raw)
-        if raw.get("schema_version") == 3:
-            raw = migrate_schema_3(raw)
-        if raw.get("schema_version") == 4:
-            raw = migrate_schema_4(raw, source=source)
-        if raw.get("schema_version") == 5:
-            raw = migrate_schema_5(raw)
-        if raw.get("schema_version") == 6:
-            raw = migrate_schema_6(raw)
-        if raw.get("schema_version") == 7:
-            raw = migrate_schema_7(raw)
-        if raw.get("schema_version") == 8:
-            raw = migrate_schema_8(raw)
-        if raw.get("schema_version") == 9:
-            raw = migrate_schema_9(raw)
-        if raw.get("schema_version") == 10:
-            raw = migrate_schema_10(raw)
-        if raw.get("schema_version") == 11:
-            raw = migrate_schema_11(raw)
-        elif raw.get("schema_version") != SCHEMA_VERSION:
-            raise RecordError(
-                f"{source}: schema version {version!r} is not supported (this bnsuite reads versions 1 to "
-                f"{SCHEMA_VERSION}); re-run the study with this version or use the bnsuite that wrote it"
-            )
+        while raw.get("schema_version") != SCHEMA_VERSION:  # each migration takes a record one schema on
+            try:
+                migrate = _MIGRATIONS.get(raw.get("schema_version"))
+            except TypeError:  # a version that is not even a key (a list, say)
+                migrate = None
+            if migrate is None:
+                raise RecordError(
+                    f"{source}: schema version {version!r} is not supported (this bnsuite reads versions 1 to "
+                    f"{SCHEMA_VERSION}); re-run the study with this version or use the bnsuite that wrote it"
+                )
+            raw = migrate(raw, source=source)
         missing = _missing_fields(raw, cls)
         if missing:
             raise RecordError(f"{source}: field {missing} is missing; a record is never completed with defaults. "
@@ -506,7 +490,7 @@ def _schema_4_variant(name: Any, source: str) -> dict:
     return dataclasses.asdict(Variant(name=name, **_SCHEMA_4_VARIANTS[name]))
 
 
-def migrate_schema_7(raw: dict) -> dict:
+def migrate_schema_7(raw: dict, *, source: str = "record") -> dict:
     """A schema-7 record as schema 8: every run, variant and study on the study's MLP (`network` "mlp", studies'
     `networks` ["mlp"] with no `network_epochs`): schema 7 had no other network."""
     raw = {**raw, "schema_version": 8}
@@ -530,7 +514,7 @@ def migrate_schema_7(raw: dict) -> dict:
 _SCHEMA_11_RECIPE = {"optimizer": "sgd", "weight_decay": 0.0, "lr_schedule": "constant"}
 
 
-def migrate_schema_11(raw: dict) -> dict:
+def migrate_schema_11(raw: dict, *, source: str = "record") -> dict:
     """A schema-11 record as schema 12: its run and its study with the recipe every earlier run had (SGD at a
     constant learning rate, no weight decay; the study's momentum 0.9, the only one a study could ask for)."""
     raw = {**raw, "schema_version": 12}
@@ -541,7 +525,7 @@ def migrate_schema_11(raw: dict) -> dict:
     return raw
 
 
-def migrate_schema_10(raw: dict) -> dict:
+def migrate_schema_10(raw: dict, *, source: str = "record") -> dict:
     """A schema-10 record as schema 11: no plugin measure at any epoch (schema 10 had none)."""
     raw = {**raw, "schema_version": 11}
     if isinstance(raw.get("epochs"), list):
@@ -549,7 +533,7 @@ def migrate_schema_10(raw: dict) -> dict:
     return raw
 
 
-def migrate_schema_9(raw: dict) -> dict:
+def migrate_schema_9(raw: dict, *, source: str = "record") -> dict:
     """A schema-9 record as schema 10: no signal at initialization and no precise-statistics accuracy at any
     epoch, which schema 9 did not measure."""
     raw = {**raw, "schema_version": 10, "signal": None}
@@ -559,7 +543,7 @@ def migrate_schema_9(raw: dict) -> dict:
     return raw
 
 
-def migrate_schema_8(raw: dict) -> dict:
+def migrate_schema_8(raw: dict, *, source: str = "record") -> dict:
     """A schema-8 record as schema 9: its landscape measurements (if any) without `ics_relative`, which schema 8
     did not keep (the gradient's norm was not recorded, so the relative form cannot be recovered)."""
     raw = {**raw, "schema_version": 9}
@@ -568,7 +552,7 @@ def migrate_schema_8(raw: dict) -> dict:
     return raw
 
 
-def migrate_schema_6(raw: dict) -> dict:
+def migrate_schema_6(raw: dict, *, source: str = "record") -> dict:
     """A schema-6 record as schema 7: `landscape` None and its study's studies measuring nothing beyond what every
     run records (`measures` empty): schema 6 measured no landscape."""
     raw = {**raw, "schema_version": 7, "landscape": None}
@@ -579,7 +563,7 @@ def migrate_schema_6(raw: dict) -> dict:
     return raw
 
 
-def migrate_schema_5(raw: dict) -> dict:
+def migrate_schema_5(raw: dict, *, source: str = "record") -> dict:
     """A schema-5 record as schema 6: `environment.denormals` "kept" (bnsuite flushed no subnormals before)."""
     raw = {**raw, "schema_version": 6}
     if isinstance(raw.get("environment"), dict):
@@ -601,7 +585,7 @@ def migrate_schema_4(raw: dict, *, source: str = "record") -> dict:
     return raw
 
 
-def migrate_schema_3(raw: dict) -> dict:
+def migrate_schema_3(raw: dict, *, source: str = "record") -> dict:
     """A schema-3 record as schema 4 (then 5: `migrate_schema_4`): `training_step` and every epoch's
     `batch_statistics_accuracy` None (not recorded)."""
     raw = {**raw, "training_step": None, "schema_version": 4}
@@ -611,7 +595,7 @@ def migrate_schema_3(raw: dict) -> dict:
     return raw
 
 
-def migrate_schema_2(raw: dict) -> dict:
+def migrate_schema_2(raw: dict, *, source: str = "record") -> dict:
     """A schema-2 record as schema 3 (then 4: `migrate_schema_3`): `executor` "local" (the only one schema 2
     had); `environment.hostname` and `activations` None (not recorded)."""
     raw = {**raw, "executor": "local", "activations": None, "schema_version": 3}
@@ -772,3 +756,9 @@ def epochs_frame(records: list[RunRecord]) -> pd.DataFrame:
         for epoch in record.epochs
     ]
     return pd.DataFrame(rows)
+
+
+# schema -> the migration that takes a record of it one schema on (to SCHEMA_VERSION, one step at a time).
+_MIGRATIONS = {1: migrate_schema_1, 2: migrate_schema_2, 3: migrate_schema_3, 4: migrate_schema_4, 5: migrate_schema_5,
+               6: migrate_schema_6, 7: migrate_schema_7, 8: migrate_schema_8, 9: migrate_schema_9,
+               10: migrate_schema_10, 11: migrate_schema_11}
