@@ -1,13 +1,19 @@
 """bnsuite: a pytest-driven benchmark and regression suite for Batch Normalization.
 
-The plugin API: `register_variant`, `register_study` and `register_measure` (bnsuite.registry) add a user's own
-variants, studies and per-epoch measurements, and `register_known_exceptions` pins the verdicts of claims that do
-not hold for them, from a module of their own, imported with `--bn-plugin MODULE` or found through the
-`bnsuite.plugins` entry-point group. Importing bnsuite registers the built-in studies (bnsuite.studies); it
-imports no torch.
+The plugin API: `register_variant`, `register_study`, `register_measure` and `register_dataset`
+(bnsuite.registry) add a user's own variants, studies, per-epoch measurements and datasets, and
+`register_known_exceptions` pins the verdicts of claims that do not hold for them, from a module of their own,
+imported with `--bn-plugin MODULE` or found through the `bnsuite.plugins` entry-point group. Importing bnsuite
+registers the built-in studies (bnsuite.studies); it imports no torch.
 """
 
 from bnsuite import studies  # noqa: F401  (the built-in studies register on import, before any plugin's)
-from bnsuite.registry import register_known_exceptions, register_measure, register_study, register_variant
+from bnsuite.registry import (
+    register_dataset,
+    register_known_exceptions,
+    register_measure,
+    register_study,
+    register_variant,
+)
 
-__all__ = ["register_known_exceptions", "register_measure", "register_study", "register_variant"]
+__all__ = ["register_dataset", "register_known_exceptions", "register_measure", "register_study", "register_variant"]

@@ -18,6 +18,10 @@ batch and batches.meta, each checked against the MD5 its page publishes),
 or downloaded by torchvision where the machine is online; there is no
 offline source. Its images are normalized per channel with the constants in
 bnsuite.datasets, with no augmentation.
+
+A plugin's own dataset (bnsuite.registry.register_dataset) comes from the
+function it registered, called once per process; its arrays are checked
+against its description and fingerprinted by their content.
 """
 
 from __future__ import annotations
@@ -36,7 +40,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bnsuite.datasets import DATASETS, DatasetInfo
+from bnsuite import registry
+from bnsuite.datasets import DATASETS, Dataset, DatasetInfo
 from bnsuite.files import user_cache_dir, write_atomically
 from bnsuite.idx import IdxFormatError, decode_idx, encode_idx, md5_of, read_idx_bytes
 
@@ -51,6 +56,11 @@ DEBIAN_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 class DataUnavailableError(RuntimeError):
     """No source could provide a dataset; the message lists every source tried."""
+
+
+class DatasetError(ValueError):
+    """A plugin's dataset function failed, or gave arrays its description does not allow; the message says which
+    and what to change."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -88,12 +98,15 @@ def default_data_dir() -> Path:
     return user_cache_dir()
 
 
-def normalize(images: torch.Tensor, info: DatasetInfo | None = None) -> torch.Tensor:
+def normalize(images: torch.Tensor, info: Dataset | None = None) -> torch.Tensor:
     """uint8 (N, 28, 28) -> float32 (N, 1, 28, 28) in [-1, 1], as ToTensor + Normalize((0.5,), (0.5,)); uint8
     (N, C, H, W) (CIFAR-10) -> float32 normalized per channel as ToTensor + Normalize(mean, std) with `info`'s
-    constants, the same arithmetic in the same order."""
+    constants, the same arithmetic in the same order; float images of a dataset without normalization (a
+    plugin's) as they are."""
     if images.dim() == 3:
         images = images.unsqueeze(1)
+    if (info or DATASETS["mnist"]).normalization is None:
+        return images.to(torch.float32)
     mean, std = (info or DATASETS["mnist"]).normalization
     if len(mean) == 1:
         return images.to(torch.float32).div(255).sub(mean[0]).div(std[0])
@@ -121,7 +134,7 @@ def load_splits(
     return _split(raw, validation_size, split_seed)
 
 
-def dataset_info(dataset: str) -> DatasetInfo:
+def dataset_info(dataset: str) -> Dataset:
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; choose one of: {', '.join(DATASETS)}")
     return DATASETS[dataset]
@@ -168,6 +181,8 @@ def load_raw(dataset: str, *, data_dir: Path, sources: tuple[str, ...] = SOURCES
     and IdxFormatError when a file is present but corrupt (it is never used).
     """
     info = dataset_info(dataset)
+    if not isinstance(info, DatasetInfo):
+        return _registered(dataset)
     unknown = set(sources) - set(SOURCES)
     if unknown:
         raise ValueError(f"unknown data source(s) {sorted(unknown)}; choose from {', '.join(SOURCES)}")
@@ -204,6 +219,89 @@ def raw_directory(info: DatasetInfo, data_dir: Path) -> Path:
 
 class _SourceFailed(Exception):
     pass
+
+
+@functools.lru_cache(maxsize=4)
+def _registered(dataset: str) -> RawDataset:
+    """A plugin's dataset, from the function it registered (once per process), checked against its description:
+    the arrays' shapes, sizes, types and labels; fingerprinted by the MD5 of their content."""
+    info = DATASETS[dataset]
+    loader = registry.dataset_loader(dataset)
+    if loader is None:
+        raise DataUnavailableError(
+            f"the dataset {dataset!r} is known here only from records ({info.source} registered it): its images "
+            f"are not here; install that plugin's package or name its module with --bn-plugin")
+    where = f"the dataset {dataset!r} ({registry.qualified(loader)})"
+    try:
+        arrays = loader()
+    except Exception as error:  # noqa: BLE001 - a user's function may raise anything: one line, no traceback
+        message = str(error).strip().splitlines()[0] if str(error).strip() else "(no message)"
+        raise DatasetError(f"{where} raised {type(error).__name__}{registry.where_raised(loader.__module__, error)}: "
+                           f"{message}; fix the function that loads it") from None
+    if not isinstance(arrays, (tuple, list)) or len(arrays) != 4:
+        raise DatasetError(f"{where} must return four arrays (training images, training labels, test images, test "
+                           f"labels), got {_what(arrays)}")
+    names = ("training images", "training labels", "test images", "test labels")
+    arrays = [_as_array(array, f"{where}: its {name}") for array, name in zip(arrays, names, strict=True)]
+    images, labels = {}, {}
+    for split, (split_images, split_labels), count in (("train", arrays[:2], info.train_images),
+                                                        ("test", arrays[2:], None)):
+        images[split] = _checked_images(split_images, info, f"{where}: its {split_images_name(split)}", count)
+        labels[split] = _checked_labels(split_labels, info, f"{where}: its {split_images_name(split, 'labels')}",
+                                        len(images[split]))
+    digest = hashlib.md5()
+    for array in (images["train"], labels["train"], images["test"], labels["test"]):
+        digest.update(f"{array.dtype.str}{array.shape}".encode())
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return RawDataset(name=dataset, images=images, labels=labels, checksum=digest.hexdigest())
+
+
+def _what(value) -> str:
+    """`a tuple of 3`, `a dict`: what a dataset function returned, for its error."""
+    return f"a {type(value).__name__}" + (f" of {len(value)}" if isinstance(value, (tuple, list)) else "")
+
+
+def split_images_name(split: str, what: str = "images") -> str:
+    return f"{'training' if split == 'train' else 'test'} {what}"
+
+
+def _as_array(array, where: str) -> np.ndarray:
+    if isinstance(array, torch.Tensor):
+        return array.detach().cpu().numpy()
+    if isinstance(array, np.ndarray):
+        return array
+    raise DatasetError(f"{where} are a {type(array).__name__}; give a numpy array or a torch tensor")
+
+
+def _checked_images(images: np.ndarray, info: Dataset, where: str, count: int | None) -> np.ndarray:
+    channels, height, width = info.image_shape
+    if images.ndim == 3 and channels == 1:
+        images = images[:, None]
+    if images.ndim != 4 or images.shape[1:] != info.image_shape or len(images) == 0:
+        raise DatasetError(f"{where} have shape {images.shape}; they must be (N, {channels}, {height}, {width})"
+                           + (f" or (N, {height}, {width})" if channels == 1 else "") + ", N at least 1, as the "
+                           "dataset is registered (image_shape)")
+    if count is not None and len(images) != count:
+        raise DatasetError(f"{where} are {len(images)}, but the dataset is registered with train_images={count}; "
+                           "register it with the number it has")
+    if info.normalization is not None and images.dtype != np.uint8:
+        raise DatasetError(f"{where} are {images.dtype}; with a normalization they must be uint8 bytes (give "
+                           "normalization=None for float images you normalized yourself)")
+    if info.normalization is None and (images.dtype != np.float32 or not np.isfinite(images).all()):
+        raise DatasetError(f"{where} are {images.dtype}{'' if images.dtype != np.float32 else ' with NaN or inf'}; "
+                           "with normalization=None they must be finite float32 (or register a normalization for "
+                           "uint8 images)")
+    return images
+
+
+def _checked_labels(labels: np.ndarray, info: Dataset, where: str, count: int) -> np.ndarray:
+    if labels.ndim != 1 or len(labels) != count or not np.issubdtype(labels.dtype, np.integer):
+        raise DatasetError(f"{where} are {labels.dtype} of shape {labels.shape}; they must be integers of shape "
+                           f"({count},), one per image")
+    if len(labels) and (labels.min() < 0 or labels.max() >= info.classes):
+        raise DatasetError(f"{where} run from {labels.min()} to {labels.max()}; they must be 0 to "
+                           f"{info.classes - 1} (classes={info.classes} as registered)")
+    return labels
 
 
 @functools.lru_cache(maxsize=4)

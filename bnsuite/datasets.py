@@ -1,35 +1,75 @@
-"""The datasets bnsuite knows: names, torchvision classes, shapes and pinned checksums, without importing torch.
+"""The datasets bnsuite knows: names, shapes, sizes and (for its own) torchvision classes and pinned checksums,
+without importing torch.
 
 Specs and records name a dataset; this table is what they are checked
-against, so reading records never needs the data stack (bnsuite.data).
+against, so reading records never needs the data stack (bnsuite.data). A
+plugin's dataset (bnsuite.registry.register_dataset) joins the table as a
+`Dataset`, and every record of it carries that description, so its records
+load where the plugin is not installed (`remember`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from pydantic import ConfigDict, with_config
+
+BUILTIN_SOURCE = "bnsuite"  # a Dataset's source when bnsuite itself describes it
 
 
+class DatasetConflict(ValueError):
+    """Two descriptions of one dataset name disagree on what a run depends on; the message names both."""
+
+
+@with_config(ConfigDict(strict=True, allow_inf_nan=False, extra="forbid"))
 @dataclass(frozen=True)
-class DatasetInfo:
-    """What bnsuite knows about one dataset: its torchvision class, file checksums, image shape and size, and the
-    networks that can train on it."""
+class Dataset:
+    """A dataset as data: what specs, models and the report need of it, never its images.
+
+    A record of a plugin's dataset carries this (RunRecord.dataset), as it
+    carries its variant's description: the run's size checks and the report
+    need nothing else.
+    """
 
     name: str
-    torchvision_class: str
-    md5: dict[str, str]  # MD5 of each uncompressed IDX file (CIFAR-10: of each pickled batch, as published)
-    offline_hint: str
+    title: str = ""  # as prose names it ("Fashion-MNIST"); the name where empty
     image_shape: tuple[int, int, int] = (1, 28, 28)  # (channels, height, width)
     classes: int = 10  # the labels 0 .. classes - 1: a model's logits per image
     train_images: int = 60_000  # the official training set
+    # The training images a profile holds out for validation (at most: a profile asks for 10,000).
+    validation_images: int = 10_000
     networks: tuple[str, ...] = ("mlp", "cnn")  # the study's MLP takes 28x28 grey images only
-    # Per-channel (mean, std) the images are normalized with, after scaling bytes to [0, 1].
-    normalization: tuple[tuple[float, ...], tuple[float, ...]] = ((0.5,), (0.5,))
+    # Per-channel (mean, std) the images are normalized with, after scaling bytes to [0, 1]; None: the images are
+    # floats, taken as they are (a plugin's dataset that normalizes its own).
+    normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = ((0.5,), (0.5,))
+    source: str = BUILTIN_SOURCE  # bnsuite, or the plugin module that registered it with its version or file hash
+
+    @property
+    def builtin(self) -> bool:
+        return self.source == BUILTIN_SOURCE
+
+    def conflict(self, other: Dataset) -> str | None:
+        """What `other`, a description of the same name, says differently about what a run depends on, or None."""
+        keys = ("image_shape", "classes", "train_images", "validation_images", "normalization")
+        differ = [key for key in keys if getattr(self, key) != getattr(other, key)]
+        return ", ".join(f"{key} {getattr(self, key)} against {getattr(other, key)}" for key in differ) or None
+
+
+@dataclass(frozen=True)
+class DatasetInfo(Dataset):
+    """One of bnsuite's own datasets: its description, and where its files come from (torchvision's class, their
+    pinned checksums, how to get them offline)."""
+
+    torchvision_class: str = ""
+    md5: dict[str, str] = field(default_factory=dict)  # of each uncompressed IDX file (CIFAR-10: each batch)
+    offline_hint: str = ""
     layout: str = "idx"  # idx: torchvision's MNIST raw files; cifar: torchvision's cifar-10-batches-py pickles
 
 
-DATASETS = {
+DATASETS: dict[str, Dataset] = {
     "mnist": DatasetInfo(
         name="mnist",
+        title="MNIST",
         torchvision_class="MNIST",
         # The official MD5s of the uncompressed files.
         md5={
@@ -42,6 +82,7 @@ DATASETS = {
     ),
     "fashion-mnist": DatasetInfo(
         name="fashion-mnist",
+        title="Fashion-MNIST",
         torchvision_class="FashionMNIST",
         # Upstream publishes MD5s of its gzip files only; these are of the uncompressed
         # content, which is what identifies the data whatever the compression.
@@ -55,6 +96,7 @@ DATASETS = {
     ),
     "cifar10": DatasetInfo(
         name="cifar10",
+        title="CIFAR-10",
         torchvision_class="CIFAR10",
         # The MD5s the dataset's page publishes (and torchvision checks) for the files of cifar-10-python.tar.gz.
         md5={
@@ -84,3 +126,28 @@ def training_images(dataset: str) -> int:
     60,000 for a name bnsuite does not know (the spec refuses it with the choices)."""
     info = DATASETS.get(dataset)
     return info.train_images if info is not None else 60_000
+
+
+def add(dataset: Dataset) -> None:
+    """Put `dataset` in the table: a plugin's registration (bnsuite.registry.register_dataset). A name already
+    there is refused, naming both sources."""
+    if dataset.name in DATASETS:
+        known = DATASETS[dataset.name]
+        raise DatasetConflict(f"dataset {dataset.name!r} is registered twice ({known.source} and {dataset.source}); "
+                              "give the new one another name")
+    DATASETS[dataset.name] = dataset
+
+
+def remember(dataset: Dataset, *, source: str) -> None:
+    """A record's description of its dataset (`source` names the record): added to the table where no plugin of
+    this process registered the name, so the record loads without it; where one did, the two must agree on what a
+    run depends on, else DatasetConflict names both."""
+    known = DATASETS.get(dataset.name)
+    if known is None:
+        DATASETS[dataset.name] = dataset
+        return
+    difference = known.conflict(dataset)
+    if difference:
+        raise DatasetConflict(f"{source} describes the dataset {dataset.name!r} otherwise than {known.source} "
+                              f"registers it here ({difference}); its records were made with other data: keep them "
+                              "in a results directory of their own")

@@ -34,7 +34,7 @@ from bnsuite.baseline import (
     unmatched,
 )
 from bnsuite.claims import holm, study_claims
-from bnsuite.data import DataUnavailableError, default_data_dir, load_raw
+from bnsuite.data import DatasetError, DataUnavailableError, default_data_dir, load_raw
 from bnsuite.environment import describe_environment
 from bnsuite.executor import EXECUTORS, ExecutorError, ProcessExecutor, RayExecutor
 from bnsuite.idx import IdxFormatError
@@ -64,7 +64,7 @@ OPTIONS = {
     "studies": f"comma-separated studies to run: {', '.join(d.name for d in registry.studies())} and those of "
                f"plugins, or 'all' (default: those that run by default, "
                f"{', '.join(d.name for d in registry.studies() if d.default)})",
-    "dataset": "dataset: mnist or fashion-mnist (default: the profile's, mnist)",
+    "dataset": "dataset: mnist, fashion-mnist, cifar10 or one a plugin registers (default: the profile's, mnist)",
     "variants": f"comma-separated model variants of the {_reached_by('variants')}, e.g. plain,bn,bn-scratch or a "
                 "plugin's (default: plain,bn)",
     "batch-sizes": f"comma-separated batch sizes of the {_reached_by('batch-sizes')} (default: 32,64,128)",
@@ -96,9 +96,9 @@ def pytest_addoption(parser):
     for name, help_text in OPTIONS.items():
         group.addoption(f"--bn-{name}", default=None, help=help_text)
     group.addoption("--bn-plugin", default=None, metavar="MODULE[,MODULE]",
-                    help="modules to import at start-up that register variants and studies of your own "
-                         "(bnsuite.register_variant, bnsuite.register_study); the bnsuite.plugins entry points of "
-                         "installed packages are imported anyway")
+                    help="modules to import at start-up that register variants, studies, measures and datasets of "
+                         "your own (bnsuite.register_variant, register_study, register_measure, register_dataset); "
+                         "the bnsuite.plugins entry points of installed packages are imported anyway")
     group.addoption("--bn-results-dir", default=None,
                     help="where run records are saved (default: $BNSUITE_RESULTS_DIR, else results/PROFILE/; "
                          "results/PROFILE-cnn/ for the ConvNet alone; -DATASET appended on a dataset other than "
@@ -302,7 +302,7 @@ class StudyPlugin:
         try:
             self.dataset_checksum = load_raw(
                 self.study_spec.dataset, data_dir=Path(self.data_dir) if self.data_dir else default_data_dir()).checksum
-        except (DataUnavailableError, IdxFormatError, OSError) as error:
+        except (DataUnavailableError, DatasetError, IdxFormatError, OSError) as error:
             raise pytest.UsageError(f"bnsuite: {error}") from None
 
     def _find_finished(self, config: pytest.Config) -> None:

@@ -35,10 +35,12 @@ from typing import Annotated, Any, Literal, Union
 import pandas as pd
 from pydantic import Field, TypeAdapter, ValidationError, with_config
 
+from bnsuite import datasets
+from bnsuite.datasets import Dataset, DatasetConflict
 from bnsuite.files import write_atomically
 from bnsuite.spec import CONTRADICTED, NOT_SHOWN, STRICT, RunSpec, SpecError, StudySpec, Variant
 
-SCHEMA_VERSION = 12
+SCHEMA_VERSION = 13
 RUNS_SUBDIR = "runs"
 
 Percent = Annotated[float, Field(ge=0, le=100)]
@@ -259,6 +261,10 @@ class RunRecord:
     # Signal propagation at initialization (bnsuite.signal); None where not measured (a study that does not ask,
     # the original pipeline, and records of schema 9 and earlier).
     signal: SignalTrace | None
+    # The description of a plugin's dataset the run trained on (bnsuite.registry.register_dataset), so the record
+    # loads where that plugin is not installed; None for bnsuite's own datasets (bnsuite.datasets describes them),
+    # and in records of schema 12 and earlier, which trained on those only.
+    dataset: Dataset | None
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -285,6 +291,14 @@ class RunRecord:
                    f"does not include this run ({self.spec.case_id}, {self.spec.epochs} epochs, lr {self.spec.lr})")
             _check(self.study.variant(self.spec.variant, self.spec.network) == self.variant, "variant",
                    f"differs from the study's description of {self.spec.variant}")
+        if self.dataset is None:
+            _check(self.spec.dataset in datasets.DATASETS and datasets.DATASETS[self.spec.dataset].builtin, "dataset",
+                   f"is missing: the run trained on {self.spec.dataset!r}, not one of bnsuite's own datasets, and "
+                   "a record of a plugin's dataset describes it")
+        else:
+            _check(self.dataset.name == self.spec.dataset and not self.dataset.builtin, "dataset",
+                   f"describes {self.dataset.name!r} from {self.dataset.source}, not the run's dataset "
+                   f"{self.spec.dataset!r} from a plugin")
         _check(self.schema_version == SCHEMA_VERSION, "schema_version", f"must be {SCHEMA_VERSION}")
 
     @property
@@ -349,7 +363,11 @@ class RunRecord:
             raise RecordError(f"{source}: field {missing} is missing; a record is never completed with defaults. "
                               "Delete it or re-run that case")
         try:
+            if isinstance(raw.get("dataset"), dict):  # a plugin's dataset: known from here on, so the spec is valid
+                datasets.remember(_DATASET.validate_json(json.dumps(raw["dataset"])), source=source)
             record = _RECORD.validate_json(json.dumps(raw))
+        except DatasetConflict as error:
+            raise RecordError(str(error)) from None
         except ValidationError as error:
             raise RecordError(f"{source}: {_describe(error)}; delete it or re-run that case") from None
         problem = _figures_disagree(record)
@@ -360,6 +378,7 @@ class RunRecord:
 
 
 _RECORD = TypeAdapter(RunRecord)
+_DATASET = TypeAdapter(Dataset)
 
 
 def _figures_disagree(record: RunRecord) -> str | None:
@@ -508,6 +527,12 @@ def migrate_schema_7(raw: dict, *, source: str = "record") -> dict:
                                  for entry in study["variants"]]
         raw["study"] = study
     return raw
+
+
+def migrate_schema_12(raw: dict, *, source: str = "record") -> dict:
+    """A schema-12 record as schema 13: no dataset description, as every earlier run trained on one of bnsuite's
+    own datasets."""
+    return {**raw, "schema_version": 13, "dataset": None}
 
 
 # The recipe every run of schema 11 and earlier trained with: SGD, momentum 0.9, no weight decay, a constant rate.
@@ -761,4 +786,4 @@ def epochs_frame(records: list[RunRecord]) -> pd.DataFrame:
 # schema -> the migration that takes a record of it one schema on (to SCHEMA_VERSION, one step at a time).
 _MIGRATIONS = {1: migrate_schema_1, 2: migrate_schema_2, 3: migrate_schema_3, 4: migrate_schema_4, 5: migrate_schema_5,
                6: migrate_schema_6, 7: migrate_schema_7, 8: migrate_schema_8, 9: migrate_schema_9,
-               10: migrate_schema_10, 11: migrate_schema_11}
+               10: migrate_schema_10, 11: migrate_schema_11, 12: migrate_schema_12}

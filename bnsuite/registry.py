@@ -35,7 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bnsuite.datasets import DATASETS
+from bnsuite import datasets
+from bnsuite.datasets import BUILTIN_SOURCE, DATASETS, Dataset, DatasetConflict
 from bnsuite.spec import (
     DEFAULT_NETWORK,
     MEASUREMENTS,
@@ -51,7 +52,6 @@ from bnsuite.spec import (
 )
 
 ENTRY_POINT_GROUP = "bnsuite.plugins"
-BUILTIN_SOURCE = "bnsuite"
 EVERY_PROFILE = "*"  # the key of a matrix that stands for every profile
 ALL_STUDIES = "all"  # --bn-studies all: every registered study, those that run by option included
 
@@ -61,6 +61,7 @@ _STUDIES: dict[str, StudyDefinition] = {}
 _PLUGINS: dict[str, str] = {}  # plugin module -> its provenance, in the order loaded
 _PINNED_BY: dict[tuple[str, str, str], str] = {}  # (study, profile key, claim) -> the plugin that pinned it
 _MEASURES: dict[str, Measure] = {}  # a user's per-epoch measurements, by name
+_DATASET_LOADERS: dict[str, Callable[[], Any]] = {}  # a plugin's dataset name -> the function that gives its arrays
 
 
 class PluginError(RuntimeError):
@@ -94,10 +95,10 @@ def register_variant(name: str, *, batch_statistics: bool, images_per_statistic:
         if key in _VARIANTS:
             of = "" if network == DEFAULT_NETWORK else f" of the {network} network"
             raise PluginError(f"variant {name!r}{of} is registered twice "
-                              f"({_VARIANTS[key].builder} and {_qualified(builder)}); give the new one another name")
+                              f"({_VARIANTS[key].builder} and {qualified(builder)}); give the new one another name")
         description = Variant(name=name, batch_statistics=batch_statistics,
                               images_per_statistic=images_per_statistic, derives_from=derives_from, probe=probe,
-                              order=order, color=color, builder=_qualified(builder),
+                              order=order, color=color, builder=qualified(builder),
                               source=_source(builder.__module__), network=network)
         _VARIANTS[key] = description
         _BUILDERS[key] = builder
@@ -165,8 +166,8 @@ def register_measure(name: str, *, title: str) -> Callable:
             raise PluginError(f"measure {name!r} is one of bnsuite's own ({', '.join(MEASUREMENTS)}); give yours "
                               "another name")
         if name in _MEASURES:
-            raise PluginError(f"measure {name!r} is registered twice ({_qualified(_MEASURES[name].function)} and "
-                              f"{_qualified(function)}); give the new one another name")
+            raise PluginError(f"measure {name!r} is registered twice ({qualified(_MEASURES[name].function)} and "
+                              f"{qualified(function)}); give the new one another name")
         _MEASURES[name] = Measure(name, title, function, _source(function.__module__))
         return function
 
@@ -187,6 +188,71 @@ def check_measures(spec: StudySpec) -> None:
             raise SpecError(f"the {study.name} study asks to measure {', '.join(map(repr, unknown))}; what a study "
                             f"can measure: {', '.join(known)} (a measure of your own is registered by a plugin with "
                             "bnsuite.register_measure)")
+
+
+# --- datasets ---
+
+
+def register_dataset(name: str, *, train_images: int, image_shape: tuple[int, int, int] = (1, 28, 28),
+                     classes: int = 10, title: str = "", validation_images: int | None = None,
+                     normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = ((0.5,), (0.5,)),
+                     networks: tuple[str, ...] | None = None) -> Callable:
+    """Decorator: register the function it decorates as the loader of dataset `name` (`--bn-dataset NAME`).
+
+    The function takes no argument and returns four arrays (numpy or torch): training images, training labels,
+    test images, test labels. Images are (N, C, H, W) of `image_shape` ((N, H, W) for one channel), uint8 (scaled
+    to [0, 1] and normalized per channel with `normalization`'s (mean, std), by default to [-1, 1] as the study's
+    MNIST) or float32 (taken as they are: give `normalization=None`); labels are integers 0 .. `classes` - 1. It
+    is called once per process, where a run of the dataset first needs it, and what it gives is checked against
+    this description (`train_images` of them for training) and fingerprinted (the MD5 of the arrays, in every
+    record, as MNIST's file checksums are). A profile holds out `validation_images` of the training images for
+    validation (by default a sixth, at most the 10,000 the profiles ask of MNIST). `networks`: those that can
+    train on it (by default the study's MLP and the ConvNet for 28x28 grey images, the ConvNet otherwise).
+    """
+    def decorator(loader: Callable[[], Any]) -> Callable[[], Any]:
+        where = f"dataset {name!r} ({qualified(loader)})"
+        if not isinstance(name, str) or NAME_PATTERN.fullmatch(name) is None:
+            raise PluginError(f"dataset name {name!r} must be letters, digits, '.', '_' or '-' (it names results "
+                              "directories)")
+        shape = tuple(image_shape) if isinstance(image_shape, (tuple, list)) else ()
+        if len(shape) != 3 or not all(isinstance(size, int) and size > 0 for size in shape):
+            raise PluginError(f"{where}: image_shape must be (channels, height, width), positive integers, got "
+                              f"{image_shape!r}")
+        for value, what, least in ((train_images, "train_images", 2), (classes, "classes", 2)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise PluginError(f"{where}: {what} must be an integer of at least {least}, got {value!r}")
+        held_out = min(10_000, train_images // 6) if validation_images is None else validation_images
+        if not isinstance(held_out, int) or not 0 < held_out < train_images:
+            raise PluginError(f"{where}: validation_images must be an integer between 1 and {train_images - 1}, "
+                              f"got {validation_images!r}")
+        if normalization is not None and (len(normalization) != 2 or not all(
+                len(values) == shape[0] for values in normalization)):
+            raise PluginError(f"{where}: normalization must be ((mean, ...), (std, ...)) with one value per channel "
+                              f"({shape[0]}), or None for float images, got {normalization!r}")
+        able = networks if networks is not None else (
+            (*NETWORKS,) if shape == (1, 28, 28) else tuple(n for n in NETWORKS if n != DEFAULT_NETWORK))
+        unknown = [network for network in able if network not in NETWORKS]
+        if unknown or not able:
+            raise PluginError(f"{where}: networks must be some of {', '.join(NETWORKS)}, got {networks!r}")
+        described = Dataset(name=name, title=title or name, image_shape=shape, classes=classes,
+                            train_images=train_images, validation_images=held_out, networks=tuple(able),
+                            normalization=None if normalization is None else tuple(
+                                tuple(float(v) for v in values) for values in normalization),
+                            source=_source(loader.__module__))
+        try:
+            datasets.add(described)
+        except DatasetConflict as error:
+            raise PluginError(str(error)) from None
+        _DATASET_LOADERS[name] = loader
+        return loader
+
+    return decorator
+
+
+def dataset_loader(name: str) -> Callable[[], Any] | None:
+    """The function a plugin registered for dataset `name` (None for bnsuite's own and for a name known here only
+    from records)."""
+    return _DATASET_LOADERS.get(name)
 
 
 # --- studies ---
@@ -379,16 +445,16 @@ def _import_failure(name: str, error: BaseException, package: str | None) -> str
     if isinstance(error, ModuleNotFoundError) and error.name is not None and name.startswith(error.name):
         return (f"cannot import the plugin module {name!r} ({error}); check its name, and that its directory is on "
                 "the Python path (PYTHONPATH) or its package is installed")
-    where = _where(name, error)
+    where = where_raised(name, error)
     message = str(error).strip().splitlines()[0] if str(error).strip() else "(no message)"
     declared = (f"; it is declared in the {ENTRY_POINT_GROUP} entry points of the installed package {package!r}: "
                 "fix it there, or uninstall that package") if package else "; fix it there"
     return f"the plugin module {name!r} raised {type(error).__name__} at import{where}: {message}{declared}"
 
 
-def _where(name: str, error: BaseException) -> str:
-    """`, at FILE line N`: the last place in the plugin's own files the import went through (the file a syntax
-    error is in), or nothing where none is known."""
+def where_raised(name: str, error: BaseException) -> str:
+    """`, at FILE line N`: the last place in the files of the plugin module `name` that `error` went through (its
+    import, or a function of it called later; the file a syntax error is in), or nothing where none is known."""
     if isinstance(error, SyntaxError) and error.filename:
         return f", at {error.filename} line {error.lineno}"
     try:
@@ -408,7 +474,7 @@ def plugin_option(text: str | None) -> list[str]:
     return [name.strip() for name in (text or "").split(",") if name.strip()]
 
 
-def _qualified(function: Callable) -> str:
+def qualified(function: Callable) -> str:
     return f"{function.__module__}:{getattr(function, '__qualname__', repr(function))}"
 
 

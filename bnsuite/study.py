@@ -25,7 +25,7 @@ import torch
 
 from bnsuite import registry
 from bnsuite.claims import study_claims
-from bnsuite.datasets import DATASETS
+from bnsuite.datasets import DATASETS, Dataset
 from bnsuite.executor import ProcessExecutor, RayExecutor
 from bnsuite.records import Environment, EpochRecord, RunRecord, save_record
 from bnsuite.registry import ALL_STUDIES, StudyDefinition, study_spec, variant_names
@@ -97,13 +97,23 @@ def profile_spec(profile: str, chosen: list[StudyDefinition] | None = None, data
         raise SpecError(f"no study chosen has a matrix for the {profile} profile; choose others with --bn-studies")
     settings = dict(PROFILE_SETTINGS[profile])
     if dataset is not None:
-        _check_choice(dataset, DATASETS, "dataset")
-        settings["dataset"] = dataset
+        _check_choice(dataset, DATASETS, "dataset", hint=DATASET_HINT)
+        settings.update(dataset=dataset, **_sized_for(DATASETS[dataset], settings))
     exceptions = tuple(exception for definition in included
                        for exception in definition.known_exceptions.get(exceptions_key(profile, dataset), ()))
     settings["claims"] = dataclasses.replace(settings["claims"], known_exceptions=exceptions)
     return study_spec(profile=profile, studies=tuple(definition.matrix(profile) for definition in included),
                       **settings)
+
+
+def _sized_for(dataset: Dataset, settings: dict) -> dict:
+    """The profile's held-out split and training subset where `dataset` has room for them, else what it has (a
+    plugin's dataset may be smaller than MNIST): at most its `validation_images` held out, and at most the rest
+    trained on. bnsuite's own datasets have room for every profile's."""
+    validation = min(settings.get("validation_size", 0), dataset.validation_images)
+    subset = settings.get("train_subset")
+    return {"validation_size": validation, "train_subset": None if subset is None else min(
+        subset, dataset.train_images - validation)}
 
 
 def study_from_options(
@@ -197,6 +207,7 @@ def study_from_options(
 
 
 PLUGIN_HINT = "a variant of your own is registered by a plugin: --bn-plugin MODULE"
+DATASET_HINT = "a dataset of your own is registered by a plugin: --bn-plugin MODULE"
 
 
 def on_networks(spec: StudySpec, networks: tuple[str, ...] | None) -> StudySpec:

@@ -342,6 +342,7 @@ def _records(specs: list[RunSpec], variant: Variant, models, run_epoch, splits, 
             training_step=run_epoch.step_name,
             landscape=None if diverged else landscape,
             signal=signal,  # measured before training: a later divergence does not change it
+            dataset=None if DATASETS[run.dataset].builtin else DATASETS[run.dataset],
         ))
     return records
 

@@ -30,6 +30,22 @@ def write_small_idx_dir(directory, *, train=20, test=10, seed=0):
     return arrays
 
 @pytest.fixture
+def clean_registry(monkeypatch):
+    """The registries (and the table of datasets, which a plugin's dataset joins) as they are, restored after the
+    test."""
+    from bnsuite import data, datasets, registry
+
+    for name in ("_VARIANTS", "_BUILDERS", "_STUDIES", "_PLUGINS", "_PINNED_BY", "_MEASURES", "_DATASET_LOADERS"):
+        monkeypatch.setattr(registry, name, dict(getattr(registry, name)))
+    known = dict(datasets.DATASETS)  # restored in place: modules hold the table itself
+    data._registered.cache_clear()
+    yield
+    datasets.DATASETS.clear()
+    datasets.DATASETS.update(known)
+    data._registered.cache_clear()
+
+
+@pytest.fixture
 def aten_fast_step():
     """Trains with the ATen fast step (bnsuite.fastpath), the fallback where the fused one cannot be built."""
     from bnsuite import fused

@@ -16,6 +16,7 @@ turns off) had the workers of the plugin study, run from a directory that is no 
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import socket
@@ -55,11 +56,14 @@ def _readme_plugin() -> str:
 
 
 @pytest.fixture(scope="module")
-def plugin_dir(tmp_path_factory):
-    """The docs' plugin, as a user installs it on every node of the cluster."""
+def plugin_dir(tmp_path_factory, mnist_dir):
+    """The docs' plugin and its worked example (a package that declares its entry point, with its data), as a user
+    installs them on every node of the cluster."""
+    from test_plugins import install_worked_example
+
     directory = tmp_path_factory.mktemp("nodes-site")
     (directory / "my_norms.py").write_text(_readme_plugin())
-    return directory
+    return install_worked_example(directory, mnist_dir)
 
 
 @pytest.fixture(scope="module")
@@ -108,13 +112,15 @@ def local_records(tmp_path_factory, mnist_dir):
     return results
 
 
-def _study_on(address: str, results: Path, mnist_dir, *extra: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    """The smoke batch study, run as a user runs it: pytest with --bn-executor ray --bn-ray-address ADDRESS."""
+def _study_on(address: str, results: Path, mnist_dir, *extra: str, cwd: Path = ROOT,
+              env: dict | None = None) -> subprocess.CompletedProcess:
+    """The smoke batch study (another by `extra`), run as a user runs it: pytest with --bn-executor ray
+    --bn-ray-address ADDRESS."""
     command = [sys.executable, "-m", "pytest", "--pyargs", "bnsuite.benchmarks.test_study", "-p", "no:cacheprovider",
                "--benchmark-disable", "--bn-profile", "smoke", "--bn-studies", "batch", "--bn-seeds", STUDY["seeds"],
                "--bn-epochs", STUDY["epochs"], "--bn-executor", "ray",
                "--bn-ray-address", address, "--bn-results-dir", str(results), "--bn-data-dir", str(mnist_dir), *extra]
-    run = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600)
+    run = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     return run
 
@@ -147,6 +153,19 @@ def test_a_users_plugin_trains_on_the_workers_that_have_it_installed_joined_with
     assert {record.variant.source.split()[0] for record in records} == {"bnsuite", "my_norms"}
     assert {record.executor.split(", node ")[0] for record in records} == {"ray at auto"}
     assert {NODE.search(record.executor).group(1) for record in records} <= _worker_ids(cluster)
+
+
+def test_the_worked_example_trains_on_the_nodes_from_its_installed_package_and_its_dataset(
+        cluster, plugin_dir, clean_registry, tmp_path, mnist_dir):
+    # The driver has the package installed as the nodes do; its entry point registers the study and the dataset.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(plugin_dir), os.environ.get("PYTHONPATH")]))}
+    _study_on(cluster.address, tmp_path / "results", mnist_dir, "--bn-studies", "residual", "--bn-dataset",
+              "my-digits", cwd=tmp_path, env=env)
+    records = load_records(tmp_path / "results")
+    assert len(records) == 3 * 2 and {r.spec.dataset for r in records} == {"my-digits"}
+    assert {(r.dataset.source, r.variant.source) for r in records} == {("my_study my-study 0.1",) * 2}
+    assert {NODE.search(record.executor).group(1) for record in records} <= _worker_ids(cluster)
+    assert all(math.isfinite(epoch.measure("block-weight-norm")) for r in records for epoch in r.epochs)
 
 
 def test_a_plugin_the_workers_cannot_import_fails_the_case_naming_the_module_and_the_node(

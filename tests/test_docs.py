@@ -65,15 +65,15 @@ def pytest_options() -> set[str]:
 
 
 @pytest.fixture
-def readme_plugin(monkeypatch, tmp_path):
-    """The README's plugin example, importable and registered, as a user running its commands has it."""
+def readme_plugin(clean_registry, monkeypatch, tmp_path):
+    """The docs' plugin examples (the README's variants, the worked example's package), importable, as a user
+    running their commands has them."""
     from test_plugins import readme_example
 
-    for name in ("_VARIANTS", "_BUILDERS", "_STUDIES", "_PLUGINS", "_PINNED_BY", "_MEASURES"):
-        monkeypatch.setattr(registry, name, dict(getattr(registry, name)))
-    (tmp_path / "my_norms.py").write_text(readme_example("my_norms.py"))
+    for module in ("my_norms", "my_study"):
+        (tmp_path / f"{module}.py").write_text(readme_example(f"{module}.py"))
+        monkeypatch.delitem(sys.modules, module, raising=False)
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delitem(sys.modules, "my_norms", raising=False)
 
 
 def words_of(command: str) -> list[str]:
@@ -113,7 +113,8 @@ def test_a_documented_command_names_options_that_exist_with_values_that_parse(do
             value = value or (arguments[index + 1] if index + 1 < len(arguments) else "")
             if value != STAND_IN:
                 values[name] = value
-    registry.load_plugins(registry.plugin_option(values.get("plugin")), entry_points=False)
+    installed = ["my_study"] if "my-digits" in words else []  # the worked example's package, by its entry point
+    registry.load_plugins([*registry.plugin_option(values.get("plugin")), *installed], entry_points=False)
     assert values.get("executor", "local") in EXECUTORS
     study = {name.replace("-", "_"): value for name, value in values.items() if name in STUDY_OPTIONS}
     try:

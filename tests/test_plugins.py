@@ -5,6 +5,7 @@ plugin these tests run, so the example cannot drift from what works."""
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import re
 import shutil
@@ -19,8 +20,9 @@ from bnsuite import baseline, registry, report
 from bnsuite.claims import study_claims
 from bnsuite.records import load_records
 from bnsuite.registry import PluginError
-from bnsuite.spec import CONTRADICTED, NOT_SHOWN, KnownException, SpecError, Study
+from bnsuite.spec import CONTRADICTED, NOT_SHOWN, VERDICTS, KnownException, SpecError, Study
 from bnsuite.study import profile_spec, study_from_options
+from bnsuite.verdicts import load_verdicts
 
 ROOT = Path(__file__).resolve().parents[1]
 THEIRS = ("batch-rms", "batch-rms-after-relu")  # the README example's two variants
@@ -40,11 +42,26 @@ def _pytest(*args, cwd, env=None, check=True) -> subprocess.CompletedProcess:
     return result
 
 
-def _report(results: Path, cwd: Path, *args) -> str:
+def _report(results: Path, cwd: Path, *args, env=None) -> str:
     """The report of `results`, built by `python -m bnsuite.report` in a process of its own, from `cwd`."""
     subprocess.run([sys.executable, "-m", "bnsuite.report", "--results", str(results), "--no-plots", *args],
-                   cwd=cwd, check=True, capture_output=True, timeout=300)
+                   cwd=cwd, check=True, capture_output=True, timeout=300, env=env)
     return (results / "REPORT.md").read_text()
+
+
+def install_worked_example(site: Path, data_dir: Path) -> Path:
+    """docs/plugins.md's worked example installed in `site` (a directory for PYTHONPATH) as its package would be: the
+    module, the data its docs make from MNIST, and a dist-info that declares the entry point."""
+    site.mkdir(parents=True, exist_ok=True)
+    (site / "my_study.py").write_text(readme_example("my_study.py"))
+    subprocess.run([sys.executable, "-c", readme_example("make_my_digits.py")], cwd=site, check=True, timeout=120,
+                   env={**os.environ, "BNSUITE_DATA_DIR": str(data_dir)})
+    dist = site / "my_study-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: my-study\nVersion: 0.1\n")
+    (dist / "top_level.txt").write_text("my_study\n")
+    (dist / "entry_points.txt").write_text(f"[{registry.ENTRY_POINT_GROUP}]\nmy_study = my_study\n")
+    return site
 
 
 @pytest.fixture
@@ -91,6 +108,54 @@ def test_a_users_variants_train_in_the_batch_study_and_report_in_a_process_witho
     compared = capsys.readouterr().out
     for variant in THEIRS:
         assert f"{variant}-bs64 (2 epochs): identical (exact rule)" in compared
+
+
+@pytest.mark.processes
+def test_the_worked_example_trains_from_its_installed_package_locally_and_in_processes_and_reports_without_it(
+        clean_registry, tmp_path, mnist_dir):
+    site = install_worked_example(tmp_path / "site", mnist_dir)
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    project = tmp_path / "project"  # a directory of the user's, outside this repository
+    project.mkdir()
+    results = tmp_path / "results"
+    study = ("--bn-studies", "residual", "--bn-dataset", "my-digits", "--bn-profile", "smoke", "--bn-seeds", "4",
+             "--bn-data-dir", str(mnist_dir))
+    # The docs' command: the study and its claims; the claims gate passes or fails on what the runs show.
+    run = _pytest("--pyargs", "bnsuite.benchmarks.test_study", "bnsuite.benchmarks.test_claims", *study,
+                  "--bn-results-dir", str(results), "-rA", cwd=project, env=env, check=False)
+    assert run.returncode in (0, 1) and "residual study" in run.stdout, run.stdout[-3000:] + run.stderr[-3000:]
+    records = load_records(results)  # here no plugin registers my-digits: the records describe it
+    assert len(records) == 3 * 4 and {r.spec.variant for r in records} == {"res-plain", "res-bn", "res-ws"}
+    assert {(r.dataset.name, r.dataset.source, r.variant.source) for r in records} == {
+        ("my-digits", "my_study my-study 0.1", "my_study my-study 0.1")}
+    assert {(r.spec.train_size, r.spec.validation_size) for r in records} == {(4_000, 2_000)}
+    assert all(math.isfinite(e.measure("block-weight-norm")) for r in records for e in r.epochs)
+    judged = {v.result.name: v.result.verdict for v in load_verdicts(results)}
+    assert set(judged) == {"res-bn-lower-final-loss-bs64", "res-ws-at-least-res-plain-bs64"}
+    for name, verdict in judged.items():
+        assert f"  {name}: " in run.stdout and verdict in VERDICTS  # in the gate's summary too
+    # In worker processes, which find the same entry point: the same records, figure for figure.
+    in_workers = tmp_path / "in-workers"
+    _pytest("--pyargs", "bnsuite.benchmarks.test_study", *study, "--bn-executor", "processes", "--bn-results-dir",
+            str(in_workers), cwd=project, env=env)
+
+    local, workers = ({r.spec: r for r in load_records(directory)} for directory in (results, in_workers))
+    assert local.keys() == workers.keys()
+    for spec, record in local.items():
+        other = workers[spec]
+        assert other.environment.dataset_checksum == record.environment.dataset_checksum
+        # Equal up to rounding: the eager step's GEMMs split over the threads each process has (the record says).
+        assert [e.train_loss for e in other.epochs] == pytest.approx([e.train_loss for e in record.epochs], rel=1e-5)
+        assert other.test_accuracy == pytest.approx(record.test_accuracy, abs=0.2)
+    # The report where the package is not installed (another process, another directory): runs and stored verdicts.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    without = _report(results, elsewhere)
+    assert "The study 'residual' is not registered here" in without
+    assert all(f"| {name} " in without for name in judged)
+    # And where it is: the study's own section, with its measure.
+    mine = _report(results, project, env=env)
+    assert "## Residual MLP on my digits" in mine and "Block weight norm after the last epoch" in mine
 
 
 STUDY_PLUGIN = textwrap.dedent(readme_example("placement_study.py"))  # the study example of docs/plugins.md
@@ -148,13 +213,6 @@ def test_an_entry_point_plugins_variants_and_a_users_study_run_by_option_and_rep
     assert "| rms-after-relu-at-least-before-bs128 " not in stale
     assert "Stored verdicts not shown, as a record they judged has changed since: " \
            "rms-after-relu-at-least-before-bs128" in stale
-
-
-@pytest.fixture
-def clean_registry(monkeypatch):
-    """The registries as they are, restored after the test."""
-    for name in ("_VARIANTS", "_BUILDERS", "_STUDIES", "_PLUGINS", "_PINNED_BY", "_MEASURES"):
-        monkeypatch.setattr(registry, name, dict(getattr(registry, name)))
 
 
 def test_a_users_study_brings_its_known_exceptions_into_the_profile_it_has_a_matrix_for(clean_registry):
