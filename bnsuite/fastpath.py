@@ -39,33 +39,46 @@ from torch import nn
 from torch.nn import functional as F
 
 from bnsuite.batchnorm import GhostBatchNorm1d, ghost_parts
-from bnsuite.models import SimpleNN, SimpleNNWithBN, SimpleNNWithDropout
+from bnsuite.models import SimpleNN, SimpleNNWithBN, SimpleNNWithDropout, StackMLP
 
-BN_EPS = 1e-5  # nn.BatchNorm1d's defaults, which the bn variant uses (and nn.LayerNorm's eps)
-BN_MOMENTUM = 0.1
+BN_EPS = 1e-5  # nn.BatchNorm1d's default, which the bn variant uses (and nn.LayerNorm's eps)
+BN_MOMENTUM = 0.1  # nn.BatchNorm1d's default; the step takes any other the layers have (bn-ema0.99: 0.01)
 ALIGNMENT = 64  # bytes: every model's block of an activation starts on a cache line, as a fresh tensor does
+# Batch norm runs over the models' features side by side where each model has a whole number of 16-float vectors
+# (AVX-512's width, twice AVX2's): there ATen's kernel computes each feature as it does for the model alone. A
+# feature in a model's last partial vector (the papers' stacks have 100) is computed otherwise side by side than
+# alone, so there batch norm runs once per model.
+SIDE_BY_SIDE_FEATURES = 16
 
 
 def supports(model: nn.Module) -> bool:
     """Whether the ATen fast step can train `model` (bnsuite.epochs.step_kind asks it, after the fused step; what
     neither covers trains on the compiled or the eager step, and its record says which). It covers the study's two
-    networks (with torch's own BatchNorm1d), their dropout variants, and the network with ghost-batch BN or torch's
-    LayerNorm in BN's place, judged by the modules' types, never by a variant's name."""
+    networks (with torch's own BatchNorm1d, at any running-estimate momentum), their dropout variants, the network
+    with ghost-batch BN or torch's LayerNorm in BN's place, and the papers' stacks (bnsuite.models.StackMLP: any
+    depth, sigmoid or ReLU, with or without BatchNorm1d), judged by the modules' types, never by a variant's name."""
     return normalization(model) is not None
+
+
+def hidden_layers(model: nn.Module) -> int:
+    """The hidden layers of a network the step covers: a stack's own count, 2 for the study's MLP."""
+    return model.hidden if isinstance(model, StackMLP) else 2
 
 
 def normalization(model: nn.Module) -> str | None:
     """What the fast step normalizes `model` with: "none", "bn", "ghost" or "ln"; None if it does not cover it."""
     if type(model) is SimpleNN:
         return "none"
-    if type(model) not in (SimpleNNWithBN, SimpleNNWithDropout):
+    if type(model) not in (SimpleNNWithBN, SimpleNNWithDropout) and not isinstance(model, StackMLP):
         return None
-    layers = (model.bn1, model.bn2)
-    if type(model) is SimpleNNWithDropout and all(type(layer) is nn.Identity for layer in layers):
+    layers = [getattr(model, f"bn{layer}") for layer in range(1, hidden_layers(model) + 1)]
+    if type(model) is not SimpleNNWithBN and all(type(layer) is nn.Identity for layer in layers):
         return "none"
-    if all(type(layer) is nn.BatchNorm1d and layer.eps == BN_EPS and layer.momentum == BN_MOMENTUM
-           for layer in layers):
+    if all(type(layer) is nn.BatchNorm1d and layer.eps == BN_EPS and layer.track_running_stats and layer.affine
+           and isinstance(layer.momentum, float) and layer.momentum == layers[0].momentum for layer in layers):
         return "bn"
+    if isinstance(model, StackMLP):
+        return None
     if type(model) is not SimpleNNWithBN:
         return None
     if all(type(layer) is GhostBatchNorm1d and layer.eps == BN_EPS and layer.momentum == BN_MOMENTUM
@@ -95,13 +108,17 @@ class FastStep:
             if not supports(model):
                 raise TypeError(f"FastStep supports the study's networks and their dropout variants, "
                                 f"not {type(model).__name__}")
-        if not models or len({(type(model), type(getattr(model, "bn1", None)),
+        if not models or len({(type(model), type(getattr(model, "bn1", None)), hidden_layers(model),
+                               getattr(model, "sigmoid", False), getattr(getattr(model, "bn1", None), "momentum", None),
                                getattr(getattr(model, "bn1", None), "ghost_size", None)) for model in models}) != 1:
             raise ValueError("FastStep needs one or more models of the same class")
         self.dropout, self.dropout_generators, lrs = per_model_settings("FastStep", models, lr, dropout_generators)
         self.models = models
         self.momentum = momentum
+        self.hidden = hidden_layers(models[0])
+        self.sigmoid = getattr(models[0], "sigmoid", False)  # a stack's nonlinearity: the sigmoid, else ReLU
         self.norm = normalization(models[0])
+        self.bn_momentum = getattr(getattr(models[0], "bn1", None), "momentum", BN_MOMENTUM)
         self.ghost_size = getattr(models[0].bn1, "ghost_size", None) if self.norm == "ghost" else None
         self.weights = {name: stack_into(models, name) for name, _ in models[0].named_parameters()}
         self.gradients = {name: torch.zeros_like(weight) for name, weight in self.weights.items()}
@@ -118,9 +135,12 @@ class FastStep:
             for slot, stacked in enumerate((self.weights.values(), self.gradients.values(), momentum_buffers)):
                 lists[slot] += [tensor[index] for tensor in stacked]
         if self.norm in ("bn", "ghost"):
-            self.running = {name: stack_into(models, name) for name in (
-                "bn1.running_mean", "bn1.running_var", "bn2.running_mean", "bn2.running_var")}
-            self.batches_tracked = stack_into(models, "bn1.num_batches_tracked", "bn2.num_batches_tracked")
+            layers = [f"bn{layer}" for layer in range(1, self.hidden + 1)]
+            self.running = {f"{layer}.{name}": stack_into(models, f"{layer}.{name}")
+                            for layer in layers for name in ("running_mean", "running_var")}
+            self.batches_tracked = stack_into(models, *(f"{layer}.num_batches_tracked" for layer in layers))
+            if self.hidden == 1:
+                self.batches_tracked = self.batches_tracked.unsqueeze(0)
         self.first_step = True
         # The step's activations and gradients, allocated once per batch size and written in place every step
         # (the same blocks, so the same alignment). On a GPU the CUDA graph's memory pool owns them instead.
@@ -136,13 +156,15 @@ class FastStep:
         models, batch = labels.shape
         x = images.reshape(models, batch, -1)
         x = Blocks(x, x.unbind(0))
-        h1 = self._linear(x, "fc1")
-        a1, bn1_saved = self._normalize_relu(h1, "bn1")
-        d1, noise1 = self._drop(a1, "drop1")
-        h2 = self._linear(d1, "fc2")
-        a2, bn2_saved = self._normalize_relu(h2, "bn2")
-        d2, noise2 = self._drop(a2, "drop2")
-        logits = self._linear(d2, "fc3")
+        inputs, activations, saved, noises = [x], [], [], []  # per hidden layer: its input, output, BN, dropout
+        for layer in range(1, self.hidden + 1):
+            activation, normalized = self._normalize_relu(self._linear(inputs[-1], f"fc{layer}"), f"bn{layer}")
+            dropped, noise = self._drop(activation, f"drop{layer}")
+            activations.append(activation)
+            saved.append(normalized)
+            noises.append(noise)
+            inputs.append(dropped)
+        logits = self._linear(inputs[-1], f"fc{self.hidden + 1}")
         log_probabilities = self._empty("log_probabilities", models, batch, logits.all.shape[2], like=logits.all)
         grad_logits = self._empty("grad_logits", models, batch, logits.all.shape[2], like=logits.all)
         losses = []
@@ -155,11 +177,12 @@ class FastStep:
 
         grad_logits.all.scatter_add_(2, label_index, _minus_ones(models, batch, logits.all))
         grad_logits.all.mul_(1.0 / batch)
-        grad_d2 = self._linear_backward(grad_logits, d2, "fc3")
-        grad_h2 = self._relu_normalize_backward(self._drop_backward(grad_d2, noise2), a2, bn2_saved, "bn2")
-        grad_d1 = self._linear_backward(grad_h2, d1, "fc2")
-        grad_h1 = self._relu_normalize_backward(self._drop_backward(grad_d1, noise1), a1, bn1_saved, "bn1")
-        self._linear_backward(grad_h1, x, "fc1", input_gradient=False)  # the images need no gradient
+        grad = grad_logits
+        for layer in range(self.hidden, 0, -1):
+            grad_dropped = self._linear_backward(grad, inputs[layer], f"fc{layer + 1}")
+            grad = self._relu_normalize_backward(self._drop_backward(grad_dropped, noises[layer - 1]),
+                                                 activations[layer - 1], saved[layer - 1], f"bn{layer}")
+        self._linear_backward(grad, x, "fc1", input_gradient=False)  # the images need no gradient
         self.update()
         return torch.stack(losses), logits.all
 
@@ -228,38 +251,55 @@ class FastStep:
         return grad
 
     def _normalize_relu(self, h: Blocks, name: str):
-        """ReLU(BN(h)) for bn (the S models' features side by side), ReLU(h) for plain; ghost-batch BN and
-        LayerNorm in `_ghost_forward` and `_layer_norm_forward`."""
+        """ReLU(BN(h)) for bn (the S models' features side by side), ReLU(h) for plain (a stack's sigmoid in the
+        ReLU's place); ghost-batch BN and LayerNorm in `_ghost_forward` and `_layer_norm_forward`."""
         if self.norm == "none":
-            h.all.relu_()  # the ReLU output alone decides its gradient mask
+            # The output alone decides the gradient: the ReLU's mask, the sigmoid's y (1 - y).
+            if self.sigmoid:
+                _sigmoid_each(h)
+            else:
+                h.all.relu_()
             return h, None
         if self.norm == "ln":
             return self._layer_norm_forward(h, name)
-        self.batches_tracked[0 if name == "bn1" else 1].add_(1)
+        self.batches_tracked[int(name.removeprefix("bn")) - 1].add_(1)
         if self.norm == "ghost":
             return self._ghost_forward(h, name)
         models, batch, features = h.all.shape
+        if features % SIDE_BY_SIDE_FEATURES:
+            return self._batch_norm_each(h, name)
         side_by_side = h.all.transpose(0, 1).reshape(batch, models * features)
         normalized, saved_mean, saved_invstd = torch.native_batch_norm(
             side_by_side, self.weights[f"{name}.weight"].view(-1), self.weights[f"{name}.bias"].view(-1),
             self.running[f"{name}.running_mean"].view(-1), self.running[f"{name}.running_var"].view(-1),
-            True, BN_MOMENTUM, BN_EPS,
+            True, self.bn_momentum, BN_EPS,
         )
-        # ReLU writes each model's activations back into a block of its own, as the next GEMM needs them.
+        # The nonlinearity writes each model's activations back into a block of its own, as the next GEMM needs.
         activation = self._empty(f"{name}.activation", models, batch, features, like=h.all)
-        torch.clamp_min(normalized.view(batch, models, features).transpose(0, 1), 0, out=activation.all)
+        per_model = normalized.view(batch, models, features).transpose(0, 1)
+        if self.sigmoid:
+            activation.all.copy_(per_model)
+            _sigmoid_each(activation)
+        else:
+            torch.clamp_min(per_model, 0, out=activation.all)
         return activation, (side_by_side, saved_mean, saved_invstd)
 
     def _relu_normalize_backward(self, grad_out: Blocks, activation: Blocks, saved, name: str) -> Blocks:
         models, batch, features = grad_out.all.shape
         blocks = self._empty(f"{name}.relu_grad", models, batch, features, like=grad_out.all)
-        torch.ops.aten.threshold_backward.grad_input(grad_out.all, activation.all, 0, grad_input=blocks.all)
+        if self.sigmoid:  # per model, as for the forward
+            for grad_i, activation_i, blocks_i in zip(grad_out.each, activation.each, blocks.each, strict=True):
+                torch.ops.aten.sigmoid_backward.grad_input(grad_i, activation_i, grad_input=blocks_i)
+        else:
+            torch.ops.aten.threshold_backward.grad_input(grad_out.all, activation.all, 0, grad_input=blocks.all)
         if saved is None:
             return blocks
         if self.norm == "ln":
             return self._layer_norm_backward(blocks, saved, name)
         if self.norm == "ghost":
             return self._ghost_backward(blocks, saved, name)
+        if isinstance(saved, list):
+            return self._batch_norm_each_backward(blocks, saved, name)
         grad = blocks.all
         side_by_side, saved_mean, saved_invstd = saved
         grad_input, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
@@ -272,6 +312,39 @@ class FastStep:
         self.gradients[f"{name}.bias"].view(-1).copy_(grad_bias)
         per_model = self._empty(f"{name}.grad_input", models, batch, features, like=grad)
         per_model.all.copy_(grad_input.view(batch, models, features).transpose(0, 1))
+        return per_model
+
+    def _batch_norm_each(self, h: Blocks, name: str):
+        """The nonlinearity of BN(h), batch norm once per model on its own block (see SIDE_BY_SIDE_FEATURES)."""
+        models, batch, features = h.all.shape
+        activation = self._empty(f"{name}.activation", models, batch, features, like=h.all)
+        statistics = []
+        for h_i, weight_i, bias_i, mean_i, var_i, activation_i in zip(
+                h.each, self.per_model[f"{name}.weight"], self.per_model[f"{name}.bias"],
+                self.running[f"{name}.running_mean"].unbind(0), self.running[f"{name}.running_var"].unbind(0),
+                activation.each, strict=True):
+            normalized_i, saved_mean_i, saved_invstd_i = torch.native_batch_norm(
+                h_i, weight_i, bias_i, mean_i, var_i, True, self.bn_momentum, BN_EPS)
+            if self.sigmoid:
+                torch.sigmoid(normalized_i, out=activation_i)
+            else:
+                torch.clamp_min(normalized_i, 0, out=activation_i)
+            statistics.append((h_i, saved_mean_i, saved_invstd_i))
+        return activation, statistics
+
+    def _batch_norm_each_backward(self, grad: Blocks, statistics: list, name: str) -> Blocks:
+        models, batch, features = grad.all.shape
+        per_model = self._empty(f"{name}.grad_input", models, batch, features, like=grad.all)
+        for grad_i, (h_i, saved_mean_i, saved_invstd_i), weight_i, mean_i, var_i, out_i, grad_weight_i, grad_bias_i \
+                in zip(grad.each, statistics, self.per_model[f"{name}.weight"],
+                       self.running[f"{name}.running_mean"].unbind(0), self.running[f"{name}.running_var"].unbind(0),
+                       per_model.each, self.per_model_grad[f"{name}.weight"], self.per_model_grad[f"{name}.bias"],
+                       strict=True):
+            grad_input_i, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
+                grad_i, h_i, weight_i, mean_i, var_i, saved_mean_i, saved_invstd_i, True, BN_EPS, [True, True, True])
+            out_i.copy_(grad_input_i)
+            grad_weight_i.copy_(grad_weight)
+            grad_bias_i.copy_(grad_bias)
         return per_model
 
     def _layer_norm_forward(self, h: Blocks, name: str):
@@ -358,6 +431,13 @@ def per_model_settings(step: str, models: Sequence[nn.Module], lr: float | Seque
     if len(lrs) != len(models):
         raise ValueError(f"{step} got {len(lrs)} learning rates for {len(models)} models")
     return dropout, list(dropout_generators or []), lrs
+
+
+def _sigmoid_each(blocks: Blocks) -> None:
+    """The sigmoid in place, one call per model on its contiguous block: its vectorized kernel rounds otherwise than
+    its scalar one, which a strided view of several models' blocks may take, and a model alone never does."""
+    for block in blocks.each:
+        block.sigmoid_()
 
 
 class Blocks(NamedTuple):

@@ -267,7 +267,9 @@ def mlp_layout(model: nn.Module) -> MlpLayout | None:
     """The fused step's reading of `model` (MlpLayout), or None where it does not cover it. Judged by the modules'
     types and settings (PyTorch's eps and momentum, both hidden layers alike), never by a variant's name."""
     norm = normalization(model)
-    if norm is not None:
+    # What the ATen step covers, but the stacks (their nonlinearity) and BN's other momenta, read below.
+    if norm is not None and not isinstance(model, StackMLP) and (
+            norm != "bn" or getattr(model.bn1, "momentum", BN_MOMENTUM) == BN_MOMENTUM):
         return MlpLayout(norm, getattr(model.bn1, "ghost_size", None) if norm == "ghost" else None)
     if isinstance(model, StackMLP) and model.hidden < MAX_LAYERS:
         layers = [module for name, module in model.named_children() if name.startswith("bn")]

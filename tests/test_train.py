@@ -183,6 +183,44 @@ def test_a_bad_most_runs_together_is_refused_naming_the_variable(mnist_dir, monk
         train_seeds([RunSpec(variant="plain", epochs=1, train_subset=100)], data_dir=mnist_dir)
 
 
+STACKS = ["ioffe-plain", "ioffe-bn", "deep-plain", "deep-bn", "bn-ema0.99"]  # the papers' networks and averages
+
+
+@pytest.mark.parametrize("variant", STACKS)
+def test_the_aten_step_trains_the_papers_stacks_as_autograd_does_in_float64(variant):
+    """Where the fused step cannot be built, the papers' stacks (any depth, sigmoid or ReLU) and BN at another
+    running-estimate momentum train on the ATen step: its hand-written backward is autograd's arithmetic."""
+    torch.manual_seed(0)
+    fast_model = build_model(variant).double()
+    eager_model = copy.deepcopy(fast_model)
+    assert fastpath.supports(fast_model)
+    fast = fastpath.FastStep([fast_model], lr=0.05, momentum=0.9)
+    eager = epochs_module.EagerStep(eager_model, RunSpec(variant=variant, lr=0.05))
+    generator = torch.Generator().manual_seed(1)
+    for batch_size in (64, 33, 64):
+        images = torch.rand(1, batch_size, 784, generator=generator, dtype=torch.float64) * 2 - 1
+        labels = torch.randint(0, 10, (1, batch_size), generator=generator)
+        assert fast(images, labels)[0].item() == pytest.approx(eager(images, labels)[0].item(), rel=1e-9)
+    eager_state = eager_model.state_dict()
+    for name, value in fast_model.state_dict().items():
+        torch.testing.assert_close(value, eager_state[name], rtol=1e-9, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("variant", STACKS)
+def test_a_stack_steps_the_same_on_the_aten_step_in_any_group(variant):
+    """Groups of 1 and 3, a ragged batch of 33 included: every parameter and buffer equal (100 features a layer:
+    batch norm once per model, SIDE_BY_SIDE_FEATURES)."""
+    generator = torch.Generator().manual_seed(3)
+    images = torch.randn(3, 64 + 33, 784, generator=generator)
+    labels = torch.randint(0, 10, (3, 64 + 33), generator=generator)
+    steps = {size: fastpath.FastStep(_models(variant, range(size)), lr=0.05, momentum=0.9) for size in (1, 3)}
+    for start, stop in ((0, 64), (64, 97)):
+        losses = {size: step(images[:size, start:stop], labels[:size, start:stop])[0] for size, step in steps.items()}
+        assert losses[1][0] == losses[3][0]
+    alone, grouped = (step.models[0].state_dict() for step in steps.values())
+    assert all(torch.equal(alone[name], grouped[name]) for name in alone)
+
+
 def _models(variant, seeds):
     models = []
     for seed in seeds:
