@@ -246,8 +246,8 @@ def _registered(dataset: str) -> RawDataset:
     images, labels = {}, {}
     for split, (split_images, split_labels), count in (("train", arrays[:2], info.train_images),
                                                         ("test", arrays[2:], None)):
-        images[split] = _checked_images(split_images, info, f"{where}: its {split_images_name(split)}", count)
-        labels[split] = _checked_labels(split_labels, info, f"{where}: its {split_images_name(split, 'labels')}",
+        images[split] = _checked_images(split_images, info, f"{where}: its {_split_name(split)}", count)
+        labels[split] = _checked_labels(split_labels, info, f"{where}: its {_split_name(split, 'labels')}",
                                         len(images[split]))
     digest = hashlib.md5()
     for array in (images["train"], labels["train"], images["test"], labels["test"]):
@@ -261,7 +261,7 @@ def _what(value) -> str:
     return f"a {type(value).__name__}" + (f" of {len(value)}" if isinstance(value, (tuple, list)) else "")
 
 
-def split_images_name(split: str, what: str = "images") -> str:
+def _split_name(split: str, what: str = "images") -> str:
     return f"{'training' if split == 'train' else 'test'} {what}"
 
 

@@ -21,7 +21,7 @@ class DatasetConflict(ValueError):
     """Two descriptions of one dataset name disagree on what a run depends on; the message names both."""
 
 
-@with_config(ConfigDict(strict=True, allow_inf_nan=False, extra="forbid"))
+@with_config(ConfigDict(strict=True, allow_inf_nan=False, extra="forbid"))  # bnsuite.spec.STRICT, which imports this
 @dataclass(frozen=True)
 class Dataset:
     """A dataset as data: what specs, models and the report need of it, never its images.

@@ -13,6 +13,8 @@ models, so every training path takes it from one place.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import itertools
 import math
 from collections.abc import Callable
@@ -38,13 +40,13 @@ DROPOUT = 0.2
 
 
 class SimpleNN(nn.Module):
-    """784 -> 256 -> 128 -> 10 with ReLU: the study's plain network."""
+    """784 -> 256 -> 128 -> 10 with ReLU: the study's plain network (`classes` logits for another dataset's)."""
 
-    def __init__(self):
+    def __init__(self, classes: int = 10):
         super().__init__()
         self.fc1 = nn.Linear(784, 256)
         self.fc2 = nn.Linear(256, 128)
-        self.fc3 = nn.Linear(128, 10)
+        self.fc3 = nn.Linear(128, classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.view(x.size(0), -1)
@@ -56,13 +58,13 @@ class SimpleNN(nn.Module):
 class SimpleNNWithDropout(nn.Module):
     """SimpleNN or SimpleNNWithBN with dropout after each hidden ReLU: the regularization study's variants."""
 
-    def __init__(self, *, batch_norm: bool, p: float = DROPOUT):
+    def __init__(self, *, batch_norm: bool, p: float = DROPOUT, classes: int = 10):
         super().__init__()
         self.fc1 = nn.Linear(784, 256)
         self.bn1 = nn.BatchNorm1d(256) if batch_norm else nn.Identity()
         self.fc2 = nn.Linear(256, 128)
         self.bn2 = nn.BatchNorm1d(128) if batch_norm else nn.Identity()
-        self.fc3 = nn.Linear(128, 10)
+        self.fc3 = nn.Linear(128, classes)
         self.dropout = nn.Dropout(p)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -79,13 +81,13 @@ class SimpleNNWithBN(nn.Module):
     bn1 and bn2, so every normalized variant's state dict lines up with the study's.
     """
 
-    def __init__(self, norm: Callable[[int], nn.Module] = nn.BatchNorm1d):
+    def __init__(self, norm: Callable[[int], nn.Module] = nn.BatchNorm1d, classes: int = 10):
         super().__init__()
         self.fc1 = nn.Linear(784, 256)
         self.bn1 = norm(256)
         self.fc2 = nn.Linear(256, 128)
         self.bn2 = norm(128)
-        self.fc3 = nn.Linear(128, 10)
+        self.fc3 = nn.Linear(128, classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.view(x.size(0), -1)
@@ -98,13 +100,13 @@ class SimpleNNWithBNAfterReLU(nn.Module):
     """The BN network with each BatchNorm1d after its ReLU instead of before it: fc1 -> ReLU -> bn1 -> fc2 ->
     ReLU -> bn2 -> fc3. The same layers and parameter count as SimpleNNWithBN; only the order differs."""
 
-    def __init__(self):
+    def __init__(self, classes: int = 10):
         super().__init__()
         self.fc1 = nn.Linear(784, 256)
         self.bn1 = nn.BatchNorm1d(256)
         self.fc2 = nn.Linear(256, 128)
         self.bn2 = nn.BatchNorm1d(128)
-        self.fc3 = nn.Linear(128, 10)
+        self.fc3 = nn.Linear(128, classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.view(x.size(0), -1)
@@ -121,14 +123,14 @@ class StackMLP(nn.Module):
 
     The networks of the papers' own experiments are stacks of this kind (IoffeMLP, DeepMLP)."""
 
-    def __init__(self, *, hidden: int, width: int, batch_norm: bool, sigmoid: bool):
+    def __init__(self, *, hidden: int, width: int, batch_norm: bool, sigmoid: bool, classes: int = 10):
         super().__init__()
         self.hidden, self.sigmoid = hidden, sigmoid
         widths = (784,) + (width,) * hidden
         for layer, (fan_in, fan_out) in enumerate(itertools.pairwise(widths), start=1):
             setattr(self, f"fc{layer}", nn.Linear(fan_in, fan_out))
             setattr(self, f"bn{layer}", nn.BatchNorm1d(fan_out) if batch_norm else nn.Identity())
-        setattr(self, f"fc{hidden + 1}", nn.Linear(width, 10))
+        setattr(self, f"fc{hidden + 1}", nn.Linear(width, classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.view(x.size(0), -1)
@@ -147,8 +149,8 @@ class IoffeMLP(StackMLP):
     """Ioffe & Szegedy's MNIST network: 784 -> 100 -> 100 -> 100 -> 10, a sigmoid after each hidden layer, with
     `batch_norm` BatchNorm1d before each sigmoid (their BN network)."""
 
-    def __init__(self, *, batch_norm: bool):
-        super().__init__(hidden=IOFFE_HIDDEN, width=IOFFE_WIDTH, batch_norm=batch_norm, sigmoid=True)
+    def __init__(self, *, batch_norm: bool, classes: int = 10):
+        super().__init__(hidden=IOFFE_HIDDEN, width=IOFFE_WIDTH, batch_norm=batch_norm, sigmoid=True, classes=classes)
 
 
 # The signal-propagation study's deep network (bnsuite.studies.signal; Brock et al. 2021 ask for a depth of 20 or
@@ -159,8 +161,8 @@ DEEP_WIDTH, DEEP_HIDDEN = 100, 20
 class DeepMLP(StackMLP):
     """784 -> 20 hidden layers of 100 ReLU units -> 10, with `batch_norm` BatchNorm1d before each ReLU."""
 
-    def __init__(self, *, batch_norm: bool):
-        super().__init__(hidden=DEEP_HIDDEN, width=DEEP_WIDTH, batch_norm=batch_norm, sigmoid=False)
+    def __init__(self, *, batch_norm: bool, classes: int = 10):
+        super().__init__(hidden=DEEP_HIDDEN, width=DEEP_WIDTH, batch_norm=batch_norm, sigmoid=False, classes=classes)
 
 
 # Ghost sizes a `bn-ghostG` variant can take: the study's (Wu & He's 2 to 32 images per device) and 64.
@@ -170,36 +172,36 @@ GHOST_SIZES = (2, 4, 8, 16, 32, 64)
 # The built-in variants register as a user's plugin does (bnsuite.registry). Order and colour place them in the
 # report's tables and figures; `probe` names the submodule whose output feeds the last hidden ReLU.
 @register_variant("plain", batch_statistics=False, probe="fc2", order=0, color="tab:orange")
-def plain() -> nn.Module:
-    return SimpleNN()
+def plain(classes: int = 10) -> nn.Module:
+    return SimpleNN(classes=classes)
 
 
 @register_variant("bn", batch_statistics=True, probe="bn2", order=1, color="tab:blue")
-def bn() -> nn.Module:
-    return SimpleNNWithBN()
+def bn(classes: int = 10) -> nn.Module:
+    return SimpleNNWithBN(classes=classes)
 
 
 @register_variant("plain-dropout", batch_statistics=False, derives_from="plain", probe="fc2", order=2,
                   color="tab:orange")
-def plain_dropout() -> nn.Module:
-    return SimpleNNWithDropout(batch_norm=False)
+def plain_dropout(classes: int = 10) -> nn.Module:
+    return SimpleNNWithDropout(batch_norm=False, classes=classes)
 
 
 @register_variant("bn-dropout", batch_statistics=True, derives_from="bn", probe="bn2", order=3, color="tab:blue")
-def bn_dropout() -> nn.Module:
-    return SimpleNNWithDropout(batch_norm=True)
+def bn_dropout(classes: int = 10) -> nn.Module:
+    return SimpleNNWithDropout(batch_norm=True, classes=classes)
 
 
 @register_variant("bn-scratch", batch_statistics=True, derives_from="bn", probe="bn2", order=4, color="tab:green")
-def bn_scratch() -> nn.Module:
+def bn_scratch(classes: int = 10) -> nn.Module:
     """BN written out (bnsuite.batchnorm.ScratchBatchNorm1d), trained by the eager step."""
-    return SimpleNNWithBN(norm=ScratchBatchNorm1d)
+    return SimpleNNWithBN(norm=ScratchBatchNorm1d, classes=classes)
 
 
-def _ghost_builder(ghost: int) -> Callable[[], nn.Module]:
-    def build() -> nn.Module:
+def _ghost_builder(ghost: int) -> Callable[..., nn.Module]:
+    def build(classes: int = 10) -> nn.Module:
         """Statistics over ghost groups of G images within each training batch (GhostBatchNorm1d)."""
-        return SimpleNNWithBN(norm=lambda features: GhostBatchNorm1d(features, ghost))
+        return SimpleNNWithBN(norm=lambda features: GhostBatchNorm1d(features, ghost), classes=classes)
 
     build.__qualname__ = f"ghost_bn_{ghost}"
     return build
@@ -210,10 +212,10 @@ for _ghost in GHOST_SIZES:
                      probe="bn2", order=5)(_ghost_builder(_ghost))
 
 
-def _renorm_builder(ghost: int) -> Callable[[], nn.Module]:
-    def build() -> nn.Module:
+def _renorm_builder(ghost: int) -> Callable[..., nn.Module]:
+    def build(classes: int = 10) -> nn.Module:
         """Batch Renormalization over ghost groups of G images within each training batch (BatchRenorm1d)."""
-        return SimpleNNWithBN(norm=lambda features: BatchRenorm1d(features, ghost))
+        return SimpleNNWithBN(norm=lambda features: BatchRenorm1d(features, ghost), classes=classes)
 
     build.__qualname__ = f"batch_renorm_{ghost}"
     return build
@@ -225,15 +227,15 @@ for _ghost in GHOST_SIZES:
 
 
 @register_variant("bn-after-relu", batch_statistics=True, derives_from="bn", probe="fc2", order=8, color="tab:cyan")
-def bn_after_relu() -> nn.Module:
+def bn_after_relu(classes: int = 10) -> nn.Module:
     """BN after each hidden ReLU (SimpleNNWithBNAfterReLU); the last ReLU's input is then fc2's output."""
-    return SimpleNNWithBNAfterReLU()
+    return SimpleNNWithBNAfterReLU(classes=classes)
 
 
 @register_variant("bn-noisy", batch_statistics=True, derives_from="bn", probe="bn2", order=9, color="tab:olive")
-def bn_noisy() -> nn.Module:
+def bn_noisy(classes: int = 10) -> nn.Module:
     """BN with unstable noise after each BN layer in training (NoisyBatchNorm1d; Santurkar et al. 2018)."""
-    return SimpleNNWithBN(norm=NoisyBatchNorm1d)
+    return SimpleNNWithBN(norm=NoisyBatchNorm1d, classes=classes)
 
 
 
@@ -243,44 +245,45 @@ SLOW_EMA = 0.99
 
 
 @register_variant("bn-ema0.99", batch_statistics=True, derives_from="bn", probe="bn2", order=14, color="tab:pink")
-def bn_slow_ema() -> nn.Module:
+def bn_slow_ema(classes: int = 10) -> nn.Module:
     """The BN network whose running estimates move at torch's momentum 0.01 instead of 0.1."""
-    return SimpleNNWithBN(norm=lambda features: nn.BatchNorm1d(features, momentum=round(1 - SLOW_EMA, 10)))
+    return SimpleNNWithBN(norm=lambda features: nn.BatchNorm1d(features, momentum=round(1 - SLOW_EMA, 10)),
+                          classes=classes)
 
 
 # The Ioffe study's pair (bnsuite.studies.ioffe): their probe point is what feeds the last hidden sigmoid.
 @register_variant("ioffe-plain", batch_statistics=False, probe=f"fc{IOFFE_HIDDEN}", order=10, color="tab:orange")
-def ioffe_plain() -> nn.Module:
+def ioffe_plain(classes: int = 10) -> nn.Module:
     """Ioffe & Szegedy's MNIST network without BN (IoffeMLP)."""
-    return IoffeMLP(batch_norm=False)
+    return IoffeMLP(batch_norm=False, classes=classes)
 
 
 @register_variant("ioffe-bn", batch_statistics=True, derives_from="ioffe-plain", probe=f"bn{IOFFE_HIDDEN}", order=11,
                   color="tab:blue")
-def ioffe_bn() -> nn.Module:
+def ioffe_bn(classes: int = 10) -> nn.Module:
     """Ioffe & Szegedy's MNIST network with BatchNorm1d before each sigmoid (IoffeMLP)."""
-    return IoffeMLP(batch_norm=True)
+    return IoffeMLP(batch_norm=True, classes=classes)
 
 # The signal-propagation study's pair (bnsuite.studies.signal); probed where the ReLU of the last hidden layer takes
 # its input.
 @register_variant("deep-plain", batch_statistics=False, probe=f"fc{DEEP_HIDDEN}", order=12, color="tab:orange")
-def deep_plain() -> nn.Module:
+def deep_plain(classes: int = 10) -> nn.Module:
     """The deep network without BN (DeepMLP): 20 hidden ReLU layers at PyTorch's default init."""
-    return DeepMLP(batch_norm=False)
+    return DeepMLP(batch_norm=False, classes=classes)
 
 
 @register_variant("deep-bn", batch_statistics=True, derives_from="deep-plain", probe=f"bn{DEEP_HIDDEN}", order=13,
                   color="tab:blue")
-def deep_bn() -> nn.Module:
+def deep_bn(classes: int = 10) -> nn.Module:
     """The deep network with BatchNorm1d before each ReLU (DeepMLP)."""
-    return DeepMLP(batch_norm=True)
+    return DeepMLP(batch_norm=True, classes=classes)
 
 
 @register_variant("ln", batch_statistics=False, probe="bn2", order=6, color="tab:purple")
-def ln() -> nn.Module:
+def ln(classes: int = 10) -> nn.Module:
     """LayerNorm over each image's features in BN's place: no batch statistics (torch's kernel, checked against
     ScratchGroupNorm)."""
-    return SimpleNNWithBN(norm=nn.LayerNorm)
+    return SimpleNNWithBN(norm=nn.LayerNorm, classes=classes)
 
 
 # --- the ConvNet (network "cnn") ---
@@ -303,7 +306,7 @@ class SmallCNN(nn.Module):
     """
 
     def __init__(self, image_shape: tuple[int, int, int] = (1, 28, 28),
-                 norm: Callable[[int], nn.Module] = nn.BatchNorm2d):
+                 norm: Callable[[int], nn.Module] = nn.BatchNorm2d, classes: int = 10):
         super().__init__()
         channels, height, width = image_shape
         first, second = CNN_CHANNELS
@@ -313,7 +316,7 @@ class SmallCNN(nn.Module):
         self.bn1 = norm(first)
         self.conv2 = nn.Conv2d(first, second, 3, padding=1)
         self.bn2 = norm(second)
-        self.fc = nn.Linear(second * (height // 4) * (width // 4), 10)
+        self.fc = nn.Linear(second * (height // 4) * (width // 4), classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.view(x.size(0), *self.image_shape).contiguous(memory_format=self.memory_format)
@@ -322,28 +325,28 @@ class SmallCNN(nn.Module):
         return self.fc(x.flatten(1))
 
 
-def _cnn(norm: Callable[[int], nn.Module], image_shape: tuple[int, int, int]) -> nn.Module:
-    model = SmallCNN(image_shape, norm)
+def _cnn(norm: Callable[[int], nn.Module], image_shape: tuple[int, int, int], classes: int) -> nn.Module:
+    model = SmallCNN(image_shape, norm, classes)
     return model.to(memory_format=model.memory_format)
 
 
 # The ConvNet's variants: the MLP's names, so a study's claims read the same on either network. Not probed
 # (probe None): bnsuite.probe measures (N, features) activations, not feature maps.
 @register_variant("plain", network="cnn", batch_statistics=False, order=0, color="tab:orange")
-def cnn_plain(image_shape: tuple[int, int, int]) -> nn.Module:
-    return _cnn(lambda channels: nn.Identity(), image_shape)
+def cnn_plain(image_shape: tuple[int, int, int], classes: int = 10) -> nn.Module:
+    return _cnn(lambda channels: nn.Identity(), image_shape, classes)
 
 
 @register_variant("bn", network="cnn", batch_statistics=True, order=1, color="tab:blue")
-def cnn_bn(image_shape: tuple[int, int, int]) -> nn.Module:
+def cnn_bn(image_shape: tuple[int, int, int], classes: int = 10) -> nn.Module:
     """BatchNorm2d before each ReLU: each channel's statistics over the batch and every position."""
-    return _cnn(nn.BatchNorm2d, image_shape)
+    return _cnn(nn.BatchNorm2d, image_shape, classes)
 
 
 def _cnn_ghost_builder(ghost: int) -> Callable[..., nn.Module]:
-    def build(image_shape: tuple[int, int, int]) -> nn.Module:
+    def build(image_shape: tuple[int, int, int], classes: int = 10) -> nn.Module:
         """Statistics over ghost groups of G images (and every position) within each batch (GhostBatchNorm2d)."""
-        return _cnn(lambda channels: GhostBatchNorm2d(channels, ghost), image_shape)
+        return _cnn(lambda channels: GhostBatchNorm2d(channels, ghost), image_shape, classes)
 
     build.__qualname__ = f"cnn_ghost_bn_{ghost}"
     return build
@@ -355,34 +358,46 @@ for _ghost in GHOST_SIZES:
 
 
 @register_variant("ln", network="cnn", batch_statistics=False, order=6, color="tab:purple")
-def cnn_ln(image_shape: tuple[int, int, int]) -> nn.Module:
+def cnn_ln(image_shape: tuple[int, int, int], classes: int = 10) -> nn.Module:
     """LayerNorm over each image's channels and positions (GroupNorm with one group, torch's kernel, checked
     against ScratchGroupNorm): no batch statistics."""
-    return _cnn(lambda channels: nn.GroupNorm(1, channels), image_shape)
+    return _cnn(lambda channels: nn.GroupNorm(1, channels), image_shape, classes)
 
 
 @register_variant("gn", network="cnn", batch_statistics=False, order=7, color="tab:brown")
-def cnn_gn(image_shape: tuple[int, int, int]) -> nn.Module:
+def cnn_gn(image_shape: tuple[int, int, int], classes: int = 10) -> nn.Module:
     """GroupNorm (Wu & He 2018) with GROUPS groups of channels: no batch statistics."""
-    return _cnn(lambda channels: nn.GroupNorm(GROUPS, channels), image_shape)
+    return _cnn(lambda channels: nn.GroupNorm(GROUPS, channels), image_shape, classes)
 
 
 def build_model(variant: str, init_scale: float = 1.0, network: str = DEFAULT_NETWORK,
-                image_shape: tuple[int, int, int] = (1, 28, 28)) -> nn.Module:
+                image_shape: tuple[int, int, int] = (1, 28, 28), classes: int = 10) -> nn.Module:
     """A freshly initialized model of `variant` on `network`: PyTorch's default init, from the global RNG.
 
     `init_scale` multiplies every Linear and convolution weight after that init (biases and
     batch-norm parameters stay as they are), so the same seed gives the same
-    weights up to the factor. `image_shape` (C, H, W) is the dataset's, for the networks that take it (cnn).
+    weights up to the factor. `image_shape` (C, H, W) is the dataset's, for the networks that take it (cnn);
+    `classes`, its labels' count, for a builder that takes it (every built-in one: a plugin's dataset may have
+    other than 10; a builder without it must give the dataset's logits itself, which bnsuite checks).
     """
     make = builder(variant, network)
-    model = make() if network == DEFAULT_NETWORK else make(image_shape=tuple(image_shape))
+    arguments = {} if network == DEFAULT_NETWORK else {"image_shape": tuple(image_shape)}
+    if _takes(make, "classes"):
+        arguments["classes"] = classes
+    model = make(**arguments)
     if init_scale != 1.0:
         with torch.no_grad():
             for layer in model.modules():
                 if isinstance(layer, (nn.Linear, nn.Conv2d)):
                     layer.weight.mul_(init_scale)
     return model
+
+
+@functools.cache
+def _takes(function: Callable, name: str) -> bool:
+    """Whether `function` takes a keyword argument `name` (by name, or through **kwargs)."""
+    parameters = inspect.signature(function).parameters.values()
+    return any(p.name == name and p.kind is not p.POSITIONAL_ONLY or p.kind is p.VAR_KEYWORD for p in parameters)
 
 
 def check_outputs(spec: StudySpec) -> None:
@@ -396,7 +411,8 @@ def check_outputs(spec: StudySpec) -> None:
         for variant, network in dict.fromkeys((run.variant, run.network) for run in spec.run_specs()):
             where = f"the variant {variant!r} on the {network} network"
             try:
-                model = build_model(variant, network=network, image_shape=info.image_shape).eval()
+                model = build_model(variant, network=network, image_shape=info.image_shape,
+                                    classes=info.classes).eval()
                 with torch.no_grad():
                     output = model(images)
             except Exception as error:  # noqa: BLE001 - a user's module may raise anything: one line, no traceback

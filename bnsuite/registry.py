@@ -80,7 +80,8 @@ def register_variant(name: str, *, batch_statistics: bool, images_per_statistic:
     initialized `nn.Module` that maps a batch of the study's images (N, 1, 28, 28) to 10 logits, drawing its
     initialization from torch's global generator (the study seeds it). For the ConvNet (`network="cnn"`) it is
     called with the dataset's image shape, `image_shape=(C, H, W)` ((1, 28, 28) for MNIST, (3, 32, 32) for
-    CIFAR-10). One name may be registered once per network (`bn` is the MLP's and the ConvNet's).
+    CIFAR-10). A function that takes `classes` is also called with the dataset's label count (every built-in one
+    does). One name may be registered once per network (`bn` is the MLP's and the ConvNet's).
     `batch_statistics`: whether it normalizes with its batch's statistics in training (then the
     study keeps every batch at 2 images or more and measures its accuracy with batch statistics);
     `images_per_statistic`: the images a statistic sees when fewer than the batch (a ghost batch);

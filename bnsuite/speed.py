@@ -361,9 +361,9 @@ class StudyFloor:
             spec = record.spec
             epochs = record.steps / spec.steps_per_epoch
             run_epochs += round(epochs)
-            image_shape = DATASETS[spec.dataset].image_shape
-            flops = training_flops_per_sample(build_model(spec.variant, network=spec.network,
-                                                          image_shape=image_shape)) * spec.train_size * epochs
+            info = DATASETS[spec.dataset]
+            model = build_model(spec.variant, network=spec.network, image_shape=info.image_shape, classes=info.classes)
+            flops = training_flops_per_sample(model) * spec.train_size * epochs
             group = StepTraffic.of(spec.variant, spec.batch_size, record.runs_trained_together, spec.network)
             run_compute = flops / peak_flops
             run_traffic = record.steps * group.bytes_per_step / record.runs_trained_together / rate(group.working_set)

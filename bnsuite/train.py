@@ -167,7 +167,8 @@ def _groups(specs: list[RunSpec]) -> list[list[RunSpec]]:
     trains them (bnsuite.epochs.step_kind decides), in consecutive chunks of sizes as equal as can be where they are
     more than `max_runs_together()`; on the eager step one run at a time."""
     spec = specs[0]
-    model = build_model(spec.variant, network=spec.network, image_shape=DATASETS[spec.dataset].image_shape)
+    info = DATASETS[spec.dataset]
+    model = build_model(spec.variant, network=spec.network, image_shape=info.image_shape, classes=info.classes)
     kind = step_kind(model, spec, resolve_device(spec.device))
     if kind == "eager":
         return [[run] for run in specs]
@@ -230,10 +231,10 @@ def _models_and_runner(specs: list[RunSpec], splits, device: torch.device, *, da
     """Each run's model from its own seed's init (as when it trains alone), and the pipeline's epoch runner over
     all of them, with each run's shuffle and the generator its dropout masks and noise draw from."""
     models, shuffles, dropouts = [], [], []
-    image_shape = DATASETS[specs[0].dataset].image_shape
+    info = DATASETS[specs[0].dataset]
     for run in specs:
         torch.manual_seed(run.seed)  # the model's default init draws from the global generator
-        models.append(build_model(run.variant, run.init_scale, run.network, image_shape).to(device))
+        models.append(build_model(run.variant, run.init_scale, run.network, info.image_shape, info.classes).to(device))
         shuffles.append(torch.Generator().manual_seed(run.seed))
         dropouts.append(_generator_after_init(device))
     run_epoch = EPOCH_RUNNERS[specs[0].pipeline](specs, models, shuffles, splits, dropout_generators=dropouts,

@@ -18,6 +18,7 @@ import torch
 from bnsuite import data, registry
 from bnsuite.data import DatasetError, DataUnavailableError, load_raw, load_splits
 from bnsuite.datasets import DATASETS, Dataset
+from bnsuite.models import check_outputs
 from bnsuite.records import RecordError, RunRecord, load_records, save_record
 from bnsuite.registry import PluginError
 from bnsuite.spec import SpecError
@@ -191,3 +192,23 @@ def test_a_plugins_dataset_that_does_not_match_stops_the_study_before_anything_t
                                  "images are 10, but the dataset is registered with train_images=12000; register "
                                  "it with the number it has"])
     assert "Traceback" not in result.stderr.str() and not [path for path in results.rglob("*") if path.is_file()]
+
+
+def test_the_built_in_networks_give_one_logit_per_class_of_a_dataset_with_fewer_classes(clean_registry, mnist_dir):
+    images, labels, test_images, test_labels = _digits(3_000, 500)
+    keep, keep_test = labels < 4, test_labels < 4  # the digits 0 to 3: four classes
+    four = (images[keep], labels[keep], test_images[torch.from_numpy(keep_test)], test_labels[keep_test])
+    registry.register_dataset("my-four", train_images=int(keep.sum()), classes=4)(lambda: four)
+    spec = study_from_options("smoke", studies="batch", dataset="my-four", variants="plain,bn", batch_sizes="64",
+                              seeds="0-0", epochs=1, network="mlp,cnn")
+    check_outputs(spec)  # every variant on both networks gives (2, 4)
+    records = [record for group in spec.groups() for record in train_seeds(group, data_dir=mnist_dir, study=spec)]
+    trained = {(r.spec.network, r.spec.variant) for r in records}
+    assert trained == {(network, variant) for network in ("mlp", "cnn") for variant in ("plain", "bn")}
+    assert all(r.test_accuracy > 60 for r in records)  # chance is 25%
+    # A plugin's builder that does not take `classes` gives its own logits: ten are refused before anything trains.
+    registry.register_variant("tens", batch_statistics=False)(lambda: torch.nn.Sequential(
+        torch.nn.Flatten(), torch.nn.Linear(784, 10)))
+    with pytest.raises(SpecError, match=r"the variant 'tens' on the mlp network gives \(2, 10\) for 2 images of "
+                                        r"my-four .* it must give \(2, 4\)"):
+        check_outputs(study_from_options("smoke", studies="batch", dataset="my-four", variants="plain,tens"))
