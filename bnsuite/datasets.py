@@ -128,13 +128,21 @@ def training_images(dataset: str) -> int:
     return info.train_images if info is not None else 60_000
 
 
+_FROM_RECORDS: set[str] = set()  # names in the table only because records described them (`remember`)
+
+
 def add(dataset: Dataset) -> None:
     """Put `dataset` in the table: a plugin's registration (bnsuite.registry.register_dataset). A name already
-    there is refused, naming both sources."""
-    if dataset.name in DATASETS:
-        known = DATASETS[dataset.name]
+    registered is refused, naming both sources; one known only from records read before is taken over where the
+    two agree on what a run depends on (else DatasetConflict says how they differ)."""
+    known = DATASETS.get(dataset.name)
+    if known is not None and dataset.name not in _FROM_RECORDS:
         raise DatasetConflict(f"dataset {dataset.name!r} is registered twice ({known.source} and {dataset.source}); "
                               "give the new one another name")
+    if known is not None and known.conflict(dataset):
+        raise DatasetConflict(f"dataset {dataset.name!r} of {dataset.source} differs from the records read before "
+                              f"({known.conflict(dataset)}); they were made with other data")
+    _FROM_RECORDS.discard(dataset.name)
     DATASETS[dataset.name] = dataset
 
 
@@ -145,6 +153,7 @@ def remember(dataset: Dataset, *, source: str) -> None:
     known = DATASETS.get(dataset.name)
     if known is None:
         DATASETS[dataset.name] = dataset
+        _FROM_RECORDS.add(dataset.name)
         return
     difference = known.conflict(dataset)
     if difference:

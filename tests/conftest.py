@@ -37,11 +37,13 @@ def clean_registry(monkeypatch):
 
     for name in ("_VARIANTS", "_BUILDERS", "_STUDIES", "_PLUGINS", "_PINNED_BY", "_MEASURES", "_DATASET_LOADERS"):
         monkeypatch.setattr(registry, name, dict(getattr(registry, name)))
-    known = dict(datasets.DATASETS)  # restored in place: modules hold the table itself
+    known, from_records = dict(datasets.DATASETS), set(datasets._FROM_RECORDS)  # restored in place: modules hold them
     data._registered.cache_clear()
     yield
     datasets.DATASETS.clear()
     datasets.DATASETS.update(known)
+    datasets._FROM_RECORDS.clear()
+    datasets._FROM_RECORDS.update(from_records)
     data._registered.cache_clear()
 
 

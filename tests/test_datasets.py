@@ -105,6 +105,13 @@ def test_a_record_of_a_dataset_registered_otherwise_here_is_refused_naming_both(
     load_records(tmp_path / "results")
     with pytest.raises(DataUnavailableError, match="known here only from records"):
         load_splits("my-digits", validation_size=100, data_dir=mnist_dir)
+    # Its plugin imported after the records were read takes the name over, and trains; a plugin whose dataset of
+    # that name differs is refused.
+    with pytest.raises(PluginError, match=r"dataset 'my-digits' of test_datasets .* differs from the records read "
+                                          r"before \(train_images 600 against 700, "):
+        _register(arrays=_digits(700, 100), train_images=700)
+    _register(arrays=_digits(600, 100), train_images=600)
+    assert load_splits("my-digits", validation_size=100, data_dir=mnist_dir).train_images.shape[0] == 500
 
 
 @pytest.mark.parametrize(("arrays", "message"), [
