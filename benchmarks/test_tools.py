@@ -30,6 +30,7 @@ def _thousand_records(directory: Path) -> int:
         for spec in case:
             template = templates[dataclasses.replace(spec, seed=0)]
             save_record(dataclasses.replace(template, spec=spec, study=recorded, runs_trained_together=len(case),
+                                            variant=recorded.variant(spec.variant, spec.network),
                                             trained_with=tuple(run.case_id for run in case)), directory)
             count += 1
     return count

@@ -1,7 +1,8 @@
 """bnsuite: a pytest-driven benchmark and regression suite for Batch Normalization.
 
-The plugin API: `register_variant`, `register_study`, `register_measure` and `register_dataset`
-(bnsuite.registry) add a user's own variants, studies, per-epoch measurements and datasets, and
+The plugin API: `register_normalization`, `register_variant`, `register_network`, `register_study`,
+`register_measure` and `register_dataset` (bnsuite.registry) add a user's own normalizations (for every network
+with slots for them), variants built whole, networks, studies, per-epoch measurements and datasets, and
 `register_known_exceptions` pins the verdicts of claims that do not hold for them, from a module of their own,
 imported with `--bn-plugin MODULE` or found through the `bnsuite.plugins` entry-point group. Importing bnsuite
 registers the built-in studies (bnsuite.studies); it imports no torch.
@@ -12,8 +13,11 @@ from bnsuite.registry import (
     register_dataset,
     register_known_exceptions,
     register_measure,
+    register_network,
+    register_normalization,
     register_study,
     register_variant,
 )
 
-__all__ = ["register_dataset", "register_known_exceptions", "register_measure", "register_study", "register_variant"]
+__all__ = ["register_dataset", "register_known_exceptions", "register_measure", "register_network",
+           "register_normalization", "register_study", "register_variant"]

@@ -28,12 +28,12 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
+from bnsuite.networks import title as network_title
 from bnsuite.records import RunRecord
 from bnsuite.registry import study_definition
 from bnsuite.spec import (
     CONTRADICTED,
     DEFAULT_NETWORK,
-    NETWORK_TITLES,
     NOT_SHOWN,
     SUPPORTED,
     UNSETTLED,
@@ -590,7 +590,7 @@ def study_claims(spec: StudySpec) -> list[Claim]:
             made = definition.claims(spec, dataclasses.replace(study, networks=(network,)))
             if network != DEFAULT_NETWORK:
                 made = [dataclasses.replace(claim, network=network,
-                                            statement=f"On the {NETWORK_TITLES[network]}: {claim.statement}")
+                                            statement=f"On the {network_title(network)}: {claim.statement}")
                         for claim in made]
             claims += made
     _check_unique_names(claims)

@@ -5,7 +5,7 @@ Specs and records name a dataset; this table is what they are checked
 against, so reading records never needs the data stack (bnsuite.data). A
 plugin's dataset (bnsuite.registry.register_dataset) joins the table as a
 `Dataset`, and every record of it carries that description, so its records
-load where the plugin is not installed (`remember`).
+load where the plugin is not installed (bnsuite.described).
 """
 
 from __future__ import annotations
@@ -14,11 +14,9 @@ from dataclasses import dataclass, field
 
 from pydantic import ConfigDict, with_config
 
+from bnsuite.described import Descriptions
+
 BUILTIN_SOURCE = "bnsuite"  # a Dataset's source when bnsuite itself describes it
-
-
-class DatasetConflict(ValueError):
-    """Two descriptions of one dataset name disagree on what a run depends on; the message names both."""
 
 
 @with_config(ConfigDict(strict=True, allow_inf_nan=False, extra="forbid"))  # bnsuite.spec.STRICT, which imports this
@@ -38,7 +36,9 @@ class Dataset:
     train_images: int = 60_000  # the official training set
     # The training images a profile holds out for validation (at most: a profile asks for 10,000).
     validation_images: int = 10_000
-    networks: tuple[str, ...] = ("mlp", "cnn")  # the study's MLP takes 28x28 grey images only
+    # A plugin's dataset: those of bnsuite's networks that may train on it (register_dataset's `networks`). On
+    # bnsuite's own, a network trains where it takes the images' shape (bnsuite.networks.Network.takes).
+    networks: tuple[str, ...] = ("mlp", "cnn")
     # Per-channel (mean, std) the images are normalized with, after scaling bytes to [0, 1]; None: the images are
     # floats, taken as they are (a plugin's dataset that normalizes its own).
     normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = ((0.5,), (0.5,))
@@ -66,7 +66,7 @@ class DatasetInfo(Dataset):
     layout: str = "idx"  # idx: torchvision's MNIST raw files; cifar: torchvision's cifar-10-batches-py pickles
 
 
-DATASETS: dict[str, Dataset] = {
+DATASETS: Descriptions = Descriptions("dataset", "other data", {
     "mnist": DatasetInfo(
         name="mnist",
         title="MNIST",
@@ -112,13 +112,12 @@ DATASETS: dict[str, Dataset] = {
                      "and extract it into the data directory (it makes cifar-10-batches-py/)",
         image_shape=(3, 32, 32),
         train_images=50_000,
-        networks=("cnn",),
         # The training set's per-channel mean and standard deviation of pixel/255 (R, G, B), as commonly used
         # for CIFAR-10 without augmentation; docs/data.md says where they come from.
         normalization=((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
         layout="cifar",
     ),
-}
+})
 
 
 def training_images(dataset: str) -> int:
@@ -126,37 +125,3 @@ def training_images(dataset: str) -> int:
     60,000 for a name bnsuite does not know (the spec refuses it with the choices)."""
     info = DATASETS.get(dataset)
     return info.train_images if info is not None else 60_000
-
-
-_FROM_RECORDS: set[str] = set()  # names in the table only because records described them (`remember`)
-
-
-def add(dataset: Dataset) -> None:
-    """Put `dataset` in the table: a plugin's registration (bnsuite.registry.register_dataset). A name already
-    registered is refused, naming both sources; one known only from records read before is taken over where the
-    two agree on what a run depends on (else DatasetConflict says how they differ)."""
-    known = DATASETS.get(dataset.name)
-    if known is not None and dataset.name not in _FROM_RECORDS:
-        raise DatasetConflict(f"dataset {dataset.name!r} is registered twice ({known.source} and {dataset.source}); "
-                              "give the new one another name")
-    if known is not None and known.conflict(dataset):
-        raise DatasetConflict(f"dataset {dataset.name!r} of {dataset.source} differs from the records read before "
-                              f"({known.conflict(dataset)}); they were made with other data")
-    _FROM_RECORDS.discard(dataset.name)
-    DATASETS[dataset.name] = dataset
-
-
-def remember(dataset: Dataset, *, source: str) -> None:
-    """A record's description of its dataset (`source` names the record): added to the table where no plugin of
-    this process registered the name, so the record loads without it; where one did, the two must agree on what a
-    run depends on, else DatasetConflict names both."""
-    known = DATASETS.get(dataset.name)
-    if known is None:
-        DATASETS[dataset.name] = dataset
-        _FROM_RECORDS.add(dataset.name)
-        return
-    difference = known.conflict(dataset)
-    if difference:
-        raise DatasetConflict(f"{source} describes the dataset {dataset.name!r} otherwise than {known.source} "
-                              f"registers it here ({difference}); its records were made with other data: keep them "
-                              "in a results directory of their own")

@@ -72,7 +72,7 @@ def normalization(model: nn.Module) -> str | None:
     if type(model) not in (SimpleNNWithBN, SimpleNNWithDropout) and not isinstance(model, StackMLP):
         return None
     layers = [getattr(model, f"bn{layer}") for layer in range(1, hidden_layers(model) + 1)]
-    if type(model) is not SimpleNNWithBN and all(type(layer) is nn.Identity for layer in layers):
+    if all(type(layer) is nn.Identity for layer in layers):
         return "none"
     if all(type(layer) is nn.BatchNorm1d and layer.eps == BN_EPS and layer.track_running_stats and layer.affine
            and isinstance(layer.momentum, float) and layer.momentum == layers[0].momentum for layer in layers):

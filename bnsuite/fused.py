@@ -284,7 +284,9 @@ def mlp_layout(model: nn.Module) -> MlpLayout | None:
     momentum = _batch_norm_momentum(layers)
     if type(model) is SimpleNNWithBN and momentum is not None:  # running estimates of another momentum (bn-ema0.99)
         return MlpLayout("bn", norm_momentum=momentum)
-    if len(kinds) != 1 or not all(layer.eps == BN_EPS and layer.momentum == BN_MOMENTUM for layer in layers):
+    # A user's normalization in the MLP's slots has neither eps nor momentum, perhaps: its type decides first.
+    if len(kinds) != 1 or kinds.isdisjoint({nn.BatchNorm1d, BatchRenorm1d, NoisyBatchNorm1d}) or not all(
+            layer.eps == BN_EPS and layer.momentum == BN_MOMENTUM for layer in layers):
         return None
     (kind,) = kinds
     if type(model) is SimpleNNWithBNAfterReLU:

@@ -13,8 +13,6 @@ models, so every training path takes it from one place.
 
 from __future__ import annotations
 
-import functools
-import inspect
 import itertools
 import math
 from collections.abc import Callable
@@ -31,7 +29,8 @@ from bnsuite.batchnorm import (
     ScratchBatchNorm1d,
 )
 from bnsuite.datasets import DATASETS
-from bnsuite.registry import builder, register_variant
+from bnsuite.networks import CHANNELS, FEATURES
+from bnsuite.registry import builder, network_builder, register_normalization, register_variant
 from bnsuite.spec import DEFAULT_NETWORK, RunSpec, SpecError, StudySpec
 
 # Dropout after each hidden ReLU in the regularization study: 0.2, the mild rate usual for small MLPs on MNIST.
@@ -165,20 +164,32 @@ class DeepMLP(StackMLP):
         super().__init__(hidden=DEEP_HIDDEN, width=DEEP_WIDTH, batch_norm=batch_norm, sigmoid=False, classes=classes)
 
 
+GROUPS = 4  # gn's groups of channels (Wu & He use 32 groups of wide layers; 4 of 2 and of 4 channels here)
 # Ghost sizes a `bn-ghostG` variant can take: the study's (Wu & He's 2 to 32 images per device) and 64.
 GHOST_SIZES = (2, 4, 8, 16, 32, 64)
 
 
+# The study's MLP as a network: SimpleNNWithBN with the variant's normalization in its two slots (nothing there for
+# `plain`: the same layers, parameters and arithmetic as SimpleNN). Described in bnsuite.networks.
+@network_builder("mlp")
+def mlp(norm: Callable[[int], nn.Module], *, image_shape: tuple[int, int, int] = (1, 28, 28),
+        classes: int = 10) -> nn.Module:
+    return SimpleNNWithBN(norm=norm, classes=classes)
+
+
 # The built-in variants register as a user's plugin does (bnsuite.registry). Order and colour place them in the
-# report's tables and figures; `probe` names the submodule whose output feeds the last hidden ReLU.
-@register_variant("plain", batch_statistics=False, probe="fc2", order=0, color="tab:orange")
-def plain(classes: int = 10) -> nn.Module:
-    return SimpleNN(classes=classes)
+# report's tables and figures. Those that are a normalization register once, for every network with slots for them
+# (`make(size, slots)`: a module for one slot of `size` features or channels); the others build an MLP of their own.
+@register_normalization("plain", batch_statistics=False, order=0, color="tab:orange", nothing=True)
+def plain(size: int, slots: str) -> nn.Module:
+    return nn.Identity()
 
 
-@register_variant("bn", batch_statistics=True, probe="bn2", order=1, color="tab:blue")
-def bn(classes: int = 10) -> nn.Module:
-    return SimpleNNWithBN(classes=classes)
+@register_normalization("bn", batch_statistics=True, order=1, color="tab:blue")
+def bn(size: int, slots: str) -> nn.Module:
+    """torch's BatchNorm1d over features, BatchNorm2d over a feature map's channels (each over the batch and every
+    position)."""
+    return nn.BatchNorm1d(size) if slots == FEATURES else nn.BatchNorm2d(size)
 
 
 @register_variant("plain-dropout", batch_statistics=False, derives_from="plain", probe="fc2", order=2,
@@ -192,38 +203,41 @@ def bn_dropout(classes: int = 10) -> nn.Module:
     return SimpleNNWithDropout(batch_norm=True, classes=classes)
 
 
-@register_variant("bn-scratch", batch_statistics=True, derives_from="bn", probe="bn2", order=4, color="tab:green")
-def bn_scratch(classes: int = 10) -> nn.Module:
+@register_normalization("bn-scratch", batch_statistics=True, slots=(FEATURES,), derives_from="bn", order=4,
+                        color="tab:green")
+def bn_scratch(size: int, slots: str) -> nn.Module:
     """BN written out (bnsuite.batchnorm.ScratchBatchNorm1d), trained by the eager step."""
-    return SimpleNNWithBN(norm=ScratchBatchNorm1d, classes=classes)
+    return ScratchBatchNorm1d(size)
 
 
 def _ghost_builder(ghost: int) -> Callable[..., nn.Module]:
-    def build(classes: int = 10) -> nn.Module:
-        """Statistics over ghost groups of G images within each training batch (GhostBatchNorm1d)."""
-        return SimpleNNWithBN(norm=lambda features: GhostBatchNorm1d(features, ghost), classes=classes)
+    def build(size: int, slots: str) -> nn.Module:
+        """Statistics over ghost groups of G images (and every position of a feature map) within each training
+        batch (GhostBatchNorm1d, GhostBatchNorm2d)."""
+        return GhostBatchNorm1d(size, ghost) if slots == FEATURES else GhostBatchNorm2d(size, ghost)
 
     build.__qualname__ = f"ghost_bn_{ghost}"
     return build
 
 
 for _ghost in GHOST_SIZES:
-    register_variant(f"bn-ghost{_ghost}", batch_statistics=True, images_per_statistic=_ghost, derives_from="bn",
-                     probe="bn2", order=5)(_ghost_builder(_ghost))
+    register_normalization(f"bn-ghost{_ghost}", batch_statistics=True, images_per_statistic=_ghost,
+                           derives_from="bn", order=5)(_ghost_builder(_ghost))
 
 
 def _renorm_builder(ghost: int) -> Callable[..., nn.Module]:
-    def build(classes: int = 10) -> nn.Module:
+    def build(size: int, slots: str) -> nn.Module:
         """Batch Renormalization over ghost groups of G images within each training batch (BatchRenorm1d)."""
-        return SimpleNNWithBN(norm=lambda features: BatchRenorm1d(features, ghost), classes=classes)
+        return BatchRenorm1d(size, ghost)
 
     build.__qualname__ = f"batch_renorm_{ghost}"
     return build
 
 
 for _ghost in GHOST_SIZES:
-    register_variant(f"bn-renorm{_ghost}", batch_statistics=True, images_per_statistic=_ghost,
-                     derives_from=f"bn-ghost{_ghost}", probe="bn2", order=7, color="tab:red")(_renorm_builder(_ghost))
+    register_normalization(f"bn-renorm{_ghost}", batch_statistics=True, slots=(FEATURES,),
+                           images_per_statistic=_ghost, derives_from=f"bn-ghost{_ghost}", order=7,
+                           color="tab:red")(_renorm_builder(_ghost))
 
 
 @register_variant("bn-after-relu", batch_statistics=True, derives_from="bn", probe="fc2", order=8, color="tab:cyan")
@@ -232,10 +246,11 @@ def bn_after_relu(classes: int = 10) -> nn.Module:
     return SimpleNNWithBNAfterReLU(classes=classes)
 
 
-@register_variant("bn-noisy", batch_statistics=True, derives_from="bn", probe="bn2", order=9, color="tab:olive")
-def bn_noisy(classes: int = 10) -> nn.Module:
-    """BN with unstable noise after each BN layer in training (NoisyBatchNorm1d; Santurkar et al. 2018)."""
-    return SimpleNNWithBN(norm=NoisyBatchNorm1d, classes=classes)
+@register_normalization("bn-noisy", batch_statistics=True, slots=(FEATURES,), derives_from="bn", order=9,
+                        color="tab:olive")
+def bn_noisy(size: int, slots: str) -> nn.Module:
+    """BN with unstable noise after it in training (NoisyBatchNorm1d; Santurkar et al. 2018)."""
+    return NoisyBatchNorm1d(size)
 
 
 
@@ -244,11 +259,11 @@ def bn_noisy(classes: int = 10) -> nn.Module:
 SLOW_EMA = 0.99
 
 
-@register_variant("bn-ema0.99", batch_statistics=True, derives_from="bn", probe="bn2", order=14, color="tab:pink")
-def bn_slow_ema(classes: int = 10) -> nn.Module:
-    """The BN network whose running estimates move at torch's momentum 0.01 instead of 0.1."""
-    return SimpleNNWithBN(norm=lambda features: nn.BatchNorm1d(features, momentum=round(1 - SLOW_EMA, 10)),
-                          classes=classes)
+@register_normalization("bn-ema0.99", batch_statistics=True, slots=(FEATURES,), derives_from="bn", order=14,
+                        color="tab:pink")
+def bn_slow_ema(size: int, slots: str) -> nn.Module:
+    """BatchNorm1d whose running estimates move at torch's momentum 0.01 instead of 0.1."""
+    return nn.BatchNorm1d(size, momentum=round(1 - SLOW_EMA, 10))
 
 
 # The Ioffe study's pair (bnsuite.studies.ioffe): their probe point is what feeds the last hidden sigmoid.
@@ -279,11 +294,17 @@ def deep_bn(classes: int = 10) -> nn.Module:
     return DeepMLP(batch_norm=True, classes=classes)
 
 
-@register_variant("ln", batch_statistics=False, probe="bn2", order=6, color="tab:purple")
-def ln(classes: int = 10) -> nn.Module:
-    """LayerNorm over each image's features in BN's place: no batch statistics (torch's kernel, checked against
-    ScratchGroupNorm)."""
-    return SimpleNNWithBN(norm=nn.LayerNorm, classes=classes)
+@register_normalization("ln", batch_statistics=False, order=6, color="tab:purple")
+def ln(size: int, slots: str) -> nn.Module:
+    """LayerNorm over each image's features in BN's place, over a feature map's channels and positions (GroupNorm
+    with one group): no batch statistics (torch's kernels, checked against ScratchGroupNorm)."""
+    return nn.LayerNorm(size) if slots == FEATURES else nn.GroupNorm(1, size)
+
+
+@register_normalization("gn", batch_statistics=False, slots=(CHANNELS,), order=7, color="tab:brown")
+def gn(size: int, slots: str) -> nn.Module:
+    """GroupNorm (Wu & He 2018) with GROUPS groups of channels: no batch statistics."""
+    return nn.GroupNorm(GROUPS, size)
 
 
 # --- the ConvNet (network "cnn") ---
@@ -292,7 +313,6 @@ def ln(classes: int = 10) -> nn.Module:
 # both side by side); off only to measure that.
 CHANNELS_LAST = True
 CNN_CHANNELS = (8, 16)  # conv1 and conv2: small enough that a 2-core CPU trains an MNIST epoch in about 15 s
-GROUPS = 4  # GroupNorm's groups of channels (Wu & He use 32 groups of wide layers; 4 of 2 and of 4 channels here)
 
 
 class SmallCNN(nn.Module):
@@ -325,49 +345,13 @@ class SmallCNN(nn.Module):
         return self.fc(x.flatten(1))
 
 
-def _cnn(norm: Callable[[int], nn.Module], image_shape: tuple[int, int, int], classes: int) -> nn.Module:
+# The ConvNet as a network: SmallCNN with the variant's normalization between each convolution and its ReLU, kept
+# channels-last. Described in bnsuite.networks.
+@network_builder("cnn")
+def cnn(norm: Callable[[int], nn.Module], *, image_shape: tuple[int, int, int] = (1, 28, 28),
+        classes: int = 10) -> nn.Module:
     model = SmallCNN(image_shape, norm, classes)
     return model.to(memory_format=model.memory_format)
-
-
-# The ConvNet's variants: the MLP's names, so a study's claims read the same on either network. Not probed
-# (probe None): bnsuite.probe measures (N, features) activations, not feature maps.
-@register_variant("plain", network="cnn", batch_statistics=False, order=0, color="tab:orange")
-def cnn_plain(image_shape: tuple[int, int, int], classes: int = 10) -> nn.Module:
-    return _cnn(lambda channels: nn.Identity(), image_shape, classes)
-
-
-@register_variant("bn", network="cnn", batch_statistics=True, order=1, color="tab:blue")
-def cnn_bn(image_shape: tuple[int, int, int], classes: int = 10) -> nn.Module:
-    """BatchNorm2d before each ReLU: each channel's statistics over the batch and every position."""
-    return _cnn(nn.BatchNorm2d, image_shape, classes)
-
-
-def _cnn_ghost_builder(ghost: int) -> Callable[..., nn.Module]:
-    def build(image_shape: tuple[int, int, int], classes: int = 10) -> nn.Module:
-        """Statistics over ghost groups of G images (and every position) within each batch (GhostBatchNorm2d)."""
-        return _cnn(lambda channels: GhostBatchNorm2d(channels, ghost), image_shape, classes)
-
-    build.__qualname__ = f"cnn_ghost_bn_{ghost}"
-    return build
-
-
-for _ghost in GHOST_SIZES:
-    register_variant(f"bn-ghost{_ghost}", network="cnn", batch_statistics=True, images_per_statistic=_ghost,
-                     derives_from="bn", order=5)(_cnn_ghost_builder(_ghost))
-
-
-@register_variant("ln", network="cnn", batch_statistics=False, order=6, color="tab:purple")
-def cnn_ln(image_shape: tuple[int, int, int], classes: int = 10) -> nn.Module:
-    """LayerNorm over each image's channels and positions (GroupNorm with one group, torch's kernel, checked
-    against ScratchGroupNorm): no batch statistics."""
-    return _cnn(lambda channels: nn.GroupNorm(1, channels), image_shape, classes)
-
-
-@register_variant("gn", network="cnn", batch_statistics=False, order=7, color="tab:brown")
-def cnn_gn(image_shape: tuple[int, int, int], classes: int = 10) -> nn.Module:
-    """GroupNorm (Wu & He 2018) with GROUPS groups of channels: no batch statistics."""
-    return _cnn(lambda channels: nn.GroupNorm(GROUPS, channels), image_shape, classes)
 
 
 def build_model(variant: str, init_scale: float = 1.0, network: str = DEFAULT_NETWORK,
@@ -380,24 +364,13 @@ def build_model(variant: str, init_scale: float = 1.0, network: str = DEFAULT_NE
     `classes`, its labels' count, for a builder that takes it (every built-in one: a plugin's dataset may have
     other than 10; a builder without it must give the dataset's logits itself, which bnsuite checks).
     """
-    make = builder(variant, network)
-    arguments = {} if network == DEFAULT_NETWORK else {"image_shape": tuple(image_shape)}
-    if _takes(make, "classes"):
-        arguments["classes"] = classes
-    model = make(**arguments)
+    model = builder(variant, network)(image_shape=tuple(image_shape), classes=classes)
     if init_scale != 1.0:
         with torch.no_grad():
             for layer in model.modules():
                 if isinstance(layer, (nn.Linear, nn.Conv2d)):
                     layer.weight.mul_(init_scale)
     return model
-
-
-@functools.cache
-def _takes(function: Callable, name: str) -> bool:
-    """Whether `function` takes a keyword argument `name` (by name, or through **kwargs)."""
-    parameters = inspect.signature(function).parameters.values()
-    return any(p.name == name and p.kind is not p.POSITIONAL_ONLY or p.kind is p.VAR_KEYWORD for p in parameters)
 
 
 def check_outputs(spec: StudySpec) -> None:

@@ -41,7 +41,7 @@ from bnsuite.idx import IdxFormatError
 from bnsuite.models import check_outputs
 from bnsuite.records import RecordError, load_records, save_record
 from bnsuite.registry import PluginError, check_measures, load_plugins, plugin_option
-from bnsuite.spec import DEFAULT_LR, SpecError, StudySpec
+from bnsuite.spec import DEFAULT_LR, DEFAULT_NETWORK, SpecError, StudySpec
 from bnsuite.study import PROFILE_SETTINGS, StudySession, default_seeds, study_from_options
 from bnsuite.train import max_runs_together, resolve_device
 
@@ -52,7 +52,7 @@ def _seeds(profile: str) -> str:
 
 
 def _taking(network: str) -> str:
-    return ", ".join(definition.name for definition in registry.studies() if network in definition.networks)
+    return ", ".join(definition.name for definition in registry.studies() if definition.takes(network))
 
 
 def _reached_by(option: str) -> str:
@@ -83,8 +83,9 @@ OPTIONS = {
     "lr-schedule": "learning rate over each run's epochs: constant (default) or cosine (annealed towards 0, per "
                    "epoch)",
     "network": "comma-separated networks: mlp (the study's MLP, default), cnn (a small ConvNet with BatchNorm2d), "
-               f"or mlp,cnn; reaches the studies that take the ConvNet ({_taking('cnn')}) and leaves out those that "
-               "take none of them",
+               "mlp,cnn, or a network a plugin registers (bnsuite.register_network); reaches the studies that take "
+               f"the ConvNet ({_taking('cnn')}; those that take any network take a plugin's) and leaves out those "
+               "that take none of them",
 }
 # Modules of benchmarks/ in the order they run: the matrix first, so the claims reuse its runs; speed last.
 MODULE_ORDER = {"test_study.py": 0, "test_claims.py": 1, "test_speed.py": 2}
@@ -253,7 +254,7 @@ class StudyPlugin:
                 axes.append(f"init scales {','.join(f'{k:g}' for k in study.init_scales)}")
             epochs = ", ".join(f"{study.epochs_on(network)} epochs" + (f" on the {network}" if len(study.networks) > 1
                                                                          else "") for network in study.networks)
-            if study.networks != ("mlp",):
+            if study.networks != (DEFAULT_NETWORK,):
                 axes.insert(0, f"networks {','.join(study.networks)}")
             lines.append(f"  {study.name} study: {' x '.join(axes)}, {epochs}")
         if self.baseline is not None:

@@ -35,12 +35,13 @@ from typing import Annotated, Any, Literal, Union
 import pandas as pd
 from pydantic import Field, TypeAdapter, ValidationError, with_config
 
-from bnsuite import datasets
-from bnsuite.datasets import Dataset, DatasetConflict
+from bnsuite.datasets import DATASETS, Dataset
+from bnsuite.described import DescriptionConflict
 from bnsuite.files import write_atomically
+from bnsuite.networks import NETWORKS, Network
 from bnsuite.spec import CONTRADICTED, NOT_SHOWN, STRICT, RunSpec, SpecError, StudySpec, Variant
 
-SCHEMA_VERSION = 13
+SCHEMA_VERSION = 14
 RUNS_SUBDIR = "runs"
 
 Percent = Annotated[float, Field(ge=0, le=100)]
@@ -292,7 +293,7 @@ class RunRecord:
             _check(self.study.variant(self.spec.variant, self.spec.network) == self.variant, "variant",
                    f"differs from the study's description of {self.spec.variant}")
         if self.dataset is None:
-            _check(self.spec.dataset in datasets.DATASETS and datasets.DATASETS[self.spec.dataset].builtin, "dataset",
+            _check(self.spec.dataset in DATASETS and DATASETS[self.spec.dataset].builtin, "dataset",
                    f"is missing: the run trained on {self.spec.dataset!r}, not one of bnsuite's own datasets, and "
                    "a record of a plugin's dataset describes it")
         else:
@@ -364,9 +365,12 @@ class RunRecord:
                               "Delete it or re-run that case")
         try:
             if isinstance(raw.get("dataset"), dict):  # a plugin's dataset: known from here on, so the spec is valid
-                datasets.remember(_DATASET.validate_json(json.dumps(raw["dataset"])), source=source)
+                DATASETS.remember(_DATASET.validate_json(json.dumps(raw["dataset"])), source=source)
+            described = raw["study"].get("networks") if isinstance(raw.get("study"), dict) else None
+            for network in described if isinstance(described, list) else ():  # a plugin's networks, likewise
+                NETWORKS.remember(_NETWORK.validate_json(json.dumps(network)), source=source)
             record = _RECORD.validate_json(json.dumps(raw))
-        except DatasetConflict as error:
+        except DescriptionConflict as error:
             raise RecordError(str(error)) from None
         except ValidationError as error:
             raise RecordError(f"{source}: {_describe(error)}; delete it or re-run that case") from None
@@ -379,6 +383,7 @@ class RunRecord:
 
 _RECORD = TypeAdapter(RunRecord)
 _DATASET = TypeAdapter(Dataset)
+_NETWORK = TypeAdapter(Network)
 
 
 def _figures_disagree(record: RunRecord) -> str | None:
@@ -533,6 +538,15 @@ def migrate_schema_12(raw: dict, *, source: str = "record") -> dict:
     """A schema-12 record as schema 13: no dataset description, as every earlier run trained on one of bnsuite's
     own datasets."""
     return {**raw, "schema_version": 13, "dataset": None}
+
+
+def migrate_schema_13(raw: dict, *, source: str = "record") -> dict:
+    """A schema-13 record as schema 14: its study describes no network of a plugin's, as none could be registered
+    before schema 14."""
+    raw = {**raw, "schema_version": 14}
+    if isinstance(raw.get("study"), dict):
+        raw["study"] = {**raw["study"], "networks": []}
+    return raw
 
 
 # The recipe every run of schema 11 and earlier trained with: SGD, momentum 0.9, no weight decay, a constant rate.
@@ -786,4 +800,5 @@ def epochs_frame(records: list[RunRecord]) -> pd.DataFrame:
 # schema -> the migration that takes a record of it one schema on (to SCHEMA_VERSION, one step at a time).
 _MIGRATIONS = {1: migrate_schema_1, 2: migrate_schema_2, 3: migrate_schema_3, 4: migrate_schema_4, 5: migrate_schema_5,
                6: migrate_schema_6, 7: migrate_schema_7, 8: migrate_schema_8, 9: migrate_schema_9,
-               10: migrate_schema_10, 11: migrate_schema_11, 12: migrate_schema_12}
+               10: migrate_schema_10, 11: migrate_schema_11, 12: migrate_schema_12,
+               13: migrate_schema_13}

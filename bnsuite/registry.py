@@ -28,6 +28,7 @@ import hashlib
 import importlib
 import importlib.metadata
 import importlib.util
+import inspect
 import sys
 import traceback
 from collections.abc import Callable, Mapping
@@ -35,13 +36,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bnsuite import datasets
-from bnsuite.datasets import BUILTIN_SOURCE, DATASETS, Dataset, DatasetConflict
+from bnsuite.datasets import BUILTIN_SOURCE, DATASETS, Dataset
+from bnsuite.described import DescriptionConflict
+from bnsuite.networks import DEFAULT_NETWORK, NETWORKS, SLOT_KINDS, Network
 from bnsuite.spec import (
-    DEFAULT_NETWORK,
     MEASUREMENTS,
     NAME_PATTERN,
-    NETWORKS,
     KnownException,
     RunSpec,
     SpecError,
@@ -55,33 +55,166 @@ ENTRY_POINT_GROUP = "bnsuite.plugins"
 EVERY_PROFILE = "*"  # the key of a matrix that stands for every profile
 ALL_STUDIES = "all"  # --bn-studies all: every registered study, those that run by option included
 
-_VARIANTS: dict[tuple[str, str], Variant] = {}  # (network, name) -> description
+_VARIANTS: dict[tuple[str, str], Variant] = {}  # (network, name) -> description of a variant built whole
 _BUILDERS: dict[tuple[str, str], Callable[..., Any]] = {}
+_NORMALIZATIONS: dict[str, Normalization] = {}  # variants that apply to every network whose slots they fit
+_NETWORK_BUILDERS: dict[str, Callable[..., Any]] = {}  # network -> the function that builds it around a normalization
 _STUDIES: dict[str, StudyDefinition] = {}
 _PLUGINS: dict[str, str] = {}  # plugin module -> its provenance, in the order loaded
 _PINNED_BY: dict[tuple[str, str, str], str] = {}  # (study, profile key, claim) -> the plugin that pinned it
 _MEASURES: dict[str, Measure] = {}  # a user's per-epoch measurements, by name
 _DATASET_LOADERS: dict[str, Callable[[], Any]] = {}  # a plugin's dataset name -> the function that gives its arrays
+ANY_NETWORK = "any"  # in a study's `networks`: it takes every registered network its variants fit
 
 
 class PluginError(RuntimeError):
     """A plugin module could not be imported, or registered something it may not; the message says what to do."""
 
 
+# --- networks ---
+
+
+def register_network(name: str, *, title: str, slots: str, image_shape: tuple[int, int, int] | None = None,
+                     epochs: Mapping[str, int] | None = None, probe: str | None = None,
+                     probe_without_norm: str | None = None) -> Callable:
+    """Decorator: register the function it decorates as the builder of network `name` (`--bn-network NAME`).
+
+    The function is called as `build(norm, image_shape=(C, H, W), classes=K)` and returns a freshly initialized
+    `nn.Module` mapping a batch of images (given flattened, (N, C*H*W)) to K logits, drawing its initialization from
+    torch's global generator; `norm(size)` gives the module for one normalization slot of `size` features
+    (`slots="features"`: the slot takes (N, size), BatchNorm1d's place) or channels (`slots="channels"`: (N, size,
+    H, W), BatchNorm2d's place): `nn.Identity` for the `plain` variant, `nn.BatchNorm1d` for `bn`, and so on for
+    every variant registered as a normalization (bnsuite.registry.register_normalization) that fits its slots.
+    `image_shape`: the one shape it takes (None: any dataset's); `epochs`: per profile name, the epochs a study's
+    runs train on it (a study's own per-network epochs come first; by default the study's); `probe`: the submodule
+    whose output is the input to its last hidden nonlinearity (activation probes; a normalization slot), and
+    `probe_without_norm` where that signal is in the `plain` variant (by default the same submodule).
+    """
+    def decorator(build: Callable[..., Any]) -> Callable[..., Any]:
+        where = f"network {name!r} ({qualified(build)})"
+        if not isinstance(name, str) or NAME_PATTERN.fullmatch(name) is None or name == ANY_NETWORK:
+            raise PluginError(f"network name {name!r} must be letters, digits, '.', '_' or '-', and not "
+                              f"{ANY_NETWORK!r} (it names runs and results directories)")
+        if slots not in SLOT_KINDS:
+            raise PluginError(f"{where}: slots must be one of {', '.join(SLOT_KINDS)}, got {slots!r}")
+        shape = None if image_shape is None else tuple(image_shape)
+        if shape is not None and (len(shape) != 3 or not all(isinstance(v, int) and v > 0 for v in shape)):
+            raise PluginError(f"{where}: image_shape must be (channels, height, width), positive integers, or None, "
+                              f"got {image_shape!r}")
+        per_profile = dict(epochs or {})
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in per_profile.values()):
+            raise PluginError(f"{where}: epochs must map profile names to whole numbers > 0, got {epochs!r}")
+        described = Network(name=name, title=title or name, slots=slots, image_shape=shape,
+                            epochs=tuple(per_profile.items()), probe=probe,
+                            probe_without_norm=probe_without_norm, builder=qualified(build),
+                            source=_source(build.__module__))
+        try:
+            NETWORKS.add(described)
+        except DescriptionConflict as error:
+            raise PluginError(str(error)) from None
+        _NETWORK_BUILDERS[name] = build
+        return build
+
+    return decorator
+
+
+def network_builder(name: str) -> Callable:
+    """Decorator: the builder of one of bnsuite's own networks, described as data in bnsuite.networks (the report
+    reads those without torch); it is called as register_network's builders are."""
+    def decorator(build: Callable[..., Any]) -> Callable[..., Any]:
+        described = NETWORKS.get(name)
+        if described is None or not described.builtin or described.builder != qualified(build):
+            raise PluginError(f"{qualified(build)} is not the builder bnsuite.networks describes for {name!r}; a "
+                              "network of your own is registered with bnsuite.register_network")
+        _NETWORK_BUILDERS[name] = build
+        return build
+
+    return decorator
+
+
+def network(name: str) -> Network:
+    """The description of network `name`; SpecError with the choices if none is known."""
+    if name not in NETWORKS:
+        raise SpecError(f"unknown network {name!r}; choose one of: {', '.join(NETWORKS)} (a network of your own is "
+                        "registered by a plugin: --bn-plugin MODULE)")
+    return NETWORKS[name]
+
+
 # --- variants ---
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """A variant that is what a network puts in its normalization slots (`make(size, slots)`), registered once for
+    every network whose slots it fits (bnsuite.networks.SLOT_KINDS)."""
+
+    name: str
+    slots: tuple[str, ...]
+    make: Callable[..., Any]
+    batch_statistics: bool
+    images_per_statistic: int | None
+    derives_from: str | None
+    order: int
+    color: str
+    nothing: bool  # the slots hold nothing (nn.Identity): the network without normalization
+    source: str
+
+    def on(self, network: Network) -> Variant:
+        """Its description on `network` (a record carries it as it carries a variant built whole)."""
+        probe = network.probe_without_norm if self.nothing and network.probe_without_norm else network.probe
+        return Variant(name=self.name, batch_statistics=self.batch_statistics,
+                       images_per_statistic=self.images_per_statistic, derives_from=self.derives_from, probe=probe,
+                       order=self.order, color=self.color, builder=qualified(self.make), source=self.source,
+                       network=network.name)
+
+
+def register_normalization(name: str, *, batch_statistics: bool, slots: tuple[str, ...] = SLOT_KINDS,
+                           images_per_statistic: int | None = None, derives_from: str | None = None,
+                           order: int = 100, color: str = "tab:gray", nothing: bool = False) -> Callable:
+    """Decorator: register the function it decorates as variant `name`, a normalization every network whose slots
+    it fits is built with (the study's MLP and any network registered with `slots="features"`, the ConvNet and any
+    with `slots="channels"`; `slots` says which it fits).
+
+    It is called as `make(size, slots)` for each slot of a network being built, `slots` being that network's kind,
+    and returns a fresh `nn.Module` for a slot of `size` features or channels. `nothing`: it puts nothing there
+    (the network without normalization: `plain`). The other arguments are register_variant's.
+    """
+    def decorator(make: Callable[..., Any]) -> Callable[..., Any]:
+        if not isinstance(name, str) or NAME_PATTERN.fullmatch(name) is None:
+            raise PluginError(f"variant name {name!r} must be letters, digits, '.', '_' or '-' (it names record files)")
+        if not slots or any(kind not in SLOT_KINDS for kind in slots):
+            raise PluginError(f"variant {name!r}: slots must be some of {', '.join(SLOT_KINDS)}, got {slots!r}")
+        taken = [network for network, known in _VARIANTS if known == name]
+        if name in _NORMALIZATIONS or taken:
+            raise PluginError(f"variant {name!r} is registered twice ({_registered_by(name)} and {qualified(make)}); "
+                              "give the new one another name")
+        normalization = Normalization(name, tuple(slots), make, batch_statistics, images_per_statistic, derives_from,
+                                      order, color, nothing, _source(make.__module__))
+        normalization.on(NETWORKS[DEFAULT_NETWORK])  # its settings checked as a variant's, at registration
+        _NORMALIZATIONS[name] = normalization
+        return make
+
+    return decorator
+
+
+def _registered_by(name: str) -> str:
+    if name in _NORMALIZATIONS:
+        return qualified(_NORMALIZATIONS[name].make)
+    return next(described.builder for (_, known), described in _VARIANTS.items() if known == name)
 
 
 def register_variant(name: str, *, batch_statistics: bool, images_per_statistic: int | None = None,
                      derives_from: str | None = None, probe: str | None = None, order: int = 100,
                      color: str = "tab:gray", network: str = DEFAULT_NETWORK) -> Callable:
-    """Decorator: register the function it decorates as the builder of variant `name` on `network`.
+    """Decorator: register the function it decorates as the builder of variant `name`, a whole network of its own
+    on `network` (a variant that is a normalization, for every network with slots for it, registers with
+    register_normalization).
 
-    For the study's MLP (`network="mlp"`, the default) the function takes no argument and returns a freshly
-    initialized `nn.Module` that maps a batch of the study's images (N, 1, 28, 28) to 10 logits, drawing its
-    initialization from torch's global generator (the study seeds it). For the ConvNet (`network="cnn"`) it is
-    called with the dataset's image shape, `image_shape=(C, H, W)` ((1, 28, 28) for MNIST, (3, 32, 32) for
-    CIFAR-10). A function that takes `classes` is also called with the dataset's label count (every built-in one
-    does). One name may be registered once per network (`bn` is the MLP's and the ConvNet's).
+    It is called with the dataset's image shape, `image_shape=(C, H, W)`, where it takes that argument (the
+    ConvNet's builders do), and with its label count, `classes`, where it takes that; it returns a freshly
+    initialized `nn.Module` that maps a batch of the dataset's images (given flattened) to one logit per class,
+    drawing its initialization from torch's global generator (the study seeds it). One name may be registered once
+    per network (the papers' stacks `ioffe-bn`, `deep-bn` are the MLP's).
     `batch_statistics`: whether it normalizes with its batch's statistics in training (then the
     study keeps every batch at 2 images or more and measures its accuracy with batch statistics);
     `images_per_statistic`: the images a statistic sees when fewer than the batch (a ghost batch);
@@ -93,10 +226,9 @@ def register_variant(name: str, *, batch_statistics: bool, images_per_statistic:
         if network not in NETWORKS:
             raise PluginError(f"variant {name!r}: unknown network {network!r}; choose one of: {', '.join(NETWORKS)}")
         key = (network, name)
-        if key in _VARIANTS:
-            of = "" if network == DEFAULT_NETWORK else f" of the {network} network"
-            raise PluginError(f"variant {name!r}{of} is registered twice "
-                              f"({_VARIANTS[key].builder} and {qualified(builder)}); give the new one another name")
+        if key in _VARIANTS or name in _NORMALIZATIONS:
+            raise PluginError(f"variant {name!r}{_of(network)} is registered twice "
+                              f"({_registered_by(name)} and {qualified(builder)}); give the new one another name")
         description = Variant(name=name, batch_statistics=batch_statistics,
                               images_per_statistic=images_per_statistic, derives_from=derives_from, probe=probe,
                               order=order, color=color, builder=qualified(builder),
@@ -108,25 +240,62 @@ def register_variant(name: str, *, batch_statistics: bool, images_per_statistic:
     return decorator
 
 
+def _of(network: str) -> str:
+    return "" if network == DEFAULT_NETWORK else f" of the {network} network"
+
+
 def variant(name: str, network: str = DEFAULT_NETWORK) -> Variant:
-    """The description of variant `name` on `network`; SpecError with the choices if none is registered."""
-    if (network, name) not in _VARIANTS:
-        of = "" if network == DEFAULT_NETWORK else f" of the {network} network"
-        raise SpecError(f"unknown variant {name!r}{of}; choose one of: "
-                        f"{', '.join(variant_names(network))} (a variant of your own is registered by a plugin: "
-                        "--bn-plugin MODULE)")
-    return _VARIANTS[(network, name)]
+    """The description of variant `name` on `network`; SpecError with the choices if it has none there."""
+    if (network, name) in _VARIANTS:
+        return _VARIANTS[(network, name)]
+    described = NETWORKS.get(network)
+    normalization = _NORMALIZATIONS.get(name)
+    if described is not None and normalization is not None:
+        if described.slots not in normalization.slots:
+            raise SpecError(f"variant {name!r} cannot go into the {described.title} ({network}): its normalization "
+                            f"slots take {described.slots}, and {name} normalizes {' or '.join(normalization.slots)} "
+                            f"only; choose one of: {', '.join(variant_names(network))}")
+        return normalization.on(described)
+    raise SpecError(f"unknown variant {name!r}{_of(network)}; choose one of: "
+                    f"{', '.join(variant_names(network))} (a variant of your own is registered by a plugin: "
+                    "--bn-plugin MODULE)")
 
 
 def variant_names(network: str | None = None) -> tuple[str, ...]:
-    """The registered variants of `network` (None: of any network), each name once, in registration order."""
-    return tuple(dict.fromkeys(name for (net, name) in _VARIANTS if network is None or net == network))
+    """The variants of `network` (None: of any network), each name once: those that are normalizations and fit its
+    slots first, then those built whole, each in registration order."""
+    described = NETWORKS.get(network) if network is not None else None
+    fitting = [name for name, normalization in _NORMALIZATIONS.items()
+               if network is None or described is not None and described.slots in normalization.slots]
+    return tuple(dict.fromkeys([*fitting, *(name for (net, name) in _VARIANTS if network is None or net == network)]))
 
 
 def builder(name: str, network: str = DEFAULT_NETWORK) -> Callable[..., Any]:
-    """The function that builds variant `name` of `network`."""
+    """What builds variant `name` on `network`: a function of the dataset's `image_shape` and `classes` that returns
+    a fresh model (SpecError where it cannot be built here, saying why)."""
     variant(name, network)
-    return _BUILDERS[(network, name)]
+    if (network, name) in _BUILDERS:
+        whole = _BUILDERS[(network, name)]
+
+        def build_whole(image_shape: tuple[int, int, int], classes: int) -> Any:
+            arguments = {"image_shape": tuple(image_shape)} if _takes(whole, "image_shape") else {}
+            return whole(**arguments, **({"classes": classes} if _takes(whole, "classes") else {}))
+
+        return build_whole
+    build = _NETWORK_BUILDERS.get(network)
+    if build is None:
+        raise SpecError(f"the network {network!r} is known here only from records ({NETWORKS[network].source}); "
+                        "install or --bn-plugin the package that registers it to train it")
+    make, slots = _NORMALIZATIONS[name].make, NETWORKS[network].slots
+    return lambda image_shape, classes: build(lambda size: make(size, slots), image_shape=tuple(image_shape),
+                                              classes=classes)
+
+
+@functools.cache
+def _takes(function: Callable, name: str) -> bool:
+    """Whether `function` takes a keyword argument `name` (by name, or through **kwargs)."""
+    parameters = inspect.signature(function).parameters.values()
+    return any(p.name == name and p.kind is not p.POSITIONAL_ONLY or p.kind is p.VAR_KEYWORD for p in parameters)
 
 
 def checked(spec: RunSpec) -> Variant:
@@ -230,19 +399,21 @@ def register_dataset(name: str, *, train_images: int, image_shape: tuple[int, in
                 len(values) == shape[0] for values in normalization)):
             raise PluginError(f"{where}: normalization must be ((mean, ...), (std, ...)) with one value per channel "
                               f"({shape[0]}), or None for float images, got {normalization!r}")
+        own = [name for name, described in NETWORKS.items() if described.builtin]
         able = networks if networks is not None else (
-            (*NETWORKS,) if shape == (1, 28, 28) else tuple(n for n in NETWORKS if n != DEFAULT_NETWORK))
-        unknown = [network for network in able if network not in NETWORKS]
+            (*own,) if shape == (1, 28, 28) else tuple(n for n in own if n != DEFAULT_NETWORK))
+        unknown = [network for network in able if network not in own]
         if unknown or not able:
-            raise PluginError(f"{where}: networks must be some of {', '.join(NETWORKS)}, got {networks!r}")
+            raise PluginError(f"{where}: networks must be some of bnsuite's {', '.join(own)}, got {networks!r} (a "
+                              "plugin's network says which images it takes: register_network's image_shape)")
         described = Dataset(name=name, title=title or name, image_shape=shape, classes=classes,
                             train_images=train_images, validation_images=held_out, networks=tuple(able),
                             normalization=None if normalization is None else tuple(
                                 tuple(float(v) for v in values) for values in normalization),
                             source=_source(loader.__module__))
         try:
-            datasets.add(described)
-        except DatasetConflict as error:
+            DATASETS.add(described)
+        except DescriptionConflict as error:
             raise PluginError(str(error)) from None
         _DATASET_LOADERS[name] = loader
         return loader
@@ -307,6 +478,15 @@ class StudyDefinition:
     def matrix(self, profile: str) -> Study | None:
         return self.matrices.get(profile, self.matrices.get(EVERY_PROFILE))
 
+    @property
+    def own_networks(self) -> tuple[str, ...]:
+        """The networks it names (those it trains when --bn-network does not say), without ANY_NETWORK."""
+        return tuple(name for name in self.networks if name != ANY_NETWORK)
+
+    def takes(self, network: str) -> bool:
+        """Whether it trains on `network`: one it names, or any registered one where it names ANY_NETWORK."""
+        return network in self.own_networks or ANY_NETWORK in self.networks and network in NETWORKS
+
 
 STUDY_OPTIONS = frozenset({"variants", "batch-sizes", "lr", "epochs"})
 
@@ -322,8 +502,9 @@ def register_study(name: str, *, title: str, matrices: Study | Mapping[str, Stud
     name (a profile without one leaves the study out); `known_exceptions`: per profile, the claims the
     measurements do not support and the verdict they give (bnsuite.spec.KnownException), keyed by the profile's
     name for its own dataset (MNIST) and by `profile:dataset` (`full:fashion-mnist`) for another; `networks`: the
-    networks it can train on, the first its default (a ConvNet claim's name starts with `cnn-`). Studies run and are
-    reported in the order they are registered: the built-ins first (bnsuite.studies), then plugins'.
+    networks it can train on, the first its default (a ConvNet claim's name starts with `cnn-`), ending with
+    ANY_NETWORK (`"any"`) where it takes every registered network its variants fit (a plugin's too). Studies run
+    and are reported in the order they are registered: the built-ins first (bnsuite.studies), then plugins'.
     """
     def decorator(claims: Callable[[StudySpec, Study], list]) -> Callable:
         if name in _STUDIES:
@@ -337,8 +518,10 @@ def register_study(name: str, *, title: str, matrices: Study | Mapping[str, Stud
         if wrong:
             raise PluginError(f"study {name!r}: its matrix for {', '.join(wrong)} is named otherwise; name each "
                               f"Study {name!r}")
-        if not networks or any(network not in NETWORKS for network in networks):
-            raise PluginError(f"study {name!r}: networks {networks!r} must name some of {', '.join(NETWORKS)}")
+        if not networks or networks[0] == ANY_NETWORK or any(
+                network not in NETWORKS and network != ANY_NETWORK for network in networks):
+            raise PluginError(f"study {name!r}: networks {networks!r} must name some of {', '.join(NETWORKS)}, the "
+                              f"first its default, and may end with {ANY_NETWORK!r} (any registered network)")
         _check_exception_keys(name, known_exceptions or {})
         unknown = set(options) - STUDY_OPTIONS
         if unknown:
@@ -397,10 +580,13 @@ def studies() -> tuple[StudyDefinition, ...]:
 
 
 def study_spec(**fields) -> StudySpec:
-    """A StudySpec whose variant descriptions come from the registry: one for every variant its studies train,
-    on each network they train it on."""
+    """A StudySpec whose variant descriptions come from the registry, one for every variant its studies train on
+    each network they train it on, with the description of every plugin's network among those."""
+    fields = {name: value for name, value in fields.items() if name not in ("variants", "networks")}  # derived here
     pairs = dict.fromkeys(pair for study in fields["studies"] for pair in study_variants(study))
-    return StudySpec(**fields, variants=tuple(variant(name, network) for network, name in pairs))
+    trained = dict.fromkeys(network for study in fields["studies"] for network in study.networks)
+    return StudySpec(**fields, variants=tuple(variant(name, net) for net, name in pairs),
+                     networks=tuple(network(name) for name in trained if not network(name).builtin))
 
 
 

@@ -29,10 +29,11 @@ from bnsuite import baseline as gate
 from bnsuite import plots
 from bnsuite.claims import ClaimResult, holm, study_claims, summary
 from bnsuite.files import write_atomically
+from bnsuite.networks import title as network_title
 from bnsuite.records import RecordError, RunRecord, epochs_frame, load_records
 from bnsuite.registry import PluginError, SectionContext, load_plugins, plugin_option, study_definition
 from bnsuite.report_parts import NO_RUNS, claims_table, colors, discussion, family_statement, variant_order
-from bnsuite.spec import DEFAULT_NETWORK, NETWORK_TITLES, ClaimSettings, SpecError, Study, StudySpec, network_prefix
+from bnsuite.spec import DEFAULT_NETWORK, ClaimSettings, SpecError, Study, StudySpec, network_prefix
 from bnsuite.studies.batch import records_section
 from bnsuite.verdicts import StoredVerdict, VerdictsError, load_verdicts, still_valid
 
@@ -309,7 +310,7 @@ def _network_section(definition, spec: StudySpec, study: Study, records: list[Ru
     if network != DEFAULT_NETWORK:
         first = next((index for index, line in enumerate(lines) if line.startswith("#")), None)
         if first is not None:
-            lines = [*lines[:first], f"{lines[first]}, on the {NETWORK_TITLES[network]}", *lines[first + 1:]]
+            lines = [*lines[:first], f"{lines[first]}, on the {network_title(network)}", *lines[first + 1:]]
     return lines
 
 

@@ -21,12 +21,8 @@ from dataclasses import dataclass
 from pydantic import ConfigDict, with_config
 
 from bnsuite.datasets import DATASETS, training_images
+from bnsuite.networks import DEFAULT_NETWORK, NETWORKS, Network
 
-# The networks a variant can be built for: the study's MLP (784-256-128-10, bnsuite.models) and a small ConvNet
-# with BatchNorm2d (bnsuite.models.SmallCNN). A variant is registered for one network; a run names both.
-NETWORKS = ("mlp", "cnn")
-DEFAULT_NETWORK = "mlp"
-NETWORK_TITLES = {"mlp": "study's MLP", "cnn": "ConvNet"}  # as prose names them: "on the ConvNet"
 DEFAULT_LR = 0.01  # the study's SGD learning rate
 # The training recipe beyond the learning rate: the study's is SGD with momentum 0.9, no weight decay, a constant
 # learning rate; a run may take Adam (torch's betas), weight decay, and a cosine schedule over its epochs.
@@ -88,7 +84,9 @@ class Variant:
     probe: str | None = None
     order: int = 100  # place in tables and figures (ties by name)
     color: str = "tab:gray"  # in figures (a matplotlib colour)
-    builder: str = ""  # the function that builds the network, as module:name
+    # The function that builds it, as module:name: the whole network, or, for a variant registered as a
+    # normalization (bnsuite.registry.register_normalization), what the network puts in each of its slots.
+    builder: str = ""
     source: str = "bnsuite"  # bnsuite, or the plugin module that registered it with its version or file hash
     network: str = DEFAULT_NETWORK  # of NETWORKS: the network this description builds
 
@@ -148,10 +146,10 @@ class RunSpec:
     def __post_init__(self) -> None:
         _require(self.dataset in DATASETS, f"unknown dataset {self.dataset!r}; choose one of: {', '.join(DATASETS)}")
         _require(self.network in NETWORKS, f"unknown network {self.network!r}; choose one of: {', '.join(NETWORKS)}")
-        _require(self.network in DATASETS[self.dataset].networks,
+        _require(NETWORKS[self.network].takes(DATASETS[self.dataset]),
                  f"the {self.network} network cannot train on {self.dataset} (its images are "
                  f"{'x'.join(map(str, DATASETS[self.dataset].image_shape))}); train it with --bn-network "
-                 f"{', '.join(DATASETS[self.dataset].networks)}")
+                 f"{', '.join(name for name, net in NETWORKS.items() if net.takes(DATASETS[self.dataset]))}")
         _require(isinstance(self.variant, str) and NAME_PATTERN.fullmatch(self.variant) is not None,
                  f"variant name {self.variant!r} must be letters, digits, '.', '_' or '-'")
         _require(self.pipeline in PIPELINES,
@@ -392,6 +390,9 @@ class StudySpec:
     # The description of every variant its studies train (bnsuite.registry.study_spec fills it from the registry),
     # so what a study asked for reads from its records alone.
     variants: tuple[Variant, ...] = ()
+    # The description of every network of a plugin's its studies train (bnsuite's own are data in
+    # bnsuite.networks), so its records load where the plugin is not installed.
+    networks: tuple[Network, ...] = ()
 
     def __post_init__(self) -> None:
         names = [study.name for study in self.studies]
@@ -405,6 +406,11 @@ class StudySpec:
         undescribed = [network_prefix(network) + name for network, name in used if (network, name) not in described]
         _require(not undescribed, f"no description of variant(s) {', '.join(undescribed)}: build the study spec "
                  "with bnsuite.registry.study_spec, which takes them from the variant registry")
+        trained = dict.fromkeys(network for study in self.studies for network in study.networks)
+        described = [network.name for network in self.networks]
+        _require(described == [name for name in trained if not NETWORKS[name].builtin],
+                 f"network descriptions {described} are not those of the plugins' networks its studies train: build "
+                 "the study spec with bnsuite.registry.study_spec, which takes them from the network registry")
         if self in _CHECKED:  # an equal study (every record of a study carries it) was checked already
             return
         for spec in self.run_specs():  # every combination must make a valid RunSpec its variant can train
@@ -501,7 +507,7 @@ class StudySpec:
         """What must agree for results to be compared: everything but the studies' matrices, their variants, seeds
         and device."""
         fields = dataclasses.asdict(self)
-        for varying in ("studies", "seeds", "device", "variants"):
+        for varying in ("studies", "seeds", "device", "variants", "networks"):
             fields.pop(varying)
         return fields
 

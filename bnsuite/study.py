@@ -37,6 +37,7 @@ from bnsuite.spec import (
     KnownException,
     RunSpec,
     SpecError,
+    Study,
     StudySpec,
 )
 from bnsuite.train import train_seeds  # through bnsuite.models, the built-in variants are registered
@@ -216,15 +217,29 @@ def on_networks(spec: StudySpec, networks: tuple[str, ...] | None) -> StudySpec:
     studies = []
     for study in spec.studies:
         definition = registry.study_definition(study.name)
-        takes = definition.networks if definition is not None else study.networks
-        chosen = takes if networks is None else tuple(name for name in networks if name in takes)
+        if definition is None:
+            chosen = study.networks if networks is None else tuple(name for name in networks if name in study.networks)
+        else:
+            chosen = definition.own_networks if networks is None else tuple(filter(definition.takes, networks))
         if chosen:
-            studies.append(dataclasses.replace(study, networks=chosen))
+            studies.append(dataclasses.replace(study, networks=chosen, network_epochs=_epochs_on(
+                study, chosen, spec.profile)))
     if not studies:
-        takers = [d.name for d in registry.studies() if set(d.networks) & set(networks or ())]
+        takers = [d.name for d in registry.studies() if any(map(d.takes, networks or ()))]
         raise SpecError(f"no study chosen trains on {', '.join(networks or ())}; the studies that do: "
                         f"{', '.join(takers) or 'none'} (choose them with --bn-studies)")
     return _respec(spec, studies=tuple(studies))
+
+
+def _epochs_on(study: Study, networks: tuple[str, ...], profile: str) -> tuple[tuple[str, int], ...]:
+    """A study's per-network epochs on `networks`: its own where it gives them, else the network's for `profile`
+    where its description gives them (a plugin's network that trains slower or faster than the study's MLP)."""
+    own = dict(study.network_epochs)
+    for name in networks:
+        epochs = NETWORKS[name].epochs_in(profile)
+        if name not in own and epochs is not None:
+            own[name] = epochs
+    return tuple(own.items())
 
 
 def _respec(spec: StudySpec, **changes) -> StudySpec:

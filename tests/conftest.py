@@ -31,19 +31,18 @@ def write_small_idx_dir(directory, *, train=20, test=10, seed=0):
 
 @pytest.fixture
 def clean_registry(monkeypatch):
-    """The registries (and the table of datasets, which a plugin's dataset joins) as they are, restored after the
-    test."""
-    from bnsuite import data, datasets, registry
+    """The registries (and the tables of datasets and networks, which a plugin's join) as they are, restored after
+    the test."""
+    from bnsuite import data, datasets, networks, registry
 
-    for name in ("_VARIANTS", "_BUILDERS", "_STUDIES", "_PLUGINS", "_PINNED_BY", "_MEASURES", "_DATASET_LOADERS"):
+    for name in ("_VARIANTS", "_BUILDERS", "_NORMALIZATIONS", "_NETWORK_BUILDERS", "_STUDIES", "_PLUGINS",
+                 "_PINNED_BY", "_MEASURES", "_DATASET_LOADERS"):
         monkeypatch.setattr(registry, name, dict(getattr(registry, name)))
-    known, from_records = dict(datasets.DATASETS), set(datasets._FROM_RECORDS)  # restored in place: modules hold them
+    saved = [(table, table.snapshot()) for table in (datasets.DATASETS, networks.NETWORKS)]
     data._registered.cache_clear()
     yield
-    datasets.DATASETS.clear()
-    datasets.DATASETS.update(known)
-    datasets._FROM_RECORDS.clear()
-    datasets._FROM_RECORDS.update(from_records)
+    for table, snapshot in saved:
+        table.restore(snapshot)
     data._registered.cache_clear()
 
 

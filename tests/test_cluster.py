@@ -163,7 +163,11 @@ def test_the_worked_example_trains_on_the_nodes_from_its_installed_package_and_i
               "my-digits", "--bn-seeds", "0-0", cwd=tmp_path, env=env)
     records = load_records(tmp_path / "results")
     assert len(records) == 3 and {r.spec.dataset for r in records} == {"my-digits"}
-    assert {(r.dataset.source, r.variant.source) for r in records} == {("my_study my-study 0.1",) * 2}
+    assert {(r.spec.variant, r.variant.source, r.dataset.source) for r in records} == {
+        ("plain", "bnsuite", "my_study my-study 0.1"), ("bn", "bnsuite", "my_study my-study 0.1"),
+        ("ws", "my_study my-study 0.1", "my_study my-study 0.1")}  # bnsuite's plain and bn on the plugin's network
+    assert {(r.spec.network, network.source) for r in records for network in r.study.networks} == {
+        ("resmlp", "my_study my-study 0.1")}
     assert {NODE.search(record.executor).group(1) for record in records} <= _worker_ids(cluster)
     assert all(math.isfinite(epoch.measure("block-weight-norm")) for r in records for epoch in r.epochs)
 

@@ -161,7 +161,7 @@ def test_a_dataset_registration_is_checked_when_made(clean_registry):
         _register(validation_images=3_000)
     with pytest.raises(PluginError, match="normalization must be .* one value per channel \\(3\\)"):
         _register(image_shape=(3, 32, 32))
-    with pytest.raises(PluginError, match="networks must be some of mlp, cnn"):
+    with pytest.raises(PluginError, match="networks must be some of bnsuite's mlp, cnn"):
         _register(networks=("resnet",))
     _register("my-colour", image_shape=(3, 32, 32), normalization=((0.5,) * 3, (0.25,) * 3))
     assert DATASETS["my-colour"].networks == ("cnn",)  # the study's MLP takes 28x28 grey images only

@@ -58,7 +58,7 @@ def test_same_seed_gives_the_same_default_initialization():
 
 
 def test_unknown_variant_lists_the_known_ones():
-    with pytest.raises(ValueError, match="unknown variant 'resnet'; choose one of: plain, bn, plain-dropout"):
+    with pytest.raises(ValueError, match="unknown variant 'resnet'; choose one of: plain, bn, bn-scratch"):
         build_model("resnet")
 
 

@@ -75,12 +75,17 @@ def test_the_convnet_trains_its_own_epochs_unless_bn_epochs_sets_every_network_s
     assert {(run.network, run.epochs) for run in spec.run_specs()} == {("mlp", 1), ("cnn", 1)}
 
 
-def test_a_name_is_registered_once_per_network_and_the_convnet_s_variants_are_its_own():
+def test_a_normalization_is_registered_once_and_goes_into_every_network_whose_slots_it_fits():
     assert variant("bn", "cnn").network == "cnn" and variant("bn").network == "mlp"
-    assert variant("bn", "cnn").builder == "bnsuite.models:cnn_bn"
+    assert variant("bn", "cnn").builder == variant("bn").builder == "bnsuite.models:bn"
+    assert type(build_model("bn", network="cnn").bn1) is nn.BatchNorm2d
+    assert type(build_model("bn").bn1) is nn.BatchNorm1d
     assert "gn" in variant_names("cnn") and "gn" not in variant_names("mlp")
-    with pytest.raises(SpecError, match="unknown variant 'bn-noisy' of the cnn network"):
+    with pytest.raises(SpecError, match=r"variant 'bn-noisy' cannot go into the ConvNet \(cnn\): its normalization "
+                       "slots take channels, and bn-noisy normalizes features only; choose one of: plain, bn"):
         variant("bn-noisy", "cnn")
+    with pytest.raises(SpecError, match="unknown variant 'bn-dropout' of the cnn network"):
+        variant("bn-dropout", "cnn")
     with pytest.raises(Exception, match="registered twice"):
         register_variant("bn", network="cnn", batch_statistics=True)(lambda image_shape: None)
 
@@ -174,3 +179,118 @@ def test_a_study_of_a_plugin_may_take_the_convnet_only_if_it_says_so():
         Study("x", variants=("bn",), batch_sizes=(64,), epochs=1, networks=("rnn",))
     model = SmallCNN((3, 32, 32))
     assert model.fc.in_features == 16 * 8 * 8
+
+
+# --- a network of a plugin's (bnsuite.registry.register_network) ---
+
+
+class TinyResidual(nn.Module):
+    """784 -> 32, one residual block x + Linear(ReLU(norm(x))), then 32 -> classes: a user's network."""
+
+    def __init__(self, norm, classes):
+        super().__init__()
+        self.stem = nn.Linear(784, 32)
+        self.block = nn.Sequential(norm(32), nn.ReLU(), nn.Linear(32, 32))
+        self.head = nn.Linear(32, classes)
+
+    def forward(self, x):
+        x = self.stem(x.flatten(1))
+        return self.head(x + self.block(x))
+
+
+def _register_tiny(**settings):
+    from bnsuite import register_network
+
+    @register_network("tiny", title="tiny residual net", slots="features", image_shape=(1, 28, 28),
+                      probe="block.0", **settings)
+    def tiny(norm, *, image_shape, classes):
+        return TinyResidual(norm, classes)
+
+    return tiny
+
+
+def test_a_plugins_network_is_built_with_bnsuite_s_normalizations_in_its_slots(clean_registry):
+    _register_tiny()
+    assert type(build_model("plain", network="tiny").block[0]) is nn.Identity
+    assert type(build_model("bn", network="tiny").block[0]) is nn.BatchNorm1d
+    assert type(build_model("bn-ghost8", network="tiny").block[0]).__name__ == "GhostBatchNorm1d"
+    assert build_model("ln", network="tiny", classes=4)(torch.rand(2, 784)).shape == (2, 4)
+    described = variant("bn", "tiny")
+    assert (described.builder, described.source, described.probe) == ("bnsuite.models:bn", "bnsuite", "block.0")
+    assert "gn" not in variant_names("tiny") and "bn-dropout" not in variant_names("tiny")
+
+
+def test_the_batch_study_runs_on_a_plugins_network_and_its_claims_compare_bn_with_plain_there(clean_registry):
+    _register_tiny(epochs={"smoke": 1})
+    spec = study_from_options("smoke", studies="batch,init", network="tiny")
+    assert [study.name for study in spec.studies] == ["batch"]  # the init study takes the MLP only
+    assert {(run.network, run.variant, run.epochs) for run in spec.run_specs()} == {
+        ("tiny", "plain", 1), ("tiny", "bn", 1)}  # its own epochs under the smoke profile
+    assert [network.name for network in spec.networks] == ["tiny"] and not spec.networks[0].builtin
+    claims = {claim.name: claim for claim in study_claims(spec)}
+    assert "tiny-bn-lower-final-loss-bs128" in claims
+    assert claims["tiny-bn-lower-final-loss-bs128"].statement.startswith("On the tiny residual net: ")
+    assert {run.epochs for run in study_from_options("quick", studies="batch", network="tiny").run_specs()} == {4}
+    with pytest.raises(SpecError, match=r"variant 'gn' cannot go into the tiny residual net \(tiny\)"):
+        study_from_options("smoke", studies="batch", network="tiny", variants="plain,gn")
+
+
+def test_a_network_registration_is_checked_when_made(clean_registry):
+    from bnsuite import register_network
+    from bnsuite.registry import PluginError
+
+    def build(norm, *, image_shape, classes):
+        return None
+
+    with pytest.raises(PluginError, match=r"network 'mlp' is registered twice \(bnsuite and test_networks"):
+        register_network("mlp", title="mine", slots="features")(build)
+    with pytest.raises(PluginError, match="network name 'any' must be letters"):
+        register_network("any", title="mine", slots="features")(build)
+    with pytest.raises(PluginError, match="slots must be one of features, channels, got 'maps'"):
+        register_network("mine", title="mine", slots="maps")(build)
+    with pytest.raises(PluginError, match=r"image_shape must be \(channels, height, width\)"):
+        register_network("mine", title="mine", slots="features", image_shape=(28, 28))(build)
+    with pytest.raises(PluginError, match="epochs must map profile names to whole numbers > 0"):
+        register_network("mine", title="mine", slots="features", epochs={"smoke": 0})(build)
+
+
+def test_a_record_of_a_plugins_network_loads_without_the_plugin_and_training_it_there_says_what_to_install(
+        clean_registry, mnist_dir):
+    from bnsuite import networks, registry
+    from bnsuite.records import RecordError, RunRecord
+
+    _register_tiny()
+    spec = study_from_options("smoke", studies="batch", network="tiny", variants="bn", batch_sizes="64", seeds="1",
+                              epochs="1")
+    (record,) = train_seeds(spec.run_specs(), data_dir=mnist_dir, study=spec)
+    assert record.filename.startswith("tiny-bn-bs64-seed0-") and record.activations is not None
+    text = record.to_json()
+    described = networks.NETWORKS.pop("tiny")  # a process where the plugin is not installed
+    registry._NETWORK_BUILDERS.pop("tiny")
+    again = RunRecord.from_json(text)
+    assert again == record and networks.NETWORKS["tiny"] == described
+    with pytest.raises(SpecError, match="the network 'tiny' is known here only from records"):
+        registry.builder("bn", "tiny")
+    _register_tiny()  # the plugin, imported after: it takes the name over, its registration agreeing
+    assert "tiny" not in networks.NETWORKS.from_records and registry.builder("bn", "tiny")
+    networks.NETWORKS["tiny"] = dataclasses.replace(described, slots="channels")  # another network of that name
+    with pytest.raises(RecordError, match="describes the network 'tiny' otherwise than test_networks"):
+        RunRecord.from_json(text)
+
+
+class BatchRMS(nn.Module):
+    """A user's normalization: each feature over its batch root mean square, no eps or momentum attribute."""
+
+    def forward(self, x):
+        return x / x.pow(2).mean(0).add(1e-5).sqrt()
+
+
+def test_a_users_normalization_goes_into_the_mlp_and_the_fast_steps_leave_it_to_the_eager_step(clean_registry):
+    from bnsuite import fastpath, register_normalization
+
+    register_normalization("batch-rms", batch_statistics=True, slots=("features",))(lambda size, slots: BatchRMS())
+    model = build_model("batch-rms")
+    assert type(model.bn1) is BatchRMS and variant("batch-rms").probe == "bn2"
+    assert fused.mlp_layout(model) is None and not fused.supports(model, 64) and not fastpath.supports(model)
+    with pytest.raises(SpecError, match="variant 'batch-rms' cannot go into the ConvNet"):
+        build_model("batch-rms", network="cnn")

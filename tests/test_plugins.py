@@ -89,7 +89,7 @@ def test_a_users_variants_train_in_the_batch_study_and_report_in_a_process_witho
     assert len(mine) == 8 and {record.training_step for record in mine} == {"eager"}  # not the fast step's networks
     digest = hashlib.sha256((user_project / "my_norms.py").read_bytes()).hexdigest()[:16]
     assert {record.variant.source for record in mine} == {f"my_norms sha256:{digest}"}
-    assert {r.variant.probe for r in mine} == {"norm2", "fc2"} and all(r.activations is not None for r in mine)
+    assert {r.variant.probe for r in mine} == {"bn2", "fc2"} and all(r.activations is not None for r in mine)
     assert all(r.epochs[-1].batch_statistics_accuracy is not None for r in mine)  # both declare batch statistics
     # The report, in another directory, where my_norms cannot be imported: records are data.
     elsewhere = tmp_path / "elsewhere"
@@ -112,32 +112,47 @@ def test_a_users_variants_train_in_the_batch_study_and_report_in_a_process_witho
 
 @pytest.mark.processes
 def test_the_worked_example_trains_from_its_installed_package_locally_and_in_processes_and_reports_without_it(
-        clean_registry, tmp_path, mnist_dir):
+        clean_registry, tmp_path, mnist_dir, capsys):
     site = install_worked_example(tmp_path / "site", mnist_dir)
     env = {**os.environ, "PYTHONPATH": str(site)}
     project = tmp_path / "project"  # a directory of the user's, outside this repository
     project.mkdir()
     results = tmp_path / "results"
-    study = ("--bn-studies", "residual", "--bn-dataset", "my-digits", "--bn-profile", "smoke", "--bn-seeds", "4",
-             "--bn-data-dir", str(mnist_dir))
+    study = ("--bn-studies", "residual,batch", "--bn-network", "resmlp", "--bn-dataset", "my-digits", "--bn-profile",
+             "smoke", "--bn-seeds", "4", "--bn-data-dir", str(mnist_dir))
     # The docs' command: the study and its claims; the claims gate passes or fails on what the runs show.
     run = _pytest("--pyargs", "bnsuite.benchmarks.test_study", "bnsuite.benchmarks.test_claims", *study,
                   "--bn-results-dir", str(results), "-rA", cwd=project, env=env, check=False)
     assert run.returncode in (0, 1) and "residual study" in run.stdout, run.stdout[-3000:] + run.stderr[-3000:]
-    records = load_records(results)  # here no plugin registers my-digits: the records describe it
-    assert len(records) == 3 * 4 and {r.spec.variant for r in records} == {"res-plain", "res-bn", "res-ws"}
-    assert {(r.dataset.name, r.dataset.source, r.variant.source) for r in records} == {
-        ("my-digits", "my_study my-study 0.1", "my_study my-study 0.1")}
+    # Here no plugin registers my-digits or resmlp: the records describe them.
+    records = load_records(results)
+    # The residual study's ws and, shared with the batch study, plain and bn at 64; the batch study's at 32 and 128.
+    assert sorted((r.spec.variant, r.spec.batch_size) for r in records) == sorted(
+        [("ws", 64)] * 4 + [(variant, size) for variant in ("plain", "bn") for size in (32, 64, 128)] * 4)
+    assert {r.spec.network for r in records} == {"resmlp"}
+    assert {(r.dataset.name, r.dataset.source) for r in records} == {("my-digits", "my_study my-study 0.1")}
+    assert {r.variant.source for r in records if r.spec.variant == "ws"} == {"my_study my-study 0.1"}
+    assert {r.variant.source for r in records if r.spec.variant != "ws"} == {"bnsuite"}  # bnsuite's plain and bn
+    assert {n.source for r in records for n in r.study.networks} == {"my_study my-study 0.1"}
     assert {(r.spec.train_size, r.spec.validation_size) for r in records} == {(4_000, 2_000)}
-    assert all(math.isfinite(e.measure("block-weight-norm")) for r in records for e in r.epochs)
+    assert all(math.isfinite(e.measure("block-weight-norm")) for r in records if r.spec.batch_size == 64
+               for e in r.epochs)
+    assert all(r.activations is not None for r in records if r.spec.variant != "ws")  # probed at blocks.1.0
     judged = {v.result.name: v.result.verdict for v in load_verdicts(results)}
-    assert set(judged) == {"res-bn-lower-final-loss-bs64", "res-ws-at-least-res-plain-bs64"}
+    assert {"resmlp-residual-bn-lower-final-loss-bs64", "resmlp-residual-ws-at-least-plain-bs64"} <= set(judged)
+    # The batch study's claims compare bnsuite's bn with its plain, on the residual MLP.
+    assert {"resmlp-bn-lower-final-loss-bs128", "resmlp-bn-steadier-activations-bs64",
+            "resmlp-bn-loss-advantage-grows-with-batch-size"} <= set(judged)
+    # The baseline gate, in this process where no plugin registers the network: the same records, identical.
+    shutil.copytree(results / "runs", tmp_path / "baseline" / "runs")
+    assert baseline.main(["compare", str(results), "--baseline", str(tmp_path / "baseline")]) == 0
+    assert "resmlp-bn-bs128 (2 epochs): identical (exact rule)" in capsys.readouterr().out
     for name, verdict in judged.items():
         assert f"  {name}: " in run.stdout and verdict in VERDICTS  # in the gate's summary too
     # In worker processes, which find the same entry point (two of the seeds): the same runs, to rounding.
     in_workers = tmp_path / "in-workers"
-    _pytest("--pyargs", "bnsuite.benchmarks.test_study", *study, "--bn-seeds", "2", "--bn-executor", "processes",
-            "--bn-results-dir", str(in_workers), cwd=project, env=env)
+    _pytest("--pyargs", "bnsuite.benchmarks.test_study", *study, "--bn-studies", "residual", "--bn-seeds", "2",
+            "--bn-executor", "processes", "--bn-results-dir", str(in_workers), cwd=project, env=env)
 
     local, workers = ({r.spec: r for r in load_records(directory)} for directory in (results, in_workers))
     assert len(workers) == 3 * 2 and workers.keys() <= local.keys()
@@ -154,6 +169,7 @@ def test_the_worked_example_trains_from_its_installed_package_locally_and_in_pro
     without = _report(results, elsewhere)
     assert "The study 'residual' is not registered here" in without
     assert all(f"| {name} " in without for name in judged)
+    assert "on the residual MLP" in without  # the batch study's section on the network, from its description
     # And where it is: the study's own section, with its measure.
     mine = _report(results, project, env=env)
     assert "## Residual MLP on my digits" in mine and "Block weight norm after the last epoch" in mine

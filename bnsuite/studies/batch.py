@@ -32,7 +32,7 @@ from bnsuite.claims import (
     train_accuracy,
 )
 from bnsuite.records import RunRecord, epochs_frame, runs_frame
-from bnsuite.registry import SectionContext, register_study
+from bnsuite.registry import ANY_NETWORK, SectionContext, register_study
 from bnsuite.report_parts import claims_table, colors, discussion, variant_order, variants_of, write_figure
 from bnsuite.spec import CONTRADICTED, NOT_SHOWN, SUPPORTED, KnownException, Study, StudySpec
 
@@ -555,4 +555,4 @@ def timing_table(runs: pd.DataFrame, order) -> str:
 
 register_study(NAME, title="batch-size study", matrices=MATRICES, section=batch_section,
                known_exceptions=KNOWN_EXCEPTIONS, options={"variants", "batch-sizes", "epochs", "lr"},
-               discusses=True, networks=("mlp", "cnn"))(batch_claims)
+               discusses=True, networks=("mlp", "cnn", ANY_NETWORK))(batch_claims)

@@ -29,7 +29,7 @@ from bnsuite.claims import (
     result,
     summary,
 )
-from bnsuite.registry import SectionContext, register_study
+from bnsuite.registry import ANY_NETWORK, SectionContext, register_study
 from bnsuite.report_parts import claims_block, colors, opening, write_figure
 from bnsuite.spec import NOT_SHOWN, KnownException, Study, StudySpec
 
@@ -336,4 +336,4 @@ KNOWN_EXCEPTIONS = {"full": (
                    "held-out), never behind it"),
 )}
 register_study(NAME, title="ghost-batch study", matrices=MATRICES, section=ghost_section,
-               known_exceptions=KNOWN_EXCEPTIONS, networks=("mlp", "cnn"))(ghost_study_claims)
+               known_exceptions=KNOWN_EXCEPTIONS, networks=("mlp", "cnn", ANY_NETWORK))(ghost_study_claims)

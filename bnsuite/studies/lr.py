@@ -19,7 +19,7 @@ import pandas as pd
 from bnsuite import plots
 from bnsuite.claims import Claim, ClaimResult, Runs, compare, decide, held_out_accuracy, needs, result, rule, summary
 from bnsuite.records import RunRecord
-from bnsuite.registry import SectionContext, register_study
+from bnsuite.registry import ANY_NETWORK, SectionContext, register_study
 from bnsuite.report_parts import claims_block, colors, opening, runs_table, write_figure
 from bnsuite.spec import CONTRADICTED, DEFAULT_LR, NOT_SHOWN, UNSETTLED, KnownException, Study, StudySpec
 
@@ -271,4 +271,5 @@ def lr_section(context: SectionContext) -> list[str]:
 
 
 register_study(NAME, title="learning-rate study", matrices=MATRICES, section=lr_section,
-               known_exceptions=KNOWN_EXCEPTIONS, options={"epochs"}, networks=("mlp", "cnn"))(lr_study_claims)
+               known_exceptions=KNOWN_EXCEPTIONS, options={"epochs"},
+               networks=("mlp", "cnn", ANY_NETWORK))(lr_study_claims)
