@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -28,6 +30,16 @@ def write_small_idx_dir(directory, *, train=20, test=10, seed=0):
     for name, array in arrays.items():
         (directory / name).write_bytes(encode_idx(array))
     return arrays
+
+@pytest.fixture(scope="session", autouse=True)
+def subprocesses_are_not_xdist_workers():
+    """A Python or pytest process a test starts is a run of its own, also when the tests run in xdist workers
+    (.ci/run): without the workers' variables, whose presence makes pytest-benchmark there switch itself off."""
+    saved = {name: os.environ.pop(name) for name in ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT",
+                                                     "PYTEST_XDIST_TESTRUNUID") if name in os.environ}
+    yield
+    os.environ.update(saved)
+
 
 @pytest.fixture
 def clean_registry(monkeypatch):

@@ -9,7 +9,7 @@ installs a plugin on every node. The smoke batch study (`STUDY`) joins it throug
 removed while it trains a case, and the plugins reach the workers (joined with
 `--bn-ray-address auto`, as on the head node).
 
-Needs the optional extra: `python3 -m uv run --extra ray pytest tests/test_cluster.py` (.ci/run runs it so);
+Needs the optional extra: `python3 -m uv run --extra ray pytest tests/ -m ray` (.ci/run runs it so);
 skipped without Ray. Run so, every driver descends from `uv run`, the case in which Ray's uv hook (which bnsuite
 turns off) had the workers of the plugin study, run from a directory that is no uv project, never start.
 """
@@ -35,6 +35,7 @@ from bnsuite.records import load_records
 from bnsuite.study import StudySession, study_from_options
 
 ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.ray
 cluster_utils = pytest.importorskip("ray.cluster_utils")
 ROOT = Path(__file__).resolve().parents[1]
 NODE = re.compile(r", node ([0-9a-f]{12}) \(")

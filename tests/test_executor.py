@@ -1,6 +1,6 @@
 """Cases as Ray tasks (--bn-executor ray): the same records as locally, and the faults a cluster has.
 
-Needs the optional extra: `python3 -m uv run --extra ray pytest tests/test_executor.py` (.ci/run runs it so);
+Needs the optional extra: `python3 -m uv run --extra ray pytest tests/ -m ray` (.ci/run runs it so);
 skipped without Ray. Each test starts its own local Ray instance of 2 CPUs (about 8 s) and stops it.
 """
 
@@ -23,6 +23,7 @@ from bnsuite.records import load_records
 from conftest import one_thread_local_records, records_through, smoke_batch_study
 
 ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.ray
 ROOT = Path(__file__).resolve().parents[1]
 
 
