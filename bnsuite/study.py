@@ -158,7 +158,7 @@ def study_from_options(
         chosen = [definition for name, definition in registered.items() if name in names]
     base = profile_spec(profile, chosen, dataset)
     if network is not None:
-        base = on_networks(base, tuple(_check_choice(name, NETWORKS, "network")
+        base = on_networks(base, tuple(_check_choice(name, NETWORKS, "network", hint=NETWORK_HINT)
                                         for name in _split_list(network, "networks")))
     changes: dict = {}
     if seeds is not None:
@@ -209,6 +209,7 @@ def study_from_options(
 
 PLUGIN_HINT = "a variant of your own is registered by a plugin: --bn-plugin MODULE"
 DATASET_HINT = "a dataset of your own is registered by a plugin: --bn-plugin MODULE"
+NETWORK_HINT = "a network of your own is registered by a plugin: --bn-plugin MODULE"
 
 
 def on_networks(spec: StudySpec, networks: tuple[str, ...] | None) -> StudySpec:
