@@ -44,6 +44,12 @@ def test_layers_have_the_studys_names_and_shapes():
         "fc1.weight": (256, 784), "fc1.bias": (256,), "fc2.weight": (128, 256), "fc2.bias": (128,),
         "fc3.weight": (10, 128), "fc3.bias": (10,),
     }
+    torch.manual_seed(5)
+    built = build_model("plain")  # SimpleNNWithBN with nothing in its slots: SimpleNN's parameters and init
+    torch.manual_seed(5)
+    assert all(torch.equal(value, plain_again) for value, plain_again in zip(
+        built.state_dict().values(), SimpleNN().state_dict().values(), strict=True))
+    assert list(built.state_dict()) == list(plain)
     with_bn = SimpleNNWithBN()
     assert isinstance(with_bn.bn1, nn.BatchNorm1d) and with_bn.bn1.num_features == 256
     assert isinstance(with_bn.bn2, nn.BatchNorm1d) and with_bn.bn2.num_features == 128
