@@ -17,9 +17,10 @@
   copy bandwidth over its working set, divided by the step's time), and
   the most the step could reach: the bound over its GEMMs and its update,
   each timed alone as the step runs them (bnsuite.speed.step_floor_seconds);
-- `test_convnet_paths_side_by_side`, `test_convnet_epoch`: the same for the ConvNet, when the session
-  trains it (--bn-network cnn): its original pipeline, the eager step in NCHW and in channels-last, and the
-  study's way (its fused step, seeds together) side by side, and its roofline;
+- `test_network_paths_side_by_side`, `test_network_epoch`: the same for each network the session trains
+  besides the MLP (the ConvNet with --bn-network cnn, a plugin's network): its original pipeline, the eager
+  step (for the ConvNet in NCHW and in channels-last), and the study's way (its step, seeds together) side by
+  side, and its roofline;
 - `test_training_step_cost`: the per-step cost of plain and bn (forward,
   backward, update) at each batch size, through the step that trains;
 - `test_own_layer_epoch`: a layer no fused step covers (`bn-scratch`, BN written
@@ -39,8 +40,10 @@ import torch
 
 from bnsuite import fused
 from bnsuite.data import load_splits
+from bnsuite.datasets import DATASETS
 from bnsuite.fastpath import FastStep
 from bnsuite.models import build_model
+from bnsuite.networks import title
 from bnsuite.spec import RunSpec
 from bnsuite.speed import (
     MEMORY_BYTES,
@@ -55,6 +58,12 @@ from bnsuite.train import MAX_RUNS_TOGETHER, resolve_device, train_seeds
 
 BANDWIDTH: dict[int, float] = {}  # working-set bytes -> the best copy bandwidth seen over it in this run, bytes/s
 ROUNDS = 3  # rounds of the side-by-side comparison: the median of 3 ratios steadies it
+
+
+def _rounds(study) -> int:
+    """The side-by-side comparisons' rounds: ROUNDS, one in the smoke profile (which checks that every path runs and
+    gives its ratio, in CI's minutes; a steady figure is the other profiles')."""
+    return 1 if study.profile == "smoke" else ROUNDS
 SWEEP_RUNS = MAX_RUNS_TOGETHER  # a sweep group: the most runs the ATen step trains as one computation
 SWEEP_IMAGES = 20_000  # a third of an epoch: rates are what is measured
 PATH_IMAGES = 10_000  # a sixth: the ratios are what is measured, and the original pipeline's rounds dominate
@@ -122,11 +131,12 @@ def test_training_paths_side_by_side(benchmark, study, study_session, variant):
         for path in order:
             times[path].append(_epoch_time_per_run(paths[path], study_session.data_dir, aten=path == "aten"))
 
-    benchmark.pedantic(one_round, rounds=ROUNDS, iterations=1)
+    rounds = _rounds(study)
+    benchmark.pedantic(one_round, rounds=rounds, iterations=1)
     ratios = {path: [alone / ours for alone, ours in zip(times[path], times["study"], strict=True)] for path in paths}
     speedup = {path: statistics.median(ratios[path]) for path in paths if path != "study"}
     benchmark.extra_info.update({
-        "bnsuite": "paths", "variant": variant, "batch_size": 64, "rounds": ROUNDS, "step": _step_name(variant),
+        "bnsuite": "paths", "variant": variant, "batch_size": 64, "rounds": rounds, "step": _step_name(variant),
         "runs_together": len(paths["study"]), "images": paths["study"][0].train_size,
         "epoch_s": {path: statistics.median(values) for path, values in times.items()},
         "epoch_s_by_round": times, "ratios_by_round": {p: r for p, r in ratios.items() if p != "study"},
@@ -135,7 +145,7 @@ def test_training_paths_side_by_side(benchmark, study, study_session, variant):
     study_session.progress(
         f"speed: {variant} bs64, the study's way ({_step_name(variant)}, {len(paths['study'])} seeds together) vs: "
         + ", ".join(f"{path} {value:.2f}x" for path, value in speedup.items())
-        + f" (median of {ROUNDS} interleaved rounds)")
+        + f" (median of {rounds} interleaved rounds)")
 
 
 
@@ -221,88 +231,94 @@ def test_training_step_cost(benchmark, study, study_session, variant, batch_size
                                  "step": _step_name(variant) if device.type == "cpu" else FastStep.NAME})
 
 
-# --- the ConvNet (--bn-network cnn): its figures are taken when the session trains it ---
+# --- the session's other networks (the ConvNet, a user's): their figures are taken when the session trains them ---
 
-CONVNET_IMAGES = 10_000  # a sixth of an epoch: a ConvNet epoch costs about 20 of the MLP's here
-
-
-def _convnet_session(study) -> None:
-    if not any("cnn" in entry.networks for entry in study.studies):
-        pytest.skip("the ConvNet's speed is measured when the session trains it (--bn-network cnn)")
+NETWORK_IMAGES = 10_000  # a sixth of an epoch: a ConvNet epoch costs about 20 of the MLP's here
 
 
-def _convnet_specs(study, variant, batch_size, pipeline, seeds=(0,)):
-    return [_at_most(dataclasses.replace(spec, network="cnn"), CONVNET_IMAGES)
+def _network_specs(study, network, variant, batch_size, pipeline, seeds=(0,)):
+    return [_at_most(dataclasses.replace(spec, network=network), NETWORK_IMAGES)
             for spec in _epoch_specs(study, variant, batch_size, pipeline, seeds=seeds)]
 
 
-def _convnet_step_name(variant: str) -> str:
-    """The step that trains `variant` on the ConvNet here, as records name it."""
-    return fused.build().step_name if fused.supports(build_model(variant, network="cnn"), 64) else "eager"
+def _network_model(study, network, variant):
+    info = DATASETS[study.dataset]
+    return build_model(variant, network=network, image_shape=info.image_shape, classes=info.classes)
+
+
+def _epoch_and_step(specs, data_dir) -> tuple[float, str]:
+    """One epoch of `specs` trained together: each run's share of the training time, and the step that trained."""
+    records = train_seeds(specs, data_dir=data_dir)
+    assert all(record.steps == record.spec.steps_per_epoch for record in records)
+    return sum(record.train_time_s for record in records) / len(records), records[0].training_step
 
 
 @pytest.mark.parametrize("variant", ["plain", "bn"])
-def test_convnet_paths_side_by_side(benchmark, study, study_session, variant, monkeypatch):
-    """The ConvNet's epoch (bs64, 10,000 images) through the original pipeline (Dataset + DataLoader, eager
-    autograd), the eager step on tensor batches in NCHW and in channels-last (the layout the ConvNet trains in),
-    and the study's way (the fused step where it builds, the study's seeds trained together; its time is per
-    run); round after round, ratios within a round."""
-    _convnet_session(study)
+def test_network_paths_side_by_side(benchmark, study, study_session, network, variant, monkeypatch):
+    """Another network's epoch (bs64, 10,000 images) through the original pipeline (Dataset + DataLoader, eager
+    autograd), the eager step on tensor batches (for a network that lays its feature maps out channels-last, as
+    the ConvNet does, in NCHW too), and the study's way (its step, the study's seeds trained together; its time is
+    per run); round after round, ratios within a round. `network`: each network the session trains besides the
+    MLP (bnsuite.plugin)."""
     from bnsuite import models
 
-    paths = {"original": _convnet_specs(study, variant, 64, "original"),
-             "nchw": _convnet_specs(study, variant, 64, "eager"),
-             "eager": _convnet_specs(study, variant, 64, "eager"),
-             "study": _convnet_specs(study, variant, 64, "fast", seeds=study.seeds)}
+    paths = {"original": _network_specs(study, network, variant, 64, "original"),
+             "eager": _network_specs(study, network, variant, 64, "eager"),
+             "study": _network_specs(study, network, variant, 64, "fast", seeds=study.seeds)}
+    if hasattr(_network_model(study, network, variant), "memory_format"):  # it follows models.CHANNELS_LAST
+        paths = {"nchw": paths["eager"], **paths}
     times: dict[str, list[float]] = {path: [] for path in paths}
+    steps: dict[str, str] = {}
 
     def one_round():
         order = list(paths) if len(times["study"]) % 2 == 0 else list(reversed(paths))
         for path in order:
             monkeypatch.setattr(models, "CHANNELS_LAST", path != "nchw")
-            times[path].append(_epoch_time_per_run(paths[path], study_session.data_dir))
+            seconds, steps[path] = _epoch_and_step(paths[path], study_session.data_dir)
+            times[path].append(seconds)
         monkeypatch.setattr(models, "CHANNELS_LAST", True)
 
-    benchmark.pedantic(one_round, rounds=ROUNDS, iterations=1)
+    rounds = _rounds(study)
+    benchmark.pedantic(one_round, rounds=rounds, iterations=1)
     ratios = {path: [alone / ours for alone, ours in zip(times[path], times["study"], strict=True)] for path in paths}
     speedup = {path: statistics.median(ratios[path]) for path in paths if path != "study"}
     benchmark.extra_info.update({
-        "bnsuite": "convnet-paths", "variant": variant, "batch_size": 64, "rounds": ROUNDS,
-        "step": _convnet_step_name(variant), "runs_together": len(paths["study"]),
+        "bnsuite": "network-paths", "network": network, "network_title": title(network), "variant": variant,
+        "batch_size": 64, "rounds": rounds, "step": steps["study"], "runs_together": len(paths["study"]),
         "images": paths["study"][0].train_size, "epoch_s": {p: statistics.median(v) for p, v in times.items()},
         "epoch_s_by_round": times, "ratios_by_round": {p: r for p, r in ratios.items() if p != "study"},
         "speedup": speedup})
     study_session.progress(
-        f"speed: ConvNet {variant} bs64, the study's way ({_convnet_step_name(variant)}, {len(paths['study'])} seeds "
+        f"speed: {title(network)}, {variant} bs64, the study's way ({steps['study']}, {len(paths['study'])} seeds "
         "together) vs: " + ", ".join(f"{path} {value:.2f}x" for path, value in speedup.items())
-        + f" (median of {ROUNDS} interleaved rounds)")
+        + f" (median of {rounds} interleaved rounds)")
 
 
 @pytest.mark.parametrize("batch_size", [32, 64, 128])
 @pytest.mark.parametrize("variant", ["plain", "bn"])
-def test_convnet_epoch(benchmark, study, study_session, variant, batch_size):
-    """The ConvNet's training path, the study's seeds trained together as a case does, against the roofline: its
-    convolution and classifier FLOPs at the matmul peak, its least traffic at the bandwidth over its working set,
+def test_network_epoch(benchmark, study, study_session, network, variant, batch_size):
+    """Another network's training path, the study's seeds trained together as a case does, against the roofline:
+    its matmul and convolution FLOPs at the matmul peak, its least traffic at the bandwidth over its working set,
     the fraction of the bound it reaches."""
-    _convnet_session(study)
-    specs = _convnet_specs(study, variant, batch_size, "fast", seeds=study.seeds)
-    epoch_s = benchmark.pedantic(_epoch_time_per_run, args=(specs, study_session.data_dir), rounds=1, iterations=1)
+    specs = _network_specs(study, network, variant, batch_size, "fast", seeds=study.seeds)
+    epoch_s, step = benchmark.pedantic(_epoch_and_step, args=(specs, study_session.data_dir), rounds=1,
+                                       iterations=1)
     images, steps = specs[0].train_size, specs[0].steps_per_epoch
-    flops = training_flops_per_sample(build_model(variant, network="cnn"))
-    traffic = StepTraffic.of(variant, batch_size, len(specs), "cnn")
+    flops = training_flops_per_sample(_network_model(study, network, variant))
+    traffic = StepTraffic.of(variant, batch_size, len(specs), network)
     bandwidth = _best_rates(study_session, traffic, resolve_device(study.device))
     # The average step of the epoch for the whole group: every run's images, the group's time.
     roofline = Roofline(flops_per_step=flops * images * len(specs) / steps, traffic=traffic,
                         peak_flops=study_session.peak_flops, bandwidth=bandwidth,
                         step_s=epoch_s * len(specs) / steps)
-    info = {"bnsuite": "convnet-fraction", "variant": variant, "batch_size": batch_size,
-            "runs_together": len(specs), "step": _convnet_step_name(variant),
+    info = {"bnsuite": "network-fraction", "network": network, "network_title": title(network), "variant": variant,
+            "batch_size": batch_size, "runs_together": len(specs), "step": step,
             "images": images, "epoch_s_per_run": epoch_s, "achieved_gflops": flops * images / epoch_s / 1e9,
             "peak_gflops": study_session.peak_flops / 1e9, "fraction_of_matmul_peak": roofline.fraction_of_peak,
             **roofline.info()}
     benchmark.extra_info.update(info)
     study_session.progress(
-        f"speed: ConvNet {variant} bs{batch_size}, {_convnet_step_name(variant)}, {len(specs)} seeds together: "
+        f"speed: {title(network)}, {variant} bs{batch_size}, {step}, {len(specs)} seeds together: "
         f"{epoch_s:.2f} s per run for {images:,} images, "
         f"{info['achieved_gflops']:.1f} GFLOP/s = {roofline.fraction_of_peak:.3f} of matmul peak, "
         f"{roofline.fraction_of_bound:.3f} of the roofline bound ({roofline.limit}: {flops * images / steps / 1e9:.2f} "
@@ -342,7 +358,8 @@ def test_own_layer_epoch(benchmark, study, study_session, monkeypatch):
             times[path].append(sum(record.epochs[1].epoch_time_s for record in records) / len(records))
             steps[path] = records[0].training_step
 
-    benchmark.pedantic(one_round, rounds=2, iterations=1)
+    rounds = min(_rounds(study), 2)
+    benchmark.pedantic(one_round, rounds=rounds, iterations=1)
     epoch_s = {path: statistics.median(values) for path, values in times.items()}
     images, batches = paths["compiled"][0].train_size, paths["compiled"][0].steps_per_epoch
     flops = training_flops_per_sample(build_model(OWN_LAYER))
@@ -353,7 +370,7 @@ def test_own_layer_epoch(benchmark, study, study_session, monkeypatch):
                         step_s=epoch_s["compiled"] * len(seeds) / batches)
     benchmark.extra_info.update({
         "bnsuite": "own-layer", "variant": OWN_LAYER, "batch_size": 64, "runs_together": len(seeds),
-        "images": images, "rounds": 2, "steps": steps, "epoch_s": epoch_s, "epoch_s_by_round": times,
+        "images": images, "rounds": rounds, "steps": steps, "epoch_s": epoch_s, "epoch_s_by_round": times,
         "speedup_vs_eager": epoch_s["eager"] / epoch_s["compiled"],
         "times_the_fused_bn": epoch_s["compiled"] / epoch_s["fused bn"],
         "fraction_of_matmul_peak": roofline.fraction_of_peak, **roofline.info()})

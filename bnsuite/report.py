@@ -436,10 +436,11 @@ def _kind(bench: dict) -> str | None:
 
 @dataclass(frozen=True)
 class SpeedTable:
-    """One table of a benchmark run's speed figures: the benchmarks whose extra_info "bnsuite" is `kind`, one row
-    from each (`row(info)`), under `heading` and the paragraph `text(data, infos)`."""
+    """One table of a benchmark run's speed figures: the benchmarks whose extra_info "bnsuite" is `kind` (or one of
+    them, a tuple naming a kind's earlier names too), one row from each (`row(info)`), under `heading` and the
+    paragraph `text(data, infos)`."""
 
-    kind: str
+    kind: str | tuple[str, ...]
     heading: str
     text: Callable[[dict, list[dict]], str]
     row: Callable[[dict], dict]
@@ -450,7 +451,8 @@ def speed_rows(data: dict) -> list[str]:
     by side in that run: a table per kind of benchmark it holds, in SPEED_TABLES' order."""
     lines = []
     for table in SPEED_TABLES:
-        infos = [bench.get("extra_info", {}) for bench in data.get("benchmarks", []) if _kind(bench) == table.kind]
+        kinds = table.kind if isinstance(table.kind, tuple) else (table.kind,)
+        infos = [bench.get("extra_info", {}) for bench in data.get("benchmarks", []) if _kind(bench) in kinds]
         if infos:
             rows = pd.DataFrame([table.row(info) for info in infos]).fillna("")
             lines += [f"### {table.heading}", "", table.text(data, infos), "",
@@ -537,25 +539,33 @@ def _own_layer_row(info: dict) -> dict:
             "fraction of roofline bound": f"{info['fraction_of_roofline']:.2f} ({info['limit']})"}
 
 
-def _convnet_path_row(info: dict) -> dict:
+def _network(info: dict) -> dict:
+    """The network a network-paths or network-fraction benchmark measured; a file from before these kinds measured
+    the ConvNet under "convnet-paths" and "convnet-fraction"."""
+    return {"network": info.get("network_title") or info.get("network") or "ConvNet"}
+
+
+def _network_path_row(info: dict) -> dict:
     epoch_s, speedup = info["epoch_s"], info["speedup"]
-    # A benchmark file from before the fused ConvNet step has no channels-last eager path nor step name.
-    return {"variant": info["variant"], "batch size": info["batch_size"], "images": f"{info['images']:,}",
-            "step": info.get("step", "eager"), "runs together": info.get("runs_together", 1),
+    # A benchmark file from before the fused ConvNet step has no channels-last eager path nor step name; a network
+    # that does not lay its maps out channels-last has no NCHW path.
+    return {**_network(info), "variant": info["variant"], "batch size": info["batch_size"],
+            "images": f"{info['images']:,}", "step": info.get("step", "eager"),
+            "runs together": info.get("runs_together", 1),
             "original pipeline (s)": f"{epoch_s['original']:.2f}",
-            "eager step, NCHW (s)": f"{epoch_s['nchw']:.2f}",
-            "eager step, channels-last (s)": f"{epoch_s['eager']:.2f}" if "eager" in epoch_s else "",
+            "eager step, NCHW (s)": f"{epoch_s['nchw']:.2f}" if "nchw" in epoch_s else "",
+            "eager step (s)": f"{epoch_s['eager']:.2f}" if "eager" in epoch_s else "",
             "the study's way, per run (s)": f"{epoch_s['study']:.2f}",
             "speed-up vs original": f"{speedup['original']:.2f}x",
-            "vs NCHW": f"{speedup['nchw']:.2f}x",
+            "vs NCHW": f"{speedup['nchw']:.2f}x" if "nchw" in speedup else "",
             "vs eager": f"{speedup['eager']:.2f}x" if "eager" in speedup else "",
             "rounds": info["rounds"]}
 
 
-def _convnet_fraction_row(info: dict) -> dict:
+def _network_fraction_row(info: dict) -> dict:
     return {
-        "variant": info["variant"], "batch size": info["batch_size"], "images": f"{info['images']:,}",
-        "step": info.get("step", "eager"), "runs together": info["runs_together"],
+        **_network(info), "variant": info["variant"], "batch size": info["batch_size"],
+        "images": f"{info['images']:,}", "step": info.get("step", "eager"), "runs together": info["runs_together"],
         "epoch per run (s)": f"{info['epoch_s_per_run']:.2f}", "GFLOP/s": f"{info['achieved_gflops']:.1f}",
         "fraction of matmul peak": f"{info['fraction_of_matmul_peak']:.3f}",
         "MB a step (least)": f"{info['bytes_per_step'] / 1e6:.1f}",
@@ -584,15 +594,17 @@ SPEED_TABLES = (
         "the study's seeds together on the compiled step (bnsuite.compiled), against the eager step one seed "
         "at a time and the fused step's `bn` on the same network and images: the second epoch of two (the "
         "first pays the compilation), median of alternating rounds."), _own_layer_row),
-    SpeedTable("convnet-paths", "Speed: the ConvNet's epoch through each path (benchmarks/test_speed.py)", _said(
-        "The ConvNet at batch 64 on the images named, every path in turn each round, the speed-up the "
-        "median of the rounds' ratios: the original pipeline (torchvision Dataset + DataLoader, eager "
-        "autograd), the eager step on tensor batches in NCHW and in channels-last (one run), and the study's "
-        "way (the step named, the study's seeds trained together; its time per run)."), _convnet_path_row),
-    SpeedTable("convnet-fraction", "Speed: the ConvNet against the roofline", _said(
-        "Its FLOPs are its convolutions' and classifier's (bnsuite.speed.training_flops_per_sample); its "
-        "least traffic its parameters' state, its images and its feature maps and their gradients, each "
-        "moved once."), _convnet_fraction_row),
+    SpeedTable(("network-paths", "convnet-paths"), "Speed: the other networks' epochs through each path "
+               "(benchmarks/test_speed.py)", _said(
+        "Each network the study trained besides the MLP, at batch 64 on the images named, every path in turn each "
+        "round, the speed-up the median of the rounds' ratios: the original pipeline (torchvision Dataset + "
+        "DataLoader, eager autograd), the eager step on tensor batches, one run (for the ConvNet in NCHW and in "
+        "channels-last, the layout it trains in), and the study's way (the step named, the study's seeds trained "
+        "together; its time per run)."), _network_path_row),
+    SpeedTable(("network-fraction", "convnet-fraction"), "Speed: the other networks against the roofline", _said(
+        "A network's FLOPs are its training step's matrix products and convolutions as torch counts them "
+        "(bnsuite.speed.training_flops_per_sample); its least traffic its parameters' state, its images and its "
+        "activations and their gradients, each moved once."), _network_fraction_row),
     SpeedTable("tools", "Speed: loading, the report and the baseline comparison over many records", _said(
         "Valid records made from the smoke reference's (every study, both networks, 21 seeds): loading them, "
         "building the report (no figures) and comparing them with themselves as a baseline "

@@ -2,7 +2,7 @@
 
 Two terms bound a training step from below:
 
-- **compute**: its matmul FLOPs (`training_flops_per_sample`) at the
+- **compute**: its matmul FLOPs (`training_flops_per_sample`, as torch counts them) at the
   machine's float32 matmul peak (`matmul_peak_flops`);
 - **traffic**: the bytes it must move at the least (`StepTraffic`) at the
   copy bandwidth the machine reaches over a buffer as large as the step's
@@ -25,11 +25,14 @@ the highest fraction of the bound the step could reach.
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn import functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 from bnsuite import fused
 from bnsuite.datasets import DATASETS
@@ -42,39 +45,21 @@ MEMORY_BYTES = 256 * 2**20  # a copy this large runs at main-memory bandwidth on
 
 
 def training_flops_per_sample(model: nn.Module) -> int:
-    """Matmul FLOPs of one sample's forward and backward pass through the model's Linear layers.
+    """Matmul FLOPs of one sample's training step through the model: its forward and backward pass as torch
+    counts them (torch.utils.flop_counter), every matrix product and convolution the step runs, whatever module
+    or function runs it (a user's network with `torch.matmul` in its forward is counted as fully as a Linear).
 
-    Forward: 2*in*out per layer. Backward: 2*in*out for the weight gradient,
-    and 2*in*out for the input gradient except in the first layer, whose
-    input (the image) needs none. BN, ReLU, loss and optimizer work is
-    elementwise, under 1% of this, and not counted.
+    For a Linear: 2*in*out forward, 2*in*out for the weight gradient and 2*in*out for the input gradient except
+    in the first layer, whose input (the image) needs none; a convolution likewise at each output position.
+    BN, ReLU, loss and optimizer work is elementwise and not counted. Counted on a copy in eval mode, on one
+    zero image of the model's `image_shape` (the products are a training step's; the model and torch's random
+    state change in nothing).
     """
-    if any(isinstance(module, nn.Conv2d) for module in model.modules()):
-        return _conv_training_flops(model)
-    linears = [module for module in model.modules() if isinstance(module, nn.Linear)]
-    flops = 0
-    for index, layer in enumerate(linears):
-        per_pass = 2 * layer.in_features * layer.out_features
-        flops += per_pass * (2 if index == 0 else 3)
-    return flops
-
-
-def _conv_training_flops(model: nn.Module) -> int:
-    """The same count for a network with convolutions (the ConvNet), from one image's forward pass: a 3x3
-    convolution's pass is 2 x (C_in x 9) x C_out MACs at each output position, a Linear's 2 x in x out; forward,
-    weight gradient, and input gradient but for the first layer's. Shapes come from the model's `image_shape`."""
-    passes: list[int] = []
-
-    def count(module: nn.Module, inputs, output) -> None:
-        if isinstance(module, nn.Conv2d):
-            kernel = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
-            passes.append(2 * kernel * output[0].numel())
-        elif isinstance(module, nn.Linear):
-            passes.append(2 * module.in_features * module.out_features)
-
-    _one_image_through(model, [module for module in model.modules() if isinstance(module, (nn.Conv2d, nn.Linear))],
-                       count)
-    return sum(per_pass * (2 if index == 0 else 3) for index, per_pass in enumerate(passes))
+    probe = copy.deepcopy(model).eval()
+    image = torch.zeros(1, *getattr(model, "image_shape", (1, 28, 28)))
+    with torch.random.fork_rng(), FlopCounterMode(display=False) as counter:
+        F.cross_entropy(probe(image), torch.zeros(1, dtype=torch.long)).backward()
+    return counter.get_total_flops()
 
 
 def activation_widths(model: nn.Module) -> tuple[int, int]:
@@ -355,15 +340,23 @@ class StudyFloor:
                 measured[size] = (bandwidth or copy_bandwidth)(size)
             return measured[size]
 
+        per_sample: dict[tuple[str, str, str], int] = {}  # one count per network, variant and dataset
+
+        def flops_per_sample(spec) -> int:
+            key = (spec.variant, spec.network, spec.dataset)
+            if key not in per_sample:
+                info = DATASETS[spec.dataset]
+                per_sample[key] = training_flops_per_sample(build_model(
+                    spec.variant, network=spec.network, image_shape=info.image_shape, classes=info.classes))
+            return per_sample[key]
+
         gflop = compute = traffic = floor = train = 0.0
         run_epochs = 0
         for record in records:
             spec = record.spec
             epochs = record.steps / spec.steps_per_epoch
             run_epochs += round(epochs)
-            info = DATASETS[spec.dataset]
-            model = build_model(spec.variant, network=spec.network, image_shape=info.image_shape, classes=info.classes)
-            flops = training_flops_per_sample(model) * spec.train_size * epochs
+            flops = flops_per_sample(spec) * spec.train_size * epochs
             group = StepTraffic.of(spec.variant, spec.batch_size, record.runs_trained_together, spec.network)
             run_compute = flops / peak_flops
             run_traffic = record.steps * group.bytes_per_step / record.runs_trained_together / rate(group.working_set)

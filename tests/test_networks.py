@@ -147,6 +147,27 @@ def test_the_convnet_s_training_flops_count_its_convolutions_and_classifier():
     assert training_flops_per_sample(model) == 2 * conv1 + 3 * conv2 + 3 * fc  # no input gradient for the image
 
 
+def test_the_training_flops_count_products_no_linear_module_runs_and_change_nothing():
+    class Factored(torch.nn.Module):  # a user's network: its products in torch.matmul, no Linear, no Conv2d
+        image_shape = (1, 28, 28)
+
+        def __init__(self):
+            super().__init__()
+            self.first, self.second = torch.nn.Parameter(torch.randn(784, 32)), torch.nn.Parameter(torch.randn(32, 10))
+            self.drop = torch.nn.Dropout(0.5)
+
+        def forward(self, images):
+            return self.drop(torch.relu(images.flatten(1) @ self.first)) @ self.second
+
+    model = Factored()
+    state, before = torch.random.get_rng_state(), {name: value.clone() for name, value in model.state_dict().items()}
+    # the first product's forward and weight gradient (the image needs no gradient), the second's three passes
+    assert training_flops_per_sample(model) == 2 * (2 * 784 * 32) + 3 * (2 * 32 * 10)
+    assert torch.equal(torch.random.get_rng_state(), state) and model.training
+    assert all(torch.equal(value, before[name]) for name, value in model.state_dict().items())
+    assert all(parameter.grad is None for parameter in model.parameters())
+
+
 @pytest.fixture(scope="module")
 def convnet_runs(mnist_dir):
     group = tuple(RunSpec(variant="bn", network="cnn", batch_size=64, epochs=1, seed=seed, train_subset=1_024,

@@ -149,6 +149,10 @@ def test_the_worked_example_trains_from_its_installed_package_locally_and_in_pro
     assert "resmlp-bn-bs128 (2 epochs): identical (exact rule)" in capsys.readouterr().out
     for name, verdict in judged.items():
         assert f"  {name}: " in run.stdout and verdict in VERDICTS  # in the gate's summary too
+    # The speed benchmark measures the network against its roofline, its FLOPs counted from its own forward.
+    speed = _pytest("--pyargs", "bnsuite.benchmarks.test_speed", "-k", "test_network_epoch and bn-64", *study,
+                    "--bn-results-dir", str(tmp_path / "speed"), cwd=project, env=env)
+    assert re.search(r"speed: residual MLP, bn bs64, \S.*, 4 seeds together: .* of the roofline bound", speed.stdout)
     # In worker processes, which find the same entry point (two of the seeds): the same runs, to rounding.
     in_workers = tmp_path / "in-workers"
     _pytest("--pyargs", "bnsuite.benchmarks.test_study", *study, "--bn-studies", "residual", "--bn-seeds", "2",

@@ -306,6 +306,27 @@ def test_a_layer_of_ones_own_is_reported_beside_the_eager_step_and_the_fused_bn(
     assert "| bn-scratch " in lines and "| 3.64x " in lines and "| 1.48x " in lines and "0.30 (compute)" in lines
 
 
+def test_every_other_network_s_speed_is_one_table_with_its_name_and_old_convnet_benchmarks_read_into_it():
+    from bnsuite.report import speed_rows
+
+    roofline = {"bytes_per_step": 2e6, "compute_bound_s": 1e-3, "traffic_bound_s": 5e-4, "step_s": 4e-3,
+                "fraction_of_roofline": 0.25, "limit": "compute"}
+    fraction = {"variant": "bn", "batch_size": 64, "images": 10_000, "runs_together": 4, "epoch_s_per_run": 0.5,
+                "achieved_gflops": 90.0, "fraction_of_matmul_peak": 0.25, **roofline}
+    paths = {"variant": "bn", "batch_size": 64, "images": 10_000, "rounds": 3, "step": "eager",
+             "epoch_s": {"original": 2.0, "eager": 1.0, "study": 0.5}, "speedup": {"original": 4.0, "eager": 2.0}}
+    benchmarks = [{"extra_info": {"bnsuite": "network-fraction", "network": "resmlp", "network_title": "residual MLP",
+                                  **fraction}},
+                  {"extra_info": {"bnsuite": "convnet-fraction", **fraction, "step": "fused"}},  # before networks
+                  {"extra_info": {"bnsuite": "network-paths", "network": "resmlp", "network_title": "residual MLP",
+                                  **paths}}]
+    lines = "\n".join(speed_rows({"benchmarks": benchmarks}))
+    assert lines.count("### Speed: the other networks against the roofline") == 1
+    assert "| residual MLP " in lines and "| ConvNet " in lines and "0.250 (compute)" in lines
+    assert "### Speed: the other networks' epochs through each path" in lines
+    assert "| 4.00x " in lines and "| 2.00x " in lines  # no NCHW path for a network of features
+
+
 def test_the_tools_timings_over_many_records_are_reported():
     from bnsuite.report import speed_rows
 
