@@ -6,8 +6,9 @@ nodes of one CPU each, every node with its own raylet and object store. The
 nodes are started with a plugin directory on their PYTHONPATH, as a user
 installs a plugin on every node. The smoke batch study (`STUDY`) joins it through
 `--bn-ray-address HEAD` and through Ray Client (`ray://...`), a worker node is
-removed while it trains a case, and the plugins reach the workers (joined with
-`--bn-ray-address auto`, as on the head node).
+removed while it trains a case, a worker process is killed in its task and a task raises, a worker
+trains on other data than the driver's, and the plugins reach the workers (joined with
+`--bn-ray-address auto`, as on the head node) or fail the case where a node lacks one.
 
 Needs the optional extra: `python3 -m uv run --extra ray pytest tests/ -m ray` (.ci/run runs it so);
 skipped without Ray. Run so, every driver descends from `uv run`, the case in which Ray's uv hook (which bnsuite
@@ -19,6 +20,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -186,6 +188,55 @@ def test_a_plugin_the_workers_cannot_import_fails_the_case_naming_the_module_and
     try:
         with pytest.raises(ExecutorError, match=r"failed on its Ray worker: PluginError: on node [0-9a-f]{12} \(.+\): "
                                                 r"cannot import the plugin module 'driver_only_norms'"):
+            executor.result(study.groups()[0])
+    finally:
+        executor.stop()
+
+
+def _smoke_case_study():
+    """2 cases (plain, bn at batch 128) of 2 seeds, 1 epoch: one for each of the 2 worker nodes."""
+    return study_from_options("smoke", studies="batch", variants="plain,bn", batch_sizes="128", seeds="0,1",
+                              epochs="1")
+
+
+def test_a_killed_worker_is_retried_and_a_raising_task_fails_only_its_own_case(cluster, tmp_path, mnist_dir):
+    marker = tmp_path / "killed-once"
+
+    def trainer(specs, **options):
+        from bnsuite.train import train_seeds
+
+        if specs[0].variant == "plain":
+            raise ValueError("planted failure in the plain case")
+
+        def die_once(spec, epoch):
+            if not marker.exists():
+                marker.write_text(str(os.getpid()))
+                os.kill(os.getpid(), signal.SIGKILL)  # the worker dies in the middle of its task
+
+        return train_seeds(specs, on_epoch=die_once, **options)
+
+    study = _smoke_case_study()
+    executor = RayExecutor(study, address=cluster.address, data_dir=mnist_dir, trainer=trainer,
+                           dataset_checksum=load_raw("mnist", data_dir=mnist_dir).checksum)
+    executor.start(study.groups())
+    try:
+        plain, bn = study.groups()
+        with pytest.raises(ExecutorError, match=r"case plain-bs128-seed0 and 1 more runs failed on its Ray worker: "
+                                                r"ValueError: planted failure in the plain case"):
+            executor.result(plain)
+        records = executor.result(bn)
+    finally:
+        executor.stop()
+    assert marker.exists()  # a worker was killed, and the retry still delivered every record
+    assert [r.spec for r in records] == list(bn) and all(len(r.epochs) == 1 for r in records)
+
+
+def test_a_dataset_checksum_other_than_the_drivers_fails_the_case(cluster, mnist_dir):
+    study = _smoke_case_study()
+    executor = RayExecutor(study, address=cluster.address, data_dir=mnist_dir, dataset_checksum="0" * 32)
+    executor.start(study.groups()[:1])
+    try:
+        with pytest.raises(ExecutorError, match=r"trained on a dataset with checksum \w{32}, not the driver's 0{32}"):
             executor.result(study.groups()[0])
     finally:
         executor.stop()

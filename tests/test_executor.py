@@ -1,4 +1,5 @@
-"""Cases as Ray tasks (--bn-executor ray): the same records as locally, and the faults a cluster has.
+"""Cases as Ray tasks (--bn-executor ray) on a local instance: the same records as locally, Ctrl-C, and a user's
+plugin on the workers (the faults a cluster has are tests/test_cluster.py's, on its multi-node cluster).
 
 Needs the optional extra: `python3 -m uv run --extra ray pytest tests/ -m ray` (.ci/run runs it so);
 skipped without Ray. Each test starts its own local Ray instance of 2 CPUs (about 8 s) and stops it.
@@ -18,7 +19,7 @@ import pytest
 
 from bnsuite import baseline as gate
 from bnsuite.data import load_raw
-from bnsuite.executor import ExecutorError, RayExecutor
+from bnsuite.executor import RayExecutor
 from bnsuite.records import load_records
 from conftest import one_thread_local_records, records_through, smoke_batch_study
 
@@ -43,48 +44,6 @@ def test_a_smoke_study_on_two_ray_workers_gives_the_records_the_local_executor_g
     comparisons = gate.compare(ray_records, gate.Baseline.load(tmp_path / "local"))
     assert [(c.rule, c.verdict) for c in comparisons] == [(gate.EXACT, gate.IDENTICAL)] * 2
     assert len(load_records(tmp_path / "ray")) == 4  # the driver wrote every record
-
-
-def test_a_killed_worker_is_retried_and_a_raising_task_fails_only_its_own_case(tmp_path, mnist_dir):
-    marker = tmp_path / "killed-once"
-
-    def trainer(specs, **options):
-        from bnsuite.train import train_seeds
-
-        if specs[0].variant == "plain":
-            raise ValueError("planted failure in the plain case")
-
-        def die_once(spec, epoch):
-            if not marker.exists():
-                marker.write_text(str(os.getpid()))
-                os.kill(os.getpid(), signal.SIGKILL)  # the worker dies in the middle of its task
-
-        return train_seeds(specs, on_epoch=die_once, **options)
-
-    study = smoke_batch_study()
-    executor = _executor(study, mnist_dir, trainer=trainer)
-    executor.start(study.groups())
-    try:
-        plain, bn = study.groups()
-        with pytest.raises(ExecutorError, match=r"case plain-bs128-seed0 and 1 more runs failed on its Ray worker: "
-                                                r"ValueError: planted failure in the plain case"):
-            executor.result(plain)
-        records = executor.result(bn)
-    finally:
-        executor.stop()
-    assert marker.exists()  # a worker was killed, and the retry still delivered every record
-    assert [r.spec for r in records] == list(bn) and all(len(r.epochs) == 1 for r in records)
-
-
-def test_a_dataset_checksum_other_than_the_drivers_fails_the_case(tmp_path, mnist_dir):
-    study = smoke_batch_study()
-    executor = RayExecutor(study, data_dir=mnist_dir, dataset_checksum="0" * 32, cpus=2)
-    executor.start(study.groups()[:1])
-    try:
-        with pytest.raises(ExecutorError, match=r"trained on a dataset with checksum \w{32}, not the driver's 0{32}"):
-            executor.result(study.groups()[0])
-    finally:
-        executor.stop()
 
 
 def test_ctrl_c_cancels_the_running_tasks_and_keeps_the_finished_records(tmp_path, mnist_dir):
@@ -145,14 +104,3 @@ def test_a_users_plugin_variant_trains_on_ray_workers_that_import_the_drivers_pl
     assert {study.name for study in records[0].study.studies} == {"batch", "rms-placement"}
     assert {record.executor.split(", node ")[0] for record in records} == {"ray at a local instance"}
     assert {record.variant.source.split()[0] for record in records} == {"bnsuite", "my_norms"}
-
-
-def test_a_worker_that_cannot_import_a_plugin_fails_the_case_naming_the_module_and_the_node(tmp_path, mnist_dir):
-    study = smoke_batch_study()
-    executor = _executor(study, mnist_dir, plugins=("no_such_plugin_module",))
-    executor.start(study.groups()[:1])
-    try:
-        with pytest.raises(ExecutorError, match=r"on node .+: cannot import the plugin module 'no_such_plugin_module'"):
-            executor.result(study.groups()[0])
-    finally:
-        executor.stop()

@@ -150,15 +150,38 @@ def test_report_from_schema_1_records_keeps_every_table_that_version_wrote(tmp_p
         in markdown
 
 
-def test_the_report_and_the_baseline_import_no_torch_module_and_no_training_stack():
+TORCH_FREE_HALF = ("bnsuite", "bnsuite.spec", "bnsuite.networks", "bnsuite.datasets", "bnsuite.described",
+                   "bnsuite.registry", "bnsuite.records", "bnsuite.files", "bnsuite.idx", "bnsuite.claims",
+                   "bnsuite.verdicts", "bnsuite.baseline", "bnsuite.report", "bnsuite.report_parts", "bnsuite.plots",
+                   "bnsuite.studies")  # docs/code.md, "The torch-free half"
+TRAINING_HALF = ("bnsuite.data", "bnsuite.models", "bnsuite.batchnorm", "bnsuite.train", "bnsuite.epochs",
+                 "bnsuite.original", "bnsuite.fused", "bnsuite.fastpath", "bnsuite.compiled", "bnsuite.evaluation",
+                 "bnsuite.probe", "bnsuite.signal", "bnsuite.precise", "bnsuite.landscape", "bnsuite.environment",
+                 "bnsuite.speed", "bnsuite.study", "bnsuite.plugin", "bnsuite.executor", "bnsuite.docs")
+
+
+def test_the_torch_free_half_imports_no_torch_module_and_nothing_of_the_training_half():
+    """Every module of the half the report and the baseline gate run on, imported in a fresh interpreter: neither
+    torch nor a module of the training half (or the edge) comes with it."""
     loaded = subprocess.run(
-        [sys.executable, "-c", "import sys, bnsuite.report, bnsuite.baseline; print(' '.join(sorted(sys.modules)))"],
+        [sys.executable, "-c", f"import sys, {', '.join(TORCH_FREE_HALF)}; print(' '.join(sorted(sys.modules)))"],
         capture_output=True, text=True, check=True).stdout.split()
     assert {"bnsuite.records", "bnsuite.claims", "bnsuite.registry", "bnsuite.studies.batch"} <= set(loaded)
-    training_stack = {"bnsuite.study", "bnsuite.train", "bnsuite.fastpath", "bnsuite.epochs", "bnsuite.original",
-                      "bnsuite.plugin", "bnsuite.environment", "bnsuite.models", "bnsuite.data"}
-    assert not set(loaded) & training_stack
+    assert not set(loaded) & set(TRAINING_HALF)
     assert not [name for name in loaded if name == "torch" or name.startswith("torch.")]
+
+
+def test_the_two_halves_are_every_module_of_the_package_and_code_md_lists_each_where_it_belongs():
+    package = Path(__file__).resolve().parents[1] / "bnsuite"
+    modules = {"bnsuite", "bnsuite.studies"} | {f"bnsuite.{path.stem}" for path in package.glob("*.py")
+                                                if path.stem != "__init__"}
+    assert modules == set(TORCH_FREE_HALF) | set(TRAINING_HALF)
+    code = (package.parent / "docs" / "code.md").read_text()
+    free, training = code.split("## The torch-free half")[1].split("## The training half")
+    for module in TORCH_FREE_HALF[1:]:
+        assert f"`{module.replace('.', '/')}" in free, module
+    for module in TRAINING_HALF:
+        assert f"`{module.replace('.', '/')}.py`" in training, module
 
 
 def _benchmark_json(path, benchmarks):
