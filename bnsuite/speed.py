@@ -57,7 +57,7 @@ def training_flops_per_sample(model: nn.Module) -> int:
     """
     probe = copy.deepcopy(model).eval()
     image = torch.zeros(1, *getattr(model, "image_shape", (1, 28, 28)))
-    with torch.random.fork_rng(), FlopCounterMode(display=False) as counter:
+    with torch.random.fork_rng(devices=[]), FlopCounterMode(display=False) as counter:  # the CPU generator only
         F.cross_entropy(probe(image), torch.zeros(1, dtype=torch.long)).backward()
     return counter.get_total_flops()
 
