@@ -254,12 +254,13 @@ def _epoch_and_step(specs, data_dir) -> tuple[float, str]:
 
 
 @pytest.mark.parametrize("variant", ["plain", "bn"])
-def test_network_paths_side_by_side(benchmark, study, study_session, network, variant, monkeypatch):
+def test_network_paths_side_by_side(benchmark, study, study_session, other_network, variant, monkeypatch):
     """Another network's epoch (bs64, 10,000 images) through the original pipeline (Dataset + DataLoader, eager
     autograd), the eager step on tensor batches (for a network that lays its feature maps out channels-last, as
     the ConvNet does, in NCHW too), and the study's way (its step, the study's seeds trained together; its time is
-    per run); round after round, ratios within a round. `network`: each network the session trains besides the
-    MLP (bnsuite.plugin)."""
+    per run); round after round, ratios within a round. `other_network`: each network the session trains besides
+    the MLP (bnsuite.plugin)."""
+    network = other_network
     from bnsuite import models
 
     paths = {"original": _network_specs(study, network, variant, 64, "original"),
@@ -296,10 +297,11 @@ def test_network_paths_side_by_side(benchmark, study, study_session, network, va
 
 @pytest.mark.parametrize("batch_size", [32, 64, 128])
 @pytest.mark.parametrize("variant", ["plain", "bn"])
-def test_network_epoch(benchmark, study, study_session, network, variant, batch_size):
+def test_network_epoch(benchmark, study, study_session, other_network, variant, batch_size):
     """Another network's training path, the study's seeds trained together as a case does, against the roofline:
     its matmul and convolution FLOPs at the matmul peak, its least traffic at the bandwidth over its working set,
     the fraction of the bound it reaches."""
+    network = other_network
     specs = _network_specs(study, network, variant, batch_size, "fast", seeds=study.seeds)
     epoch_s, step = benchmark.pedantic(_epoch_and_step, args=(specs, study_session.data_dir), rounds=1,
                                        iterations=1)

@@ -188,19 +188,19 @@ class StudyPlugin:
 
     def pytest_generate_tests(self, metafunc):
         """`case`: each group of runs that trains together (`bn-bs64`, `plain-bs64-lr-sweep`); `claim`: each claim;
-        `network`: each network the session trains besides the MLP (the speed benchmark's)."""
+        `other_network`: each network the session trains besides the MLP (the speed benchmark's)."""
         if "case" in metafunc.fixturenames:
             groups = self.study_spec.groups()
             metafunc.parametrize("case", groups, ids=[self.study_spec.case_name(group) for group in groups])
         if "claim" in metafunc.fixturenames:
             claims = study_claims(self.study_spec)
             metafunc.parametrize("claim", claims, ids=[claim.name for claim in claims])
-        if "network" in metafunc.fixturenames:  # the speed benchmark's other networks: those the session trains
+        if "other_network" in metafunc.fixturenames:  # the speed benchmark's: the session's networks but the MLP
             others = [name for name in dict.fromkeys(network for study in self.study_spec.studies
                                                      for network in study.networks) if name != DEFAULT_NETWORK]
             skip = pytest.mark.skip(reason="measured for each network the session trains besides the MLP: "
                                            "--bn-network cnn, or a plugin's network")
-            metafunc.parametrize("network", others or [pytest.param(None, marks=skip)], ids=others or ["none"])
+            metafunc.parametrize("other_network", others or [pytest.param(None, marks=skip)], ids=others or ["none"])
 
     @pytest.hookimpl(trylast=True)  # after -k and -m have deselected: what is left is what will run
     def pytest_collection_modifyitems(self, items):

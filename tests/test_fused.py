@@ -108,6 +108,40 @@ def _assert_each_equals_the_model_alone(results: dict) -> None:
         assert all(torch.equal(alone[name], state[name]) for name in alone), key
 
 
+def _group_on_threads(network, variant, seeds, threads, images, labels, orders, batch_size):
+    """`seeds`' models trained together on `threads` threads for two calls (3 steps, then 1): each model's losses,
+    hits and state."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        models = _cnn_models(variant, seeds) if network == "cnn" else _models(variant, seeds)
+        step = fused.fused_step(models, images, labels, lr=0.05, momentum=0.9, batch_size=batch_size,
+                                dropout_generators=[torch.Generator().manual_seed(seed) for seed in seeds])
+        losses, correct = torch.zeros(len(seeds), 4), torch.zeros(len(seeds), dtype=torch.int64)
+        step.train(orders[list(seeds)].contiguous(), 0, 3, losses, correct)
+        step.train(orders[list(seeds)].contiguous(), 3, 1, losses, correct)
+    finally:
+        torch.set_num_threads(before)
+    return [(losses[index], correct[index], model.state_dict()) for index, model in enumerate(models)]
+
+
+@pytest.mark.parametrize(("network", "variant"), [("mlp", "bn"), ("mlp", "bn-dropout"), ("mlp", "bn-noisy"),
+                                                  ("mlp", "ioffe-bn"), ("cnn", "bn"), ("cnn", "plain")])
+def test_every_model_of_a_group_the_threads_do_not_divide_steps_as_it_does_alone(network, variant):
+    """5 models on 2 threads: the call's steps are cut into equal shares (bnsuite/native/common.h, spread_steps), so
+    model 2 takes its first step on one thread and its last two on the other; every model of the group equals
+    itself trained alone on 1 thread, bit for bit: losses, hits and every parameter and buffer."""
+    batch_size = 16 if network == "cnn" else 33
+    images, labels = _data(3 * batch_size + 9, seed=3)  # 4 batches, the last ragged
+    orders = torch.stack([epoch_order(len(labels), torch.Generator().manual_seed(seed)) for seed in range(5)])
+    group = _group_on_threads(network, variant, range(5), 2, images, labels, orders, batch_size)
+    for seed, (losses, correct, state) in enumerate(group):
+        (alone_losses, alone_correct, alone), = _group_on_threads(network, variant, [seed], 1, images, labels,
+                                                                  orders, batch_size)
+        assert torch.equal(losses, alone_losses) and correct == alone_correct, seed
+        assert all(torch.equal(alone[name], state[name]) for name in alone), seed
+
+
 @pytest.mark.parametrize("variant", ["plain", "bn", "bn-ghost4", "ln", "bn-dropout", "bn-after-relu", "bn-noisy",
                                      "bn-renorm4", "ioffe-bn", "deep-bn"])
 @pytest.mark.parametrize("batch_size", [2, 33, 128])

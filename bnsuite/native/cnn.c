@@ -461,15 +461,17 @@ static Buffers thread_buffers(const ConvStep* s) {
     return b;
 }
 
+/* Steps [from, to) of the call for model m, on this thread's buffers (spread_steps's task: a step leaves nothing in
+ * them that the next one reads). */
+static void cnn_model_steps(const void* step, int m, int first_step_index, int from, int to) {
+    const ConvStep* s = step;
+    const Buffers b = thread_buffers(s);
+    for (int k = from; k < to; k++) cnn_model_step(s, m, first_step_index + k, s->first_step && k == 0, &b);
+}
+
 /* Steps [first_step_index, first_step_index + steps) of the epoch for every model. */
 void bn_cnn_train_steps(const ConvStep* s, int first_step_index, int steps) {
-    #pragma omp parallel for schedule(dynamic, 1) num_threads(s->threads)
-    for (int m = 0; m < s->models; m++) {
-        const int before = local_threads(1);  /* each product on this thread alone */
-        const Buffers b = thread_buffers(s);
-        for (int k = 0; k < steps; k++) cnn_model_step(s, m, first_step_index + k, s->first_step && k == 0, &b);
-        local_threads(before);
-    }
+    spread_steps(s, s->models, s->threads, first_step_index, steps, cnn_model_steps);
 }
 
 /* Every model on `n` images (channel-major) with labels: summed cross-entropy and hits per model, as mlp.c's

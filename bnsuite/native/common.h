@@ -35,6 +35,55 @@ void bn_set_blas(void* gemm, void* threads) {
     local_threads = (local_threads_fn)threads;
 }
 
+/* A model's steps [from, to) of a call (of `first_step_index` on), run on the calling thread. */
+typedef void (*steps_fn)(const void* step, int model, int first_step_index, int from, int to);
+
+/* `steps` steps of each of `models` models on `threads` threads, each model's products single-threaded: a model's
+ * steps run in order, on one thread at a time, so its arithmetic is what it is alone.
+ *
+ * Where the threads divide the models, each model is one task (dynamic: a thread the machine slows takes fewer).
+ * Where they do not (7 seeds on 2 threads: 4 models on one, 3 on the other, one thread idle an eighth of the call),
+ * the models' steps are laid end to end and cut into one equal share per thread (McNaughton's wrap-around): a
+ * model cut between threads t and t + 1 takes its first steps on t + 1, at the start of its share, and its last
+ * steps on t, at the end of its share, once t + 1 says they are done (a share is at least a model's steps, so t
+ * reaches them after t + 1 is done with them in any timing but a stalled one). */
+static void spread_steps(const void* step, int models, int threads, int first_step_index, int steps, steps_fn run) {
+    if (threads > models) threads = models;
+    if (threads <= 1 || models % threads == 0 || steps <= 0) {
+        #pragma omp parallel for schedule(dynamic, 1) num_threads(threads > 0 ? threads : 1)
+        for (int m = 0; m < models; m++) {
+            const int before = local_threads(1);  /* each product on this thread alone */
+            run(step, m, first_step_index, 0, steps);
+            local_threads(before);
+        }
+        return;
+    }
+    int head_done[models];  /* a cut model's first steps are done */
+    for (int m = 0; m < models; m++) head_done[m] = 0;
+    #pragma omp parallel num_threads(threads)
+    {
+        /* The team the runtime gave (it may be smaller than asked): every thread cuts the same shares from it. */
+        const int team = omp_get_num_threads(), t = omp_get_thread_num();
+        const int before = local_threads(1);
+        const int64_t total = (int64_t)models * steps, share = (total + team - 1) / team;
+        int64_t u = t * share;
+        const int64_t end = u + share < total ? u + share : total;
+        if (u < end && u % steps) {  /* the first steps of the model cut at the start of this share */
+            const int m = (int)(u / steps), first = (int)((int64_t)(m + 1) * steps - u);
+            run(step, m, first_step_index, 0, first);
+            __atomic_store_n(&head_done[m], 1, __ATOMIC_RELEASE);
+            u = (int64_t)(m + 1) * steps;
+        }
+        for (; u + steps <= end; u += steps) run(step, (int)(u / steps), first_step_index, 0, steps);
+        if (u < end) {  /* the last steps of the model cut at the end of this share, after its first */
+            const int m = (int)(u / steps), last = (int)(end - u);
+            while (!__atomic_load_n(&head_done[m], __ATOMIC_ACQUIRE)) {}
+            run(step, m, first_step_index, steps - last, steps);
+        }
+        local_threads(before);
+    }
+}
+
 /* Row-major C[M,N] = op(A)[M,K] op(B)[K,N] + beta C, through column-major BLAS: C^T = op(B)^T op(A)^T. */
 static void gemm(int transpose_a, int transpose_b, int M, int N, int K, const real* A, int lda, const real* B,
                  int ldb, real beta, real* C, int ldc) {

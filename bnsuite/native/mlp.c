@@ -1,8 +1,8 @@
 /* bnsuite's fused training step for fully connected networks: forward, loss, backward and SGD with momentum of S
  * models over a run of consecutive batches, in one call (bnsuite/fused.py builds, loads and drives it).
  *
- * Each model is stepped by one thread from start to end of the call (the models are spread over the threads),
- * and every matrix product is one single-threaded BLAS call on that model's own tensors, with the same shapes,
+ * Each model is stepped by one thread at a time, in order (the models are spread over the threads, a model cut
+ * between two where the threads do not divide them: bn_train_steps), and every matrix product is one single-threaded BLAS call on that model's own tensors, with the same shapes,
  * strides and alignment whatever the other models: so a model's arithmetic never depends on the group it trains
  * in, nor on the thread count. Everything between the products (bias, batch/ghost/layer normalization, ReLU,
  * dropout, softmax cross-entropy, the update) runs in one pass over the data it touches, with no allocation.
@@ -329,15 +329,16 @@ static void model_step(const Step* s, int m, int step, int step_in_chunk, int fi
     }
 }
 
+/* Steps [from, to) of the call (of `first_step_index` on) for model m, on this thread (spread_steps's task). */
+static void model_steps(const void* step, int m, int first_step_index, int from, int to) {
+    const Step* s = step;
+    for (int k = from; k < to; k++)
+        model_step(s, m, first_step_index + k, k, s->first_step && k == 0);
+}
+
 /* Steps [first_step_index, first_step_index + steps) of the epoch for every model. */
 void bn_train_steps(const Step* s, int first_step_index, int steps) {
-    #pragma omp parallel for schedule(dynamic, 1) num_threads(s->threads)
-    for (int m = 0; m < s->models; m++) {
-        const int before = local_threads(1);  /* each product on this thread alone */
-        for (int k = 0; k < steps; k++)
-            model_step(s, m, first_step_index + k, k, s->first_step && k == 0);
-        local_threads(before);
-    }
+    spread_steps(s, s->models, s->threads, first_step_index, steps, model_steps);
 }
 
 /* Every model on `n` images (n, in) with labels: the summed cross-entropy and the hits per model. With
