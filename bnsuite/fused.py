@@ -5,8 +5,9 @@ The ATen fast step (bnsuite.fastpath) still pays a Python call and a few
 microseconds of dispatch for each of the few dozen kernels of a step, and
 runs each small matrix product on both cores, where it fills neither. The
 fused step runs a whole run of batches (up to the next probe or landscape
-checkpoint) in one C call: each model on one thread from its first batch to
-its last, its products single-threaded BLAS calls (torch's own sgemm) and
+checkpoint) in one C call: each model's batches in order on one thread at a
+time (a model cut between two threads where they do not divide the models),
+its products single-threaded BLAS calls (torch's own sgemm) and
 everything between them (bias, batch, ghost-batch or layer normalization,
 Batch Renormalization's corrections, noisy BN's noise, ReLU before or after
 the normalization or the sigmoid, dropout, the loss and its gradient, SGD with momentum) in

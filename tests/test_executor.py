@@ -53,11 +53,12 @@ def test_ctrl_c_cancels_the_running_tasks_and_keeps_the_finished_records(tmp_pat
                "--bn-profile", "smoke", "--bn-studies", "batch", "--bn-variants", "plain,bn",
                "--bn-batch-sizes", "128,2", "--bn-seeds", "0-0", "--bn-epochs", "120", "--bn-executor", "ray",
                "--bn-results-dir", str(results), "--bn-data-dir", str(mnist_dir)]
-    # 2 CPUs: plain-bs128 and plain-bs2 start, then bn-bs128 once plain-bs128 is done; batch size 2 (240,000
-    # steps, about 40 s on the fused step where the 3,840 of batch 128 take seconds) is still running when the signal
-    # comes, and bn-bs2 waits for a CPU.
+    # 2 CPUs: the cases start in the order the session claims them, plain-bs128 and bn-bs128 (3,840 steps, seconds),
+    # then plain-bs2 and bn-bs2 (240,000 steps, 20 to 40 s on the fused step), which are running when the signal
+    # comes. Unbuffered: the driver's progress lines must reach the test as they are printed, not when a later
+    # case's lines push them out of a pipe's buffer (by then the batch-2 cases could be done).
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               start_new_session=True)
+                               start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         output = []
         waiting = {"plain-bs128-seed0 epoch 120/120", "bn-bs128-seed0 epoch 120/120"}
