@@ -104,3 +104,18 @@ def records_through(executor, study, results_dir):
         return [record for group in study.groups() for record in session.run_seeds(group)]
     finally:
         executor.stop()
+
+
+@pytest.fixture
+def _dynamo_imported():
+    """torch._dynamo imported in this process (once, about 3 s). The study's floor counts FLOPs under torch's
+    FlopCounterMode, whose first dispatch imports torch._dynamo; in pytester's in-process runs that import would
+    happen inside the run, and pytester takes every module the run imported out of sys.modules afterwards while
+    torch's operator registrations stay, so the next import of torch._dynamo in this process fails."""
+    import torch._dynamo  # noqa: F401
+
+
+@pytest.fixture
+def pytester(_dynamo_imported, pytester):
+    """pytester, after torch._dynamo is imported (before pytester takes its snapshot of sys.modules)."""
+    return pytester
