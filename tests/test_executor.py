@@ -57,8 +57,11 @@ def test_ctrl_c_cancels_the_running_tasks_and_keeps_the_finished_records(tmp_pat
     # then plain-bs2 and bn-bs2 (240,000 steps, 20 to 40 s on the fused step), which are running when the signal
     # comes. Unbuffered: the driver's progress lines must reach the test as they are printed, not when a later
     # case's lines push them out of a pipe's buffer (by then the batch-2 cases could be done).
+    # SIGINT as a terminal delivers it: a shell starts a background job with SIGINT ignored, which its children
+    # inherit and Python then keeps (no KeyboardInterrupt), so a CI script run in the background would never stop.
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                               start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         output = []
         waiting = {"plain-bs128-seed0 epoch 120/120", "bn-bs128-seed0 epoch 120/120"}
