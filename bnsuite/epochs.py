@@ -103,6 +103,12 @@ class TensorEpochs:
         model is then evaluated as a module (bnsuite.evaluation.evaluate_all)."""
         return self.step.evaluate if isinstance(self.step, fused.FusedStep) else None
 
+    @property
+    def precise(self):
+        """Every model's precise BN at once where the fused step trains them and can (FusedStep.precise), else
+        None: the models are then measured as modules (bnsuite.precise)."""
+        return self.step.precise if isinstance(self.step, fused.FusedStep) else None
+
     def __call__(self) -> EpochResult:
         size = self.spec.train_size
         self.epochs_started += 1

@@ -61,7 +61,7 @@ from bnsuite.models import SimpleNNWithBN, SimpleNNWithBNAfterReLU, SmallCNN, St
 NATIVE = Path(__file__).parent / "native"
 SOURCE = NATIVE / "bnsuite.c"  # one translation unit: common.h, mlp.c (the MLP family) and cnn.c (the ConvNet)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-fno-tree-loop-distribute-patterns")
-ABI_VERSION = 6  # bn_abi_version() of the C source: the Step and ConvStep layouts below match it
+ABI_VERSION = 7  # bn_abi_version() of the C source: the Step and ConvStep layouts below match it
 SWITCH_VARIABLE = "BNSUITE_FUSED"  # "0": train on the ATen fast step even where the fused one builds
 BUILD_DIR_VARIABLE = "BNSUITE_BUILD_DIR"
 COMPILE_TIMEOUT_S = 300
@@ -157,6 +157,10 @@ def _build(dtype: torch.dtype) -> Build:
     library.bn_evaluate.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int,
                                     ctypes.c_void_p, ctypes.c_void_p]
     library.bn_evaluate.restype = None
+    library.bn_precise.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+                                   ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                                   ctypes.c_void_p]
+    library.bn_precise.restype = None
     library.bn_time_products.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
     library.bn_time_products.restype = None
     library.bn_cnn_train_steps.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
@@ -576,6 +580,34 @@ class FusedStep:
                                                     count, int(batch_statistics), losses.data_ptr(), hits.data_ptr())
         return [(loss / count, 100.0 * hit / count) for loss, hit in zip(losses.tolist(), hits.tolist(), strict=True)]
 
+    def precise(self, images: torch.Tensor, held_images: torch.Tensor, held_labels: torch.Tensor,
+                ) -> tuple[list[float], list[tuple[torch.Tensor, torch.Tensor]]] | None:
+        """Precise BN (bnsuite.precise) of every model at once, in C: each batch-normalized layer's population mean
+        and biased variance over `images` in consecutive batches of the batch size, each normalized by its own
+        statistics as training normalizes it (computed by this step's own arithmetic, as training computed the
+        running estimates), and every model's held-out accuracy (%) with them in place of its running estimates:
+        (accuracies, per hidden layer (means, variances), each (S, F)). Nothing of the models changes. None where
+        the models keep no running estimates, or for noisy BN and Batch Renorm (the module draws noise, or moves
+        its estimates, batch by batch): the modules measure those themselves."""
+        layout = self.layout
+        if layout.norm not in ("bn", "ghost") or layout.noisy or layout.renorm:
+            return None
+        s, dtype, count = self._step, self.build.dtype, len(self.models)
+        widths = list(s.widths[:s.layers + 1])
+        hidden, widest = s.layers - 1, max(widths[1:-1])
+        images = images.reshape(len(images), -1).to(dtype).contiguous()
+        held_images = held_images.reshape(len(held_labels), -1).to(dtype).contiguous()
+        held_labels = held_labels.contiguous()
+        sums = torch.empty(count * hidden * 2 * widest, dtype=torch.float64)
+        statistics = torch.zeros(hidden, 2, count, widest, dtype=dtype)
+        hits = torch.zeros(count, dtype=torch.int64)
+        self.build.library.bn_precise(ctypes.byref(s), images.data_ptr(), len(images), held_images.data_ptr(),
+                                      held_labels.data_ptr(), len(held_labels), widest, sums.data_ptr(),
+                                      statistics.data_ptr(), hits.data_ptr())
+        layers = [tuple(statistics[layer, which].flatten()[:count * widths[layer + 1]].view(count, -1)
+                        for which in (0, 1)) for layer in range(hidden)]
+        return [100.0 * hit / len(held_labels) for hit in hits.tolist()], layers
+
     def time_products(self, steps: int, *, update: bool) -> float:
         """Seconds a step's matrix products (and with `update` the weights' SGD update) take alone, as `train` runs
         them (each model on one thread, full batches), over `steps` steps: the speed benchmark's floor of the step
@@ -644,6 +676,7 @@ class FusedConvStep(FusedStep):
 
     _TRAIN, _EVALUATE = "bn_cnn_train_steps", "bn_cnn_evaluate"
     time_products = None  # the ConvNet's floor is its roofline (bnsuite.speed), not a timing of its products
+    precise = None  # precise BN of a ConvNet: by the modules (bnsuite.precise)
 
     def __init__(self, models: Sequence[nn.Module], images: torch.Tensor, labels: torch.Tensor, *,
                  lr: float | Sequence[float], momentum: float, batch_size: int):

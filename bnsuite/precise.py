@@ -6,7 +6,8 @@ less by the momentum; precise BN freezes the weights and computes each layer's p
 many training batches of the training batch size, each layer's input as training computes it (the layers before
 it normalizing by their batch's statistics). The held-out accuracy with those statistics in place of the running
 estimates is what the study's claims compare (bnsuite.studies.precise). The model itself is untouched: the
-statistics go into a copy.
+statistics go into a copy. Where the fused step trained the models, it measures them all at once in C
+(bnsuite.fused.FusedStep.precise), with the arithmetic that computed the running estimates.
 """
 
 from __future__ import annotations
@@ -74,10 +75,15 @@ def with_precise_statistics(model: nn.Module, images: torch.Tensor, batch_size: 
 
 def precise_accuracies(models: list[nn.Module], training: tuple[torch.Tensor, torch.Tensor],
                        held_out: tuple[torch.Tensor, torch.Tensor], *, batch_size: int,
-                       only: list[int]) -> list[float | None]:
+                       only: list[int], runner=None) -> list[float | None]:
     """Each model's held-out accuracy (%) with precise statistics (None for the models `only` leaves out, and
-    where a model keeps no running estimates). The modules are current: every training step updates them in place
-    (bnsuite.fastpath.stack_into)."""
+    where a model keeps no running estimates). Through `runner.precise` where the epoch runner has one (the fused
+    step measures every model at once, with the arithmetic it trains with), else model by model as modules. The
+    modules are current: every training step updates them in place (bnsuite.fastpath.stack_into)."""
     images, _ = training
+    fast = getattr(runner, "precise", None)
+    measured = fast(images[:PRECISE_IMAGES], *held_out) if fast is not None else None
+    if measured is not None:
+        return [accuracy if index in only else None for index, accuracy in enumerate(measured[0])]
     return [evaluate(with_precise_statistics(model, images, batch_size), *held_out)[1]
             if index in only and _normalizations(model) else None for index, model in enumerate(models)]

@@ -277,7 +277,7 @@ def _train_epochs(specs: list[RunSpec], variant: Variant, models, run_epoch, spl
                                              only=live) if variant.batch_statistics else None
         training = training_set(splits, spec)
         with_precise_statistics = precise_accuracies(
-            models, training, held_out, batch_size=spec.batch_size, only=live,
+            models, training, held_out, batch_size=spec.batch_size, only=live, runner=run_epoch,
         ) if precise and variant.batch_statistics and is_precise_checkpoint(epoch, spec.epochs) else None
         for index in live:
             run, validation, test = specs[index], validations[index], tests[index]

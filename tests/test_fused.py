@@ -12,6 +12,7 @@ from bnsuite.batchnorm import RENORM_RAMP, RENORM_WARMUP
 from bnsuite.epochs import EagerStep, epoch_order
 from bnsuite.evaluation import evaluate, evaluate_with_batch_statistics
 from bnsuite.models import build_model
+from bnsuite.precise import with_precise_statistics
 from bnsuite.spec import RunSpec
 from bnsuite.train import train_seeds
 
@@ -195,6 +196,41 @@ def test_the_fused_evaluation_agrees_with_the_modules_and_changes_nothing(varian
         if batch_accuracy is not None and variant.startswith("bn"):
             assert batch_accuracy == pytest.approx(evaluate_with_batch_statistics(model, images, labels, 64), abs=0.1)
         assert all(torch.equal(state[name], value) for name, value in model.state_dict().items())
+
+
+@pytest.mark.parametrize("variant", ["bn", "bn-ghost4", "bn-after-relu", "bn-ema0.99", "bn-dropout", "ioffe-bn",
+                                     "deep-bn"])
+def test_the_fused_precise_bn_takes_each_layers_population_statistics_as_the_modules_do_in_float64(variant):
+    # float64: what is compared is the arithmetic (which batches, which inputs, which layers), not the rounding.
+    # 641 training images in batches of 64: the last batch of one image joins the one before.
+    models = _models(variant, [0, 1], torch.float64)
+    train_images, train_labels = _data(641, dtype=torch.float64)
+    step = fused.FusedStep(models, train_images, train_labels, lr=0.05, momentum=0.9, batch_size=64,
+                           dropout_generators=[torch.Generator().manual_seed(seed) for seed in range(2)])
+    orders = torch.stack([epoch_order(641, torch.Generator().manual_seed(seed)) for seed in range(2)])
+    step.train(orders, 0, 10, torch.zeros(2, 10, dtype=torch.float64), torch.zeros(2, dtype=torch.int64))
+    held_images, held_labels = _data(301, seed=1, dtype=torch.float64)
+    states = [copy.deepcopy(model.state_dict()) for model in models]
+    accuracies, statistics = step.precise(train_images, held_images, held_labels)
+    for index, (model, state) in enumerate(zip(models, states, strict=True)):
+        precise = with_precise_statistics(model, train_images, batch_size=64)
+        layers = [module for module in precise.modules() if getattr(module, "running_mean", None) is not None]
+        assert len(layers) == len(statistics)
+        for layer, (means, variances) in zip(layers, statistics, strict=True):
+            torch.testing.assert_close(means[index], layer.running_mean, rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(variances[index], layer.running_var, rtol=1e-10, atol=1e-12)
+        assert accuracies[index] == evaluate(precise, held_images, held_labels)[1]
+        assert all(torch.equal(state[name], value) for name, value in model.state_dict().items())
+
+
+@pytest.mark.parametrize("variant", ["plain", "ln", "bn-noisy", "bn-renorm4"])
+def test_the_fused_step_leaves_precise_bn_to_the_modules_where_it_cannot_take_it(variant):
+    # No running estimates (plain, ln), or a batch-statistics forward that draws noise or moves the estimates.
+    models = _models(variant, [0])
+    images, labels = _data(128)
+    step = fused.FusedStep(models, images, labels, lr=0.05, momentum=0.9, batch_size=64,
+                           dropout_generators=[torch.Generator().manual_seed(0)])
+    assert step.precise(images, images, labels) is None
 
 
 def test_a_batch_statistics_evaluation_never_normalizes_a_single_image():

@@ -81,8 +81,10 @@ def test_different_seeds_give_different_trajectories(mnist_dir):
 
 
 # Ghost batches of 8 amplify float32 rounding enough that two correct implementations part by 1e-4 within an epoch:
-# the ATen step, made of the eager step's own kernels, stays within 1e-5 of it; the fused step's arithmetic is held
-# against autograd's in float64 instead (tests/test_fused.py).
+# the ATen step, made of the eager step's own kernels, stays within 1e-5 of it. The fused step's products are other
+# kernels (single-threaded MKL): on an AMD EPYC Zen 4, plain's trajectory here parts from the eager step's by 3e-4 in
+# two epochs (1e-7 a step for nine steps, then growing about 2x a step: rounding amplified), so it is held to
+# 1e-3 here, and its arithmetic against autograd's in float64 (tests/test_fused.py).
 @pytest.mark.parametrize("variant, step", [
     *((variant, step) for variant in ("plain", "bn", "plain-dropout", "bn-dropout", "ln", "bn-ghost32")
       for step in ("fused", "aten")), ("bn-ghost8", "aten")])
@@ -93,9 +95,10 @@ def test_fast_step_matches_the_eager_autograd_step(mnist_dir, variant, step, req
     # exactly as F.dropout draws them in the eager step.
     fast = train(RunSpec(variant=variant, pipeline="fast", **SMALL), data_dir=mnist_dir)
     eager = train(RunSpec(variant=variant, pipeline="eager", **SMALL), data_dir=mnist_dir)
+    tolerance = 1e-3 if step == "fused" else 1e-5
     for ours, reference in zip(fast.epochs, eager.epochs, strict=True):
-        assert ours.train_loss == pytest.approx(reference.train_loss, rel=1e-5)
-        assert ours.validation_loss == pytest.approx(reference.validation_loss, rel=1e-4)
+        assert ours.train_loss == pytest.approx(reference.train_loss, rel=tolerance)
+        assert ours.validation_loss == pytest.approx(reference.validation_loss, rel=max(tolerance, 1e-4))
     assert fast.test_accuracy == pytest.approx(eager.test_accuracy, abs=0.05)
 
 

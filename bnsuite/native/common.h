@@ -28,7 +28,7 @@ typedef int (*local_threads_fn)(int);
 static gemm_fn blas_gemm;
 static local_threads_fn local_threads;
 
-int bn_abi_version(void) { return 6; }
+int bn_abi_version(void) { return 7; }
 
 void bn_set_blas(void* gemm, void* threads) {
     blas_gemm = (gemm_fn)gemm;

@@ -179,8 +179,11 @@ static void hidden_forward(const Step* s, int l, int m, int rows, int step_in_ch
     }
 }
 
-/* The forward pass of model m on `rows` images x (rows, in): the logits, in s->logits' block. */
-static void forward(const Step* s, int m, const real* x, int rows, int step_in_chunk, int mode, real* scratch) {
+/* The forward pass of model m on `rows` images x (rows, in): the logits, in s->logits' block. With `sums` (per
+ * hidden layer: F sums, then F sums of squares, in double), each batch-normalized layer's input is added to them,
+ * as precise BN takes it (bn_precise). */
+static void forward_summing(const Step* s, int m, const real* x, int rows, int step_in_chunk, int mode,
+                            real* scratch, double* const* sums) {
     const int L = s->layers;
     const real* in = x;
     for (int l = 0; l < L; l++) {
@@ -194,9 +197,25 @@ static void forward(const Step* s, int m, const real* x, int rows, int step_in_c
             for (int f = 0; f < fout; f++) row[f] += b[f];
         }
         if (l == L - 1) break;
+        if (sums && s->norm[l] == NORM_BATCH) {  /* the normalization's input: after the ReLU where it comes first */
+            double* sum = sums[l];
+            double* square = sums[l] + fout;
+            for (int r = 0; r < rows; r++) {
+                const real* row = out + (int64_t)r * fout;
+                for (int f = 0; f < fout; f++) {
+                    const double v = s->after_relu[l] && row[f] < 0 ? 0.0 : (double)row[f];
+                    sum[f] += v;
+                    square[f] += v * v;
+                }
+            }
+        }
         hidden_forward(s, l, m, rows, step_in_chunk, mode, scratch);
         in = s->activation[l] + m * s->activation_stride[l];
     }
+}
+
+static void forward(const Step* s, int m, const real* x, int rows, int step_in_chunk, int mode, real* scratch) {
+    forward_summing(s, m, x, rows, step_in_chunk, mode, scratch, 0);
 }
 
 /* The gradient at hidden layer l's product output, in place of g (the gradient at its activation): dropout,
@@ -363,6 +382,57 @@ void bn_evaluate(const Step* s, const real* images, const int64_t* labels, int64
             start += rows;
         }
         loss_sums[m] = loss;
+        hits[m] = correct;
+        local_threads(before);
+    }
+}
+
+/* Precise BN (bnsuite.precise) for every model at once: each batch-normalized layer's population mean and biased
+ * variance over `n` training images (n, in) in consecutive batches of `batch_size`, each normalized by its own
+ * statistics as training normalizes (a last batch of a single image joins the one before; no dropout, no noise),
+ * summed in double; then the `held_n` held-out images evaluated with those statistics in place of the running
+ * estimates: `hits` per model. `statistics` receives them, per hidden layer l at l * 2 * models * widest: the
+ * models' means (models, F), then at (l * 2 + 1) * models * widest their variances. `sums`: per model
+ * layers * 2 * widest doubles of room. The models change in nothing. Batch Renorm and noisy BN are not taken (their
+ * batch-statistics forward moves state or draws noise: bnsuite.fused.FusedStep.precise leaves them to the module). */
+void bn_precise(const Step* s, const real* images, int64_t n, const real* held, const int64_t* held_labels,
+                int64_t held_n, int widest, double* sums, real* statistics, int64_t* hits) {
+    Step precise = *s;  /* the same step, its running estimates read from `statistics` */
+    const int64_t block = (int64_t)s->models * widest;
+    for (int l = 0; l < s->layers - 1; l++) {
+        precise.running_mean[l] = statistics + 2 * l * block;
+        precise.running_var[l] = statistics + (2 * l + 1) * block;
+    }
+    #pragma omp parallel for schedule(dynamic, 1) num_threads(s->threads)
+    for (int m = 0; m < s->models; m++) {
+        const int before = local_threads(1);
+        real* scratch = s->scratch + m * s->scratch_stride;
+        double* mine[MAX_LAYERS];
+        for (int l = 0; l < s->layers - 1; l++) {
+            mine[l] = sums + ((int64_t)m * (s->layers - 1) + l) * 2 * widest;
+            for (int f = 0; f < 2 * widest; f++) mine[l][f] = 0;
+        }
+        for (int64_t start = 0; start < n;) {
+            int64_t rows = n - start < s->batch_size ? n - start : s->batch_size;
+            if (n - start - rows == 1) rows += 1;
+            forward_summing(s, m, images + start * s->widths[0], (int)rows, 0, BATCH_STATISTICS, scratch, mine);
+            start += rows;
+        }
+        for (int l = 0; l < s->layers - 1; l++) {
+            const int F = s->widths[l + 1];
+            for (int f = 0; f < F; f++) {
+                const double mean = mine[l][f] / (double)n, var = mine[l][F + f] / (double)n - mean * mean;
+                precise.running_mean[l][(int64_t)m * F + f] = (real)mean;
+                precise.running_var[l][(int64_t)m * F + f] = (real)(var > 0 ? var : 0);
+            }
+        }
+        int64_t correct = 0;
+        for (int64_t start = 0; start < held_n;) {
+            const int64_t rows = held_n - start < s->batch_size ? held_n - start : s->batch_size;
+            forward(&precise, m, held + start * s->widths[0], (int)rows, 0, RUNNING, scratch);
+            cross_entropy(s->logits + m * s->logits_stride, held_labels + start, (int)rows, s->classes, 0, &correct);
+            start += rows;
+        }
         hits[m] = correct;
         local_threads(before);
     }
