@@ -73,6 +73,7 @@ MAX_GHOST_BATCHES = 1024  # the C source's bound on ghost batches per batch
 DROPOUT_CHUNK = 16
 NORMALIZATIONS = {"none": 0, "bn": 1, "ghost": 1, "ln": 2}
 NORM_NONE, NORM_BATCH, NORM_GROUP = 0, 1, 3  # the C source's codes (common.h)
+MOVING_ESTIMATES = 2  # bn_evaluate's batch statistics with the running estimates moving, as Batch Renorm's do
 CNN_LAYERS = 2
 
 
@@ -488,6 +489,7 @@ class FusedStep:
                 getattr(step, field)[layer] = pointer(stacked)
                 getattr(step, f"{field}_momentum")[layer] = pointer(torch.zeros_like(stacked))
         widest = max(widths)
+        self._estimates: dict[int, tuple[torch.Tensor, ...]] = {}  # per normalized layer: its stacked estimates
         for layer in range(hidden):
             features = widths[layer + 1]
             norm_name = f"bn{layer + 1}"
@@ -500,9 +502,10 @@ class FusedStep:
                     getattr(step, field)[layer] = pointer(stacked)
                     getattr(step, f"{field}_momentum")[layer] = pointer(torch.zeros_like(stacked))
             if norm in ("bn", "ghost"):
-                step.running_mean[layer] = pointer(stack_into(models, f"{norm_name}.running_mean"))
-                step.running_var[layer] = pointer(stack_into(models, f"{norm_name}.running_var"))
-                step.batches_tracked[layer] = pointer(stack_into(models, f"{norm_name}.num_batches_tracked"))
+                self._estimates[layer] = tuple(stack_into(models, f"{norm_name}.{name}")
+                                               for name in ("running_mean", "running_var", "num_batches_tracked"))
+                step.running_mean[layer], step.running_var[layer], step.batches_tracked[layer] = (
+                    pointer(tensor) for tensor in self._estimates[layer])
             for field in ("normalized", "activation", "gradient", "invstd") + (
                     ("relu_out",) if layout.after_relu else ()) + (("correction",) if layout.renorm else ()):
                 # correction: r and d of each ghost batch, at most rows / 2 of them (ghost batches of 2 or more)
@@ -566,18 +569,26 @@ class FusedStep:
                  batch_statistics: bool = False) -> list[tuple[float, float]] | None:
         """(mean cross-entropy, accuracy in percent) of every model on `images`, in eval mode, or with
         `batch_statistics` normalizing consecutive batches of the batch size by their own statistics as training
-        does (bnsuite.train.evaluate_with_batch_statistics); nothing of the models changes. None for a batch-
-        statistics evaluation of noisy BN (its noise is drawn from torch's generator) or Batch Renorm (the module
-        moves its running estimates from batch to batch): the modules evaluate those themselves."""
-        if batch_statistics and self.layout is not None and (self.layout.noisy or self.layout.renorm):
+        does (bnsuite.train.evaluate_with_batch_statistics); nothing of the models changes. Batch Renorm's r and d
+        read the running estimates, which its module moves from batch to batch in training mode: they move so here
+        too, in copies. None for a batch-statistics evaluation of noisy BN (its noise is drawn from torch's
+        generator): the modules evaluate it themselves."""
+        if batch_statistics and self.layout is not None and self.layout.noisy:
             return None
+        step, mode, copies = self._step, int(batch_statistics), []
+        if batch_statistics and self.layout is not None and self.layout.renorm:
+            step, mode = type(step).from_buffer_copy(step), MOVING_ESTIMATES
+            for layer, estimates in self._estimates.items():
+                copies.append([tensor.clone() for tensor in estimates])
+                step.running_mean[layer], step.running_var[layer], step.batches_tracked[layer] = (
+                    tensor.data_ptr() for tensor in copies[-1])
         count = len(labels)
         images = images.reshape(count, -1).to(self.build.dtype).contiguous()
         labels = labels.contiguous()
         losses = torch.zeros(len(self.models), dtype=torch.float64)
         hits = torch.zeros(len(self.models), dtype=torch.int64)
-        getattr(self.build.library, self._EVALUATE)(ctypes.byref(self._step), images.data_ptr(), labels.data_ptr(),
-                                                    count, int(batch_statistics), losses.data_ptr(), hits.data_ptr())
+        getattr(self.build.library, self._EVALUATE)(ctypes.byref(step), images.data_ptr(), labels.data_ptr(),
+                                                    count, mode, losses.data_ptr(), hits.data_ptr())
         return [(loss / count, 100.0 * hit / count) for loss, hit in zip(losses.tolist(), hits.tolist(), strict=True)]
 
     def precise(self, images: torch.Tensor, held_images: torch.Tensor, held_labels: torch.Tensor,

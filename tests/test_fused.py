@@ -185,7 +185,7 @@ def test_the_fused_evaluation_agrees_with_the_modules_and_changes_nothing(varian
     states = [copy.deepcopy(model.state_dict()) for model in models]
     running = step.evaluate(images, labels)
     batches = step.evaluate(images, labels, batch_statistics=True)  # 15 batches of 64, the last of 41 (+ 0)
-    if variant in ("bn-noisy", "bn-renorm4"):  # the modules evaluate these themselves (FusedStep.evaluate)
+    if variant == "bn-noisy":  # the module evaluates it itself (FusedStep.evaluate)
         assert batches is None
         batches = [(None, None)] * len(models)
     for model, state, (loss, accuracy), (_, batch_accuracy) in zip(models, states, running, batches, strict=True):
@@ -231,6 +231,28 @@ def test_the_fused_step_leaves_precise_bn_to_the_modules_where_it_cannot_take_it
     step = fused.FusedStep(models, images, labels, lr=0.05, momentum=0.9, batch_size=64,
                            dropout_generators=[torch.Generator().manual_seed(0)])
     assert step.precise(images, images, labels) is None
+
+
+@pytest.mark.parametrize("steps_before", [0, RENORM_WARMUP + RENORM_RAMP // 3])
+def test_a_fused_batch_renorm_evaluation_moves_copies_of_the_estimates_as_the_module_does_in_float64(steps_before):
+    # Batch Renorm's r and d read the running estimates, which its module moves batch after batch in training
+    # mode (and its bounds widen with its step count): the fused evaluation moves copies the same way. float64:
+    # the accuracies must agree exactly; evaluating twice gives the same (the model's own estimates stay put).
+    models = _models("bn-renorm2", [0, 1], torch.float64)
+    for model in models:
+        for layer in (model.bn1, model.bn2):
+            layer.num_batches_tracked.fill_(steps_before)
+    train_images, train_labels = _data(640, dtype=torch.float64)
+    step = fused.FusedStep(models, train_images, train_labels, lr=0.05, momentum=0.9, batch_size=64)
+    orders = torch.stack([epoch_order(640, torch.Generator().manual_seed(seed)) for seed in range(2)])
+    step.train(orders, 0, 10, torch.zeros(2, 10, dtype=torch.float64), torch.zeros(2, dtype=torch.int64))
+    images, labels = _data(1001, seed=1, dtype=torch.float64)
+    states = [copy.deepcopy(model.state_dict()) for model in models]
+    first = step.evaluate(images, labels, batch_statistics=True)
+    assert step.evaluate(images, labels, batch_statistics=True) == first
+    for model, state, (_, accuracy) in zip(models, states, first, strict=True):
+        assert accuracy == evaluate_with_batch_statistics(model, images, labels, 64)
+        assert all(torch.equal(state[name], value) for name, value in model.state_dict().items())
 
 
 def test_a_batch_statistics_evaluation_never_normalizes_a_single_image():

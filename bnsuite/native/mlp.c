@@ -362,10 +362,14 @@ void bn_train_steps(const Step* s, int first_step_index, int steps) {
 
 /* Every model on `n` images (n, in) with labels: the summed cross-entropy and the hits per model. With
  * `batch_statistics`, in consecutive batches of `batch_size` normalized by their own statistics (a last batch of
- * a single image joins the one before), as training normalizes, changing nothing; else with the running
- * estimates, in blocks of `batch_size` images (each image's figures do not depend on its block). */
+ * a single image joins the one before), as training normalizes, changing nothing; with MOVING_ESTIMATES, so too,
+ * the running estimates and step counts following batch after batch as in training (Batch Renorm's r and d read
+ * them): `s` must then point at copies of them, which the call moves; else with the running estimates, in blocks
+ * of `batch_size` images (each image's figures do not depend on its block). */
+enum { MOVING_ESTIMATES = 2 };
 void bn_evaluate(const Step* s, const real* images, const int64_t* labels, int64_t n, int batch_statistics,
                  double* loss_sums, int64_t* hits) {
+    const int mode = batch_statistics == MOVING_ESTIMATES ? TRAIN : batch_statistics ? BATCH_STATISTICS : RUNNING;
     #pragma omp parallel for schedule(dynamic, 1) num_threads(s->threads)
     for (int m = 0; m < s->models; m++) {
         const int before = local_threads(1);
@@ -375,8 +379,10 @@ void bn_evaluate(const Step* s, const real* images, const int64_t* labels, int64
         for (int64_t start = 0; start < n;) {
             int64_t rows = n - start < s->batch_size ? n - start : s->batch_size;
             if (batch_statistics && n - start - rows == 1) rows += 1;
-            forward(s, m, images + start * s->widths[0], (int)rows, 0, batch_statistics ? BATCH_STATISTICS : RUNNING,
-                    scratch);
+            forward(s, m, images + start * s->widths[0], (int)rows, 0, mode, scratch);
+            if (mode == TRAIN)
+                for (int l = 0; l < s->layers - 1; l++)
+                    if (s->batches_tracked[l]) s->batches_tracked[l][m] += 1;
             loss += cross_entropy(s->logits + m * s->logits_stride, labels + start, (int)rows, s->classes, 0,
                                   &correct);
             start += rows;
