@@ -38,6 +38,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from bnsuite.fastpath import stack_into
+from bnsuite.models import EagerStep
+from bnsuite.spec import RunSpec
 
 SWITCH_VARIABLE = "BNSUITE_COMPILE"  # "0": such variants train on the eager step; "1": compiled however short the run
 # Steps a run must take before its group is compiled: a full-profile run takes 4,690 to 18,750 (10 epochs at batch
@@ -146,8 +148,6 @@ class CompiledStep:
     def _fall_back(self, error: Exception) -> None:
         """The eager step for every model from here on, from the state before the first call (a failure at a later
         call, after the compiled code has trained, is raised)."""
-        from bnsuite.epochs import EagerStep  # the eager step lives with the epoch runners, which import this module
-        from bnsuite.spec import RunSpec
 
         self.fallback = [EagerStep(model, RunSpec(lr=float(lr), momentum=self.momentum))
                          for model, lr in zip(self.models, self.lr.tolist(), strict=True)]

@@ -25,12 +25,11 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from bnsuite import compiled, fastpath, fused
 from bnsuite.data import Splits
 from bnsuite.landscape import Landscaper
-from bnsuite.models import make_optimizer
+from bnsuite.models import EagerStep
 from bnsuite.probe import Prober, check_probe_point
 from bnsuite.registry import variant
 from bnsuite.spec import RunSpec
@@ -212,31 +211,6 @@ class GraphedStep:
                 self.outputs = self.step(self.images, self.labels)
         self.graph.replay()
         return self.outputs
-
-
-class EagerStep:
-    """One training step through autograd and torch.optim: the reference the fast step is checked against."""
-
-    NAME = "eager"
-
-    def __init__(self, model: nn.Module, spec: RunSpec):
-        self.model = model
-        self.spec = spec
-        self.optimizer = make_optimizer(model, spec, fused=True)
-
-    def start_epoch(self, epoch: int) -> None:
-        """The recipe's learning rate for `epoch` (RunSpec.lr_at), before its first step."""
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.spec.lr_at(epoch)
-
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Same shapes as FastStep with one model: images (1, B, ...), labels (1, B)."""
-        logits = self.model(images[0])
-        loss = F.cross_entropy(logits, labels[0])
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        return loss.detach().view(1), logits.detach().unsqueeze(0)
 
 
 def step_kind(model: nn.Module, spec: RunSpec, device: torch.device) -> str:

@@ -8,7 +8,9 @@ question asked where BN is mostly used: two conv blocks (conv 3x3, BN, ReLU,
 2x2 max pooling) and a linear classifier, BatchNorm2d before each ReLU, with
 the MLP's variant family (plain, bn, ghost-batch BN, LayerNorm and GroupNorm)
 under the same names. The study's optimizer is built here, next to the
-models, so every training path takes it from one place.
+models, so every training path takes it from one place, and with it the
+eager step (autograd and torch.optim), the reference every faster step is
+held against and the fallback of the compiled one.
 """
 
 from __future__ import annotations
@@ -411,3 +413,28 @@ def make_optimizer(model: nn.Module, spec: RunSpec, *, fused: bool) -> torch.opt
                                 fused=fused or None)
     return torch.optim.SGD(model.parameters(), lr=spec.lr_at(1), momentum=spec.momentum,
                            weight_decay=spec.weight_decay, fused=fused or None)
+
+
+class EagerStep:
+    """One training step through autograd and torch.optim: the reference the fast step is checked against."""
+
+    NAME = "eager"
+
+    def __init__(self, model: nn.Module, spec: RunSpec):
+        self.model = model
+        self.spec = spec
+        self.optimizer = make_optimizer(model, spec, fused=True)
+
+    def start_epoch(self, epoch: int) -> None:
+        """The recipe's learning rate for `epoch` (RunSpec.lr_at), before its first step."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.spec.lr_at(epoch)
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Same shapes as FastStep with one model: images (1, B, ...), labels (1, B)."""
+        logits = self.model(images[0])
+        loss = F.cross_entropy(logits, labels[0])
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return loss.detach().view(1), logits.detach().unsqueeze(0)

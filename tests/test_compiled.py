@@ -8,8 +8,7 @@ import torch
 from torch import nn
 
 from bnsuite import compiled
-from bnsuite.epochs import EagerStep
-from bnsuite.models import build_model
+from bnsuite.models import EagerStep, build_model
 from bnsuite.spec import RunSpec
 from bnsuite.train import train_seeds
 

@@ -9,9 +9,9 @@ import torch
 
 from bnsuite import fused
 from bnsuite.batchnorm import RENORM_RAMP, RENORM_WARMUP
-from bnsuite.epochs import EagerStep, epoch_order
+from bnsuite.epochs import epoch_order
 from bnsuite.evaluation import evaluate, evaluate_with_batch_statistics
-from bnsuite.models import build_model
+from bnsuite.models import EagerStep, build_model
 from bnsuite.precise import with_precise_statistics
 from bnsuite.spec import RunSpec
 from bnsuite.train import train_seeds

@@ -9,7 +9,7 @@ from bnsuite import epochs as epochs_module
 from bnsuite import fastpath, registry
 from bnsuite import train as train_module
 from bnsuite.epochs import TensorEpochs, epoch_order
-from bnsuite.models import build_model
+from bnsuite.models import EagerStep, build_model
 from bnsuite.records import RunRecord
 from bnsuite.spec import PIPELINES, ClaimSettings, RunSpec, SpecError, Study
 from bnsuite.train import EPOCH_RUNNERS, evaluate_with_batch_statistics, train, train_seeds
@@ -112,7 +112,7 @@ def test_fast_step_computes_the_eager_steps_arithmetic_in_float64(variant):
     fast_model = build_model(variant).double()
     eager_model = copy.deepcopy(fast_model)
     fast = fastpath.FastStep([fast_model], lr=0.01, momentum=0.9)
-    eager = epochs_module.EagerStep(eager_model, RunSpec(variant=variant, lr=0.01))
+    eager = EagerStep(eager_model, RunSpec(variant=variant, lr=0.01))
     generator = torch.Generator().manual_seed(1)
     for batch_size in (64, 66, 65):  # 66 and 65: uneven last ghost batches (65: a group of 3 for g = 2)
         images = torch.rand(1, batch_size, 784, generator=generator, dtype=torch.float64) * 2 - 1
@@ -198,7 +198,7 @@ def test_the_aten_step_trains_the_papers_stacks_as_autograd_does_in_float64(vari
     eager_model = copy.deepcopy(fast_model)
     assert fastpath.supports(fast_model)
     fast = fastpath.FastStep([fast_model], lr=0.05, momentum=0.9)
-    eager = epochs_module.EagerStep(eager_model, RunSpec(variant=variant, lr=0.05))
+    eager = EagerStep(eager_model, RunSpec(variant=variant, lr=0.05))
     generator = torch.Generator().manual_seed(1)
     for batch_size in (64, 33, 64):
         images = torch.rand(1, batch_size, 784, generator=generator, dtype=torch.float64) * 2 - 1
