@@ -48,8 +48,8 @@ def is_precise_checkpoint(epoch: int, epochs: int) -> bool:
     last (a few checkpoints, early ones close together, where the running estimates lag most)."""
     return epoch == epochs or epoch & (epoch - 1) == 0
 SUPPORTED, CONTRADICTED, NOT_SHOWN = "supported", "contradicted", "not shown"
-# A known exception's verdict for a claim whose verdict, under its profile, depends on which seeds it sees:
-# supported by some disjoint seed sets of the profile's size and not shown by others (never contradicted).
+# A known exception's verdict for a claim whose verdict, under its profile, depends on which seeds it sees (or on
+# which CPU's rounding trains them): supported by some and not shown by others (never contradicted).
 UNSETTLED = "unsettled"
 VERDICTS = (SUPPORTED, CONTRADICTED, NOT_SHOWN)
 # How records are read back (bnsuite.records): types exact, no NaN or infinity, no unknown field.
@@ -275,8 +275,9 @@ class KnownException:
     stays this one: a claim that starts to hold, or moves from "not shown" to
     "contradicted", fails the run until the entry is updated. An `unsettled`
     claim (measured: supported by some seed sets of the profile's size, not
-    shown by others) passes when it holds, is an expected failure when not
-    shown, and fails when contradicted; its reason names the seed sets measured.
+    shown by others, or on some CPUs and not others) passes when it holds, is
+    an expected failure when not shown, and fails when contradicted; its reason
+    names the seed sets or machines measured.
     """
 
     claim: str  # the claim's name, e.g. bn-final-loss-rises-with-batch-size

@@ -16,7 +16,7 @@ from bnsuite import plots
 from bnsuite.claims import Claim, activation_drift, at_least, needs, smaller
 from bnsuite.registry import SectionContext, register_study
 from bnsuite.report_parts import claims_block, colors, opening, variant_order, variant_rows, write_figure
-from bnsuite.spec import CONTRADICTED, NOT_SHOWN, KnownException, Study, StudySpec
+from bnsuite.spec import CONTRADICTED, NOT_SHOWN, UNSETTLED, KnownException, Study, StudySpec
 
 NAME = "noise"
 PLAIN, BN, NOISY = "plain", "bn", "bn-noisy"
@@ -25,9 +25,11 @@ MATRICES = {profile: Study(NAME, variants=(PLAIN, BN, NOISY), batch_sizes=(64,),
 DRIFT = "drift (mean move between checkpoints / spread)"
 NO_PROBE = ("the activation probe", "records of schema 2 or earlier, or a network without a probe point")
 KNOWN_EXCEPTIONS = {
-    "full": (KnownException("bn-noisy-accuracy-within-margin-of-bn-bs64", NOT_SHOWN,
-                            "noisy BN's mean test accuracy is BN's (98.22% against 98.22%, 7 seeds), within seed "
-                            "noise, but too few seed pairs clear the 0.1-point margin for it to be shown"),),
+    "full": (KnownException("bn-noisy-accuracy-within-margin-of-bn-bs64", UNSETTLED,
+                            "noisy BN's mean test accuracy is BN's within seed noise, at the 0.1-point margin: "
+                            "not shown on an Intel Xeon (98.22% against 98.22%, seeds 0-6), supported on an AMD "
+                            "EPYC Zen 4 (98.21% against 98.19%, the same seeds, p = 0.017), whose rounding "
+                            "trains other bits"),),
     "quick": (
         KnownException("bn-noisy-accuracy-within-margin-of-bn-bs64", NOT_SHOWN,
                        "after 4 epochs on 20,000 images noisy BN is about 0.3 points behind BN (96.67% against "
