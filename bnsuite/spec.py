@@ -51,6 +51,9 @@ SUPPORTED, CONTRADICTED, NOT_SHOWN = "supported", "contradicted", "not shown"
 # A known exception's verdict for a claim whose verdict, under its profile, depends on which seeds it sees (or on
 # which CPU's rounding trains them): supported by some and not shown by others (never contradicted).
 UNSETTLED = "unsettled"
+# A known exception's verdict for a claim never supported under its profile, whose measured direction moves with
+# the CPU's rounding: not shown on some machines, contradicted on others.
+NOT_SUPPORTED = "not supported"
 VERDICTS = (SUPPORTED, CONTRADICTED, NOT_SHOWN)
 # How records are read back (bnsuite.records): types exact, no NaN or infinity, no unknown field.
 STRICT = ConfigDict(strict=True, allow_inf_nan=False, extra="forbid")
@@ -277,16 +280,19 @@ class KnownException:
     claim (measured: supported by some seed sets of the profile's size, not
     shown by others, or on some CPUs and not others) passes when it holds, is
     an expected failure when not shown, and fails when contradicted; its reason
-    names the seed sets or machines measured.
+    names the seed sets or machines measured. A `not supported` one (measured:
+    not shown on some CPUs, contradicted on others) is an expected failure with
+    either, and fails when it holds; its reason names the machines measured.
     """
 
     claim: str  # the claim's name, e.g. bn-final-loss-rises-with-batch-size
-    verdict: str  # "not shown", "contradicted" or "unsettled"
+    verdict: str  # "not shown", "contradicted", "unsettled" or "not supported"
     reason: str
 
     def __post_init__(self) -> None:
-        _require(self.verdict in (NOT_SHOWN, CONTRADICTED, UNSETTLED),
-                 f"a known exception's verdict is 'not shown', 'contradicted' or 'unsettled', got {self.verdict!r}")
+        _require(self.verdict in (NOT_SHOWN, CONTRADICTED, UNSETTLED, NOT_SUPPORTED),
+                 "a known exception's verdict is 'not shown', 'contradicted', 'unsettled' or 'not supported', got "
+                 f"{self.verdict!r}")
 
 
 @with_config(STRICT)

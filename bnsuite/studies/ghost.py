@@ -31,7 +31,7 @@ from bnsuite.claims import (
 )
 from bnsuite.registry import ANY_NETWORK, SectionContext, register_study
 from bnsuite.report_parts import claims_block, colors, opening, write_figure
-from bnsuite.spec import NOT_SHOWN, KnownException, Study, StudySpec
+from bnsuite.spec import NOT_SHOWN, UNSETTLED, KnownException, Study, StudySpec
 
 NAME = "ghost"
 BN, LN = "bn", "ln"  # BN over the whole batch, and the batch-free reference
@@ -334,6 +334,10 @@ KNOWN_EXCEPTIONS = {"full": (
     KnownException("cnn-bn-behind-layernorm-at-smallest-ghost-batch-bs128", NOT_SHOWN,
                    "the ConvNet's BN is ahead of LayerNorm at every ghost size measured (93.5-93.9% against 92.7% "
                    "held-out), never behind it"),
+    KnownException(f"cnn-{INCONSISTENCY}", UNSETTLED,
+                   "in 64 steps the ConvNet's inconsistency at ghost batch 2 is a tenth of a point, about the seed "
+                   "spread of 3 seeds: supported on an Intel Xeon (0.19 against 0.03 points, p = 0.05), not shown "
+                   "on an AMD EPYC Zen 4 (0.16 against 0.06, p = 0.15)"),
 )}
 register_study(NAME, title="ghost-batch study", matrices=MATRICES, section=ghost_section,
                known_exceptions=KNOWN_EXCEPTIONS, networks=("mlp", "cnn", ANY_NETWORK))(ghost_study_claims)

@@ -34,6 +34,10 @@ KNOWN_EXCEPTIONS = {
         KnownException("bn-noisy-accuracy-within-margin-of-bn-bs64", NOT_SHOWN,
                        "after 4 epochs on 20,000 images noisy BN is about 0.3 points behind BN (96.67% against "
                        "96.98%), within seed noise but past the 0.1-point margin"),
+        KnownException("bn-noisy-larger-drift-than-plain-bs64", UNSETTLED,
+                       "over 4 epochs on 20,000 images noisy BN's inputs drift more than plain's by about the seed "
+                       "spread: supported on an Intel Xeon (0.202 against 0.167, p = 0.048), not shown on an AMD "
+                       "EPYC Zen 4 (0.202 against 0.171, p = 0.11), 5 seeds"),
     ),
     "smoke": (
         KnownException("bn-noisy-accuracy-within-margin-of-bn-bs64", CONTRADICTED,

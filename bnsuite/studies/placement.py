@@ -14,7 +14,7 @@ from bnsuite.claims import Claim, ClaimResult, at_least, needs
 from bnsuite.records import runs_frame
 from bnsuite.registry import SectionContext, register_study
 from bnsuite.report_parts import claims_block, colors, opening, variant_rows, write_figure
-from bnsuite.spec import CONTRADICTED, SUPPORTED, KnownException, Study, StudySpec
+from bnsuite.spec import CONTRADICTED, NOT_SUPPORTED, SUPPORTED, KnownException, Study, StudySpec
 
 NAME = "placement"
 BEFORE, AFTER = "bn", "bn-after-relu"
@@ -37,9 +37,13 @@ KNOWN_EXCEPTIONS = {
                                   "images BN after the ReLU is behind BN before it at every batch size (about 0.6 "
                                   "points at 32 and 64; at 128 one seed's held-out accuracy falls to 76% at its last "
                                   "epoch end)") for batch_size in (32, 64, 128)),
-    "smoke": tuple(KnownException(AFTER_AT_LEAST_BEFORE.format(batch_size), CONTRADICTED, "after 2 epochs on 4,000 "
-                                  "images BN after the ReLU is 0.7 to 2 points behind BN before it")
-                   for batch_size in (32, 64, 128)),
+    "smoke": (*(KnownException(AFTER_AT_LEAST_BEFORE.format(batch_size), CONTRADICTED, "after 2 epochs on 4,000 "
+                               "images BN after the ReLU is 0.7 to 2 points behind BN before it")
+                for batch_size in (32, 64)),
+              KnownException(AFTER_AT_LEAST_BEFORE.format(128), NOT_SUPPORTED, "after 2 epochs on 4,000 images BN "
+                             "after the ReLU is 0.6 to 0.7 points behind BN before it, and with 3 seeds one seed pair "
+                             "decides past what: contradicted on an Intel Xeon (91.52% against 92.11%, p = 1), not "
+                             "shown on an AMD EPYC Zen 4 (91.47% against 92.11%, p = 0.95)")),
 }
 
 

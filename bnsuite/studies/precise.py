@@ -33,7 +33,7 @@ from bnsuite.claims import (
 )
 from bnsuite.registry import SectionContext, register_study
 from bnsuite.report_parts import claims_block, colors, opening, variant_order, write_figure
-from bnsuite.spec import NOT_SHOWN, PRECISE_IMAGES, KnownException, Study, StudySpec
+from bnsuite.spec import NOT_SHOWN, PRECISE_IMAGES, UNSETTLED, KnownException, Study, StudySpec
 
 NAME = "precise2021"
 BN, SLOW = "bn", "bn-ema0.99"
@@ -52,6 +52,10 @@ KNOWN_EXCEPTIONS = {
                        "epoch 1, 0.09 at the end)"),
     ),
     "quick": (
+        KnownException(f"{BN}-precise-at-least-running-estimates-bs{BATCH_SIZE}", UNSETTLED,
+                       "in 4 epochs on 20,000 images precise statistics are ahead of the running estimates by less "
+                       "than a tenth of a point, at the margin: supported on an Intel Xeon (5 seeds), not shown on "
+                       "an AMD EPYC Zen 4 (96.94% against 96.87%, p = 0.075)"),
         KnownException(f"{BN}-precise-gap-larger-early-bs{BATCH_SIZE}", NOT_SHOWN,
                        "in 4 epochs on 20,000 images (313 steps each) the default running averages have caught up by "
                        "the first epoch end: precise statistics gain 0.13 points after epoch 1 and 0.11 at the end (5 "
