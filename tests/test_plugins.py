@@ -164,9 +164,10 @@ def test_the_worked_example_trains_from_its_installed_package_locally_and_in_pro
     for spec, record in local.items():
         other = workers[spec]
         assert other.environment.dataset_checksum == record.environment.dataset_checksum
-        # Equal up to rounding: the eager step's GEMMs split over the threads each process has (the record says).
-        assert [e.train_loss for e in other.epochs] == pytest.approx([e.train_loss for e in record.epochs], rel=1e-5)
-        assert other.test_accuracy == pytest.approx(record.test_accuracy, abs=0.2)
+        # Equal up to rounding: the eager step's GEMMs split over the threads each process has (the record says),
+        # which two epochs amplify: 7e-4 apart on an AMD EPYC Zen 4 (1e-5 on an Intel Xeon); two seeds are 5% apart.
+        assert [e.train_loss for e in other.epochs] == pytest.approx([e.train_loss for e in record.epochs], rel=5e-3)
+        assert other.test_accuracy == pytest.approx(record.test_accuracy, abs=0.5)
     # The report where the package is not installed (another process, another directory): runs and stored verdicts.
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -208,17 +209,21 @@ def test_an_entry_point_plugins_variants_and_a_users_study_run_by_option_and_rep
     assert "FAILED" in run.stdout and "rms-after-relu-at-least-before-bs128: not shown" in run.stdout
     sources = {record.spec.variant: record.variant.source for record in load_records(results)}
     assert sources == {"bn": "bnsuite", **dict.fromkeys(THEIRS, "my_norms my-norms 0.3")}
-    # The same study in worker processes, which import the same plugins: the same records, figure for figure.
+    # The same study in worker processes, which import the same plugins: the same runs, to rounding (a worker's
+    # GEMMs run on one thread, this process's on every thread: bit for bit on an Intel Xeon, 1e-3 apart in the
+    # losses on an AMD EPYC Zen 4, where two seeds are 5% apart).
     in_workers = tmp_path / "in-workers"
     _pytest("--pyargs", "bnsuite.benchmarks.test_study", "--bn-plugin", "placement_study", "--bn-profile", "smoke",
             "--bn-studies", "rms-placement", "--bn-seeds", "0,1", "--bn-executor", "processes", "--bn-results-dir",
             str(in_workers), "--bn-data-dir", str(mnist_dir), cwd=project, env=env)
-
-    def figures(directory):
-        return {r.spec: (r.test_accuracy, r.final_train_loss, [e.train_loss for e in r.epochs], r.variant.source)
-                for r in load_records(directory)}
-
-    assert figures(in_workers) == figures(results)
+    here, there = ({r.spec: r for r in load_records(directory)} for directory in (results, in_workers))
+    assert here.keys() == there.keys()
+    for spec, record in here.items():
+        other = there[spec]
+        assert other.variant.source == record.variant.source
+        assert [e.train_loss for e in other.epochs] == pytest.approx([e.train_loss for e in record.epochs], rel=5e-3)
+        assert other.final_train_loss == pytest.approx(record.final_train_loss, rel=5e-3)
+        assert other.test_accuracy == pytest.approx(record.test_accuracy, abs=0.5)
     # Here, where placement_study is not imported: its runs, and its claims as its run stored them (verdicts as data).
     without = report.build_report(results, out=tmp_path / "REPORT.md", with_plots=False)
     assert "The study 'rms-placement' is not registered here" in without
