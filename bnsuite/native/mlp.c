@@ -360,34 +360,40 @@ void bn_train_steps(const Step* s, int first_step_index, int steps) {
     spread_steps(s, s->models, s->threads, first_step_index, steps, model_steps);
 }
 
-/* Every model on `n` images (n, in) with labels: the summed cross-entropy and the hits per model. With
- * `batch_statistics`, in consecutive batches of `batch_size` normalized by their own statistics (a last batch of
- * a single image joins the one before), as training normalizes, changing nothing; with MOVING_ESTIMATES, so too,
- * the running estimates and step counts following batch after batch as in training (Batch Renorm's r and d read
- * them): `s` must then point at copies of them, which the call moves; else with the running estimates, in blocks
- * of `batch_size` images (each image's figures do not depend on its block). */
 enum { MOVING_ESTIMATES = 2 };
+
+/* Model m on `n` images (n, in) with labels, on this thread: the summed cross-entropy, its hits added to *correct.
+ * With `batch_statistics`, in consecutive batches of `batch_size` normalized by their own statistics (a last batch
+ * of a single image joins the one before), as training normalizes, changing nothing; with MOVING_ESTIMATES, so too,
+ * the running estimates and step counts following batch after batch as in training (Batch Renorm's r and d read
+ * them): `s` must then point at copies of them, which the call moves; else with the running estimates `s` points
+ * at, in blocks of `batch_size` images (each image's figures do not depend on its block). */
+static double evaluate_model(const Step* s, int m, const real* images, const int64_t* labels, int64_t n,
+                             int batch_statistics, int64_t* correct) {
+    const int mode = batch_statistics == MOVING_ESTIMATES ? TRAIN : batch_statistics ? BATCH_STATISTICS : RUNNING;
+    real* scratch = s->scratch + m * s->scratch_stride;
+    double loss = 0.0;
+    for (int64_t start = 0; start < n;) {
+        int64_t rows = n - start < s->batch_size ? n - start : s->batch_size;
+        if (batch_statistics && n - start - rows == 1) rows += 1;
+        forward(s, m, images + start * s->widths[0], (int)rows, 0, mode, scratch);
+        if (mode == TRAIN)
+            for (int l = 0; l < s->layers - 1; l++)
+                if (s->batches_tracked[l]) s->batches_tracked[l][m] += 1;
+        loss += cross_entropy(s->logits + m * s->logits_stride, labels + start, (int)rows, s->classes, 0, correct);
+        start += rows;
+    }
+    return loss;
+}
+
+/* Every model on `n` images (evaluate_model), each on one thread: the summed cross-entropy and the hits per model. */
 void bn_evaluate(const Step* s, const real* images, const int64_t* labels, int64_t n, int batch_statistics,
                  double* loss_sums, int64_t* hits) {
-    const int mode = batch_statistics == MOVING_ESTIMATES ? TRAIN : batch_statistics ? BATCH_STATISTICS : RUNNING;
     #pragma omp parallel for schedule(dynamic, 1) num_threads(s->threads)
     for (int m = 0; m < s->models; m++) {
         const int before = local_threads(1);
-        real* scratch = s->scratch + m * s->scratch_stride;
-        double loss = 0.0;
         int64_t correct = 0;
-        for (int64_t start = 0; start < n;) {
-            int64_t rows = n - start < s->batch_size ? n - start : s->batch_size;
-            if (batch_statistics && n - start - rows == 1) rows += 1;
-            forward(s, m, images + start * s->widths[0], (int)rows, 0, mode, scratch);
-            if (mode == TRAIN)
-                for (int l = 0; l < s->layers - 1; l++)
-                    if (s->batches_tracked[l]) s->batches_tracked[l][m] += 1;
-            loss += cross_entropy(s->logits + m * s->logits_stride, labels + start, (int)rows, s->classes, 0,
-                                  &correct);
-            start += rows;
-        }
-        loss_sums[m] = loss;
+        loss_sums[m] = evaluate_model(s, m, images, labels, n, batch_statistics, &correct);
         hits[m] = correct;
         local_threads(before);
     }
@@ -433,12 +439,7 @@ void bn_precise(const Step* s, const real* images, int64_t n, const real* held, 
             }
         }
         int64_t correct = 0;
-        for (int64_t start = 0; start < held_n;) {
-            const int64_t rows = held_n - start < s->batch_size ? held_n - start : s->batch_size;
-            forward(&precise, m, held + start * s->widths[0], (int)rows, 0, RUNNING, scratch);
-            cross_entropy(s->logits + m * s->logits_stride, held_labels + start, (int)rows, s->classes, 0, &correct);
-            start += rows;
-        }
+        evaluate_model(&precise, m, held, held_labels, held_n, 0, &correct);
         hits[m] = correct;
         local_threads(before);
     }
