@@ -256,12 +256,14 @@ def test_a_fused_batch_renorm_evaluation_moves_copies_of_the_estimates_as_the_mo
         assert all(torch.equal(state[name], value) for name, value in model.state_dict().items())
 
 
-def test_a_batch_statistics_evaluation_never_normalizes_a_single_image():
-    models = _models("bn", [0])
+@pytest.mark.parametrize("network", ["mlp", "cnn"])
+def test_a_batch_statistics_evaluation_never_normalizes_a_single_image(network):
+    models = _cnn_models("bn", [0]) if network == "cnn" else _models("bn", [0])
     images, labels = _data(129)  # batches of 64: 64, then 65 rather than 64 and 1
-    step = fused.FusedStep(models, images, labels, lr=0.05, momentum=0.9, batch_size=64)
+    step = fused.fused_step(models, images, labels, lr=0.05, momentum=0.9, batch_size=64)
     (_, accuracy), = step.evaluate(images, labels, batch_statistics=True)
-    assert accuracy == pytest.approx(evaluate_with_batch_statistics(models[0], images, labels, 64), abs=0.1)
+    shaped = images.view(-1, 1, 28, 28) if network == "cnn" else images
+    assert accuracy == pytest.approx(evaluate_with_batch_statistics(models[0], shaped, labels, 64), abs=0.1)
 
 
 def test_records_name_the_fused_step_and_its_compiler(mnist_dir):
@@ -426,6 +428,27 @@ def test_the_fused_convnet_evaluation_agrees_with_the_modules_and_changes_nothin
             assert batch_accuracy == pytest.approx(
                 evaluate_with_batch_statistics(model, images.view(-1, 1, 28, 28), labels, 32), abs=0.7)
         assert all(torch.equal(state[name], value) for name, value in model.state_dict().items())
+
+
+@pytest.mark.parametrize("variant", ["bn", "bn-ghost4"])
+def test_a_convnet_evaluates_the_same_in_any_group_and_on_any_number_of_threads(variant):
+    """The evaluation cuts the models' batches between the threads (3 models on 2: a model and a half each); a
+    model's loss is still its batches' losses summed in order, as alone on one thread: bit for bit."""
+    models = _cnn_models(variant, range(3))
+    images, labels = _data(7 * 16 + 1, seed=3)  # a last batch of one image, which batch statistics merge
+    before = torch.get_num_threads()
+    results = {}
+    try:
+        for group, threads in (((0, 1, 2), 2), ((0, 1, 2), 1), ((0,), 1), ((1,), 2), ((2,), 1)):
+            torch.set_num_threads(threads)
+            step = fused.fused_step([models[m] for m in group], images, labels, lr=0.05, momentum=0.9, batch_size=16)
+            for mode in (False, True):
+                for m, result in zip(group, step.evaluate(images, labels, batch_statistics=mode), strict=True):
+                    results.setdefault((m, mode), set()).add(result)
+    finally:
+        torch.set_num_threads(before)
+    assert all(len(found) == 1 for found in results.values()), results
+    assert len({results[m, False].pop() for m in range(3)}) == 3  # three models, three results
 
 
 def test_the_fused_step_covers_the_convnet_only_as_built():

@@ -474,27 +474,63 @@ void bn_cnn_train_steps(const ConvStep* s, int first_step_index, int steps) {
     spread_steps(s, s->models, s->threads, first_step_index, steps, cnn_model_steps);
 }
 
+/* Batch k of an evaluation of `n` images in batches of the batch size (with batch statistics a last batch of one
+ * image joins the one before) for model m, on this thread's buffers: its summed cross-entropy, its hits added to
+ * `correct`. Nothing of the model changes, so any thread may take any model's batch. */
+static double evaluate_batch(const ConvStep* s, int m, const real* images, const int64_t* labels, int64_t n,
+                             int64_t k, int64_t batches, int batch_statistics, const Buffers* b, int64_t* correct) {
+    const int64_t start = k * s->batch_size, rows = k == batches - 1 ? n - start : s->batch_size;
+    gather(s, images + start * s->channels[0] * positions(s, 0), 0, 0, (int)rows, b->x, 0);
+    cnn_forward(s, m, (int)rows, batch_statistics ? BATCH_STATISTICS : RUNNING, b);
+    return cross_entropy(b->logits, labels + start, (int)rows, s->classes, 0, correct);
+}
+
 /* Every model on `n` images (channel-major) with labels: summed cross-entropy and hits per model, as mlp.c's
- * bn_evaluate (batch statistics: consecutive batches normalized by their own statistics, changing nothing). */
+ * bn_evaluate (batch statistics: consecutive batches normalized by their own statistics, changing nothing). The
+ * models' batches are cut into one contiguous share per thread (3 models on 2 threads: a model and a half each,
+ * not two models on one thread and one on the other), each batch's loss kept apart and a model's summed in batch
+ * order afterwards: the sums a model alone on one thread gives, bit for bit. */
 void bn_cnn_evaluate(const ConvStep* s, const real* images, const int64_t* labels, int64_t n, int batch_statistics,
                      double* loss_sums, int64_t* hits) {
-    #pragma omp parallel for schedule(dynamic, 1) num_threads(s->threads)
-    for (int m = 0; m < s->models; m++) {
+    int64_t batches = (n + s->batch_size - 1) / s->batch_size;
+    if (batch_statistics && batches > 1 && n % s->batch_size == 1) batches -= 1;
+    const int64_t items = (int64_t)s->models * batches;
+    double* losses = malloc((size_t)items * sizeof(double));
+    int64_t* correct = calloc((size_t)items, sizeof(int64_t));
+    const int shared = losses && correct;  /* without room for the batches' losses, each model on one thread */
+    #pragma omp parallel num_threads(s->threads)
+    {
         const int before = local_threads(1);
         const Buffers b = thread_buffers(s);
-        const int64_t image_size = s->channels[0] * positions(s, 0);
-        double loss = 0.0;
-        int64_t correct = 0;
-        for (int64_t start = 0; start < n;) {
-            int64_t rows = n - start < s->batch_size ? n - start : s->batch_size;
-            if (batch_statistics && n - start - rows == 1) rows += 1;
-            gather(s, images + start * image_size, 0, 0, (int)rows, b.x, 0);
-            cnn_forward(s, m, (int)rows, batch_statistics ? BATCH_STATISTICS : RUNNING, &b);
-            loss += cross_entropy(b.logits, labels + start, (int)rows, s->classes, 0, &correct);
-            start += rows;
+        if (shared) {
+            #pragma omp for schedule(static)
+            for (int64_t i = 0; i < items; i++)
+                losses[i] = evaluate_batch(s, (int)(i / batches), images, labels, n, i % batches, batches,
+                                           batch_statistics, &b, correct + i);
+        } else {
+            #pragma omp for schedule(dynamic, 1)
+            for (int m = 0; m < s->models; m++) {
+                double loss = 0.0;
+                int64_t hit = 0;
+                for (int64_t k = 0; k < batches; k++)
+                    loss += evaluate_batch(s, m, images, labels, n, k, batches, batch_statistics, &b, &hit);
+                loss_sums[m] = loss;
+                hits[m] = hit;
+            }
         }
-        loss_sums[m] = loss;
-        hits[m] = correct;
         local_threads(before);
     }
+    if (shared)
+        for (int m = 0; m < s->models; m++) {
+            double loss = 0.0;
+            int64_t hit = 0;
+            for (int64_t k = 0; k < batches; k++) {
+                loss += losses[(int64_t)m * batches + k];
+                hit += correct[(int64_t)m * batches + k];
+            }
+            loss_sums[m] = loss;
+            hits[m] = hit;
+        }
+    free(losses);
+    free(correct);
 }

@@ -6,6 +6,7 @@
 #define BNSUITE_COMMON_H
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <omp.h>
 
 /* float32 for training; built with -DBN_DOUBLE, the same code in float64, which the tests hold against autograd in
