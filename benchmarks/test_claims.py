@@ -11,7 +11,7 @@ failing the run when the claim starts to hold or its verdict moves
 
 import pytest
 
-from bnsuite.claims import gate
+from bnsuite.core.claims import gate
 
 
 @pytest.mark.claims

@@ -38,14 +38,14 @@ import statistics
 import pytest
 import torch
 
-from bnsuite import fused
-from bnsuite.data import load_splits
-from bnsuite.datasets import DATASETS
-from bnsuite.fastpath import FastStep
-from bnsuite.models import build_model
-from bnsuite.networks import title
-from bnsuite.spec import RunSpec
-from bnsuite.speed import (
+from bnsuite.core.datasets import DATASETS
+from bnsuite.core.networks import title
+from bnsuite.core.spec import RunSpec
+from bnsuite.training import fused
+from bnsuite.training.data import load_splits
+from bnsuite.training.fastpath import FastStep
+from bnsuite.training.models import build_model
+from bnsuite.training.speed import (
     MEMORY_BYTES,
     Roofline,
     StepTraffic,
@@ -54,7 +54,7 @@ from bnsuite.speed import (
     step_floor_seconds,
     training_flops_per_sample,
 )
-from bnsuite.train import MAX_RUNS_TOGETHER, resolve_device, train_seeds
+from bnsuite.training.train import MAX_RUNS_TOGETHER, resolve_device, train_seeds
 
 BANDWIDTH: dict[int, float] = {}  # working-set bytes -> the best copy bandwidth seen over it in this run, bytes/s
 ROUNDS = 3  # rounds of the side-by-side comparison: the median of 3 ratios steadies it
@@ -261,7 +261,7 @@ def test_network_paths_side_by_side(benchmark, study, study_session, other_netwo
     per run); round after round, ratios within a round. `other_network`: each network the session trains besides
     the MLP (bnsuite.plugin)."""
     network = other_network
-    from bnsuite import models
+    from bnsuite.training import models
 
     paths = {"original": _network_specs(study, network, variant, 64, "original"),
              "eager": _network_specs(study, network, variant, 64, "eager"),
@@ -337,7 +337,7 @@ def test_own_layer_epoch(benchmark, study, study_session, monkeypatch):
     the compiled step (compiled however short the run), against the eager step one seed at a time and the fused
     step's `bn` on the same network and images: the second epoch of two over 10,000 images at batch 64 (the first
     pays the compilation), each path in turn, round after round; and its fraction of the roofline bound."""
-    from bnsuite import compiled
+    from bnsuite.training import compiled
 
     if resolve_device(study.device).type != "cpu" or compiled.unavailable() is not None:
         pytest.skip(f"the compiled step trains on a CPU where torch.compile works ({compiled.unavailable()})")

@@ -10,8 +10,8 @@ import dataclasses
 import time
 from pathlib import Path
 
-from bnsuite import baseline, report
-from bnsuite.records import load_records, save_record
+from bnsuite.core import baseline, report
+from bnsuite.core.records import load_records, save_record
 from bnsuite.study import study_from_options
 
 REFERENCE = Path(__file__).resolve().parents[1] / "results" / "reference" / "smoke"

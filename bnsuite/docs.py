@@ -21,13 +21,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from bnsuite import registry
-from bnsuite.claims import REASONS, study_claims
-from bnsuite.files import write_atomically
-from bnsuite.records import load_records
-from bnsuite.report import evaluate_claims
-from bnsuite.report_parts import study_title
-from bnsuite.spec import Study, StudySpec, network_prefix
+from bnsuite.core import registry
+from bnsuite.core.claims import REASONS, study_claims
+from bnsuite.core.files import write_atomically
+from bnsuite.core.records import load_records
+from bnsuite.core.report import evaluate_claims
+from bnsuite.core.report_parts import study_title
+from bnsuite.core.spec import Study, StudySpec, network_prefix
 from bnsuite.study import PROFILE_SETTINGS, on_networks, profile_spec
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -36,10 +36,10 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from bnsuite.environment import GIT_COMMIT_VARIABLE, git_commit
-from bnsuite.records import RunRecord
-from bnsuite.registry import PluginError, load_plugins
-from bnsuite.spec import RunSpec, StudySpec
+from bnsuite.core.records import RunRecord
+from bnsuite.core.registry import PluginError, load_plugins
+from bnsuite.core.spec import RunSpec, StudySpec
+from bnsuite.training.environment import GIT_COMMIT_VARIABLE, git_commit
 
 EXECUTORS = ("local", "processes", "ray")
 RETRIES = 3  # Ray's retries of a task whose worker died (a task that raises is not retried)
@@ -71,7 +71,7 @@ def _train_case(specs: Sequence[RunSpec], data_dir: str | None, study: StudySpec
     except PluginError as error:
         raise PluginError(f"on {node}: {error}") from None
     if trainer is None:
-        from bnsuite.train import train_seeds as trainer
+        from bnsuite.training.train import train_seeds as trainer
     return trainer(tuple(specs), data_dir=data_dir, study=study, executor=f"{executor}, {node}")
 
 
@@ -247,14 +247,14 @@ def _start_process_worker(commit: str) -> None:
     import torch
 
     torch.set_num_threads(1)
-    import bnsuite.train  # noqa: F401  (flushes subnormals before this worker computes anything)
+    import bnsuite.training.train  # noqa: F401  (flushes subnormals before this worker computes anything)
 
 
 def _train_in_process(specs: Sequence[RunSpec], data_dir: str | None, study: StudySpec | None, executor: str,
                       plugins: tuple[str, ...]) -> list[RunRecord]:
     """The body of a worker's case: import the driver's plugins (once per worker; a module that fails fails the
     case, naming it), train, return the records (the driver saves them)."""
-    from bnsuite.train import train_seeds
+    from bnsuite.training.train import train_seeds
 
     load_plugins(plugins, entry_points=False)
     return train_seeds(tuple(specs), data_dir=data_dir, study=study, executor=f"{executor}, pid {os.getpid()}")

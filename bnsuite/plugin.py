@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from bnsuite import fused, registry
-from bnsuite.baseline import (
+from bnsuite.core import registry
+from bnsuite.core.baseline import (
     REFERENCE_DIR,
     Baseline,
     BaselineError,
@@ -33,17 +33,18 @@ from bnsuite.baseline import (
     results_name,
     unmatched,
 )
-from bnsuite.claims import holm, study_claims
-from bnsuite.data import DatasetError, DataUnavailableError, default_data_dir, load_raw
-from bnsuite.environment import describe_environment
+from bnsuite.core.claims import holm, study_claims
+from bnsuite.core.idx import IdxFormatError
+from bnsuite.core.records import RecordError, load_records, save_record
+from bnsuite.core.registry import PluginError, check_measures, load_plugins, plugin_option
+from bnsuite.core.spec import DEFAULT_LR, DEFAULT_NETWORK, SpecError, StudySpec
 from bnsuite.executor import EXECUTORS, ExecutorError, ProcessExecutor, RayExecutor
-from bnsuite.idx import IdxFormatError
-from bnsuite.models import check_outputs
-from bnsuite.records import RecordError, load_records, save_record
-from bnsuite.registry import PluginError, check_measures, load_plugins, plugin_option
-from bnsuite.spec import DEFAULT_LR, DEFAULT_NETWORK, SpecError, StudySpec
 from bnsuite.study import PROFILE_SETTINGS, StudySession, default_seeds, study_from_options
-from bnsuite.train import max_runs_together, resolve_device
+from bnsuite.training import fused
+from bnsuite.training.data import DatasetError, DataUnavailableError, default_data_dir, load_raw
+from bnsuite.training.environment import describe_environment
+from bnsuite.training.models import check_outputs
+from bnsuite.training.train import max_runs_together, resolve_device
 
 
 def _seeds(profile: str) -> str:
@@ -381,7 +382,7 @@ class StudyPlugin:
             self.executor.stop()
             self.executor = None
         if self.claim_results:  # the verdicts as data, so a report without the studies' code still shows them
-            from bnsuite.verdicts import VerdictsError, save_verdicts
+            from bnsuite.core.verdicts import VerdictsError, save_verdicts
 
             try:
                 save_verdicts(self.results_dir, [(result, self.judged_files[result.name])
@@ -421,7 +422,7 @@ class StudyPlugin:
         # a reused case (--bn-resume) trained in another session: its time is not this session's wall time's
         trained = [record for spec, record in session.records.items() if spec not in reused] if session else []
         if self._floor is None and trained:
-            from bnsuite.speed import StudyFloor, matmul_peak_flops
+            from bnsuite.training.speed import StudyFloor, matmul_peak_flops
 
             wall = time.perf_counter() - self.started
             peak = session.peak_flops or matmul_peak_flops(resolve_device(self.study_spec.device))

@@ -23,13 +23,12 @@ from pathlib import Path
 
 import torch
 
-from bnsuite import registry
-from bnsuite.claims import study_claims
-from bnsuite.datasets import DATASETS, Dataset
-from bnsuite.executor import ProcessExecutor, RayExecutor
-from bnsuite.records import Environment, EpochRecord, RunRecord, save_record
-from bnsuite.registry import ALL_STUDIES, StudyDefinition, study_spec, variant_names
-from bnsuite.spec import (
+from bnsuite.core import registry
+from bnsuite.core.claims import study_claims
+from bnsuite.core.datasets import DATASETS, Dataset
+from bnsuite.core.records import Environment, EpochRecord, RunRecord, save_record
+from bnsuite.core.registry import ALL_STUDIES, StudyDefinition, study_spec, variant_names
+from bnsuite.core.spec import (
     LR_SCHEDULES,
     NETWORKS,
     OPTIMIZERS,
@@ -40,7 +39,8 @@ from bnsuite.spec import (
     Study,
     StudySpec,
 )
-from bnsuite.train import train_seeds  # through bnsuite.models, the built-in variants are registered
+from bnsuite.executor import ProcessExecutor, RayExecutor
+from bnsuite.training.train import train_seeds  # through bnsuite.models, the built-in variants are registered
 
 DEVICES = ("auto", "cpu", "cuda")
 # What a profile sets for every study: its training images, held-out split and claim settings.

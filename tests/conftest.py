@@ -7,8 +7,8 @@ import os
 import numpy as np
 import pytest
 
-from bnsuite.data import IMAGE_FILES, LABEL_FILES, default_data_dir, load_raw
-from bnsuite.idx import encode_idx
+from bnsuite.core.idx import encode_idx
+from bnsuite.training.data import IMAGE_FILES, LABEL_FILES, default_data_dir, load_raw
 
 
 @pytest.fixture(scope="session")
@@ -45,7 +45,8 @@ def subprocesses_are_not_xdist_workers():
 def clean_registry(monkeypatch):
     """The registries (and the tables of datasets and networks, which a plugin's join) as they are, restored after
     the test."""
-    from bnsuite import data, datasets, networks, registry
+    from bnsuite.core import datasets, networks, registry
+    from bnsuite.training import data
 
     for name in ("_VARIANTS", "_BUILDERS", "_NORMALIZATIONS", "_NETWORK_BUILDERS", "_STUDIES", "_PLUGINS",
                  "_PINNED_BY", "_MEASURES", "_DATASET_LOADERS"):
@@ -61,7 +62,7 @@ def clean_registry(monkeypatch):
 @pytest.fixture
 def aten_fast_step():
     """Trains with the ATen fast step (bnsuite.fastpath), the fallback where the fused one cannot be built."""
-    from bnsuite import fused
+    from bnsuite.training import fused
 
     with fused.switched_off():
         yield

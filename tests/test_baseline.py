@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from bnsuite import baseline as gate
-from bnsuite import report
-from bnsuite import train as train_module
-from bnsuite.models import build_model
-from bnsuite.records import RUNS_SUBDIR, load_records
+from bnsuite.core import baseline as gate
+from bnsuite.core import report
+from bnsuite.core.records import RUNS_SUBDIR, load_records
 from bnsuite.study import StudySession, study_from_options
+from bnsuite.training import train as train_module
+from bnsuite.training.models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SEEDS = ",".join(map(str, range(8)))

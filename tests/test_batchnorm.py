@@ -3,9 +3,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from bnsuite.batchnorm import GhostBatchNorm1d, ScratchBatchNorm1d, ScratchGroupNorm
-from bnsuite.spec import RunSpec
-from bnsuite.train import train
+from bnsuite.core.spec import RunSpec
+from bnsuite.training.batchnorm import GhostBatchNorm1d, ScratchBatchNorm1d, ScratchGroupNorm
+from bnsuite.training.train import train
 
 
 def _pair(features=16, seed=0):
@@ -203,7 +203,7 @@ def _renorm_reference(x, gamma, beta, running_mean, running_var, ghost, r_max, d
 
 @pytest.mark.parametrize("step", [0, 200, 10_000])  # in the warm-up (plain BN), on the ramp, at the final bounds
 def test_batch_renorm_matches_a_direct_float64_reference_forward_and_backward(step):
-    from bnsuite.batchnorm import BatchRenorm1d, renorm_bounds
+    from bnsuite.training.batchnorm import BatchRenorm1d, renorm_bounds
 
     torch.manual_seed(0)
     layer = BatchRenorm1d(6, 4).double()
@@ -231,7 +231,7 @@ def test_batch_renorm_matches_a_direct_float64_reference_forward_and_backward(st
 
 
 def test_batch_renorm_bounds_warm_up_as_bn_then_ramp_to_their_final_values():
-    from bnsuite.batchnorm import RENORM_D_MAX, RENORM_R_MAX, RENORM_RAMP, RENORM_WARMUP, renorm_bounds
+    from bnsuite.training.batchnorm import RENORM_D_MAX, RENORM_R_MAX, RENORM_RAMP, RENORM_WARMUP, renorm_bounds
 
     assert renorm_bounds(0) == renorm_bounds(RENORM_WARMUP) == (1.0, 0.0)
     middle = renorm_bounds(RENORM_WARMUP + RENORM_RAMP // 2)
@@ -240,7 +240,7 @@ def test_batch_renorm_bounds_warm_up_as_bn_then_ramp_to_their_final_values():
 
 
 def test_noisy_bn_adds_fresh_unit_noise_in_training_only():
-    from bnsuite.batchnorm import NoisyBatchNorm1d
+    from bnsuite.training.batchnorm import NoisyBatchNorm1d
 
     torch.manual_seed(0)
     layer, bn = NoisyBatchNorm1d(8), nn.BatchNorm1d(8)

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bnsuite.claims import (
+from bnsuite.core.claims import (
     ClaimResult,
     Comparison,
     _u_counts,
@@ -19,10 +19,9 @@ from bnsuite.claims import (
     p_smaller,
     study_claims,
 )
-from bnsuite.docs import pinned_now
-from bnsuite.records import Environment, EpochRecord, RunRecord, load_records
-from bnsuite.registry import studies, study_spec
-from bnsuite.spec import (
+from bnsuite.core.records import Environment, EpochRecord, RunRecord, load_records
+from bnsuite.core.registry import studies, study_spec
+from bnsuite.core.spec import (
     CONTRADICTED,
     NOT_SHOWN,
     NOT_SUPPORTED,
@@ -32,6 +31,7 @@ from bnsuite.spec import (
     KnownException,
     Study,
 )
+from bnsuite.docs import pinned_now
 from bnsuite.studies import landscape as landscape_study
 from bnsuite.study import profile_spec, study_from_options
 
@@ -178,7 +178,7 @@ def test_placement_claims_go_both_ways_so_equal_placements_support_both_and_a_ga
 
 
 def test_noisy_bn_claims_weigh_accuracy_against_plain_and_bn_and_drift_against_both():
-    from bnsuite.records import ActivationTrace
+    from bnsuite.core.records import ActivationTrace
 
     def trace(move):  # one unit, one percentile, moving by `move` per checkpoint against a spread of 1
         return ActivationTrace(every=100, steps=(0, 100, 200), units=(0,), percentiles=(15.0, 50.0, 85.0),
@@ -199,7 +199,7 @@ def test_noisy_bn_claims_weigh_accuracy_against_plain_and_bn_and_drift_against_b
 
 
 def test_ioffe_claims_time_the_target_accuracy_in_steps_and_compare_final_accuracy_and_drift():
-    from bnsuite.records import ActivationTrace
+    from bnsuite.core.records import ActivationTrace
     from bnsuite.studies.ioffe import BATCH_SIZE, TARGET_ACCURACY, steps_to
 
     spec = study_spec(profile="test", seeds=(0, 1, 2), validation_size=10_000, train_subset=2_000,
@@ -485,7 +485,7 @@ def test_bn_s_generalization_gap_growing_with_the_batch_is_judged_on_bn_and_show
 
 
 def test_the_gradient_ics_claims_judge_the_turn_of_the_gradient_not_its_absolute_change():
-    from bnsuite.records import LandscapeTrace
+    from bnsuite.core.records import LandscapeTrace
 
     spec = study_spec(profile="test", seeds=tuple(range(3)), claims=SPEC.claims, studies=(
         Study("landscape", variants=("plain", "bn"), batch_sizes=(64,), epochs=2, measures=("landscape",)),))

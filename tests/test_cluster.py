@@ -30,11 +30,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from bnsuite import baseline as gate
-from bnsuite.data import load_raw
+from bnsuite.core import baseline as gate
+from bnsuite.core.records import load_records
 from bnsuite.executor import ExecutorError, RayExecutor
-from bnsuite.records import load_records
 from bnsuite.study import StudySession, study_from_options
+from bnsuite.training.data import load_raw
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.ray
@@ -203,7 +203,7 @@ def test_a_killed_worker_is_retried_and_a_raising_task_fails_only_its_own_case(c
     marker = tmp_path / "killed-once"
 
     def trainer(specs, **options):
-        from bnsuite.train import train_seeds
+        from bnsuite.training.train import train_seeds
 
         if specs[0].variant == "plain":
             raise ValueError("planted failure in the plain case")
@@ -248,7 +248,7 @@ def _stalls_once(marker: Path):
     def trainer(specs, **options):
         import ray as worker_ray
 
-        from bnsuite.train import train_seeds
+        from bnsuite.training.train import train_seeds
 
         if specs[0].variant == "bn" and not marker.exists():
             marker.write_text(worker_ray.get_runtime_context().get_node_id())

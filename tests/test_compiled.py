@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from bnsuite import compiled
-from bnsuite.models import EagerStep, build_model
-from bnsuite.spec import RunSpec
-from bnsuite.train import train_seeds
+from bnsuite.core.spec import RunSpec
+from bnsuite.training import compiled
+from bnsuite.training.models import EagerStep, build_model
+from bnsuite.training.train import train_seeds
 
 
 @pytest.fixture

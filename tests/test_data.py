@@ -8,8 +8,9 @@ import pytest
 import torch
 from torchvision import datasets, transforms
 
-from bnsuite import data
-from bnsuite.data import (
+from bnsuite.core.idx import IdxFormatError, encode_idx, md5_of
+from bnsuite.training import data
+from bnsuite.training.data import (
     DATASETS,
     DataUnavailableError,
     load_numpy_pickle,
@@ -17,7 +18,6 @@ from bnsuite.data import (
     load_splits,
     normalize,
 )
-from bnsuite.idx import IdxFormatError, encode_idx, md5_of
 from conftest import write_small_idx_dir
 
 
@@ -234,7 +234,7 @@ def test_a_study_on_cifar10_trains_the_convnet_on_its_splits(small_cifar, monkey
     monkeypatch.setitem(DATASETS, "cifar10", dataclasses.replace(DATASETS["cifar10"], md5=md5, train_images=100))
     splits = data.load_splits("cifar10", validation_size=20, data_dir=root, sources=("local",))
     assert splits.train_images.shape == (80, 3, 32, 32) and splits.test_images.shape == (20, 3, 32, 32)
-    from bnsuite.models import build_model
+    from bnsuite.training.models import build_model
 
     model = build_model("bn", network="cnn", image_shape=DATASETS["cifar10"].image_shape)
     assert model(splits.train_images[:8].reshape(8, -1)).shape == (8, 10)

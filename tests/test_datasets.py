@@ -15,15 +15,16 @@ import numpy as np
 import pytest
 import torch
 
-from bnsuite import data, registry
-from bnsuite.data import DatasetError, DataUnavailableError, load_raw, load_splits
-from bnsuite.datasets import DATASETS, Dataset
-from bnsuite.models import check_outputs
-from bnsuite.records import RecordError, RunRecord, load_records, save_record
-from bnsuite.registry import PluginError
-from bnsuite.spec import SpecError
+from bnsuite.core import registry
+from bnsuite.core.datasets import DATASETS, Dataset
+from bnsuite.core.records import RecordError, RunRecord, load_records, save_record
+from bnsuite.core.registry import PluginError
+from bnsuite.core.spec import SpecError
 from bnsuite.study import study_from_options
-from bnsuite.train import train_seeds
+from bnsuite.training import data
+from bnsuite.training.data import DatasetError, DataUnavailableError, load_raw, load_splits
+from bnsuite.training.models import check_outputs
+from bnsuite.training.train import train_seeds
 
 
 def _digits(train: int = 3_000, test: int = 500):

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from bnsuite import baseline, docs, registry, report
+from bnsuite import docs
+from bnsuite.core import baseline, registry, report
+from bnsuite.core.spec import SpecError
 from bnsuite.executor import EXECUTORS
-from bnsuite.spec import SpecError
 from bnsuite.study import study_from_options
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from bnsuite import baseline as gate
-from bnsuite.data import load_raw
+from bnsuite.core import baseline as gate
+from bnsuite.core.records import load_records
 from bnsuite.executor import RayExecutor
-from bnsuite.records import load_records
+from bnsuite.training.data import load_raw
 from conftest import one_thread_local_records, records_through, smoke_batch_study
 
 ray = pytest.importorskip("ray")

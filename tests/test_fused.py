@@ -1,6 +1,6 @@
-"""The fused step (bnsuite.fused, bnsuite/native/mlp.c): its arithmetic against autograd's in float64, each model's
-numbers independent of its group and of the thread count, its evaluation against the modules', and the fallback to
-the ATen fast step where it cannot be built."""
+"""The fused step (bnsuite.fused, bnsuite/training/native/mlp.c): its arithmetic against autograd's in float64, each
+model's numbers independent of its group and of the thread count, its evaluation against the modules', and the fallback
+to the ATen fast step where it cannot be built."""
 
 import copy
 from pathlib import Path
@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from bnsuite import fused
-from bnsuite.batchnorm import RENORM_RAMP, RENORM_WARMUP
-from bnsuite.epochs import epoch_order
-from bnsuite.evaluation import evaluate, evaluate_with_batch_statistics
-from bnsuite.models import EagerStep, build_model
-from bnsuite.precise import with_precise_statistics
-from bnsuite.spec import RunSpec
-from bnsuite.train import train_seeds
+from bnsuite.core.spec import RunSpec
+from bnsuite.training import fused
+from bnsuite.training.batchnorm import RENORM_RAMP, RENORM_WARMUP
+from bnsuite.training.epochs import epoch_order
+from bnsuite.training.evaluation import evaluate, evaluate_with_batch_statistics
+from bnsuite.training.models import EagerStep, build_model
+from bnsuite.training.precise import with_precise_statistics
+from bnsuite.training.train import train_seeds
 
 pytestmark = pytest.mark.skipif(not fused.supports(build_model("plain"), 64),
                                 reason="the fused step cannot be built here (no C compiler or no MKL)")
@@ -130,9 +130,9 @@ def _group_on_threads(network, variant, seeds, threads, images, labels, orders, 
 @pytest.mark.parametrize(("network", "variant"), [("mlp", "bn"), ("mlp", "bn-dropout"), ("mlp", "bn-noisy"),
                                                   ("mlp", "ioffe-bn"), ("cnn", "bn"), ("cnn", "plain")])
 def test_every_model_of_a_group_the_threads_do_not_divide_steps_as_it_does_alone(network, variant):
-    """5 models on 2 threads: the call's steps are cut into equal shares (bnsuite/native/common.h, spread_steps), so
-    model 2 takes its first step on one thread and its last two on the other; every model of the group equals
-    itself trained alone on 1 thread, bit for bit: losses, hits and every parameter and buffer."""
+    """5 models on 2 threads: the call's steps are cut into equal shares (bnsuite/training/native/common.h,
+    spread_steps), so model 2 takes its first step on one thread and its last two on the other; every model of the group
+    equals itself trained alone on 1 thread, bit for bit: losses, hits and every parameter and buffer."""
     batch_size = 16 if network == "cnn" else 33
     images, labels = _data(3 * batch_size + 9, seed=3)  # 4 batches, the last ragged
     orders = torch.stack([epoch_order(len(labels), torch.Generator().manual_seed(seed)) for seed in range(5)])
@@ -334,7 +334,7 @@ def test_a_build_that_failed_is_not_tried_again_in_the_process(monkeypatch, tmp_
         fused.build.cache_clear()
 
 
-# --- the ConvNet's fused step (bnsuite/native/cnn.c) ---
+# --- the ConvNet's fused step (bnsuite/training/native/cnn.c) ---
 
 CNN_VARIANTS = ["plain", "bn", "bn-ghost2", "bn-ghost8", "ln", "gn"]
 

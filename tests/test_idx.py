@@ -3,7 +3,7 @@ import gzip
 import numpy as np
 import pytest
 
-from bnsuite.idx import IdxFormatError, decode_idx, encode_idx, read_idx
+from bnsuite.core.idx import IdxFormatError, decode_idx, encode_idx, read_idx
 
 
 def test_encode_then_decode_returns_the_same_array():

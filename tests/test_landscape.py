@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from bnsuite.landscape import STEP_FACTORS, gradient_ics, smoothness
-from bnsuite.models import build_model
+from bnsuite.training.landscape import STEP_FACTORS, gradient_ics, smoothness
+from bnsuite.training.models import build_model
 
 
 def _batch(seed=0, size=32):

@@ -2,10 +2,10 @@ import pytest
 import torch
 from torch import nn
 
-from bnsuite.models import SimpleNN, SimpleNNWithBN, build_model, parameter_count
-from bnsuite.probe import probed_input
-from bnsuite.registry import variant, variant_names
-from bnsuite.speed import training_flops_per_sample
+from bnsuite.core.registry import variant, variant_names
+from bnsuite.training.models import SimpleNN, SimpleNNWithBN, build_model, parameter_count
+from bnsuite.training.probe import probed_input
+from bnsuite.training.speed import training_flops_per_sample
 
 
 def test_parameter_counts_are_the_studys():

@@ -7,15 +7,15 @@ import pytest
 import torch
 from torch import nn
 
-from bnsuite import fused
-from bnsuite.batchnorm import GhostBatchNorm2d, ScratchGroupNorm
-from bnsuite.claims import study_claims
-from bnsuite.models import SmallCNN, build_model, parameter_count
-from bnsuite.registry import register_variant, variant, variant_names
-from bnsuite.spec import RunSpec, SpecError, Study
-from bnsuite.speed import training_flops_per_sample
+from bnsuite.core.claims import study_claims
+from bnsuite.core.registry import register_variant, variant, variant_names
+from bnsuite.core.spec import RunSpec, SpecError, Study
 from bnsuite.study import study_from_options
-from bnsuite.train import train_seeds
+from bnsuite.training import fused
+from bnsuite.training.batchnorm import GhostBatchNorm2d, ScratchGroupNorm
+from bnsuite.training.models import SmallCNN, build_model, parameter_count
+from bnsuite.training.speed import training_flops_per_sample
+from bnsuite.training.train import train_seeds
 
 
 def test_the_mlp_s_case_ids_and_fingerprints_are_what_they_were_and_the_convnet_s_are_its_own():
@@ -258,7 +258,7 @@ def test_the_batch_study_runs_on_a_plugins_network_and_its_claims_compare_bn_wit
 
 def test_a_network_registration_is_checked_when_made(clean_registry):
     from bnsuite import register_network
-    from bnsuite.registry import PluginError
+    from bnsuite.core.registry import PluginError
 
     def build(norm, *, image_shape, classes):
         return None
@@ -277,8 +277,8 @@ def test_a_network_registration_is_checked_when_made(clean_registry):
 
 def test_a_record_of_a_plugins_network_loads_without_the_plugin_and_training_it_there_says_what_to_install(
         clean_registry, mnist_dir):
-    from bnsuite import networks, registry
-    from bnsuite.records import RecordError, RunRecord
+    from bnsuite.core import networks, registry
+    from bnsuite.core.records import RecordError, RunRecord
 
     _register_tiny()
     spec = study_from_options("smoke", studies="batch", network="tiny", variants="bn", batch_sizes="64", seeds="1",
@@ -307,7 +307,8 @@ class BatchRMS(nn.Module):
 
 
 def test_a_users_normalization_goes_into_the_mlp_and_the_fast_steps_leave_it_to_the_eager_step(clean_registry):
-    from bnsuite import fastpath, register_normalization
+    from bnsuite import register_normalization
+    from bnsuite.training import fastpath
 
     register_normalization("batch-rms", batch_statistics=True, slots=("features",))(lambda size, slots: BatchRMS())
     model = build_model("batch-rms")

@@ -7,14 +7,14 @@ import json
 import pytest
 import torch
 
-from bnsuite.claims import study_claims
-from bnsuite.models import DEEP_HIDDEN, build_model
-from bnsuite.precise import with_precise_statistics
-from bnsuite.records import RunRecord
-from bnsuite.registry import study_spec
-from bnsuite.signal import measure_signal
-from bnsuite.spec import SUPPORTED, ClaimSettings, RunSpec, Study, is_precise_checkpoint
-from bnsuite.train import train, train_seeds
+from bnsuite.core.claims import study_claims
+from bnsuite.core.records import RunRecord
+from bnsuite.core.registry import study_spec
+from bnsuite.core.spec import SUPPORTED, ClaimSettings, RunSpec, Study, is_precise_checkpoint
+from bnsuite.training.models import DEEP_HIDDEN, build_model
+from bnsuite.training.precise import with_precise_statistics
+from bnsuite.training.signal import measure_signal
+from bnsuite.training.train import train, train_seeds
 
 
 def _images(count=512, seed=0):

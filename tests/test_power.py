@@ -10,8 +10,8 @@ import textwrap
 import numpy as np
 import pytest
 
-from bnsuite.claims import ClaimResult, compare, decide, holm, p_smaller, study_claims
-from bnsuite.spec import NOT_SHOWN, SUPPORTED
+from bnsuite.core.claims import ClaimResult, compare, decide, holm, p_smaller, study_claims
+from bnsuite.core.spec import NOT_SHOWN, SUPPORTED
 from bnsuite.study import seeds_for_family, study_from_options
 
 ALPHA = 0.05

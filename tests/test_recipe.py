@@ -8,12 +8,12 @@ import json
 import pytest
 import torch
 
-from bnsuite import fused
-from bnsuite.models import build_model, make_optimizer
-from bnsuite.records import RunRecord
-from bnsuite.spec import RunSpec, SpecError
+from bnsuite.core.records import RunRecord
+from bnsuite.core.spec import RunSpec, SpecError
 from bnsuite.study import study_from_options
-from bnsuite.train import train_seeds
+from bnsuite.training import fused
+from bnsuite.training.models import build_model, make_optimizer
+from bnsuite.training.train import train_seeds
 
 FUSED = fused.supports(build_model("bn"), 64)  # the fused step builds here (a C compiler, MKL)
 

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bnsuite import environment
-from bnsuite.records import (
+from bnsuite.core.records import (
     RUNS_SUBDIR,
     SCHEMA_VERSION,
     RecordError,
@@ -19,9 +18,10 @@ from bnsuite.records import (
     runs_frame,
     save_record,
 )
-from bnsuite.registry import study_spec
-from bnsuite.spec import ClaimSettings, Study
-from bnsuite.train import train
+from bnsuite.core.registry import study_spec
+from bnsuite.core.spec import ClaimSettings, Study
+from bnsuite.training import environment
+from bnsuite.training.train import train
 
 SCHEMA_1 = Path(__file__).parent / "data" / "schema1-full"
 STUDY = study_spec(profile="smoke", studies=(Study("batch", variants=("bn",), batch_sizes=(64,), epochs=2),),
@@ -248,7 +248,7 @@ def test_schema_3_records_load_with_the_training_step_and_batch_statistics_unrec
 
 
 def test_activation_drift_is_the_mean_move_between_regular_checkpoints_relative_to_the_spread(record):
-    from bnsuite.records import ActivationTrace
+    from bnsuite.core.records import ActivationTrace
 
     def trace(paths, steps=(0, 100, 150, 200)):
         # one unit: 15th/50th/85th percentiles per checkpoint
@@ -322,7 +322,7 @@ def test_schema_7_records_load_as_runs_of_the_studys_mlp_with_their_file_names_u
 
 
 def test_an_edited_record_is_refused_by_the_report_and_by_accept_and_nothing_is_written(tmp_path, capsys):
-    from bnsuite import baseline, report
+    from bnsuite.core import baseline, report
 
     results = tmp_path / "results"
     shutil.copytree(Path(__file__).resolve().parents[1] / "results" / "reference" / "smoke" / "runs", results / "runs")

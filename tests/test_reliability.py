@@ -13,14 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from bnsuite import data, registry, report
-from bnsuite.claims import study_claims
-from bnsuite.idx import IdxFormatError, encode_idx, md5_of
-from bnsuite.records import RUNS_SUBDIR, load_records, save_record
-from bnsuite.registry import PluginError
-from bnsuite.spec import SUPPORTED, RunSpec, SpecError
+from bnsuite.core import registry, report
+from bnsuite.core.claims import study_claims
+from bnsuite.core.idx import IdxFormatError, encode_idx, md5_of
+from bnsuite.core.records import RUNS_SUBDIR, load_records, save_record
+from bnsuite.core.registry import PluginError
+from bnsuite.core.spec import SUPPORTED, RunSpec, SpecError
 from bnsuite.study import StudySession, study_from_options
-from bnsuite.train import train
+from bnsuite.training import data
+from bnsuite.training.train import train
 from conftest import write_small_idx_dir
 
 ROOT = Path(__file__).resolve().parents[1]

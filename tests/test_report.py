@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from bnsuite import report
-from bnsuite.records import RUNS_SUBDIR, load_records, save_record
-from bnsuite.registry import study_spec
-from bnsuite.spec import ClaimSettings, KnownException, Study
-from bnsuite.train import train, train_seeds
+from bnsuite.core import layout, report
+from bnsuite.core.records import RUNS_SUBDIR, load_records, save_record
+from bnsuite.core.registry import study_spec
+from bnsuite.core.spec import ClaimSettings, KnownException, Study
+from bnsuite.training.train import train, train_seeds
 
 BATCH = Study("batch", variants=("plain", "bn"), batch_sizes=(128,), epochs=2)
 STUDY = study_spec(profile="smoke", studies=(BATCH,), seeds=(0, 1), train_subset=1_024, validation_size=10_000,
@@ -150,38 +150,62 @@ def test_report_from_schema_1_records_keeps_every_table_that_version_wrote(tmp_p
         in markdown
 
 
-TORCH_FREE_HALF = ("bnsuite", "bnsuite.spec", "bnsuite.networks", "bnsuite.datasets", "bnsuite.described",
-                   "bnsuite.registry", "bnsuite.records", "bnsuite.files", "bnsuite.idx", "bnsuite.claims",
-                   "bnsuite.verdicts", "bnsuite.baseline", "bnsuite.report", "bnsuite.report_parts", "bnsuite.plots",
-                   "bnsuite.studies")  # docs/code.md, "The torch-free half"
-TRAINING_HALF = ("bnsuite.data", "bnsuite.models", "bnsuite.batchnorm", "bnsuite.train", "bnsuite.epochs",
-                 "bnsuite.original", "bnsuite.fused", "bnsuite.fastpath", "bnsuite.compiled", "bnsuite.evaluation",
-                 "bnsuite.probe", "bnsuite.signal", "bnsuite.precise", "bnsuite.landscape", "bnsuite.environment",
-                 "bnsuite.speed", "bnsuite.study", "bnsuite.plugin", "bnsuite.executor", "bnsuite.docs")
+PACKAGE = Path(__file__).resolve().parents[1] / "bnsuite"
+EDGE = ("bnsuite.study", "bnsuite.plugin", "bnsuite.executor", "bnsuite.docs")  # docs/code.md, "At the edge"
+
+
+def _modules(folder: str) -> list[str]:
+    return sorted(f"bnsuite.{folder}.{path.stem}" for path in (PACKAGE / folder).glob("*.py")
+                  if path.stem != "__init__")
 
 
 def test_the_torch_free_half_imports_no_torch_module_and_nothing_of_the_training_half():
-    """Every module of the half the report and the baseline gate run on, imported in a fresh interpreter: neither
-    torch nor a module of the training half (or the edge) comes with it."""
-    loaded = subprocess.run(
-        [sys.executable, "-c", f"import sys, {', '.join(TORCH_FREE_HALF)}; print(' '.join(sorted(sys.modules)))"],
-        capture_output=True, text=True, check=True).stdout.split()
-    assert {"bnsuite.records", "bnsuite.claims", "bnsuite.registry", "bnsuite.studies.batch"} <= set(loaded)
-    assert not set(loaded) & set(TRAINING_HALF)
+    """Every module of bnsuite/core/ and the studies, the half the report and the baseline gate run on, imported in
+    a fresh interpreter: neither torch nor a module of the training half (or the edge) comes with it."""
+    free = ["bnsuite", *_modules("core"), "bnsuite.studies", *_modules("studies")]
+    loaded = subprocess.run([sys.executable, "-c", f"import sys, {', '.join(free)}; print(' '.join(sys.modules))"],
+                            capture_output=True, text=True, check=True).stdout.split()
+    assert {"bnsuite.core.records", "bnsuite.core.claims", "bnsuite.core.registry", "bnsuite.studies.batch"} <= set(
+        loaded)
+    assert not [name for name in loaded if name.startswith("bnsuite.training") or name in EDGE]
     assert not [name for name in loaded if name == "torch" or name.startswith("torch.")]
 
 
-def test_the_two_halves_are_every_module_of_the_package_and_code_md_lists_each_where_it_belongs():
-    package = Path(__file__).resolve().parents[1] / "bnsuite"
-    modules = {"bnsuite", "bnsuite.studies"} | {f"bnsuite.{path.stem}" for path in package.glob("*.py")
-                                                if path.stem != "__init__"}
-    assert modules == set(TORCH_FREE_HALF) | set(TRAINING_HALF)
-    code = (package.parent / "docs" / "code.md").read_text()
-    free, training = code.split("## The torch-free half")[1].split("## The training half")
-    for module in TORCH_FREE_HALF[1:]:
-        assert f"`{module.replace('.', '/')}" in free, module
-    for module in TRAINING_HALF:
-        assert f"`{module.replace('.', '/')}.py`" in training, module
+def test_the_two_halves_are_folders_the_edge_is_the_rest_and_code_md_lists_each_where_it_belongs():
+    assert [name.rsplit(".", 1)[1] for name in _modules("core")] == sorted(layout.CORE)
+    assert [name.rsplit(".", 1)[1] for name in _modules("training")] == sorted(layout.TRAINING)
+    top = {path.stem for path in PACKAGE.glob("*.py")} | {path.name for path in PACKAGE.iterdir() if path.is_dir()
+                                                           and (path / "__init__.py").exists()}
+    edge = {name.split(".")[1] for name in EDGE}
+    assert top == {"__init__", "core", "training", "studies", "benchmarks", *edge}  # benchmarks: a link, for --pyargs
+    code = (PACKAGE.parent / "docs" / "code.md").read_text()
+    free, rest = code.split("## The torch-free half")[1].split("## The training half")
+    training, edge = rest.split("## At the edge")
+    for folder, text in (("core", free), ("training", training)):
+        for module in _modules(folder):
+            assert f"`{module.replace('.', '/')}.py`" in text, module
+    for module in EDGE:
+        assert f"`{module.replace('.', '/')}.py`" in edge, module
+
+
+def test_every_module_is_importable_by_its_flat_name_as_the_same_module():
+    """`bnsuite.models` is `bnsuite.training.models`, imported on first use (docs/plugins.md's imports), and
+    `python -m bnsuite.report` runs the report; records name builders by the flat name, as the committed
+    references do."""
+    import importlib
+
+    for flat, location in layout.LOCATIONS.items():
+        assert importlib.import_module(flat) is importlib.import_module(location), flat
+        assert importlib.import_module(flat).__spec__.name == location  # the module keeps its own spec
+    run = subprocess.run([sys.executable, "-m", "bnsuite.report", "--help"], capture_output=True, text=True)
+    assert run.returncode == 0 and "usage: python -m bnsuite.report" in run.stdout, run.stderr
+    from bnsuite.core.registry import qualified
+    from bnsuite.training.models import bn
+
+    assert qualified(bn) == "bnsuite.models:bn"
+    reference = PACKAGE.parent / "results" / "reference" / "smoke" / "runs"
+    record = json.loads(next(reference.glob("bn-bs64-seed0*.json")).read_text())
+    assert record["variant"]["builder"] == qualified(bn)
 
 
 def _benchmark_json(path, benchmarks):
@@ -318,7 +342,7 @@ def test_each_study_of_a_reason_for_bn_has_its_table_figure_claims_and_discussio
 
 
 def test_a_layer_of_ones_own_is_reported_beside_the_eager_step_and_the_fused_bn():
-    from bnsuite.report import speed_rows
+    from bnsuite.core.report import speed_rows
 
     info = {"bnsuite": "own-layer", "variant": "bn-scratch", "batch_size": 64, "runs_together": 6, "images": 10_000,
             "steps": {"compiled": "compiled (inductor, torch 2.13.0, g++ 12)", "eager": "eager", "fused bn": "fused"},
@@ -330,7 +354,7 @@ def test_a_layer_of_ones_own_is_reported_beside_the_eager_step_and_the_fused_bn(
 
 
 def test_every_other_network_s_speed_is_one_table_with_its_name_and_old_convnet_benchmarks_read_into_it():
-    from bnsuite.report import speed_rows
+    from bnsuite.core.report import speed_rows
 
     roofline = {"bytes_per_step": 2e6, "compute_bound_s": 1e-3, "traffic_bound_s": 5e-4, "step_s": 4e-3,
                 "fraction_of_roofline": 0.25, "limit": "compute"}
@@ -351,7 +375,7 @@ def test_every_other_network_s_speed_is_one_table_with_its_name_and_old_convnet_
 
 
 def test_the_tools_timings_over_many_records_are_reported():
-    from bnsuite.report import speed_rows
+    from bnsuite.core.report import speed_rows
 
     info = {"bnsuite": "tools", "records": 1029, "seconds": {"load": 1.3, "report": 2.45, "compare": 1.39}}
     lines = "\n".join(speed_rows({"benchmarks": [{"extra_info": info}]}))

@@ -2,8 +2,8 @@
 
 import pytest
 
-from bnsuite.models import build_model, parameter_count
-from bnsuite.speed import Roofline, StepTraffic, activation_widths
+from bnsuite.training.models import build_model, parameter_count
+from bnsuite.training.speed import Roofline, StepTraffic, activation_widths
 
 
 def test_activation_widths_count_every_forward_output_and_backward_gradient_per_image():
@@ -39,7 +39,7 @@ def test_the_roofline_bound_is_the_slower_of_compute_and_traffic():
 def test_step_matmuls_are_timed_at_the_step_s_shapes_one_gemm_per_model_and_layer(monkeypatch):
     import torch
 
-    from bnsuite import speed
+    from bnsuite.training import speed
 
     calls = []
     for name in ("addmm", "mm"):
@@ -72,7 +72,7 @@ def test_the_most_reachable_fraction_is_the_bound_over_the_step_s_gemms_and_upda
 def test_the_update_is_timed_as_the_fast_step_runs_it_one_fused_call_over_every_model(monkeypatch):
     import torch
 
-    from bnsuite import speed
+    from bnsuite.training import speed
 
     calls = []
     original = torch._fused_sgd_
@@ -86,8 +86,8 @@ def test_the_update_is_timed_as_the_fast_step_runs_it_one_fused_call_over_every_
 def test_the_study_floor_sums_each_runs_step_roofline_over_what_it_trained():
     from pathlib import Path
 
-    from bnsuite.records import load_records
-    from bnsuite.speed import StudyFloor, training_flops_per_sample
+    from bnsuite.core.records import load_records
+    from bnsuite.training.speed import StudyFloor, training_flops_per_sample
 
     records = [r for r in load_records(Path(__file__).parents[1] / "results" / "reference" / "smoke")
                if r.spec.case_id in ("plain-bs64-seed0", "bn-bs64-seed0")]

@@ -5,14 +5,15 @@ import math
 import pytest
 import torch
 
-from bnsuite import epochs as epochs_module
-from bnsuite import fastpath, registry
-from bnsuite import train as train_module
-from bnsuite.epochs import TensorEpochs, epoch_order
-from bnsuite.models import EagerStep, build_model
-from bnsuite.records import RunRecord
-from bnsuite.spec import PIPELINES, ClaimSettings, RunSpec, SpecError, Study
-from bnsuite.train import EPOCH_RUNNERS, evaluate_with_batch_statistics, train, train_seeds
+from bnsuite.core import registry
+from bnsuite.core.records import RunRecord
+from bnsuite.core.spec import PIPELINES, ClaimSettings, RunSpec, SpecError, Study
+from bnsuite.training import epochs as epochs_module
+from bnsuite.training import fastpath
+from bnsuite.training import train as train_module
+from bnsuite.training.epochs import TensorEpochs, epoch_order
+from bnsuite.training.models import EagerStep, build_model
+from bnsuite.training.train import EPOCH_RUNNERS, evaluate_with_batch_statistics, train, train_seeds
 
 SMALL = dict(epochs=2, train_subset=2_000, validation_size=10_000)
 

@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from bnsuite.claims import study_claims
-from bnsuite.records import RUNS_SUBDIR, load_records
-from bnsuite.report import evaluate_claims
-from bnsuite.verdicts import VERDICTS_FILE, VerdictsError, load_verdicts, save_verdicts, still_valid
+from bnsuite.core.claims import study_claims
+from bnsuite.core.records import RUNS_SUBDIR, load_records
+from bnsuite.core.report import evaluate_claims
+from bnsuite.core.verdicts import VERDICTS_FILE, VerdictsError, load_verdicts, save_verdicts, still_valid
 
 SMOKE = Path(__file__).resolve().parents[1] / "results" / "reference" / "smoke"
 

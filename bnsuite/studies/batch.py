@@ -13,8 +13,8 @@ from collections import defaultdict
 
 import pandas as pd
 
-from bnsuite import plots
-from bnsuite.claims import (
+from bnsuite.core import plots
+from bnsuite.core.claims import (
     Claim,
     ClaimResult,
     Runs,
@@ -31,15 +31,15 @@ from bnsuite.claims import (
     summary,
     train_accuracy,
 )
-from bnsuite.records import RunRecord, epochs_frame, runs_frame
-from bnsuite.registry import ANY_NETWORK, SectionContext, register_study
-from bnsuite.report_parts import claims_table, colors, discussion, variant_order, variants_of, write_figure
-from bnsuite.spec import CONTRADICTED, NOT_SHOWN, SUPPORTED, UNSETTLED, KnownException, Study, StudySpec
+from bnsuite.core.records import RunRecord, epochs_frame, runs_frame
+from bnsuite.core.registry import ANY_NETWORK, SectionContext, register_study
+from bnsuite.core.report_parts import claims_table, colors, discussion, variant_order, variants_of, write_figure
+from bnsuite.core.spec import CONTRADICTED, NOT_SHOWN, SUPPORTED, UNSETTLED, KnownException, Study, StudySpec
 
 NAME = "batch"
 PLAIN, BN = "plain", "bn"  # the study's two networks: every other variant is compared with them
-# On the ConvNet (--bn-network cnn) the MLP's 10 epochs in full: its fused step (bnsuite/native/cnn.c) trains an
-# epoch in about the time of 4 of the MLP's on a CPU.
+# On the ConvNet (--bn-network cnn) the MLP's 10 epochs in full: its fused step (bnsuite/training/native/cnn.c)
+# trains an epoch in about the time of 4 of the MLP's on a CPU.
 MATRICES = {profile: Study(NAME, variants=(PLAIN, BN), batch_sizes=(32, 64, 128), epochs=epochs,
                            network_epochs=(("cnn", cnn_epochs),))
             for profile, epochs, cnn_epochs in (("full", 10, 10), ("quick", 4, 2), ("smoke", 2, 2))}

@@ -8,8 +8,8 @@ import math
 
 import pandas as pd
 
-from bnsuite import plots
-from bnsuite.claims import (
+from bnsuite.core import plots
+from bnsuite.core.claims import (
     Claim,
     ClaimResult,
     Runs,
@@ -21,8 +21,8 @@ from bnsuite.claims import (
     result,
     summary,
 )
-from bnsuite.registry import SectionContext, register_study
-from bnsuite.report_parts import (
+from bnsuite.core.registry import SectionContext, register_study
+from bnsuite.core.report_parts import (
     claims_block,
     colors,
     opening,
@@ -31,7 +31,7 @@ from bnsuite.report_parts import (
     variants_of,
     write_figure,
 )
-from bnsuite.spec import CONTRADICTED, NOT_SHOWN, UNSETTLED, KnownException, Study, StudySpec
+from bnsuite.core.spec import CONTRADICTED, NOT_SHOWN, UNSETTLED, KnownException, Study, StudySpec
 
 NAME = "dropout"
 PLAIN, BN = "plain", "bn"

@@ -14,8 +14,8 @@ from typing import NamedTuple
 
 import pandas as pd
 
-from bnsuite import plots
-from bnsuite.claims import (
+from bnsuite.core import plots
+from bnsuite.core.claims import (
     Claim,
     ClaimResult,
     Comparison,
@@ -29,9 +29,9 @@ from bnsuite.claims import (
     result,
     summary,
 )
-from bnsuite.registry import ANY_NETWORK, SectionContext, register_study
-from bnsuite.report_parts import claims_block, colors, opening, write_figure
-from bnsuite.spec import NOT_SHOWN, UNSETTLED, KnownException, Study, StudySpec
+from bnsuite.core.registry import ANY_NETWORK, SectionContext, register_study
+from bnsuite.core.report_parts import claims_block, colors, opening, write_figure
+from bnsuite.core.spec import NOT_SHOWN, UNSETTLED, KnownException, Study, StudySpec
 
 NAME = "ghost"
 BN, LN = "bn", "ln"  # BN over the whole batch, and the batch-free reference

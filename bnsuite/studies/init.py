@@ -8,11 +8,11 @@ import statistics
 
 import pandas as pd
 
-from bnsuite import plots
-from bnsuite.claims import Claim, ClaimResult, Runs, at_least, compare, held_out_accuracy, needs, result, summary
-from bnsuite.registry import SectionContext, register_study
-from bnsuite.report_parts import claims_block, colors, opening, runs_table, write_figure
-from bnsuite.spec import Study, StudySpec
+from bnsuite.core import plots
+from bnsuite.core.claims import Claim, ClaimResult, Runs, at_least, compare, held_out_accuracy, needs, result, summary
+from bnsuite.core.registry import SectionContext, register_study
+from bnsuite.core.report_parts import claims_block, colors, opening, runs_table, write_figure
+from bnsuite.core.spec import Study, StudySpec
 
 NAME = "init"
 PLAIN, BN = "plain", "bn"

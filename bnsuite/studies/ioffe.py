@@ -17,8 +17,8 @@ import math
 
 import pandas as pd
 
-from bnsuite import plots
-from bnsuite.claims import (
+from bnsuite.core import plots
+from bnsuite.core.claims import (
     Claim,
     ClaimResult,
     Runs,
@@ -30,9 +30,9 @@ from bnsuite.claims import (
     result,
     smaller,
 )
-from bnsuite.registry import SectionContext, register_study
-from bnsuite.report_parts import claims_block, colors, opening, variant_rows, write_figure
-from bnsuite.spec import NOT_SHOWN, KnownException, Study, StudySpec
+from bnsuite.core.registry import SectionContext, register_study
+from bnsuite.core.report_parts import claims_block, colors, opening, variant_rows, write_figure
+from bnsuite.core.spec import NOT_SHOWN, KnownException, Study, StudySpec
 
 NAME = "ioffe2015"
 PLAIN, BN = "ioffe-plain", "ioffe-bn"

@@ -21,12 +21,12 @@ import math
 
 import pandas as pd
 
-from bnsuite import plots
-from bnsuite.claims import Claim, needs, smaller, summary
-from bnsuite.records import RunRecord
-from bnsuite.registry import SectionContext, register_study
-from bnsuite.report_parts import claims_block, colors, variant_order, write_figure
-from bnsuite.spec import NOT_SHOWN, NOT_SUPPORTED, KnownException, Study, StudySpec
+from bnsuite.core import plots
+from bnsuite.core.claims import Claim, needs, smaller, summary
+from bnsuite.core.records import RunRecord
+from bnsuite.core.registry import SectionContext, register_study
+from bnsuite.core.report_parts import claims_block, colors, variant_order, write_figure
+from bnsuite.core.spec import NOT_SHOWN, NOT_SUPPORTED, KnownException, Study, StudySpec
 
 NAME = "landscape"
 PLAIN, BN = "plain", "bn"

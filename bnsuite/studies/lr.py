@@ -16,12 +16,23 @@ import statistics
 
 import pandas as pd
 
-from bnsuite import plots
-from bnsuite.claims import Claim, ClaimResult, Runs, compare, decide, held_out_accuracy, needs, result, rule, summary
-from bnsuite.records import RunRecord
-from bnsuite.registry import ANY_NETWORK, SectionContext, register_study
-from bnsuite.report_parts import claims_block, colors, opening, runs_table, write_figure
-from bnsuite.spec import CONTRADICTED, DEFAULT_LR, NOT_SHOWN, UNSETTLED, KnownException, Study, StudySpec
+from bnsuite.core import plots
+from bnsuite.core.claims import (
+    Claim,
+    ClaimResult,
+    Runs,
+    compare,
+    decide,
+    held_out_accuracy,
+    needs,
+    result,
+    rule,
+    summary,
+)
+from bnsuite.core.records import RunRecord
+from bnsuite.core.registry import ANY_NETWORK, SectionContext, register_study
+from bnsuite.core.report_parts import claims_block, colors, opening, runs_table, write_figure
+from bnsuite.core.spec import CONTRADICTED, DEFAULT_LR, NOT_SHOWN, UNSETTLED, KnownException, Study, StudySpec
 
 NAME = "lr"
 PLAIN, BN = "plain", "bn"

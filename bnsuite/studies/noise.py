@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import pandas as pd
 
-from bnsuite import plots
-from bnsuite.claims import Claim, activation_drift, at_least, needs, smaller
-from bnsuite.registry import SectionContext, register_study
-from bnsuite.report_parts import claims_block, colors, opening, variant_order, variant_rows, write_figure
-from bnsuite.spec import CONTRADICTED, NOT_SHOWN, UNSETTLED, KnownException, Study, StudySpec
+from bnsuite.core import plots
+from bnsuite.core.claims import Claim, activation_drift, at_least, needs, smaller
+from bnsuite.core.registry import SectionContext, register_study
+from bnsuite.core.report_parts import claims_block, colors, opening, variant_order, variant_rows, write_figure
+from bnsuite.core.spec import CONTRADICTED, NOT_SHOWN, UNSETTLED, KnownException, Study, StudySpec
 
 NAME = "noise"
 PLAIN, BN, NOISY = "plain", "bn", "bn-noisy"

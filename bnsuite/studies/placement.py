@@ -9,12 +9,12 @@ here: both supported is "no difference within the margin".
 
 from __future__ import annotations
 
-from bnsuite import plots
-from bnsuite.claims import Claim, ClaimResult, at_least, needs
-from bnsuite.records import runs_frame
-from bnsuite.registry import SectionContext, register_study
-from bnsuite.report_parts import claims_block, colors, opening, variant_rows, write_figure
-from bnsuite.spec import CONTRADICTED, NOT_SUPPORTED, SUPPORTED, KnownException, Study, StudySpec
+from bnsuite.core import plots
+from bnsuite.core.claims import Claim, ClaimResult, at_least, needs
+from bnsuite.core.records import runs_frame
+from bnsuite.core.registry import SectionContext, register_study
+from bnsuite.core.report_parts import claims_block, colors, opening, variant_rows, write_figure
+from bnsuite.core.spec import CONTRADICTED, NOT_SUPPORTED, SUPPORTED, KnownException, Study, StudySpec
 
 NAME = "placement"
 BEFORE, AFTER = "bn", "bn-after-relu"

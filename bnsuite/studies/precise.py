@@ -17,8 +17,8 @@ import statistics
 
 import pandas as pd
 
-from bnsuite import plots
-from bnsuite.claims import (
+from bnsuite.core import plots
+from bnsuite.core.claims import (
     Claim,
     ClaimResult,
     Runs,
@@ -31,9 +31,9 @@ from bnsuite.claims import (
     result,
     summary,
 )
-from bnsuite.registry import SectionContext, register_study
-from bnsuite.report_parts import claims_block, colors, opening, variant_order, write_figure
-from bnsuite.spec import NOT_SHOWN, PRECISE_IMAGES, UNSETTLED, KnownException, Study, StudySpec
+from bnsuite.core.registry import SectionContext, register_study
+from bnsuite.core.report_parts import claims_block, colors, opening, variant_order, write_figure
+from bnsuite.core.spec import NOT_SHOWN, PRECISE_IMAGES, UNSETTLED, KnownException, Study, StudySpec
 
 NAME = "precise2021"
 BN, SLOW = "bn", "bn-ema0.99"

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import pandas as pd
 
-from bnsuite import plots
-from bnsuite.claims import Claim, Runs, batch_statistics_accuracy, held_out_accuracy, needs, smaller, summary
-from bnsuite.registry import SectionContext, register_study
-from bnsuite.report_parts import claims_block, colors, opening, write_figure
-from bnsuite.spec import NOT_SHOWN, KnownException, Study, StudySpec
+from bnsuite.core import plots
+from bnsuite.core.claims import Claim, Runs, batch_statistics_accuracy, held_out_accuracy, needs, smaller, summary
+from bnsuite.core.registry import SectionContext, register_study
+from bnsuite.core.report_parts import claims_block, colors, opening, write_figure
+from bnsuite.core.spec import NOT_SHOWN, KnownException, Study, StudySpec
 
 NAME = "renorm"
 GHOSTS = (2, 4, 8)

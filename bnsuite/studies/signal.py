@@ -17,8 +17,8 @@ import math
 
 import pandas as pd
 
-from bnsuite import plots
-from bnsuite.claims import (
+from bnsuite.core import plots
+from bnsuite.core.claims import (
     Claim,
     ClaimResult,
     Runs,
@@ -30,9 +30,9 @@ from bnsuite.claims import (
     smaller,
     summary,
 )
-from bnsuite.registry import SectionContext, register_study
-from bnsuite.report_parts import claims_block, colors, opening, write_figure
-from bnsuite.spec import SIGNAL_IMAGES, Study, StudySpec
+from bnsuite.core.registry import SectionContext, register_study
+from bnsuite.core.report_parts import claims_block, colors, opening, write_figure
+from bnsuite.core.spec import SIGNAL_IMAGES, Study, StudySpec
 
 NAME = "signal2021"
 PLAIN, BN = "deep-plain", "deep-bn"

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from pydantic import ConfigDict, with_config
 
-from bnsuite.described import Descriptions
+from bnsuite.core.described import Descriptions
 
 BUILTIN_SOURCE = "bnsuite"  # a Dataset's source when bnsuite itself describes it
 

@@ -34,10 +34,10 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from bnsuite import fused
-from bnsuite.datasets import DATASETS
-from bnsuite.fastpath import FastStep
-from bnsuite.models import build_model, parameter_count
+from bnsuite.core.datasets import DATASETS
+from bnsuite.training import fused
+from bnsuite.training.fastpath import FastStep
+from bnsuite.training.models import build_model, parameter_count
 
 PEAK_MATRIX_SIZE = 2048  # large enough to run at the BLAS library's best rate on a CPU
 FLOAT_BYTES = 4

@@ -23,17 +23,17 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from bnsuite.batchnorm import (
+from bnsuite.core.datasets import DATASETS
+from bnsuite.core.networks import CHANNELS, FEATURES
+from bnsuite.core.registry import builder, network_builder, register_normalization, register_variant
+from bnsuite.core.spec import DEFAULT_NETWORK, RunSpec, SpecError, StudySpec
+from bnsuite.training.batchnorm import (
     BatchRenorm1d,
     GhostBatchNorm1d,
     GhostBatchNorm2d,
     NoisyBatchNorm1d,
     ScratchBatchNorm1d,
 )
-from bnsuite.datasets import DATASETS
-from bnsuite.networks import CHANNELS, FEATURES
-from bnsuite.registry import builder, network_builder, register_normalization, register_variant
-from bnsuite.spec import DEFAULT_NETWORK, RunSpec, SpecError, StudySpec
 
 # Dropout after each hidden ReLU in the regularization study: 0.2, the mild rate usual for small MLPs on MNIST.
 # Srivastava et al.'s 0.5 for hidden units goes with much longer training than the study's 10 epochs.

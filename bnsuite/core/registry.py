@@ -36,10 +36,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bnsuite.datasets import BUILTIN_SOURCE, DATASETS, Dataset
-from bnsuite.described import DescriptionConflict
-from bnsuite.networks import DEFAULT_NETWORK, NETWORKS, SLOT_KINDS, Network
-from bnsuite.spec import (
+from bnsuite.core.datasets import BUILTIN_SOURCE, DATASETS, Dataset
+from bnsuite.core.described import DescriptionConflict
+from bnsuite.core.layout import flat_name
+from bnsuite.core.networks import DEFAULT_NETWORK, NETWORKS, SLOT_KINDS, Network
+from bnsuite.core.spec import (
     MEASUREMENTS,
     NAME_PATTERN,
     KnownException,
@@ -662,7 +663,9 @@ def plugin_option(text: str | None) -> list[str]:
 
 
 def qualified(function: Callable) -> str:
-    return f"{function.__module__}:{getattr(function, '__qualname__', repr(function))}"
+    """`module:name` of a function, bnsuite's own by the module's flat name (`bnsuite.models:bn`, bnsuite.layout):
+    what records name a builder by, whichever folder holds it."""
+    return f"{flat_name(function.__module__)}:{getattr(function, '__qualname__', repr(function))}"
 
 
 @functools.cache

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from bnsuite.records import Environment
+from bnsuite.core.records import Environment
 
 # The flags in /proc/cpuinfo that name vector extensions, the ones kernel choice depends on.
 VECTOR_FLAG_PREFIXES = ("sse", "ssse", "avx", "fma", "f16c", "amx")

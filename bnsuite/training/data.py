@@ -40,10 +40,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bnsuite import registry
-from bnsuite.datasets import DATASETS, Dataset, DatasetInfo
-from bnsuite.files import user_cache_dir, write_atomically
-from bnsuite.idx import IdxFormatError, decode_idx, encode_idx, md5_of, read_idx_bytes
+from bnsuite.core import registry
+from bnsuite.core.datasets import DATASETS, Dataset, DatasetInfo
+from bnsuite.core.files import user_cache_dir, write_atomically
+from bnsuite.core.idx import IdxFormatError, decode_idx, encode_idx, md5_of, read_idx_bytes
 
 SOURCES = ("local", "download", "offline")
 CIFAR10_DIRECTORY = "cifar-10-batches-py"  # torchvision's CIFAR10(root) reads root/cifar-10-batches-py

@@ -35,11 +35,11 @@ from typing import Annotated, Any, Literal, Union
 import pandas as pd
 from pydantic import Field, TypeAdapter, ValidationError, with_config
 
-from bnsuite.datasets import DATASETS, Dataset
-from bnsuite.described import DescriptionConflict
-from bnsuite.files import write_atomically
-from bnsuite.networks import NETWORKS, Network
-from bnsuite.spec import CONTRADICTED, NOT_SHOWN, STRICT, RunSpec, SpecError, StudySpec, Variant
+from bnsuite.core.datasets import DATASETS, Dataset
+from bnsuite.core.described import DescriptionConflict
+from bnsuite.core.files import write_atomically
+from bnsuite.core.networks import NETWORKS, Network
+from bnsuite.core.spec import CONTRADICTED, NOT_SHOWN, STRICT, RunSpec, SpecError, StudySpec, Variant
 
 SCHEMA_VERSION = 14
 RUNS_SUBDIR = "runs"

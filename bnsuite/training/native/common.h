@@ -1,4 +1,4 @@
-/* What bnsuite's fused steps share (bnsuite/native/mlp.c for the MLP family, cnn.c for the ConvNet): the
+/* What bnsuite's fused steps share (bnsuite/training/native/mlp.c for the MLP family, cnn.c for the ConvNet): the
  * precision, torch's BLAS handed over at load time, and the loops both networks run the same way (batch
  * normalization over rows of features, ghost batches, SGD with momentum, softmax cross-entropy).
  * bnsuite.c includes this and both steps: one library, one translation unit. */

@@ -37,9 +37,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from bnsuite.fastpath import stack_into
-from bnsuite.models import EagerStep
-from bnsuite.spec import RunSpec
+from bnsuite.core.spec import RunSpec
+from bnsuite.training.fastpath import stack_into
+from bnsuite.training.models import EagerStep
 
 SWITCH_VARIABLE = "BNSUITE_COMPILE"  # "0": such variants train on the eager step; "1": compiled however short the run
 # Steps a run must take before its group is compiled: a full-profile run takes 4,690 to 18,750 (10 epochs at batch

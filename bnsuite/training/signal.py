@@ -16,8 +16,8 @@ import copy
 import torch
 from torch import nn
 
-from bnsuite.records import SignalTrace
-from bnsuite.spec import SIGNAL_IMAGES
+from bnsuite.core.records import SignalTrace
+from bnsuite.core.spec import SIGNAL_IMAGES
 
 
 def measure_signal(model: nn.Module, images: torch.Tensor) -> SignalTrace:

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 from pydantic import ConfigDict, with_config
 
-from bnsuite.datasets import DATASETS, training_images
-from bnsuite.networks import DEFAULT_NETWORK, NETWORKS, Network
+from bnsuite.core.datasets import DATASETS, training_images
+from bnsuite.core.networks import DEFAULT_NETWORK, NETWORKS, Network
 
 DEFAULT_LR = 0.01  # the study's SGD learning rate
 # The training recipe beyond the learning rate: the study's is SGD with momentum 0.9, no weight decay, a constant

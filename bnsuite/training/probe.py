@@ -24,8 +24,8 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
-from bnsuite.records import ActivationTrace
-from bnsuite.spec import SpecError
+from bnsuite.core.records import ActivationTrace
+from bnsuite.core.spec import SpecError
 
 PROBE_IMAGES = 256
 PROBE_EVERY = 100  # optimizer steps between checkpoints

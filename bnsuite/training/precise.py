@@ -17,8 +17,8 @@ import copy
 import torch
 from torch import nn
 
-from bnsuite.evaluation import evaluate
-from bnsuite.spec import PRECISE_IMAGES
+from bnsuite.core.spec import PRECISE_IMAGES
+from bnsuite.training.evaluation import evaluate
 
 
 def _normalizations(model: nn.Module) -> list[nn.Module]:

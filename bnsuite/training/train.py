@@ -34,17 +34,17 @@ from typing import NamedTuple
 
 import torch
 
-from bnsuite.data import load_splits
-from bnsuite.datasets import DATASETS
-from bnsuite.environment import KEEP_DENORMALS_VARIABLE, describe_environment, flush_denormals, now_utc
-from bnsuite.epochs import TensorEpochs, step_kind, training_set
-from bnsuite.evaluation import evaluate, evaluate_all, evaluate_with_batch_statistics  # noqa: F401 (re-exported)
-from bnsuite.models import build_model
-from bnsuite.precise import precise_accuracies
-from bnsuite.records import EpochRecord, RunRecord, finite_or_none
-from bnsuite.registry import checked, measure_definition
-from bnsuite.signal import measure_signal
-from bnsuite.spec import MEASUREMENTS, RunSpec, SpecError, StudySpec, Variant, is_precise_checkpoint
+from bnsuite.core.datasets import DATASETS
+from bnsuite.core.records import EpochRecord, RunRecord, finite_or_none
+from bnsuite.core.registry import checked, measure_definition
+from bnsuite.core.spec import MEASUREMENTS, RunSpec, SpecError, StudySpec, Variant, is_precise_checkpoint
+from bnsuite.training.data import load_splits
+from bnsuite.training.environment import KEEP_DENORMALS_VARIABLE, describe_environment, flush_denormals, now_utc
+from bnsuite.training.epochs import TensorEpochs, step_kind, training_set
+from bnsuite.training.evaluation import evaluate, evaluate_all, evaluate_with_batch_statistics  # noqa: F401 (re-exported)
+from bnsuite.training.models import build_model
+from bnsuite.training.precise import precise_accuracies
+from bnsuite.training.signal import measure_signal
 
 # cuBLAS reads this when it first starts; deterministic GEMMs need it (torch's reproducibility notes).
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -69,7 +69,7 @@ class MeasureData(NamedTuple):
 def _original_epochs(*args, measures=frozenset(), **kwargs):
     # Imported when first used: torchvision takes seconds to import, and only this pipeline needs it. It measures
     # nothing beyond what the original notebook did (neither probes nor `measures`).
-    from bnsuite.original import OriginalEpochs
+    from bnsuite.training.original import OriginalEpochs
 
     return OriginalEpochs(*args, **kwargs)
 

@@ -25,17 +25,17 @@ from pathlib import Path
 
 import pandas as pd
 
-from bnsuite import baseline as gate
-from bnsuite import plots
-from bnsuite.claims import ClaimResult, holm, study_claims, summary
-from bnsuite.files import write_atomically
-from bnsuite.networks import title as network_title
-from bnsuite.records import RecordError, RunRecord, epochs_frame, load_records
-from bnsuite.registry import PluginError, SectionContext, load_plugins, plugin_option, study_definition
-from bnsuite.report_parts import NO_RUNS, claims_table, colors, discussion, family_statement, variant_order
-from bnsuite.spec import DEFAULT_NETWORK, ClaimSettings, SpecError, Study, StudySpec, network_prefix
+from bnsuite.core import baseline as gate
+from bnsuite.core import plots
+from bnsuite.core.claims import ClaimResult, holm, study_claims, summary
+from bnsuite.core.files import write_atomically
+from bnsuite.core.networks import title as network_title
+from bnsuite.core.records import RecordError, RunRecord, epochs_frame, load_records
+from bnsuite.core.registry import PluginError, SectionContext, load_plugins, plugin_option, study_definition
+from bnsuite.core.report_parts import NO_RUNS, claims_table, colors, discussion, family_statement, variant_order
+from bnsuite.core.spec import DEFAULT_NETWORK, ClaimSettings, SpecError, Study, StudySpec, network_prefix
+from bnsuite.core.verdicts import StoredVerdict, VerdictsError, load_verdicts, still_valid
 from bnsuite.studies.batch import records_section
-from bnsuite.verdicts import StoredVerdict, VerdictsError, load_verdicts, still_valid
 
 DEFAULT_RESULTS = Path("results") / "full"  # where `pytest benchmarks/` saves the full profile's records
 DEFAULT_BENCHMARKS = Path(".benchmarks")

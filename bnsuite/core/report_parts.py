@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from bnsuite.claims import (
+from bnsuite.core.claims import (
     REASONS,
     ClaimResult,
     activation_drift,
@@ -23,10 +23,10 @@ from bnsuite.claims import (
     summary,
     train_accuracy,
 )
-from bnsuite.files import write_atomically
-from bnsuite.records import RunRecord
-from bnsuite.registry import study_definition
-from bnsuite.spec import NOT_SHOWN, SUPPORTED, ClaimSettings, Variant
+from bnsuite.core.files import write_atomically
+from bnsuite.core.records import RunRecord
+from bnsuite.core.registry import study_definition
+from bnsuite.core.spec import NOT_SHOWN, SUPPORTED, ClaimSettings, Variant
 
 
 def claims_table(claims: list[ClaimResult], settings: ClaimSettings | None) -> str:

@@ -28,10 +28,10 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
-from bnsuite.networks import title as network_title
-from bnsuite.records import RunRecord
-from bnsuite.registry import study_definition
-from bnsuite.spec import (
+from bnsuite.core.networks import title as network_title
+from bnsuite.core.records import RunRecord
+from bnsuite.core.registry import study_definition
+from bnsuite.core.spec import (
     CONTRADICTED,
     DEFAULT_NETWORK,
     NOT_SHOWN,

@@ -18,9 +18,9 @@ from pathlib import Path
 
 from pydantic import TypeAdapter, ValidationError
 
-from bnsuite.claims import ClaimResult
-from bnsuite.files import write_atomically
-from bnsuite.records import RUNS_SUBDIR
+from bnsuite.core.claims import ClaimResult
+from bnsuite.core.files import write_atomically
+from bnsuite.core.records import RUNS_SUBDIR
 
 VERDICTS_FILE = "claims.json"
 VERDICTS_SCHEMA = 1

@@ -38,8 +38,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from bnsuite.batchnorm import GhostBatchNorm1d, ghost_parts
-from bnsuite.models import SimpleNN, SimpleNNWithBN, SimpleNNWithDropout, StackMLP
+from bnsuite.training.batchnorm import GhostBatchNorm1d, ghost_parts
+from bnsuite.training.models import SimpleNN, SimpleNNWithBN, SimpleNNWithDropout, StackMLP
 
 BN_EPS = 1e-5  # nn.BatchNorm1d's default, which the bn variant uses (and nn.LayerNorm's eps)
 BN_MOMENTUM = 0.1  # nn.BatchNorm1d's default; the step takes any other the layers have (bn-ema0.99: 0.01)

@@ -1,5 +1,5 @@
-"""The fused training step: bnsuite/native/mlp.c, compiled on this machine, stepping S models a run of batches at a
-time.
+"""The fused training step: bnsuite/training/native/mlp.c, compiled on this machine, stepping S models a run of
+batches at a time.
 
 The ATen fast step (bnsuite.fastpath) still pays a Python call and a few
 microseconds of dispatch for each of the few dozen kernels of a step, and
@@ -51,12 +51,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bnsuite import batchnorm
-from bnsuite.batchnorm import BatchRenorm1d, GhostBatchNorm2d, NoisyBatchNorm1d
-from bnsuite.environment import cpu_model_and_flags
-from bnsuite.fastpath import BN_EPS, BN_MOMENTUM, normalization, per_model_settings, stack_into
-from bnsuite.files import user_cache_dir
-from bnsuite.models import SimpleNNWithBN, SimpleNNWithBNAfterReLU, SmallCNN, StackMLP
+from bnsuite.core.files import user_cache_dir
+from bnsuite.training import batchnorm
+from bnsuite.training.batchnorm import BatchRenorm1d, GhostBatchNorm2d, NoisyBatchNorm1d
+from bnsuite.training.environment import cpu_model_and_flags
+from bnsuite.training.fastpath import BN_EPS, BN_MOMENTUM, normalization, per_model_settings, stack_into
+from bnsuite.training.models import SimpleNNWithBN, SimpleNNWithBNAfterReLU, SmallCNN, StackMLP
 
 NATIVE = Path(__file__).parent / "native"
 SOURCE = NATIVE / "bnsuite.c"  # one translation unit: common.h, mlp.c (the MLP family) and cnn.c (the ConvNet)
@@ -680,9 +680,9 @@ class FusedStep:
 
 class FusedConvStep(FusedStep):
     """Trains S same-shaped ConvNets (bnsuite.models.SmallCNN) on an epoch's batches, a run of steps per call
-    (bnsuite/native/cnn.c), as FusedStep does the MLP family: the same `train` and `evaluate`, the models' tensors
-    views into the stacked ones the C code updates. A convolution's weight is stacked channels-last, (Cout, 3, 3,
-    Cin) in memory, which is how each model's own weight lies (bnsuite.models.CHANNELS_LAST) and the order the C
+    (bnsuite/training/native/cnn.c), as FusedStep does the MLP family: the same `train` and `evaluate`, the models'
+    tensors views into the stacked ones the C code updates. A convolution's weight is stacked channels-last, (Cout, 3,
+    3, Cin) in memory, which is how each model's own weight lies (bnsuite.models.CHANNELS_LAST) and the order the C
     code's unfolded patches take."""
 
     _TRAIN, _EVALUATE = "bn_cnn_train_steps", "bn_cnn_evaluate"

@@ -31,8 +31,8 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn import functional as F
 
-from bnsuite.probe import as_in_training
-from bnsuite.records import LandscapeTrace
+from bnsuite.core.records import LandscapeTrace
+from bnsuite.training.probe import as_in_training
 
 ICS_LAYERS = ("fc2", "fc3")
 ICS_IMAGES = 256

@@ -16,9 +16,9 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Subset
 from torchvision import datasets, transforms
 
-from bnsuite.data import Splits, dataset_info, default_data_dir, split_indices
-from bnsuite.models import make_optimizer
-from bnsuite.spec import RunSpec
+from bnsuite.core.spec import RunSpec
+from bnsuite.training.data import Splits, dataset_info, default_data_dir, split_indices
+from bnsuite.training.models import make_optimizer
 
 STUDY_TRANSFORM = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5,), (0.5,))])
 

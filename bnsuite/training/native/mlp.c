@@ -1,5 +1,5 @@
 /* bnsuite's fused training step for fully connected networks: forward, loss, backward and SGD with momentum of S
- * models over a run of consecutive batches, in one call (bnsuite/fused.py builds, loads and drives it).
+ * models over a run of consecutive batches, in one call (bnsuite/training/fused.py builds, loads and drives it).
  *
  * Each model is stepped by one thread at a time, in order (the models are spread over the threads, a model cut
  * between two where the threads do not divide them: bn_train_steps), and every matrix product is one single-threaded BLAS call on that model's own tensors, with the same shapes,

@@ -26,13 +26,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bnsuite import compiled, fastpath, fused
-from bnsuite.data import Splits
-from bnsuite.landscape import Landscaper
-from bnsuite.models import EagerStep
-from bnsuite.probe import Prober, check_probe_point
-from bnsuite.registry import variant
-from bnsuite.spec import RunSpec
+from bnsuite.core.registry import variant
+from bnsuite.core.spec import RunSpec
+from bnsuite.training import compiled, fastpath, fused
+from bnsuite.training.data import Splits
+from bnsuite.training.landscape import Landscaper
+from bnsuite.training.models import EagerStep
+from bnsuite.training.probe import Prober, check_probe_point
 
 EpochResult = tuple[torch.Tensor, torch.Tensor, int]  # (batch losses (S, steps), correct (S,), steps taken)
 # BNSUITE_CUDA_GRAPHS=0 turns the capture off, to measure what it gains (bnsuite.speed, the GPU check).

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from bnsuite.probe import as_in_training
+from bnsuite.training.probe import as_in_training
 
 EVALUATION_BATCH = 10_000  # evaluation has no gradients: big batches are exact and fast
 # A ConvNet's feature maps for 10,000 images leave the caches: 500 at a time evaluates about 2.5x faster

@@ -40,10 +40,10 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from bnsuite import claims
-from bnsuite.claims import held_out_accuracy, p_smaller
-from bnsuite.records import RUNS_SUBDIR, RecordError, RunRecord, load_records
-from bnsuite.spec import DEFAULT_NETWORK, RunSpec, StudySpec
+from bnsuite.core import claims
+from bnsuite.core.claims import held_out_accuracy, p_smaller
+from bnsuite.core.records import RUNS_SUBDIR, RecordError, RunRecord, load_records
+from bnsuite.core.spec import DEFAULT_NETWORK, RunSpec, StudySpec
 
 REFERENCE_DIR = Path("results") / "reference"  # the committed reference of each profile: results/reference/PROFILE
 ALPHA = 0.05

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 from pydantic import ConfigDict, with_config
 
-from bnsuite.datasets import BUILTIN_SOURCE, Dataset
-from bnsuite.described import Descriptions
+from bnsuite.core.datasets import BUILTIN_SOURCE, Dataset
+from bnsuite.core.described import Descriptions
 
 # What a network's normalization slots take: FEATURES, a (N, C) batch (BatchNorm1d's place); CHANNELS, a
 # (N, C, H, W) feature map (BatchNorm2d's place).

@@ -1,0 +1,1 @@
+"""The torch-free half of bnsuite: what a reader of records needs (bnsuite.core.layout)."""
