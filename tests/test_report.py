@@ -261,8 +261,8 @@ def test_report_cli_writes_the_report_and_the_console_script_points_at_it(result
     assert report.main(["--results", str(results), "--out", str(out), "--no-plots"]) == 0
     assert out.read_text().startswith("# bnsuite report")
     assert "Test accuracy without and with BN" in capsys.readouterr().out
-    scripts = {entry.name: entry.value for entry in entry_points(group="console_scripts")}
-    assert scripts.get("bnsuite-report") == "bnsuite.report:main"
+    scripts = {entry.name: entry for entry in entry_points(group="console_scripts")}
+    assert scripts["bnsuite-report"].load() is report.main
 
 
 def test_report_names_the_held_out_set_under_the_seed_protocol(tmp_path, records):
