@@ -71,7 +71,8 @@ def _run(study, variant, seed, *, batch_size=64, losses=(0.9, 0.5), accuracy=95.
                      final_train_accuracy_eval=accuracy + 1.0 if train_accuracy is None else train_accuracy,
                      train_time_s=1.0, steps=10, diverged_at_epoch=diverged_at, environment=ENVIRONMENT,
                      started_at="now", executor="local", activations=None,
-                     training_step="fast", landscape=None, signal=None, dataset=None)
+                     training_step="fast", landscape=None, signal=None, dataset=None,
+                     network=None)
 
 
 def _claim(name):

@@ -299,6 +299,25 @@ def test_a_record_of_a_plugins_network_loads_without_the_plugin_and_training_it_
         RunRecord.from_json(text)
 
 
+def test_a_run_of_a_plugins_network_outside_a_study_describes_the_network_and_loads_without_the_plugin(
+        clean_registry, mnist_dir):
+    """train(spec) records no study; the record describes the plugin's network itself (schema 15), and a run of
+    bnsuite's own network describes none (bnsuite.networks does)."""
+    from bnsuite.core import networks, registry
+    from bnsuite.core.records import RunRecord
+    from bnsuite.core.spec import RunSpec
+    from bnsuite.training.train import train
+
+    _register_tiny()
+    record = train(RunSpec(variant="bn", network="tiny", epochs=1, train_subset=256), data_dir=mnist_dir)
+    assert record.study is None and record.network == networks.NETWORKS["tiny"]
+    text = record.to_json()
+    described = networks.NETWORKS.pop("tiny")  # a process where the plugin is not installed
+    registry._NETWORK_BUILDERS.pop("tiny")
+    assert RunRecord.from_json(text) == record and networks.NETWORKS["tiny"] == described
+    assert train(RunSpec(variant="bn", epochs=1, train_subset=256), data_dir=mnist_dir).network is None
+
+
 class BatchRMS(nn.Module):
     """A user's normalization: each feature over its batch root mean square, no eps or momentum attribute."""
 

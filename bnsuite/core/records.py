@@ -41,7 +41,7 @@ from bnsuite.core.files import write_atomically
 from bnsuite.core.networks import NETWORKS, Network
 from bnsuite.core.spec import CONTRADICTED, NOT_SHOWN, STRICT, RunSpec, SpecError, StudySpec, Variant
 
-SCHEMA_VERSION = 14
+SCHEMA_VERSION = 15
 RUNS_SUBDIR = "runs"
 
 Percent = Annotated[float, Field(ge=0, le=100)]
@@ -266,6 +266,11 @@ class RunRecord:
     # loads where that plugin is not installed; None for bnsuite's own datasets (bnsuite.datasets describes them),
     # and in records of schema 12 and earlier, which trained on those only.
     dataset: Dataset | None
+    # The description of a plugin's network the run trained (bnsuite.registry.register_network), so the record loads
+    # where that plugin is not installed, a run made outside a study included (its study, which describes the
+    # study's networks too, is None); None for bnsuite's own networks (bnsuite.networks describes them), and in
+    # records of schema 14 and earlier, whose study described any plugin's.
+    network: Network | None
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -369,6 +374,8 @@ class RunRecord:
             described = raw["study"].get("networks") if isinstance(raw.get("study"), dict) else None
             for network in described if isinstance(described, list) else ():  # a plugin's networks, likewise
                 NETWORKS.remember(_NETWORK.validate_json(json.dumps(network)), source=source)
+            if isinstance(raw.get("network"), dict):  # and the run's own, outside a study too
+                NETWORKS.remember(_NETWORK.validate_json(json.dumps(raw["network"])), source=source)
             record = _RECORD.validate_json(json.dumps(raw))
         except DescriptionConflict as error:
             raise RecordError(str(error)) from None
@@ -538,6 +545,11 @@ def migrate_schema_12(raw: dict, *, source: str = "record") -> dict:
     """A schema-12 record as schema 13: no dataset description, as every earlier run trained on one of bnsuite's
     own datasets."""
     return {**raw, "schema_version": 13, "dataset": None}
+
+
+def migrate_schema_14(raw: dict, *, source: str = "record") -> dict:
+    """A schema-14 record as schema 15: no network description of its own (its study described a plugin's)."""
+    return {**raw, "schema_version": 15, "network": None}
 
 
 def migrate_schema_13(raw: dict, *, source: str = "record") -> dict:
@@ -801,4 +813,4 @@ def epochs_frame(records: list[RunRecord]) -> pd.DataFrame:
 _MIGRATIONS = {1: migrate_schema_1, 2: migrate_schema_2, 3: migrate_schema_3, 4: migrate_schema_4, 5: migrate_schema_5,
                6: migrate_schema_6, 7: migrate_schema_7, 8: migrate_schema_8, 9: migrate_schema_9,
                10: migrate_schema_10, 11: migrate_schema_11, 12: migrate_schema_12,
-               13: migrate_schema_13}
+               13: migrate_schema_13, 14: migrate_schema_14}

@@ -35,6 +35,7 @@ from typing import NamedTuple
 import torch
 
 from bnsuite.core.datasets import DATASETS
+from bnsuite.core.networks import NETWORKS
 from bnsuite.core.records import EpochRecord, RunRecord, finite_or_none
 from bnsuite.core.registry import checked, measure_definition
 from bnsuite.core.spec import MEASUREMENTS, RunSpec, SpecError, StudySpec, Variant, is_precise_checkpoint
@@ -344,6 +345,7 @@ def _records(specs: list[RunSpec], variant: Variant, models, run_epoch, splits, 
             landscape=None if diverged else landscape,
             signal=signal,  # measured before training: a later divergence does not change it
             dataset=None if DATASETS[run.dataset].builtin else DATASETS[run.dataset],
+            network=None if NETWORKS[run.network].builtin else NETWORKS[run.network],
         ))
     return records
 
