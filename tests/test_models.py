@@ -64,7 +64,8 @@ def test_same_seed_gives_the_same_default_initialization():
 
 
 def test_unknown_variant_lists_the_known_ones():
-    with pytest.raises(ValueError, match="unknown variant 'resnet'; choose one of: plain, bn, bn-scratch"):
+    with pytest.raises(ValueError, match="unknown variant 'resnet'; choose one of: plain, bn, plain-dropout, "
+                                         "bn-dropout, bn-scratch"):
         build_model("resnet")
 
 
@@ -119,7 +120,7 @@ def test_the_probe_reads_what_a_training_step_feeds_the_last_relu_and_changes_no
         model.get_submodule(point).register_forward_hook(
             lambda module, args, output, seen=seen: seen.update(out=output))
         model.train()
-        if hasattr(model, "dropout"):
+        if model.dropout is not None:
             model.dropout.p = 0.0
         model(images)
         for key, buffer in model.named_buffers():

@@ -43,11 +43,12 @@ def test_the_mlp_takes_no_cifar_and_an_unknown_network_is_refused_with_the_choic
 def test_bn_network_cnn_runs_the_studies_that_take_it_and_leaves_out_the_others():
     spec = study_from_options("smoke", network="cnn")
     assert [(study.name, study.networks) for study in spec.studies] == [
-        ("batch", ("cnn",)), ("lr", ("cnn",)), ("ghost", ("cnn",))]
+        ("batch", ("cnn",)), ("lr", ("cnn",)), ("dropout", ("cnn",)), ("ghost", ("cnn",))]
     assert all(run.network == "cnn" for run in spec.run_specs())
     assert spec.case_name(spec.groups()[0]) == "cnn-plain-bs32"
-    with pytest.raises(SpecError, match="no study chosen trains on cnn; the studies that do: batch, lr, ghost"):
-        study_from_options("smoke", network="cnn", studies="dropout")
+    with pytest.raises(SpecError, match="no study chosen trains on cnn; the studies that do: batch, lr, dropout, "
+                                        "ghost, placement"):
+        study_from_options("smoke", network="cnn", studies="init")
     with pytest.raises(SpecError, match="unknown network 'vit'"):
         study_from_options("smoke", network="vit")
 
@@ -84,8 +85,8 @@ def test_a_normalization_is_registered_once_and_goes_into_every_network_whose_sl
     with pytest.raises(SpecError, match=r"variant 'bn-noisy' cannot go into the ConvNet \(cnn\): its normalization "
                        "slots take channels, and bn-noisy normalizes features only; choose one of: plain, bn"):
         variant("bn-noisy", "cnn")
-    with pytest.raises(SpecError, match="unknown variant 'bn-dropout' of the cnn network"):
-        variant("bn-dropout", "cnn")
+    with pytest.raises(SpecError, match="unknown variant 'ioffe-bn' of the cnn network"):
+        variant("ioffe-bn", "cnn")  # a variant built whole is its network's only
     with pytest.raises(Exception, match="registered twice"):
         register_variant("bn", network="cnn", batch_statistics=True)(lambda image_shape: None)
 
@@ -335,3 +336,88 @@ def test_a_users_normalization_goes_into_the_mlp_and_the_fast_steps_leave_it_to_
     assert fused.mlp_layout(model) is None and not fused.supports(model, 64) and not fastpath.supports(model)
     with pytest.raises(SpecError, match="variant 'batch-rms' cannot go into the ConvNet"):
         build_model("batch-rms", network="cnn")
+
+
+def _register_tiny_with_placements(built: list):
+    from bnsuite import register_network
+
+    @register_network("tiny2", title="tiny residual net", slots="features", image_shape=(1, 28, 28),
+                      probe="block.0", probe_without_norm="stem", placements=("before", "after"), dropout=True)
+    def tiny2(norm, *, image_shape, classes, placement="before", dropout=0.0):
+        built.append((placement, dropout))
+        return TinyResidual(norm, classes)
+
+
+def test_placement_and_dropout_go_into_every_network_that_says_it_takes_them(clean_registry):
+    built = []
+    _register_tiny_with_placements(built)
+    for name, asked in (("bn", ("before", 0.0)), ("bn-after-relu", ("after", 0.0)), ("bn-dropout", ("before", 0.2)),
+                        ("plain-dropout", ("before", 0.2))):
+        built.clear()
+        build_model(name, network="tiny2")
+        assert built == [asked], name
+    after, dropout = variant("bn-after-relu", "tiny2"), variant("bn-dropout", "tiny2")
+    assert (after.placement, after.probe, after.builder) == ("after", "stem", "bnsuite.models:bn")
+    assert (dropout.dropout, dropout.probe) == (0.2, "block.0")
+    spec = study_from_options("smoke", studies="placement,dropout", network="tiny2")
+    assert {(run.variant, run.network) for run in spec.run_specs()} == {
+        ("bn", "tiny2"), ("bn-after-relu", "tiny2"), ("plain", "tiny2"), ("plain-dropout", "tiny2"),
+        ("bn-dropout", "tiny2")}
+    assert "tiny2-bn-after-relu-accuracy-at-least-before-bs64" in {claim.name for claim in study_claims(spec)}
+
+
+def test_a_network_that_does_not_take_placement_or_dropout_is_refused_them_in_one_line(clean_registry):
+    _register_tiny()  # its builder takes neither keyword
+    with pytest.raises(SpecError, match=r"variant 'bn-after-relu' cannot go into the tiny residual net \(tiny\): "
+                                        "bn-after-relu sits after each hidden nonlinearity, and its slots sit before "
+                                        "it only; choose one of: plain, bn,"):
+        variant("bn-after-relu", "tiny")
+    with pytest.raises(SpecError, match=r"variant 'bn-dropout' cannot go into the tiny residual net \(tiny\): "
+                                        r"bn-dropout drops out after each hidden nonlinearity, and its builder takes "
+                                        r"no dropout \(register_network\(dropout=True\) says it does\)"):
+        variant("bn-dropout", "tiny")
+    # The studies that need them leave the network out, as for any network a study does not take.
+    with pytest.raises(SpecError, match="no study chosen trains on tiny; the studies that do: batch, lr, ghost"):
+        study_from_options("smoke", studies="placement,dropout", network="tiny")
+    from bnsuite import register_network
+    from bnsuite.core.registry import PluginError
+    with pytest.raises(PluginError, match="placements must be 'before', then 'after'"):
+        register_network("mine", title="mine", slots="features", placements=("after",))(lambda norm, **kw: None)
+
+
+@pytest.mark.parametrize("network", ["mlp", "cnn"])
+def test_the_slots_after_the_relu_and_dropout_are_the_same_layers_in_another_order(network):
+    """bn-after-relu is bn's network with each slot after its ReLU (the same parameters from the same seed), and
+    dropout goes after the ReLU and the slot; neither trains on the fused step's ConvNet, which covers neither."""
+    torch.manual_seed(0)
+    before = build_model("bn", network=network)
+    torch.manual_seed(0)
+    after = build_model("bn-after-relu", network=network)
+    assert all(torch.equal(a, b) for a, b in zip(before.state_dict().values(), after.state_dict().values(),
+                                                  strict=True))
+    images = torch.randn(8, 784)
+    first = before.conv1 if network == "cnn" else before.fc1
+    shaped = images.view(8, 1, 28, 28) if network == "cnn" else images
+    before.train(), after.train()
+    out = after.bn1(torch.relu(first(shaped)))
+    hook = []
+    after.bn1.register_forward_hook(lambda module, args, output: hook.append(output))
+    after(images)
+    torch.testing.assert_close(hook[0], out)
+    assert torch.relu(before.bn1(first(shaped))).min() >= 0 and out.min() < 0  # BN's output is not clipped after it
+    torch.manual_seed(0)
+    dropping = build_model("bn-dropout", network=network).train()
+    seen = []
+    dropping.dropout.register_forward_hook(lambda module, args, output: seen.append((args[0], output)))
+    dropping(images)
+    (given, dropped), _ = seen
+    torch.testing.assert_close(given, torch.relu(dropping.bn1(first(shaped))))  # after the ReLU and the slot
+    kept = dropped != 0
+    assert dropping.dropout.p == 0.2 and 0.6 < kept[given != 0].float().mean() < 0.95
+    torch.testing.assert_close(dropped[kept], given[kept] / 0.8)
+    if network == "cnn":
+        assert fused.conv_normalization(before) is not None
+        assert fused.conv_normalization(after) is None and fused.conv_normalization(dropping) is None
+    else:
+        assert fused.mlp_layout(after).after_relu and not fused.mlp_layout(before).after_relu
+        assert fused.mlp_layout(dropping) == fused.mlp_layout(before)

@@ -15,6 +15,7 @@ from bnsuite.core.records import (
     RunRecord,
     epochs_frame,
     load_records,
+    migrate_schema_15,
     runs_frame,
     save_record,
 )
@@ -336,3 +337,22 @@ def test_an_edited_record_is_refused_by_the_report_and_by_accept_and_nothing_is_
     assert f"{edited}: field test_accuracy is 99.0, but its last epoch's test_accuracy is " in errors
     assert errors.count("the record was changed after it was written") == 2
     assert not (results / "REPORT.md").exists() and not (tmp_path / "taken").exists()
+
+
+def test_schema_15_records_say_where_their_slots_sit_and_their_dropout_as_built():
+    """The MLP's placement and dropout variants were built whole up to schema 15: their records migrate saying what
+    those builders built (BN after the ReLU; dropout 0.2), every other variant before the ReLU without dropout."""
+    quick = Path(__file__).resolve().parents[1] / "results" / "reference" / "quick" / RUNS_SUBDIR
+    for pattern, placement, dropout in (("bn-after-relu-bs64-seed0-*", "after", 0.0),
+                                        ("bn-dropout-bs64-seed0-*", "before", 0.2),
+                                        ("plain-dropout-bs64-seed0-*", "before", 0.2),
+                                        ("bn-bs64-seed0-*", "before", 0.0)):
+        path = next(quick.glob(pattern))
+        assert json.loads(path.read_text())["schema_version"] < 16
+        record = RunRecord.from_json(path.read_text())
+        assert (record.variant.placement, record.variant.dropout) == (placement, dropout), pattern
+        assert record.study.variant(record.spec.variant, "mlp") == record.variant
+    network = {"name": "tiny", "title": "tiny", "slots": "features", "builder": "mine:tiny", "source": "mine 1.0"}
+    migrated = migrate_schema_15({"schema_version": 15, "network": network, "study": {"networks": [network]}})
+    assert migrated["network"] == migrated["study"]["networks"][0] == {**network, "placements": ["before"],
+                                                                       "dropout": False}

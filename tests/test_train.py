@@ -490,7 +490,7 @@ def test_batch_statistics_accuracy_normalizes_each_batch_by_itself_and_touches_n
         hits = 0
         for start, end in ((0, 32), (32, 64), (64, 70)):
             probe = copy.deepcopy(model).train()
-            if hasattr(probe, "dropout"):
+            if getattr(probe, "dropout", None) is not None:
                 probe.dropout.p = 0.0
             hits += int((probe(images[start:end]).argmax(1) == labels[start:end]).sum())
         assert evaluate_with_batch_statistics(model, images, labels, 32) == pytest.approx(100.0 * hits / 70)

@@ -25,6 +25,10 @@ from bnsuite.core.described import Descriptions
 # (N, C, H, W) feature map (BatchNorm2d's place).
 FEATURES, CHANNELS = "features", "channels"
 SLOT_KINDS = (FEATURES, CHANNELS)
+# Where a slot sits against its hidden layer's nonlinearity: BEFORE it (Ioffe & Szegedy's place, every network's),
+# or AFTER it (the placement study's `bn-after-relu`), for a network whose builder takes `placement=AFTER`.
+BEFORE, AFTER = "before", "after"
+PLACEMENTS = (BEFORE, AFTER)
 
 
 @with_config(ConfigDict(strict=True, allow_inf_nan=False, extra="forbid"))  # bnsuite.spec.STRICT, which imports this
@@ -46,11 +50,18 @@ class Network:
     probe_without_norm: str | None = None
     builder: str = ""  # the function that builds it around a normalization, as module:name
     source: str = BUILTIN_SOURCE  # bnsuite, or the plugin module that registered it with its version or file hash
+    # Where its slots can sit (of PLACEMENTS; BEFORE first), and whether its builder puts dropout after each hidden
+    # nonlinearity when given `dropout=p`: what the placement and dropout variants need of a network.
+    placements: tuple[str, ...] = (BEFORE,)
+    dropout: bool = False
 
     def __post_init__(self) -> None:
         if self.slots not in SLOT_KINDS:
             raise ValueError(f"network {self.name!r}: slots must be one of {', '.join(SLOT_KINDS)}, got "
                              f"{self.slots!r}")
+        if not self.placements or self.placements[0] != BEFORE or not set(self.placements) <= set(PLACEMENTS):
+            raise ValueError(f"network {self.name!r}: placements must be {BEFORE!r}, then {AFTER!r} where its slots "
+                             f"can sit after the nonlinearity too, got {self.placements!r}")
 
     @property
     def builtin(self) -> bool:
@@ -69,7 +80,7 @@ class Network:
 
     def conflict(self, other: Network) -> str | None:
         """What `other`, a description of the same name, says differently about what a run depends on, or None."""
-        keys = ("slots", "image_shape", "epochs", "probe", "probe_without_norm", "builder")
+        keys = ("slots", "image_shape", "epochs", "probe", "probe_without_norm", "builder", "placements", "dropout")
         differ = [key for key in keys if getattr(self, key) != getattr(other, key)]
         return ", ".join(f"{key} {getattr(self, key)} against {getattr(other, key)}" for key in differ) or None
 
@@ -78,10 +89,11 @@ DEFAULT_NETWORK = "mlp"
 NETWORKS: Descriptions = Descriptions("network", "another network", {
     # The study's MLP (784-256-128-10, bnsuite.models.SimpleNNWithBN), a normalization before each hidden ReLU.
     "mlp": Network(name="mlp", title="study's MLP", slots=FEATURES, image_shape=(1, 28, 28), probe="bn2",
-                   probe_without_norm="fc2", builder="bnsuite.models:mlp"),
-    # A small ConvNet (bnsuite.models.SmallCNN), a normalization between each convolution and its ReLU. Not probed:
-    # bnsuite.probe measures (N, features) activations, not feature maps.
-    "cnn": Network(name="cnn", title="ConvNet", slots=CHANNELS, builder="bnsuite.models:cnn"),
+                   probe_without_norm="fc2", builder="bnsuite.models:mlp", placements=PLACEMENTS, dropout=True),
+    # A small ConvNet (bnsuite.models.SmallCNN), a normalization between each convolution and its ReLU (or after
+    # it). Not probed: bnsuite.probe measures (N, features) activations, not feature maps.
+    "cnn": Network(name="cnn", title="ConvNet", slots=CHANNELS, builder="bnsuite.models:cnn", placements=PLACEMENTS,
+                   dropout=True),
 })
 
 

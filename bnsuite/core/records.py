@@ -41,7 +41,7 @@ from bnsuite.core.files import write_atomically
 from bnsuite.core.networks import NETWORKS, Network
 from bnsuite.core.spec import CONTRADICTED, NOT_SHOWN, STRICT, RunSpec, SpecError, StudySpec, Variant
 
-SCHEMA_VERSION = 15
+SCHEMA_VERSION = 16
 RUNS_SUBDIR = "runs"
 
 Percent = Annotated[float, Field(ge=0, le=100)]
@@ -552,6 +552,37 @@ def migrate_schema_14(raw: dict, *, source: str = "record") -> dict:
     return {**raw, "schema_version": 15, "network": None}
 
 
+# Where schema 15's built-in variants built whole put their slots and how much they dropped out: what a variant
+# description says since schema 16 (frozen here, like the schema-4 variants). Any other said nothing of either.
+_SCHEMA_15_BUILT_WHOLE = {"bnsuite.models:bn_after_relu": {"placement": "after"},
+                          "bnsuite.models:plain_dropout": {"dropout": 0.2},
+                          "bnsuite.models:bn_dropout": {"dropout": 0.2}}
+
+
+def migrate_schema_15(raw: dict, *, source: str = "record") -> dict:
+    """A schema-15 record as schema 16: each variant description says where its slots sit and its dropout
+    (`_SCHEMA_15_BUILT_WHOLE`'s for the MLP's placement and dropout variants, then built whole; before the
+    nonlinearity and none for every other), and each network description that its slots sit before the
+    nonlinearity only and that it takes no dropout, as every plugin's network then did."""
+    def variant(entry: Any) -> Any:
+        if not isinstance(entry, dict):
+            return entry
+        return {**entry, "placement": "before", "dropout": 0.0, **_SCHEMA_15_BUILT_WHOLE.get(entry.get("builder"), {})}
+
+    def network(entry: Any) -> Any:
+        return {**entry, "placements": ["before"], "dropout": False} if isinstance(entry, dict) else entry
+
+    raw = {**raw, "schema_version": 16, "variant": variant(raw.get("variant")), "network": network(raw.get("network"))}
+    study = raw.get("study")
+    if isinstance(study, dict):
+        study = dict(study)
+        for key, migrate in (("variants", variant), ("networks", network)):
+            if isinstance(study.get(key), list):
+                study[key] = [migrate(entry) for entry in study[key]]
+        raw["study"] = study
+    return raw
+
+
 def migrate_schema_13(raw: dict, *, source: str = "record") -> dict:
     """A schema-13 record as schema 14: its study describes no network of a plugin's, as none could be registered
     before schema 14."""
@@ -813,4 +844,4 @@ def epochs_frame(records: list[RunRecord]) -> pd.DataFrame:
 _MIGRATIONS = {1: migrate_schema_1, 2: migrate_schema_2, 3: migrate_schema_3, 4: migrate_schema_4, 5: migrate_schema_5,
                6: migrate_schema_6, 7: migrate_schema_7, 8: migrate_schema_8, 9: migrate_schema_9,
                10: migrate_schema_10, 11: migrate_schema_11, 12: migrate_schema_12,
-               13: migrate_schema_13, 14: migrate_schema_14}
+               13: migrate_schema_13, 14: migrate_schema_14, 15: migrate_schema_15}

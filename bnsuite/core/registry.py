@@ -39,7 +39,7 @@ from typing import Any
 from bnsuite.core.datasets import BUILTIN_SOURCE, DATASETS, Dataset
 from bnsuite.core.described import DescriptionConflict
 from bnsuite.core.layout import flat_name
-from bnsuite.core.networks import DEFAULT_NETWORK, NETWORKS, SLOT_KINDS, Network
+from bnsuite.core.networks import BEFORE, DEFAULT_NETWORK, NETWORKS, SLOT_KINDS, Network
 from bnsuite.core.spec import (
     MEASUREMENTS,
     NAME_PATTERN,
@@ -77,7 +77,8 @@ class PluginError(RuntimeError):
 
 def register_network(name: str, *, title: str, slots: str, image_shape: tuple[int, int, int] | None = None,
                      epochs: Mapping[str, int] | None = None, probe: str | None = None,
-                     probe_without_norm: str | None = None) -> Callable:
+                     probe_without_norm: str | None = None, placements: tuple[str, ...] = (BEFORE,),
+                     dropout: bool = False) -> Callable:
     """Decorator: register the function it decorates as the builder of network `name` (`--bn-network NAME`).
 
     The function is called as `build(norm, image_shape=(C, H, W), classes=K)` and returns a freshly initialized
@@ -90,6 +91,10 @@ def register_network(name: str, *, title: str, slots: str, image_shape: tuple[in
     runs train on it (a study's own per-network epochs come first; by default the study's); `probe`: the submodule
     whose output is the input to its last hidden nonlinearity (activation probes; a normalization slot), and
     `probe_without_norm` where that signal is in the `plain` variant (by default the same submodule).
+    `placements`: where its slots can sit against each hidden layer's nonlinearity, "before" (every network) and
+    "after" where its builder also takes `placement="after"` (the placement study's `bn-after-relu`); `dropout`:
+    whether its builder takes `dropout=p` and puts dropout of probability p after each hidden nonlinearity (the
+    dropout study's variants). bnsuite passes either keyword only to a variant that asks for it.
     """
     def decorator(build: Callable[..., Any]) -> Callable[..., Any]:
         where = f"network {name!r} ({qualified(build)})"
@@ -105,14 +110,15 @@ def register_network(name: str, *, title: str, slots: str, image_shape: tuple[in
         per_profile = dict(epochs or {})
         if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in per_profile.values()):
             raise PluginError(f"{where}: epochs must map profile names to whole numbers > 0, got {epochs!r}")
-        described = Network(name=name, title=title or name, slots=slots, image_shape=shape,
-                            epochs=tuple(per_profile.items()), probe=probe,
-                            probe_without_norm=probe_without_norm, builder=qualified(build),
-                            source=_source(build.__module__))
         try:
+            described = Network(name=name, title=title or name, slots=slots, image_shape=shape,
+                                epochs=tuple(per_profile.items()), probe=probe,
+                                probe_without_norm=probe_without_norm, builder=qualified(build),
+                                source=_source(build.__module__), placements=tuple(placements), dropout=dropout)
             NETWORKS.add(described)
-        except DescriptionConflict as error:
-            raise PluginError(str(error)) from None
+        except (ValueError, TypeError, DescriptionConflict) as error:
+            raise PluginError(f"{where}: {error}" if not isinstance(error, DescriptionConflict) else str(error)) \
+                from None
         _NETWORK_BUILDERS[name] = build
         return build
 
@@ -159,26 +165,49 @@ class Normalization:
     color: str
     nothing: bool  # the slots hold nothing (nn.Identity): the network without normalization
     source: str
+    placement: str = BEFORE  # of PLACEMENTS: where the network puts it against each hidden nonlinearity
+    dropout: float = 0.0  # dropout after each hidden nonlinearity (0: none)
 
     def on(self, network: Network) -> Variant:
-        """Its description on `network` (a record carries it as it carries a variant built whole)."""
-        probe = network.probe_without_norm if self.nothing and network.probe_without_norm else network.probe
+        """Its description on `network` (a record carries it as it carries a variant built whole). Where the slots
+        hold nothing, or sit after the nonlinearity, the signal that feeds the last nonlinearity does not pass
+        through a slot: it is probed where the network says it is without one."""
+        away = self.nothing or self.placement != BEFORE
+        probe = network.probe_without_norm if away and network.probe_without_norm else network.probe
         return Variant(name=self.name, batch_statistics=self.batch_statistics,
                        images_per_statistic=self.images_per_statistic, derives_from=self.derives_from, probe=probe,
                        order=self.order, color=self.color, builder=qualified(self.make), source=self.source,
-                       network=network.name)
+                       network=network.name, placement=self.placement, dropout=self.dropout)
+
+    def misfit(self, network: Network) -> str | None:
+        """Why it cannot go into `network` (one clause), or None where it can."""
+        if network.slots not in self.slots:
+            return f"its normalization slots take {network.slots}, and {self.name} normalizes " \
+                   f"{' or '.join(self.slots)} only"
+        if self.placement not in network.placements:
+            return f"{self.name} sits {self.placement} each hidden nonlinearity, and its slots sit " \
+                   f"{' or '.join(network.placements)} it only"
+        if self.dropout and not network.dropout:
+            return f"{self.name} drops out after each hidden nonlinearity, and its builder takes no dropout " \
+                   "(register_network(dropout=True) says it does)"
+        return None
 
 
 def register_normalization(name: str, *, batch_statistics: bool, slots: tuple[str, ...] = SLOT_KINDS,
                            images_per_statistic: int | None = None, derives_from: str | None = None,
-                           order: int = 100, color: str = "tab:gray", nothing: bool = False) -> Callable:
+                           order: int = 100, color: str = "tab:gray", nothing: bool = False,
+                           placement: str = BEFORE, dropout: float = 0.0) -> Callable:
     """Decorator: register the function it decorates as variant `name`, a normalization every network whose slots
     it fits is built with (the study's MLP and any network registered with `slots="features"`, the ConvNet and any
     with `slots="channels"`; `slots` says which it fits).
 
     It is called as `make(size, slots)` for each slot of a network being built, `slots` being that network's kind,
     and returns a fresh `nn.Module` for a slot of `size` features or channels. `nothing`: it puts nothing there
-    (the network without normalization: `plain`). The other arguments are register_variant's.
+    (the network without normalization: `plain`). `placement`: "after" puts the slots after each hidden
+    nonlinearity instead of before it, `dropout`: a probability of dropout after each hidden nonlinearity; either
+    goes into the networks that say they take it (register_network's `placements`, `dropout`), and one function
+    may be registered under several names with different ones (`bn`, `bn-after-relu`, `bn-dropout`). The other
+    arguments are register_variant's.
     """
     def decorator(make: Callable[..., Any]) -> Callable[..., Any]:
         if not isinstance(name, str) or NAME_PATTERN.fullmatch(name) is None:
@@ -190,8 +219,11 @@ def register_normalization(name: str, *, batch_statistics: bool, slots: tuple[st
             raise PluginError(f"variant {name!r} is registered twice ({_registered_by(name)} and {qualified(make)}); "
                               "give the new one another name")
         normalization = Normalization(name, tuple(slots), make, batch_statistics, images_per_statistic, derives_from,
-                                      order, color, nothing, _source(make.__module__))
-        normalization.on(NETWORKS[DEFAULT_NETWORK])  # its settings checked as a variant's, at registration
+                                      order, color, nothing, _source(make.__module__), placement, dropout)
+        try:
+            normalization.on(NETWORKS[DEFAULT_NETWORK])  # its settings checked as a variant's, at registration
+        except SpecError as error:
+            raise PluginError(f"{qualified(make)}: {error}") from None
         _NORMALIZATIONS[name] = normalization
         return make
 
@@ -252,10 +284,10 @@ def variant(name: str, network: str = DEFAULT_NETWORK) -> Variant:
     described = NETWORKS.get(network)
     normalization = _NORMALIZATIONS.get(name)
     if described is not None and normalization is not None:
-        if described.slots not in normalization.slots:
-            raise SpecError(f"variant {name!r} cannot go into the {described.title} ({network}): its normalization "
-                            f"slots take {described.slots}, and {name} normalizes {' or '.join(normalization.slots)} "
-                            f"only; choose one of: {', '.join(variant_names(network))}")
+        misfit = normalization.misfit(described)
+        if misfit is not None:
+            raise SpecError(f"variant {name!r} cannot go into the {described.title} ({network}): {misfit}; choose "
+                            f"one of: {', '.join(variant_names(network))}")
         return normalization.on(described)
     raise SpecError(f"unknown variant {name!r}{_of(network)}; choose one of: "
                     f"{', '.join(variant_names(network))} (a variant of your own is registered by a plugin: "
@@ -267,7 +299,7 @@ def variant_names(network: str | None = None) -> tuple[str, ...]:
     slots first, then those built whole, each in registration order."""
     described = NETWORKS.get(network) if network is not None else None
     fitting = [name for name, normalization in _NORMALIZATIONS.items()
-               if network is None or described is not None and described.slots in normalization.slots]
+               if network is None or described is not None and normalization.misfit(described) is None]
     return tuple(dict.fromkeys([*fitting, *(name for (net, name) in _VARIANTS if network is None or net == network)]))
 
 
@@ -287,9 +319,13 @@ def builder(name: str, network: str = DEFAULT_NETWORK) -> Callable[..., Any]:
     if build is None:
         raise SpecError(f"the network {network!r} is known here only from records ({NETWORKS[network].source}); "
                         "install or --bn-plugin the package that registers it to train it")
-    make, slots = _NORMALIZATIONS[name].make, NETWORKS[network].slots
+    normalization, slots = _NORMALIZATIONS[name], NETWORKS[network].slots
+    make = normalization.make
+    # placement and dropout only where the variant asks for them: a network that takes neither need not know them
+    extra = {"placement": normalization.placement} if normalization.placement != BEFORE else {}
+    extra.update({"dropout": normalization.dropout} if normalization.dropout else {})
     return lambda image_shape, classes: build(lambda size: make(size, slots), image_shape=tuple(image_shape),
-                                              classes=classes)
+                                              classes=classes, **extra)
 
 
 @functools.cache
@@ -485,8 +521,20 @@ class StudyDefinition:
         return tuple(name for name in self.networks if name != ANY_NETWORK)
 
     def takes(self, network: str) -> bool:
-        """Whether it trains on `network`: one it names, or any registered one where it names ANY_NETWORK."""
-        return network in self.own_networks or ANY_NETWORK in self.networks and network in NETWORKS
+        """Whether it trains on `network`: one it names, or, where it names ANY_NETWORK, any registered one that
+        every variant of its matrices goes into (the placement study's `bn-after-relu` needs a network whose slots
+        can sit after the nonlinearity)."""
+        if network in self.own_networks:
+            return True
+        if ANY_NETWORK not in self.networks or network not in NETWORKS:
+            return False
+        try:
+            for matrix in self.matrices.values():
+                for name in matrix.variants:
+                    variant(name, network)
+        except SpecError:
+            return False
+        return True
 
 
 STUDY_OPTIONS = frozenset({"variants", "batch-sizes", "lr", "epochs"})

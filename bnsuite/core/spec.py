@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pydantic import ConfigDict, with_config
 
 from bnsuite.core.datasets import DATASETS, training_images
-from bnsuite.core.networks import DEFAULT_NETWORK, NETWORKS, Network
+from bnsuite.core.networks import BEFORE, DEFAULT_NETWORK, NETWORKS, PLACEMENTS, Network
 
 DEFAULT_LR = 0.01  # the study's SGD learning rate
 # The training recipe beyond the learning rate: the study's is SGD with momentum 0.9, no weight decay, a constant
@@ -92,8 +92,16 @@ class Variant:
     builder: str = ""
     source: str = "bnsuite"  # bnsuite, or the plugin module that registered it with its version or file hash
     network: str = DEFAULT_NETWORK  # of NETWORKS: the network this description builds
+    # For a normalization: where the network puts it (of PLACEMENTS, against each hidden nonlinearity), and the
+    # dropout probability after each hidden nonlinearity (0: none). A variant built whole says nothing here.
+    placement: str = BEFORE
+    dropout: float = 0.0
 
     def __post_init__(self) -> None:
+        _require(self.placement in PLACEMENTS, f"variant {self.name}: placement must be one of "
+                 f"{', '.join(PLACEMENTS)}, got {self.placement!r}")
+        _require(0 <= self.dropout < 1, f"variant {self.name}: dropout must be a probability in [0, 1), got "
+                 f"{self.dropout!r}")
         _require(isinstance(self.name, str) and NAME_PATTERN.fullmatch(self.name) is not None,
                  f"variant name {self.name!r} must be letters, digits, '.', '_' or '-' (it names record files)")
         _require(self.network in NETWORKS, f"variant {self.name}: unknown network {self.network!r}; choose one of: "

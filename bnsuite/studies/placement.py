@@ -12,9 +12,9 @@ from __future__ import annotations
 from bnsuite.core import plots
 from bnsuite.core.claims import Claim, ClaimResult, at_least, needs
 from bnsuite.core.records import runs_frame
-from bnsuite.core.registry import SectionContext, register_study
+from bnsuite.core.registry import ANY_NETWORK, SectionContext, register_study
 from bnsuite.core.report_parts import claims_block, colors, opening, variant_rows, write_figure
-from bnsuite.core.spec import CONTRADICTED, NOT_SUPPORTED, SUPPORTED, KnownException, Study, StudySpec
+from bnsuite.core.spec import CONTRADICTED, NOT_SUPPORTED, SUPPORTED, UNSETTLED, KnownException, Study, StudySpec
 
 NAME = "placement"
 BEFORE, AFTER = "bn", "bn-after-relu"
@@ -23,6 +23,7 @@ MATRICES = {profile: Study(NAME, variants=(BEFORE, AFTER), batch_sizes=(32, 64, 
             for profile, epochs in (("full", 10), ("quick", 4), ("smoke", 2))}
 
 AFTER_AT_LEAST_BEFORE = "bn-after-relu-accuracy-at-least-before-bs{}"
+BEFORE_AT_LEAST_AFTER = "cnn-bn-before-relu-accuracy-at-least-after-bs{}"  # pinned on the ConvNet only
 KNOWN_EXCEPTIONS = {
     "full": (
         KnownException(AFTER_AT_LEAST_BEFORE.format(32), CONTRADICTED, "BN after the ReLU ends about 0.35 points below "
@@ -43,7 +44,17 @@ KNOWN_EXCEPTIONS = {
               KnownException(AFTER_AT_LEAST_BEFORE.format(128), NOT_SUPPORTED, "after 2 epochs on 4,000 images BN "
                              "after the ReLU is 0.6 to 0.7 points behind BN before it, and with 3 seeds one seed pair "
                              "decides past what: contradicted on an Intel Xeon (91.52% against 92.11%, p = 1), not "
-                             "shown on an AMD EPYC Zen 4 (91.47% against 92.11%, p = 0.95)")),
+                             "shown on an AMD EPYC Zen 4 (91.47% against 92.11%, p = 0.95)"),
+              # On the ConvNet it goes the other way: BN after the ReLU ends ahead at every batch size (3 seeds, AMD
+              # EPYC Zen 4: 95.76% against 95.15% at 32, 95.88% against 95.28% at 64, 95.49% against 94.57% at 128).
+              *(KnownException(BEFORE_AT_LEAST_AFTER.format(batch_size), NOT_SUPPORTED, "on the ConvNet, after 2 "
+                               "epochs on 4,000 images BN after the ReLU is 0.6 to 0.9 points ahead of BN before it")
+                for batch_size in (32, 128)),
+              KnownException(BEFORE_AT_LEAST_AFTER.format(64), UNSETTLED, "on the ConvNet BN after the ReLU is 0.6 "
+                             "points ahead at 64, within one seed's spread (95.03% to 96.37%)"),
+              KnownException("cnn-" + AFTER_AT_LEAST_BEFORE.format(64), UNSETTLED, "on the ConvNet BN after the ReLU "
+                             "is 0.6 points ahead at 64, within one seed's spread (95.03% to 96.37%): 3 seeds do "
+                             "not show it")),
 }
 
 
@@ -108,4 +119,5 @@ def placement_section(context: SectionContext) -> list[str]:
 
 
 register_study(NAME, title="placement study", matrices=MATRICES, section=placement_section, default=False,
-               known_exceptions=KNOWN_EXCEPTIONS, options={"batch-sizes", "epochs", "lr"})(placement_claims)
+               known_exceptions=KNOWN_EXCEPTIONS, options={"batch-sizes", "epochs", "lr"},
+               networks=("mlp", "cnn", ANY_NETWORK))(placement_claims)

@@ -38,8 +38,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from bnsuite.core.networks import BEFORE
 from bnsuite.training.batchnorm import GhostBatchNorm1d, ghost_parts
-from bnsuite.training.models import SimpleNN, SimpleNNWithBN, SimpleNNWithDropout, StackMLP
+from bnsuite.training.models import SimpleNN, SimpleNNWithBN, StackMLP, dropout_of
 
 BN_EPS = 1e-5  # nn.BatchNorm1d's default, which the bn variant uses (and nn.LayerNorm's eps)
 BN_MOMENTUM = 0.1  # nn.BatchNorm1d's default; the step takes any other the layers have (bn-ema0.99: 0.01)
@@ -69,7 +70,9 @@ def normalization(model: nn.Module) -> str | None:
     """What the fast step normalizes `model` with: "none", "bn", "ghost" or "ln"; None if it does not cover it."""
     if type(model) is SimpleNN:
         return "none"
-    if type(model) not in (SimpleNNWithBN, SimpleNNWithDropout) and not isinstance(model, StackMLP):
+    if type(model) is SimpleNNWithBN and model.placement != BEFORE:
+        return None  # BN after the ReLU: the fused step's only
+    if type(model) is not SimpleNNWithBN and not isinstance(model, StackMLP):
         return None
     layers = [getattr(model, f"bn{layer}") for layer in range(1, hidden_layers(model) + 1)]
     if all(type(layer) is nn.Identity for layer in layers):
@@ -79,8 +82,8 @@ def normalization(model: nn.Module) -> str | None:
         return "bn"
     if isinstance(model, StackMLP):
         return None
-    if type(model) is not SimpleNNWithBN:
-        return None
+    if type(model) is not SimpleNNWithBN or dropout_of(model):
+        return None  # ghost BN and LayerNorm without dropout only
     if all(type(layer) is GhostBatchNorm1d and layer.eps == BN_EPS and layer.momentum == BN_MOMENTUM
            and layer.ghost_size == layers[0].ghost_size for layer in layers):
         return "ghost"
@@ -424,7 +427,7 @@ def per_model_settings(step: str, models: Sequence[nn.Module], lr: float | Seque
                        dropout_generators: Sequence[torch.Generator] | None) -> tuple[float, list, list[float]]:
     """(dropout probability, one dropout generator per model, one learning rate per model) for a step over
     `models`, or ValueError naming `step` and what is missing."""
-    dropout = models[0].dropout.p if isinstance(models[0], SimpleNNWithDropout) else 0.0
+    dropout = dropout_of(models[0])
     if dropout and (dropout_generators is None or len(dropout_generators) != len(models)):
         raise ValueError(f"{step} needs one dropout generator per model for a dropout variant")
     lrs = [lr] * len(models) if isinstance(lr, (int, float)) else list(lr)

@@ -52,11 +52,12 @@ import torch
 from torch import nn
 
 from bnsuite.core.files import user_cache_dir
+from bnsuite.core.networks import BEFORE
 from bnsuite.training import batchnorm
 from bnsuite.training.batchnorm import BatchRenorm1d, GhostBatchNorm2d, NoisyBatchNorm1d
 from bnsuite.training.environment import cpu_model_and_flags
 from bnsuite.training.fastpath import BN_EPS, BN_MOMENTUM, normalization, per_model_settings, stack_into
-from bnsuite.training.models import SimpleNNWithBN, SimpleNNWithBNAfterReLU, SmallCNN, StackMLP
+from bnsuite.training.models import SimpleNNWithBN, SmallCNN, StackMLP, dropout_of
 
 NATIVE = Path(__file__).parent / "native"
 SOURCE = NATIVE / "bnsuite.c"  # one translation unit: common.h, mlp.c (the MLP family) and cnn.c (the ConvNet)
@@ -284,19 +285,21 @@ def mlp_layout(model: nn.Module) -> MlpLayout | None:
             return MlpLayout("none", sigmoid=model.sigmoid)
         momentum = _batch_norm_momentum(layers)
         return None if momentum is None else MlpLayout("bn", sigmoid=model.sigmoid, norm_momentum=momentum)
-    if type(model) not in (SimpleNNWithBN, SimpleNNWithBNAfterReLU):
+    # Dropout goes with nothing or torch's BatchNorm1d before the ReLU, read above: nothing else is held with it.
+    if type(model) is not SimpleNNWithBN or dropout_of(model):
         return None
+    after_relu = model.placement != BEFORE
     layers = (model.bn1, model.bn2)
     kinds = {type(layer) for layer in layers}
     momentum = _batch_norm_momentum(layers)
-    if type(model) is SimpleNNWithBN and momentum is not None:  # running estimates of another momentum (bn-ema0.99)
+    if not after_relu and momentum is not None:  # running estimates of another momentum (bn-ema0.99)
         return MlpLayout("bn", norm_momentum=momentum)
     # A user's normalization in the MLP's slots has neither eps nor momentum, perhaps: its type decides first.
     if len(kinds) != 1 or kinds.isdisjoint({nn.BatchNorm1d, BatchRenorm1d, NoisyBatchNorm1d}) or not all(
             layer.eps == BN_EPS and layer.momentum == BN_MOMENTUM for layer in layers):
         return None
     (kind,) = kinds
-    if type(model) is SimpleNNWithBNAfterReLU:
+    if after_relu:
         return MlpLayout("bn", after_relu=True) if kind is nn.BatchNorm1d else None
     if kind is BatchRenorm1d and len({layer.ghost_size for layer in layers}) == 1:
         return MlpLayout("ghost", layers[0].ghost_size, renorm=True)
@@ -322,7 +325,7 @@ def conv_normalization(model: nn.Module) -> tuple[int, int] | None:
     (GhostBatchNorm2d) or GroupNorm between each convolution and its ReLU, at their default eps and momentum,
     on images whose sides the two poolings halve exactly. Judged by the modules' types, never by a variant's
     name."""
-    if type(model) is not SmallCNN:
+    if type(model) is not SmallCNN or model.placement != BEFORE or dropout_of(model):
         return None
     _, height, width = model.image_shape
     layers = (model.bn1, model.bn2)

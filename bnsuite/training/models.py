@@ -24,7 +24,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from bnsuite.core.datasets import DATASETS
-from bnsuite.core.networks import CHANNELS, FEATURES
+from bnsuite.core.networks import AFTER, BEFORE, CHANNELS, FEATURES, PLACEMENTS
 from bnsuite.core.registry import builder, network_builder, register_normalization, register_variant
 from bnsuite.core.spec import DEFAULT_NETWORK, RunSpec, SpecError, StudySpec
 from bnsuite.training.batchnorm import (
@@ -56,63 +56,52 @@ class SimpleNN(nn.Module):
         return self.fc3(x)
 
 
-class SimpleNNWithDropout(nn.Module):
-    """SimpleNN or SimpleNNWithBN with dropout after each hidden ReLU: the regularization study's variants."""
+class Hidden:
+    """What a network's hidden layer does after its product: the normalization slot before the nonlinearity or
+    after it (`placement`, bnsuite.networks.PLACEMENTS), then dropout where it has any. The networks whose builders
+    take `placement` and `dropout` (the MLP, the ConvNet) mix this in; the fast steps read `placement` and
+    `dropout` off the model (set per instance: a class attribute would hide nn.Module's registered dropout)."""
 
-    def __init__(self, *, batch_norm: bool, p: float = DROPOUT, classes: int = 10):
-        super().__init__()
-        self.fc1 = nn.Linear(784, 256)
-        self.bn1 = nn.BatchNorm1d(256) if batch_norm else nn.Identity()
-        self.fc2 = nn.Linear(256, 128)
-        self.bn2 = nn.BatchNorm1d(128) if batch_norm else nn.Identity()
-        self.fc3 = nn.Linear(128, classes)
-        self.dropout = nn.Dropout(p)
+    def _set_hidden(self, placement: str, dropout: float) -> None:
+        if placement not in PLACEMENTS:
+            raise ValueError(f"placement must be one of {', '.join(PLACEMENTS)}, got {placement!r}")
+        self.placement = placement
+        self.dropout = nn.Dropout(dropout) if dropout else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.view(x.size(0), -1)
-        x = self.dropout(F.relu(self.bn1(self.fc1(x))))
-        x = self.dropout(F.relu(self.bn2(self.fc2(x))))
-        return self.fc3(x)
+    def activate(self, x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+        x = norm(F.relu(x)) if self.placement == AFTER else F.relu(norm(x))
+        return x if self.dropout is None else self.dropout(x)
 
 
-class SimpleNNWithBN(nn.Module):
+def dropout_of(model: nn.Module) -> float:
+    """The dropout probability after each hidden nonlinearity of `model` (0: none)."""
+    return model.dropout.p if isinstance(model, Hidden) and model.dropout is not None else 0.0
+
+
+class SimpleNNWithBN(Hidden, nn.Module):
     """The same network with BatchNorm1d after fc1 and fc2, before each ReLU.
 
     `norm` puts another normalization there (ghost-batch BN, LayerNorm); the layers keep the study's names
-    bn1 and bn2, so every normalized variant's state dict lines up with the study's.
+    bn1 and bn2, so every normalized variant's state dict lines up with the study's. `placement="after"` puts the
+    slots after each ReLU instead (fc1 -> ReLU -> bn1 -> fc2 -> ReLU -> bn2 -> fc3: the same layers, only the order
+    differs), `dropout=p` dropout after each hidden layer's ReLU and slot (the regularization study's variants);
+    neither has parameters, so the initialization is the same.
     """
 
-    def __init__(self, norm: Callable[[int], nn.Module] = nn.BatchNorm1d, classes: int = 10):
+    def __init__(self, norm: Callable[[int], nn.Module] = nn.BatchNorm1d, classes: int = 10, *,
+                 placement: str = BEFORE, dropout: float = 0.0):
         super().__init__()
         self.fc1 = nn.Linear(784, 256)
         self.bn1 = norm(256)
         self.fc2 = nn.Linear(256, 128)
         self.bn2 = norm(128)
         self.fc3 = nn.Linear(128, classes)
+        self._set_hidden(placement, dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.view(x.size(0), -1)
-        x = F.relu(self.bn1(self.fc1(x)))
-        x = F.relu(self.bn2(self.fc2(x)))
-        return self.fc3(x)
-
-
-class SimpleNNWithBNAfterReLU(nn.Module):
-    """The BN network with each BatchNorm1d after its ReLU instead of before it: fc1 -> ReLU -> bn1 -> fc2 ->
-    ReLU -> bn2 -> fc3. The same layers and parameter count as SimpleNNWithBN; only the order differs."""
-
-    def __init__(self, classes: int = 10):
-        super().__init__()
-        self.fc1 = nn.Linear(784, 256)
-        self.bn1 = nn.BatchNorm1d(256)
-        self.fc2 = nn.Linear(256, 128)
-        self.bn2 = nn.BatchNorm1d(128)
-        self.fc3 = nn.Linear(128, classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.view(x.size(0), -1)
-        x = self.bn1(F.relu(self.fc1(x)))
-        x = self.bn2(F.relu(self.fc2(x)))
+        x = self.activate(self.fc1(x), self.bn1)
+        x = self.activate(self.fc2(x), self.bn2)
         return self.fc3(x)
 
 
@@ -174,9 +163,9 @@ GHOST_SIZES = (2, 4, 8, 16, 32, 64)
 # The study's MLP as a network: SimpleNNWithBN with the variant's normalization in its two slots (nothing there for
 # `plain`: the same layers, parameters and arithmetic as SimpleNN). Described in bnsuite.networks.
 @network_builder("mlp")
-def mlp(norm: Callable[[int], nn.Module], *, image_shape: tuple[int, int, int] = (1, 28, 28),
-        classes: int = 10) -> nn.Module:
-    return SimpleNNWithBN(norm=norm, classes=classes)
+def mlp(norm: Callable[[int], nn.Module], *, image_shape: tuple[int, int, int] = (1, 28, 28), classes: int = 10,
+        placement: str = BEFORE, dropout: float = 0.0) -> nn.Module:
+    return SimpleNNWithBN(norm=norm, classes=classes, placement=placement, dropout=dropout)
 
 
 # The built-in variants register as a user's plugin does (bnsuite.registry). Order and colour place them in the
@@ -194,15 +183,12 @@ def bn(size: int, slots: str) -> nn.Module:
     return nn.BatchNorm1d(size) if slots == FEATURES else nn.BatchNorm2d(size)
 
 
-@register_variant("plain-dropout", batch_statistics=False, derives_from="plain", probe="fc2", order=2,
-                  color="tab:orange")
-def plain_dropout(classes: int = 10) -> nn.Module:
-    return SimpleNNWithDropout(batch_norm=False, classes=classes)
-
-
-@register_variant("bn-dropout", batch_statistics=True, derives_from="bn", probe="bn2", order=3, color="tab:blue")
-def bn_dropout(classes: int = 10) -> nn.Module:
-    return SimpleNNWithDropout(batch_norm=True, classes=classes)
+# The dropout study's pair: `plain` and `bn` with dropout after each hidden nonlinearity, in every network that
+# takes dropout (the MLP, the ConvNet, a plugin's network registered with dropout=True).
+register_normalization("plain-dropout", batch_statistics=False, derives_from="plain", order=2, color="tab:orange",
+                       nothing=True, dropout=DROPOUT)(plain)
+register_normalization("bn-dropout", batch_statistics=True, derives_from="bn", order=3, color="tab:blue",
+                       dropout=DROPOUT)(bn)
 
 
 @register_normalization("bn-scratch", batch_statistics=True, slots=(FEATURES,), derives_from="bn", order=4,
@@ -242,10 +228,10 @@ for _ghost in GHOST_SIZES:
                            color="tab:red")(_renorm_builder(_ghost))
 
 
-@register_variant("bn-after-relu", batch_statistics=True, derives_from="bn", probe="fc2", order=8, color="tab:cyan")
-def bn_after_relu(classes: int = 10) -> nn.Module:
-    """BN after each hidden ReLU (SimpleNNWithBNAfterReLU); the last ReLU's input is then fc2's output."""
-    return SimpleNNWithBNAfterReLU(classes=classes)
+# The placement study's BN after each hidden ReLU, in every network whose slots can sit there; the last ReLU's
+# input is then what the network gives without a slot (the MLP's fc2 output), where it is probed.
+register_normalization("bn-after-relu", batch_statistics=True, derives_from="bn", order=8, color="tab:cyan",
+                       placement=AFTER)(bn)
 
 
 @register_normalization("bn-noisy", batch_statistics=True, slots=(FEATURES,), derives_from="bn", order=9,
@@ -317,7 +303,7 @@ CHANNELS_LAST = True
 CNN_CHANNELS = (8, 16)  # conv1 and conv2: small enough that a 2-core CPU trains an MNIST epoch in about 15 s
 
 
-class SmallCNN(nn.Module):
+class SmallCNN(Hidden, nn.Module):
     """conv1 (3x3, 8) -> norm -> ReLU -> max pool 2 -> conv2 (3x3, 16) -> norm -> ReLU -> max pool 2 -> fc (10).
 
     `norm(channels)` is what sits between each convolution and its ReLU, under the study's names bn1 and bn2
@@ -328,7 +314,8 @@ class SmallCNN(nn.Module):
     """
 
     def __init__(self, image_shape: tuple[int, int, int] = (1, 28, 28),
-                 norm: Callable[[int], nn.Module] = nn.BatchNorm2d, classes: int = 10):
+                 norm: Callable[[int], nn.Module] = nn.BatchNorm2d, classes: int = 10, *, placement: str = BEFORE,
+                 dropout: float = 0.0):
         super().__init__()
         channels, height, width = image_shape
         first, second = CNN_CHANNELS
@@ -339,20 +326,21 @@ class SmallCNN(nn.Module):
         self.conv2 = nn.Conv2d(first, second, 3, padding=1)
         self.bn2 = norm(second)
         self.fc = nn.Linear(second * (height // 4) * (width // 4), classes)
+        self._set_hidden(placement, dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.view(x.size(0), *self.image_shape).contiguous(memory_format=self.memory_format)
-        x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 2)
-        x = F.max_pool2d(F.relu(self.bn2(self.conv2(x))), 2)
+        x = F.max_pool2d(self.activate(self.conv1(x), self.bn1), 2)
+        x = F.max_pool2d(self.activate(self.conv2(x), self.bn2), 2)
         return self.fc(x.flatten(1))
 
 
 # The ConvNet as a network: SmallCNN with the variant's normalization between each convolution and its ReLU, kept
 # channels-last. Described in bnsuite.networks.
 @network_builder("cnn")
-def cnn(norm: Callable[[int], nn.Module], *, image_shape: tuple[int, int, int] = (1, 28, 28),
-        classes: int = 10) -> nn.Module:
-    model = SmallCNN(image_shape, norm, classes)
+def cnn(norm: Callable[[int], nn.Module], *, image_shape: tuple[int, int, int] = (1, 28, 28), classes: int = 10,
+        placement: str = BEFORE, dropout: float = 0.0) -> nn.Module:
+    model = SmallCNN(image_shape, norm, classes, placement=placement, dropout=dropout)
     return model.to(memory_format=model.memory_format)
 
 
