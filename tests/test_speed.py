@@ -23,6 +23,17 @@ def test_step_traffic_reads_and_writes_each_parameter_gradient_and_momentum_once
     assert StepTraffic.of("bn", 64, 1).bytes_per_step > one.bytes_per_step
 
 
+def test_step_traffic_counts_the_dataset_s_images_and_classes():
+    """A ConvNet on 3x32x32 images of 4 classes reads 3,072 values an image and writes 4 logits, not MNIST's."""
+    mnist = StepTraffic.of("bn", 64, 1, "cnn")
+    colour = StepTraffic.of("bn", 64, 1, "cnn", (3, 32, 32), 4)
+    model = build_model("bn", network="cnn", image_shape=(3, 32, 32), classes=4)
+    forward, backward = activation_widths(model)
+    assert colour.bytes_per_step == 6 * 4 * parameter_count(model) + 4 * 64 * (3 * 32 * 32 + 2 * (forward + backward))
+    assert forward == 8 * 32 * 32 * 2 + 16 * 16 * 16 * 2 + (8 * 32 * 32 + 16 * 16 * 16) // 4 + 2 * 4
+    assert colour.bytes_per_step > mnist.bytes_per_step
+
+
 def test_the_roofline_bound_is_the_slower_of_compute_and_traffic():
     traffic = StepTraffic(bytes_per_step=100 * 10**6, working_set=50 * 10**6)
     # 1 GFLOP at 100 GFLOP/s: 10 ms; 100 MB at 20 GB/s: 5 ms -> compute bound; a 40 ms step is 0.25 of it.

@@ -469,10 +469,12 @@ def dataset_loader(name: str) -> Callable[[], Any] | None:
 
 @dataclass(frozen=True)
 class SectionContext:
-    """What a study's report section is given: its study, its records and every claim of the section judged."""
+    """What a study's report section is given: its study, its records and every claim of the section judged. For
+    runs made outside a study, the report gives the batch-size study's section `spec` and `study` None and no
+    claims."""
 
-    spec: StudySpec
-    study: Study
+    spec: StudySpec | None
+    study: Study | None
     records: list  # the RunRecords of this study
     claims: list  # every ClaimResult of the section (a section shows its own, `claims.study == study.name`)
     out: Path  # the report file; figures go beside it

@@ -35,10 +35,10 @@ from bnsuite.core.registry import PluginError, SectionContext, load_plugins, plu
 from bnsuite.core.report_parts import NO_RUNS, claims_table, colors, discussion, family_statement, variant_order
 from bnsuite.core.spec import DEFAULT_NETWORK, ClaimSettings, SpecError, Study, StudySpec, network_prefix
 from bnsuite.core.verdicts import StoredVerdict, VerdictsError, load_verdicts, still_valid
-from bnsuite.studies.batch import records_section
 
 DEFAULT_RESULTS = Path("results") / "full"  # where `pytest benchmarks/` saves the full profile's records
 DEFAULT_BENCHMARKS = Path(".benchmarks")
+OUTSIDE_A_STUDY = "batch"  # the study whose section shows runs made outside a study: plain against BN, per batch size
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -258,8 +258,10 @@ def plan_section(title: str, spec: StudySpec | None, records: list[RunRecord], *
     h = "#" * heading_level
     lines = [f"{h} Protocol", "", f"{title}.", ""]
     lines += completeness(records, spec)
-    if spec is None:  # runs made outside a study: the tables of the first study's kind, without claims
-        return lines + records_section(records, [], None, out=out, prefix=prefix, with_plots=with_plots, h=h)
+    if spec is None:  # runs made outside a study: the batch-size study's tables of them, without claims
+        section = study_definition(OUTSIDE_A_STUDY).section
+        return lines + section(SectionContext(spec=None, study=None, records=records, claims=[], out=out,
+                                              prefix=prefix, with_plots=with_plots, h=h))
     definitions = {study.name: study_definition(study.name) for study in spec.studies}
     unregistered = {name for name, definition in definitions.items() if definition is None}
     judged_here = [claim.evaluate(records) for claim in study_claims(spec)]

@@ -325,7 +325,7 @@ def conv_normalization(model: nn.Module) -> tuple[int, int] | None:
     (GhostBatchNorm2d) or GroupNorm between each convolution and its ReLU, at their default eps and momentum,
     on images whose sides the two poolings halve exactly. Judged by the modules' types, never by a variant's
     name."""
-    if type(model) is not SmallCNN or model.placement != BEFORE or dropout_of(model):
+    if type(model) is not SmallCNN or model.placement != BEFORE:
         return None
     _, height, width = model.image_shape
     layers = (model.bn1, model.bn2)

@@ -307,15 +307,15 @@ class SmallCNN(Hidden, nn.Module):
     """conv1 (3x3, 8) -> norm -> ReLU -> max pool 2 -> conv2 (3x3, 16) -> norm -> ReLU -> max pool 2 -> fc (10).
 
     `norm(channels)` is what sits between each convolution and its ReLU, under the study's names bn1 and bn2
-    (nn.Identity for the plain network, nn.BatchNorm2d for bn). Padding 1 keeps each map's size before
+    (nn.Identity for the plain network, nn.BatchNorm2d for bn), or between each ReLU and its pooling with
+    `placement="after"` (bn-after-relu). Padding 1 keeps each map's size before
     pooling, so a 28x28 image ends as 16 maps of 7x7 (784 features) and a 32x32 one as 16 of 8x8. The
     parameters are kept channels-last, the layout measured fastest for these convolutions on CPU (bnsuite.speed),
     and each batch is put in it; that changes the order of the arithmetic, never what is computed.
     """
 
     def __init__(self, image_shape: tuple[int, int, int] = (1, 28, 28),
-                 norm: Callable[[int], nn.Module] = nn.BatchNorm2d, classes: int = 10, *, placement: str = BEFORE,
-                 dropout: float = 0.0):
+                 norm: Callable[[int], nn.Module] = nn.BatchNorm2d, classes: int = 10, *, placement: str = BEFORE):
         super().__init__()
         channels, height, width = image_shape
         first, second = CNN_CHANNELS
@@ -326,7 +326,7 @@ class SmallCNN(Hidden, nn.Module):
         self.conv2 = nn.Conv2d(first, second, 3, padding=1)
         self.bn2 = norm(second)
         self.fc = nn.Linear(second * (height // 4) * (width // 4), classes)
-        self._set_hidden(placement, dropout)
+        self._set_hidden(placement, 0.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.view(x.size(0), *self.image_shape).contiguous(memory_format=self.memory_format)
@@ -339,8 +339,8 @@ class SmallCNN(Hidden, nn.Module):
 # channels-last. Described in bnsuite.networks.
 @network_builder("cnn")
 def cnn(norm: Callable[[int], nn.Module], *, image_shape: tuple[int, int, int] = (1, 28, 28), classes: int = 10,
-        placement: str = BEFORE, dropout: float = 0.0) -> nn.Module:
-    model = SmallCNN(image_shape, norm, classes, placement=placement, dropout=dropout)
+        placement: str = BEFORE) -> nn.Module:
+    model = SmallCNN(image_shape, norm, classes, placement=placement)
     return model.to(memory_format=model.memory_format)
 
 

@@ -26,6 +26,7 @@ the highest fraction of the bound the step could reach.
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import dataclass
 
@@ -35,6 +36,7 @@ from torch.nn import functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from bnsuite.core.datasets import DATASETS
+from bnsuite.core.networks import DEFAULT_NETWORK
 from bnsuite.training import fused
 from bnsuite.training.fastpath import FastStep
 from bnsuite.training.models import build_model, parameter_count
@@ -107,7 +109,7 @@ def _conv_activation_widths(model: nn.Module) -> tuple[int, int]:
                                or isinstance(module, nn.GroupNorm) or type(module).__name__.endswith("Norm2d")],
                        count)
     pooled = sum(values // 4 for values in convs)
-    logits = 10
+    logits = [module for module in model.modules() if isinstance(module, nn.Linear)][-1].out_features
     forward = sum(convs) + sum(norms) + pooled + 2 * logits
     backward = logits + pooled + sum(convs) + sum(norms)
     return forward, backward
@@ -121,7 +123,7 @@ class StepTraffic:
     - parameters, gradients and momentum buffers: each read once and written once by the step, the least any
       SGD-with-momentum step can do: 6 x 4P bytes (weights read by the forward and written by the update;
       gradients written by the backward and read by the update; momentum read and written by the update);
-    - the batch's images: read once, 4 x 784 bytes an image;
+    - the batch's images: read once, 4 bytes a pixel (784 an MNIST image);
     - activations and their gradients (`activation_widths`): each written once and read once.
     The working set is everything one step touches: 3 x 4P bytes of parameter state plus the batch's share.
     """
@@ -130,11 +132,13 @@ class StepTraffic:
     working_set: int
 
     @classmethod
-    def of(cls, variant: str, batch_size: int, runs: int, network: str = "mlp") -> StepTraffic:
-        model = build_model(variant, network=network)
+    def of(cls, variant: str, batch_size: int, runs: int, network: str = DEFAULT_NETWORK,
+           image_shape: tuple[int, int, int] = (1, 28, 28), classes: int = 10) -> StepTraffic:
+        """The traffic of `runs` models of `variant` on `network`, for a dataset of `image_shape` and `classes`."""
+        model = build_model(variant, network=network, image_shape=image_shape, classes=classes)
         parameters = parameter_count(model)
         forward, backward = activation_widths(model)
-        batch = FLOAT_BYTES * batch_size * (784 + 2 * (forward + backward))
+        batch = FLOAT_BYTES * batch_size * (math.prod(image_shape) + 2 * (forward + backward))
         return cls(bytes_per_step=runs * (6 * FLOAT_BYTES * parameters + batch),
                    working_set=runs * (3 * FLOAT_BYTES * parameters + batch))
 
@@ -357,7 +361,9 @@ class StudyFloor:
             epochs = record.steps / spec.steps_per_epoch
             run_epochs += round(epochs)
             flops = flops_per_sample(spec) * spec.train_size * epochs
-            group = StepTraffic.of(spec.variant, spec.batch_size, record.runs_trained_together, spec.network)
+            info = DATASETS[spec.dataset]
+            group = StepTraffic.of(spec.variant, spec.batch_size, record.runs_trained_together, spec.network,
+                                   info.image_shape, info.classes)
             run_compute = flops / peak_flops
             run_traffic = record.steps * group.bytes_per_step / record.runs_trained_together / rate(group.working_set)
             gflop += flops / 1e9
