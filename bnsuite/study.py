@@ -27,7 +27,7 @@ from bnsuite.core import registry
 from bnsuite.core.claims import study_claims
 from bnsuite.core.datasets import DATASETS, Dataset
 from bnsuite.core.records import Environment, EpochRecord, RunRecord, save_record
-from bnsuite.core.registry import ALL_STUDIES, StudyDefinition, study_spec, variant_names
+from bnsuite.core.registry import ALL_STUDIES, ANY_NETWORK, StudyDefinition, study_spec, variant_names
 from bnsuite.core.spec import (
     LR_SCHEDULES,
     NETWORKS,
@@ -227,8 +227,14 @@ def on_networks(spec: StudySpec, networks: tuple[str, ...] | None) -> StudySpec:
                 study, chosen, spec.profile)))
     if not studies:
         takers = [d.name for d in registry.studies() if any(map(d.takes, networks or ()))]
+        # a chosen study that takes any network but not these: why (a variant of it that does not fit them)
+        why = [f"{study.name}: {misfit}" for study in spec.studies for network in networks or ()
+               if (definition := registry.study_definition(study.name)) is not None
+               and ANY_NETWORK in definition.networks and network in NETWORKS
+               and (misfit := definition.misfit(network)) is not None]
         raise SpecError(f"no study chosen trains on {', '.join(networks or ())}; the studies that do: "
-                        f"{', '.join(takers) or 'none'} (choose them with --bn-studies)")
+                        f"{', '.join(takers) or 'none'} (choose them with --bn-studies)"
+                        + (f"; {'; '.join(why)}" if why else ""))
     return _respec(spec, studies=tuple(studies))
 
 

@@ -14,7 +14,7 @@ from bnsuite.study import study_from_options
 from bnsuite.training import fused
 from bnsuite.training.batchnorm import GhostBatchNorm2d, ScratchGroupNorm
 from bnsuite.training.models import SmallCNN, build_model, parameter_count
-from bnsuite.training.speed import training_flops_per_sample
+from bnsuite.training.speed import activation_widths, training_flops_per_sample
 from bnsuite.training.train import train_seeds
 
 
@@ -167,6 +167,8 @@ def test_the_training_flops_count_products_no_linear_module_runs_and_change_noth
     assert torch.equal(torch.random.get_rng_state(), state) and model.training
     assert all(torch.equal(value, before[name]) for name, value in model.state_dict().items())
     assert all(parameter.grad is None for parameter in model.parameters())
+    # Its least traffic, measured where no Linear says it: the dropout's 32 outputs, the logits and log-probabilities
+    assert activation_widths(model) == (32 + 2 * 10, 32 + 10)
 
 
 @pytest.fixture(scope="module")
@@ -377,7 +379,12 @@ def test_a_network_that_does_not_take_placement_or_dropout_is_refused_them_in_on
                                         r"no dropout \(register_network\(dropout=True\) says it does\)"):
         variant("bn-dropout", "tiny")
     # The studies that need them leave the network out, as for any network a study does not take.
-    with pytest.raises(SpecError, match="no study chosen trains on tiny; the studies that do: batch, lr, ghost"):
+    with pytest.raises(SpecError, match=r"no study chosen trains on tiny; the studies that do: batch, lr, ghost "
+                                        r"\(choose them with --bn-studies\); dropout: variant 'plain-dropout' "
+                                        r"cannot go into the tiny residual net \(tiny\): plain-dropout drops out "
+                                        r"after each hidden "
+                                        r"nonlinearity, and its builder takes no dropout \(.*\); placement: variant "
+                                        r"'bn-after-relu' cannot go into"):
         study_from_options("smoke", studies="placement,dropout", network="tiny")
     from bnsuite import register_network
     from bnsuite.core.registry import PluginError

@@ -526,17 +526,18 @@ class StudyDefinition:
         """Whether it trains on `network`: one it names, or, where it names ANY_NETWORK, any registered one that
         every variant of its matrices goes into (the placement study's `bn-after-relu` needs a network whose slots
         can sit after the nonlinearity)."""
-        if network in self.own_networks:
-            return True
-        if ANY_NETWORK not in self.networks or network not in NETWORKS:
-            return False
+        return network in self.own_networks or (ANY_NETWORK in self.networks and network in NETWORKS
+                                                 and self.misfit(network) is None)
+
+    def misfit(self, network: str) -> str | None:
+        """Why a variant of its matrices cannot go into `network` (SpecError's line), or None where all can."""
         try:
             for matrix in self.matrices.values():
                 for name in matrix.variants:
                     variant(name, network)
-        except SpecError:
-            return False
-        return True
+        except SpecError as error:
+            return str(error).split("; choose")[0]
+        return None
 
 
 STUDY_OPTIONS = frozenset({"variants", "batch-sizes", "lr", "epochs"})

@@ -70,10 +70,15 @@ def activation_widths(model: nn.Module) -> tuple[int, int]:
     Forward: each Linear's output, the log-probabilities, and each BN layer's output (its input is the
     Linear's output, already counted). Backward: the gradient at the logits and at each Linear's input but
     the first's (the images need none), and each BN layer's input gradient. ReLU works in place of these.
+    A network with neither Linear nor Conv2d modules (its products in torch.matmul, say) is measured instead:
+    each leaf module's output on one image, and the logits, forward and backward (a lower bound: what is
+    computed outside modules is not seen).
     """
     if any(isinstance(module, nn.Conv2d) for module in model.modules()):
         return _conv_activation_widths(model)
     linears = [module for module in model.modules() if isinstance(module, nn.Linear)]
+    if not linears:
+        return _measured_activation_widths(model)
     norms = [module for module in model.modules() if isinstance(module, nn.BatchNorm1d)]
     outputs = sum(layer.out_features for layer in linears) + linears[-1].out_features  # + log-probabilities
     normalized = sum(layer.num_features for layer in norms)
@@ -93,6 +98,15 @@ def _one_image_through(model: nn.Module, modules: list[nn.Module], hook) -> None
         model.train(was_training)
         for handle in hooks:
             handle.remove()
+
+
+def _measured_activation_widths(model: nn.Module) -> tuple[int, int]:
+    """activation_widths of a network bnsuite cannot read: its leaf modules' outputs and its logits, measured."""
+    values, logits = [], []
+    leaves = [module for module in model.modules() if not any(module.children()) and module is not model]
+    _one_image_through(model, leaves, lambda module, inputs, output: values.append(output[0].numel()))
+    _one_image_through(model, [model], lambda module, inputs, output: logits.append(output[0].numel()))
+    return sum(values) + 2 * logits[0], sum(values) + logits[0]
 
 
 def _conv_activation_widths(model: nn.Module) -> tuple[int, int]:
