@@ -27,7 +27,7 @@ from bnsuite.core import registry
 from bnsuite.core.claims import study_claims
 from bnsuite.core.datasets import DATASETS, Dataset
 from bnsuite.core.records import Environment, EpochRecord, RunRecord, save_record
-from bnsuite.core.registry import ALL_STUDIES, ANY_NETWORK, StudyDefinition, study_spec, variant_names
+from bnsuite.core.registry import ALL_STUDIES, ANY_NETWORK, PLUGIN_HINT, StudyDefinition, study_spec, variant_names
 from bnsuite.core.spec import (
     LR_SCHEDULES,
     NETWORKS,
@@ -207,7 +207,6 @@ def study_from_options(
         spec.claims, known_exceptions=_exceptions_that_still_apply(base, spec)))
 
 
-PLUGIN_HINT = "a variant of your own is registered by a plugin: --bn-plugin MODULE"
 DATASET_HINT = "a dataset of your own is registered by a plugin: --bn-plugin MODULE"
 NETWORK_HINT = "a network of your own is registered by a plugin: --bn-plugin MODULE"
 

@@ -281,17 +281,25 @@ def variant(name: str, network: str = DEFAULT_NETWORK) -> Variant:
     """The description of variant `name` on `network`; SpecError with the choices if it has none there."""
     if (network, name) in _VARIANTS:
         return _VARIANTS[(network, name)]
-    described = NETWORKS.get(network)
-    normalization = _NORMALIZATIONS.get(name)
-    if described is not None and normalization is not None:
-        misfit = normalization.misfit(described)
-        if misfit is not None:
-            raise SpecError(f"variant {name!r} cannot go into the {described.title} ({network}): {misfit}; choose "
-                            f"one of: {', '.join(variant_names(network))}")
-        return normalization.on(described)
-    raise SpecError(f"unknown variant {name!r}{_of(network)}; choose one of: "
-                    f"{', '.join(variant_names(network))} (a variant of your own is registered by a plugin: "
-                    "--bn-plugin MODULE)")
+    unfit = _unfit(name, network)
+    if unfit is None:
+        return _NORMALIZATIONS[name].on(NETWORKS[network])
+    hint = f" ({PLUGIN_HINT})" if name not in _NORMALIZATIONS else ""
+    raise SpecError(f"{unfit}; choose one of: {', '.join(variant_names(network))}{hint}")
+
+
+PLUGIN_HINT = "a variant of your own is registered by a plugin: --bn-plugin MODULE"
+
+
+def _unfit(name: str, network: str) -> str | None:
+    """Why variant `name` cannot be built on `network` (one line without the choices), or None where it can."""
+    if (network, name) in _VARIANTS:
+        return None
+    described, normalization = NETWORKS.get(network), _NORMALIZATIONS.get(name)
+    if described is None or normalization is None:
+        return f"unknown variant {name!r}{_of(network)}"
+    misfit = normalization.misfit(described)
+    return None if misfit is None else f"variant {name!r} cannot go into the {described.title} ({network}): {misfit}"
 
 
 def variant_names(network: str | None = None) -> tuple[str, ...]:
@@ -530,14 +538,9 @@ class StudyDefinition:
                                                  and self.misfit(network) is None)
 
     def misfit(self, network: str) -> str | None:
-        """Why a variant of its matrices cannot go into `network` (SpecError's line), or None where all can."""
-        try:
-            for matrix in self.matrices.values():
-                for name in matrix.variants:
-                    variant(name, network)
-        except SpecError as error:
-            return str(error).split("; choose")[0]
-        return None
+        """Why a variant of its matrices cannot go into `network` (one line), or None where every one can."""
+        return next((unfit for matrix in self.matrices.values() for name in matrix.variants
+                     if (unfit := _unfit(name, network)) is not None), None)
 
 
 STUDY_OPTIONS = frozenset({"variants", "batch-sizes", "lr", "epochs"})
